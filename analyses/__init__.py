@@ -1,0 +1,1 @@
+"""Analyses: store (or arrays) -> numbers."""

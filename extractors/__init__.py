@@ -1,0 +1,1 @@
+"""Extractors: forward hooks on any nn.Module -> pooled activations -> a store."""

@@ -1,0 +1,37 @@
+"""probekit: audit trained neural networks for feature contamination.
+
+The small public API. Heavy modules (torch, the analyses) load on first use, so ``import probekit``
+and ``probekit --help`` stay fast.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+from ._version import __version__ as __version__
+from .errors import ProbekitError as ProbekitError
+from .store import Store as Store
+from .store import StoreWriter as StoreWriter
+from .store import open_store as open_store
+
+_LAZY = {
+    "extract": ("probekit.extract", "extract"),
+    "extract_pair": ("probekit.extract", "extract_pair"),
+    "list_layers": ("probekit.extractors", "list_layers"),
+    "load_model": ("probekit.models", "load_model"),
+    "load_data": ("probekit.datasets", "load_data"),
+    "audit": ("probekit.audit", "audit"),
+    "Recorder": ("probekit.extractors", "Recorder"),
+}
+
+__all__ = ["ProbekitError", "Store", "StoreWriter", "__version__", "open_store", *sorted(_LAZY)]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        module, attr = _LAZY[name]
+        value = getattr(import_module(module), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'probekit' has no attribute {name!r}")

@@ -1,0 +1,1 @@
+"""Reproducible experiments of the two papers."""

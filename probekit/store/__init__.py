@@ -1,0 +1,25 @@
+"""The HDF5 activation store, format version 1 (see docs/FORMAT.md).
+
+:class:`StoreWriter` appends rows in committed batches and resumes after an interruption;
+:class:`Store` reads lazily, one layer of one split at a time, never past the committed rows.
+"""
+
+from ._format import FORMAT_NAME as FORMAT_NAME
+from ._format import FORMAT_VERSION as FORMAT_VERSION
+from ._format import escape_name as escape_name
+from ._format import unescape_name as unescape_name
+from ._reader import Activations as Activations
+from ._reader import Store as Store
+from ._reader import open_store as open_store
+from ._writer import StoreWriter as StoreWriter
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "Activations",
+    "Store",
+    "StoreWriter",
+    "escape_name",
+    "open_store",
+    "unescape_name",
+]

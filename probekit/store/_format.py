@@ -1,0 +1,32 @@
+"""Constants and naming rules of the store format (docs/FORMAT.md is the spec)."""
+
+from __future__ import annotations
+
+FORMAT_NAME = "probekit.activations"
+FORMAT_VERSION = 1
+ROWS_ATTR = "rows_committed"
+ENCODING_TYPE = "encoding-type"
+ENCODING_VERSION = "encoding-version"
+ROLES = ("teacher", "student", "model")
+SAMPLE_FIELDS = ("index", "label", "factors", "group")
+SAMPLE_DTYPES = {"index": "int64", "label": "int64", "factors": "float32", "group": "int64"}
+ACT_DTYPES = ("float16", "float32")
+
+
+def escape_name(name: str) -> str:
+    """Make a module name safe as one HDF5 path component ('/' would nest groups).
+
+    ``%`` is escaped first so the mapping is reversible.
+    """
+    return name.replace("%", "%25").replace("/", "%2F")
+
+
+def unescape_name(name: str) -> str:
+    """Inverse of :func:`escape_name`."""
+    return name.replace("%2F", "/").replace("%25", "%")
+
+
+def mark(obj, encoding_type: str) -> None:
+    """Tag a group or dataset with its encoding type and version (anndata-style self-description)."""
+    obj.attrs[ENCODING_TYPE] = encoding_type
+    obj.attrs[ENCODING_VERSION] = str(FORMAT_VERSION)

@@ -1,0 +1,341 @@
+"""Reading a store lazily: one layer of one split at a time, never past the committed rows."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from ..errors import DataError, LayerNotFoundError, StoreFormatError
+from . import _format as F
+
+_DEFAULT_CHUNK_BYTES = 64 << 20  # iter_chunks reads ~64 MiB at a time unless told otherwise
+
+
+def check_format(path: str | os.PathLike) -> None:
+    """Raise :class:`StoreFormatError` unless ``path`` is a store this probekit can read."""
+    path = Path(path)
+    if not path.exists():
+        raise StoreFormatError(f"The store {str(path)!r} does not exist. Check the path.")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise StoreFormatError(
+            f"{str(path)!r} is not a readable HDF5 file ({_short(e)}). It may be truncated or another "
+            "kind of file; re-run the extraction to produce it."
+        ) from e
+    with f:
+        _check_root(f, path)
+
+
+def _check_root(f: h5py.File, path: Path) -> None:
+    fmt = f.attrs.get("format")
+    if isinstance(fmt, bytes):
+        fmt = fmt.decode()
+    if fmt != F.FORMAT_NAME:
+        raise StoreFormatError(
+            f"{str(path)!r} is an HDF5 file but not a probekit store (its 'format' attribute is "
+            f"{fmt!r}, expected {F.FORMAT_NAME!r}). See docs/FORMAT.md for the layout."
+        )
+    version = int(f.attrs.get("format_version", -1))
+    if version > F.FORMAT_VERSION:
+        raise StoreFormatError(
+            f"{str(path)!r} was written by a newer probekit (store format version {version}; this "
+            f"probekit reads version {F.FORMAT_VERSION}). Upgrade probekit."
+        )
+    if version < 1:
+        raise StoreFormatError(
+            f"{str(path)!r} has an invalid store format version {version}; re-run the extraction."
+        )
+
+
+def _short(e: BaseException) -> str:
+    return str(e).split("\n")[0][:160]
+
+
+class Activations:
+    """A lazy view of one activation dataset, bounded by its committed rows.
+
+    Indexing reads from disk (``acts[:100]``, ``acts[idx]``); :meth:`iter_chunks` streams it;
+    ``np.asarray(acts)`` loads it whole. Attributes of the dataset are in :attr:`attrs`.
+    """
+
+    def __init__(self, dataset: h5py.Dataset, n_rows: int, name: str) -> None:
+        self._ds = dataset
+        self.n_rows = int(min(n_rows, dataset.shape[0]))
+        self.name = name
+        self.attrs: dict[str, Any] = {k: _attr(v) for k, v in dataset.attrs.items()}
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.n_rows, *self._ds.shape[1:])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._ds.dtype
+
+    @property
+    def ndim(self) -> int:
+        return self._ds.ndim
+
+    @property
+    def row_nbytes(self) -> int:
+        return int(np.prod(self._ds.shape[1:], dtype=np.int64)) * self._ds.dtype.itemsize
+
+    def __len__(self) -> int:
+        return self.n_rows
+
+    def __repr__(self) -> str:
+        return f"Activations({self.name!r}, shape={self.shape}, dtype={self.dtype})"
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        if isinstance(key, slice):
+            start, stop, stride = key.indices(self.n_rows)
+            return self._ds[start:stop:stride] if stride > 0 else self._ds[:self.n_rows][key]
+        if isinstance(key, (int, np.integer)):
+            k = int(key) + self.n_rows if key < 0 else int(key)
+            if not 0 <= k < self.n_rows:
+                raise IndexError(f"row {key} out of range for {self.n_rows} committed rows")
+            return self._ds[k]
+        idx = np.asarray(key)
+        if idx.dtype == bool:
+            idx = np.flatnonzero(idx)
+        idx = np.where(idx < 0, idx + self.n_rows, idx).astype(np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.n_rows):
+            raise IndexError(f"row index out of range for {self.n_rows} committed rows")
+        # h5py wants increasing unique indices: read sorted, then restore the asked order
+        uniq, inverse = np.unique(idx, return_inverse=True)
+        return self._ds[uniq][inverse] if uniq.size else self._ds[0:0]
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = self._ds[: self.n_rows]
+        return out.astype(dtype) if dtype is not None else out
+
+    def chunk_rows(self, max_bytes: int = _DEFAULT_CHUNK_BYTES) -> int:
+        """Rows per chunk so that one chunk holds at most ``max_bytes`` (a multiple of HDF5 chunks)."""
+        rows = max(1, max_bytes // max(1, self.row_nbytes))
+        if self._ds.chunks:
+            c = self._ds.chunks[0]
+            rows = max(c, (rows // c) * c)
+        return int(rows)
+
+    def iter_chunks(self, rows: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield ``(start, array)`` pairs covering the committed rows in order."""
+        step = rows or self.chunk_rows()
+        for start in range(0, self.n_rows, step):
+            yield start, self._ds[start : min(start + step, self.n_rows)]
+
+
+def _attr(v: Any) -> Any:
+    if isinstance(v, bytes):
+        return v.decode()
+    if isinstance(v, np.ndarray):
+        return [_attr(x) for x in v.tolist()]
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+class Store:
+    """A store opened for reading (see docs/FORMAT.md).
+
+    Use as a context manager, or call :meth:`close`. Nothing is loaded until asked for.
+
+    Examples
+    --------
+    >>> with Store("acts.h5") as s:                                       # doctest: +SKIP
+    ...     X = s.acts("student", "test_id", "layer4")[:]
+    """
+
+    def __init__(self, path: str | os.PathLike, *, swmr: bool = False) -> None:
+        self.path = Path(path)
+        check_format(self.path)
+        self._f = h5py.File(self.path, "r", swmr=swmr) if swmr else h5py.File(self.path, "r")
+        self.format_version = int(self._f.attrs["format_version"])
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._f.id.valid:
+            self._f.close()
+
+    def __repr__(self) -> str:
+        return f"Store({str(self.path)!r}, models={self.models}, splits={self.splits})"
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return {k: _attr(v) for k, v in self._f.attrs.items()}
+
+    # -- samples -----------------------------------------------------------------------------
+    @property
+    def splits(self) -> list[str]:
+        return list(self._f["samples"]) if "samples" in self._f else []
+
+    def _split(self, split: str) -> h5py.Group:
+        if split not in self.splits:
+            raise DataError(
+                f"The store {str(self.path)!r} has no split {split!r}; it has {self.splits}. "
+                "Run `probekit info` to see what it holds."
+            )
+        return self._f["samples"][split]
+
+    def n_rows(self, split: str, model: str | None = None, step: int | None = None) -> int:
+        """Committed rows of a split (its samples), or of one model's activations on it."""
+        n = int(self._split(split).attrs.get(F.ROWS_ATTR, 0))
+        if model is None:
+            return n
+        g = self._acts_split(model, split, step)
+        return min(n, int(g.attrs.get(F.ROWS_ATTR, 0))) if g is not None else 0
+
+    def n_expected(self, split: str) -> int | None:
+        """Rows the split was declared with (``None`` when unknown at write time)."""
+        n = int(self._split(split).attrs.get("n_rows", -1))
+        return None if n < 0 else n
+
+    def has_field(self, split: str, field: str) -> bool:
+        return field in self._split(split)
+
+    def sample_field(self, split: str, field: str) -> np.ndarray:
+        """One of ``index``, ``label``, ``factors``, ``group`` of a split, committed rows only."""
+        g = self._split(split)
+        if field not in g:
+            raise DataError(
+                f"The split {split!r} of {str(self.path)!r} has no {field!r}; it has {sorted(g)}."
+            )
+        return g[field][: self.n_rows(split)]
+
+    def factor_names(self, split: str) -> list[str]:
+        g = self._split(split)
+        if "factors" not in g:
+            return []
+        return [str(_attr(n)) for n in g["factors"].attrs["names"]]
+
+    # -- models ------------------------------------------------------------------------------
+    @property
+    def models(self) -> list[str]:
+        return list(self._f["models"]) if "models" in self._f else []
+
+    def _model(self, model: str) -> h5py.Group:
+        if model not in self.models:
+            raise DataError(
+                f"The store {str(self.path)!r} has no model {model!r}; it has {self.models}."
+            )
+        return self._f["models"][model]
+
+    def model_attrs(self, model: str) -> dict[str, Any]:
+        return {k: _attr(v) for k, v in self._model(model).attrs.items()}
+
+    def role(self, model: str) -> str:
+        return str(self.model_attrs(model).get("role", "model"))
+
+    def steps(self, model: str) -> list[int]:
+        g = self._model(model)
+        return sorted(int(s) for s in g["steps"]) if "steps" in g else []
+
+    def _base(self, model: str, step: int | None) -> h5py.Group:
+        g = self._model(model)
+        if step is None:
+            return g
+        if "steps" not in g or str(int(step)) not in g["steps"]:
+            raise DataError(f"The model {model!r} has no step {step}; it has {self.steps(model)}.")
+        return g["steps"][str(int(step))]
+
+    def _acts_split(self, model: str, split: str, step: int | None) -> h5py.Group | None:
+        base = self._base(model, step)
+        if "acts" not in base or split not in base["acts"]:
+            return None
+        return base["acts"][split]
+
+    def acts_splits(self, model: str, step: int | None = None) -> list[str]:
+        base = self._base(model, step)
+        return list(base["acts"]) if "acts" in base else []
+
+    def layers(self, model: str, split: str | None = None, step: int | None = None) -> list[str]:
+        """Layer names with activations for ``model`` (on ``split``, or on any split)."""
+        base = self._base(model, step)
+        if "acts" not in base:
+            return []
+        splits = [split] if split is not None else list(base["acts"])
+        names: dict[str, None] = {}
+        for s in splits:
+            if s in base["acts"]:
+                for key in base["acts"][s]:
+                    names[F.unescape_name(key)] = None
+        return list(names)
+
+    def acts(self, model: str, split: str, layer: str, step: int | None = None) -> Activations:
+        """The lazy activations of one layer of one model on one split."""
+        g = self._acts_split(model, split, step)
+        if g is None:
+            raise DataError(
+                f"The model {model!r} has no activations on split {split!r}; it has "
+                f"{self.acts_splits(model, step)}."
+            )
+        key = F.escape_name(layer)
+        if key not in g:
+            raise LayerNotFoundError(
+                f"The model {model!r} has no layer {layer!r} on split {split!r}; it has "
+                f"{[F.unescape_name(k) for k in g]}."
+            )
+        return Activations(g[key], self.n_rows(split, model, step), f"{model}/{split}/{layer}")
+
+    def weight_layers(self, model: str, step: int | None = None) -> list[str]:
+        base = self._base(model, step)
+        return [F.unescape_name(k) for k in base["weights"]] if "weights" in base else []
+
+    def weights(self, model: str, layer: str, step: int | None = None) -> np.ndarray:
+        """Neuron weight rows ``(units, fan_in)`` of one layer."""
+        base = self._base(model, step)
+        key = F.escape_name(layer)
+        if "weights" not in base or key not in base["weights"]:
+            raise LayerNotFoundError(
+                f"The model {model!r} has no weights for layer {layer!r}; it has "
+                f"{self.weight_layers(model, step)}."
+            )
+        return base["weights"][key][()]
+
+    def weight_attrs(self, model: str, layer: str, step: int | None = None) -> dict[str, Any]:
+        base = self._base(model, step)
+        return {k: _attr(v) for k, v in base["weights"][F.escape_name(layer)].attrs.items()}
+
+    # -- summary -----------------------------------------------------------------------------
+    def describe(self) -> dict[str, Any]:
+        """A JSON-safe summary: splits with committed rows, models with layers and shapes."""
+        out: dict[str, Any] = {"path": str(self.path), "attrs": self.attrs, "splits": {}, "models": {}}
+        for s in self.splits:
+            g = self._split(s)
+            out["splits"][s] = {
+                "rows_committed": self.n_rows(s),
+                "rows_expected": self.n_expected(s),
+                "fields": sorted(g),
+                "factor_names": self.factor_names(s),
+            }
+        for m in self.models:
+            info: dict[str, Any] = {"attrs": self.model_attrs(m), "acts": {}, "weights": {}}
+            for s in self.acts_splits(m):
+                info["acts"][s] = {
+                    "rows_committed": self.n_rows(s, m),
+                    "layers": {
+                        name: {"shape": list(a.shape), "dtype": str(a.dtype), "pool": a.attrs.get("pool")}
+                        for name in self.layers(m, s)
+                        for a in [self.acts(m, s, name)]
+                    },
+                }
+            for layer in self.weight_layers(m):
+                info["weights"][layer] = list(self._base(m, None)["weights"][F.escape_name(layer)].shape)
+            info["steps"] = self.steps(m)
+            out["models"][m] = info
+        return out
+
+
+def open_store(path: str | os.PathLike, *, swmr: bool = False) -> Store:
+    """Open a store for reading; see :class:`Store`."""
+    return Store(path, swmr=swmr)

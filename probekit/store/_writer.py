@@ -1,0 +1,419 @@
+"""Writing a store: committed batches of rows, resumable after an interruption.
+
+Crash safety rests on three rules (docs/FORMAT.md, "Commit protocol"):
+
+1. every dataset of a batch is written before any ``rows_committed`` counter moves;
+2. the file is flushed right after the counters move, so what is on disk is always a state where
+   every counter covers fully written rows;
+3. activations are stored uncompressed by default, so a chunk that is rewritten keeps its place in
+   the file and an interrupted write can never leave committed rows pointing at reused space.
+
+A reader never looks past ``rows_committed``; a writer opened on an existing store resumes at it.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Literal
+
+import h5py
+import numpy as np
+
+from .._version import __version__
+from ..errors import DataError, ProbekitError, StoreExistsError
+from . import _format as F
+from ._reader import check_format
+
+WriteMode = Literal["create", "resume", "overwrite"]
+_CHUNK_BYTES = 1 << 20  # aim for ~1 MiB chunks: large enough for fast I/O, small enough to stay lazy
+_MAX_CHUNK_ROWS = 4096
+
+
+def chunk_rows(row_shape: Sequence[int], itemsize: int, n_rows: int | None = None) -> int:
+    """Rows per chunk for a dataset whose rows have ``row_shape``: about 1 MiB per chunk."""
+    row_bytes = max(1, int(np.prod(row_shape, dtype=np.int64)) * itemsize)
+    rows = max(1, min(_MAX_CHUNK_ROWS, _CHUNK_BYTES // row_bytes))
+    if n_rows:
+        rows = min(rows, n_rows)
+    return int(rows)
+
+
+class StoreWriter:
+    """Append activations, sample metadata and weights to a store file.
+
+    Parameters
+    ----------
+    path : str or Path
+        The ``.h5`` file to write.
+    mode : {"create", "resume", "overwrite"}
+        ``create`` refuses an existing file; ``resume`` opens an existing store (or creates a new one)
+        and continues where its committed rows end, or adds new models and splits to it;
+        ``overwrite`` replaces an existing file.
+    compression : {None, "gzip", "lzf"}
+        Compression of activation datasets. Off by default: see the module docstring on crash safety.
+    dataset_kwargs : mapping
+        Extra keyword arguments for ``h5py.Group.create_dataset`` of activation datasets.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        mode: WriteMode = "create",
+        compression: str | None = None,
+        dataset_kwargs: Mapping[str, Any] = MappingProxyType({}),
+    ) -> None:
+        if mode not in ("create", "resume", "overwrite"):
+            raise ProbekitError(
+                f"The 'mode' parameter of StoreWriter must be one of {{'create', 'resume', 'overwrite'}}. "
+                f"Got {mode!r} instead."
+            )
+        if compression not in (None, "gzip", "lzf"):
+            raise ProbekitError(
+                "The 'compression' parameter of StoreWriter must be one of {None, 'gzip', 'lzf'}. "
+                f"Got {compression!r} instead."
+            )
+        self.path = Path(path)
+        self.compression = compression
+        self.dataset_kwargs = dict(dataset_kwargs)
+        if not self.path.parent.exists():
+            raise DataError(
+                f"Cannot write the store {str(self.path)!r}: the directory {str(self.path.parent)!r} "
+                "does not exist. Create it first or choose another output path."
+            )
+        exists = self.path.exists()
+        if exists and mode == "create":
+            raise StoreExistsError(
+                f"The output {str(self.path)!r} already exists. Pass --resume to continue or extend it, "
+                "or --overwrite to replace it."
+            )
+        if exists and mode == "resume":
+            check_format(self.path)  # refuses a foreign or newer file before opening it for writing
+            self._f = h5py.File(self.path, "r+")
+        else:
+            if exists:  # overwrite
+                self.path.unlink()
+            self._f = h5py.File(self.path, "w")
+            root = self._f
+            root.attrs["format"] = F.FORMAT_NAME
+            root.attrs["format_version"] = F.FORMAT_VERSION
+            root.attrs["probekit_version"] = __version__
+            root.attrs["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+            F.mark(root, "probekit.store")
+            F.mark(root.create_group("samples"), "probekit.samples")
+            F.mark(root.create_group("models"), "probekit.models")
+            self._f.flush()
+        self.resumed = exists and mode == "resume"
+
+    # -- context management -------------------------------------------------------------------
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if getattr(self, "_f", None) is not None and self._f.id.valid:
+            self._f.flush()
+            self._f.close()
+
+    def flush(self) -> None:
+        self._f.flush()
+
+    # -- declarations ---------------------------------------------------------------------------
+    def add_split(
+        self,
+        split: str,
+        *,
+        n_rows: int | None,
+        has_label: bool,
+        factor_names: Sequence[str] | None = None,
+        has_group: bool = False,
+    ) -> int:
+        """Declare a split's sample metadata; return the rows it already has committed."""
+        _check_name("split", split)
+        samples = self._f["samples"]
+        if split in samples:
+            g = samples[split]
+            stored_names = [str(n) for n in g["factors"].attrs["names"]] if "factors" in g else None
+            want_names = list(factor_names) if factor_names is not None else None
+            if stored_names != want_names or ("label" in g) != has_label or ("group" in g) != has_group:
+                raise DataError(
+                    f"The split {split!r} in {str(self.path)!r} was written from data with other fields "
+                    f"(factors {stored_names}, label {'label' in g}, group {'group' in g}) than this data "
+                    f"(factors {want_names}, label {has_label}, group {has_group}). Write this data to "
+                    "another split (--split) or another store."
+                )
+            stored_n = g.attrs.get("n_rows", -1)
+            if n_rows is not None and stored_n >= 0 and stored_n != n_rows:
+                raise DataError(
+                    f"The split {split!r} in {str(self.path)!r} holds {stored_n} samples but this data has "
+                    f"{n_rows}. Use the same data to resume, or another split name."
+                )
+            return int(g.attrs[F.ROWS_ATTR])
+        g = samples.create_group(split)
+        F.mark(g, "probekit.split")
+        g.attrs[F.ROWS_ATTR] = 0
+        g.attrs["n_rows"] = -1 if n_rows is None else int(n_rows)
+        fields = {"index": ()}
+        if has_label:
+            fields["label"] = ()
+        if factor_names is not None:
+            fields["factors"] = (len(factor_names),)
+        if has_group:
+            fields["group"] = ()
+        for field, row_shape in fields.items():
+            dtype = np.dtype(F.SAMPLE_DTYPES[field])
+            ds = g.create_dataset(
+                field,
+                shape=(n_rows or 0, *row_shape),
+                maxshape=(None, *row_shape),
+                dtype=dtype,
+                chunks=(chunk_rows(row_shape, dtype.itemsize, n_rows), *row_shape),
+            )
+            F.mark(ds, f"probekit.{field}")
+            if field == "factors":
+                ds.attrs["names"] = [str(n) for n in factor_names]  # type: ignore[union-attr]
+        self._f.flush()
+        return 0
+
+    def add_model(
+        self,
+        name: str,
+        *,
+        role: str = "model",
+        source: str = "",
+        weights_sha256: str = "",
+        param_count: int = -1,
+    ) -> None:
+        """Declare a model; on an existing store, refuse one whose weights differ."""
+        _check_name("model", name)
+        if role not in F.ROLES:
+            raise DataError(
+                f"The 'role' parameter must be one of {set(F.ROLES)}. Got {role!r} instead."
+            )
+        models = self._f["models"]
+        if name in models:
+            stored = models[name].attrs.get("weights_sha256", "")
+            if stored and weights_sha256 and stored != weights_sha256:
+                raise DataError(
+                    f"The model {name!r} in {str(self.path)!r} was extracted from other weights "
+                    f"(sha256 {stored[:12]}..., now {weights_sha256[:12]}...). Give this model another "
+                    "name (--name) or write to another store."
+                )
+            return
+        g = models.create_group(name)
+        F.mark(g, "probekit.model")
+        g.attrs["role"] = role
+        g.attrs["source"] = source
+        g.attrs["weights_sha256"] = weights_sha256
+        g.attrs["param_count"] = int(param_count)
+        self._f.flush()
+
+    def _acts_group(self, model: str, split: str, step: int | None, create: bool) -> h5py.Group:
+        base = self._f["models"][model]
+        if step is not None:
+            base = _require(base, "steps", "probekit.steps", create)
+            base = _require(base, str(int(step)), "probekit.step", create)
+        acts = _require(base, "acts", "probekit.acts", create)
+        if split not in acts:
+            if not create:
+                raise KeyError(split)
+            g = acts.create_group(split)
+            F.mark(g, "probekit.acts_split")
+            g.attrs[F.ROWS_ATTR] = 0
+        return acts[split]
+
+    def add_layer(
+        self,
+        model: str,
+        split: str,
+        layer: str,
+        *,
+        feature_shape: Sequence[int],
+        dtype: str = "float32",
+        attrs: Mapping[str, Any] = MappingProxyType({}),
+        step: int | None = None,
+    ) -> int:
+        """Declare one activation dataset; return the rows committed for this model and split."""
+        if dtype not in F.ACT_DTYPES:
+            raise DataError(
+                f"The 'dtype' parameter must be one of {set(F.ACT_DTYPES)}. Got {dtype!r} instead."
+            )
+        n_rows = int(self._f["samples"][split].attrs["n_rows"])
+        n_rows = None if n_rows < 0 else n_rows
+        g = self._acts_group(model, split, step, create=True)
+        key = F.escape_name(layer)
+        feature_shape = tuple(int(s) for s in feature_shape)
+        committed = int(g.attrs[F.ROWS_ATTR])
+        if key in g:
+            ds = g[key]
+            if tuple(ds.shape[1:]) != feature_shape or ds.dtype != np.dtype(dtype):
+                raise DataError(
+                    f"The layer {layer!r} of model {model!r}, split {split!r} is stored with features "
+                    f"{tuple(ds.shape[1:])} {ds.dtype}, but this run gives {feature_shape} {dtype}. "
+                    "Resume with the same --pool and --dtype, or write to another store."
+                )
+            if n_rows is None and ds.shape[0] > committed:  # drop rows an interrupted run left behind
+                ds.resize(committed, axis=0)
+            return committed
+        if committed > 0:
+            raise DataError(
+                f"Cannot add layer {layer!r} to model {model!r}, split {split!r}: that split already has "
+                f"{committed} committed rows for other layers. Write the new layer under another --name."
+            )
+        np_dtype = np.dtype(dtype)
+        ds = g.create_dataset(
+            key,
+            shape=(n_rows or 0, *feature_shape),
+            maxshape=(None, *feature_shape),
+            dtype=np_dtype,
+            chunks=(chunk_rows(feature_shape, np_dtype.itemsize, n_rows), *feature_shape),
+            compression=self.compression,
+            **self.dataset_kwargs,
+        )
+        F.mark(ds, "probekit.activations")
+        ds.attrs["layer"] = layer
+        for k, v in attrs.items():
+            ds.attrs[k] = v
+        self._f.flush()
+        return committed
+
+    # -- rows ----------------------------------------------------------------------------------------
+    def committed(self, split: str, model: str | None = None, step: int | None = None) -> int:
+        """Rows committed for a split's samples, or for one model's activations on it."""
+        if model is None:
+            return int(self._f["samples"][split].attrs[F.ROWS_ATTR])
+        try:
+            return int(self._acts_group(model, split, step, create=False).attrs[F.ROWS_ATTR])
+        except KeyError:
+            return 0
+
+    def write_rows(
+        self,
+        split: str,
+        start: int,
+        samples: Mapping[str, np.ndarray],
+        acts: Mapping[str, Mapping[str, np.ndarray]],
+        *,
+        step: int | None = None,
+    ) -> None:
+        """Write one batch of rows ``[start, start + b)`` and commit it.
+
+        ``samples`` holds ``index`` and any of ``label``, ``factors``, ``group``; ``acts`` maps
+        model -> layer -> array of shape ``(b, *feature_shape)``. Sample rows already committed (a
+        second model on the same split) are checked against the stored index instead of rewritten.
+        """
+        g = self._f["samples"][split]
+        index = np.asarray(samples["index"], dtype=np.int64)
+        b = len(index)
+        stop = start + b
+        s_committed = int(g.attrs[F.ROWS_ATTR])
+        if start > s_committed:
+            raise ProbekitError(
+                f"write_rows for split {split!r} starts at row {start} but only {s_committed} rows are "
+                "committed; rows must be written in order."
+            )
+        if stop > s_committed:  # new sample rows
+            for field in g:
+                if field not in samples:
+                    raise DataError(f"The batch for split {split!r} lacks the field {field!r}.")
+                ds = g[field]
+                value = np.asarray(samples[field], dtype=ds.dtype)
+                if len(value) != b:
+                    raise DataError(
+                        f"The field {field!r} of a batch for split {split!r} has {len(value)} rows, "
+                        f"the index has {b}."
+                    )
+                _ensure_rows(ds, stop)
+                ds[start:stop] = value
+        # rows the store already had must be the same samples, in the same order
+        overlap = min(stop, s_committed)
+        if overlap > start and not np.array_equal(g["index"][start:overlap], index[: overlap - start]):
+            raise DataError(
+                f"The samples of split {split!r} rows {start}..{overlap} differ from those stored "
+                f"in {str(self.path)!r}: the data or its order changed. Use the same data, unshuffled."
+            )
+        groups = []
+        for model, layers in acts.items():
+            ag = self._acts_group(model, split, step, create=False)
+            a_committed = int(ag.attrs[F.ROWS_ATTR])
+            if a_committed != start:
+                raise ProbekitError(
+                    f"write_rows for model {model!r}, split {split!r} starts at row {start} but "
+                    f"{a_committed} rows are committed; rows must be written in order."
+                )
+            missing = set(ag) - {F.escape_name(name) for name in layers}
+            if missing:
+                raise DataError(f"The batch for model {model!r} lacks layers {sorted(missing)}.")
+            for layer, value in layers.items():
+                ds = ag[F.escape_name(layer)]
+                if value.shape[0] != b:
+                    raise DataError(
+                        f"Layer {layer!r} of model {model!r} gave {value.shape[0]} rows for a batch of {b}."
+                    )
+                _ensure_rows(ds, stop)
+                ds[start:stop] = value
+            groups.append(ag)
+        # commit: counters move only after every dataset of the batch is written
+        if stop > s_committed:
+            g.attrs[F.ROWS_ATTR] = stop
+        for ag in groups:
+            ag.attrs[F.ROWS_ATTR] = stop
+        self._f.flush()
+
+    def write_weights(
+        self,
+        model: str,
+        layer: str,
+        rows: np.ndarray,
+        *,
+        step: int | None = None,
+        attrs: Mapping[str, Any] = MappingProxyType({}),
+    ) -> None:
+        """Store neuron weight rows ``(units, fan_in)`` of one layer (replacing an earlier copy)."""
+        rows = np.asarray(rows, dtype=np.float32)
+        if rows.ndim != 2:
+            raise DataError(f"Weight rows of layer {layer!r} must be 2-D (units, fan_in); got {rows.shape}.")
+        base = self._f["models"][model]
+        if step is not None:
+            base = _require(base, "steps", "probekit.steps", True)
+            base = _require(base, str(int(step)), "probekit.step", True)
+        wg = _require(base, "weights", "probekit.weights", True)
+        key = F.escape_name(layer)
+        if key in wg:
+            del wg[key]
+        ds = wg.create_dataset(key, data=rows)
+        F.mark(ds, "probekit.weight_rows")
+        ds.attrs["layer"] = layer
+        for k, v in attrs.items():
+            ds.attrs[k] = v
+        self._f.flush()
+
+
+def _ensure_rows(ds: h5py.Dataset, stop: int) -> None:
+    if ds.shape[0] < stop:
+        ds.resize(stop, axis=0)
+
+
+def _require(parent: h5py.Group, name: str, encoding_type: str, create: bool) -> h5py.Group:
+    if name not in parent:
+        if not create:
+            raise KeyError(name)
+        F.mark(parent.create_group(name), encoding_type)
+    return parent[name]
+
+
+def _check_name(kind: str, name: str) -> None:
+    if not name or "/" in name or name in (".", ".."):
+        raise DataError(
+            f"The {kind} name {name!r} cannot be used: it must be non-empty and contain no '/'."
+        )
+    if name != name.strip():
+        raise DataError(f"The {kind} name {name!r} has leading or trailing spaces; remove them.")
+
+
