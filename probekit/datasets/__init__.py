@@ -1,1 +1,27 @@
-"""Built-in datasets and data loading."""
+"""Built-in datasets (background digits, the papers' synthetic models) and data loading.
+
+``load_data(spec, split)`` resolves a CLI DATA spec; ``as_samples(ds)`` normalises any dataset's items;
+built-ins register with ``register_dataset`` and are fetched with ``get_dataset(name, split)``.
+"""
+
+from ._loading import NpzDataset as NpzDataset
+from ._loading import SampleDataset as SampleDataset
+from ._loading import as_samples as as_samples
+from ._loading import import_callable as import_callable
+from ._loading import load_data as load_data
+from ._registry import BuiltinDataset as BuiltinDataset
+from ._registry import builtin_datasets as builtin_datasets
+from ._registry import get_dataset as get_dataset
+from ._registry import register_dataset as register_dataset
+
+__all__ = [
+    "BuiltinDataset",
+    "NpzDataset",
+    "SampleDataset",
+    "as_samples",
+    "builtin_datasets",
+    "get_dataset",
+    "import_callable",
+    "load_data",
+    "register_dataset",
+]

@@ -1,0 +1,269 @@
+"""Turning a user's data into probekit samples.
+
+A dataset item may be a tensor ``x``, a tuple ``(x, y)`` or ``(x, y, factors)``, or a dict with ``"x"``
+and any of ``"label"``, ``"factors"``, ``"group"``. :func:`as_samples` wraps any such dataset into one
+whose items are dicts ``{"x", "index", ...}``; :func:`load_data` resolves a DATA spec of the CLI.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ..errors import DataError
+from ._registry import builtin_datasets, get_dataset
+
+__all__ = ["NpzDataset", "SampleDataset", "as_samples", "import_callable", "load_data"]
+
+_FIELDS = ("label", "factors", "group")
+
+
+def _to_tensor(x: Any) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(x))
+    try:
+        # PIL images and nested lists
+        return torch.as_tensor(np.asarray(x))
+    except Exception as e:
+        raise DataError(
+            f"A dataset item's input has type {type(x).__name__}, which is not a tensor or array. "
+            "Give the dataset a transform that returns a tensor (e.g. torchvision.transforms.ToTensor())."
+        ) from e
+
+
+def _normalise_item(item: Any, i: int) -> dict[str, Any]:
+    if isinstance(item, dict):
+        if "x" not in item:
+            raise DataError(
+                f"Dataset item {i} is a dict without the key 'x' (keys: {sorted(item)}). "
+                "Name the input 'x' and optionally give 'label', 'factors', 'group'."
+            )
+        out = {k: item[k] for k in ("x", *_FIELDS) if k in item and item[k] is not None}
+    elif isinstance(item, (tuple, list)):
+        if not 1 <= len(item) <= 3:
+            raise DataError(
+                f"Dataset item {i} is a {type(item).__name__} of length {len(item)}; expected (x,), "
+                "(x, y) or (x, y, factors). Return a dict for other layouts."
+            )
+        out = dict(zip(("x", "label", "factors"), item, strict=False))
+    else:
+        out = {"x": item}
+    out["x"] = _to_tensor(out["x"])
+    if "label" in out:
+        y = out["label"]
+        y = y.item() if isinstance(y, (torch.Tensor, np.ndarray)) and np.size(y) == 1 else y
+        if not isinstance(y, (int, np.integer)) and not (isinstance(y, float) and float(y).is_integer()):
+            raise DataError(
+                f"Dataset item {i} has label {y!r}; labels must be integer class ids. "
+                "Map them to integers (0..K-1) in the dataset."
+            )
+        out["label"] = int(y)
+    if "factors" in out:
+        f = np.asarray(out["factors"].numpy() if isinstance(out["factors"], torch.Tensor) else out["factors"],
+                       dtype=np.float32).reshape(-1)
+        out["factors"] = f
+    if "group" in out:
+        out["group"] = int(out["group"])
+    out["index"] = i
+    return out
+
+
+class SampleDataset(Dataset):
+    """A dataset whose items are dicts ``{"x", "index"}`` plus ``label``/``factors``/``group``.
+
+    Attributes
+    ----------
+    factor_names : list of str or None
+    has_label, has_group : bool
+    source : the wrapped dataset
+    """
+
+    def __init__(self, source: Any, factor_names: Sequence[str] | None = None) -> None:
+        self.source = source
+        try:
+            n = len(source)
+        except TypeError as e:
+            raise DataError(
+                f"The dataset {type(source).__name__} has no length; probekit needs a map-style "
+                "Dataset (with __len__ and __getitem__) so that rows can be resumed."
+            ) from e
+        if n == 0:
+            raise DataError(f"The dataset {type(source).__name__} is empty; there is nothing to extract.")
+        self._n = n
+        first = _normalise_item(source[0], 0)
+        self.has_label = "label" in first
+        self.has_group = "group" in first
+        self.x_shape = tuple(first["x"].shape)
+        names = factor_names if factor_names is not None else getattr(source, "factor_names", None)
+        if "factors" in first:
+            k = len(first["factors"])
+            names = list(names) if names is not None else [f"factor{j}" for j in range(k)]
+            if len(names) != k:
+                raise DataError(
+                    f"The dataset gives {k} factors per item but {len(names)} factor names ({names})."
+                )
+            self.factor_names: list[str] | None = [str(s) for s in names]
+        else:
+            self.factor_names = None
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item = _normalise_item(self.source[i], int(i))
+        for key, present in (("label", self.has_label), ("group", self.has_group),
+                             ("factors", self.factor_names is not None)):
+            if (key in item) != present:
+                raise DataError(
+                    f"Dataset item {i} {'has' if key in item else 'lacks'} a {key!r} but item 0 "
+                    f"{'does not' if key in item else 'does'}; every item must have the same fields."
+                )
+        if tuple(item["x"].shape) != self.x_shape:
+            raise DataError(
+                f"Dataset item {i} has input shape {tuple(item['x'].shape)} but item 0 has {self.x_shape}; "
+                "resize the inputs to one shape (a transform) before extraction."
+            )
+        return item
+
+
+def as_samples(dataset: Any, factor_names: Sequence[str] | None = None) -> SampleDataset:
+    """Wrap any supported dataset (see the module docstring) into a :class:`SampleDataset`."""
+    if isinstance(dataset, SampleDataset):
+        return dataset
+    return SampleDataset(dataset, factor_names)
+
+
+class NpzDataset(Dataset):
+    """Arrays from an ``.npz`` file: ``x`` (N, ...), optional ``y`` (N,), ``factors`` (N, F),
+    ``factor_names`` (F,), ``group`` (N,). Loaded with ``allow_pickle=False``: object arrays are refused.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        path = Path(path)
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+        except ValueError as e:
+            raise DataError(
+                f"Cannot read {str(path)!r}: it holds object arrays, which need unpickling; probekit never "
+                "unpickles data. Save plain numeric arrays (and factor_names as a str array)."
+            ) from e
+        except (OSError, EOFError) as e:
+            raise DataError(f"Cannot read {str(path)!r} as an .npz file ({e}).") from e
+        if "x" not in arrays:
+            raise DataError(
+                f"The file {str(path)!r} has no array 'x' (it has {sorted(arrays)}). Save the inputs as x=..."
+            )
+        self.x = arrays["x"]
+        n = len(self.x)
+        self.y = arrays.get("y")
+        self.factors = arrays.get("factors")
+        self.group = arrays.get("group")
+        for key, arr in (("y", self.y), ("factors", self.factors), ("group", self.group)):
+            if arr is not None and len(arr) != n:
+                raise DataError(
+                    f"In {str(path)!r}, {key!r} has {len(arr)} rows but x has {n}; they must match."
+                )
+        if self.factors is not None and self.factors.ndim != 2:
+            raise DataError(f"In {str(path)!r}, 'factors' must be 2-D (N, F); got shape {self.factors.shape}.")
+        names = arrays.get("factor_names")
+        self.factor_names = [str(s) for s in names.tolist()] if names is not None else None
+        if self.y is not None and not np.issubdtype(self.y.dtype, np.integer):
+            if not np.all(np.mod(self.y, 1) == 0):
+                raise DataError(f"In {str(path)!r}, 'y' must hold integer class ids; got {self.y.dtype}.")
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item: dict[str, Any] = {"x": torch.as_tensor(np.asarray(self.x[i], dtype=np.float32))}
+        if self.y is not None:
+            item["label"] = int(self.y[i])
+        if self.factors is not None:
+            item["factors"] = self.factors[i].astype(np.float32)
+        if self.group is not None:
+            item["group"] = int(self.group[i])
+        return item
+
+
+def import_callable(spec: str, what: str = "callable") -> Callable[..., Any]:
+    """Import ``package.module:attr`` (only what the user names; nothing else is executed)."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise DataError(f"{spec!r} is not of the form 'package.module:{what}'.")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise DataError(
+            f"Cannot import the module {module_name!r} of {spec!r} ({e}). Check that it is installed or "
+            "on PYTHONPATH."
+        ) from e
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise DataError(f"The module {module_name!r} has no attribute {attr!r} (from {spec!r}).")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise DataError(f"{spec!r} names a {type(obj).__name__}, not a {what}.")
+    return obj
+
+
+def load_data(spec: Any, split: str | None = None, *, transform: Callable | None = None) -> SampleDataset:
+    """Resolve a DATA spec into a :class:`SampleDataset`.
+
+    ``spec`` is a Dataset object, a built-in dataset name (with ``split``), a path to an image folder
+    (class sub-folders, torchvision ``ImageFolder``; ``transform`` turns images into tensors), a path
+    to an ``.npz``, or ``package.module:callable`` returning a Dataset (called with ``split=`` when it
+    accepts that keyword).
+    """
+    if not isinstance(spec, (str, os.PathLike)):
+        return as_samples(spec)
+    text = os.fspath(spec)
+    builtins = builtin_datasets()
+    if text in builtins:
+        entry = builtins[text]
+        return as_samples(get_dataset(text, split or entry.default_splits[0]))
+    path = Path(text)
+    if path.suffix == ".npz":
+        if not path.exists():
+            raise DataError(f"The data file {text!r} does not exist.")
+        return as_samples(NpzDataset(path))
+    if path.is_dir():
+        from torchvision import transforms as T
+        from torchvision.datasets import ImageFolder
+
+        tf = transform or T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor()])
+        try:
+            return as_samples(ImageFolder(text, transform=tf))
+        except (FileNotFoundError, RuntimeError) as e:
+            raise DataError(
+                f"Cannot read the image folder {text!r} ({e}). It needs one sub-folder per class holding "
+                "images."
+            ) from e
+    if ":" in text and not path.exists():
+        fn = import_callable(text, "callable returning a Dataset")
+        kwargs = {}
+        if split is not None and "split" in _params(fn):
+            kwargs["split"] = split
+        return as_samples(fn(**kwargs))
+    raise DataError(
+        f"Cannot interpret the data {text!r}: it is not a built-in dataset ({sorted(builtins)}), an existing "
+        ".npz file, an image folder, or 'package.module:callable'."
+    )
+
+
+def _params(fn: Callable) -> set[str]:
+    try:
+        return set(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return set()
