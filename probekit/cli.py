@@ -1,0 +1,253 @@
+"""The ``probekit`` command line (contract: docs in README.md and ../shared/DESIGN.md section 5).
+
+Each verb maps its flags one to one onto a Python function's keyword arguments and adds no logic of
+its own. Errors a user can cause print one line to stderr and exit with code 2 (``--debug`` shows
+the traceback instead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from .errors import DataError, ProbekitError
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, like every other probekit error
+        self.print_usage(sys.stderr)
+        raise SystemExit(f"probekit: error: {message}") from None
+
+
+def _int_tuple(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(t) for t in text.replace("x", ",").split(",") if t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected sizes like 3,224,224; got {text!r}") from None
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL",
+                   help="timm:NAME, torchvision:NAME, or package.module:callable returning an nn.Module")
+    p.add_argument("--weights", metavar="FILE",
+                   help="weights to load: .safetensors, or a torch state dict (loaded with weights_only=True)")
+    p.add_argument("--pretrained", action="store_true",
+                   help="ask timm/torchvision for pretrained weights (needs network; prefer --weights)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="allow a pickle-only checkpoint (runs code from the file: only for files you trust)")
+    p.add_argument("--input-shape", type=_int_tuple, metavar="C,H,W",
+                   help="per-sample input shape for the dummy forward (default: the model's own, or 3,224,224)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="probekit",
+        description="Audit trained neural networks for feature contamination: record hidden activations "
+        "into an HDF5 store, measure how much they depend on background factors, and report it.",
+        epilog="Run `probekit VERB --help` for the options of each verb. Docs: README.md, docs/.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    from ._version import __version__
+
+    parser.add_argument("--version", action="version", version=f"probekit {__version__}")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
+
+    p = sub.add_parser("layers", help="list hookable layers with their output shapes",
+                       description="List every module of MODEL with its type, per-sample output shape and "
+                       "number of calls, from one dummy forward pass. Use the names with extract --layers.")
+    _add_model_args(p)
+    p.add_argument("--filter", metavar="GLOB", help="only names matching this glob (e.g. 'layer*')")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_layers)
+
+    p = sub.add_parser("extract", help="stream hidden activations of MODEL on DATA into a store",
+                       description="Run MODEL on DATA and write the activations of the chosen layers into "
+                       "an HDF5 store (docs/FORMAT.md), in committed batches: an interrupted run continues "
+                       "with --resume. Run it again with another --name/--role (and --resume) to add a "
+                       "second model (e.g. the student) on the same samples.")
+    _add_model_args(p)
+    p.add_argument("--data", required=True, metavar="DATA",
+                   help="a built-in dataset name (see `probekit datasets`), an image folder, an .npz "
+                   "(x, optional y, factors, factor_names, group), or package.module:callable")
+    p.add_argument("-o", "--out", required=True, metavar="STORE.h5", help="the store to write")
+    p.add_argument("--split", action="append", metavar="S",
+                   help="split name to write (repeatable). For a built-in dataset: which of its splits "
+                   "(default: all of them); otherwise the name given to the data (default: data)")
+    p.add_argument("--layers", required=True, metavar="L1,L2|GLOB",
+                   help="module names from `probekit layers`, comma-separated, globs allowed ('layer*')")
+    p.add_argument("--pool", default="avg", choices=["avg", "max", "cls", "tokens_mean", "flatten", "none"],
+                   help="how to reduce each layer's output per sample (default: avg)")
+    p.add_argument("--name", default=None, help="model name in the store (default: the role, or 'model')")
+    p.add_argument("--role", default="model", choices=["teacher", "student", "model"])
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default="float32", choices=["float16", "float32"],
+                   help="storage dtype of activations")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true",
+                      help="continue an interrupted extraction, or add a model/split to an existing store")
+    mode.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser("info", help="what a store holds, rows committed per split",
+                       description="Summarise a store: splits with committed rows, models with their "
+                       "layers and shapes. Safe on a store whose writer was interrupted.")
+    p.add_argument("store", metavar="STORE.h5")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("datasets", help="list the built-in datasets",
+                       description="List the built-in datasets usable as --data NAME, with their splits.")
+    p.set_defaults(func=cmd_datasets)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+            return EXIT_USAGE
+        return int(e.code or 0)
+    if args.verb is None:
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return int(args.func(args) or 0)
+    except ProbekitError as e:
+        if args.debug:
+            raise
+        print(f"probekit: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("probekit: interrupted.", file=sys.stderr)
+        return 130
+
+
+# -- verbs --------------------------------------------------------------------------------------
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from .models import load_model
+
+    return load_model(args.model, weights=args.weights, pretrained=args.pretrained,
+                      allow_pickle=args.allow_pickle)
+
+
+def cmd_layers(args: argparse.Namespace) -> int:
+    import fnmatch
+
+    import torch
+
+    from .extractors import list_layers
+
+    loaded = _load(args)
+    shape = args.input_shape or loaded.input_size or (3, 224, 224)
+    infos = list_layers(loaded.module, torch.zeros(1, *shape))
+    if args.filter:
+        infos = [i for i in infos if fnmatch.fnmatchcase(i.name, args.filter)]
+    if args.json:
+        print(json.dumps([{"name": i.name, "module_type": i.module_type,
+                           "output_shape": list(i.output_shape) if i.output_shape is not None else None,
+                           "n_calls": i.n_calls} for i in infos], indent=1))
+        return 0
+    width = max((len(i.name) for i in infos), default=4)
+    print(f"{'name':<{width}}  {'type':<22} {'output (per sample)':<22} calls")
+    for i in infos:
+        out = "x".join(map(str, i.output_shape)) if i.output_shape is not None else "-"
+        print(f"{i.name:<{width}}  {i.module_type:<22} {out:<22} {i.n_calls}")
+    print(f"\n{len(infos)} layers of {loaded.source} for input {tuple(shape)}; pass names or globs to "
+          "`probekit extract --layers`.", file=sys.stderr)
+    return 0
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from .datasets import builtin_datasets, load_data
+    from .extract import extract
+
+    loaded = _load(args)
+    builtins = builtin_datasets()
+    if args.data in builtins:
+        splits = args.split or list(builtins[args.data].default_splits)
+    else:
+        splits = args.split or ["data"]
+        if len(splits) > 1:
+            raise DataError("--split can be repeated only with a built-in dataset; give one name for DATA.")
+    layers = [s.strip() for s in args.layers.split(",") if s.strip()]
+    name = args.name or (args.role if args.role != "model" else "model")
+    mode = "resume" if args.resume else "overwrite" if args.overwrite else "create"
+    transform = None
+    if os.path.isdir(args.data) and loaded.data_config is not None:
+        import timm.data
+
+        transform = timm.data.create_transform(**loaded.data_config)
+    for k, split in enumerate(splits):
+        data = load_data(args.data, split, transform=transform)
+        extract(loaded.module, data, layers=layers, out=args.out, split=split, pool=args.pool, name=name,
+                role=args.role, source=loaded.source, batch_size=args.batch_size, device=args.device,
+                dtype=args.dtype, mode=mode if k == 0 else "resume", num_workers=args.num_workers,
+                progress=not args.no_progress)
+    print(f"wrote {args.out} (model {name!r}, splits {splits}); see it with `probekit info {args.out}`",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .store import open_store
+
+    with open_store(args.store) as store:
+        desc = store.describe()
+    if args.json:
+        print(json.dumps(desc, indent=1))
+        return 0
+    a = desc["attrs"]
+    print(f"{desc['path']}: probekit store v{a.get('format_version')} "
+          f"(written by probekit {a.get('probekit_version')}, {a.get('created')})")
+    print("splits:")
+    for s, info in desc["splits"].items():
+        exp = info["rows_expected"]
+        state = "" if exp is None or exp == info["rows_committed"] else f" of {exp} (incomplete: --resume)"
+        fields = ", ".join(f for f in info["fields"] if f != "index")
+        names = f" [{', '.join(info['factor_names'])}]" if info["factor_names"] else ""
+        print(f"  {s}: {info['rows_committed']} rows committed{state}; {fields or 'no labels'}{names}")
+    print("models:")
+    for m, info in desc["models"].items():
+        at = info["attrs"]
+        print(f"  {m} (role {at.get('role')}, {at.get('source') or 'unknown source'}, "
+              f"{at.get('param_count')} params)")
+        for s, acts in info["acts"].items():
+            print(f"    {s}: {acts['rows_committed']} rows")
+            for layer, li in acts["layers"].items():
+                print(f"      {layer}: {'x'.join(map(str, li['shape'][1:]))} {li['dtype']} pool={li['pool']}")
+        if info["weights"]:
+            print(f"    weights: {', '.join(f'{k} {v[0]}x{v[1]}' for k, v in info['weights'].items())}")
+        if info["steps"]:
+            print(f"    steps: {len(info['steps'])} ({info['steps'][0]}..{info['steps'][-1]})")
+    return 0
+
+
+def cmd_datasets(args: argparse.Namespace) -> int:
+    from .datasets import builtin_datasets
+
+    entries = builtin_datasets()
+    if not entries:
+        print("no built-in datasets are registered")
+    for name, entry in sorted(entries.items()):
+        print(f"{name}: splits {', '.join(entry.splits)}\n    {entry.description}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
