@@ -1,1 +1,45 @@
-"""Extractors: forward hooks on any nn.Module -> pooled activations -> a store."""
+"""Extractors: forward hooks on any nn.Module -> pooled activations -> a store.
+
+- :func:`resolve_layers`, :func:`list_layers`, :class:`LayerInfo`: choose layers by name, glob,
+  ``name@K`` call selector or predicate; list every layer with its output shape.
+- :func:`pool`, :data:`POOLS`: avg, max, cls, tokens_mean, flatten, none.
+- :func:`capture`: the one hook context manager (hooks removed and train/eval restored on exit).
+- :func:`weight_rows`, :func:`weights_sha256`, :func:`param_count`: neuron weight rows and a fingerprint.
+- :func:`extract_models`, :class:`ModelSpec`: the streaming pipeline (several models, one pass, one store).
+"""
+
+from ._hooks import Capture as Capture
+from ._hooks import capture as capture
+from ._layers import LayerInfo as LayerInfo
+from ._layers import first_tensor as first_tensor
+from ._layers import list_layers as list_layers
+from ._layers import parse_selector as parse_selector
+from ._layers import resolve_layers as resolve_layers
+from ._pipeline import ModelSpec as ModelSpec
+from ._pipeline import extract_models as extract_models
+from ._pooling import POOLS as POOLS
+from ._pooling import pool as pool
+from ._pooling import pool_for as pool_for
+from ._pooling import pools_for_rank as pools_for_rank
+from ._weights import param_count as param_count
+from ._weights import weight_rows as weight_rows
+from ._weights import weights_sha256 as weights_sha256
+
+__all__ = [
+    "POOLS",
+    "Capture",
+    "LayerInfo",
+    "ModelSpec",
+    "capture",
+    "extract_models",
+    "first_tensor",
+    "list_layers",
+    "param_count",
+    "parse_selector",
+    "pool",
+    "pool_for",
+    "pools_for_rank",
+    "resolve_layers",
+    "weight_rows",
+    "weights_sha256",
+]

@@ -1,0 +1,277 @@
+"""The one hook context manager every extraction path is built on.
+
+:func:`capture` registers forward hooks on the selected modules when entered and removes them in a
+``finally`` when left (even if the forward pass raised), restoring every module's train/eval flag. Each
+hook unwraps tuple / list / dict outputs, ``detach()``es and pools *immediately on the device*, so an
+in-place operation later in the same forward pass (ResNet's ``out += identity``, ``ReLU(inplace=True)``)
+cannot change what was captured.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any, Union
+
+import torch
+from torch import nn
+
+from ..errors import DataError
+from ._layers import LayerSpec, first_tensor, parse_selector, resolve_layers
+from ._pooling import PoolSpec, pool, pool_for
+
+__all__ = ["Capture", "OutputKey", "capture"]
+
+OutputKey = Union[int, str, None, Mapping[str, Union[int, str]]]
+
+# modules whose 3-D output is channels-first (N, C, L) rather than tokens (N, T, D)
+_CHANNELS_FIRST_1D: tuple[type[nn.Module], ...] = (
+    nn.Conv1d,
+    nn.ConvTranspose1d,
+    nn.BatchNorm1d,
+    nn.InstanceNorm1d,
+    nn.MaxPool1d,
+    nn.AvgPool1d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveMaxPool1d,
+)
+
+
+class Capture:
+    """Hooks on a set of layers; use through :func:`capture`.
+
+    Attributes
+    ----------
+    layers : list of str
+        The resolved selectors, in the order results are returned.
+    modes : dict of str to str
+        The pooling mode of each selector.
+    module_types : dict of str to str
+        The class name of each selector's module.
+    raw_shapes : dict of str to tuple of int
+        Per-sample shape of each layer's output before pooling, as seen in the last forward pass.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: LayerSpec,
+        *,
+        pool: PoolSpec = "avg",
+        num_prefix_tokens: int | None = None,
+        output_key: OutputKey = None,
+        eval_mode: bool = True,
+    ) -> None:
+        self.model = model
+        self.layers = resolve_layers(model, layers)
+        self.modes = {sel: pool_for(pool, sel) for sel in self.layers}
+        self.num_prefix_tokens = (
+            int(getattr(model, "num_prefix_tokens", 1)) if num_prefix_tokens is None else int(num_prefix_tokens)
+        )
+        self.output_key = output_key
+        self.eval_mode = eval_mode
+        modules = dict(model.named_modules())
+        # module name -> {call index (None: the only call) -> selector}
+        self._wanted: dict[str, dict[int | None, str]] = {}
+        for sel in self.layers:
+            base, call = parse_selector(sel)
+            self._wanted.setdefault(base, {})[call] = sel
+        for base, calls in self._wanted.items():
+            if None in calls and len(calls) > 1:
+                picked = sorted(k for k in calls if k is not None)
+                raise DataError(
+                    f"Layer {base!r} is requested both as a whole and as call(s) {picked}. Ask for "
+                    f"'{base}@0', '{base}@1', ... only, or for {base!r} alone if it runs once."
+                )
+        self._modules = {base: modules[base] for base in self._wanted}
+        self.module_types = {sel: type(self._modules[parse_selector(sel)[0]]).__name__ for sel in self.layers}
+        self.raw_shapes: dict[str, tuple[int, ...]] = {}
+        self._results: dict[str, torch.Tensor] = {}
+        self._counts: dict[str, int] = {}
+        self._handles: list[Any] = []
+        self._saved_modes: dict[nn.Module, bool] = {}
+
+    # -- hooks -----------------------------------------------------------------------------------
+    def _key_for(self, sel: str) -> int | str | None:
+        key = self.output_key
+        if isinstance(key, Mapping):
+            return key.get(sel, key.get(parse_selector(sel)[0]))
+        return key
+
+    def _make_hook(self, base: str) -> Callable[..., None]:
+        calls = self._wanted[base]
+        module = self._modules[base]
+        channels_first = isinstance(module, _CHANNELS_FIRST_1D)
+
+        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            k = self._counts.get(base, 0)
+            self._counts[base] = k + 1
+            if None in calls:
+                if k >= 1:
+                    raise DataError(
+                        f"Layer {base!r} ({type(module).__name__}) runs more than once in one forward "
+                        f"pass. Pick one call with '{base}@0' (first), '{base}@1' (second), and so on."
+                    )
+                sel = calls[None]
+            else:
+                sel = calls.get(k)  # type: ignore[assignment]
+                if sel is None:
+                    return
+            t = first_tensor(output, self._key_for(sel))
+            if t is None:
+                key = self._key_for(sel)
+                raise DataError(
+                    f"Layer {sel!r} ({type(module).__name__}) returned {type(output).__name__}"
+                    f"{'' if key is None else f' without a tensor at key {key!r}'}, not a tensor. "
+                    "Choose another layer, or pick the output element with output_key."
+                )
+            t = t.detach()
+            self.raw_shapes[sel] = tuple(t.shape[1:])
+            self._results[sel] = pool(
+                t, self.modes[sel], self.num_prefix_tokens, layer=sel, channels_first=channels_first
+            )
+
+        return hook
+
+    def __enter__(self) -> Capture:
+        self._saved_modes = {m: m.training for m in self.model.modules()}
+        try:
+            for base, module in self._modules.items():
+                self._handles.append(module.register_forward_hook(self._make_hook(base)))
+            if self.eval_mode:
+                self.model.eval()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Remove every hook and restore each module's train/eval flag (idempotent)."""
+        try:
+            for h in self._handles:
+                h.remove()
+        finally:
+            self._handles = []
+            for m, flag in self._saved_modes.items():
+                m.training = flag
+            self._saved_modes = {}
+
+    # -- running -----------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget the outputs of an earlier forward pass; call before each pass."""
+        self._results = {}
+        self._counts = {}
+
+    def collect(self) -> dict[str, torch.Tensor]:
+        """The pooled outputs of the last forward pass, keyed by selector in requested order.
+
+        Raises
+        ------
+        DataError
+            When a selected layer did not run, or ran fewer times than its ``@K`` asks for.
+        """
+        out: dict[str, torch.Tensor] = {}
+        for sel in self.layers:
+            if sel not in self._results:
+                base, call = parse_selector(sel)
+                n = self._counts.get(base, 0)
+                if n == 0:
+                    raise DataError(
+                        f"Layer {base!r} did not run during the forward pass, so it has no output. "
+                        "Choose a layer the model's forward uses (`probekit layers MODEL` shows n_calls)."
+                    )
+                raise DataError(
+                    f"{sel!r} asks for call {call} of layer {base!r}, but it ran only {n} time(s) in one "
+                    f"forward pass. Use '{base}@0' to '{base}@{n - 1}'."
+                )
+            out[sel] = self._results[sel]
+        return out
+
+    def run(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        """Run one forward pass under ``torch.no_grad()`` and return the pooled outputs.
+
+        Parameters
+        ----------
+        *args, **kwargs
+            Passed to ``model(...)``.
+
+        Returns
+        -------
+        dict of str to torch.Tensor
+            Selector -> pooled tensor of shape ``(n_samples, *feature_shape)`` on the model's device,
+            in requested order.
+        """
+        if not self._handles:
+            raise DataError("Capture.run needs the hooks in place: use it inside `with capture(...)`.")
+        self.reset()
+        try:
+            with torch.no_grad():
+                self.model(*args, **kwargs)
+            return self.collect()
+        finally:
+            self._results = {}
+
+
+@contextmanager
+def capture(
+    model: nn.Module,
+    layers: LayerSpec,
+    *,
+    pool: PoolSpec = "avg",
+    num_prefix_tokens: int | None = None,
+    output_key: OutputKey = None,
+    eval_mode: bool = True,
+) -> Iterator[Capture]:
+    """Hook ``layers`` of ``model`` for the duration of a ``with`` block.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model.
+    layers : str, sequence of str, or callable
+        Which modules to hook; see :func:`resolve_layers` (names, globs, ``name@K``, predicates).
+    pool : str or dict of str to str, default "avg"
+        One pooling mode for every layer, or a dict layer (selector, name or glob) -> mode; see
+        :func:`pool`.
+    num_prefix_tokens : int, optional
+        Prefix tokens skipped by ``tokens_mean``; defaults to ``model.num_prefix_tokens`` when the
+        model has it (timm ViTs), else 1.
+    output_key : int, str or dict, optional
+        Which element of a tuple / dict output to keep (default: the first tensor); a dict maps a
+        layer to its key.
+    eval_mode : bool, default True
+        Put the model in eval mode inside the block (every module's flag is restored on exit).
+
+    Yields
+    ------
+    Capture
+        Call ``cap.run(x)`` for a forward pass that returns ``{selector: pooled tensor}``, or run the
+        model yourself between ``cap.reset()`` and ``cap.collect()``.
+
+    Raises
+    ------
+    LayerNotFoundError
+        When a requested layer matches no module.
+    DataError
+        From the forward pass, when a module selected without ``@K`` runs twice, or a pool does not
+        fit a layer's output.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    >>> with capture(net, ["0", "1"], pool="avg") as cap:
+    ...     feats = cap.run(torch.zeros(2, 3, 8, 8))
+    >>> {k: tuple(v.shape) for k, v in feats.items()}
+    {'0': (2, 4), '1': (2, 4)}
+    """
+    cap = Capture(
+        model, layers, pool=pool, num_prefix_tokens=num_prefix_tokens, output_key=output_key,
+        eval_mode=eval_mode,
+    )
+    with cap:
+        yield cap

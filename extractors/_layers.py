@@ -1,0 +1,272 @@
+"""Choosing layers: exact module names, globs, predicates, and call selectors (``name@K``).
+
+Layer names are exactly the names of ``model.named_modules()``. A selector may end in ``@K`` to pick the
+K-th call (0-based) of a module that runs several times in one forward pass (a shared block, a module
+applied in a loop).
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import inspect
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Union
+
+import torch
+from torch import nn
+
+from ..errors import DataError, LayerNotFoundError
+
+__all__ = ["LayerInfo", "LayerSpec", "list_layers", "parse_selector", "resolve_layers"]
+
+LayerSpec = Union[str, Sequence[str], Callable[..., bool]]
+"""What a user may pass as ``layers``: a name, a glob, ``name@K``, a list of these, or a predicate."""
+
+_GLOB_CHARS = re.compile(r"[*?\[]")
+_CALL_RE = re.compile(r"^(?P<name>.*)@(?P<call>\d+)$")
+_HINT = "Run `probekit layers MODEL` to list them."
+
+
+def parse_selector(selector: str) -> tuple[str, int | None]:
+    """Split ``"name@K"`` into ``("name", K)``; a plain name gives ``(name, None)``.
+
+    Parameters
+    ----------
+    selector : str
+        A module name or glob, optionally followed by ``@K`` with K a non-negative integer.
+
+    Returns
+    -------
+    name : str
+        The module name (or glob) without the call selector.
+    call : int or None
+        The 0-based call index, or None when no call was picked.
+    """
+    m = _CALL_RE.match(selector)
+    if m is None:
+        return selector, None
+    return m.group("name"), int(m.group("call"))
+
+
+def _is_glob(pattern: str) -> bool:
+    return _GLOB_CHARS.search(pattern) is not None
+
+
+def _not_found(model: nn.Module, item: str, names: list[str]) -> LayerNotFoundError:
+    close = difflib.get_close_matches(item, names, n=5, cutoff=0.5)
+    if not close and _is_glob(item):  # compare the glob's literal part with the names
+        close = difflib.get_close_matches(_GLOB_CHARS.sub("", item), names, n=5, cutoff=0.5)
+    close_txt = ", ".join(repr(c) for c in close) if close else "none"
+    return LayerNotFoundError(
+        f"No layer of {type(model).__name__} matches {item!r}. Closest names: {close_txt}. {_HINT}"
+    )
+
+
+def _call_predicate(pred: Callable[..., bool], name: str, module: nn.Module, n_params: int) -> bool:
+    return bool(pred(name, module) if n_params >= 2 else pred(name))
+
+
+def resolve_layers(model: nn.Module, layers: LayerSpec) -> list[str]:
+    """Turn a layer request into the list of module names (selectors) it picks.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model whose ``named_modules()`` are searched. The root module (name ``""``) is never picked.
+    layers : str, sequence of str, or callable
+        An exact module name (``"layer3.1.conv2"``), an fnmatch glob (``"layer*"``,
+        ``"blocks.*.mlp.fc2"``), either followed by ``@K`` to pick the K-th call of a module called
+        several times per forward, a list mixing these, or a predicate ``f(name)`` or
+        ``f(name, module)`` returning True for the modules to keep.
+
+    Returns
+    -------
+    list of str
+        Selectors (module names, with ``@K`` kept where given), deduplicated. Each glob or predicate
+        expands in model order; the items of a list keep their requested order.
+
+    Raises
+    ------
+    LayerNotFoundError
+        When an item (or the predicate) matches no module. The message names the closest module names
+        and points to ``probekit layers MODEL``.
+    DataError
+        When ``layers`` is empty or of an unsupported type.
+
+    Examples
+    --------
+    >>> from torch import nn
+    >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    >>> resolve_layers(net, "*")
+    ['0', '1', '2']
+    >>> resolve_layers(net, ["2", "0"])
+    ['2', '0']
+    """
+    named = [(n, m) for n, m in model.named_modules() if n != ""]
+    names = [n for n, _ in named]
+    name_set = set(names)
+    if callable(layers) and not isinstance(layers, str):
+        try:
+            n_params = len(inspect.signature(layers).parameters)
+        except (TypeError, ValueError):
+            n_params = 1
+        picked = [n for n, m in named if _call_predicate(layers, n, m, n_params)]
+        if not picked:
+            raise LayerNotFoundError(
+                f"The layer predicate {getattr(layers, '__name__', repr(layers))} matches no module of "
+                f"{type(model).__name__}. {_HINT}"
+            )
+        return picked
+    if isinstance(layers, str):
+        items: list[Any] = [layers]
+    elif isinstance(layers, Sequence):
+        items = list(layers)
+    else:
+        raise DataError(
+            "The 'layers' parameter must be a module name, a glob, a list of these, or a callable. "
+            f"Got {type(layers).__name__} instead."
+        )
+    if not items:
+        raise DataError("The 'layers' parameter is empty; name at least one layer. " + _HINT)
+    out: list[str] = []
+    seen: set[str] = set()
+    for item in items:
+        if not isinstance(item, str):
+            raise DataError(
+                f"The 'layers' list must hold strings (module names or globs). Got {item!r} instead."
+            )
+        item = item.strip()
+        base, call = parse_selector(item)
+        suffix = "" if call is None else f"@{call}"
+        if base in name_set:
+            matches = [base]
+        elif _is_glob(base):
+            matches = [n for n in names if fnmatch.fnmatchcase(n, base)]
+        else:
+            matches = []
+        if not matches:
+            raise _not_found(model, item, names)
+        for n in matches:
+            sel = n + suffix
+            if sel not in seen:
+                seen.add(sel)
+                out.append(sel)
+    return out
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One hookable module, as seen in one forward pass.
+
+    Attributes
+    ----------
+    name : str
+        The module's name in ``named_modules()``.
+    module_type : str
+        The module's class name (e.g. ``"Conv2d"``).
+    output_shape : tuple of int or None
+        Per-sample shape of the first tensor the module returned (batch axis dropped); None when the
+        module returned no tensor or was not called.
+    n_calls : int
+        How many times the module ran in the forward pass (0: not used by ``forward``; >1: pick a call
+        with ``name@K``).
+    """
+
+    name: str
+    module_type: str
+    output_shape: tuple[int, ...] | None
+    n_calls: int
+
+
+def first_tensor(output: Any, key: int | str | None = None) -> torch.Tensor | None:
+    """The tensor a hook keeps from a module's output.
+
+    Tuples and lists give their first tensor (searched depth-first), dicts their first tensor value;
+    ``key`` picks an element (an int for sequences, a str for mappings) instead.
+    """
+    if isinstance(output, torch.Tensor):
+        return output
+    if key is not None:
+        try:
+            return first_tensor(output[key])
+        except (KeyError, IndexError, TypeError):
+            return None
+    if isinstance(output, dict):
+        values: Sequence[Any] = list(output.values())
+    elif isinstance(output, (tuple, list)):
+        values = output
+    else:
+        return None
+    for v in values:
+        t = first_tensor(v)
+        if t is not None:
+            return t
+    return None
+
+
+def _example_batch(model: nn.Module, example_input: Any) -> Any:
+    if isinstance(example_input, (tuple, list)) and all(isinstance(s, int) for s in example_input):
+        example_input = torch.zeros((1, *example_input))
+    param = next(iter(model.parameters()), None)
+    if param is not None and isinstance(example_input, torch.Tensor):
+        dtype = param.dtype if example_input.is_floating_point() else example_input.dtype
+        example_input = example_input.to(device=param.device, dtype=dtype)
+    return example_input
+
+
+def list_layers(model: nn.Module, example_input: Any) -> list[LayerInfo]:
+    """List every module of ``model`` with the shape of its output, from one dummy forward pass.
+
+    The pass runs under ``torch.no_grad()`` in eval mode; every hook is removed and every module's
+    train/eval flag restored afterwards, even when the forward pass raises.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The model to inspect.
+    example_input : torch.Tensor or tuple of int
+        A batch to run (with the batch axis first), or the per-sample input shape such as
+        ``(3, 224, 224)``, for which a batch of one zero tensor is made.
+
+    Returns
+    -------
+    list of LayerInfo
+        One entry per named module (the root excluded), in ``named_modules()`` order.
+
+    Examples
+    --------
+    >>> from torch import nn
+    >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU())
+    >>> [(i.name, i.module_type, i.output_shape) for i in list_layers(net, (4,))]
+    [('0', 'Linear', (8,)), ('1', 'ReLU', (8,))]
+    """
+    named = [(n, m) for n, m in model.named_modules() if n != ""]
+    shapes: dict[str, tuple[int, ...] | None] = {}
+    calls: dict[str, int] = {n: 0 for n, _ in named}
+
+    def make_hook(name: str) -> Callable[..., None]:
+        def hook(_module: nn.Module, _inp: Any, output: Any) -> None:
+            calls[name] += 1
+            if name not in shapes:
+                t = first_tensor(output)
+                shapes[name] = tuple(t.shape[1:]) if t is not None and t.ndim > 0 else None
+
+        return hook
+
+    modes = {m: m.training for m in model.modules()}
+    handles = []
+    try:
+        for n, m in named:
+            handles.append(m.register_forward_hook(make_hook(n)))
+        model.eval()
+        with torch.no_grad():
+            model(_example_batch(model, example_input))
+    finally:
+        for h in handles:
+            h.remove()
+        for m, flag in modes.items():
+            m.training = flag
+    return [LayerInfo(n, type(m).__name__, shapes.get(n), calls[n]) for n, m in named]

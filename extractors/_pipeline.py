@@ -1,0 +1,409 @@
+"""The streaming extraction pipeline: data -> models with hooks -> pooled features -> a store.
+
+One pass over the data feeds every model the same batches, so a teacher and a student share the sample
+rows of one store. Memory stays bounded: a batch is pooled on the device, copied to the host and written
+(then dropped); nothing accumulates with the number of samples.
+
+On CUDA the host copies are non-blocking into pinned buffers taken from a small ring, and a writer
+thread commits batches to HDF5 behind a bounded queue, so the GPU never waits for the disk. The same
+thread path runs on CPU when ``writer_thread=True`` (tests exercise it; CI has no GPU).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from collections.abc import Callable, Mapping
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+from torch.utils.data._utils.collate import default_collate
+
+from ..datasets import as_samples
+from ..errors import DataError, ProbekitError
+from ..store import StoreWriter
+from ._hooks import Capture, OutputKey
+from ._layers import LayerSpec, parse_selector, resolve_layers
+from ._pooling import POOLS, PoolSpec
+from ._weights import param_count, weight_rows, weights_sha256
+
+__all__ = ["ModelSpec", "extract_models"]
+
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+@dataclass
+class ModelSpec:
+    """One model of an extraction run, with how its layers are chosen and stored.
+
+    Attributes
+    ----------
+    module : torch.nn.Module
+        The model (moved to the run's device).
+    layers : str, sequence of str, or callable
+        Layer selection, see :func:`resolve_layers`.
+    role : {"teacher", "student", "model"}
+    source : str
+        Where the model came from (e.g. ``"timm:resnet18"``), stored as an attribute.
+    pool : str or dict, optional
+        Pooling for this model's layers; None uses the run's ``pool``.
+    weights_layers : None, False, str, sequence of str, or callable
+        Layers whose neuron weight rows are stored: None, the selected Linear / Conv layers; False,
+        none; otherwise a layer selection resolved like ``layers``.
+    """
+
+    module: nn.Module
+    layers: LayerSpec
+    role: str = "model"
+    source: str = ""
+    pool: PoolSpec | None = None
+    weights_layers: Any = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# -- sinks: where host batches go ----------------------------------------------------------------------
+class _SyncSink:
+    def __init__(self, write: Callable[..., None]) -> None:
+        self._write = write
+
+    def put(self, item: tuple[Any, ...], ready: Any = None, release: Callable[[], None] | None = None) -> None:
+        try:
+            if ready is not None:
+                ready.synchronize()
+            self._write(*item)
+        finally:
+            if release is not None:
+                release()
+
+    def close(self, *, failed: bool = False) -> None:
+        return None
+
+
+class _ThreadSink:
+    """A writer thread behind a bounded queue; errors in the thread surface on the next ``put``."""
+
+    def __init__(self, write: Callable[..., None], maxsize: int) -> None:
+        self._write = write
+        self._q: queue.Queue[Any] = queue.Queue(maxsize=max(1, maxsize))
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="probekit-writer", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            job = self._q.get()
+            if job is None:
+                return
+            item, ready, release = job
+            try:
+                if self._error is None:
+                    if ready is not None:
+                        ready.synchronize()  # the non-blocking device->host copies of this batch are done
+                    self._write(*item)
+            except BaseException as e:  # kept and re-raised in the main thread
+                self._error = e
+            finally:
+                if release is not None:
+                    release()
+
+    def _check(self) -> None:
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+
+    def put(self, item: tuple[Any, ...], ready: Any = None, release: Callable[[], None] | None = None) -> None:
+        self._check()
+        while True:
+            try:
+                self._q.put((item, ready, release), timeout=0.2)
+                return
+            except queue.Full:
+                self._check()
+
+    def close(self, *, failed: bool = False) -> None:
+        """Write what is queued, stop the thread, and re-raise its error (unless already failing)."""
+        self._q.put(None)
+        self._thread.join()
+        if not failed:
+            self._check()
+
+
+class _PinnedRing:
+    """Pinned host buffers for the non-blocking copies, reused round-robin (CUDA only)."""
+
+    def __init__(self, shapes: dict[str, dict[str, tuple[int, ...]]], dtype: torch.dtype, n: int) -> None:
+        self._free: queue.Queue[dict[str, dict[str, torch.Tensor]]] = queue.Queue()
+        for _ in range(n):
+            self._free.put(
+                {m: {k: torch.empty(s, dtype=dtype, pin_memory=True) for k, s in lay.items()}
+                 for m, lay in shapes.items()}
+            )
+
+    def take(self) -> dict[str, dict[str, torch.Tensor]]:
+        return self._free.get()
+
+    def give(self, bufs: dict[str, dict[str, torch.Tensor]]) -> None:
+        self._free.put(bufs)
+
+
+# -- helpers ---------------------------------------------------------------------------------------------
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ProbekitError(
+            f"The {name!r} parameter of extract must be one of {{{', '.join(repr(c) for c in choices)}}}. "
+            f"Got {value!r} instead."
+        )
+
+
+def _input_dtype(model: nn.Module) -> torch.dtype | None:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return None
+
+
+def _weight_selection(spec: ModelSpec, selected: list[str]) -> list[str]:
+    wl = spec.weights_layers
+    if wl is False:
+        return []
+    names = [parse_selector(s)[0] for s in (selected if wl is None else resolve_layers(spec.module, wl))]
+    modules = dict(spec.module.named_modules())
+    out: list[str] = []
+    for n in names:
+        if n not in out and (wl is not None or weight_rows(modules[n]) is not None):
+            out.append(n)
+    return out
+
+
+def _samples_np(batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    for key in ("index", "label", "factors", "group"):
+        if key in batch:
+            v = batch[key]
+            out[key] = v.numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
+    return out
+
+
+def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    return default_collate(items)
+
+
+# -- the pipeline -------------------------------------------------------------------------------------------
+def extract_models(
+    models: Mapping[str, ModelSpec],
+    data: Any,
+    *,
+    out: str | os.PathLike,
+    split: str = "data",
+    pool: PoolSpec = "avg",
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    dtype: Literal["float32", "float16"] = "float32",
+    mode: Literal["create", "resume", "overwrite"] = "create",
+    num_workers: int = 0,
+    progress: bool = True,
+    writer_thread: bool | None = None,
+    queue_size: int = 4,
+    num_prefix_tokens: int | None = None,
+    output_key: OutputKey = None,
+    compression: str | None = None,
+) -> Path:
+    """Extract pooled activations of one or more models on the same batches into one store.
+
+    Parameters
+    ----------
+    models : dict of str to ModelSpec
+        Store name -> model with its layer selection, role and source. Every model sees the same
+        batches, so they share the split's sample rows.
+    data : Dataset
+        A map-style dataset following the item protocol (see :func:`probekit.datasets.as_samples`).
+        Read in order, never shuffled, so an interrupted run resumes at the right row.
+    out : str or PathLike
+        The store file.
+    split : str, default "data"
+        The split name the rows are stored under.
+    pool : str or dict, default "avg"
+        Pooling mode for every layer, or a dict layer -> mode; see :func:`pool`. A model's own
+        ``ModelSpec.pool`` wins.
+    batch_size : int, default 64
+    device : str or torch.device, default "cpu"
+        Where the models run (each model is moved there).
+    dtype : {"float32", "float16"}, default "float32"
+        Storage dtype of the activations.
+    mode : {"create", "resume", "overwrite"}, default "create"
+        ``resume`` continues at the last committed row of an interrupted run (or adds a model or split
+        to an existing store); the result equals an uninterrupted run's.
+    num_workers : int, default 0
+        DataLoader workers.
+    progress : bool, default True
+        Show a tqdm progress bar.
+    writer_thread : bool, optional
+        Write batches on a background thread behind a bounded queue. Default: on for CUDA, off on CPU.
+    queue_size : int, default 4
+        Batches the writer thread may lag behind (bounds memory).
+    num_prefix_tokens : int, optional
+        Prefix tokens for ``tokens_mean``; default ``model.num_prefix_tokens`` or 1.
+    output_key : int, str or dict, optional
+        Element of tuple / dict outputs to keep; default the first tensor.
+    compression : {None, "gzip", "lzf"}
+        Compression of activation datasets (see :class:`probekit.store.StoreWriter`).
+
+    Returns
+    -------
+    pathlib.Path
+        The store's path.
+
+    Raises
+    ------
+    LayerNotFoundError
+        Before the first batch, when a layer matches no module.
+    DataError, StoreExistsError
+        On data that does not fit the store, or an existing output without resume / overwrite.
+    """
+    _check_choice("dtype", dtype, tuple(_TORCH_DTYPES))
+    _check_choice("mode", mode, ("create", "resume", "overwrite"))
+    if isinstance(pool, str):
+        _check_choice("pool", pool, POOLS)
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ProbekitError(f"The 'batch_size' parameter of extract must be an int >= 1. Got {batch_size!r} instead.")
+    if not models:
+        raise ProbekitError("extract needs at least one model.")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ProbekitError(f"The device {str(device)!r} was asked for but CUDA is not available. Use device='cpu'.")
+    samples = as_samples(data)
+    n = len(samples)
+    store_dtype = _TORCH_DTYPES[dtype]
+    use_thread = (dev.type == "cuda") if writer_thread is None else bool(writer_thread)
+
+    # resolve everything that can fail on user input before touching the output file
+    caps: dict[str, Capture] = {}
+    for name, spec in models.items():
+        spec.module.to(dev)
+        caps[name] = Capture(
+            spec.module, spec.layers, pool=spec.pool if spec.pool is not None else pool,
+            num_prefix_tokens=num_prefix_tokens, output_key=output_key,
+        )
+    weight_sel = {name: _weight_selection(spec, caps[name].layers) for name, spec in models.items()}
+    in_dtypes = {name: _input_dtype(spec.module) for name, spec in models.items()}
+
+    writer = StoreWriter(out, mode=mode, compression=compression)
+    sink: _SyncSink | _ThreadSink | None = None
+    failed = False
+    try:
+        writer.add_split(split, n_rows=n, has_label=samples.has_label, factor_names=samples.factor_names,
+                         has_group=samples.has_group)
+        for name, spec in models.items():
+            writer.add_model(name, role=spec.role, source=spec.source,
+                             weights_sha256=weights_sha256(spec.module), param_count=param_count(spec.module))
+        committed = {name: writer.committed(split, name) for name in models}
+        if len(set(committed.values())) > 1:
+            raise DataError(
+                f"The models {sorted(committed)} have different rows committed on split {split!r} "
+                f"({committed}); resume them one at a time with probekit.extract."
+            )
+        start = next(iter(committed.values()))
+        for name, spec in models.items():
+            modules = dict(spec.module.named_modules())
+            for layer in weight_sel[name]:
+                rows = weight_rows(modules[layer])
+                if rows is None:
+                    raise DataError(
+                        f"Layer {layer!r} of model {name!r} is a {type(modules[layer]).__name__}, which has "
+                        "no neuron weight rows (only Linear and Conv1d/2d/3d do). Drop it from weights_layers."
+                    )
+                writer.write_weights(name, layer, rows, attrs={"module_type": type(modules[layer]).__name__})
+
+        with ExitStack() as stack:
+            for cap in caps.values():
+                stack.enter_context(cap)
+
+            def forward(batch: Mapping[str, Any]) -> dict[str, dict[str, torch.Tensor]]:
+                x = batch["x"]
+                feats: dict[str, dict[str, torch.Tensor]] = {}
+                for name, cap in caps.items():
+                    xd = x.to(dev, non_blocking=True)
+                    if xd.is_floating_point() and in_dtypes[name] is not None:
+                        xd = xd.to(in_dtypes[name])
+                    feats[name] = {k: v.to(store_dtype) for k, v in cap.run(xd).items()}
+                return feats
+
+            declared = False
+
+            def declare(feats: dict[str, dict[str, torch.Tensor]]) -> None:
+                for name, f in feats.items():
+                    cap = caps[name]
+                    for layer, t in f.items():
+                        got = writer.add_layer(
+                            name, split, layer, feature_shape=tuple(t.shape[1:]), dtype=dtype,
+                            attrs={"pool": cap.modes[layer], "module_type": cap.module_types[layer],
+                                   "raw_shape": list(cap.raw_shapes[layer])},
+                        )
+                        if got != start:
+                            raise DataError(
+                                f"Layer {layer!r} of model {name!r} has {got} rows committed on split "
+                                f"{split!r} but the other layers have {start}; the store is inconsistent. "
+                                "Write to a new store (mode='overwrite')."
+                            )
+
+            if start >= n:  # nothing left: still check that this run's layers fit the stored ones
+                declare(forward(_collate([samples[0]])))
+                return Path(out)
+
+            ring: _PinnedRing | None = None
+            write = writer.write_rows
+            sink = _ThreadSink(write, queue_size) if use_thread else _SyncSink(write)
+            loader = DataLoader(
+                Subset(samples, range(start, n)), batch_size=batch_size, shuffle=False,
+                num_workers=num_workers, collate_fn=_collate, pin_memory=dev.type == "cuda",
+            )
+            from tqdm.auto import tqdm
+
+            row = start
+            with tqdm(total=n, initial=start, disable=not progress, unit="sample", desc=f"extract {split}",
+                      leave=False) as bar:
+                for batch in loader:
+                    feats = forward(batch)
+                    b = len(batch["index"])
+                    if not declared:
+                        declare(feats)
+                        declared = True
+                        if dev.type == "cuda":
+                            shapes = {m: {k: (batch_size, *v.shape[1:]) for k, v in f.items()}
+                                      for m, f in feats.items()}
+                            ring = _PinnedRing(shapes, store_dtype, queue_size + 2 if use_thread else 1)
+                    smp = _samples_np(batch)
+                    if ring is not None:
+                        bufs = ring.take()
+                        acts: dict[str, dict[str, Any]] = {}
+                        for m, f in feats.items():
+                            acts[m] = {}
+                            for k, v in f.items():
+                                dst = bufs[m][k][:b]
+                                dst.copy_(v, non_blocking=True)
+                                acts[m][k] = dst.numpy()
+                        ready = torch.cuda.Event()
+                        ready.record()
+                        sink.put((split, row, smp, acts), ready, lambda bufs=bufs: ring.give(bufs))
+                    else:
+                        acts = {m: {k: v.cpu().numpy() for k, v in f.items()} for m, f in feats.items()}
+                        sink.put((split, row, smp, acts))
+                    row += b
+                    bar.update(b)
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        try:
+            if sink is not None:
+                sink.close(failed=failed)
+        finally:
+            writer.close()
+    return Path(out)

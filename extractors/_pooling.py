@@ -1,0 +1,154 @@
+"""Pooling a layer's output to one feature vector (or array) per sample, on the tensor's device.
+
+Layouts: 4-D and 5-D tensors are channels-first maps ``(N, C, H, W[, D])``; 3-D tensors are token
+sequences ``(N, T, D)`` (transformers) unless the caller says they are channels-first ``(N, C, L)``
+(Conv1d outputs); 2-D tensors ``(N, D)`` are already vectors.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping
+from typing import Literal, Union
+
+import torch
+
+from ..errors import DataError
+from ._layers import parse_selector
+
+__all__ = ["POOLS", "PoolMode", "PoolSpec", "pool", "pool_for", "pools_for_rank"]
+
+PoolMode = Literal["avg", "max", "cls", "tokens_mean", "flatten", "none"]
+PoolSpec = Union[str, Mapping[str, str]]
+POOLS: tuple[str, ...] = ("avg", "max", "cls", "tokens_mean", "flatten", "none")
+"""Every pooling mode, in the order the CLI lists them."""
+
+
+def pools_for_rank(ndim: int, channels_first: bool = False) -> list[str]:
+    """The pooling modes that apply to a tensor of ``ndim`` dimensions (batch axis included)."""
+    if ndim <= 1:
+        return ["none"]
+    if ndim == 2:
+        return ["avg", "max", "flatten", "none"]
+    if ndim == 3 and not channels_first:
+        return ["avg", "max", "cls", "tokens_mean", "flatten", "none"]
+    return ["avg", "max", "flatten", "none"]
+
+
+def _shape_txt(t: torch.Tensor) -> str:
+    return "(N, " + ", ".join(str(s) for s in t.shape[1:]) + ")"
+
+
+def pool(
+    t: torch.Tensor,
+    mode: str,
+    num_prefix_tokens: int = 1,
+    *,
+    layer: str = "",
+    channels_first: bool = False,
+) -> torch.Tensor:
+    """Pool a batch of layer outputs to per-sample features.
+
+    Parameters
+    ----------
+    t : torch.Tensor of shape (n_samples, ...)
+        One layer's output for a batch.
+    mode : {"avg", "max", "cls", "tokens_mean", "flatten", "none"}
+        ``avg`` / ``max``: mean / maximum over the spatial axes of a channels-first map (H, W for
+        NCHW), over the tokens T of a ``(N, T, D)`` sequence, or over L of a channels-first
+        ``(N, C, L)`` output; 2-D input is returned as is. ``cls``: the first token ``t[:, 0]`` of a
+        ``(N, T, D)`` sequence. ``tokens_mean``: the mean over the tokens after the
+        ``num_prefix_tokens`` prefix (class / register) tokens. ``flatten``: ``(N, -1)``. ``none``:
+        the raw output.
+    num_prefix_tokens : int, default 1
+        Prefix tokens skipped by ``tokens_mean`` (timm models carry it as ``model.num_prefix_tokens``).
+    layer : str, default ""
+        The layer's name, for error messages.
+    channels_first : bool, default False
+        Treat a 3-D tensor as ``(N, C, L)`` (Conv1d-style) rather than tokens ``(N, T, D)``.
+
+    Returns
+    -------
+    torch.Tensor of shape (n_samples, *feature_shape)
+        A new tensor (never a view of ``t``), so later in-place operations on ``t`` cannot change it.
+        Reductions of half-precision input are accumulated and returned in float32.
+
+    Raises
+    ------
+    DataError
+        When ``mode`` is unknown or does not fit the tensor's rank; the message names the layer and
+        the modes that fit.
+
+    Examples
+    --------
+    >>> import torch
+    >>> pool(torch.ones(2, 3, 4, 4), "avg").shape
+    torch.Size([2, 3])
+    >>> pool(torch.arange(12.).reshape(1, 3, 4), "tokens_mean")
+    tensor([[6., 7., 8., 9.]])
+    """
+    if mode not in POOLS:
+        raise DataError(
+            f"The 'pool' parameter must be one of {{{', '.join(repr(p) for p in POOLS)}}}. "
+            f"Got {mode!r} instead."
+        )
+    fits = pools_for_rank(t.ndim, channels_first)
+    if mode not in fits:
+        where = f"layer {layer!r}" if layer else "a layer"
+        need = {
+            "cls": "a 3-D token tensor (N, T, D)",
+            "tokens_mean": "a 3-D token tensor (N, T, D)",
+        }.get(mode, "a tensor with a batch axis")
+        raise DataError(
+            f"Pool {mode!r} does not fit {where}, whose output has shape {_shape_txt(t)} "
+            f"(rank {t.ndim}): {mode!r} needs {need}. Pools that fit: {', '.join(fits)}. "
+            f"Pass another pool for this layer, e.g. pool={{{layer!r}: {fits[0]!r}}}."
+        )
+    acc = torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else None
+    if mode in ("avg", "max"):
+        if t.ndim == 2:
+            return t.clone()
+        if t.ndim == 3 and not channels_first:
+            dims: tuple[int, ...] = (1,)
+        else:
+            dims = tuple(range(2, t.ndim))
+        if mode == "avg":
+            return t.mean(dim=dims, dtype=acc) if acc is not None else t.mean(dim=dims)
+        return t.amax(dim=dims).to(acc) if acc is not None else t.amax(dim=dims)
+    if mode == "cls":
+        return t[:, 0].clone()
+    if mode == "tokens_mean":
+        k = int(num_prefix_tokens)
+        if not 0 <= k < t.shape[1]:
+            raise DataError(
+                f"tokens_mean on {('layer ' + repr(layer)) if layer else 'a layer'} skips {k} prefix "
+                f"tokens but the output has only {t.shape[1]} tokens; set num_prefix_tokens to fit."
+            )
+        rest = t[:, k:]
+        return rest.mean(dim=1, dtype=acc) if acc is not None else rest.mean(dim=1)
+    if mode == "flatten":
+        return t.reshape(t.shape[0], -1).clone()
+    return t.clone()  # none
+
+
+def pool_for(pool_spec: PoolSpec, layer: str) -> str:
+    """The pooling mode ``pool_spec`` gives to ``layer`` (a mode, or a dict layer -> mode).
+
+    A dict may be keyed by the exact selector (``"blocks.0@1"``), the module name, or a glob
+    (``"blocks.*"``, ``"*"`` as a default), tried in that order; a layer it does not cover is an error,
+    so nothing is pooled by accident.
+    """
+    if isinstance(pool_spec, str):
+        return pool_spec
+    if layer in pool_spec:
+        return pool_spec[layer]
+    base, _ = parse_selector(layer)
+    if base in pool_spec:
+        return pool_spec[base]
+    for key, mode in pool_spec.items():  # globs ("layer*", "*") last, in the dict's order
+        if fnmatch.fnmatchcase(base, key):
+            return mode
+    raise DataError(
+        f"The 'pool' dict names no mode for layer {layer!r} (it has {sorted(pool_spec)}). Add the layer "
+        "to the dict, or pass one mode for every layer."
+    )
