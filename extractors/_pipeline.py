@@ -182,6 +182,27 @@ def _weight_selection(spec: ModelSpec, selected: list[str]) -> list[str]:
     return out
 
 
+def _check_stored_pools(out: str | os.PathLike, split: str, caps: Mapping[str, Capture]) -> None:
+    """Refuse to resume a layer with another pooling than the one it was stored with."""
+    from ..store import open_store
+
+    with open_store(out) as store:
+        for name, cap in caps.items():
+            if name not in store.models or split not in store.acts_splits(name):
+                continue
+            stored = set(store.layers(name, split))
+            for layer in cap.layers:
+                if layer not in stored:
+                    continue
+                was = store.acts(name, split, layer).attrs.get("pool")
+                if was is not None and was != cap.modes[layer]:
+                    raise DataError(
+                        f"Layer {layer!r} of model {name!r} on split {split!r} in {str(out)!r} was stored "
+                        f"with pool {was!r}, but this run asks for {cap.modes[layer]!r}. Resume with the "
+                        "same pool, or write to another store."
+                    )
+
+
 def _samples_np(batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     for key in ("index", "label", "factors", "group"):
@@ -294,6 +315,8 @@ def extract_models(
     weight_sel = {name: _weight_selection(spec, caps[name].layers) for name, spec in models.items()}
     in_dtypes = {name: _input_dtype(spec.module) for name, spec in models.items()}
 
+    if mode == "resume" and Path(out).exists():
+        _check_stored_pools(out, split, caps)
     writer = StoreWriter(out, mode=mode, compression=compression)
     sink: _SyncSink | _ThreadSink | None = None
     failed = False
