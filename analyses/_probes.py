@@ -1,0 +1,757 @@
+"""Linear probes: multinomial logistic regression and ridge, with sklearn and torch backends."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Any
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
+
+from probekit.errors import DataError
+
+from ._common import (
+    DEFAULT_MAX_MEMORY,
+    FitFirstError,
+    ResultMixin,
+    Source,
+    as_source,
+    check_number,
+    check_option,
+    check_rows,
+    percentile_ci,
+)
+
+__all__ = ["LinearProbe", "ProbeIdOodResult", "RidgeProbe", "probe_id_ood"]
+
+_DEFAULT_CS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
+_DEFAULT_ALPHAS = (1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)
+_AUTO_TORCH_WORK = 2e7  # n_samples * n_features * n_classes above which backend="auto" picks torch
+
+
+def _check_fitted(est: Any, attr: str = "coef_") -> None:
+    if not hasattr(est, attr):
+        raise FitFirstError(
+            f"This {type(est).__name__} instance is not fitted yet. Call 'fit' with appropriate "
+            "arguments before using this estimator."
+        )
+
+
+def _check_y_given(est: Any, y: Any) -> None:
+    if y is None:
+        raise DataError(
+            f"{type(est).__name__} requires y to be passed, but the target y is None. Pass the "
+            "labels (classification) or targets (regression) of the rows of X."
+        )
+
+
+def _source_for(est: Any, X: Any, dtype: Any, *, reset: bool, min_rows: int = 1) -> Source:
+    if not _is_arraylike(X):
+        raise DataError(
+            f"{type(est).__name__} expects X as an array of shape (n_samples, n_features) or a store "
+            f"Activations dataset; got {type(X).__name__}."
+        )
+    src = as_source(X, "X", chunk_rows=getattr(est, "chunk_rows", None), dtype=dtype, min_rows=min_rows)
+    if reset:
+        est.n_features_in_ = src.n_features
+    elif src.n_features != est.n_features_in_:
+        raise DataError(
+            f"X has {src.n_features} features, but {type(est).__name__} is expecting "
+            f"{est.n_features_in_} features as input. Pass the same layer the probe was fitted on."
+        )
+    return src
+
+
+def _is_arraylike(X: Any) -> bool:
+    if hasattr(X, "iter_chunks") or isinstance(X, np.ndarray) or isinstance(X, (list, tuple)):
+        return True
+    if hasattr(X, "__array__"):
+        return True
+    if type(X).__module__.startswith("scipy.sparse") or hasattr(X, "tocsr"):
+        return False
+    return False
+
+
+def _reject_sparse(est: Any, X: Any) -> None:
+    if hasattr(X, "tocsr") or type(X).__module__.startswith("scipy.sparse"):
+        raise DataError(
+            f"{type(est).__name__} does not accept sparse input; pass a dense array (X.toarray())."
+        )
+
+
+def scaler_stats(src: Source, standardize: bool = True) -> tuple[np.ndarray, np.ndarray, int]:
+    """Streamed column mean and population std (1 where a column is constant)."""
+    d = src.n_features
+    shift = None
+    s1 = np.zeros(d)
+    s2 = np.zeros(d)
+    n = 0
+    for _, a in src.chunks():
+        a = a.astype(np.float64, copy=False)
+        if shift is None:
+            shift = a.mean(axis=0)
+        a = a - shift
+        s1 += a.sum(axis=0)
+        s2 += np.einsum("ij,ij->j", a, a)
+        n += a.shape[0]
+    m = s1 / n
+    var = np.maximum(s2 / n - m * m, 0.0)
+    mean = m + (shift if shift is not None else 0.0)
+    if not standardize:
+        return np.zeros(d), np.ones(d), n
+    return mean, safe_scale(var, mean, s2 / n), n
+
+
+def safe_scale(var: np.ndarray, mean: np.ndarray, second_moment: np.ndarray) -> np.ndarray:
+    """sqrt(var), with 1 for columns whose variance is rounding noise (constant columns)."""
+    scale = np.sqrt(np.maximum(var, 0.0))
+    tiny = var <= 1e-10 * (mean * mean + np.abs(second_moment)) + 1e-300
+    scale[tiny] = 1.0
+    return scale
+
+
+# =================================================================================================
+# Logistic probe
+# =================================================================================================
+class LinearProbe(ClassifierMixin, BaseEstimator):
+    r"""Multinomial logistic-regression probe with a scikit-learn or torch (L-BFGS) backend.
+
+    The probe standardises the features with the training rows' mean and standard deviation, then
+    minimises scikit-learn's L2-regularised objective (identical for both backends)
+
+    .. math:: \min_{W, b}\; C \sum_{i=1}^n \ell\big(y_i, W z_i + b\big) + \tfrac12 \lVert W \rVert_F^2,
+              \qquad z_i = (x_i - \mu) / \sigma,
+
+    with :math:`\ell` the softmax cross-entropy (for two classes: one logistic output, as
+    scikit-learn does). The intercept is not penalised. ``coef_``/``intercept_`` are mapped back to
+    the raw feature space, so ``decision_function(X) = X @ coef_.T + intercept_``.
+
+    Parameters
+    ----------
+    C : float or "cv", default=1.0
+        Inverse regularisation strength (scikit-learn's semantics). ``"cv"`` picks it from ``Cs``
+        by stratified ``cv``-fold cross-validated accuracy on the training rows only.
+    Cs : sequence of float, optional
+        Grid for ``C="cv"``; default ``(1e-3, 1e-2, 0.1, 1, 10, 100)``.
+    cv : int, default=5
+        Folds for ``C="cv"``.
+    backend : {"auto", "sklearn", "torch"}, default="auto"
+        ``"auto"`` uses torch when the input is streamed, a non-CPU device is asked for, or
+        ``n_samples * n_features * n_classes`` exceeds 2e7; scikit-learn otherwise.
+    device : str, default="cpu"
+        Torch device (``"cpu"``, ``"cuda"``, ``"cuda:1"``).
+    solver : {"lbfgs", "minibatch"}, default="lbfgs"
+        Torch backend only. ``"lbfgs"``: full-batch L-BFGS (strong-Wolfe line search). When the
+        input does not fit ``max_memory`` each objective evaluation streams the chunks and sums
+        their gradients, so it still minimises the exact objective. ``"minibatch"``: Adam on
+        minibatches of ``batch_size`` rows for ``max_iter`` epochs (approximate; for inputs much
+        larger than memory).
+    max_iter : int, default=1000
+        L-BFGS iterations (both backends), or epochs for ``solver="minibatch"``.
+    tol : float, default=1e-4
+        Stop when the largest absolute gradient entry of the mean-scaled objective falls below it
+        (scikit-learn's ``gtol``); for minibatch, the relative epoch-loss change.
+    standardize : bool, default=True
+        Fit a standard scaler on the training rows.
+    batch_size : int, default=4096
+        Minibatch size for ``solver="minibatch"``.
+    learning_rate : float, default=0.01
+        Adam step size for ``solver="minibatch"``.
+    max_memory : int or None, default=1 GiB
+        Inputs larger than this many bytes (as float32/float64) are streamed, never loaded whole.
+    chunk_rows : int, optional
+        Rows per streamed chunk.
+    random_state : int, optional
+        Seeds the CV split and the minibatch order.
+
+    Attributes
+    ----------
+    classes_ : ndarray of shape (n_classes,)
+    coef_ : ndarray of shape (1 or n_classes, n_features)
+        Weights in the raw feature space.
+    intercept_ : ndarray of shape (1 or n_classes,)
+    scaler_mean_, scaler_scale_ : ndarray of shape (n_features,)
+    C_ : float
+        The regularisation actually used.
+    cv_results_ : dict or None
+        ``{"C": [...], "mean_accuracy": [...]}`` when ``C="cv"``.
+    backend_ : str
+    n_iter_ : int
+    n_features_in_ : int
+
+    Examples
+    --------
+    >>> from sklearn.datasets import load_digits
+    >>> X, y = load_digits(return_X_y=True)
+    >>> probe = LinearProbe(C=1.0, backend="torch").fit(X[:1200], y[:1200])
+    >>> round(probe.score(X[1200:], y[1200:]), 2) > 0.9
+    True
+    """
+
+    def __init__(self, *, C: float | str = 1.0, Cs: Any = None, cv: int = 5, backend: str = "auto",
+                 device: str = "cpu", solver: str = "lbfgs", max_iter: int = 1000, tol: float = 1e-4,
+                 standardize: bool = True, batch_size: int = 4096, learning_rate: float = 0.01,
+                 max_memory: int | None = DEFAULT_MAX_MEMORY, chunk_rows: int | None = None,
+                 random_state: int | None = None) -> None:
+        self.C = C
+        self.Cs = Cs
+        self.cv = cv
+        self.backend = backend
+        self.device = device
+        self.solver = solver
+        self.max_iter = max_iter
+        self.tol = tol
+        self.standardize = standardize
+        self.batch_size = batch_size
+        self.learning_rate = learning_rate
+        self.max_memory = max_memory
+        self.chunk_rows = chunk_rows
+        self.random_state = random_state
+
+    # -- validation --------------------------------------------------------------------------
+    def _validate_params(self) -> None:
+        own = type(self).__name__
+        check_number(own, "C", self.C, low=0, low_open=True, allow=("cv",))
+        check_number(own, "cv", self.cv, low=2, integer=True)
+        check_option(own, "backend", self.backend, ("auto", "sklearn", "torch"))
+        check_option(own, "solver", self.solver, ("lbfgs", "minibatch"))
+        check_number(own, "max_iter", self.max_iter, low=1, integer=True)
+        check_number(own, "tol", self.tol, low=0)
+        check_number(own, "batch_size", self.batch_size, low=1, integer=True)
+        check_number(own, "learning_rate", self.learning_rate, low=0, low_open=True)
+        check_number(own, "max_memory", self.max_memory, low=1, integer=True, allow=(None,))
+        if not isinstance(self.device, str):
+            raise DataError(f"The 'device' parameter of {own} must be a str such as 'cpu' or 'cuda'. Got {self.device!r}.")
+        if self.Cs is not None:
+            for c in np.atleast_1d(self.Cs):
+                check_number(own, "Cs", float(c), low=0, low_open=True)
+
+    def _labels(self, y: Any, n: int) -> np.ndarray:
+        from sklearn.utils.multiclass import type_of_target
+
+        _check_y_given(self, y)
+        y = np.asarray(y)
+        if y.ndim == 2 and y.shape[1] == 1:
+            from sklearn.exceptions import DataConversionWarning
+
+            warnings.warn(
+                "A column-vector y was passed when a 1d array was expected; it is raveled. Pass "
+                "y.ravel() to silence this.", DataConversionWarning, stacklevel=3,
+            )
+            y = y[:, 0]
+        if y.ndim != 1:
+            raise DataError(f"y must be 1-D (one label per row); got shape {y.shape}.")
+        check_rows(n, y, "y")
+        kind = type_of_target(y)
+        if kind not in ("binary", "multiclass"):
+            raise DataError(
+                f"Unknown label type: {kind!r}. LinearProbe needs class labels (ints or strings); use "
+                "RidgeProbe for continuous targets."
+            )
+        return y
+
+    # -- fit ---------------------------------------------------------------------------------
+    def fit(self, X: Any, y: Any = None) -> LinearProbe:
+        """Fit the probe on training rows ``X`` (array or Activations) and labels ``y``."""
+        self._validate_params()
+        _reject_sparse(self, X)
+        src0 = _source_for(self, X, np.float64, reset=True)
+        y = self._labels(y, src0.n_rows)
+        classes, y_idx = np.unique(y, return_inverse=True)
+        if classes.size < 2:
+            raise DataError(
+                f"y has only 1 class ({classes[0]!r}) in {src0.n_rows} rows; a probe needs at least 2. "
+                "Check the split or the label field."
+            )
+        self.classes_ = classes
+        K = classes.size
+        work = src0.n_rows * src0.n_features * K
+        use_torch = self.backend == "torch" or (
+            self.backend == "auto"
+            and (self.device != "cpu" or not src0.fits(self.max_memory) or work > _AUTO_TORCH_WORK)
+        )
+        self.backend_ = "torch" if use_torch else "sklearn"
+        src = as_source(X, "X", chunk_rows=self.chunk_rows, dtype=np.float32 if use_torch else np.float64)
+        in_memory = src.fits(self.max_memory)
+        self.cv_results_ = None
+        if self.C == "cv":
+            Xa = src.load_within(self.max_memory, "C='cv'")
+            self.C_ = self._select_C(Xa, y_idx, K)
+            src = as_source(Xa, "X", chunk_rows=self.chunk_rows, dtype=src.dtype)
+        else:
+            self.C_ = float(self.C)
+        W, b, self.scaler_mean_, self.scaler_scale_, self.n_iter_ = self._fit_core(
+            src, y_idx, K, self.C_, use_torch, in_memory
+        )
+        # map back to raw features
+        coef = W / self.scaler_scale_[None, :]
+        self.coef_ = coef
+        self.intercept_ = b - coef @ self.scaler_mean_
+        return self
+
+    def _fit_core(self, src: Source, y_idx: np.ndarray, K: int, C: float, use_torch: bool,
+                  in_memory: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+        if in_memory:
+            Xa = src.load()
+            if self.standardize:
+                mean = Xa.mean(axis=0, dtype=np.float64)
+                scale = safe_scale(Xa.var(axis=0, dtype=np.float64), mean, mean * mean)
+            else:
+                mean, scale = np.zeros(src.n_features), np.ones(src.n_features)
+            Z = ((Xa - mean) / scale).astype(src.dtype, copy=False)
+            if use_torch:
+                W, b, it = self._fit_torch_memory(Z, y_idx, K, C)
+            else:
+                W, b, it = self._fit_sklearn(Z, y_idx, C)
+        else:
+            mean, scale, _ = scaler_stats(src, self.standardize)
+            W, b, it = self._fit_torch_stream(src, y_idx, K, C, mean, scale)
+        return W, b, mean, scale, it
+
+    def _fit_sklearn(self, Z: np.ndarray, y_idx: np.ndarray, C: float) -> tuple[np.ndarray, np.ndarray, int]:
+        from sklearn.exceptions import ConvergenceWarning
+        from sklearn.linear_model import LogisticRegression
+
+        lr = LogisticRegression(C=C, max_iter=self.max_iter, tol=self.tol)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            lr.fit(Z, y_idx)
+        return lr.coef_.astype(np.float64), lr.intercept_.astype(np.float64), int(np.max(lr.n_iter_))
+
+    # torch --------------------------------------------------------------------------------------
+    def _torch_params(self, d: int, K: int) -> tuple[Any, Any, Any, Any]:
+        import torch
+
+        dev = torch.device(self.device)
+        out = 1 if K == 2 else K
+        W = torch.zeros(d, out, dtype=torch.float32, device=dev, requires_grad=True)
+        b = torch.zeros(out, dtype=torch.float32, device=dev, requires_grad=True)
+        return torch, dev, W, b
+
+    @staticmethod
+    def _loss_sum(torch: Any, Z: Any, yt: Any, W: Any, b: Any, K: int) -> Any:
+        logits = Z @ W + b
+        if K == 2:
+            return torch.nn.functional.binary_cross_entropy_with_logits(
+                logits[:, 0], yt.to(logits.dtype), reduction="sum"
+            )
+        return torch.nn.functional.cross_entropy(logits, yt, reduction="sum")
+
+    def _lbfgs(self, torch: Any, W: Any, b: Any, closure: Any) -> int:
+        opt = torch.optim.LBFGS(
+            [W, b], lr=1.0, max_iter=self.max_iter, max_eval=int(self.max_iter * 1.25) + 1,
+            tolerance_grad=self.tol, tolerance_change=1e-12, history_size=10,
+            line_search_fn="strong_wolfe",
+        )
+        opt.step(closure)
+        state = opt.state[opt._params[0]]
+        return int(state.get("n_iter", 0))
+
+    def _fit_torch_memory(self, Z: np.ndarray, y_idx: np.ndarray, K: int, C: float) -> tuple[np.ndarray, np.ndarray, int]:
+        torch, dev, W, b = self._torch_params(Z.shape[1], K)
+        n = Z.shape[0]
+        Zt = torch.from_numpy(np.ascontiguousarray(Z, dtype=np.float32)).to(dev)
+        yt = torch.from_numpy(y_idx.astype(np.int64)).to(dev)
+        lam = 1.0 / (C * n)
+        if self.solver == "minibatch":
+            it = self._adam(torch, W, b, lam, n, K,
+                            lambda rng: _batches_memory(Zt, yt, self.batch_size, rng, torch))
+        else:
+            def closure() -> Any:
+                if W.grad is not None:
+                    W.grad = None
+                    b.grad = None
+                loss = self._loss_sum(torch, Zt, yt, W, b, K) / n + 0.5 * lam * (W * W).sum()
+                loss.backward()
+                return loss
+
+            it = self._lbfgs(torch, W, b, closure)
+        return self._to_numpy(W, b, K), b.detach().cpu().double().numpy().copy(), it
+
+    def _to_numpy(self, W: Any, b: Any, K: int) -> np.ndarray:
+        return W.detach().cpu().double().numpy().T.copy()
+
+    def _fit_torch_stream(self, src: Source, y_idx: np.ndarray, K: int, C: float, mean: np.ndarray,
+                          scale: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+        torch, dev, W, b = self._torch_params(src.n_features, K)
+        n = src.n_rows
+        lam = 1.0 / (C * n)
+        mt = torch.from_numpy(mean.astype(np.float32)).to(dev)
+        st = torch.from_numpy(scale.astype(np.float32)).to(dev)
+        yall = torch.from_numpy(y_idx.astype(np.int64))
+
+        def chunks(rng: np.random.Generator | None = None) -> Any:
+            for start, a in src.chunks():
+                Zc = (torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(dev) - mt) / st
+                yc = yall[start:start + a.shape[0]].to(dev)
+                if rng is None:
+                    yield Zc, yc
+                else:
+                    yield from _batches_memory(Zc, yc, self.batch_size, rng, torch)
+
+        if self.solver == "minibatch":
+            it = self._adam(torch, W, b, lam, n, K, chunks)
+        else:
+            def closure() -> Any:
+                W.grad = None
+                b.grad = None
+                total = 0.0
+                for Zc, yc in chunks():
+                    loss = self._loss_sum(torch, Zc, yc, W, b, K) / n
+                    loss.backward()
+                    total += float(loss.detach())
+                pen = 0.5 * lam * (W * W).sum()
+                pen.backward()
+                return torch.tensor(total + float(pen.detach()))
+
+            it = self._lbfgs(torch, W, b, closure)
+        return self._to_numpy(W, b, K), b.detach().cpu().double().numpy().copy(), it
+
+    def _adam(self, torch: Any, W: Any, b: Any, lam: float, n: int, K: int, batches: Any) -> int:
+        opt = torch.optim.Adam([W, b], lr=self.learning_rate)
+        rng = np.random.default_rng(self.random_state)
+        prev = np.inf
+        epoch = 0
+        for epoch in range(1, self.max_iter + 1):  # noqa: B007
+            total = 0.0
+            for Zb, yb in batches(rng):
+                opt.zero_grad()
+                m = Zb.shape[0]
+                loss = self._loss_sum(torch, Zb, yb, W, b, K) / m + 0.5 * lam * (W * W).sum()
+                loss.backward()
+                opt.step()
+                total += float(loss.detach()) * m / n
+            if abs(prev - total) <= self.tol * max(1.0, abs(total)):
+                break
+            prev = total
+        return epoch
+
+    def _select_C(self, Xa: np.ndarray, y_idx: np.ndarray, K: int) -> float:
+        from sklearn.model_selection import StratifiedKFold
+
+        counts = np.bincount(y_idx)
+        if counts.min() < self.cv:
+            raise DataError(
+                f"C='cv' with cv={self.cv} folds needs at least {self.cv} rows of every class; the "
+                f"smallest class has {counts.min()}. Lower cv, pass a fixed C, or add rows."
+            )
+        Cs = [float(c) for c in (self.Cs if self.Cs is not None else _DEFAULT_CS)]
+        skf = StratifiedKFold(n_splits=self.cv, shuffle=True, random_state=self.random_state)
+        scores = np.zeros(len(Cs))
+        for tr, te in skf.split(Xa, y_idx):
+            sub = as_source(Xa[tr], "X", dtype=Xa.dtype)
+            for j, C in enumerate(Cs):
+                W, b, mean, scale, _ = self._fit_core(sub, y_idx[tr], K, C, self.backend_ == "torch", True)
+                dec = ((Xa[te] - mean) / scale) @ W.T + b
+                pred = (dec[:, 0] > 0).astype(int) if K == 2 else dec.argmax(axis=1)
+                scores[j] += np.mean(pred == y_idx[te]) / self.cv
+        self.cv_results_ = {"C": Cs, "mean_accuracy": scores.tolist()}
+        return Cs[int(np.argmax(scores))]
+
+    # -- predict -----------------------------------------------------------------------------
+    def decision_function(self, X: Any) -> np.ndarray:
+        """Class scores ``X @ coef_.T + intercept_`` (shape (n,) for two classes)."""
+        _check_fitted(self)
+        _reject_sparse(self, X)
+        src = _source_for(self, X, np.float64, reset=False)
+        out = np.empty((src.n_rows, self.coef_.shape[0]))
+        for start, a in src.chunks():
+            out[start:start + a.shape[0]] = a @ self.coef_.T + self.intercept_
+        return out[:, 0] if out.shape[1] == 1 else out
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        dec = self.decision_function(X)
+        if dec.ndim == 1:
+            p = 1.0 / (1.0 + np.exp(-dec))
+            return np.column_stack([1.0 - p, p])
+        dec = dec - dec.max(axis=1, keepdims=True)
+        e = np.exp(dec)
+        return e / e.sum(axis=1, keepdims=True)
+
+    def predict_log_proba(self, X: Any) -> np.ndarray:
+        return np.log(np.clip(self.predict_proba(X), 1e-300, None))
+
+    def predict(self, X: Any) -> np.ndarray:
+        dec = self.decision_function(X)
+        idx = (dec > 0).astype(int) if dec.ndim == 1 else dec.argmax(axis=1)
+        return self.classes_[idx]
+
+    def __sklearn_tags__(self) -> Any:
+        tags = super().__sklearn_tags__()
+        tags.input_tags.sparse = False
+        return tags
+
+
+def _batches_memory(Z: Any, y: Any, batch_size: int, rng: np.random.Generator, torch: Any) -> Any:
+    perm = torch.from_numpy(rng.permutation(Z.shape[0])).to(Z.device)
+    for i in range(0, Z.shape[0], batch_size):
+        idx = perm[i:i + batch_size]
+        yield Z[idx], y[idx]
+
+
+# =================================================================================================
+# Ridge probe
+# =================================================================================================
+def ridge_stats(src: Source, Y: np.ndarray, fold: np.ndarray | None = None, n_folds: int = 1) -> dict[str, np.ndarray]:
+    """One streamed pass: per fold, row count and (shifted) sums, Gram matrix and cross-products.
+
+    ``Y`` (n, t) is in memory. Shifting X by its first chunk's mean keeps the sums well conditioned;
+    the shift cancels in every centred quantity.
+    """
+    d, t = src.n_features, Y.shape[1]
+    st = {
+        "n": np.zeros(n_folds), "sx": np.zeros((n_folds, d)), "sxx": np.zeros((n_folds, d, d)),
+        "sy": np.zeros((n_folds, t)), "sxy": np.zeros((n_folds, d, t)),
+    }
+    shift = None
+    for start, a in src.chunks():
+        if shift is None:
+            shift = a.mean(axis=0)
+        a = a - shift
+        Yc = Y[start:start + a.shape[0]]
+        fc = np.zeros(a.shape[0], dtype=int) if fold is None else fold[start:start + a.shape[0]]
+        for k in np.unique(fc):
+            m = fc == k
+            ak, yk = (a, Yc) if m.all() else (a[m], Yc[m])
+            st["n"][k] += ak.shape[0]
+            st["sx"][k] += ak.sum(axis=0)
+            st["sxx"][k] += ak.T @ ak
+            st["sy"][k] += yk.sum(axis=0)
+            st["sxy"][k] += ak.T @ yk
+    st["shift"] = shift if shift is not None else np.zeros(d)
+    return st
+
+
+def ridge_solve(st: dict[str, np.ndarray], keep: np.ndarray, alpha: float,
+                standardize: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Ridge weights (raw feature space) from the stats of the folds in ``keep``.
+
+    Minimises ``||y - z w - c||^2 + alpha ||w||^2`` with ``z`` standardised by the same rows,
+    like ``make_pipeline(StandardScaler(), Ridge(alpha))``. Returns ``coef (d, t)`` and
+    ``intercept (t,)``.
+    """
+    n = st["n"][keep].sum()
+    sx = st["sx"][keep].sum(axis=0)
+    sxx = st["sxx"][keep].sum(axis=0)
+    sy = st["sy"][keep].sum(axis=0)
+    sxy = st["sxy"][keep].sum(axis=0)
+    mx, my = sx / n, sy / n
+    Sxx = sxx - n * np.outer(mx, mx)
+    Sxy = sxy - n * np.outer(mx, my)
+    if standardize:
+        s = safe_scale(np.diag(Sxx) / n, mx + st["shift"], np.diag(sxx) / n)
+    else:
+        s = np.ones_like(mx)
+    A = Sxx / np.outer(s, s)
+    A[np.diag_indices_from(A)] += alpha
+    Ws = np.linalg.solve(A, Sxy / s[:, None])
+    coef = Ws / s[:, None]
+    intercept = my - (mx + st["shift"]) @ coef
+    return coef, intercept
+
+
+class RidgeProbe(RegressorMixin, BaseEstimator):
+    r"""Ridge-regression probe for continuous targets, fitted in one streamed pass.
+
+    With :math:`z_i = (x_i - \mu)/\sigma` standardised on the training rows, it minimises
+
+    .. math:: \sum_i \lVert y_i - W z_i - c \rVert^2 + \alpha \lVert W \rVert_F^2
+
+    (scikit-learn's ``make_pipeline(StandardScaler(), Ridge(alpha))``), solved from the
+    accumulated Gram matrix :math:`Z^\top Z` and :math:`Z^\top Y`, so the input may be a store
+    dataset larger than memory (memory is O(n_features^2)). ``score`` is the R² (uniform average
+    over targets).
+
+    Parameters
+    ----------
+    alpha : float or "cv", default=1.0
+        L2 strength; ``"cv"`` picks it from ``alphas`` by ``cv``-fold R² on the training rows
+        (from the same single pass: per-fold Gram matrices).
+    alphas : sequence of float, optional
+        Grid for ``alpha="cv"``; default ``(0.01, 0.1, 1, 10, 100, 1000)``.
+    cv : int, default=5
+    standardize : bool, default=True
+    chunk_rows : int, optional
+    random_state : int, optional
+        Seeds the fold assignment for ``alpha="cv"``.
+
+    Attributes
+    ----------
+    coef_ : ndarray of shape (n_features,) or (n_targets, n_features)
+        Raw-space weights.
+    intercept_ : float or ndarray of shape (n_targets,)
+    alpha_ : float
+    cv_results_ : dict or None
+    n_features_in_ : int
+    """
+
+    def __init__(self, *, alpha: float | str = 1.0, alphas: Any = None, cv: int = 5, standardize: bool = True,
+                 chunk_rows: int | None = None, random_state: int | None = None) -> None:
+        self.alpha = alpha
+        self.alphas = alphas
+        self.cv = cv
+        self.standardize = standardize
+        self.chunk_rows = chunk_rows
+        self.random_state = random_state
+
+    def fit(self, X: Any, y: Any = None) -> RidgeProbe:
+        own = type(self).__name__
+        check_number(own, "alpha", self.alpha, low=0, allow=("cv",))
+        check_number(own, "cv", self.cv, low=2, integer=True)
+        _reject_sparse(self, X)
+        _check_y_given(self, y)
+        src = _source_for(self, X, np.float64, reset=True)
+        y = np.asarray(y)
+        if y.dtype == object or not np.issubdtype(y.dtype, np.number):
+            try:
+                y = y.astype(np.float64)
+            except (TypeError, ValueError) as e:
+                raise DataError(f"y must be numeric for {own}; got dtype {y.dtype}.") from e
+        y = y.astype(np.float64)
+        if y.ndim not in (1, 2):
+            raise DataError(f"y must be 1-D or 2-D; got shape {y.shape}.")
+        check_rows(src.n_rows, y, "y")
+        if not np.isfinite(y).all():
+            raise DataError("y contains NaN or inf; remove or impute those rows first.")
+        Y = y[:, None] if y.ndim == 1 else y
+        self.cv_results_ = None
+        if self.alpha == "cv":
+            if src.n_rows < 2 * self.cv:
+                raise DataError(
+                    f"alpha='cv' with cv={self.cv} needs at least {2 * self.cv} rows; got {src.n_rows}. "
+                    "Lower cv or pass a fixed alpha."
+                )
+            rng = np.random.default_rng(self.random_state)
+            fold = rng.permutation(np.arange(src.n_rows) % self.cv)
+            st = ridge_stats(src, Y, fold, self.cv)
+            alphas = [float(a) for a in (self.alphas if self.alphas is not None else _DEFAULT_ALPHAS)]
+            sse = np.zeros(len(alphas))
+            sst = 0.0
+            for k in range(self.cv):
+                keep = np.arange(self.cv) != k
+                for j, a in enumerate(alphas):
+                    coef, icpt = ridge_solve(st, keep, a, self.standardize)
+                    sse[j] += _fold_sse(st, k, coef, icpt, Y, fold)
+                yk = Y[fold == k]
+                sst += float(((yk - Y[fold != k].mean(axis=0)) ** 2).sum())
+            self.alpha_ = alphas[int(np.argmin(sse))]
+            self.cv_results_ = {"alpha": alphas, "r2": (1.0 - sse / sst).tolist()}
+            full = {k2: (v.sum(axis=0, keepdims=True) if k2 != "shift" else v) for k2, v in st.items()}
+            coef, icpt = ridge_solve(full, np.array([True]), self.alpha_, self.standardize)
+        else:
+            self.alpha_ = float(self.alpha)
+            st = ridge_stats(src, Y)
+            coef, icpt = ridge_solve(st, np.array([True]), self.alpha_, self.standardize)
+        self.coef_ = coef[:, 0] if y.ndim == 1 else coef.T
+        self.intercept_ = float(icpt[0]) if y.ndim == 1 else icpt
+        return self
+
+    def predict(self, X: Any) -> np.ndarray:
+        _check_fitted(self)
+        _reject_sparse(self, X)
+        src = _source_for(self, X, np.float64, reset=False)
+        coef = np.atleast_2d(self.coef_)
+        out = np.empty((src.n_rows, coef.shape[0]))
+        for start, a in src.chunks():
+            out[start:start + a.shape[0]] = a @ coef.T + self.intercept_
+        return out[:, 0] if np.ndim(self.coef_) == 1 else out
+
+    def __sklearn_tags__(self) -> Any:
+        tags = super().__sklearn_tags__()
+        tags.input_tags.sparse = False
+        tags.target_tags.multi_output = True
+        return tags
+
+
+def _fold_sse(st: dict[str, np.ndarray], k: int, coef: np.ndarray, icpt: np.ndarray, Y: np.ndarray,
+              fold: np.ndarray) -> float:
+    """Held-out SSE of fold k from its sums: sum (y - a w - c')^2 with a = x - shift."""
+    n = st["n"][k]
+    c2 = icpt + st["shift"] @ coef  # intercept in shifted coordinates
+    yk = Y[fold == k]
+    # sum ||y||^2 - 2 sum y.(a w + c2) + sum ||a w + c2||^2
+    syy = float((yk * yk).sum())
+    sxy = st["sxy"][k]
+    sx = st["sx"][k]
+    sy = st["sy"][k]
+    cross = float(np.sum(sxy * coef)) + float(sy @ c2)
+    quad = float(np.sum(coef * (st["sxx"][k] @ coef))) + 2 * float(sx @ coef @ c2) + n * float(c2 @ c2)
+    return syy - 2 * cross + quad
+
+
+# =================================================================================================
+# ID / OOD protocol
+# =================================================================================================
+@dataclasses.dataclass(repr=False)
+class ProbeIdOodResult(ResultMixin):
+    """Probe accuracy in and out of distribution, with bootstrap 95% intervals.
+
+    ``gap = id_accuracy - ood_accuracy``. Intervals resample the test rows of each split; the gap's
+    interval takes, for each bootstrap replicate, one resample of ID rows and one of OOD rows
+    (the same replicate index), and differences the two accuracies.
+    """
+
+    id_accuracy: float
+    id_ci: tuple[float, float]
+    ood_accuracy: float
+    ood_ci: tuple[float, float]
+    gap: float
+    gap_ci: tuple[float, float]
+    train_accuracy: float
+    C: float
+    n_train: int
+    n_id: int
+    n_ood: int
+    n_boot: int
+    ci_level: float
+
+
+def probe_id_ood(X_train: Any, y_train: Any, X_id: Any, y_id: Any, X_ood: Any, y_ood: Any, *,
+                 probe: LinearProbe | None = None, n_boot: int = 1000, ci_level: float = 0.95,
+                 random_state: int | None = 0) -> ProbeIdOodResult:
+    r"""Fit a probe on ``train``; score it on ``test_id`` and ``test_ood`` with bootstrap intervals.
+
+    ``gap = acc_ID - acc_OOD``. Each interval is the percentile interval of ``n_boot`` bootstrap
+    resamples of the test rows; replicate ``b`` of the gap uses replicate ``b`` of each split.
+
+    Parameters
+    ----------
+    X_train, y_train, X_id, y_id, X_ood, y_ood : arrays or Activations, labels
+    probe : LinearProbe, optional
+        An unfitted probe to use (cloned); default ``LinearProbe(C="cv")``.
+    n_boot : int, default=1000
+    ci_level : float, default=0.95
+    random_state : int, optional
+    """
+    from sklearn.base import clone
+
+    check_number("probe_id_ood", "n_boot", n_boot, low=1, integer=True)
+    check_number("probe_id_ood", "ci_level", ci_level, low=0, high=1, low_open=True)
+    est = clone(probe) if probe is not None else LinearProbe(C="cv", random_state=random_state)
+    est.fit(X_train, y_train)
+    y_train = np.asarray(y_train)
+    correct = {}
+    for name, X, y in (("X_id", X_id, y_id), ("X_ood", X_ood, y_ood)):
+        y = np.asarray(y)
+        src = as_source(X, name)
+        check_rows(src.n_rows, y, "y_" + name[2:], name)
+        unknown = np.setdiff1d(np.unique(y), est.classes_)
+        if unknown.size:
+            raise DataError(
+                f"y_{name[2:]} has labels {unknown.tolist()[:5]} that never occur in y_train; the probe "
+                "cannot predict them. Use the same label set in every split."
+            )
+        correct[name] = (est.predict(X) == y).astype(np.float64)
+    rng = np.random.default_rng(random_state)
+    cid, cood = correct["X_id"], correct["X_ood"]
+    bid = np.array([cid[rng.integers(0, cid.size, cid.size)].mean() for _ in range(n_boot)])
+    bood = np.array([cood[rng.integers(0, cood.size, cood.size)].mean() for _ in range(n_boot)])
+    train_acc = float(np.mean(est.predict(X_train) == y_train))
+    return ProbeIdOodResult(
+        id_accuracy=float(cid.mean()), id_ci=percentile_ci(bid, ci_level),
+        ood_accuracy=float(cood.mean()), ood_ci=percentile_ci(bood, ci_level),
+        gap=float(cid.mean() - cood.mean()), gap_ci=percentile_ci(bid - bood, ci_level),
+        train_accuracy=train_acc, C=float(est.C_), n_train=int(y_train.size), n_id=int(cid.size),
+        n_ood=int(cood.size), n_boot=int(n_boot), ci_level=float(ci_level),
+    )
