@@ -1,0 +1,323 @@
+"""The HTML report: an audit result (the JSON of docs/REPORT_SCHEMA.md) -> one self-contained file.
+
+Compute happens in :mod:`probekit.audit`; this module only lays the numbers out. Jinja2 renders with
+autoescaping on, so every user-supplied string (model, layer, factor, split names, paths) is escaped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+from . import _plots as P
+
+__all__ = ["render_html", "write_report"]
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def _est(e: Mapping[str, Any] | None, digits: int = 3) -> tuple[str, str]:
+    if not e or e.get("value") is None:
+        return "–", ""
+    ci = e.get("ci")
+    ci_text = f"[{_fmt(ci[0], digits)}, {_fmt(ci[1], digits)}]" if ci else ""
+    return _fmt(float(e["value"]), digits), ci_text
+
+
+def _cell(e: Mapping[str, Any] | None, digits: int = 3) -> str:
+    v, ci = _est(e, digits)
+    return f"{v} {ci}".strip()
+
+
+def _env() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.PackageLoader("probekit.report", "templates"),
+        autoescape=True,  # every string from the audit is escaped, whatever the template does
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+
+
+def _section(sid: str, title: str, intro: str = "") -> dict[str, Any]:
+    return {"id": sid, "title": title, "intro": intro, "figures": [], "tables": [], "lines": []}
+
+
+def render_html(audit: Mapping[str, Any]) -> str:
+    """Render an audit dict into the report's HTML text."""
+    models: Mapping[str, Any] = audit.get("models", {})
+    roles = {m: info.get("role", "model") for m, info in models.items()}
+    colors = P.model_colors(roles)
+    sections = [_section("summary", "Summary")]
+    sections += [s for s in (
+        _probes(models, colors),
+        _decodability(models, colors),
+        _sensitivity(models, colors, audit),
+        _correlation(models, colors),
+        _directions(models, colors),
+        _pairs(audit.get("pairs", []), colors),
+        _attribution(audit.get("attribution", {}), colors),
+        _skipped(audit.get("skipped", [])),
+    ) if s is not None]
+    head = audit.get("headline", {})
+    rows = []
+    for r in head.get("rows", []):
+        v, ci = _est(r.get("estimate"))
+        ratio = r.get("ratio")
+        rows.append({
+            "model": r["model"], "layer": r["layer"], "value": v, "ci": ci,
+            "reference": f"{_fmt(r.get('reference_value'))} ({r.get('reference', '')})"
+            if r.get("reference_value") is not None else "–",
+            "ratio": f"{ratio:.2f}×" if ratio is not None else "–",
+            "cls": "hi" if r.get("flag") else "",
+        })
+    flags = [r.get("flag") for r in head.get("rows", [])]
+    summary_class = "bad" if any(flags) else ("clean" if rows else "")
+    return _env().get_template("report.html.j2").render(
+        title=Path(str(audit.get("store", "store"))).name,
+        store=audit.get("store", ""),
+        n_models=len(models),
+        splits=list(audit.get("splits", {})),
+        version=audit.get("probekit_version", ""),
+        created=audit.get("created", ""),
+        sections=sections,
+        verdict=audit.get("verdict", []) or ["No headline figure could be computed; see the skipped analyses."],
+        headline_rows=rows,
+        headline_name=head.get("name", "contamination"),
+        headline_definition=head.get("definition", ""),
+        has_reference=any(r.get("reference_value") is not None for r in head.get("rows", [])),
+        summary_class=summary_class,
+    )
+
+
+def _probes(models: Mapping[str, Any], colors: Mapping[str, str]) -> dict[str, Any] | None:
+    series: dict[str, list] = {}
+    table = {"title": "", "header": ["model", "layer", "ID accuracy", "OOD accuracy", "gap (ID − OOD)"],
+             "rows": [], "left": 2}
+    for m, info in models.items():
+        for layer, res in info.get("layers", {}).items():
+            p = res.get("probe")
+            if not p:
+                continue
+            series.setdefault(f"{m} · ID", []).append((layer, p.get("id")))
+            if p.get("ood"):
+                series.setdefault(f"{m} · OOD", []).append((layer, p.get("ood")))
+            table["rows"].append([m, layer, _cell(p.get("id")), _cell(p.get("ood")), _cell(p.get("gap"))])
+    if not series:
+        return None
+    s = _section("probes", "Linear probes: ID vs OOD",
+                 "A linear probe fit on the training split, scored on the in-distribution and the shifted "
+                 "test split, with bootstrap 95% intervals. A large gap for the same foregrounds means the "
+                 "representation moved with the background.")
+    s["figures"].append({"src": P.layer_lines(series, title="probe accuracy by layer", ylabel="accuracy",
+                                              colors=colors, styles={"ID": "-", "OOD": "--"}),
+                         "alt": "probe accuracy ID and OOD by layer", "caption": "Solid: ID; dashed: OOD."})
+    s["tables"].append(table)
+    return s
+
+
+def _decodability(models: Mapping[str, Any], colors: Mapping[str, str]) -> dict[str, Any] | None:
+    series: dict[str, list] = {}
+    tables = []
+    for m, info in models.items():
+        for layer, res in info.get("layers", {}).items():
+            for split, d in (res.get("decodability") or {}).items():
+                series.setdefault(f"{m} · {split}", []).append((layer, d.get("mean_excess")))
+                t = {"title": f"{m} · {layer} · within {split}",
+                     "header": ["factor", "score", "shuffled control", "excess over control"],
+                     "rows": [[f, _fmt(v.get("score")), _fmt(v.get("control")), _cell(v.get("excess"))]
+                              for f, v in d.get("factors", {}).items()], "left": 1}
+                tables.append(t)
+    if not series:
+        return None
+    s = _section("decodability", "Background decodability",
+                 "How well a linear probe predicts each background factor from the layer (cross-validated R² "
+                 "or balanced accuracy), minus the same probe on shuffled targets. Within a split whose "
+                 "backgrounds vary widely it is informative; on in-distribution data it often is not "
+                 "(see docs/METRICS.md).")
+    styles = {k.partition(" · ")[2]: ls for k, ls in zip(series, ["-", "--", ":", "-."] * 4, strict=False)}
+    s["figures"].append({"src": P.layer_lines(series, title="mean excess decodability by layer",
+                                              ylabel="score − control", colors=colors, styles=styles,
+                                              hline=0.0, hline_label="shuffled control"),
+                         "alt": "background decodability by layer", "caption": "0 = the shuffled control."})
+    s["tables"] += tables[:24]
+    return s
+
+
+def _sensitivity(models: Mapping[str, Any], colors: Mapping[str, str], audit: Mapping[str, Any]) -> dict | None:
+    sens: dict[str, list] = {}
+    nms: dict[str, list] = {}
+    table = {"title": "", "header": ["model", "layer", "bg sensitivity", "at init", "NMS", "NMS at init"],
+             "rows": [], "left": 2}
+    for m, info in models.items():
+        for layer, res in info.get("layers", {}).items():
+            se, nm = res.get("sensitivity"), res.get("nms")
+            if se:
+                sens.setdefault(f"{m} · trained", []).append((layer, se.get("value")))
+                if se.get("init"):
+                    sens.setdefault(f"{m} · init", []).append((layer, se.get("init")))
+            if nm:
+                nms.setdefault(f"{m} · trained", []).append((layer, nm.get("value")))
+                if nm.get("init"):
+                    nms.setdefault(f"{m} · init", []).append((layer, nm.get("init")))
+            if se or nm:
+                table["rows"].append([m, layer, _cell((se or {}).get("value")), _cell((se or {}).get("init")),
+                                      _cell((nm or {}).get("value")), _cell((nm or {}).get("init"))])
+    if not sens and not nms:
+        return None
+    s = _section("sensitivity", "Background sensitivity under shift",
+                 "Background sensitivity: the share of a layer's variance that comes from the background "
+                 "with the foreground held fixed, on a split whose backgrounds reach beyond training. NMS: the "
+                 "squared shift of the mean activation between two background families on the same "
+                 "foregrounds, over the sum of unit variances. Both beside the same architecture at "
+                 "initialisation where known: the change from init separates learned sensitivity from "
+                 "features never removed.")
+    styles = {"trained": "-", "init": ":"}
+    if sens:
+        split = next((r.get("sensitivity", {}).get("split") for info in models.values()
+                      for r in info.get("layers", {}).values() if r.get("sensitivity")), "")
+        s["figures"].append({"src": P.layer_lines(sens, title=f"background sensitivity on {split}",
+                                                  ylabel="share of variance", colors=colors, styles=styles),
+                             "alt": "background sensitivity by layer", "caption": "Dotted: at initialisation."})
+    if nms:
+        s["figures"].append({"src": P.layer_lines(nms, title="normalised mean shift (ID → OOD)", ylabel="NMS",
+                                                  colors=colors, styles=styles),
+                             "alt": "normalised mean shift by layer", "caption": "Dotted: at initialisation."})
+    s["tables"].append(table)
+    return s
+
+
+def _correlation(models: Mapping[str, Any], colors: Mapping[str, str]) -> dict[str, Any] | None:
+    panels = []
+    table = {"title": "", "header": ["model", "layer", "split", "mean |r|", "noise floor", "units above null",
+                                     "var. share bg", "var. share label"], "rows": [], "left": 3}
+    for m, info in models.items():
+        for layer, res in info.get("layers", {}).items():
+            c = res.get("correlation")
+            if not c:
+                continue
+            if c.get("hist"):
+                panels.append((f"{m} · {layer}", {**c["hist"], "floor": c.get("threshold")}, colors.get(m, "#333")))
+            table["rows"].append([m, layer, c.get("split", ""), _fmt(c.get("mean_abs_r")),
+                                  _fmt(c.get("noise_floor")), _fmt(c.get("share_significant")),
+                                  _fmt(c.get("variance_share_background")), _fmt(c.get("variance_share_label"))])
+    if not table["rows"]:
+        return None
+    s = _section("correlation", "Unit–background correlation",
+                 "Per unit, the largest |Pearson r| with any background factor; the dashed line is the "
+                 "permutation-null threshold. 'Units above null' counts units significant after correction.")
+    if panels:
+        s["figures"].append({"src": P.histograms(panels[:16], xlabel="max |r| over factors",
+                                                 vline_key="floor", vline_label="null threshold"),
+                             "alt": "histograms of unit correlations", "caption": ""})
+    s["tables"].append(table)
+    return s
+
+
+def _directions(models: Mapping[str, Any], colors: Mapping[str, str]) -> dict[str, Any] | None:
+    figs, rows = [], []
+    for m, info in models.items():
+        for layer, d in (info.get("directions") or {}).items():
+            if d.get("shares"):
+                figs.append({"src": P.cluster_shares(f"{m} · {layer}", d["shares"], d.get("spreads"),
+                                                     d.get("n_directions"), colors.get(m, "#333")),
+                             "alt": f"direction clusters of {m} {layer}", "caption": ""})
+            proj = d.get("projections") or {}
+            rows.append([m, layer, _fmt(d.get("n_units")), _fmt(d.get("n_directions")),
+                         _fmt(max(d.get("shares") or [0.0])), _fmt(proj.get("core")), _fmt(proj.get("background"))])
+    if not rows:
+        return None
+    s = _section("directions", "Neuron weight directions",
+                 "Unit-normalised weight rows clustered on the sphere: how many distinct directions carry 90% "
+                 "of the squared weight norm. Projections on core / background bases appear when the bases are "
+                 "known (synthetic models, or estimated from image patches).")
+    s["figures"] += figs[:12]
+    s["tables"].append({"title": "", "header": ["model", "layer", "units", "directions (90% mass)",
+                                                "largest share", "core proj.", "background proj."],
+                        "rows": rows, "left": 2})
+    return s
+
+
+def _pairs(pairs: list[Mapping[str, Any]], colors: Mapping[str, str]) -> dict[str, Any] | None:
+    if not pairs:
+        return None
+    groups = [f"{p['student']}.{p['student_layer']} ~ {p['teacher']}.{p['teacher_layer']}" for p in pairs]
+    splits = sorted({k for p in pairs for k in (p.get("cka") or {})})
+    s = _section("teacher-student", "Teacher vs student",
+                 "Linear CKA between the student's and the teacher's features on the same samples, and the "
+                 "relative MSE Σ‖s−t‖²/Σ‖t−t̄‖² (after a linear map fit on the training split when the widths "
+                 "differ). A student that fits in distribution and departs out of distribution shows high ID "
+                 "CKA and a large OOD relative MSE.")
+    split_colors = dict(zip(splits, ["#1f77b4", "#d62728", "#9467bd", "#2ca02c"], strict=False))
+    s["figures"].append({"src": P.grouped_bars(groups, {sp: [(p.get("cka") or {}).get(sp) for p in pairs]
+                                                        for sp in splits},
+                                               title="linear CKA", ylabel="CKA", colors=split_colors),
+                         "alt": "CKA per layer pair", "caption": ""})
+    s["figures"].append({"src": P.grouped_bars(groups, {sp: [(p.get("rel_mse") or {}).get(sp) for p in pairs]
+                                                        for sp in splits},
+                                               title="relative MSE of student to teacher", ylabel="rel. MSE",
+                                               colors=split_colors),
+                         "alt": "relative MSE per layer pair", "caption": ""})
+    s["tables"].append({"title": "", "header": ["pair", *[f"CKA {sp}" for sp in splits],
+                                                *[f"rel. MSE {sp}" for sp in splits]],
+                        "rows": [[g, *[_cell((p.get("cka") or {}).get(sp)) for sp in splits],
+                                  *[_cell((p.get("rel_mse") or {}).get(sp)) for sp in splits]]
+                                 for g, p in zip(groups, pairs, strict=True)], "left": 1})
+    for p in pairs:
+        diff = p.get("differences") or {}
+        if diff:
+            s["tables"].append({"title": f"student − teacher: {p['student']}.{p['student_layer']} vs "
+                                         f"{p['teacher']}.{p['teacher_layer']}",
+                                "header": ["metric", "student − teacher"],
+                                "rows": [[k, _fmt(v)] for k, v in diff.items()], "left": 1})
+    return s
+
+
+def _attribution(attr: Mapping[str, Any], colors: Mapping[str, str]) -> dict[str, Any] | None:
+    if not attr:
+        return None
+    s = _section("attribution", "Attribution on background pixels",
+                 "Integrated gradients of the class logit; the share of |attribution| that falls outside the "
+                 "foreground mask (cyan outline).")
+    rows = []
+    for m, a in attr.items():
+        rows.append([m, a.get("split", ""), _cell(a.get("share")), _fmt(a.get("n_samples"))])
+        if a.get("examples"):
+            s["figures"].append({"src": P.attribution_grid(a["examples"], f"{m}"), "alt": f"attribution of {m}",
+                                 "caption": f"{m}: inputs (top) and |attribution| (bottom)."})
+    s["tables"].append({"title": "", "header": ["model", "split", "background share", "samples"],
+                        "rows": rows, "left": 2})
+    return s
+
+
+def _skipped(skipped: list[Mapping[str, Any]]) -> dict[str, Any] | None:
+    if not skipped:
+        return None
+    s = _section("skipped", "Analyses not run", "What the store's contents did not allow, and why.")
+    s["tables"].append({"title": "", "header": ["analysis", "model", "layer", "reason"],
+                        "rows": [[k.get("analysis", ""), k.get("model") or "", k.get("layer") or "",
+                                  k.get("reason", "")] for k in skipped], "left": 4})
+    return s
+
+
+def write_report(audit: Mapping[str, Any] | str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Write the HTML report of an audit (a dict, or the path of its JSON) to ``out``."""
+    if not isinstance(audit, Mapping):
+        audit = json.loads(Path(audit).read_text())
+    out = Path(out)
+    html = render_html(audit)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(html, encoding="utf-8")
+    tmp.replace(out)  # never leave a half-written report behind
+    return out

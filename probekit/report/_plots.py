@@ -1,0 +1,185 @@
+"""Figures of the report: matplotlib (Agg) to PNG data URIs, so the HTML stays one self-contained file.
+
+Every label that may come from a user (model, layer, factor names) goes through :func:`safe_text`,
+since matplotlib would otherwise parse ``$...$`` as mathtext.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+COLORS = {"teacher": "#1f77b4", "student": "#d62728", "model": "#2ca02c"}
+_EXTRA = ["#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf", "#ff7f0e"]
+
+
+def safe_text(s: Any, limit: int = 48) -> str:
+    text = str(s).replace("$", r"\$")  # outside $...$ a backslash is literal; only $ starts mathtext
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def model_colors(models: Mapping[str, str]) -> dict[str, str]:
+    """A colour per model: by role where unique, then from a fixed cycle."""
+    out, used, extra = {}, set(), iter(_EXTRA * 4)
+    for name, role in models.items():
+        c = COLORS.get(role)
+        out[name] = c if c and c not in used else next(extra)
+        used.add(out[name])
+    return out
+
+
+def to_data_uri(fig: Any) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _err(est: Mapping[str, Any] | None) -> tuple[float, float, float]:
+    if not est or est.get("value") is None:
+        return np.nan, 0.0, 0.0
+    v = float(est["value"])
+    ci = est.get("ci") or [v, v]
+    lo = 0.0 if ci[0] is None else max(0.0, v - float(ci[0]))
+    hi = 0.0 if ci[1] is None else max(0.0, float(ci[1]) - v)
+    return v, lo, hi
+
+
+def layer_lines(
+    series: Mapping[str, Sequence[tuple[str, Mapping[str, Any] | None]]],
+    *,
+    title: str,
+    ylabel: str,
+    colors: Mapping[str, str],
+    styles: Mapping[str, str] | None = None,
+    hline: float | None = None,
+    hline_label: str = "",
+) -> str:
+    """One line per series over layers (x axis = layer position), with CI error bars.
+
+    ``series`` maps a legend label to ``[(layer, {"value", "ci"}), ...]``; the part of the label before
+    " · " picks the colour, the part after it the line style.
+    """
+    fig, ax = plt.subplots(figsize=(6.4, 3.4))
+    all_layers: list[str] = []
+    for pts in series.values():
+        for layer, _ in pts:
+            if layer not in all_layers:
+                all_layers.append(layer)
+    pos = {name: i for i, name in enumerate(all_layers)}
+    for label, pts in series.items():
+        model, _, kind = label.partition(" · ")
+        xs = [pos[layer] for layer, _ in pts]
+        vals = np.array([_err(e) for _, e in pts]).reshape(-1, 3)
+        ax.errorbar(xs, vals[:, 0], yerr=[vals[:, 1], vals[:, 2]], marker="o", capsize=3,
+                    color=colors.get(model, "#333"), linestyle=(styles or {}).get(kind, "-"),
+                    label=safe_text(label, 40))
+    if hline is not None:
+        ax.axhline(hline, color="#888", linestyle=":", linewidth=1, label=hline_label or None)
+    ax.set_xticks(range(len(all_layers)), [safe_text(n, 18) for n in all_layers],
+                  rotation=30 if len(all_layers) > 3 else 0, ha="right" if len(all_layers) > 3 else "center")
+    ax.set_title(safe_text(title, 80))
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, frameon=False)
+    return to_data_uri(fig)
+
+
+def histograms(
+    panels: Sequence[tuple[str, Mapping[str, Any], str]],
+    *,
+    xlabel: str,
+    vline_key: str | None = None,
+    vline_label: str = "",
+) -> str:
+    """Small multiples of pre-binned histograms: ``(title, {"edges", "counts", vline_key}, color)``."""
+    n = len(panels)
+    cols = min(4, n)
+    rows = int(np.ceil(n / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 2.3 * rows), squeeze=False)
+    for ax in axes.ravel()[n:]:
+        ax.axis("off")
+    for ax, (title, h, color) in zip(axes.ravel(), panels, strict=False):
+        edges = np.asarray(h["edges"], dtype=float)
+        counts = np.asarray(h["counts"], dtype=float)
+        ax.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color=color, alpha=0.8)
+        if vline_key and h.get(vline_key) is not None:
+            ax.axvline(float(h[vline_key]), color="k", linestyle="--", linewidth=1, label=vline_label)
+            ax.legend(fontsize=7, frameon=False)
+        ax.set_title(safe_text(title, 40), fontsize=9)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    return to_data_uri(fig)
+
+
+def grouped_bars(
+    groups: Sequence[str],
+    bars: Mapping[str, Sequence[Mapping[str, Any] | None]],
+    *,
+    title: str,
+    ylabel: str,
+    colors: Mapping[str, str],
+) -> str:
+    """Bars per group (e.g. layer pairs) and per series (e.g. ID / OOD), with CI whiskers."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.2))
+    k = len(bars)
+    width = 0.8 / max(1, k)
+    for j, (label, ests) in enumerate(bars.items()):
+        vals = np.array([_err(e) for e in ests]).reshape(-1, 3)
+        x = np.arange(len(groups)) + (j - (k - 1) / 2) * width
+        ax.bar(x, vals[:, 0], width, yerr=[vals[:, 1], vals[:, 2]], capsize=3, label=safe_text(label),
+               color=colors.get(label, _EXTRA[j % len(_EXTRA)]))
+    ax.set_xticks(range(len(groups)), [safe_text(g, 22) for g in groups], rotation=20, ha="right")
+    ax.set_title(safe_text(title, 80))
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8, frameon=False)
+    return to_data_uri(fig)
+
+
+def cluster_shares(title: str, shares: Sequence[float], spreads: Sequence[float] | None,
+                   n_directions: int | None, color: str) -> str:
+    """Mass share of each direction cluster, largest first, with the 90%-mass count marked."""
+    shares = np.asarray(shares, dtype=float)
+    order = np.argsort(-shares)[:30]
+    fig, ax = plt.subplots(figsize=(3.4, 2.4))
+    ax.bar(range(len(order)), shares[order], color=color)
+    if n_directions:
+        ax.axvline(n_directions - 0.5, color="k", linestyle="--", linewidth=1,
+                   label=f"{n_directions} carry 90% of mass")
+        ax.legend(fontsize=7, frameon=False)
+    ax.set_title(safe_text(title, 40), fontsize=9)
+    ax.set_xlabel("cluster (by mass)", fontsize=8)
+    ax.set_ylabel("share of ‖w‖²", fontsize=8)
+    ax.tick_params(labelsize=7)
+    return to_data_uri(fig)
+
+
+def attribution_grid(examples: Sequence[Mapping[str, Any]], title: str) -> str:
+    """Input, |attribution| and mask outline for a few images (HxWx3 input, HxW attribution/mask)."""
+    n = len(examples)
+    fig, axes = plt.subplots(2, n, figsize=(1.7 * n, 3.6), squeeze=False)
+    for j, ex in enumerate(examples):
+        img = np.asarray(ex["input"], dtype=float)
+        img = (img - img.min()) / (np.ptp(img) + 1e-12)
+        attr = np.abs(np.asarray(ex["attr"], dtype=float))
+        axes[0, j].imshow(img if img.ndim == 3 else img, cmap=None if img.ndim == 3 else "gray")
+        axes[1, j].imshow(attr, cmap="inferno")
+        if ex.get("mask") is not None:
+            axes[1, j].contour(np.asarray(ex["mask"], dtype=float), levels=[0.5], colors="cyan", linewidths=0.8)
+        share = ex.get("background_share")
+        axes[1, j].set_title(f"bg {share:.2f}" if share is not None else "", fontsize=8)
+        for ax in axes[:, j]:
+            ax.axis("off")
+    fig.suptitle(safe_text(title, 80), fontsize=10)
+    fig.tight_layout()
+    return to_data_uri(fig)
