@@ -1,0 +1,508 @@
+"""Unit-background correlation, counterfactual background sensitivity and normalised mean shift."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from sklearn.base import BaseEstimator
+
+from probekit.errors import DataError
+
+from ._common import (
+    DEFAULT_MAX_MEMORY,
+    FitFirstError,
+    ResultMixin,
+    Source,
+    as_factors,
+    as_source,
+    as_vector,
+    check_number,
+    check_option,
+    null_abs_r,
+    percentile_ci,
+)
+
+__all__ = [
+    "BackgroundCorrelation",
+    "BackgroundCorrelationResult",
+    "BackgroundSensitivityResult",
+    "NormalizedMeanShiftResult",
+    "background_sensitivity",
+    "normalized_mean_shift",
+]
+
+
+def _bh(p: np.ndarray, alpha: float) -> np.ndarray:
+    """Benjamini-Hochberg step-up: boolean mask of rejected hypotheses (NaN never rejected)."""
+    flat = p.ravel()
+    ok = np.isfinite(flat)
+    out = np.zeros(flat.shape, dtype=bool)
+    q = flat[ok]
+    m = q.size
+    if m == 0:
+        return out.reshape(p.shape)
+    order = np.argsort(q, kind="stable")
+    below = q[order] <= alpha * np.arange(1, m + 1) / m
+    if below.any():
+        kmax = int(np.max(np.flatnonzero(below)))
+        rej = np.zeros(m, dtype=bool)
+        rej[order[: kmax + 1]] = True
+        out[np.flatnonzero(ok)] = rej
+    return out.reshape(p.shape)
+
+
+@dataclasses.dataclass(repr=False)
+class BackgroundCorrelationResult(ResultMixin):
+    """Per-layer summary of :class:`BackgroundCorrelation` (per-unit arrays included)."""
+
+    n_samples: int
+    n_units: int
+    n_dead_units: int
+    factor_names: list[str]
+    mean_abs_pearson: dict[str, float]
+    mean_abs_spearman: dict[str, float] | None
+    noise_floor: float
+    null_mean_abs_r: dict[str, float]
+    threshold: dict[str, float]
+    share_above_threshold: dict[str, float]
+    fwer_threshold: dict[str, float]
+    share_above_fwer_threshold: dict[str, float]
+    share_significant: dict[str, float]
+    share_any_factor_significant: float
+    mean_factor_r2: float
+    layer_factor_r2: float
+    null_factor_r2: float
+    mean_label_eta2: float | None
+    layer_label_eta2: float | None
+    null_label_eta2: float | None
+    alpha: float
+    n_permutations: int
+    spearman_exact: bool | None
+    pearson: np.ndarray
+    spearman: np.ndarray | None
+    label_corr: np.ndarray | None
+    factor_r2: np.ndarray
+    label_eta2: np.ndarray | None
+    p_values: np.ndarray
+
+
+class BackgroundCorrelation(BaseEstimator):
+    r"""Per-unit correlation of a layer with background factors and the label, against a permutation null.
+
+    One streamed pass over the rows (running sums; the result does not depend on the chunk size
+    beyond float rounding) gives, for unit :math:`u` and factor :math:`f`,
+
+    .. math:: r_{uf} = \frac{\sum_i (x_{iu}-\bar x_u)(f_i-\bar f)}
+                            {\sqrt{\sum_i (x_{iu}-\bar x_u)^2 \sum_i (f_i-\bar f)^2}}
+
+    and the same with each one-vs-rest class indicator of the label (point-biserial ``label_corr``).
+    Variance shares per unit: ``factor_r2`` = :math:`R^2` of the least-squares regression of the
+    unit on all factors, :math:`c_u^\top C_{ff}^{-1} c_u / \mathrm{var}(x_u)`; ``label_eta2`` =
+    between-class share :math:`\sum_k n_k(\bar x_{u,k}-\bar x_u)^2 / \sum_i (x_{iu}-\bar x_u)^2`.
+    Layer values weight units by their variance. Null levels: :math:`E|r| \approx \sqrt{2/(\pi N)}`
+    (``noise_floor``), :math:`E R^2 \approx F/(N-1)`, :math:`E\eta^2 \approx (K-1)/(N-1)`.
+
+    **Permutation null.** The factor rows are shuffled ``n_permutations`` times (the same shuffles for
+    every unit, computed in the same pass as one matrix product). The null |r| of all live units of a
+    factor is pooled (units are exchangeable under the null: the permutation variance of r is
+    1/(N-1) whatever the unit's distribution). From it: ``threshold`` = its (1-alpha) quantile (a
+    per-unit test; under the null about ``alpha`` of units exceed it), ``fwer_threshold`` = the
+    (1-alpha) quantile over permutations of the maximum |r| over units (family-wise control), and
+    permutation p-values :math:`p = (1 + \#\{\text{null} \ge |r|\})/(1 + \text{pool size})`, corrected
+    with Benjamini-Hochberg across all units x factors (``share_significant``, FDR at ``alpha``).
+
+    **Spearman** is the Pearson correlation of ranks (average ranks for ties). Ranks need the whole
+    column: it is exact when the layer fits ``max_memory``; otherwise it is computed on a seeded
+    uniform subsample of rows that fits (``spearman_exact=False`` in the result).
+
+    Units with zero variance (dead units) get NaN correlations, are counted in ``n_dead_units`` and
+    are left out of shares and means (which are over live units).
+
+    Parameters
+    ----------
+    n_permutations : int, default=200
+    alpha : float, default=0.05
+    spearman : bool, default=True
+    max_memory : int or None, default=1 GiB
+    chunk_rows : int, optional
+    random_state : int, optional
+
+    Attributes
+    ----------
+    pearson_ : ndarray of shape (n_units, n_factors)
+    spearman_ : ndarray of shape (n_units, n_factors) or None
+    label_corr_ : ndarray of shape (n_units, n_classes) or None
+    label_eta2_ : ndarray of shape (n_units,) or None
+    factor_r2_ : ndarray of shape (n_units,)
+    p_values_ : ndarray of shape (n_units, n_factors)
+    significant_ : ndarray of bool, shape (n_units, n_factors)
+        Benjamini-Hochberg rejections at ``alpha``.
+    null_abs_r_ : ndarray of shape (n_units, n_permutations, n_factors)
+    factor_names_ : list of str
+    result_ : BackgroundCorrelationResult
+    """
+
+    def __init__(self, *, n_permutations: int = 200, alpha: float = 0.05, spearman: bool = True,
+                 max_memory: int | None = DEFAULT_MAX_MEMORY, chunk_rows: int | None = None,
+                 random_state: int | None = None) -> None:
+        self.n_permutations = n_permutations
+        self.alpha = alpha
+        self.spearman = spearman
+        self.max_memory = max_memory
+        self.chunk_rows = chunk_rows
+        self.random_state = random_state
+
+    def fit(self, X: Any, factors: Any, label: Any = None, *, factor_names: Sequence[str] | None = None,
+            use: Sequence[str] | None = None) -> BackgroundCorrelation:
+        """Compute everything in one pass over ``X`` (array or Activations).
+
+        Parameters
+        ----------
+        X : array of shape (n_samples, ...) or Activations
+        factors : array of shape (n_samples, n_factors)
+        label : array of shape (n_samples,), optional
+        factor_names : list of str, optional
+        use : list of str, optional
+            Only these factors (names must exist).
+        """
+        own = type(self).__name__
+        check_number(own, "n_permutations", self.n_permutations, low=1, integer=True)
+        check_number(own, "alpha", self.alpha, low=0, high=1, low_open=True)
+        src = as_source(X, "X", chunk_rows=self.chunk_rows, min_rows=3)
+        n, d = src.n_rows, src.n_features
+        F, names = as_factors(factors, n, factor_names, use)
+        nf = F.shape[1]
+        Fc = F - F.mean(axis=0)
+        Zc = Fc
+        K = 0
+        if label is not None:
+            y = as_vector(label, "label", n, numeric=False)
+            classes, yi = np.unique(y, return_inverse=True)
+            if classes.size < 2:
+                raise DataError(
+                    f"label has a single class ({classes[0]!r}) over {n} rows; a label correlation needs "
+                    "at least 2. Pass label=None or a split with several classes."
+                )
+            K = classes.size
+            onehot = np.eye(K)[yi]
+            counts = onehot.sum(axis=0)
+            Zc = np.column_stack([Fc, onehot - counts / n])
+        P = int(self.n_permutations)
+        rng = np.random.default_rng(self.random_state)
+        perms = np.stack([rng.permutation(n) for _ in range(P)]).astype(np.int64 if n > 2**31 - 1 else np.int32)
+
+        shift = None
+        s1 = np.zeros(d)
+        s2 = np.zeros(d)
+        Sxz = np.zeros((d, Zc.shape[1]))
+        Sxg = np.zeros((d, P * nf))
+        for start, a in src.chunks():
+            stop = start + a.shape[0]
+            if shift is None:
+                shift = a.mean(axis=0)
+            a = a - shift
+            s1 += a.sum(axis=0)
+            s2 += np.einsum("ij,ij->j", a, a)
+            Sxz += a.T @ Zc[start:stop]
+            G = Fc[perms[:, start:stop]]  # (P, rows, nf)
+            Sxg += a.T @ G.transpose(1, 0, 2).reshape(a.shape[0], P * nf)
+        m = s1 / n
+        var = s2 / n - m * m
+        dead = var <= 1e-12 * (np.abs(m + shift) ** 2 + s2 / n) + 1e-300
+        var = np.where(dead, np.nan, var)
+        sd = np.sqrt(var)
+        sdz = np.sqrt((Zc * Zc).mean(axis=0))
+        r_all = (Sxz / n) / (sd[:, None] * sdz[None, :])
+        pearson = r_all[:, :nf]
+        rperm = (Sxg / n).reshape(d, P, nf) / (sd[:, None, None] * sdz[None, None, :nf])
+        live = ~dead
+        self.n_dead_ = int(dead.sum())
+        if not live.any():
+            raise DataError(
+                f"All {d} units of X have zero variance over the {n} rows (dead or constant layer); "
+                "no correlation can be computed. Check the layer and the split."
+            )
+
+        # variance shares
+        Cff = Fc.T @ Fc / n
+        cov = Sxz[:, :nf] / n
+        factor_r2 = np.einsum("uf,fg,ug->u", cov, np.linalg.pinv(Cff), cov) / var
+        layer_factor_r2 = float(np.nansum(factor_r2 * var) / np.nansum(var))
+        label_corr = label_eta2 = None
+        mean_eta = layer_eta = null_eta = None
+        if K:
+            label_corr = r_all[:, nf:]
+            between = (Sxz[:, nf:] ** 2 / counts[None, :]).sum(axis=1)
+            label_eta2 = between / (n * var)
+            mean_eta = float(np.nanmean(label_eta2))
+            layer_eta = float(np.nansum(between[live]) / np.nansum(n * var))
+            null_eta = (K - 1) / (n - 1)
+
+        # permutation null, pooled over live units per factor
+        absr = np.abs(pearson)
+        null = np.abs(rperm[live])  # (live, P, nf)
+        pvals = np.full((d, nf), np.nan)
+        thr, fwer, share_thr, share_fwer, null_mean = {}, {}, {}, {}, {}
+        for j, name in enumerate(names):
+            pool = np.sort(null[:, :, j].ravel())
+            ge = pool.size - np.searchsorted(pool, absr[live, j], side="left")
+            pvals[live, j] = (1.0 + ge) / (1.0 + pool.size)
+            thr[name] = float(np.quantile(pool, 1 - self.alpha))
+            fwer[name] = float(np.quantile(null[:, :, j].max(axis=0), 1 - self.alpha))
+            share_thr[name] = float(np.mean(absr[live, j] > thr[name]))
+            share_fwer[name] = float(np.mean(absr[live, j] > fwer[name]))
+            null_mean[name] = float(pool.mean())
+        sig = _bh(pvals, self.alpha)
+
+        # Spearman
+        spear = None
+        spear_exact = None
+        if self.spearman:
+            from scipy.stats import rankdata
+
+            if src.fits(self.max_memory):
+                Xs, Fs, spear_exact = src.load(), F, True
+            else:
+                rows = max(3, int(self.max_memory // (8 * d)))
+                idx = np.sort(rng.choice(n, size=min(rows, n), replace=False))
+                Xs, Fs, spear_exact = src.take(idx), F[idx], False
+            spear = _pearson_cols(rankdata(Xs, axis=0), rankdata(Fs, axis=0))
+            spear[dead] = np.nan
+
+        self.pearson_ = pearson
+        self.spearman_ = spear
+        self.label_corr_ = label_corr
+        self.label_eta2_ = label_eta2
+        self.factor_r2_ = factor_r2
+        self.p_values_ = pvals
+        self.significant_ = sig
+        self.null_abs_r_ = np.abs(rperm)
+        self.factor_names_ = names
+        self.threshold_ = thr
+        self.fwer_threshold_ = fwer
+        self.result_ = BackgroundCorrelationResult(
+            n_samples=n, n_units=d, n_dead_units=self.n_dead_, factor_names=names,
+            mean_abs_pearson={nm: float(np.nanmean(absr[:, j])) for j, nm in enumerate(names)},
+            mean_abs_spearman=None if spear is None else
+            {nm: float(np.nanmean(np.abs(spear[:, j]))) for j, nm in enumerate(names)},
+            noise_floor=null_abs_r(n), null_mean_abs_r=null_mean, threshold=thr,
+            share_above_threshold=share_thr, fwer_threshold=fwer, share_above_fwer_threshold=share_fwer,
+            share_significant={nm: float(np.mean(sig[live, j])) for j, nm in enumerate(names)},
+            share_any_factor_significant=float(np.mean(sig[live].any(axis=1))),
+            mean_factor_r2=float(np.nanmean(factor_r2)), layer_factor_r2=layer_factor_r2,
+            null_factor_r2=nf / (n - 1), mean_label_eta2=mean_eta, layer_label_eta2=layer_eta,
+            null_label_eta2=null_eta, alpha=float(self.alpha), n_permutations=P,
+            spearman_exact=spear_exact, pearson=pearson, spearman=spear, label_corr=label_corr,
+            factor_r2=factor_r2, label_eta2=label_eta2, p_values=pvals,
+        )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        if not hasattr(self, "result_"):
+            raise FitFirstError("This BackgroundCorrelation instance is not fitted yet. Call 'fit' first.")
+        return self.result_.to_dict()
+
+
+def _pearson_cols(A: np.ndarray, B: np.ndarray) -> np.ndarray:
+    A = A - A.mean(axis=0)
+    B = B - B.mean(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (A.T @ B) / np.outer(np.sqrt((A * A).sum(axis=0)), np.sqrt((B * B).sum(axis=0)))
+
+
+# =================================================================================================
+# Counterfactual background sensitivity
+# =================================================================================================
+@dataclasses.dataclass(repr=False)
+class BackgroundSensitivityResult(ResultMixin):
+    """Share of variance that comes from the background with the foreground (group) fixed."""
+
+    layer: float
+    layer_ci: tuple[float, float]
+    mean_unit: float
+    n_rows: int
+    n_groups: int
+    min_group_size: int
+    n_dead_units: int
+    ci_level: float
+    per_unit: np.ndarray
+
+
+def background_sensitivity(X: Any, group: Any, *, n_boot: int = 200, ci_level: float = 0.95,
+                           chunk_rows: int | None = None, random_state: int | None = 0) -> BackgroundSensitivityResult:
+    r"""Counterfactual background sensitivity of a layer.
+
+    Rows sharing a ``group`` show the same foreground on different backgrounds. With group means
+    :math:`\bar x_{g}` and the grand mean :math:`\bar x`,
+
+    .. math:: s_u = \frac{\sum_i (x_{iu} - \bar x_{g(i)u})^2}{\sum_i (x_{iu} - \bar x_u)^2},\qquad
+              s_{\text{layer}} = \frac{\sum_u \sum_i (x_{iu} - \bar x_{g(i)u})^2}{\sum_u \sum_i (x_{iu} - \bar x_u)^2}
+
+    i.e. within-group (background) variance over total variance, per unit and for the layer. 0: the
+    representation ignores the background; :math:`(N-G)/(N-1) \approx 1`: it ignores the foreground.
+    One streamed pass of per-group sums. The layer interval resamples whole groups (bootstrap).
+    Measure it on a split whose backgrounds reach beyond training (``stress``) and next to the same
+    architecture at initialisation (docs/METRICS.md).
+
+    Parameters
+    ----------
+    X : array of shape (n_samples, ...) or Activations
+    group : array of shape (n_samples,)
+        Foreground id of each row; every group needs at least 2 rows.
+    n_boot : int, default=200
+    """
+    check_number("background_sensitivity", "n_boot", n_boot, low=1, integer=True)
+    src = as_source(X, "X", chunk_rows=chunk_rows, min_rows=2)
+    g = as_vector(group, "group", src.n_rows, numeric=False)
+    ids, gi = np.unique(g, return_inverse=True)
+    G = ids.size
+    ng = np.bincount(gi, minlength=G).astype(np.float64)
+    if ng.min() < 2:
+        bad = ids[int(np.argmin(ng))]
+        raise DataError(
+            f"group {bad!r} has only {int(ng.min())} row; background sensitivity needs every foreground "
+            "group rendered on at least 2 backgrounds. Drop singleton groups or render more backgrounds."
+        )
+    if G < 2:
+        raise DataError("group has a single value; at least 2 foreground groups are needed to compare.")
+    d = src.n_features
+    S = np.zeros((G, d))
+    Q = np.zeros((G, d))
+    shift = None
+    for start, a in src.chunks():
+        if shift is None:
+            shift = a.mean(axis=0)
+        a = a - shift
+        gc = gi[start:start + a.shape[0]]
+        np.add.at(S, gc, a)
+        np.add.at(Q, gc, a * a)
+    n = float(ng.sum())
+    within_g = Q - S * S / ng[:, None]  # (G, d)
+    within = within_g.sum(axis=0)
+    total = Q.sum(axis=0) - S.sum(axis=0) ** 2 / n
+    dead = total <= 1e-12 * (Q.sum(axis=0) + 1e-300)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        per_unit = np.where(dead, np.nan, within / total)
+    layer = float(within[~dead].sum() / total[~dead].sum()) if (~dead).any() else float("nan")
+    rng = np.random.default_rng(random_state)
+    boots = np.empty(n_boot)
+    wg = within_g[:, ~dead].sum(axis=1)
+    for b in range(n_boot):
+        mcount = np.bincount(rng.integers(0, G, G), minlength=G).astype(np.float64)
+        nb = mcount @ ng
+        tot = (mcount @ Q[:, ~dead]) - (mcount @ S[:, ~dead]) ** 2 / nb
+        boots[b] = (mcount @ wg) / tot.sum()
+    return BackgroundSensitivityResult(
+        layer=layer, layer_ci=percentile_ci(boots, ci_level), mean_unit=float(np.nanmean(per_unit)),
+        n_rows=int(n), n_groups=int(G), min_group_size=int(ng.min()), n_dead_units=int(dead.sum()),
+        ci_level=float(ci_level), per_unit=per_unit,
+    )
+
+
+# =================================================================================================
+# Normalised mean shift
+# =================================================================================================
+@dataclasses.dataclass(repr=False)
+class NormalizedMeanShiftResult(ResultMixin):
+    """Normalised mean shift of a layer from background family a to family b."""
+
+    nms: float
+    ci: tuple[float, float]
+    null_level: float
+    sum_var_a: float
+    n_a: int
+    n_b: int
+    paired: bool
+    ci_level: float
+    per_unit_shift2: np.ndarray
+
+
+def normalized_mean_shift(X_a: Any, X_b: Any, *, paired: bool | str = "auto", n_boot: int = 200,
+                          ci_level: float = 0.95, chunk_rows: int | None = None,
+                          random_state: int | None = 0) -> NormalizedMeanShiftResult:
+    r"""Normalised mean shift (NMS) of a layer between two background families.
+
+    .. math:: \mathrm{NMS} = \frac{\sum_u \big(\bar x^{(b)}_u - \bar x^{(a)}_u\big)^2}{\sum_u \mathrm{var}_a(x_u)}
+
+    (population variances under family ``a``). On the same foregrounds rendered under both
+    families (``paired``: row i of ``X_a`` and of ``X_b`` share a foreground), it measures how far
+    the background family moves the layer, in units of its spread. Under no shift its expected
+    value is about :math:`1/n_a + 1/n_b` for independent rows (``null_level``). The interval is a
+    Poisson bootstrap computed in the same streamed pass (each row gets a Poisson(1) weight per
+    replicate; paired rows share their weight). Report it beside the same architecture at
+    initialisation: the change from initialisation separates learned sensitivity from features
+    never removed (docs/METRICS.md).
+
+    Parameters
+    ----------
+    X_a, X_b : arrays of shape (n, ...) or Activations (same features)
+    paired : bool or "auto", default="auto"
+        ``"auto"``: paired when both have the same number of rows.
+    n_boot : int, default=200
+    """
+    check_number("normalized_mean_shift", "n_boot", n_boot, low=1, integer=True)
+    check_option("normalized_mean_shift", "paired", paired, (True, False, "auto"))
+    A = as_source(X_a, "X_a", chunk_rows=chunk_rows, min_rows=2)
+    B = as_source(X_b, "X_b", chunk_rows=chunk_rows or A.chunk_rows, min_rows=1)
+    if A.n_features != B.n_features:
+        raise DataError(
+            f"X_a has {A.n_features} features but X_b has {B.n_features}; pass the same layer of the same "
+            "model under both background families."
+        )
+    is_paired = (A.n_rows == B.n_rows) if paired == "auto" else bool(paired)
+    if is_paired and A.n_rows != B.n_rows:
+        raise DataError(
+            f"paired=True needs as many rows in X_b ({B.n_rows}) as in X_a ({A.n_rows}); row i of each "
+            "must show the same foreground. Pass paired=False for independent samples."
+        )
+    B.chunk_rows = A.chunk_rows
+    seed = int(np.random.default_rng(random_state).integers(2**62))
+
+    def weights(start: int, rows: int, which: int) -> np.ndarray:
+        key = [seed, start, 0 if is_paired else which]
+        return np.random.default_rng(key).poisson(1.0, size=(n_boot, rows)).astype(np.float64)
+
+    def moments(src: Source, which: int, second: bool) -> dict[str, Any]:
+        shift = None
+        out: dict[str, Any] = {"n": 0.0, "s1": 0.0, "s2": 0.0, "w": 0.0, "ws1": 0.0, "ws2": 0.0}
+        for start, a in src.chunks():
+            if shift is None:
+                shift = a.mean(axis=0)
+            a = a - shift
+            W = weights(start, a.shape[0], which)
+            out["n"] += a.shape[0]
+            out["s1"] = out["s1"] + a.sum(axis=0)
+            out["w"] = out["w"] + W.sum(axis=1)
+            out["ws1"] = out["ws1"] + W @ a
+            if second:
+                a2 = a * a
+                out["s2"] = out["s2"] + a2.sum(axis=0)
+                out["ws2"] = out["ws2"] + W @ a2
+        out["shift"] = shift
+        return out
+
+    ma = moments(A, 0, True)
+    mb = moments(B, 1, False)
+    mean_a = ma["s1"] / ma["n"] + ma["shift"]
+    mean_b = mb["s1"] / mb["n"] + mb["shift"]
+    var_a = ma["s2"] / ma["n"] - (ma["s1"] / ma["n"]) ** 2
+    shift2 = (mean_b - mean_a) ** 2
+    sum_var = float(var_a.sum())
+    if sum_var <= 0:
+        raise DataError("X_a has zero variance in every unit; NMS is undefined. Check the layer and split.")
+    nms = float(shift2.sum() / sum_var)
+    wa = np.maximum(ma["w"], 1e-300)[:, None]
+    wb = np.maximum(mb["w"], 1e-300)[:, None]
+    bma = ma["ws1"] / wa + ma["shift"]
+    bmb = mb["ws1"] / wb + mb["shift"]
+    bva = ma["ws2"] / wa - (ma["ws1"] / wa) ** 2
+    with np.errstate(divide="ignore", invalid="ignore"):  # a degenerate replicate is left out of the CI
+        boots = ((bmb - bma) ** 2).sum(axis=1) / bva.sum(axis=1)
+    return NormalizedMeanShiftResult(
+        nms=nms, ci=percentile_ci(boots, ci_level), null_level=1.0 / A.n_rows + 1.0 / B.n_rows,
+        sum_var_a=sum_var, n_a=A.n_rows, n_b=B.n_rows, paired=is_paired, ci_level=float(ci_level),
+        per_unit_shift2=shift2,
+    )
