@@ -1,0 +1,380 @@
+"""Representation distillation in miniature on background digits (Zhang et al. 2024, experiment 1).
+
+Setup (../shared/PILOT.md): a teacher CNN trained with cross-entropy on the broad ``union``
+background family (background-invariant); a student of the same trunk with a linear 128-d head,
+trained only on ID-background images to fit the teacher's representation with MSE (no labels).
+Controls: S-aug (the student trained on union backgrounds), ERM-ID (the teacher's architecture
+trained with labels on ID only), S-RF (a frozen random trunk with only the last linear stage fitted
+to the teacher by ridge: no feature learning).
+
+Measured per model and seed: linear-probe accuracy ID / OOD (probe fitted on ID training renders),
+relative MSE to the teacher ID / OOD, background sensitivity (share of representation variance from
+the background with the digit fixed) on ID, OOD and union (stress) backgrounds, the normalised mean
+shift (NMS) per layer between ID and OOD backgrounds on the same foregrounds, beside the same network
+at initialisation, background decodability within OOD (ridge R² minus a shuffled control) and the
+mechanism attempt: the first-layer filters' weight in the chroma-DC subspace (per-channel constants
+with zero channel sum: the only 3x3 RGB directions that carry background colour and no digit) and in
+the data-derived background-patch subspace, as a ratio to the initial filters.
+
+Run: ``python -m probekit.experiments.distillation --out DIR`` (``--quick`` for a short run).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..datasets._bgdigits import BackgroundDigits
+from ._common import fmt, mean_sd, out_path, pyplot, seeds_list, torch_threads, write_json
+from ._digitnets import (
+    DigitCNN,
+    fit_random_features_student,
+    render_split,
+    representations,
+    train_erm,
+    train_student,
+    train_teacher,
+)
+
+__all__ = [
+    "DigitCNN",
+    "background_sensitivity_share",
+    "filter_subspaces",
+    "fit_random_features_student",
+    "normalized_mean_shift_share",
+    "run",
+    "train_erm",
+    "train_student",
+    "train_teacher",
+]
+
+LAYERS = ("block1", "block2", "block3", "rep")
+MODELS = ("teacher", "student", "s_aug", "erm_id", "s_rf")
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics (the toolkit's analyses when present; the formulas of docs/METRICS.md otherwise)
+
+
+def background_sensitivity_share(X: np.ndarray, group: np.ndarray) -> float:
+    """Layer background sensitivity (``probekit.analyses.background_sensitivity``, no bootstrap)."""
+    from probekit.analyses import background_sensitivity
+
+    return float(background_sensitivity(X, group, n_boot=1).layer)
+
+
+def normalized_mean_shift_share(X_a: np.ndarray, X_b: np.ndarray) -> float:
+    """NMS between two background families (``probekit.analyses.normalized_mean_shift``, no bootstrap)."""
+    from probekit.analyses import normalized_mean_shift
+
+    return float(normalized_mean_shift(X_a, X_b, n_boot=1).nms)
+
+
+def _rel_mse(S: np.ndarray, T: np.ndarray) -> float:
+    try:
+        from probekit.analyses import relative_mse
+    except ImportError:
+        relative_mse = None
+    if relative_mse is not None:
+        r = relative_mse(S, T)
+        return float(r) if isinstance(r, (float, np.floating)) else float(r.to_dict()["relative_mse"])
+    return float(((S - T) ** 2).sum() / ((T - T.mean(0)) ** 2).sum())
+
+
+def _decodability_within(X: np.ndarray, factors: np.ndarray, seed: int) -> float:
+    """Mean excess R² (over a shuffled control) of ridge probes for the factors, 5-fold CV within X."""
+    from probekit.analyses import background_decodability
+
+    r = background_decodability(X, factors, categorical=(), n_shuffles=2, n_boot=1, random_state=seed)
+    return float(r.mean_excess_r2)
+
+
+def _probe(Xtr: np.ndarray, ytr: np.ndarray, Xid: np.ndarray, yid: np.ndarray, Xood: np.ndarray, yood: np.ndarray) -> tuple[float, float]:
+    """Standardised logistic-regression probe (C = 1) fitted on ID training renders."""
+    from probekit.analyses import LinearProbe, probe_id_ood
+
+    r = probe_id_ood(Xtr, ytr, Xid, yid, Xood, yood, probe=LinearProbe(C=1.0, max_iter=2000), n_boot=1)
+    return float(r.id_accuracy), float(r.ood_accuracy)
+
+
+# ---------------------------------------------------------------------------------------------
+# first-layer weight subspaces
+
+
+def filter_subspaces(seed: int = 0, k: int = 4) -> dict[str, np.ndarray]:
+    """Orthonormal bases (rows, in the 27-d space of flattened 3x3 RGB conv filters, order (c, h, w)).
+
+    ``chroma_dc`` (2): per-channel constants with zero channel sum; ``grey_dc`` (1); ``grey_edge``
+    (8): spatial patterns equal across channels, orthogonal to the constant; ``chroma_edge`` (16).
+    ``bg_patch`` / ``digit_patch`` (k each): top principal directions of uncentred 3x3 patches of
+    ID background-only images and of the digit-only canvases (digit copied to RGB).
+    """
+    e = np.eye(3)
+    chroma = np.array([[1, -1, 0], [1, 1, -2]], float)
+    chroma /= np.linalg.norm(chroma, axis=1, keepdims=True)
+    grey = np.ones(3) / np.sqrt(3)
+    sp_const = np.ones(9) / 3.0
+    q, _ = np.linalg.qr(np.concatenate([sp_const[:, None], np.eye(9)], 1))
+    sp_edge = q[:, 1:9].T  # 8 orthonormal zero-mean spatial patterns
+    out = {
+        "chroma_dc": np.stack([np.kron(c, sp_const) for c in chroma]),
+        "grey_dc": np.kron(grey, sp_const)[None],
+        "grey_edge": np.stack([np.kron(grey, s) for s in sp_edge]),
+        "chroma_edge": np.stack([np.kron(c, s) for c in chroma for s in sp_edge]),
+    }
+    del e
+    a = BackgroundDigits("test_id", seed=seed).arrays(range(300))
+    bg = torch.from_numpy(a["background"])
+    dg = torch.from_numpy(np.repeat(a["digit"][:, None], 3, 1))
+    for name, imgs in (("bg_patch", bg), ("digit_patch", dg)):
+        P = nn.functional.unfold(imgs, 3).transpose(1, 2).reshape(-1, 27).numpy().astype(np.float64)
+        P = P[np.linalg.norm(P, axis=1) > 1e-6]
+        _, _, vt = np.linalg.svd(P, full_matrices=False)
+        out[name] = vt[:k]
+    return out
+
+
+def _proj_norm(W: np.ndarray, B: np.ndarray) -> float:
+    """Mean over filters of ``||B w_j||`` (B with orthonormal rows)."""
+    try:
+        from probekit.analyses import weight_projections
+    except ImportError:
+        weight_projections = None
+    if weight_projections is not None:
+        try:
+            r = weight_projections(W, B, B)
+            d = r.to_dict() if hasattr(r, "to_dict") else dict(r)
+            return float(d["core"])
+        except Exception:  # noqa: BLE001 - fall back to the formula on an API mismatch
+            pass
+    return float(np.linalg.norm(W @ B.T, axis=1).mean())
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def _layer_acts(model: DigitCNN, x: torch.Tensor, batch_size: int = 600) -> dict[str, np.ndarray]:
+    model.eval()
+    outs: dict[str, list[np.ndarray]] = {k: [] for k in LAYERS}
+    for i in range(0, len(x), batch_size):
+        h = x[i : i + batch_size]
+        for name in LAYERS[:3]:
+            h = getattr(model, name)(h)
+            outs[name].append(h.flatten(1).numpy())
+        outs["rep"].append(model.rep(h).numpy())
+    return {k: np.concatenate(v) for k, v in outs.items()}
+
+
+def _eval_data(seed: int, n_stress: int, composite: str) -> dict[str, dict[str, np.ndarray]]:
+    kw = dict(seed=seed, composite=composite)
+    data = {
+        "train": BackgroundDigits("train", renders=2, epoch=50_000, **kw).arrays(),
+        "test_id": BackgroundDigits("test_id", renders=2, **kw).arrays(),
+        "test_ood": BackgroundDigits("test_ood", renders=2, **kw).arrays(),
+        "stress": BackgroundDigits("stress", n_stress=n_stress, **kw).arrays(),
+        "stress_id": BackgroundDigits("stress", n_stress=n_stress, family="id", **kw).arrays(),
+        "stress_ood": BackgroundDigits("stress", n_stress=n_stress, family="ood", **kw).arrays(),
+    }
+    for d in data.values():
+        for k in ("background", "digit", "mask"):
+            d.pop(k, None)
+    return data
+
+
+def _evaluate(models: dict[str, DigitCNN], inits: dict[str, DigitCNN], data, seed: int, subspaces) -> dict[str, Any]:
+    reps: dict[str, dict[str, np.ndarray]] = {}
+    res: dict[str, Any] = {}
+    for name, model in models.items():
+        reps[name] = {s: representations(model, torch.from_numpy(d["x"])).numpy() for s, d in data.items()}
+    T = reps["teacher"]
+    for name, model in models.items():
+        R = reps[name]
+        r: dict[str, Any] = {}
+        r["id_acc"], r["ood_acc"] = _probe(R["train"], data["train"]["label"], R["test_id"], data["test_id"]["label"],
+                                           R["test_ood"], data["test_ood"]["label"])
+        r["drop"] = r["id_acc"] - r["ood_acc"]
+        if name != "teacher" and name != "erm_id":
+            r["rel_mse_id"] = _rel_mse(R["test_id"], T["test_id"])
+            r["rel_mse_ood"] = _rel_mse(R["test_ood"], T["test_ood"])
+        for s in ("stress", "stress_id", "stress_ood"):
+            r[f"bg_sens_{s}"] = background_sensitivity_share(R[s], data[s]["group"])
+        r["bg_r2_within_ood"] = _decodability_within(R["test_ood"], data["test_ood"]["factors"], seed)
+        # NMS per layer, trained vs the same network at initialisation (same foregrounds, ID vs OOD backgrounds)
+        xi, xo = torch.from_numpy(data["test_id"]["x"]), torch.from_numpy(data["test_ood"]["x"])
+        A_i, A_o = _layer_acts(model, xi), _layer_acts(model, xo)
+        I_i, I_o = _layer_acts(inits[name], xi), _layer_acts(inits[name], xo)
+        r["nms"] = {L: normalized_mean_shift_share(A_i[L], A_o[L]) for L in LAYERS}
+        r["nms_init"] = {L: normalized_mean_shift_share(I_i[L], I_o[L]) for L in LAYERS}
+        r["nms_ratio"] = {L: r["nms"][L] / max(r["nms_init"][L], 1e-12) for L in LAYERS}
+        W = model.block1[0].weight.detach().numpy().reshape(16, -1).astype(np.float64)
+        W0 = inits[name].block1[0].weight.detach().numpy().reshape(16, -1).astype(np.float64)
+        r["conv1_proj"] = {k: _proj_norm(W, B) for k, B in subspaces.items()}
+        r["conv1_proj_init"] = {k: _proj_norm(W0, B) for k, B in subspaces.items()}
+        r["conv1_proj_ratio"] = {k: r["conv1_proj"][k] / max(r["conv1_proj_init"][k], 1e-12) for k in subspaces}
+        # share of the filters' squared norm in each subspace (independent of overall growth)
+        tot = (W**2).sum()
+        r["conv1_share"] = {k: float(((W @ B.T) ** 2).sum() / tot) for k, B in subspaces.items()}
+        res[name] = r
+    return res, reps
+
+
+def run(
+    seeds: int | Iterable[int] = 3,
+    out_dir: str | None = None,
+    quick: bool = False,
+    *,
+    teacher_epochs: int | None = None,
+    student_epochs: int | None = None,
+    composite: str = "additive",
+    n_stress: int = 8,
+    threads: int | None = 1,
+    controls: bool = True,
+) -> dict[str, Any]:
+    """Train teacher, student and controls per seed; evaluate; write store, JSON and plots.
+
+    ``quick=True`` trains 15 teacher / 40 student epochs (instead of 60 / 150, the pilot's).
+    """
+    from probekit.store import StoreWriter
+
+    t0 = time.time()
+    seeds = seeds_list(seeds)
+    te = teacher_epochs if teacher_epochs is not None else (15 if quick else 60)
+    se = student_epochs if student_epochs is not None else (40 if quick else 150)
+    out = out_path(out_dir, "distillation")
+    config = dict(seeds=seeds, teacher_epochs=te, student_epochs=se, composite=composite, n_stress=n_stress,
+                  quick=quick, controls=controls, optimizer="adam lr 2e-3 cosine, batch 64")
+    per_seed: list[dict[str, Any]] = []
+    store = out / "distillation.h5"
+    with torch_threads(threads), StoreWriter(store, mode="overwrite") as w:
+        for seed in seeds:
+            ts = time.time()
+            torch.manual_seed(seed)
+            t_init = DigitCNN("classifier")
+            torch.manual_seed(seed + 1000)
+            s_init = DigitCNN("representation")
+            teacher = train_teacher(seed=seed, epochs=te, composite=composite)
+            models = {"teacher": teacher}
+            inits = {"teacher": t_init}
+            models["student"] = train_student(teacher, seed=seed, epochs=se, init=s_init, composite=composite)
+            inits["student"] = s_init
+            if controls:
+                models["s_aug"] = train_student(teacher, seed=seed, epochs=se, init=s_init, split="train_union",
+                                                composite=composite)
+                inits["s_aug"] = s_init
+                models["erm_id"] = train_erm(seed=seed, epochs=te, composite=composite)
+                inits["erm_id"] = t_init
+                models["s_rf"] = fit_random_features_student(teacher, seed=seed, init=s_init, composite=composite)
+                inits["s_rf"] = s_init
+            train_s = time.time() - ts
+            data = _eval_data(seed, n_stress, composite)
+            res, reps = _evaluate(models, inits, data, seed, filter_subspaces(seed))
+            for name, model in models.items():
+                mname = f"{name}_seed{seed}"
+                role = "teacher" if name == "teacher" else ("student" if name.startswith("s") else "model")
+                w.add_model(mname, role=role, source=f"probekit.experiments.distillation:{name}")
+                for step, m in ((0, inits[name]), (se if name.startswith("s") else te, model)):
+                    for lname, mod in (("block1.0", m.block1[0]), ("rep.1", m.rep[1])):
+                        w.write_weights(mname, lname, mod.weight.detach().reshape(mod.weight.shape[0], -1).numpy(), step=step)
+                for lname, mod in (("block1.0", model.block1[0]), ("rep.1", model.rep[1])):
+                    w.write_weights(mname, lname, mod.weight.detach().reshape(mod.weight.shape[0], -1).numpy())
+            if seed == seeds[0]:  # representations of the first seed, so the store can be audited
+                for split in ("train", "test_id", "test_ood", "stress"):
+                    d = data[split]
+                    w.add_split(split, n_rows=len(d["x"]), has_label=True, factor_names=BackgroundDigits.factor_names,
+                                has_group=split == "stress")
+                    for name in models:
+                        w.add_layer(f"{name}_seed{seed}", split, "rep", feature_shape=(128,), dtype="float32",
+                                    attrs={"pool": "none", "module_type": "Linear", "raw_shape": [128]})
+                    samples = {"index": d["index"], "label": d["label"], "factors": d["factors"]}
+                    if split == "stress":
+                        samples["group"] = d["group"]
+                    w.write_rows(split, 0, samples=samples,
+                                 acts={f"{n}_seed{seed}": {"rep": reps[n][split]} for n in models})
+                torch.save({n: m.state_dict() for n, m in models.items()}, out / f"models_seed{seed}.pt")
+            per_seed.append({"seed": seed, "models": res, "train_seconds": round(train_s, 1)})
+    names = list(per_seed[0]["models"])
+    summary: dict[str, Any] = {}
+    for name in names:
+        rs = [p["models"][name] for p in per_seed]
+        s: dict[str, Any] = {}
+        for k, v in rs[0].items():
+            if isinstance(v, dict):
+                s[k] = {kk: mean_sd([r[k][kk] for r in rs]) for kk in v}
+            else:
+                s[k] = mean_sd([r[k] for r in rs])
+        summary[name] = s
+    diff = [p["models"]["student"]["drop"] - p["models"]["teacher"]["drop"] for p in per_seed]
+    findings = {
+        "student_minus_teacher_drop": mean_sd(diff),
+        "student_drop_exceeds_teacher_every_seed": bool(all(d > 0 for d in diff)),
+        "id_acc_gap_teacher_minus_student": mean_sd(
+            [p["models"]["teacher"]["id_acc"] - p["models"]["student"]["id_acc"] for p in per_seed]),
+    }
+    result = {"experiment": "distillation", "config": config, "summary": summary, "findings": findings,
+              "per_seed": per_seed, "store": str(store), "seconds": round(time.time() - t0, 1)}
+    _plot(summary, out)
+    result["plots"] = [str(out / "distillation.png")]
+    write_json(out / "distillation.json", result)
+    return result
+
+
+def _plot(summary: dict[str, Any], out) -> None:
+    plt = pyplot()
+    names = list(summary)
+    fig, ax = plt.subplots(1, 3, figsize=(14, 3.8))
+    x = np.arange(len(names))
+    for off, key, lab in ((-0.2, "id_acc", "ID"), (0.2, "ood_acc", "OOD")):
+        ax[0].bar(x + off, [summary[n][key]["mean"] for n in names], 0.4,
+                  yerr=[summary[n][key]["sd"] for n in names], label=lab)
+    ax[0].set_xticks(x, names)
+    ax[0].set_title("linear-probe accuracy")
+    ax[0].legend()
+    for n in names:
+        ax[1].errorbar(range(len(LAYERS)), [summary[n]["nms_ratio"][L]["mean"] for L in LAYERS],
+                       yerr=[summary[n]["nms_ratio"][L]["sd"] for L in LAYERS], marker="o", label=n, capsize=2)
+    ax[1].set_xticks(range(len(LAYERS)), LAYERS)
+    ax[1].set_yscale("log")
+    ax[1].axhline(1.0, color="grey", lw=0.8)
+    ax[1].set_title("NMS(ID->OOD) trained / at init")
+    ax[1].legend(fontsize=7)
+    keys = ["chroma_dc", "grey_dc", "bg_patch", "digit_patch"]
+    w = 0.8 / len(names)
+    for i, n in enumerate(names):
+        ax[2].bar(np.arange(len(keys)) + i * w, [summary[n]["conv1_proj_ratio"][k]["mean"] for k in keys], w,
+                  yerr=[summary[n]["conv1_proj_ratio"][k]["sd"] for k in keys], label=n)
+    ax[2].set_xticks(np.arange(len(keys)) + 0.4 - w / 2, keys)
+    ax[2].axhline(1.0, color="grey", lw=0.8)
+    ax[2].set_title("conv1 filter projection / init")
+    ax[2].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "distillation.png", dpi=90)
+    plt.close(fig)
+
+
+def _main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m probekit.experiments.distillation")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--out", default=None)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--composite", default="additive", choices=["additive", "alpha"])
+    a = p.parse_args(argv)
+    r = run(seeds=a.seeds, out_dir=a.out, quick=a.quick, composite=a.composite)
+    for n, s in r["summary"].items():
+        extra = f"  relMSE ID {fmt(s['rel_mse_id'])} OOD {fmt(s['rel_mse_ood'])}" if "rel_mse_id" in s else ""
+        print(f"{n:8s} ID {fmt(s['id_acc'])} OOD {fmt(s['ood_acc'])} drop {fmt(s['drop'])}{extra}  "
+              f"NMS rep x{fmt(s['nms_ratio']['rep'], 2)}  chromaDC x{fmt(s['conv1_proj_ratio']['chroma_dc'], 2)}")
+    print(r["findings"], f"({r['seconds']} s) -> {r['store']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())
