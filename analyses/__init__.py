@@ -4,6 +4,8 @@ Every estimator follows scikit-learn's conventions and accepts numpy arrays or l
 :class:`probekit.store.Activations`; every result has ``to_dict()``. Formulas: docs/METRICS.md.
 """
 
+from ._attribution import AttributionShareResult as AttributionShareResult
+from ._attribution import background_attribution_share as background_attribution_share
 from ._background import BackgroundCorrelation as BackgroundCorrelation
 from ._background import BackgroundCorrelationResult as BackgroundCorrelationResult
 from ._background import BackgroundSensitivityResult as BackgroundSensitivityResult
@@ -13,23 +15,53 @@ from ._background import normalized_mean_shift as normalized_mean_shift
 from ._decodability import BackgroundDecodability as BackgroundDecodability
 from ._decodability import DecodabilityResult as DecodabilityResult
 from ._decodability import background_decodability as background_decodability
+from ._directions import DirectionClusters as DirectionClusters
+from ._directions import DirectionClustersResult as DirectionClustersResult
+from ._directions import DirectionSeriesResult as DirectionSeriesResult
+from ._directions import PatchBasesResult as PatchBasesResult
+from ._directions import WeightProjectionResult as WeightProjectionResult
+from ._directions import direction_series as direction_series
+from ._directions import patch_bases as patch_bases
+from ._directions import projection_series as projection_series
+from ._directions import weight_projections as weight_projections
 from ._probes import LinearProbe as LinearProbe
 from ._probes import ProbeIdOodResult as ProbeIdOodResult
 from ._probes import RidgeProbe as RidgeProbe
 from ._probes import probe_id_ood as probe_id_ood
+from ._similarity import RelativeMSEResult as RelativeMSEResult
+from ._similarity import cka_matrix as cka_matrix
+from ._similarity import difference as difference
+from ._similarity import linear_cka as linear_cka
+from ._similarity import relative_mse as relative_mse
 
 __all__ = [
+    "AttributionShareResult",
     "BackgroundCorrelation",
     "BackgroundCorrelationResult",
     "BackgroundDecodability",
     "BackgroundSensitivityResult",
     "DecodabilityResult",
+    "DirectionClusters",
+    "DirectionClustersResult",
+    "DirectionSeriesResult",
     "LinearProbe",
     "NormalizedMeanShiftResult",
+    "PatchBasesResult",
     "ProbeIdOodResult",
+    "RelativeMSEResult",
     "RidgeProbe",
+    "WeightProjectionResult",
+    "background_attribution_share",
     "background_decodability",
     "background_sensitivity",
+    "cka_matrix",
+    "difference",
+    "direction_series",
+    "linear_cka",
     "normalized_mean_shift",
+    "patch_bases",
     "probe_id_ood",
+    "projection_series",
+    "relative_mse",
+    "weight_projections",
 ]

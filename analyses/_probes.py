@@ -545,7 +545,10 @@ def ridge_solve(st: dict[str, np.ndarray], keep: np.ndarray, alpha: float,
         s = np.ones_like(mx)
     A = Sxx / np.outer(s, s)
     A[np.diag_indices_from(A)] += alpha
-    Ws = np.linalg.solve(A, Sxy / s[:, None])
+    try:
+        Ws = np.linalg.solve(A, Sxy / s[:, None])
+    except np.linalg.LinAlgError:  # singular Gram (alpha=0, collinear features): minimum-norm solution
+        Ws = np.linalg.lstsq(A, Sxy / s[:, None], rcond=None)[0]
     coef = Ws / s[:, None]
     intercept = my - (mx + st["shift"]) @ coef
     return coef, intercept
