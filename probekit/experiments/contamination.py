@@ -77,18 +77,12 @@ def _loss(name: str, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"loss must be 'hinge' or 'logistic', got {name!r}")
 
 
-def _projections(W: np.ndarray, data: StructuredFeatures, W0: np.ndarray | None = None) -> tuple[float, float]:
-    try:  # the toolkit's metric when the analyses package provides it
-        from probekit.analyses import weight_projections
-    except ImportError:
-        weight_projections = None
-    if weight_projections is not None:
-        r = weight_projections(W, data.core_basis, data.bg_basis)
-        d = r.to_dict() if hasattr(r, "to_dict") else dict(r)
-        return float(d["core"]), float(d["background"])
-    P = W @ data.V.T
-    k = data.d_core
-    return float(np.linalg.norm(P[:, :k], axis=1).mean()), float(np.linalg.norm(P[:, k:], axis=1).mean())
+def _projections(W: np.ndarray, data: StructuredFeatures) -> tuple[float, float]:
+    """Mean core and background projections (``probekit.analyses.weight_projections``)."""
+    from probekit.analyses import weight_projections
+
+    r = weight_projections(W, data.core_basis, data.bg_basis)
+    return r.core, r.background
 
 
 def train_two_layer(

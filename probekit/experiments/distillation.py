@@ -77,14 +77,10 @@ def normalized_mean_shift_share(X_a: np.ndarray, X_b: np.ndarray) -> float:
 
 
 def _rel_mse(S: np.ndarray, T: np.ndarray) -> float:
-    try:
-        from probekit.analyses import relative_mse
-    except ImportError:
-        relative_mse = None
-    if relative_mse is not None:
-        r = relative_mse(S, T)
-        return float(r) if isinstance(r, (float, np.floating)) else float(r.to_dict()["relative_mse"])
-    return float(((S - T) ** 2).sum() / ((T - T.mean(0)) ** 2).sum())
+    """Relative MSE ``sum ||s - t||^2 / sum ||t - mean t||^2`` (``probekit.analyses.relative_mse``, raw)."""
+    from probekit.analyses import relative_mse
+
+    return float(relative_mse(S, T).raw)
 
 
 def _decodability_within(X: np.ndarray, factors: np.ndarray, seed: int) -> float:
@@ -141,19 +137,10 @@ def filter_subspaces(seed: int = 0, k: int = 4) -> dict[str, np.ndarray]:
 
 
 def _proj_norm(W: np.ndarray, B: np.ndarray) -> float:
-    """Mean over filters of ``||B w_j||`` (B with orthonormal rows)."""
-    try:
-        from probekit.analyses import weight_projections
-    except ImportError:
-        weight_projections = None
-    if weight_projections is not None:
-        try:
-            r = weight_projections(W, B, B)
-            d = r.to_dict() if hasattr(r, "to_dict") else dict(r)
-            return float(d["core"])
-        except Exception:  # noqa: BLE001 - fall back to the formula on an API mismatch
-            pass
-    return float(np.linalg.norm(W @ B.T, axis=1).mean())
+    """Mean over filters of ``||B w_j||`` (``probekit.analyses.weight_projections``)."""
+    from probekit.analyses import weight_projections
+
+    return float(weight_projections(W, B, B).core)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -98,48 +98,15 @@ def _mass_mask(norms: np.ndarray, mass: float) -> np.ndarray:
 def cluster_directions(W: np.ndarray, *, mass: float = 0.9, tol_deg: float = 10.0) -> dict[str, Any]:
     """Distinct directions among the neurons carrying ``mass`` of the squared weight norm.
 
-    Uses ``probekit.analyses.DirectionClusters`` when the analyses package provides it; otherwise a
-    greedy leader clustering of unit vectors at angular tolerance ``tol_deg``, leaders taken in order
-    of decreasing norm. Returns ``n_directions``, ``centers`` (unit, (k, d)) and ``shares`` (of the
-    squared norm of the kept neurons).
+    ``probekit.analyses.DirectionClusters(tol=tol_deg, mass=mass)``; returns ``n_directions``, the
+    unit ``centers`` (k, d) and ``shares`` of those directions (largest first).
     """
-    try:
-        from probekit.analyses import DirectionClusters
-    except ImportError:
-        DirectionClusters = None
-    if DirectionClusters is not None:
-        try:
-            dc = DirectionClusters(mass=mass, tol=np.deg2rad(tol_deg)).fit(W)
-        except TypeError:
-            dc = DirectionClusters(mass=mass).fit(W)
-        return {
-            "n_directions": int(dc.n_directions_),
-            "centers": np.asarray(dc.centers_),
-            "shares": np.asarray(dc.shares_),
-            "method": "probekit.analyses.DirectionClusters",
-        }
-    norms = np.linalg.norm(W, axis=1)
-    keep = np.flatnonzero(_mass_mask(norms, mass))
-    keep = keep[np.argsort(-norms[keep])]
-    u = W[keep] / norms[keep, None]
-    cos_tol = math.cos(math.radians(tol_deg))
-    centers: list[np.ndarray] = []
-    members: list[list[int]] = []
-    for i, v in enumerate(u):
-        for c, m in zip(centers, members):
-            if v @ c >= cos_tol:
-                m.append(i)
-                break
-        else:
-            centers.append(v)
-            members.append([i])
-    sq = norms[keep] ** 2
-    shares = np.array([sq[m].sum() for m in members]) / sq.sum()
-    cents = []
-    for m in members:
-        c = (u[m] * sq[m, None]).sum(0)
-        cents.append(c / np.linalg.norm(c))
-    return {"n_directions": len(centers), "centers": np.array(cents), "shares": shares, "method": "greedy"}
+    from probekit.analyses import DirectionClusters
+
+    dc = DirectionClusters(mass=mass, tol=tol_deg).fit(W)
+    k = int(dc.n_directions_)
+    return {"n_directions": k, "centers": np.asarray(dc.centers_)[:k], "shares": np.asarray(dc.shares_)[:k],
+            "spread_deg": np.asarray(dc.spread_)[:k]}
 
 
 def _match_centers(c1: np.ndarray, c2: np.ndarray) -> float:
@@ -207,7 +174,7 @@ def run(
                     "n_directions": c["n_directions"],
                     "centers": c["centers"],
                     "shares": c["shares"],
-                    "method": c["method"],
+                    "spread_deg": c["spread_deg"],
                     "align95_all_deg": math.degrees(alignment_quantile(Wf, axes)),
                     "align95_mass_deg": math.degrees(alignment_quantile(Wf, axes, mass=mass)),
                     "centers_to_axes_deg": _match_centers(c["centers"], axes),
