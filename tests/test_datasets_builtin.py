@@ -307,3 +307,14 @@ def test_registered_builtin_datasets() -> None:
     assert "group" in ds[0]
     assert len(get_dataset("structured", "test_ood", n=100)) == 100
     assert len(get_dataset("xor", "train")) > 0
+
+
+def test_builtin_items_pass_through_as_samples() -> None:
+    from probekit.datasets import as_samples, get_dataset
+
+    ds = as_samples(get_dataset("bgdigits", "stress", n_stress=2))
+    assert ds.has_label and ds.has_group and list(ds.factor_names) == FACTOR_NAMES
+    item = ds[3]
+    assert item["group"] == get_dataset("bgdigits", "stress", n_stress=2)[2]["group"]  # rows 2, 3: one digit
+    s = as_samples(get_dataset("structured", "test_id", n=50))
+    assert s.has_label and not s.has_group and len(s[0]["factors"]) == 32
