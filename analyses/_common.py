@@ -15,7 +15,6 @@ from numbers import Integral, Real
 from typing import Any
 
 import numpy as np
-
 from sklearn.exceptions import NotFittedError as _SklearnNotFitted
 
 from probekit.errors import DataError, NotFittedError

@@ -184,14 +184,14 @@ def background_decodability(
         Xt = tsrc.load_within(max_memory, "a categorical factor's logistic probe") if transfer else None
         for j in cat:
             y = F[:, j].astype(np.int64)
-            classes, counts = np.unique(y, return_counts=True)
+            _, counts = np.unique(y, return_counts=True)
             if not transfer and counts.min() < cv:
                 raise DataError(
                     f"Factor {names[j]!r} (categorical) has a level with {counts.min()} row(s), fewer than "
                     f"cv={cv}. Lower cv, merge rare levels, or declare it continuous (categorical=[...])."
                 )
 
-            def run(target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            def run(target: np.ndarray, j: int = j) -> tuple[np.ndarray, np.ndarray]:
                 probe = LinearProbe(C=C, max_memory=max_memory, random_state=random_state)
                 if transfer:
                     probe.fit(Xa, target)

@@ -28,7 +28,7 @@ def _pair(X: Any, Y: Any, chunk_rows: int | None, names: tuple[str, str] = ("X",
 
 
 def _zipped(A: Source, B: Source) -> Any:
-    for (s, a), (t, b) in zip(A.chunks(), B.chunks()):
+    for (s, a), (t, b) in zip(A.chunks(), B.chunks(), strict=True):
         if s != t or a.shape[0] != b.shape[0]:
             raise DataError(f"{A.name} and {B.name} yield chunks of different rows; pass equal chunk_rows.")
         yield a, b
@@ -205,7 +205,7 @@ def _diff(a: Any, b: Any, path: str) -> Any:
     if isinstance(a, list) and isinstance(b, list):
         if len(a) != len(b):
             raise DataError(f"Lists of different lengths at {path}: {len(a)} vs {len(b)}.")
-        return [_diff(x, y, f"{path}[{i}]") for i, (x, y) in enumerate(zip(a, b))]
+        return [_diff(x, y, f"{path}[{i}]") for i, (x, y) in enumerate(zip(a, b, strict=True))]
     num = (int, float)
     if isinstance(a, num) and isinstance(b, num) and not isinstance(a, bool) and not isinstance(b, bool):
         return a - b

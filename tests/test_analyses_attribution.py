@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from torch import nn
-
 from probekit.analyses import background_attribution_share
+from torch import nn
 
 
 class _Masked(nn.Module):

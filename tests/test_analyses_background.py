@@ -6,12 +6,6 @@ import json
 
 import numpy as np
 import pytest
-from scipy import stats
-from sklearn.linear_model import LinearRegression, Ridge
-from sklearn.model_selection import KFold, cross_val_predict
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
-
 from probekit.analyses import (
     BackgroundCorrelation,
     BackgroundDecodability,
@@ -19,6 +13,11 @@ from probekit.analyses import (
     background_sensitivity,
     normalized_mean_shift,
 )
+from scipy import stats
+from sklearn.linear_model import LinearRegression, Ridge
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
 from probekit.errors import DataError
 
 
@@ -83,7 +82,7 @@ def _planted(p, n=1000, d=100, seed=0, strength=0.6):
     rng = np.random.default_rng(seed)
     f = rng.normal(size=(n, 1))
     X = rng.normal(size=(n, d))
-    k = int(round(p * d))
+    k = round(p * d)
     X[:, :k] = strength * f + np.sqrt(1 - strength**2) * X[:, :k]
     return X, f, k / d, strength**2
 

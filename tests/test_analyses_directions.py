@@ -6,8 +6,14 @@ import json
 
 import numpy as np
 import pytest
+from probekit.analyses import (
+    DirectionClusters,
+    direction_series,
+    patch_bases,
+    projection_series,
+    weight_projections,
+)
 
-from probekit.analyses import DirectionClusters, direction_series, patch_bases, projection_series, weight_projections
 from probekit.errors import DataError
 
 

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from probekit.analyses import LinearProbe, RidgeProbe, probe_id_ood
 from sklearn.datasets import load_digits, make_classification
 from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.model_selection import GridSearchCV
@@ -13,7 +14,6 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from probekit.analyses import LinearProbe, RidgeProbe, probe_id_ood
 from probekit.errors import DataError, NotFittedError
 
 
@@ -62,7 +62,7 @@ def test_torch_probe_matches_sklearn_accuracy(data, C):
 
 
 def test_sklearn_backend_is_sklearn():
-    _, Xtr, ytr, Xte, yte = DATASETS[0]
+    _, Xtr, ytr, Xte, _ = DATASETS[0]
     ref = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=1000)).fit(Xtr, ytr)
     probe = LinearProbe(C=0.1, backend="sklearn").fit(Xtr, ytr)
     np.testing.assert_allclose(probe.decision_function(Xte), ref.decision_function(Xte), rtol=1e-6, atol=1e-6)
@@ -98,7 +98,7 @@ def test_C_cv_chooses_from_grid_like_sklearn():
     from sklearn.model_selection import StratifiedKFold, cross_val_score
 
     cv = StratifiedKFold(3, shuffle=True, random_state=0)
-    for C, acc in zip(probe.cv_results_["C"], probe.cv_results_["mean_accuracy"]):
+    for C, acc in zip(probe.cv_results_["C"], probe.cv_results_["mean_accuracy"], strict=True):
         ref = cross_val_score(make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=200)),
                               Xtr[:600], ytr[:600], cv=cv).mean()
         assert acc == pytest.approx(ref, abs=1e-9)
@@ -124,7 +124,7 @@ def test_ridge_alpha_cv_agrees_with_sklearn_kfold():
     y = X[:, 20] + rng.normal(size=X.shape[0]) * 4
     r = RidgeProbe(alpha="cv", alphas=[0.1, 100.0], random_state=0).fit(X, y)
     # sklearn's per-fold-mean R2 differs slightly from pooled R2; compare the ranking and level
-    for a, r2 in zip(r.cv_results_["alpha"], r.cv_results_["r2"]):
+    for a, r2 in zip(r.cv_results_["alpha"], r.cv_results_["r2"], strict=True):
         ref = cross_val_score(make_pipeline(StandardScaler(), Ridge(alpha=a)), X, y,
                               cv=KFold(5, shuffle=True, random_state=0)).mean()
         assert abs(r2 - ref) < 0.02

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from probekit.analyses import cka_matrix, difference, linear_cka, relative_mse
+
 from probekit.errors import DataError
 
 
