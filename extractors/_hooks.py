@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,7 +22,7 @@ from ._pooling import PoolSpec, pool, pool_for
 
 __all__ = ["Capture", "OutputKey", "capture"]
 
-OutputKey = Union[int, str, None, Mapping[str, Union[int, str]]]
+OutputKey = int | str | None | Mapping[str, int | str]
 
 # modules whose 3-D output is channels-first (N, C, L) rather than tokens (N, T, D)
 _CHANNELS_FIRST_1D: tuple[type[nn.Module], ...] = (

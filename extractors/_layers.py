@@ -13,7 +13,7 @@ import inspect
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,7 +22,7 @@ from ..errors import DataError, LayerNotFoundError
 
 __all__ = ["LayerInfo", "LayerSpec", "list_layers", "parse_selector", "resolve_layers"]
 
-LayerSpec = Union[str, Sequence[str], Callable[..., bool]]
+LayerSpec = str | Sequence[str] | Callable[..., bool]
 """What a user may pass as ``layers``: a name, a glob, ``name@K``, a list of these, or a predicate."""
 
 _GLOB_CHARS = re.compile(r"[*?\[]")

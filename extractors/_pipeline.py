@@ -414,7 +414,7 @@ def extract_models(
                                 acts[m][k] = dst.numpy()
                         ready = torch.cuda.Event()
                         ready.record()
-                        sink.put((split, row, smp, acts), ready, lambda bufs=bufs: ring.give(bufs))
+                        sink.put((split, row, smp, acts), ready, lambda bufs=bufs, ring=ring: ring.give(bufs))
                     else:
                         acts = {m: {k: v.cpu().numpy() for k, v in f.items()} for m, f in feats.items()}
                         sink.put((split, row, smp, acts))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Mapping
-from typing import Literal, Union
+from typing import Literal
 
 import torch
 
@@ -19,7 +19,7 @@ from ._layers import parse_selector
 __all__ = ["POOLS", "PoolMode", "PoolSpec", "pool", "pool_for", "pools_for_rank"]
 
 PoolMode = Literal["avg", "max", "cls", "tokens_mean", "flatten", "none"]
-PoolSpec = Union[str, Mapping[str, str]]
+PoolSpec = str | Mapping[str, str]
 POOLS: tuple[str, ...] = ("avg", "max", "cls", "tokens_mean", "flatten", "none")
 """Every pooling mode, in the order the CLI lists them."""
 

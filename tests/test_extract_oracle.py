@@ -107,7 +107,7 @@ def vit_reference(vit):
                                           return_prefix_tokens=True, norm=False)
     # re-join the prefix (class) tokens and the patch tokens: the raw (N, T, D) block output
     ref = {f"blocks.{i}": torch.cat([prefix, spatial], dim=1).numpy().copy()
-           for i, (spatial, prefix) in zip(VIT_BLOCKS, inter)}
+           for i, (spatial, prefix) in zip(VIT_BLOCKS, inter, strict=True)}
     return x, ref
 
 

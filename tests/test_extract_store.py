@@ -28,7 +28,7 @@ def small_cnn(seed: int, width: int = 4) -> nn.Module:
 class Items(Dataset):
     """Dict items with label, factors and group; raises ``exc`` when item ``fail_at`` is read."""
 
-    factor_names = ["bg_hue", "bg_texture"]
+    factor_names = ("bg_hue", "bg_texture")
 
     def __init__(self, n: int = N, fail_at: int | None = None, exc: type[BaseException] = RuntimeError) -> None:
         g = torch.Generator().manual_seed(5)
