@@ -240,7 +240,7 @@ def _plot(per_seed: dict[str, list[dict[str, Any]]], out) -> None:
             axes[2].plot(s, r["ood_loss"], color=c, alpha=0.7, ls="--", label=f"{act} OOD" if i == 0 else None)
     axes[0].set_title("background projection / init")
     axes[1].set_title("core projection / init")
-    axes[2].set_title("hinge loss (solid ID, dashed OOD)")
+    axes[2].set_title("loss (solid ID, dashed OOD)")
     for a in axes:
         a.set_xlabel("step")
         a.legend(fontsize=8)
@@ -257,8 +257,14 @@ def _main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--out", default=None)
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--activations", default="relu,identity", help="comma list of relu,identity,gelu,tanh,...")
+    p.add_argument("--nonlinear", action="store_true", help="two-sphere core instead of the linear one")
+    p.add_argument("--loss", default="hinge", choices=["hinge", "logistic"])
+    p.add_argument("--train-output", action="store_true", help="train the second layer too")
+    p.add_argument("--steps", type=int, default=None)
     a = p.parse_args(argv)
-    r = run(seeds=a.seeds, out_dir=a.out, quick=a.quick)
+    r = run(seeds=a.seeds, out_dir=a.out, quick=a.quick, activations=tuple(a.activations.split(",")),
+            nonlinear=a.nonlinear, loss=a.loss, freeze_output=not a.train_output, steps=a.steps)
     for act, s in r["summary"].items():
         print(
             f"{act:9s} bg growth {fmt(s['bg_growth'])}  core growth {fmt(s['core_growth'])}  "
