@@ -227,7 +227,8 @@ def test_bgdigits_background_is_the_hsv_colour_times_stripes() -> None:
         ky, kx = (ky + 12) % 24 - 12, (kx + 12) % 24 - 12  # signed frequencies
         th = np.deg2rad(orient)
         true = np.array([freq * np.cos(th), freq * np.sin(th)])
-        assert min(np.linalg.norm(true - [kx, ky]), np.linalg.norm(true + [kx, ky])) < 1.5
+        k = np.array([kx, ky], dtype=float)
+        assert min(np.linalg.norm(true - k), np.linalg.norm(true + k)) < 1.5
 
 
 def test_bgdigits_id_and_ood_factor_ranges_are_disjoint() -> None:

@@ -18,7 +18,12 @@ import torch
 import probekit
 from probekit.datasets._synthetic import make_structured, structured_basis, xor_axes
 from probekit.experiments import EXPERIMENTS, get_experiment
-from probekit.experiments._digitnets import DigitCNN, fit_random_features_student, train_student, train_teacher
+from probekit.experiments._digitnets import (
+    DigitCNN,
+    fit_random_features_student,
+    train_student,
+    train_teacher,
+)
 from probekit.experiments.contamination import TwoLayerNet, train_two_layer
 
 
@@ -59,7 +64,7 @@ def test_identity_gradient_has_no_background_component_on_balanced_data() -> Non
 def test_contamination_relu_grows_background_and_identity_does_not(tmp_path) -> None:
     r = get_experiment("contamination")(seeds=[0, 1], out_dir=tmp_path, quick=True, steps=200)
     relu, ident = r["summary"]["relu"], r["summary"]["identity"]
-    for rec_r, rec_i in zip(r["per_seed"]["relu"], r["per_seed"]["identity"]):
+    for rec_r, rec_i in zip(r["per_seed"]["relu"], r["per_seed"]["identity"], strict=True):
         assert rec_r["bg_max_growth"] > 1.2  # background projection above its init level
         assert rec_i["bg_max_growth"] <= 1.0 + 1e-6  # identity: never above init (weight decay shrinks it)
         assert rec_r["bg_max_growth"] > rec_i["bg_max_growth"]
@@ -128,7 +133,7 @@ def test_digit_cnn_layers_and_random_features_control_keeps_the_trunk() -> None:
     names = {n for n, _ in s.named_modules()}
     assert {"block1", "block2", "block3", "rep"} <= names
     rf = fit_random_features_student(t, seed=0, epochs=1, init=s)
-    for (n, p0), (_, p1) in zip(s.named_parameters(), rf.named_parameters()):
+    for (n, p0), (_, p1) in zip(s.named_parameters(), rf.named_parameters(), strict=True):
         if n.startswith("block"):
             assert torch.equal(p0, p1), n  # trunk frozen at its random init
 

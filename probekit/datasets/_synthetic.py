@@ -23,8 +23,8 @@ import numpy as np
 from ..errors import DataError
 
 __all__ = [
-    "StructuredFeatures",
     "StructuredDataset",
+    "StructuredFeatures",
     "XORDataset",
     "gen_skew_data",
     "gen_sym_data",

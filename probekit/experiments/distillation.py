@@ -21,7 +21,6 @@ Run: ``python -m probekit.experiments.distillation --out DIR`` (``--quick`` for 
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -35,7 +34,6 @@ from ._common import fmt, mean_sd, out_path, pyplot, seeds_list, torch_threads, 
 from ._digitnets import (
     DigitCNN,
     fit_random_features_student,
-    render_split,
     representations,
     train_erm,
     train_student,
@@ -111,7 +109,6 @@ def filter_subspaces(seed: int = 0, k: int = 4) -> dict[str, np.ndarray]:
     ``bg_patch`` / ``digit_patch`` (k each): top principal directions of uncentred 3x3 patches of
     ID background-only images and of the digit-only canvases (digit copied to RGB).
     """
-    e = np.eye(3)
     chroma = np.array([[1, -1, 0], [1, 1, -2]], float)
     chroma /= np.linalg.norm(chroma, axis=1, keepdims=True)
     grey = np.ones(3) / np.sqrt(3)
@@ -124,7 +121,6 @@ def filter_subspaces(seed: int = 0, k: int = 4) -> dict[str, np.ndarray]:
         "grey_edge": np.stack([np.kron(grey, s) for s in sp_edge]),
         "chroma_edge": np.stack([np.kron(c, s) for c in chroma for s in sp_edge]),
     }
-    del e
     a = BackgroundDigits("test_id", seed=seed).arrays(range(300))
     bg = torch.from_numpy(a["background"])
     dg = torch.from_numpy(np.repeat(a["digit"][:, None], 3, 1))
