@@ -311,3 +311,280 @@ def _init_step(ctx: _Ctx, m: str, split: str, layer: str) -> int | None:
     if steps and steps[0] == 0 and layer in ctx.store.layers(m, split, step=0):
         return 0
     return None
+
+
+def _n(ctx: _Ctx, m: str, split: str, step: int | None = None) -> int:
+    return ctx.store.n_rows(split, m, step)
+
+
+def _field(ctx: _Ctx, split: str, name: str, n: int) -> np.ndarray:
+    return ctx.store.sample_field(split, name)[:n]
+
+
+def _factor_use(ctx: _Ctx, split: str) -> list[str] | None:
+    return ctx.cfg["factors"]
+
+
+def _probe(ctx: _Ctx, m: str, layer: str) -> dict[str, Any]:
+    from .analyses import probe_id_ood
+
+    c = ctx.cfg
+    xs = {sp: ctx.x(m, c[sp], layer) for sp in ("train", "test_id", "test_ood")}
+    ys = {sp: _field(ctx, c[sp], "label", len(xs[sp])) for sp in xs}
+    r = probe_id_ood(xs["train"], ys["train"], xs["test_id"], ys["test_id"], xs["test_ood"], ys["test_ood"],
+                     n_boot=c["n_boot"], random_state=c["random_state"])
+    return {"train": c["train"], "id": _estimate(r.id_accuracy, r.id_ci),
+            "ood": _estimate(r.ood_accuracy, r.ood_ci), "gap": _estimate(r.gap, r.gap_ci),
+            "train_accuracy": r.train_accuracy, "C": r.C, "n_train": r.n_train}
+
+
+def _decodability(ctx: _Ctx, m: str, layer: str, split: str) -> dict[str, Any]:
+    from .analyses import background_decodability
+
+    X = ctx.x(m, split, layer)
+    F = _field(ctx, split, "factors", len(X))
+    r = background_decodability(X, F, factor_names=ctx.store.factor_names(split), use=_factor_use(ctx, split),
+                                n_boot=min(200, ctx.cfg["n_boot"]), random_state=ctx.cfg["random_state"])
+    factors = {f: {"metric": r.metric[f], "score": r.score[f], "control": r.control_mean[f],
+                   "control_sd": r.control_sd[f], "excess": _estimate(r.excess[f], r.excess_ci[f])}
+               for f in r.factor_names}
+    excess = [r.excess[f] for f in r.factor_names]
+    return {"split": split, "factors": factors, "mean_excess": _estimate(float(np.mean(excess)))}
+
+
+def _correlation(ctx: _Ctx, m: str, layer: str, split: str) -> dict[str, Any]:
+    from .analyses import BackgroundCorrelation
+
+    X = ctx.x(m, split, layer)
+    n = len(X)
+    F = _field(ctx, split, "factors", n)
+    label = _field(ctx, split, "label", n) if ctx.store.has_field(split, "label") else None
+    est = BackgroundCorrelation(n_permutations=ctx.cfg["n_perm"], random_state=ctx.cfg["random_state"])
+    r = est.fit(X, F, label, factor_names=ctx.store.factor_names(split), use=_factor_use(ctx, split)).result_
+    absr = np.abs(np.asarray(r.pearson, dtype=float))
+    absr = absr[np.isfinite(absr)]
+    counts, edges = np.histogram(absr, bins=30, range=(0.0, max(0.05, float(absr.max(initial=0.0)))))
+    return {
+        "split": split, "n_samples": r.n_samples, "n_dead_units": r.n_dead_units,
+        "mean_abs_r": float(np.mean(list(r.mean_abs_pearson.values()))),
+        "per_factor_mean_abs_r": r.mean_abs_pearson,
+        "noise_floor": r.noise_floor,
+        "threshold": float(np.mean(list(r.threshold.values()))),
+        "per_factor_share_significant": r.share_significant,
+        "share_significant": r.share_any_factor_significant,
+        "alpha": r.alpha,
+        "variance_share_background": r.mean_factor_r2,
+        "variance_share_background_null": r.null_factor_r2,
+        "variance_share_label": r.mean_label_eta2,
+        "hist": {"edges": edges.tolist(), "counts": counts.tolist()},
+    }
+
+
+def _sensitivity(ctx: _Ctx, m: str, layer: str, split: str) -> dict[str, Any]:
+    from .analyses import background_sensitivity
+
+    def one(step: int | None) -> dict[str, Any]:
+        X = ctx.x(m, split, layer, step)
+        group = _field(ctx, split, "group", len(X))
+        r = background_sensitivity(X, group, n_boot=min(200, ctx.cfg["n_boot"]),
+                                   random_state=ctx.cfg["random_state"])
+        return _estimate(r.layer, r.layer_ci)
+
+    out = {"split": split, "value": one(None)}
+    step = _init_step(ctx, m, split, layer)
+    if step is not None:
+        out["init"] = one(step)
+    return out
+
+
+def _nms(ctx: _Ctx, m: str, layer: str, a: str, b: str) -> dict[str, Any]:
+    from .analyses import normalized_mean_shift
+
+    def one(step: int | None) -> dict[str, Any]:
+        r = normalized_mean_shift(ctx.x(m, a, layer, step), ctx.x(m, b, layer, step),
+                                  n_boot=min(200, ctx.cfg["n_boot"]), random_state=ctx.cfg["random_state"])
+        return _estimate(r.nms, r.ci)
+
+    out = {"from": a, "to": b, "value": one(None)}
+    if _init_step(ctx, m, a, layer) is not None and _init_step(ctx, m, b, layer) is not None:
+        out["init"] = one(0)
+    return out
+
+
+# -- headline and verdict -------------------------------------------------------------------------
+
+HEADLINE_DEFINITIONS = {
+    "sensitivity": (
+        "background sensitivity",
+        "Share of the layer's variance that comes from the background with the foreground held fixed, on "
+        "the grouped split with broad backgrounds ({split}): Σ_u Σ_i (x_iu − x̄_g(i)u)² / Σ_u Σ_i (x_iu − x̄_u)². "
+        "0 = ignores the background. Reference: the teacher at the same layer for a student, else the same "
+        "network at initialisation. Flagged when the 95% CI's low end exceeds 1.25 × the reference.",
+    ),
+    "nms": (
+        "normalised mean shift",
+        "Σ_u (mean OOD − mean ID)² / Σ_u var_ID on the same foregrounds ({split}); 0 = the background "
+        "family does not move the layer. Reference: the teacher at the same layer for a student, else the "
+        "same network at initialisation. Flagged when the 95% CI's low end exceeds 1.25 × the reference.",
+    ),
+}
+
+
+def _headline(doc: dict[str, Any]) -> dict[str, Any]:
+    models = doc["models"]
+    has = {k: any(k in res for info in models.values() for res in info["layers"].values())
+           for k in HEADLINE_DEFINITIONS}
+    metric = "sensitivity" if has["sensitivity"] else "nms" if has["nms"] else None
+    if metric is None:
+        return {"metric": None, "name": None, "definition": "", "rows": []}
+    teachers = [m for m, info in models.items() if info["role"] == "teacher"]
+    rows = []
+    split = ""
+    for m, info in models.items():
+        for layer, res in info["layers"].items():
+            if metric not in res:
+                continue
+            fig = res[metric]
+            split = fig.get("split") or f"{fig.get('from')} → {fig.get('to')}"
+            est = fig["value"]
+            ref_name, ref_value = None, None
+            if info["role"] == "student" and teachers:
+                t = teachers[0]
+                t_fig = models[t]["layers"].get(layer, {}).get(metric)
+                if t_fig and t_fig["value"]["value"] is not None:
+                    ref_name, ref_value = f"teacher {t}", t_fig["value"]["value"]
+            init_value = (fig.get("init") or {}).get("value")
+            if ref_value is None and init_value is not None:
+                ref_name, ref_value = "at initialisation", init_value
+            ratio = est["value"] / ref_value if ref_value and est["value"] is not None else None
+            low = (est.get("ci") or [None])[0]
+            flag = bool(ref_value is not None and low is not None and low > HEADLINE_FLAG_RATIO * ref_value)
+            rows.append({"model": m, "layer": layer, "estimate": est, "reference": ref_name,
+                         "reference_value": ref_value, "init_value": init_value, "ratio": ratio, "flag": flag})
+    name, definition = HEADLINE_DEFINITIONS[metric]
+    return {"metric": metric, "name": name, "definition": definition.format(split=split), "rows": rows}
+
+
+def _verdict(doc: dict[str, Any]) -> list[str]:
+    lines = []
+    head = doc["headline"]
+    models = doc["models"]
+    by_model: dict[str, list[dict[str, Any]]] = {}
+    for r in head["rows"]:
+        by_model.setdefault(r["model"], []).append(r)
+    for m, rows in by_model.items():
+        flagged = [r for r in rows if r["flag"]]
+        refd = [r for r in rows if r["ratio"] is not None]
+        if refd:
+            worst = max(refd, key=lambda r: r["ratio"])
+            e = worst["estimate"]
+            ci = e.get("ci") or [None, None]
+            lines.append(
+                f"{m}: {head['name']} is above its reference ({worst['reference']}) at {len(flagged)} of "
+                f"{len(rows)} layers; largest at {worst['layer']}: {e['value']:.3f} "
+                f"[{_f(ci[0])}, {_f(ci[1])}] vs {worst['reference_value']:.3f} ({worst['ratio']:.2f}×)."
+                if flagged else
+                f"{m}: {head['name']} is not above its reference ({worst['reference']}) at any layer "
+                f"(highest ratio {worst['ratio']:.2f}× at {worst['layer']})."
+            )
+        elif rows:
+            top = max(rows, key=lambda r: r["estimate"]["value"] or 0.0)
+            lines.append(f"{m}: {head['name']} up to {top['estimate']['value']:.3f} (at {top['layer']}); "
+                         "no reference (teacher or initialisation) to compare with.")
+    for m, info in models.items():
+        probes = [(la, res["probe"]) for la, res in info["layers"].items() if "probe" in res]
+        if probes:
+            la, p = probes[-1]
+            if p["id"]["value"] is not None and p["ood"]["value"] is not None:
+                lines.append(
+                    f"{m}: linear-probe accuracy at {la} falls from {100 * p['id']['value']:.1f}% (ID) to "
+                    f"{100 * p['ood']['value']:.1f}% (OOD), a gap of {100 * p['gap']['value']:.1f} points."
+                )
+    for pair in doc.get("pairs", []):
+        rm = pair.get("rel_mse") or {}
+        vals = {sp: (rm.get(sp) or {}).get("value") for sp in rm}
+        if len(vals) >= 2 and all(v is not None for v in vals.values()):
+            text = ", ".join(f"{v:.3f} on {sp}" for sp, v in vals.items())
+            lines.append(f"{pair['student']} fits {pair['teacher']} at {pair['student_layer']} with relative "
+                         f"MSE {text}.")
+    return lines
+
+
+def _f(v: float | None) -> str:
+    return "–" if v is None else f"{v:.3f}"
+
+
+# -- weights and pairs ----------------------------------------------------------------------------
+
+
+def _directions(ctx: _Ctx, m: str) -> dict[str, Any]:
+    from .analyses import DirectionClusters
+
+    out = {}
+    for layer in ctx.store.weight_layers(m):
+        W = ctx.store.weights(m, layer)
+
+        def run(W: np.ndarray = W) -> dict[str, Any]:
+            est = DirectionClusters().fit(W)
+            return {"n_units": int(W.shape[0]), "fan_in": int(W.shape[1]),
+                    "n_directions": int(est.n_directions_), "shares": np.asarray(est.shares_).tolist(),
+                    "spreads": np.asarray(est.spread_).tolist()}
+
+        r = _run(ctx, "directions", m, layer, run)
+        if r is not None:
+            out[layer] = r
+    if not out:
+        ctx.skip("directions", "the store has no weight rows for this model", m, None)
+    return out
+
+
+def _pairs(ctx: _Ctx, names: Sequence[str], doc: dict[str, Any]) -> list[dict[str, Any]]:
+    from .analyses import linear_cka, relative_mse
+
+    s, c = ctx.store, ctx.cfg
+    teachers = [m for m in names if s.role(m) == "teacher"]
+    students = [m for m in names if s.role(m) == "student"]
+    if not teachers or not students:
+        ctx.skip("teacher-student", "needs one model with role 'teacher' and one with role 'student'")
+        return []
+    pairs = []
+    splits = [sp for sp in (c["test_id"], c["test_ood"], c["stress"]) if sp in s.splits]
+    for t in teachers:
+        for st in students:
+            common = [la for la in s.layers(st) if la in s.layers(t)]
+            layer_pairs = [(la, la) for la in common] or [(s.layers(st)[-1], s.layers(t)[-1])]
+            for ls, lt in layer_pairs:
+                pair: dict[str, Any] = {"teacher": t, "student": st, "teacher_layer": lt, "student_layer": ls,
+                                        "cka": {}, "rel_mse": {}}
+                for sp in splits:
+                    if not (ctx.has_split(st, sp, ls) and ctx.has_split(t, sp, lt)):
+                        continue
+                    if s.n_rows(sp, st) != s.n_rows(sp, t):
+                        ctx.skip("teacher-student", f"split {sp!r} has different row counts for the two models",
+                                 st, ls)
+                        continue
+                    X, Y = ctx.x(st, sp, ls), ctx.x(t, sp, lt)
+                    cka = _run(ctx, "cka", st, ls, lambda X=X, Y=Y: linear_cka(X, Y))
+                    pair["cka"][sp] = _estimate(cka)
+                    fit = {}
+                    if ctx.has_split(st, c["train"], ls) and ctx.has_split(t, c["train"], lt):
+                        fit = {"student_fit": ctx.x(st, c["train"], ls), "teacher_fit": ctx.x(t, c["train"], lt)}
+                    r = _run(ctx, "relative_mse", st, ls, lambda X=X, Y=Y, fit=fit: relative_mse(X, Y, **fit))
+                    if r is not None:
+                        value = r.raw if r.raw is not None else r.mapped
+                        pair["rel_mse"][sp] = _estimate(value)
+                        pair.setdefault("rel_mse_mapped", {})[sp] = _estimate(r.mapped)
+                pair["differences"] = _differences(doc["models"][st]["layers"].get(ls, {}),
+                                                   doc["models"][t]["layers"].get(lt, {}))
+                pairs.append(pair)
+    return pairs
+
+
+def _differences(student: Mapping[str, Any], teacher: Mapping[str, Any]) -> dict[str, float]:
+    """Student minus teacher of every per-layer figure both have (the gating metrics)."""
+    out = {}
+    for name, get in METRICS.items():
+        a, b = get(student), get(teacher)
+        if a is not None and b is not None:
+            out[name] = float(a) - float(b)
+    return out

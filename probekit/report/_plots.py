@@ -14,8 +14,8 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
 COLORS = {"teacher": "#1f77b4", "student": "#d62728", "model": "#2ca02c"}
 _EXTRA = ["#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf", "#ff7f0e"]
@@ -172,7 +172,7 @@ def attribution_grid(examples: Sequence[Mapping[str, Any]], title: str) -> str:
         img = np.asarray(ex["input"], dtype=float)
         img = (img - img.min()) / (np.ptp(img) + 1e-12)
         attr = np.abs(np.asarray(ex["attr"], dtype=float))
-        axes[0, j].imshow(img if img.ndim == 3 else img, cmap=None if img.ndim == 3 else "gray")
+        axes[0, j].imshow(img, cmap=None if img.ndim == 3 else "gray")
         axes[1, j].imshow(attr, cmap="inferno")
         if ex.get("mask") is not None:
             axes[1, j].contour(np.asarray(ex["mask"], dtype=float), levels=[0.5], colors="cyan", linewidths=0.8)
