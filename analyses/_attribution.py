@@ -23,11 +23,13 @@ class AttributionShareResult(ResultMixin):
     method: str
     n_steps: int
     n_samples: int
+    maps: np.ndarray | None = None  # |attribution| summed over channels, (n, H, W), when asked for
 
 
 def background_attribution_share(
     model: Any, x: Any, masks: Any, target: Any = None, *, layer: Any = None, neuron: Any = None,
     method: str = "integrated_gradients", baseline: Any = 0.0, n_steps: int = 50, batch_size: int = 16,
+    return_maps: bool = False,
 ) -> AttributionShareResult:
     r"""Share of absolute input attribution that falls on background pixels.
 
@@ -51,6 +53,9 @@ def background_attribution_share(
     baseline : float or tensor, default=0
     n_steps : int, default=50
     batch_size : int, default=16
+    return_maps : bool, default=False
+        Also return the per-pixel maps :math:`\sum_c |a_{icp}|` (``maps``, shape (n, H, W)), e.g. for
+        overlays in a report.
     """
     import torch
 
@@ -81,7 +86,7 @@ def background_attribution_share(
     was_training = model.training
     model.eval()
     try:
-        shares = []
+        shares, maps = [], []
         for s in range(0, xt.shape[0], batch_size):
             xb = xt[s:s + batch_size].to(dev)
             if unit_mode:
@@ -94,6 +99,8 @@ def background_attribution_share(
                     xb, target=tg, baselines=baseline, n_steps=n_steps,
                     internal_batch_size=batch_size * n_steps)
             a = attr.detach().abs().sum(dim=1).cpu().double().numpy()  # (b, H, W)
+            if return_maps:
+                maps.append(a.astype(np.float32))
             mb = M[s:s + batch_size] == 0
             tot = a.reshape(a.shape[0], -1).sum(axis=1)
             bg = (a * mb).reshape(a.shape[0], -1).sum(axis=1)
@@ -104,4 +111,5 @@ def background_attribution_share(
     per = np.concatenate(shares)
     return AttributionShareResult(mean=float(np.nanmean(per)) if np.isfinite(per).any() else float("nan"),
                                   per_sample=per, method="neuron_integrated_gradients" if unit_mode else method,
-                                  n_steps=int(n_steps), n_samples=int(per.size))
+                                  n_steps=int(n_steps), n_samples=int(per.size),
+                                  maps=np.concatenate(maps) if return_maps else None)

@@ -60,3 +60,17 @@ def test_unit_mode_neuron_integrated_gradients():
     np.testing.assert_allclose(res.per_sample, 1.0, atol=1e-7)
     res = background_attribution_share(model, x, masks, layer=model.conv, neuron=(1, 2, 3), n_steps=8)
     np.testing.assert_allclose(res.per_sample, 0.0, atol=1e-7)
+
+
+def test_returned_maps_are_integrated_gradients_of_a_linear_model():
+    """For a linear logit, IG with a zero baseline is exactly x * w: check the maps against it."""
+    x, masks = _data()
+    wm = np.ones((6, 6))
+    wm[:, :3] = 0.5
+    model = _Masked(wm)
+    res = background_attribution_share(model, x, masks, target=0, n_steps=4, batch_size=2, return_maps=True)
+    expected = (x[:, 0].numpy() * wm)  # conv weight +1 for logit 0
+    np.testing.assert_allclose(res.maps, np.abs(expected), rtol=1e-5)
+    bg = (res.maps * (masks == 0)).sum(axis=(1, 2)) / res.maps.sum(axis=(1, 2))
+    np.testing.assert_allclose(res.per_sample, bg, rtol=1e-6)
+    assert background_attribution_share(model, x, masks, target=0, n_steps=4).maps is None
