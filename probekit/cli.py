@@ -104,10 +104,84 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=cmd_info)
 
+    p = sub.add_parser("analyze", help="run every analysis a store allows; print the verdict, write JSON",
+                       description="Run every analysis the store's contents allow (probes need labels, "
+                       "background analyses need factors, sensitivity needs a grouped split, teacher-student "
+                       "needs both roles) and print the verdict. Skipped analyses are listed with the reason. "
+                       "With --fail-above, exit 1 when a figure crosses its threshold (for CI gates).")
+    _add_audit_args(p)
+    p.add_argument("--json", metavar="OUT", help="write the full result (docs/REPORT_SCHEMA.md) here; '-' = stdout")
+    p.add_argument("--fail-above", action="append", default=[], metavar="METRIC[:MODEL[:LAYER]]=VALUE",
+                   help="exit 1 if the figure exceeds VALUE (repeatable). Metrics: sensitivity, nms, gap, "
+                   "decodability, correlated_units; e.g. sensitivity:student=0.12")
+    p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("report", help="write a self-contained HTML report of a store",
+                       description="Audit the store (or reuse an audit JSON) and write one self-contained HTML "
+                       "file: summary, per-layer tables and plots. No network needed to view it.")
+    _add_audit_args(p)
+    p.add_argument("-o", "--out", required=True, metavar="REPORT.html")
+    p.add_argument("--audit", metavar="AUDIT.json", help="use this audit result instead of recomputing it")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("demo", help="the whole pipeline on built-in data, on CPU, in a few minutes",
+                       description="Train a background-invariant teacher and a student distilled on "
+                       "in-distribution backgrounds (background digits), extract both (and their "
+                       "initialisations) into DIR/acts.h5, audit them into DIR/audit.json and write "
+                       "DIR/report.html.")
+    p.add_argument("-o", "--out", default="probekit-demo", metavar="DIR", help="output folder (default: probekit-demo)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--teacher-epochs", type=int, default=40)
+    p.add_argument("--student-epochs", type=int, default=100)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("experiment", help="run one of the papers' experiments (contamination, simplicity, "
+                       "distillation)",
+                       description="Run a reproducible experiment of the two papers (docs/EXPERIMENTS.md): "
+                       "it writes a store, a JSON of its figures with the seeds, and PNG plots into DIR.")
+    p.add_argument("name", choices=["contamination", "simplicity", "distillation"])
+    p.add_argument("-o", "--out", default=None, metavar="DIR", help="output folder (default: experiments/NAME)")
+    p.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1)")
+    p.add_argument("--quick", action="store_true", help="a smaller, faster run (what the tests use)")
+    p.set_defaults(func=cmd_experiment)
+
     p = sub.add_parser("datasets", help="list the built-in datasets",
                        description="List the built-in datasets usable as --data NAME, with their splits.")
     p.set_defaults(func=cmd_datasets)
     return parser
+
+
+def _add_audit_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("store", metavar="STORE.h5")
+    p.add_argument("--label", default="label", help="the label field for probes, or 'none' to skip probes")
+    p.add_argument("--factors", metavar="F1,F2", help="background factors to use (default: all in the store)")
+    p.add_argument("--models", metavar="M1,M2", help="only these models (default: all)")
+    p.add_argument("--layers", metavar="L1,L2", help="only these layers (default: all)")
+    p.add_argument("--train", default="train", metavar="SPLIT", help="split the probes are fit on")
+    p.add_argument("--test-id", default="test_id", metavar="SPLIT")
+    p.add_argument("--test-ood", default="test_ood", metavar="SPLIT")
+    p.add_argument("--stress", default="stress", metavar="SPLIT",
+                   help="grouped split with broad backgrounds, for background sensitivity")
+    p.add_argument("--n-boot", type=int, default=500, help="bootstrap resamples for 95%% intervals")
+    p.add_argument("--n-perm", type=int, default=200, help="permutations for the correlation null")
+    p.add_argument("--seed", type=int, default=0, help="seed of every resampling")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _csv(text: str | None) -> list[str] | None:
+    return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+
+def _audit(args: argparse.Namespace) -> Any:
+    from .audit import audit
+
+    if args.label not in ("label", "none"):
+        raise DataError(f"--label must be 'label' (the store's label field) or 'none'; got {args.label!r}.")
+    return audit(args.store, train=args.train if args.label != "none" else "",
+                 test_id=args.test_id, test_ood=args.test_ood, stress=args.stress,
+                 models=_csv(args.models), layers=_csv(args.layers), factors=_csv(args.factors),
+                 n_boot=args.n_boot, n_perm=args.n_perm, random_state=args.seed, progress=not args.no_progress)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -246,6 +320,88 @@ def cmd_datasets(args: argparse.Namespace) -> int:
         print("no built-in datasets are registered")
     for name, entry in sorted(entries.items()):
         print(f"{name}: splits {', '.join(entry.splits)}\n    {entry.description}")
+    return 0
+
+
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from .audit import parse_threshold
+
+    thresholds = [parse_threshold(t) for t in args.fail_above]  # bad syntax fails before the work
+    result = _audit(args)
+    if args.json == "-":
+        print(json.dumps(result.data, indent=1))
+    else:
+        if args.json:
+            result.to_json(args.json)
+        _print_summary(result.data)
+        if args.json:
+            print(f"\nfull result: {args.json}", file=sys.stderr)
+    failures = result.check(thresholds)
+    for line in failures:
+        print(f"probekit: FAIL {line}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def _print_summary(doc: dict[str, Any]) -> None:
+    for line in doc.get("verdict", []):
+        print(f"- {line}")
+    head = doc.get("headline", {})
+    if head.get("rows"):
+        print(f"\n{head['name']} per layer (95% CI; reference):")
+        for r in head["rows"]:
+            e = r["estimate"]
+            ci = e.get("ci") or [float("nan")] * 2
+            ref = f"; {r['reference']} {r['reference_value']:.3f}" if r.get("reference_value") is not None else ""
+            flag = "  <-- above reference" if r.get("flag") else ""
+            print(f"  {r['model']:<12} {r['layer']:<16} {e['value']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]{ref}{flag}")
+    if doc.get("skipped"):
+        print(f"\n{len(doc['skipped'])} analyses skipped (see the JSON's 'skipped' for reasons)")
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(out_dir):
+        raise DataError(f"Cannot write {args.out!r}: the directory {out_dir!r} does not exist.")
+    if args.audit:
+        try:
+            with open(args.audit) as f:
+                doc = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise DataError(f"Cannot read the audit JSON {args.audit!r} ({e}).") from e
+        if doc.get("schema") != "probekit.audit":
+            raise DataError(f"{args.audit!r} is not a probekit audit result (no schema 'probekit.audit').")
+    else:
+        doc = _audit(args).data
+    path = write_report(doc, args.out)
+    print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    res = run_demo(args.out, seed=args.seed, teacher_epochs=args.teacher_epochs,
+                   student_epochs=args.student_epochs, progress=not args.no_progress)
+    with open(res.audit_json) as f:
+        _print_summary(json.load(f))
+    took = ", ".join(f"{k} {v:.0f}s" for k, v in res.seconds.items())
+    print(f"\nstore:  {res.store}\naudit:  {res.audit_json}\nreport: {res.report}  (open it in a browser)\n"
+          f"time:   {took}")
+    return 0
+
+
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from .experiments import get_experiment
+
+    run = get_experiment(args.name)
+    out = args.out or os.path.join("experiments", args.name)
+    os.makedirs(out, exist_ok=True)
+    run(seeds=args.seeds, out_dir=out, quick=args.quick)
+    print(f"wrote the {args.name} experiment's store, JSON and plots to {out}/", file=sys.stderr)
     return 0
 
 
