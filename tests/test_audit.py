@@ -45,7 +45,7 @@ def _write_store(path, levels, *, with_init=False):
         "stress": _rows(rng, K_BG, 3.0),
     }
     with pk.StoreWriter(path, mode="overwrite") as w:
-        for split, (g, fac) in splits.items():
+        for split, (g, _) in splits.items():
             w.add_split(split, n_rows=len(g), has_label=True, factor_names=["hue", "bright", "freq"],
                         has_group=split == "stress")
         for name, p in levels.items():
