@@ -11,6 +11,7 @@ thread path runs on CPU when ``writer_thread=True`` (tests exercise it; CI has n
 
 from __future__ import annotations
 
+import functools
 import os
 import queue
 import threading
@@ -182,19 +183,22 @@ def _weight_selection(spec: ModelSpec, selected: list[str]) -> list[str]:
     return out
 
 
-def _check_stored_pools(out: str | os.PathLike, split: str, caps: Mapping[str, Capture]) -> None:
+def _check_stored_pools(out: str | os.PathLike, split: str, caps: Mapping[str, Capture],
+                        step: int | None = None) -> None:
     """Refuse to resume a layer with another pooling than the one it was stored with."""
     from ..store import open_store
 
     with open_store(out) as store:
         for name, cap in caps.items():
-            if name not in store.models or split not in store.acts_splits(name):
+            if name not in store.models or (step is not None and step not in store.steps(name)):
                 continue
-            stored = set(store.layers(name, split))
+            if split not in store.acts_splits(name, step):
+                continue
+            stored = set(store.layers(name, split, step))
             for layer in cap.layers:
                 if layer not in stored:
                     continue
-                was = store.acts(name, split, layer).attrs.get("pool")
+                was = store.acts(name, split, layer, step).attrs.get("pool")
                 if was is not None and was != cap.modes[layer]:
                     raise DataError(
                         f"Layer {layer!r} of model {name!r} on split {split!r} in {str(out)!r} was stored "
@@ -235,6 +239,7 @@ def extract_models(
     num_prefix_tokens: int | None = None,
     output_key: OutputKey = None,
     compression: str | None = None,
+    step: int | None = None,
 ) -> Path:
     """Extract pooled activations of one or more models on the same batches into one store.
 
@@ -316,7 +321,7 @@ def extract_models(
     in_dtypes = {name: _input_dtype(spec.module) for name, spec in models.items()}
 
     if mode == "resume" and Path(out).exists():
-        _check_stored_pools(out, split, caps)
+        _check_stored_pools(out, split, caps, step)
     writer = StoreWriter(out, mode=mode, compression=compression)
     sink: _SyncSink | _ThreadSink | None = None
     failed = False
@@ -324,9 +329,12 @@ def extract_models(
         writer.add_split(split, n_rows=n, has_label=samples.has_label, factor_names=samples.factor_names,
                          has_group=samples.has_group)
         for name, spec in models.items():
+            # a checkpoint (step) has other weights than the model by design: only the model's own
+            # extraction records and checks the weights hash
             writer.add_model(name, role=spec.role, source=spec.source,
-                             weights_sha256=weights_sha256(spec.module), param_count=param_count(spec.module))
-        committed = {name: writer.committed(split, name) for name in models}
+                             weights_sha256=weights_sha256(spec.module) if step is None else "",
+                             param_count=param_count(spec.module))
+        committed = {name: writer.committed(split, name, step) for name in models}
         if len(set(committed.values())) > 1:
             raise DataError(
                 f"The models {sorted(committed)} have different rows committed on split {split!r} "
@@ -342,7 +350,8 @@ def extract_models(
                         f"Layer {layer!r} of model {name!r} is a {type(modules[layer]).__name__}, which has "
                         "no neuron weight rows (only Linear and Conv1d/2d/3d do). Drop it from weights_layers."
                     )
-                writer.write_weights(name, layer, rows, attrs={"module_type": type(modules[layer]).__name__})
+                writer.write_weights(name, layer, rows, step=step,
+                                     attrs={"module_type": type(modules[layer]).__name__})
 
         with ExitStack() as stack:
             for cap in caps.values():
@@ -365,7 +374,7 @@ def extract_models(
                     cap = caps[name]
                     for layer, t in f.items():
                         got = writer.add_layer(
-                            name, split, layer, feature_shape=tuple(t.shape[1:]), dtype=dtype,
+                            name, split, layer, feature_shape=tuple(t.shape[1:]), dtype=dtype, step=step,
                             attrs={"pool": cap.modes[layer], "module_type": cap.module_types[layer],
                                    "raw_shape": list(cap.raw_shapes[layer])},
                         )
@@ -381,7 +390,7 @@ def extract_models(
                 return Path(out)
 
             ring: _PinnedRing | None = None
-            write = writer.write_rows
+            write = functools.partial(writer.write_rows, step=step)
             sink = _ThreadSink(write, queue_size) if use_thread else _SyncSink(write)
             loader = DataLoader(
                 Subset(samples, range(start, n)), batch_size=batch_size, shuffle=False,

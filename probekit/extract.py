@@ -66,6 +66,7 @@ def extract(
     output_key: OutputKey = None,
     num_prefix_tokens: int | None = None,
     compression: str | None = None,
+    step: int | None = None,
 ) -> Path:
     """Stream the pooled activations of chosen layers of a model on a dataset into a store.
 
@@ -119,6 +120,9 @@ def extract(
         Prefix tokens skipped by ``tokens_mean`` (default ``model.num_prefix_tokens``, else 1).
     compression : {None, "gzip", "lzf"}
         Compression of activation datasets.
+    step : int, optional
+        Write under ``/models/<name>/steps/<step>/`` (a checkpoint of a series; step 0 = the network
+        at initialisation, which the audit uses as the reference of every sensitivity figure).
 
     Returns
     -------
@@ -163,7 +167,7 @@ def extract(
     return extract_models(
         specs, data, out=out, split=split, pool=pool, batch_size=batch_size, device=device, dtype=dtype,
         mode=mode, num_workers=num_workers, progress=progress, writer_thread=writer_thread,
-        num_prefix_tokens=num_prefix_tokens, output_key=output_key, compression=compression,
+        num_prefix_tokens=num_prefix_tokens, output_key=output_key, compression=compression, step=step,
     )
 
 

@@ -61,7 +61,10 @@ def _normalise_item(item: Any, i: int) -> dict[str, Any]:
     out["x"] = _to_tensor(out["x"])
     if "label" in out:
         y = out["label"]
-        y = y.item() if isinstance(y, (torch.Tensor, np.ndarray)) and np.size(y) == 1 else y
+        if isinstance(y, torch.Tensor) and y.numel() == 1:  # np.size() misreads a tensor's .size method
+            y = y.item()
+        elif isinstance(y, np.ndarray) and y.size == 1:
+            y = y.item()
         if not isinstance(y, (int, np.integer)) and not (isinstance(y, float) and float(y).is_integer()):
             raise DataError(
                 f"Dataset item {i} has label {y!r}; labels must be integer class ids. "
