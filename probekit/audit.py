@@ -452,7 +452,8 @@ def _headline(doc: dict[str, Any]) -> dict[str, Any]:
                 t = teachers[0]
                 t_fig = models[t]["layers"].get(layer, {}).get(metric)
                 if t_fig and t_fig["value"]["value"] is not None:
-                    ref_name, ref_value = f"teacher {t}", t_fig["value"]["value"]
+                    ref_name = "teacher" if t == "teacher" else f"teacher {t}"
+                    ref_value = t_fig["value"]["value"]
             init_value = (fig.get("init") or {}).get("value")
             if ref_value is None and init_value is not None:
                 ref_name, ref_value = "at initialisation", init_value
@@ -500,7 +501,10 @@ def _verdict(doc: dict[str, Any]) -> list[str]:
                     f"{m}: linear-probe accuracy at {la} falls from {100 * p['id']['value']:.1f}% (ID) to "
                     f"{100 * p['ood']['value']:.1f}% (OOD), a gap of {100 * p['gap']['value']:.1f} points."
                 )
+    last_pairs = {}  # the last layer pair of each teacher/student: the representation that was fitted
     for pair in doc.get("pairs", []):
+        last_pairs[(pair["teacher"], pair["student"])] = pair
+    for pair in last_pairs.values():
         rm = pair.get("rel_mse") or {}
         vals = {sp: (rm.get(sp) or {}).get("value") for sp in rm}
         if len(vals) >= 2 and all(v is not None for v in vals.values()):

@@ -131,8 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "DIR/report.html.")
     p.add_argument("-o", "--out", default="probekit-demo", metavar="DIR", help="output folder (default: probekit-demo)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--teacher-epochs", type=int, default=40)
-    p.add_argument("--student-epochs", type=int, default=100)
+    p.add_argument("--teacher-epochs", type=int, default=60)
+    p.add_argument("--student-epochs", type=int, default=150)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
 

@@ -122,7 +122,7 @@ def test_student_is_flagged_against_its_teacher(tmp_path):
     path = _write_store(tmp_path / "ts.h5", {"teacher": 0.1, "student": 1.0})
     doc = pk.audit(path, n_boot=50, n_perm=20, progress=False).data
     head = {r["model"]: r for r in doc["headline"]["rows"]}
-    assert head["student"]["reference"] == "teacher teacher" and head["student"]["flag"]
+    assert head["student"]["reference"] == "teacher" and head["student"]["flag"]
     assert head["teacher"]["reference"] is None and not head["teacher"]["flag"]
     pair = doc["pairs"][0]
     assert pair["rel_mse"]["test_ood"]["value"] > pair["rel_mse"]["test_id"]["value"]

@@ -129,16 +129,14 @@ def _probes(models: Mapping[str, Any], colors: Mapping[str, str]) -> dict[str, A
 
 def _decodability(models: Mapping[str, Any], colors: Mapping[str, str]) -> dict[str, Any] | None:
     series: dict[str, list] = {}
-    tables = []
+    by_split: dict[str, dict[str, Any]] = {}  # split -> {"factors": [...], "rows": [...]}
     for m, info in models.items():
         for layer, res in info.get("layers", {}).items():
             for split, d in (res.get("decodability") or {}).items():
                 series.setdefault(f"{m} · {split}", []).append((layer, d.get("mean_excess")))
-                t = {"title": f"{m} · {layer} · within {split}",
-                     "header": ["factor", "score", "shuffled control", "excess over control"],
-                     "rows": [[f, _fmt(v.get("score")), _fmt(v.get("control")), _cell(v.get("excess"))]
-                              for f, v in d.get("factors", {}).items()], "left": 1}
-                tables.append(t)
+                t = by_split.setdefault(split, {"factors": list(d.get("factors", {})), "rows": []})
+                t["rows"].append([m, layer, *[_cell((d["factors"].get(f) or {}).get("excess"), 2)
+                                              for f in t["factors"]]])
     if not series:
         return None
     s = _section("decodability", "Background decodability",
@@ -151,7 +149,9 @@ def _decodability(models: Mapping[str, Any], colors: Mapping[str, str]) -> dict[
                                               ylabel="score − control", colors=colors, styles=styles,
                                               hline=0.0, hline_label="shuffled control"),
                          "alt": "background decodability by layer", "caption": "0 = the shuffled control."})
-    s["tables"] += tables[:24]
+    for split, t in by_split.items():
+        s["tables"].append({"title": f"excess over the shuffled control, within {split} (95% CI)",
+                            "header": ["model", "layer", *t["factors"]], "rows": t["rows"], "left": 2})
     return s
 
 

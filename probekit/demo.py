@@ -1,0 +1,183 @@
+"""``probekit demo``: the whole pipeline on the built-in background digits, on CPU, in minutes.
+
+A teacher CNN learns digits on backgrounds from a broad family (so it becomes background-invariant);
+a student of the same architecture is distilled to the teacher's 128-d representation with MSE on
+in-distribution backgrounds only (the feature-contamination paper's first experiment, in miniature,
+following ../shared/PILOT.md). Both are extracted on the same samples into one store, together with
+both networks at initialisation (``/models/<m>/steps/0``, the reference that separates learned
+sensitivity from features never removed); every analysis runs; the report is written.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+__all__ = ["DemoResult", "run_demo"]
+
+LAYERS = ["block1", "block2", "block3", "rep"]
+SPLITS = ["train", "test_id", "test_ood", "stress"]
+
+
+@dataclass
+class DemoResult:
+    out_dir: Path
+    store: Path
+    audit_json: Path
+    report: Path
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def run_demo(
+    out_dir: str | os.PathLike = "probekit-demo",
+    *,
+    seed: int = 0,
+    teacher_epochs: int = 60,
+    student_epochs: int = 150,
+    n_attribution: int = 6,
+    progress: bool = True,
+    overwrite: bool = True,
+    log: Callable[[str], None] = print,
+) -> DemoResult:
+    """Train a teacher and a distilled student on background digits, extract, audit, report.
+
+    Writes ``out_dir/acts.h5``, ``out_dir/audit.json`` and ``out_dir/report.html``.
+    """
+    from .audit import audit
+    from .datasets import get_dataset
+    from .errors import DataError
+    from .experiments._digitnets import DigitCNN, train_student, train_teacher
+    from .extract import extract
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    store = out / "acts.h5"
+    if store.exists() and not overwrite:
+        raise DataError(f"{str(store)!r} exists; remove it or run the demo with another -o DIR.")
+    times: dict[str, float] = {}
+    torch.manual_seed(seed)
+
+    t0 = time.perf_counter()
+    # Two torch threads train these small CNNs 1.4x faster than one on an idle 2-core machine, but
+    # 10-25x slower when other processes keep the cores busy (measured: 15+40 epochs took 261 s
+    # under load 4 vs ~10 s idle), so drop to one thread when the machine is already loaded.
+    threads = 1 if _busy() else None
+    old_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    teacher_init = DigitCNN("classifier")  # train_teacher seeds the same way: this is its init
+    with _bar(teacher_epochs, "train teacher (broad backgrounds)", progress) as bar:
+        teacher = train_teacher(seed=seed, epochs=teacher_epochs, on_epoch=lambda e, m: bar.update(1))
+    torch.manual_seed(seed + 1000)
+    student_init = DigitCNN("representation")
+    with _bar(student_epochs, "distil student (ID backgrounds)", progress) as bar:
+        student = train_student(teacher, seed=seed, epochs=student_epochs, init=copy.deepcopy(student_init),
+                                on_epoch=lambda e, m: bar.update(1))
+    torch.set_num_threads(old_threads)
+    times["train"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    mode = "overwrite"
+    for split in SPLITS:
+        data = get_dataset("bgdigits", split, seed=seed)
+        extract({"teacher": teacher, "student": student}, data, layers=LAYERS, out=store, split=split,
+                mode=mode, batch_size=256, progress=progress, source="probekit.demo:DigitCNN",
+                weights_layers=["block1.0", "block2.0", "block3.0"])
+        mode = "resume"
+        extract({"teacher": teacher_init, "student": student_init}, data, layers=LAYERS, out=store,
+                split=split, mode="resume", batch_size=256, progress=progress, step=0,
+                source="probekit.demo:DigitCNN", weights_layers=["block1.0", "block2.0", "block3.0"])
+    times["extract"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    result = audit(store, progress=progress)
+    times["audit"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    result.data["attribution"] = _attribution({"teacher": teacher, "student": student}, store, seed,
+                                              n_attribution)
+    times["attribution"] = time.perf_counter() - t0
+    audit_json = result.to_json(out / "audit.json")
+    report = result.to_html(out / "report.html")
+    return DemoResult(out, store, audit_json, report, times)
+
+
+def _busy() -> bool:
+    try:
+        return os.getloadavg()[0] > 1.0
+    except OSError:  # not available on this platform
+        return False
+
+
+class _bar:
+    def __init__(self, total: int, desc: str, enabled: bool) -> None:
+        self.t = tqdm(total=total, desc=desc, unit="epoch", disable=not enabled, leave=False)
+
+    def __enter__(self) -> Any:
+        return self.t
+
+    def __exit__(self, *exc: object) -> None:
+        self.t.close()
+
+
+def _attribution(models: dict[str, torch.nn.Module], store: Path, seed: int, n: int) -> dict[str, Any]:
+    """Integrated gradients of the class logit of a linear probe on each model's representation.
+
+    The probe (fit on the train split's ``rep`` activations) turns both networks into classifiers the
+    same way, so their attributions are comparable. Images: the first ``n`` OOD test digits.
+    """
+    from .analyses import LinearProbe, background_attribution_share
+    from .datasets import get_dataset
+    from .store import open_store
+
+    data = get_dataset("bgdigits", "test_ood", seed=seed).arrays(np.arange(max(n, 64)))
+    x = torch.from_numpy(data["x"])
+    out: dict[str, Any] = {}
+    with open_store(store) as s:
+        for name, net in models.items():
+            X = s.acts(name, "train", "rep")[:]
+            probe = LinearProbe(C=1.0).fit(X, s.sample_field("train", "label")[: len(X)])
+            head = torch.nn.Linear(X.shape[1], len(probe.classes_))
+            with torch.no_grad():
+                coef = np.atleast_2d(probe.coef_)
+                head.weight.copy_(torch.from_numpy(coef).float())
+                head.bias.copy_(torch.from_numpy(np.atleast_1d(probe.intercept_)).float())
+            clf = torch.nn.Sequential(_Features(net), head).eval()
+            r = background_attribution_share(clf, x, data["mask"], target=[int(t) for t in data["label"]],
+                                             n_steps=32, batch_size=16, return_maps=True)
+            shares = np.asarray(r.per_sample, dtype=float)
+            boot = np.random.default_rng(seed).integers(0, shares.size, (500, shares.size))
+            means = shares[boot].mean(axis=1)
+            ex = []
+            for i in range(min(n, len(x))):
+                ex.append({
+                    "input": np.transpose(data["x"][i], (1, 2, 0)).round(3).tolist(),
+                    "attr": r.maps[i].round(5).tolist(),
+                    "mask": data["mask"][i].astype(int).tolist(),
+                    "background_share": float(shares[i]),
+                })
+            out[name] = {"split": "test_ood", "n_samples": int(shares.size),
+                         "share": {"value": float(shares.mean()),
+                                   "ci": [float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))]},
+                         "background_pixel_fraction": float(1 - data["mask"].mean()),
+                         "examples": ex}
+    return out
+
+
+class _Features(torch.nn.Module):
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.features(x)
