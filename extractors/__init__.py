@@ -21,6 +21,7 @@ from ._pooling import POOLS as POOLS
 from ._pooling import pool as pool
 from ._pooling import pool_for as pool_for
 from ._pooling import pools_for_rank as pools_for_rank
+from ._recorder import Recorder as Recorder
 from ._weights import param_count as param_count
 from ._weights import weight_rows as weight_rows
 from ._weights import weights_sha256 as weights_sha256
@@ -30,6 +31,7 @@ __all__ = [
     "Capture",
     "LayerInfo",
     "ModelSpec",
+    "Recorder",
     "capture",
     "extract_models",
     "first_tensor",
