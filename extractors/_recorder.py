@@ -76,6 +76,23 @@ class _TrainingState:
         random.setstate(self.py_rng)
 
 
+class _InMemory:
+    """A probe split's normalised items, rendered once and kept in memory (the probe set is small)."""
+
+    def __init__(self, data: Any) -> None:
+        from ..datasets import as_samples
+
+        samples = as_samples(data)
+        self.factor_names = samples.factor_names
+        self.items = [samples[i] for i in range(len(samples))]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.items[i]
+
+
 class Recorder:
     """Record activations and weight rows of a model every ``every`` training steps into one store.
 
@@ -112,6 +129,9 @@ class Recorder:
         Storage dtype of activations.
     source : str, default ""
         Where the model came from, stored as an attribute.
+    cache : bool, default True
+        Keep the probe items in memory after the first record (they are read once, not at every
+        record); turn off for a probe set too large for memory.
 
     Attributes
     ----------
@@ -145,6 +165,7 @@ class Recorder:
         device: str | torch.device | None = None,
         dtype: Literal["float32", "float16"] = "float32",
         source: str = "",
+        cache: bool = True,
     ) -> None:
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ProbekitError(f"The 'every' parameter of Recorder must be an int >= 1. Got {every!r} instead.")
@@ -186,6 +207,8 @@ class Recorder:
         self.batch_size = batch_size
         self.dtype = dtype
         self.source = source
+        self.cache = cache
+        self._cached: dict[str, _InMemory] = {}
         self.rank = _rank()
         self.recorded: list[int] = self._complete_steps() if self.rank == 0 else []
 
@@ -229,6 +252,10 @@ class Recorder:
             self.module.eval()
             with torch.no_grad():
                 for i, (split, data) in enumerate(self.splits.items()):
+                    if self.cache:
+                        if split not in self._cached:
+                            self._cached[split] = _InMemory(data)
+                        data = self._cached[split]
                     spec = ModelSpec(self.module, self.layers, role=self.role, source=self.source,
                                      pool=self.pool, weights_layers=self.weights_layers if i == 0 else False)
                     extract_models({self.name: spec}, data, out=self.out, split=split, pool=self.pool,
