@@ -2,6 +2,9 @@
 
 Methods, run in alternation for several repeats on the same model and data:
 
+Wall-clock throughput is the headline; process CPU time is also recorded (with ``--threads 1`` it is
+the least sensitive to other load on the machine).
+
 - ``bare``: ``model(x)`` under ``no_grad`` on pre-made batches (the floor; no data loading, no hooks).
 - ``bare_loader``: ``model(x)`` on batches from a DataLoader over the same dataset probekit reads.
 - ``probekit``: ``probekit.extract`` of 4 pooled layers (avg) into a new HDF5 store; the whole call,
@@ -130,11 +133,14 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--size", type=int, default=112)
     ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_extract.json"))
     args = ap.parse_args()
 
     from torchvision.models.feature_extraction import create_feature_extractor
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = timm.create_model("resnet18", pretrained=False).eval()
     x = torch.randn(args.n, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
@@ -147,12 +153,14 @@ def main() -> None:
     run_bare(model, batches[:2])  # warm-up
     load_start = os.getloadavg()
     times: dict[str, list[float]] = {m: [] for m in METHODS}
+    cpu: dict[str, list[float]] = {m: [] for m in METHODS}
     for r in range(args.repeats):
         for name, fn in METHODS.items():
             out = tmp / f"{name}.h5"
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             fn(out=out, **kw)
             times[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
         print(f"repeat {r + 1}/{args.repeats}: " + ", ".join(f"{m} {t[-1]:.2f}s" for m, t in times.items()),
               flush=True)
 
@@ -162,19 +170,23 @@ def main() -> None:
     thr = {m: args.n / s for m, s in med.items()}
     ratio = {m: thr[m] / thr["bare"] for m in METHODS}
     ratio_best = {m: best["bare"] / best[m] for m in METHODS}
+    cpu_med = {m: statistics.median(t) for m, t in cpu.items()}
+    ratio_cpu = {m: cpu_med["bare"] / cpu_med[m] for m in METHODS}
     print(f"\nResNet-18 (timm, random init), CPU, {args.n} images 3x{args.size}x{args.size}, batch {args.batch}, "
           f"4 layers avg-pooled, torch threads {torch.get_num_threads()}; {args.repeats} repeats; "
           f"load average {load_start[0]:.1f} -> {load_end[0]:.1f}")
-    print(f"{'method':<16} {'median s':>9} {'img/s':>8} {'vs bare':>8} {'best s':>8} {'vs bare':>8}")
+    print(f"{'method':<16} {'median s':>9} {'img/s':>8} {'vs bare':>8} {'best s':>8} {'vs bare':>8} "
+          f"{'cpu s':>8} {'vs bare':>8}")
     for m in METHODS:
-        print(f"{m:<16} {med[m]:>9.3f} {thr[m]:>8.1f} {ratio[m]:>8.3f} {best[m]:>8.3f} {ratio_best[m]:>8.3f}")
+        print(f"{m:<16} {med[m]:>9.3f} {thr[m]:>8.1f} {ratio[m]:>8.3f} {best[m]:>8.3f} {ratio_best[m]:>8.3f} "
+              f"{cpu_med[m]:>8.3f} {ratio_cpu[m]:>8.3f}")
     result = {
         "benchmark": "bench_extract", "model": "timm:resnet18 (random init)", "device": "cpu",
         "n": args.n, "batch": args.batch, "input": [3, args.size, args.size], "layers": LAYERS, "pool": "avg",
         "repeats": args.repeats, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
         "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
         "times_s": times, "median_s": med, "images_per_s": thr, "ratio_vs_bare": ratio,
-        "best_s": best, "ratio_vs_bare_best": ratio_best, "loadavg_start": load_start, "loadavg_end": load_end,
+        "best_s": best, "cpu_s": cpu, "cpu_median_s": cpu_med, "ratio_vs_bare_cpu": ratio_cpu, "ratio_vs_bare_best": ratio_best, "loadavg_start": load_start, "loadavg_end": load_end,
         "probekit_vs_bare_loader": thr["probekit"] / thr["bare_loader"],
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -237,3 +237,19 @@ def test_second_split_and_added_model_in_one_store(tmp_path):
         assert sorted(s.splits) == ["test_ood", "train"]
         assert s.n_rows("test_ood", "teacher") == 7 and s.n_rows("train", "student") == N
         assert s.acts("student", "train", "2").shape == (N, 8)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("writer_thread", [True, False])
+def test_cuda_pinned_path_equals_cpu(tmp_path, writer_thread):
+    """Pooling on the device, non-blocking copies into pinned buffers, writer thread: same values."""
+    model = small_cnn(7)
+    cpu = extract(model, Items(), layers=LAYERS, out=tmp_path / "cpu.h5", batch_size=4, progress=False)
+    gpu = extract(model, Items(), layers=LAYERS, out=tmp_path / "gpu.h5", batch_size=4, progress=False,
+                  device="cuda", writer_thread=writer_thread)
+    with probekit.open_store(cpu) as a, probekit.open_store(gpu) as b:
+        np.testing.assert_array_equal(a.sample_field("data", "index"), b.sample_field("data", "index"))
+        for layer in LAYERS:
+            np.testing.assert_allclose(np.asarray(b.acts("model", "data", layer)),
+                                       np.asarray(a.acts("model", "data", layer)), rtol=1e-3, atol=1e-4)
