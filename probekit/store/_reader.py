@@ -22,7 +22,7 @@ def check_format(path: str | os.PathLike) -> None:
     if not path.exists():
         raise StoreFormatError(f"The store {str(path)!r} does not exist. Check the path.")
     try:
-        f = h5py.File(path, "r")
+        f = h5py.File(path, "r", locking=False)  # see Store: readers never take HDF5's file lock
     except OSError as e:
         raise StoreFormatError(
             f"{str(path)!r} is not a readable HDF5 file ({_short(e)}). It may be truncated or another "
@@ -154,7 +154,14 @@ class Store:
     def __init__(self, path: str | os.PathLike, *, swmr: bool = False) -> None:
         self.path = Path(path)
         check_format(self.path)
-        self._f = h5py.File(self.path, "r", swmr=swmr) if swmr else h5py.File(self.path, "r")
+        # Readers do not take HDF5's file lock: with it, a store could not be read while an extraction
+        # appends to it (HDF5 refuses the open), and a reader would block a resuming writer. Reading
+        # is bounded by the committed counters, which move only after their rows are written and
+        # flushed (docs/FORMAT.md, docs/RELIABILITY.md).
+        if swmr:
+            self._f = h5py.File(self.path, "r", swmr=True, locking=False)
+        else:
+            self._f = h5py.File(self.path, "r", locking=False)
         self.format_version = int(self._f.attrs["format_version"])
 
     def __enter__(self) -> Store:

@@ -93,11 +93,12 @@ class StoreWriter:
             )
         if exists and mode == "resume":
             check_format(self.path)  # refuses a foreign or newer file before opening it for writing
-            self._f = h5py.File(self.path, "r+")
+            self._f = _open_for_writing(self.path, "r+")
         else:
             if exists:  # overwrite
+                _refuse_if_being_written(self.path)
                 self.path.unlink()
-            self._f = h5py.File(self.path, "w")
+            self._f = _open_for_writing(self.path, "w")
             root = self._f
             root.attrs["format"] = F.FORMAT_NAME
             root.attrs["format_version"] = F.FORMAT_VERSION
@@ -393,6 +394,28 @@ class StoreWriter:
         for k, v in attrs.items():
             ds.attrs[k] = v
         self._f.flush()
+
+
+def _open_for_writing(path: Path, mode: str) -> h5py.File:
+    try:
+        return h5py.File(path, mode)
+    except OSError as e:
+        if "lock" in str(e).lower():
+            raise DataError(
+                f"Cannot write the store {str(path)!r}: another process has it open for writing (an "
+                "extraction still running?). Wait for it to finish, or write to another store."
+            ) from e
+        raise
+
+
+def _refuse_if_being_written(path: Path) -> None:
+    """Refuse to replace a store another process is writing (anything else may be replaced)."""
+    try:
+        h5py.File(path, "r+").close()
+    except OSError as e:
+        if "lock" in str(e).lower():
+            _open_for_writing(path, "r+")  # raises the DataError
+        # not HDF5, truncated, ...: overwrite replaces it
 
 
 def _ensure_rows(ds: h5py.Dataset, stop: int) -> None:
