@@ -203,11 +203,38 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"probekit: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as e:  # a full disk, a vanished directory: one line, and what was kept
+        if args.debug or args.verb != "extract":
+            raise
+        print(f"probekit: error: writing {args.out!r} failed ({e}); {_committed_rows(args)} rows committed; "
+              "free space or fix the path, then run the same command with --resume to continue.",
+              file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         if args.debug:
             raise
-        print("probekit: interrupted.", file=sys.stderr)
+        print(f"probekit: {_interrupted_message(args)}", file=sys.stderr)
         return 130
+
+
+def _interrupted_message(args: argparse.Namespace) -> str:
+    """What Ctrl-C left behind: for extract, the committed rows and how to continue."""
+    if getattr(args, "verb", None) != "extract":
+        return "interrupted."
+    return (f"interrupted; {_committed_rows(args)} rows committed; run the same command with --resume to "
+            f"continue (the store is {args.out}).")
+
+
+def _committed_rows(args: argparse.Namespace) -> int:
+    """Rows of the extracted model committed in ``args.out`` over all splits (0 when unreadable)."""
+    try:
+        from .store import open_store
+
+        with open_store(args.out) as store:
+            name = args.name or (args.role if args.role != "model" else "model")
+            return sum(store.n_rows(s, name) for s in store.splits) if name in store.models else 0
+    except Exception:  # no store yet, or unreadable: nothing was committed
+        return 0
 
 
 # -- verbs --------------------------------------------------------------------------------------
