@@ -218,6 +218,10 @@ def audit(
         }
         tasks = [(m, layer) for m in names for layer in _model_layers(s, m, layers)]
         for m in names:
+            if not s.layers(m) and s.steps(m):
+                ctx.skip("per-layer analyses", "the model has activations only under recorded steps; "
+                         "see the figures over training", m, None)
+        for m in names:
             doc["models"][m] = {"role": s.role(m), "source": str(s.model_attrs(m).get("source", "")),
                                 "layers": {}, "directions": {}}
         bar = tqdm(tasks, desc="audit", unit="layer", disable=not progress, leave=False)
@@ -229,7 +233,34 @@ def audit(
         doc["pairs"] = _pairs(ctx, names, doc)
         doc["headline"] = _headline(doc)
         doc["verdict"] = _verdict(doc)
+        series_models = [m for m in names if len([st for st in s.steps(m) if st != 0]) >= 1
+                         and len(s.steps(m)) >= 2]
+    doc["series"] = {}
+    for m in series_models:
+        r = _run(ctx, "series", m, None, lambda m=m: _series(path, m, ctx.cfg))
+        if r is not None:
+            doc["series"][m] = r
+            if r.get("best_step") is not None:
+                doc["verdict"].append(
+                    f"{m}: over {len(r['steps'])} recorded steps, the OOD probe accuracy peaks at step "
+                    f"{r['best_step']} ({100 * r['best_accuracy']:.1f}%).")
     return Audit(_clean(doc))
+
+
+def _series(path: Path, m: str, cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Figures per recorded step (probekit.series), for models with a checkpoint series."""
+    from .series import series
+
+    with open_store(path) as s:
+        split0 = s.acts_splits(m, s.steps(m)[-1])
+    train = cfg["train"] if cfg["train"] in split0 else None
+    test = cfg["test_ood"] if cfg["test_ood"] in split0 else None
+    if train is None or test is None:
+        raise DataError(f"the recorded steps need probe splits {cfg['train']!r} and {cfg['test_ood']!r}; "
+                        f"they have {split0}")
+    return series(path, m, train=train, test=test,
+                  test_id=cfg["test_id"] if cfg["test_id"] in split0 else None,
+                  grouped=cfg["stress"] if cfg["stress"] in split0 else None)
 
 
 def _model_layers(s: Store, model: str, only: Sequence[str] | None) -> list[str]:

@@ -182,3 +182,34 @@ def test_unknown_factor_and_model_are_clear_errors(tmp_path, capsys):
     assert "Unknown factor names ['colour']" in capsys.readouterr().err
     assert main(["analyze", str(path), "--models", "ghost", "--no-progress"]) == 2
     assert "no model 'ghost'" in capsys.readouterr().err
+
+
+def test_recorded_steps_give_curves_over_training(tmp_path):
+    """A Recorder run: the audit adds per-step figures and the report an 'Over training' section."""
+    import torch
+    from torch import nn
+    from torch.utils.data import TensorDataset
+
+    from probekit.report import render_html
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(120) % 2
+    x = torch.randn(120, 4, generator=g) + 2.0 * y[:, None].float()
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    probe = {"train": TensorDataset(x[:80], y[:80]), "test_ood": TensorDataset(x[80:] + 0.5, y[80:])}
+    rec = pk.Recorder(model, ["0"], probe, out=tmp_path / "run.h5", every=5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(21):
+        rec.step(step)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[:80]), y[:80]).backward()
+        opt.step()
+    doc = pk.audit(tmp_path / "run.h5", n_boot=20, n_perm=10, progress=False).data
+    r = doc["series"]["model"]
+    assert r["steps"] == [0, 5, 10, 15, 20]
+    assert r["best_step"] in r["steps"]
+    assert any("peaks at step" in line for line in doc["verdict"])
+    assert any(s["analysis"] == "per-layer analyses" for s in doc["skipped"])
+    jsonschema.validate(doc, _schema())
+    assert 'id="training"' in render_html(doc)

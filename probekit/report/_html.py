@@ -67,6 +67,7 @@ def render_html(audit: Mapping[str, Any]) -> str:
         _correlation(models, colors),
         _directions(models, colors),
         _pairs(audit.get("pairs", []), colors),
+        _series(audit.get("series", {})),
         _attribution(audit.get("attribution", {}), colors),
         _skipped(audit.get("skipped", [])),
     ) if s is not None]
@@ -298,6 +299,27 @@ def _attribution(attr: Mapping[str, Any], colors: Mapping[str, str]) -> dict[str
                                  "caption": f"{m}: inputs (top) and |attribution| (bottom)."})
     s["tables"].append({"title": "", "header": ["model", "split", "background share", "samples"],
                         "rows": rows, "left": 2})
+    return s
+
+
+def _series(series: Mapping[str, Any]) -> dict[str, Any] | None:
+    if not series:
+        return None
+    import base64
+    import tempfile
+
+    from ..series import plot_series
+
+    s = _section("training", "Over training",
+                 "Figures at every recorded checkpoint (probekit.Recorder): probe accuracy on the shifted "
+                 "split, background sensitivity, direction counts. The dotted line marks the step where the "
+                 "OOD probe accuracy peaks: the checkpoint whose features transfer best.")
+    for m, r in series.items():
+        with tempfile.TemporaryDirectory() as tmp:
+            png = plot_series(r, Path(tmp) / "series.png")
+            src = "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode("ascii")
+        s["figures"].append({"src": src, "alt": f"{m} over training",
+                             "caption": f"{m}: best OOD step {r.get('best_step')}."})
     return s
 
 
