@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ def check_format(path: str | os.PathLike) -> None:
     if not path.exists():
         raise StoreFormatError(f"The store {str(path)!r} does not exist. Check the path.")
     try:
-        f = h5py.File(path, "r", locking=False)  # see Store: readers never take HDF5's file lock
+        f = _open_read(path)  # see Store: readers never take HDF5's file lock
     except OSError as e:
         raise StoreFormatError(
             f"{str(path)!r} is not a readable HDF5 file ({_short(e)}). It may be truncated or another "
@@ -51,6 +52,39 @@ def _check_root(f: h5py.File, path: Path) -> None:
         raise StoreFormatError(
             f"{str(path)!r} has an invalid store format version {version}; re-run the extraction."
         )
+
+
+def _read_counters(path: Path, tries: int = 5) -> dict[str, int]:
+    """``rows_committed`` of every group, by HDF5 path (retried if a concurrent flush tears a read)."""
+    for attempt in range(tries):
+        out: dict[str, int] = {}
+
+        def visit(name: str, obj: Any) -> None:
+            if isinstance(obj, h5py.Group) and F.ROWS_ATTR in obj.attrs:
+                out[obj.name] = int(obj.attrs[F.ROWS_ATTR])
+
+        try:
+            with _open_read(path) as f:
+                f.visititems(visit)
+            return out
+        except (OSError, KeyError, RuntimeError):
+            if attempt == tries - 1:
+                raise
+            time.sleep(0.02 * (attempt + 1))
+    return {}
+
+
+def _open_read(path: Path, swmr: bool = False, tries: int = 6) -> h5py.File:
+    """Open without HDF5's file lock; retry briefly, since a writer's flush in progress can make the
+    file look truncated (its superblock written before the data it counts)."""
+    for attempt in range(tries):
+        try:
+            return h5py.File(path, "r", swmr=swmr, locking=False) if swmr else h5py.File(path, "r", locking=False)
+        except OSError:
+            if attempt == tries - 1 or not path.exists():
+                raise
+            time.sleep(0.02 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def _short(e: BaseException) -> str:
@@ -158,11 +192,16 @@ class Store:
         # appends to it (HDF5 refuses the open), and a reader would block a resuming writer. Reading
         # is bounded by the committed counters, which move only after their rows are written and
         # flushed (docs/FORMAT.md, docs/RELIABILITY.md).
-        if swmr:
-            self._f = h5py.File(self.path, "r", swmr=True, locking=False)
-        else:
-            self._f = h5py.File(self.path, "r", locking=False)
+        # The counters are read first, through a handle of their own, and kept: the handle used for
+        # reading is opened after them, so its view of the file (end of allocation, chunk index) is at
+        # least as new as the rows they count, even while another process appends (docs/RELIABILITY.md).
+        # A Store therefore shows the rows committed when it was opened.
+        self._counters = _read_counters(self.path)
+        self._f = _open_read(self.path, swmr)
         self.format_version = int(self._f.attrs["format_version"])
+
+    def _committed(self, g: h5py.Group) -> int:
+        return int(self._counters.get(g.name, 0))
 
     def __enter__(self) -> Store:
         return self
@@ -196,11 +235,11 @@ class Store:
 
     def n_rows(self, split: str, model: str | None = None, step: int | None = None) -> int:
         """Committed rows of a split (its samples), or of one model's activations on it."""
-        n = int(self._split(split).attrs.get(F.ROWS_ATTR, 0))
+        n = self._committed(self._split(split))
         if model is None:
             return n
         g = self._acts_split(model, split, step)
-        return min(n, int(g.attrs.get(F.ROWS_ATTR, 0))) if g is not None else 0
+        return min(n, self._committed(g)) if g is not None else 0
 
     def n_expected(self, split: str) -> int | None:
         """Rows the split was declared with (``None`` when unknown at write time)."""

@@ -360,7 +360,10 @@ class StoreWriter:
                 _ensure_rows(ds, stop)
                 ds[start:stop] = value
             groups.append(ag)
-        # commit: counters move only after every dataset of the batch is written
+        # commit: counters move only after every dataset of the batch is written, and on disk: the
+        # flush before the counters move puts the rows and their chunk index in the file first, so
+        # neither a crash inside the next flush nor a concurrent reader can see a counter ahead of them
+        self._f.flush()
         if stop > s_committed:
             g.attrs[F.ROWS_ATTR] = stop
         for ag in groups:
