@@ -322,9 +322,11 @@ def extract_models(
 
     if mode == "resume" and Path(out).exists():
         _check_stored_pools(out, split, caps, step)
+    new_file = not Path(out).exists() or mode == "overwrite"
     writer = StoreWriter(out, mode=mode, compression=compression)
     sink: _SyncSink | _ThreadSink | None = None
     failed = False
+    remove_new_file = False  # a file this run created, when the model could not run on the data
     try:
         writer.add_split(split, n_rows=n, has_label=samples.has_label, factor_names=samples.factor_names,
                          has_group=samples.has_group)
@@ -402,7 +404,19 @@ def extract_models(
             with tqdm(total=n, initial=start, disable=not progress, unit="sample", desc=f"extract {split}",
                       leave=False) as bar:
                 for batch in loader:
-                    feats = forward(batch)
+                    if declared:
+                        feats = forward(batch)
+                    else:  # the first batch: a model that cannot take these inputs is a data error
+                        try:
+                            feats = forward(batch)
+                        except (RuntimeError, ValueError, TypeError) as e:
+                            remove_new_file = new_file and start == 0
+                            raise DataError(
+                                f"The model raised on the first batch of split {split!r} (inputs of shape "
+                                f"{tuple(batch['x'].shape[1:])} per sample; {type(e).__name__}: "
+                                f"{str(e).splitlines()[0][:200]}). Check that the data fits the model: "
+                                "input shape, channels, dtype (a transform); --debug shows the traceback."
+                            ) from e
                     b = len(batch["index"])
                     if not declared:
                         declare(feats)
@@ -438,4 +452,6 @@ def extract_models(
                 sink.close(failed=failed)
         finally:
             writer.close()
+            if remove_new_file:  # it holds no row: leave no empty store behind to trip the next run
+                Path(out).unlink(missing_ok=True)
     return Path(out)
