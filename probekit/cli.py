@@ -21,8 +21,7 @@ EXIT_USAGE = 2
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2, like every other probekit error
-        self.print_usage(sys.stderr)
-        raise SystemExit(f"probekit: error: {message}") from None
+        raise SystemExit(f"probekit: error: {message} (see `{self.prog} --help`)") from None
 
 
 def _int_tuple(text: str) -> tuple[int, ...]:
@@ -256,7 +255,13 @@ def cmd_layers(args: argparse.Namespace) -> int:
 
     loaded = _load(args)
     shape = args.input_shape or loaded.input_size or (3, 224, 224)
-    infos = list_layers(loaded.module, torch.zeros(1, *shape))
+    try:
+        infos = list_layers(loaded.module, torch.zeros(1, *shape))
+    except (RuntimeError, ValueError, TypeError) as e:  # the model cannot run on this input shape
+        raise DataError(
+            f"{args.model} failed on a dummy input of shape {tuple(shape)} ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:200]}). Pass the shape it expects with --input-shape C,H,W."
+        ) from e
     if args.filter:
         infos = [i for i in infos if fnmatch.fnmatchcase(i.name, args.filter)]
     if args.json:
