@@ -8,6 +8,9 @@
 - :func:`extract_models`, :class:`ModelSpec`: the streaming pipeline (several models, one pass, one store).
 """
 
+from ._distributed import extract_distributed as extract_distributed
+from ._distributed import shard_bounds as shard_bounds
+from ._distributed import shard_path as shard_path
 from ._hooks import Capture as Capture
 from ._hooks import capture as capture
 from ._layers import LayerInfo as LayerInfo
@@ -33,6 +36,7 @@ __all__ = [
     "ModelSpec",
     "Recorder",
     "capture",
+    "extract_distributed",
     "extract_models",
     "first_tensor",
     "list_layers",
@@ -42,6 +46,8 @@ __all__ = [
     "pool_for",
     "pools_for_rank",
     "resolve_layers",
+    "shard_bounds",
+    "shard_path",
     "weight_rows",
     "weights_sha256",
 ]

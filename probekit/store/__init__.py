@@ -8,6 +8,7 @@ from ._format import FORMAT_NAME as FORMAT_NAME
 from ._format import FORMAT_VERSION as FORMAT_VERSION
 from ._format import escape_name as escape_name
 from ._format import unescape_name as unescape_name
+from ._merge import merge_shards as merge_shards
 from ._reader import Activations as Activations
 from ._reader import Store as Store
 from ._reader import open_store as open_store
@@ -20,6 +21,7 @@ __all__ = [
     "Store",
     "StoreWriter",
     "escape_name",
+    "merge_shards",
     "open_store",
     "unescape_name",
 ]
