@@ -124,13 +124,16 @@ def load_state_dict(path: str | os.PathLike, *, allow_pickle: bool = False) -> d
     try:
         obj = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
     except Exception as e:
-        if not allow_pickle and "weights_only" in str(e):
+        if not allow_pickle and "Unsupported global" in str(e):  # a real pickle naming Python objects
             raise ModelLoadError(
                 f"The checkpoint {str(path)!r} holds Python objects that only unpickling can read, and "
                 "probekit does not unpickle by default (it can run code). If you trust the file, pass "
                 "--allow-pickle (allow_pickle=True); better, re-save it as a state dict or safetensors."
             ) from e
-        raise ModelLoadError(f"Cannot read the checkpoint {str(path)!r} ({str(e).splitlines()[0]}).") from e
+        raise ModelLoadError(
+            f"Cannot read the checkpoint {str(path)!r}: it is not a torch checkpoint or it is damaged "
+            f"({type(e).__name__}). Check the file, or save the weights again (safetensors preferred)."
+        ) from e
     for key in ("state_dict", "model", "model_state_dict", "module"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]
