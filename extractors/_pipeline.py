@@ -207,6 +207,41 @@ def _check_stored_pools(out: str | os.PathLike, split: str, caps: Mapping[str, C
                     )
 
 
+def _check_resume_fits(out: str | os.PathLike, split: str, samples: Any, shas: Mapping[str, str]) -> None:
+    """The checks ``StoreWriter.add_split`` / ``add_model`` make, on a read-only handle, before the file is
+    opened for writing (opening it for writing alone changes its bytes)."""
+    from ..store import open_store
+
+    with open_store(out) as store:
+        if split in store.splits:
+            stored_n = store.n_expected(split)
+            if stored_n is not None and stored_n != len(samples):
+                raise DataError(
+                    f"The split {split!r} in {str(out)!r} holds {stored_n} samples but this data has "
+                    f"{len(samples)}. Use the same data to resume, or another split name."
+                )
+            stored_names = store.factor_names(split) if store.has_field(split, "factors") else None
+            want = list(samples.factor_names) if samples.factor_names is not None else None
+            if (stored_names != want or store.has_field(split, "label") != samples.has_label
+                    or store.has_field(split, "group") != samples.has_group):
+                raise DataError(
+                    f"The split {split!r} in {str(out)!r} was written from data with other fields (factors "
+                    f"{stored_names}, label {store.has_field(split, 'label')}, group "
+                    f"{store.has_field(split, 'group')}) than this data (factors {want}, label "
+                    f"{samples.has_label}, group {samples.has_group}). Write this data to another split "
+                    "(--split) or another store."
+                )
+        for name, sha in shas.items():
+            if name in store.models:
+                stored = str(store.model_attrs(name).get("weights_sha256", ""))
+                if stored and sha and stored != sha:
+                    raise DataError(
+                        f"The model {name!r} in {str(out)!r} was extracted from other weights (sha256 "
+                        f"{stored[:12]}..., now {sha[:12]}...). Give this model another name (--name) or "
+                        "write to another store."
+                    )
+
+
 def _samples_np(batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     for key in ("index", "label", "factors", "group"):
@@ -320,21 +355,23 @@ def extract_models(
     weight_sel = {name: _weight_selection(spec, caps[name].layers) for name, spec in models.items()}
     in_dtypes = {name: _input_dtype(spec.module) for name, spec in models.items()}
 
+    # a checkpoint (step) has other weights than the model by design: only the model's own extraction
+    # records and checks the weights hash
+    shas = {name: weights_sha256(spec.module) if step is None else "" for name, spec in models.items()}
     if mode == "resume" and Path(out).exists():
         _check_stored_pools(out, split, caps, step)
+        _check_resume_fits(out, split, samples, shas)  # read-only: a refused resume leaves the file as it was
     new_file = not Path(out).exists() or mode == "overwrite"
     writer = StoreWriter(out, mode=mode, compression=compression)
     sink: _SyncSink | _ThreadSink | None = None
     failed = False
-    remove_new_file = False  # a file this run created, when the model could not run on the data
+    remove_new_file = False  # set on a data error: a file this run created is removed if it holds no row
     try:
         writer.add_split(split, n_rows=n, has_label=samples.has_label, factor_names=samples.factor_names,
                          has_group=samples.has_group)
         for name, spec in models.items():
-            # a checkpoint (step) has other weights than the model by design: only the model's own
-            # extraction records and checks the weights hash
             writer.add_model(name, role=spec.role, source=spec.source,
-                             weights_sha256=weights_sha256(spec.module) if step is None else "",
+                             weights_sha256=shas[name],
                              param_count=param_count(spec.module))
         committed = {name: writer.committed(split, name, step) for name in models}
         if len(set(committed.values())) > 1:
@@ -410,7 +447,6 @@ def extract_models(
                         try:
                             feats = forward(batch)
                         except (RuntimeError, ValueError, TypeError) as e:
-                            remove_new_file = new_file and start == 0
                             raise DataError(
                                 f"The model raised on the first batch of split {split!r} (inputs of shape "
                                 f"{tuple(batch['x'].shape[1:])} per sample; {type(e).__name__}: "
@@ -443,14 +479,21 @@ def extract_models(
                         sink.put((split, row, smp, acts))
                     row += b
                     bar.update(b)
-    except BaseException:
+    except BaseException as e:
         failed = True
+        # a data error before any row of a file this run created: leave no empty store behind
+        remove_new_file = remove_new_file or (new_file and isinstance(e, ProbekitError))
         raise
     finally:
         try:
             if sink is not None:
                 sink.close(failed=failed)
         finally:
+            if remove_new_file:
+                try:
+                    remove_new_file = writer.committed(split) == 0
+                except KeyError:  # the split was never declared
+                    pass
             writer.close()
             if remove_new_file:  # it holds no row: leave no empty store behind to trip the next run
                 Path(out).unlink(missing_ok=True)
