@@ -59,7 +59,7 @@ def _read_counters(path: Path, tries: int = 5) -> dict[str, int]:
     for attempt in range(tries):
         out: dict[str, int] = {}
 
-        def visit(name: str, obj: Any) -> None:
+        def visit(name: str, obj: Any, out: dict[str, int] = out) -> None:
             if isinstance(obj, h5py.Group) and F.ROWS_ATTR in obj.attrs:
                 out[obj.name] = int(obj.attrs[F.ROWS_ATTR])
 
