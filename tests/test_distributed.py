@@ -316,7 +316,7 @@ def test_two_processes_gloo_equal_single_process_and_audit_reads_it(setup):
         assert s.n_rows("train", "m") == N and s.sample_field("test_id", "index").tolist() == list(range(N))
         assert s.factor_names("train") == ["bg", "tex"]
     doc = probekit.audit(out, n_boot=20, n_perm=10, progress=False).data
-    assert "m" in str(doc)
+    assert set(doc["models"]["m"]["layers"]) == set(LAYERS)
 
 
 def test_three_processes_gloo_equal_single_process(setup):
