@@ -13,6 +13,7 @@ Oracles: the written arrays, and numpy closed forms of the metrics on the unperm
 
 from __future__ import annotations
 
+import itertools
 import tempfile
 from pathlib import Path
 
@@ -61,7 +62,7 @@ def test_store_round_trip(case):
             w.add_split("s", n_rows=n if known else None, has_label=has_label, factor_names=names, has_group=has_group)
             w.add_model("m")
             w.add_layer("m", "s", "layer/with.dots", feature_shape=feature_shape, dtype=dtype)
-            for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+            for a, b in itertools.pairwise(bounds):
                 smp = {"index": index[a:b]}
                 if has_label:
                     smp["label"] = label[a:b]
