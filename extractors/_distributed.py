@@ -20,6 +20,7 @@ from ..datasets import SampleDataset, as_samples
 from ..errors import DataError, ProbekitError, StoreExistsError
 from ..store import merge_shards
 from ._pipeline import ModelSpec, extract_models
+from ._weights import weights_sha256
 
 __all__ = ["extract_distributed", "shard_bounds", "shard_path"]
 
@@ -78,6 +79,21 @@ def _all_failed(dist: Any, failed: bool) -> list[int]:
     flags[dist.get_rank()] = int(failed)
     dist.all_reduce(flags)
     return [r for r, v in enumerate(flags.tolist()) if v]
+
+
+def _check_same_weights(dist: Any, models: Mapping[str, ModelSpec]) -> None:
+    """Refuse, on every rank alike, models whose weights differ between ranks (a collective)."""
+    mine = {name: weights_sha256(spec.module) for name, spec in models.items()}
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    for r, theirs in enumerate(everyone):
+        if theirs != everyone[0]:
+            bad = sorted(k for k in set(theirs) | set(everyone[0]) if theirs.get(k) != everyone[0].get(k))
+            raise DataError(
+                f"The models {bad} have other weights on rank {r} than on rank 0 (weights_sha256 differ): "
+                "every rank must extract the same models. Load the same checkpoint on every rank (or seed "
+                "the initialisation identically) before calling extract_distributed."
+            )
 
 
 def extract_distributed(
@@ -174,6 +190,8 @@ def extract_distributed(
                 f"The output {str(out)!r} already exists. Pass mode='resume' to add to it (the shards are "
                 "resumed and the store rebuilt from them) or mode='overwrite' to replace it."
             )
+        if dist is not None:
+            _check_same_weights(dist, models)
         samples = as_samples(data)
         n = len(samples)
         lo, hi = shard_bounds(n, d_world, d_rank)

@@ -269,6 +269,9 @@ WORKER = textwrap.dedent("""
             return self.base[i]
 
     net = torch.load(weights, weights_only=False)
+    if fail_at == -2 and rank == 1:  # another checkpoint on rank 1
+        with torch.no_grad():
+            net[0].bias.add_(1.0)
     try:
         extract_distributed({"m": ModelSpec(net, ["0", "2", "4"], source="tiny")}, FailAt(NpzDataset(data)),
                             out=out, split=split, mode=mode, batch_size=4, progress=False)
@@ -339,3 +342,12 @@ def test_failed_rank_stops_every_rank_and_resume_finishes(setup):
     res = _launch(tmp_path, 2, data, weights, out, mode="resume", tag="e")
     assert all(rc == 0 for rc, _ in res), res
     assert_same_store(out, _reference(tmp_path, data))
+
+
+def test_ranks_with_different_weights_are_refused_before_extraction(setup):
+    tmp_path, data, weights = setup
+    out = tmp_path / "merged.h5"
+    res = _launch(tmp_path, 2, data, weights, out, fail_at=-2, tag="f")
+    for rc, text in res:  # every rank refuses alike, nothing is written
+        assert rc == 3 and "other weights on rank 1 than on rank 0" in text, text
+    assert not list(tmp_path.glob("merged.h5*"))

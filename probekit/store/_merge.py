@@ -159,7 +159,7 @@ def _check_same_layout(paths: list[Path], trees: list[tuple[dict, dict]]) -> Non
                 a, b = str(grp.attrs["weights_sha256"]), str(g0[name].attrs["weights_sha256"])
                 if a and b and a != b:
                     raise DataError(
-                        f"The model {name!r} of shard {str(p)!r} has other weights (sha256 {a[:12]}...) than "
+                        f"The model {name.split('/')[-1]!r} of shard {str(p)!r} has other weights (sha256 {a[:12]}...) than "
                         f"in {str(paths[0])!r} ({b[:12]}...). Merge shards of one run only."
                     )
 
