@@ -312,7 +312,6 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
     def _fit_sklearn(self, Z: np.ndarray, y_idx: np.ndarray, C: float) -> tuple[np.ndarray, np.ndarray, int]:
         from sklearn.exceptions import ConvergenceWarning
         from sklearn.linear_model import LogisticRegression
-
         from threadpoolctl import threadpool_limits
 
         lr = LogisticRegression(C=C, max_iter=self.max_iter, tol=self.tol)

@@ -16,8 +16,8 @@ from .store import StoreWriter as StoreWriter
 from .store import open_store as open_store
 
 _LAZY = {
-    "extract": ("probekit.extract", "extract"),
-    "extract_pair": ("probekit.extract", "extract_pair"),
+    "extract": ("probekit.extraction", "extract"),
+    "extract_pair": ("probekit.extraction", "extract_pair"),
     "list_layers": ("probekit.extractors", "list_layers"),
     "load_model": ("probekit.models", "load_model"),
     "load_data": ("probekit.datasets", "load_data"),

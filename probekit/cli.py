@@ -281,7 +281,7 @@ def cmd_layers(args: argparse.Namespace) -> int:
 
 def cmd_extract(args: argparse.Namespace) -> int:
     from .datasets import builtin_datasets, load_data
-    from .extract import extract
+    from .extraction import extract
 
     loaded = _load(args)
     builtins = builtin_datasets()

@@ -56,7 +56,7 @@ def run_demo(
     from .datasets import get_dataset
     from .errors import DataError
     from .experiments._digitnets import DigitCNN, train_student, train_teacher
-    from .extract import extract
+    from .extraction import extract
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ from torch import nn
 from .datasets import import_callable
 from .errors import DataError, ModelLoadError
 
-__all__ = ["LoadedModel", "load_model", "load_state_dict", "file_sha256"]
+__all__ = ["LoadedModel", "file_sha256", "load_model", "load_state_dict"]
 
 
 @dataclass

@@ -1,5 +1,7 @@
 """The front door of extraction: ``probekit.extract`` and ``probekit.extract_pair``.
 
+(The module is ``probekit.extraction`` so that its name never shadows the function ``probekit.extract``.)
+
 Both stream pooled activations of chosen layers into one HDF5 store (docs/FORMAT.md), with bounded
 memory and safe resumption; the work is done by :func:`probekit.extractors.extract_models`.
 """
@@ -7,8 +9,6 @@ memory and safe resumption; the work is done by :func:`probekit.extractors.extra
 from __future__ import annotations
 
 import os
-import sys
-import types
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -221,18 +221,3 @@ def extract_pair(
         lay = layers[key] if isinstance(layers, Mapping) else layers
         specs[key] = ModelSpec(module, lay, role=role, source=src, weights_layers=weights_layers)
     return extract_models(specs, data, out=out, **kwargs)
-
-
-class _CallableModule(types.ModuleType):
-    """``probekit.extract`` names both this module and its function ``extract``.
-
-    Importing the submodule (``from probekit.extract import extract``, as the CLI does) makes Python
-    bind the *module* to the package attribute ``probekit.extract``, replacing the lazily exported
-    function. Making the module callable keeps ``probekit.extract(model, data, ...)`` working either way.
-    """
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Path:
-        return extract(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
