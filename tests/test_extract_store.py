@@ -11,7 +11,7 @@ from torch.utils.data import Dataset
 
 import probekit
 from probekit.errors import DataError, LayerNotFoundError, StoreExistsError
-from probekit.extract import extract, extract_pair
+from probekit.extraction import extract, extract_pair
 
 N = 23  # not a multiple of the batch sizes used: the last batch is short
 
