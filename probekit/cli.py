@@ -299,6 +299,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
         import timm.data
 
         transform = timm.data.create_transform(**loaded.data_config)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun: one shard per rank, then merge
+        return _extract_distributed(args, loaded, splits, layers, name, mode, transform)
     for k, split in enumerate(splits):
         data = load_data(args.data, split, transform=transform)
         extract(loaded.module, data, layers=layers, out=args.out, split=split, pool=args.pool, name=name,
@@ -307,6 +309,36 @@ def cmd_extract(args: argparse.Namespace) -> int:
                 progress=not args.no_progress)
     print(f"wrote {args.out} (model {name!r}, splits {splits}); see it with `probekit info {args.out}`",
           file=sys.stderr)
+    return 0
+
+
+def _extract_distributed(args: argparse.Namespace, loaded: Any, splits: list[str], layers: list[str],
+                         name: str, mode: str, transform: Any) -> int:
+    """``torchrun --nproc-per-node K -m probekit.cli extract ...`` (docs/SCALING.md)."""
+    import torch
+    import torch.distributed as dist
+
+    from .datasets import load_data
+    from .extractors import ModelSpec, extract_distributed
+
+    device = args.device
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    try:
+        spec = {name: ModelSpec(loaded.module, layers, role=args.role, source=loaded.source)}
+        for k, split in enumerate(splits):
+            data = load_data(args.data, split, transform=transform)
+            extract_distributed(spec, data, out=args.out, split=split, pool=args.pool,
+                                batch_size=args.batch_size, device=device, dtype=args.dtype,
+                                num_workers=args.num_workers, mode=mode if k == 0 else "resume",
+                                progress=not args.no_progress and dist.get_rank() == 0)
+        if dist.get_rank() == 0:
+            print(f"wrote {args.out} from {dist.get_world_size()} shards (model {name!r}, splits {splits})",
+                  file=sys.stderr)
+    finally:
+        dist.destroy_process_group()
     return 0
 
 
