@@ -384,6 +384,12 @@ def background_sensitivity(X: Any, group: Any, *, n_boot: int = 200, ci_level: f
     within = within_g.sum(axis=0)
     total = Q.sum(axis=0) - S.sum(axis=0) ** 2 / n
     dead = total <= 1e-12 * (Q.sum(axis=0) + 1e-300)
+    if dead.all():
+        raise DataError(
+            f"background_sensitivity: every one of the {dead.size} units is constant over the {n} rows, so "
+            "there is no variance to split into foreground and background. Check the layer (dead ReLUs?) "
+            "or the data."
+        )
     with np.errstate(invalid="ignore", divide="ignore"):
         per_unit = np.where(dead, np.nan, within / total)
     layer = float(within[~dead].sum() / total[~dead].sum()) if (~dead).any() else float("nan")

@@ -59,10 +59,13 @@ def _not_found(model: nn.Module, item: str, names: list[str]) -> LayerNotFoundEr
     close = difflib.get_close_matches(item, names, n=5, cutoff=0.5)
     if not close and _is_glob(item):  # compare the glob's literal part with the names
         close = difflib.get_close_matches(_GLOB_CHARS.sub("", item), names, n=5, cutoff=0.5)
-    close_txt = ", ".join(repr(c) for c in close) if close else "none"
-    return LayerNotFoundError(
-        f"No layer of {type(model).__name__} matches {item!r}. Closest names: {close_txt}. {_HINT}"
-    )
+    if close:
+        hint = f"Closest names: {', '.join(repr(c) for c in close)}."
+    else:  # nothing similar: show what there is (the top-level modules, then a count)
+        tops = list(dict.fromkeys(n.split(".")[0] for n in names))
+        shown = ", ".join(repr(t) for t in tops[:8]) + (", ..." if len(tops) > 8 else "")
+        hint = f"No similar name; its top-level modules are {shown} ({len(names)} modules in all)."
+    return LayerNotFoundError(f"No layer of {type(model).__name__} matches {item!r}. {hint} {_HINT}")
 
 
 def _call_predicate(pred: Callable[..., bool], name: str, module: nn.Module, n_params: int) -> bool:

@@ -291,11 +291,9 @@ def test_constant_features_are_reported_not_averaged(tmp_path):
     assert r_dead.layer == pytest.approx(r_live.layer, rel=1e-12)
 
 
-@pytest.mark.xfail(strict=True, reason="background_sensitivity returns NaN (with RuntimeWarnings) when every "
-                   "unit is constant instead of raising DataError like linear_cka and NMS; analyses/ owner")
 def test_all_constant_layer_background_sensitivity_raises():
     g = np.repeat(np.arange(5), 4)
-    with pytest.raises(DataError):
+    with pytest.raises(DataError, match="every one of the 3 units is constant"):
         background_sensitivity(np.ones((20, 3)), g, n_boot=5)
 
 
