@@ -9,11 +9,14 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
+from ._source_tree import install_source_tree_finder as _install_source_tree_finder
 from ._version import __version__ as __version__
 from .errors import ProbekitError as ProbekitError
 from .store import Store as Store
 from .store import StoreWriter as StoreWriter
 from .store import open_store as open_store
+
+_install_source_tree_finder()
 
 _LAZY = {
     "extract": ("probekit.extraction", "extract"),
