@@ -81,6 +81,7 @@ def render_html(audit: Mapping[str, Any]) -> str:
             "reference": f"{_fmt(r.get('reference_value'))} ({r.get('reference', '')})"
             if r.get("reference_value") is not None else "–",
             "ratio": f"{ratio:.2f}×" if ratio is not None else "–",
+            "init": _fmt(r.get("init_value")),
             "cls": "hi" if r.get("flag") else "",
         })
     flags = [r.get("flag") for r in head.get("rows", [])]
