@@ -11,6 +11,8 @@ from typing import Any
 
 from ._source_tree import install_source_tree_finder as _install_source_tree_finder
 from ._version import __version__ as __version__
+from .audit import Audit as Audit
+from .audit import audit as audit  # imported eagerly: the function, not the submodule, must own the name
 from .errors import ProbekitError as ProbekitError
 from .store import Store as Store
 from .store import StoreWriter as StoreWriter
@@ -24,11 +26,10 @@ _LAZY = {
     "list_layers": ("probekit.extractors", "list_layers"),
     "load_model": ("probekit.models", "load_model"),
     "load_data": ("probekit.datasets", "load_data"),
-    "audit": ("probekit.audit", "audit"),
     "Recorder": ("probekit.extractors", "Recorder"),
 }
 
-__all__ = ["ProbekitError", "Store", "StoreWriter", "__version__", "open_store", *sorted(_LAZY)]
+__all__ = ["Audit", "ProbekitError", "Store", "StoreWriter", "__version__", "audit", "open_store", *sorted(_LAZY)]
 
 
 def __getattr__(name: str) -> Any:
