@@ -344,16 +344,8 @@ def _init_step(ctx: _Ctx, m: str, split: str, layer: str) -> int | None:
     return None
 
 
-def _n(ctx: _Ctx, m: str, split: str, step: int | None = None) -> int:
-    return ctx.store.n_rows(split, m, step)
-
-
 def _field(ctx: _Ctx, split: str, name: str, n: int) -> np.ndarray:
     return ctx.store.sample_field(split, name)[:n]
-
-
-def _factor_use(ctx: _Ctx, split: str) -> list[str] | None:
-    return ctx.cfg["factors"]
 
 
 def _probe(ctx: _Ctx, m: str, layer: str) -> dict[str, Any]:
@@ -374,7 +366,7 @@ def _decodability(ctx: _Ctx, m: str, layer: str, split: str) -> dict[str, Any]:
 
     X = ctx.x(m, split, layer)
     F = _field(ctx, split, "factors", len(X))
-    r = background_decodability(X, F, factor_names=ctx.store.factor_names(split), use=_factor_use(ctx, split),
+    r = background_decodability(X, F, factor_names=ctx.store.factor_names(split), use=ctx.cfg["factors"],
                                 n_boot=min(200, ctx.cfg["n_boot"]), random_state=ctx.cfg["random_state"])
     factors = {f: {"metric": r.metric[f], "score": r.score[f], "control": r.control_mean[f],
                    "control_sd": r.control_sd[f], "excess": _estimate(r.excess[f], r.excess_ci[f])}
@@ -391,7 +383,7 @@ def _correlation(ctx: _Ctx, m: str, layer: str, split: str) -> dict[str, Any]:
     F = _field(ctx, split, "factors", n)
     label = _field(ctx, split, "label", n) if ctx.store.has_field(split, "label") else None
     est = BackgroundCorrelation(n_permutations=ctx.cfg["n_perm"], random_state=ctx.cfg["random_state"])
-    r = est.fit(X, F, label, factor_names=ctx.store.factor_names(split), use=_factor_use(ctx, split)).result_
+    r = est.fit(X, F, label, factor_names=ctx.store.factor_names(split), use=ctx.cfg["factors"]).result_
     absr = np.abs(np.asarray(r.pearson, dtype=float))
     absr = absr[np.isfinite(absr)]
     counts, edges = np.histogram(absr, bins=30, range=(0.0, max(0.05, float(absr.max(initial=0.0)))))

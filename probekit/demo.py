@@ -55,6 +55,7 @@ def run_demo(
     from .audit import audit
     from .datasets import get_dataset
     from .errors import DataError
+    from .experiments._common import torch_threads
     from .experiments._digitnets import DigitCNN, train_student, train_teacher
     from .extraction import extract
 
@@ -64,26 +65,21 @@ def run_demo(
     if store.exists() and not overwrite:
         raise DataError(f"{str(store)!r} exists; remove it or run the demo with another -o DIR.")
     times: dict[str, float] = {}
-    torch.manual_seed(seed)
 
     t0 = time.perf_counter()
     # Two torch threads train these small CNNs 1.4x faster than one on an idle 2-core machine, but
     # 10-25x slower when other processes keep the cores busy (measured: 15+40 epochs took 261 s
     # under load 4 vs ~10 s idle), so drop to one thread when the machine is already loaded.
-    threads = 1 if _busy() else None
-    old_threads = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    torch.manual_seed(seed)
-    teacher_init = DigitCNN("classifier")  # train_teacher seeds the same way: this is its init
-    with _bar(teacher_epochs, "train teacher (broad backgrounds)", progress) as bar:
-        teacher = train_teacher(seed=seed, epochs=teacher_epochs, on_epoch=lambda e, m: bar.update(1))
-    torch.manual_seed(seed + 1000)
-    student_init = DigitCNN("representation")
-    with _bar(student_epochs, "distil student (ID backgrounds)", progress) as bar:
-        student = train_student(teacher, seed=seed, epochs=student_epochs, init=copy.deepcopy(student_init),
-                                on_epoch=lambda e, m: bar.update(1))
-    torch.set_num_threads(old_threads)
+    with torch_threads(1 if _busy() else None):
+        torch.manual_seed(seed)
+        teacher_init = DigitCNN("classifier")  # train_teacher seeds the same way: this is its init
+        with _epochs_bar(teacher_epochs, "train teacher (broad backgrounds)", progress) as bar:
+            teacher = train_teacher(seed=seed, epochs=teacher_epochs, on_epoch=lambda e, m: bar.update(1))
+        torch.manual_seed(seed + 1000)
+        student_init = DigitCNN("representation")
+        with _epochs_bar(student_epochs, "distil student (ID backgrounds)", progress) as bar:
+            student = train_student(teacher, seed=seed, epochs=student_epochs,
+                                    init=copy.deepcopy(student_init), on_epoch=lambda e, m: bar.update(1))
     times["train"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -119,15 +115,8 @@ def _busy() -> bool:
         return False
 
 
-class _bar:
-    def __init__(self, total: int, desc: str, enabled: bool) -> None:
-        self.t = tqdm(total=total, desc=desc, unit="epoch", disable=not enabled, leave=False)
-
-    def __enter__(self) -> Any:
-        return self.t
-
-    def __exit__(self, *exc: object) -> None:
-        self.t.close()
+def _epochs_bar(total: int, desc: str, enabled: bool) -> tqdm:
+    return tqdm(total=total, desc=desc, unit="epoch", disable=not enabled, leave=False)
 
 
 def _attribution(models: dict[str, torch.nn.Module], store: Path, seed: int, n: int) -> dict[str, Any]:
