@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from probekit.analyses import background_attribution_share
 from torch import nn
+
+from probekit.analyses import background_attribution_share
 
 
 class _Masked(nn.Module):

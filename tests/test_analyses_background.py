@@ -6,6 +6,11 @@ import json
 
 import numpy as np
 import pytest
+from scipy import stats
+from sklearn.linear_model import LinearRegression, Ridge
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
 from probekit.analyses import (
     BackgroundCorrelation,
     BackgroundDecodability,
@@ -13,25 +18,8 @@ from probekit.analyses import (
     background_sensitivity,
     normalized_mean_shift,
 )
-from scipy import stats
-from sklearn.linear_model import LinearRegression, Ridge
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
-
 from probekit.errors import DataError
-
-
-class _FakeActs:
-    def __init__(self, a):
-        self._a, self.shape, self.n_rows = a, a.shape, a.shape[0]
-
-    def iter_chunks(self, rows=None):
-        rows = rows or 64
-        for s in range(0, self.n_rows, rows):
-            yield s, self._a[s:s + rows]
-
-    def __getitem__(self, k):
-        return self._a[k]
+from probekit.testing import ArrayActivations as _FakeActs
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+
 from probekit.analyses import (
     DirectionClusters,
     direction_series,
@@ -13,7 +14,6 @@ from probekit.analyses import (
     projection_series,
     weight_projections,
 )
-
 from probekit.errors import DataError
 
 

@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-from probekit.analyses import LinearProbe, RidgeProbe, probe_id_ood
 from sklearn.datasets import load_digits, make_classification
 from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.model_selection import GridSearchCV
@@ -14,27 +13,13 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
+from probekit.analyses import LinearProbe, RidgeProbe, probe_id_ood
 from probekit.errors import DataError, NotFittedError
+from probekit.testing import ArrayActivations
 
 
-class _FakeActs:
-    """Minimal stand-in for probekit.store.Activations (shape, n_rows, iter_chunks, slicing)."""
-
-    def __init__(self, a: np.ndarray) -> None:
-        self._a = a
-        self.shape = a.shape
-        self.n_rows = a.shape[0]
-
-    def iter_chunks(self, rows=None):
-        rows = rows or 50
-        for s in range(0, self.n_rows, rows):
-            yield s, self._a[s:s + rows]
-
-    def __getitem__(self, k):
-        return self._a[k]
-
-    def __len__(self):
-        return self.n_rows
+def _FakeActs(a):
+    return ArrayActivations(a, default_rows=50)
 
 
 def _datasets():

@@ -4,22 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from probekit.analyses import cka_matrix, difference, linear_cka, relative_mse
-
 from probekit.errors import DataError
-
-
-class _FakeActs:
-    def __init__(self, a):
-        self._a, self.shape, self.n_rows = a, a.shape, a.shape[0]
-
-    def iter_chunks(self, rows=None):
-        rows = rows or 64
-        for s in range(0, self.n_rows, rows):
-            yield s, self._a[s:s + rows]
-
-    def __getitem__(self, k):
-        return self._a[k]
+from probekit.testing import ArrayActivations as _FakeActs
 
 
 def _cka_numpy(X, Y):
