@@ -37,10 +37,11 @@ def main() -> None:
     args = ap.parse_args()
 
     import torch
-    from probekit.analyses import LinearProbe
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
+
+    from probekit.analyses import LinearProbe
 
     Xtr, ytr, Xte, yte = make_data(args.n, args.d, args.k)
     print(f"data {args.n} x {args.d}, {args.k} classes, C={args.C}; torch threads {torch.get_num_threads()}, "

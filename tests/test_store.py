@@ -120,7 +120,7 @@ def test_existing_output_is_refused_and_left_untouched(tmp_path):
     path = tmp_path / "s.h5"
     _write(path)
     before = path.read_bytes()
-    with pytest.raises(StoreExistsError, match="--resume .* --overwrite"):
+    with pytest.raises(StoreExistsError, match=r"--resume .* --overwrite"):
         pk.StoreWriter(path)
     assert path.read_bytes() == before
 
@@ -142,7 +142,7 @@ def test_newer_format_version_is_refused(tmp_path):
     _write(path)
     with h5py.File(path, "r+") as f:
         f.attrs["format_version"] = 2
-    with pytest.raises(StoreFormatError, match="newer probekit .* Upgrade probekit"):
+    with pytest.raises(StoreFormatError, match=r"newer probekit .* Upgrade probekit"):
         pk.open_store(path)
     with pytest.raises(StoreFormatError, match="newer probekit"):
         pk.StoreWriter(path, mode="resume")
@@ -181,7 +181,7 @@ def test_missing_split_model_layer_are_named(tmp_path):
             s.n_rows("test_ood")
         with pytest.raises(DataError, match="no model 'student'"):
             s.layers("student")
-        with pytest.raises(LayerNotFoundError, match="no layer 'layer9'.*'a', 'b.c'"):
+        with pytest.raises(LayerNotFoundError, match=r"no layer 'layer9'.*'a', 'b.c'"):
             s.acts("m", "train", "layer9")
 
 
