@@ -67,10 +67,11 @@ def run_demo(
     times: dict[str, float] = {}
 
     t0 = time.perf_counter()
-    # Two torch threads train these small CNNs 1.4x faster than one on an idle 2-core machine, but
-    # 10-25x slower when other processes keep the cores busy (measured: 15+40 epochs took 261 s
-    # under load 4 vs ~10 s idle), so drop to one thread when the machine is already loaded.
-    with torch_threads(1 if _busy() else None):
+    # One torch thread, always: the result then does not depend on the machine's load (summation
+    # order changes with the thread count: seed 0 gave student rep sensitivity 0.178 with 2 threads and
+    # 0.182 with 1). It costs ~1.4x on an idle 2-core machine and is 10-25x faster than 2 threads
+    # when other processes keep the cores busy (15+40 epochs: 261 s with 2 threads under load 4).
+    with torch_threads(1):
         torch.manual_seed(seed)
         teacher_init = DigitCNN("classifier")  # train_teacher seeds the same way: this is its init
         with _epochs_bar(teacher_epochs, "train teacher (broad backgrounds)", progress) as bar:
@@ -106,13 +107,6 @@ def run_demo(
     audit_json = result.to_json(out / "audit.json")
     report = result.to_html(out / "report.html")
     return DemoResult(out, store, audit_json, report, times)
-
-
-def _busy() -> bool:
-    try:
-        return os.getloadavg()[0] > 1.0
-    except OSError:  # not available on this platform
-        return False
 
 
 def _epochs_bar(total: int, desc: str, enabled: bool) -> tqdm:
