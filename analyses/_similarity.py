@@ -10,14 +10,15 @@ import numpy as np
 
 from probekit.errors import DataError
 
-from ._common import ResultMixin, Source, as_source, check_number, jsonable
+from ._common import ResultMixin, Source, as_source, check_number, compute_dtype, jsonable
 
 __all__ = ["RelativeMSEResult", "cka_matrix", "difference", "linear_cka", "relative_mse"]
 
 
-def _pair(X: Any, Y: Any, chunk_rows: int | None, names: tuple[str, str] = ("X", "Y")) -> tuple[Source, Source]:
-    A = as_source(X, names[0], chunk_rows=chunk_rows, min_rows=2)
-    B = as_source(Y, names[1], chunk_rows=chunk_rows, min_rows=2)
+def _pair(X: Any, Y: Any, chunk_rows: int | None, names: tuple[str, str] = ("X", "Y"),
+          dtype: Any = np.float64) -> tuple[Source, Source]:
+    A = as_source(X, names[0], chunk_rows=chunk_rows, dtype=dtype, min_rows=2)
+    B = as_source(Y, names[1], chunk_rows=chunk_rows, dtype=dtype, min_rows=2)
     if A.n_rows != B.n_rows:
         raise DataError(
             f"{names[0]} has {A.n_rows} rows but {names[1]} has {B.n_rows}; both must hold the same samples "
@@ -49,7 +50,9 @@ def linear_cka(X: Any, Y: Any, *, debiased: bool = False, chunk_rows: int | None
     whose per-row kernel diagonals are also accumulated in the same pass; it removes the upward
     bias of CKA when features outnumber samples. The default is the plain (biased) estimator.
     """
-    A, B = _pair(X, Y, chunk_rows)
+    # float32 data is multiplied in float32 (see compute_dtype), float64 data in float64
+    cdt = np.result_type(compute_dtype(X), compute_dtype(Y))
+    A, B = _pair(X, Y, chunk_rows, dtype=cdt)
     n = A.n_rows
     dx, dy = A.n_features, B.n_features
     sx, sy = np.zeros(dx), np.zeros(dy)
@@ -65,6 +68,7 @@ def linear_cka(X: Any, Y: Any, *, debiased: bool = False, chunk_rows: int | None
         b = b - shift_y
         sx += a.sum(axis=0)
         sy += b.sum(axis=0)
+        # three Gram products are the pass's whole cost (rows x (dx^2 + dy^2 + dx dy) multiply-adds)
         xx += a.T @ a
         yy += b.T @ b
         xy += a.T @ b

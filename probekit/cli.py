@@ -163,7 +163,9 @@ def _add_audit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stress", default="stress", metavar="SPLIT",
                    help="grouped split with broad backgrounds, for background sensitivity")
     p.add_argument("--n-boot", type=int, default=500, help="bootstrap resamples for 95%% intervals")
-    p.add_argument("--n-perm", type=int, default=200, help="permutations for the correlation null")
+    p.add_argument("--n-perm", type=int, default=200,
+                   help="permutations for the correlation null (0: Student-t null, no permutation "
+                        "products; much faster on large stores, see docs/METRICS.md)")
     p.add_argument("--seed", type=int, default=0, help="seed of every resampling")
     p.add_argument("--no-progress", action="store_true")
 

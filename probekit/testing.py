@@ -21,6 +21,7 @@ class ArrayActivations:
     def __init__(self, a: np.ndarray, default_rows: int = 64) -> None:
         self._a = a
         self.shape = a.shape
+        self.dtype = a.dtype
         self.n_rows = a.shape[0]
         self.default_rows = default_rows
 

@@ -213,3 +213,18 @@ def test_recorded_steps_give_curves_over_training(tmp_path):
     assert any(s["analysis"] == "per-layer analyses" for s in doc["skipped"])
     jsonschema.validate(doc, _schema())
     assert 'id="training"' in render_html(doc)
+
+
+def test_parametric_null_audit_follows_the_planted_level(planted, tmp_path):
+    # --n-perm 0: the Student-t null instead of permutations; the audit keeps its schema and the
+    # correlation shares track the planted level as with the permutation null
+    levels, with_perm = planted
+    path = _write_store(tmp_path / "planted.h5", levels)
+    doc = pk.audit(path, n_boot=50, n_perm=0, progress=False).data
+    jsonschema.validate(doc, _schema())
+    json.dumps(doc, allow_nan=False)
+    assert doc["config"]["n_perm"] == 0 and with_perm["config"]["n_perm"] == 50
+    for m in levels:
+        t = doc["models"][m]["layers"]["layer"]["correlation"]
+        p = with_perm["models"][m]["layers"]["layer"]["correlation"]
+        assert abs(t["share_significant"] - p["share_significant"]) <= 0.15
