@@ -274,6 +274,10 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         self.backend_ = "torch" if use_torch else "sklearn"
         src = as_source(X, "X", chunk_rows=self.chunk_rows, dtype=np.float32 if use_torch else np.float64)
         in_memory = src.fits(self.max_memory)
+        if not in_memory and self.chunk_rows is None:
+            # a streamed fit holds one chunk plus its float copies and per-row logits/gradients:
+            # chunks of a quarter of the budget keep the whole fit within it
+            src.chunk_rows = max(1, int(self.max_memory) // (4 * src.n_features * src.dtype.itemsize))
         self.cv_results_ = None
         if self.C == "cv":
             Xa = src.load_within(self.max_memory, "C='cv'")

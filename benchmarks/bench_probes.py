@@ -1,18 +1,30 @@
 """Torch L-BFGS probe vs scikit-learn LogisticRegression on the same data and C.
 
     python benchmarks/bench_probes.py [--n 16000 --d 512 --k 10 --repeats 3 --device cpu]
+    python benchmarks/bench_probes.py --stream --n 64000 --budget-mib 32 --repeats 3
 
 Synthetic Gaussian classes (shared covariance, random means), standardised like the probe does;
 both fit the identical objective C * sum(loss) + 0.5 ||W||^2 (same C, max_iter, tol). Prints
 median wall time of `repeats` fits, held-out accuracy, and the speed ratio.
+
+``--stream``: the training rows go into a probekit store larger than ``--budget-mib``, and the torch
+probe is fitted (a) on the whole layer loaded into memory and (b) streamed from the store with
+``max_memory`` = the budget (every L-BFGS evaluation re-reads the chunks). Each fit runs in a fresh
+subprocess, alternating, so its peak RSS (VmHWM) growth during the fit is its own.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 
@@ -25,6 +37,77 @@ def make_data(n: int, d: int, k: int, seed: int = 0) -> tuple[np.ndarray, ...]:
     return X[:n], y[:n], X[n:], y[n:]
 
 
+def _vm_hwm_mib() -> float:
+    """Peak resident memory of this process (VmHWM; ru_maxrss would include the parent's peak)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _stream_child(args: argparse.Namespace) -> None:
+    """One fit in this fresh process; prints a JSON line with time, accuracy and memory growth."""
+    import probekit
+    from probekit.analyses import LinearProbe
+
+    _, _, Xte, yte = make_data(args.n, args.d, args.k)
+    budget = args.budget_mib << 20
+    with probekit.open_store(args.child_store) as st:
+        acts = st.acts("m", "train", "x")
+        y = st.sample_field("train", "label")
+        # warm-up on 500 rows: torch's import and thread pools are not the fit's memory
+        LinearProbe(C=args.C, backend="torch", max_memory=None, max_iter=5).fit(np.asarray(acts[:500]), y[:500])
+        before = _vm_hwm_mib()
+        t = time.perf_counter()
+        if args.child == "memory":
+            p = LinearProbe(C=args.C, backend="torch", max_memory=None).fit(np.asarray(acts), y)
+        else:
+            p = LinearProbe(C=args.C, backend="torch", max_memory=budget).fit(acts, y)
+        dt = time.perf_counter() - t
+        grew = _vm_hwm_mib() - before
+    print(json.dumps({"time": dt, "acc": float(p.score(Xte, yte)), "iters": int(p.n_iter_), "rss_growth_mib": grew}))
+
+
+def _stream(args: argparse.Namespace) -> None:
+    from probekit.store import StoreWriter
+
+    Xtr, ytr, _, _ = make_data(args.n, args.d, args.k)
+    tmp = Path(tempfile.mkdtemp(prefix="pk-probe-"))
+    store = tmp / "probe.h5"
+    with StoreWriter(store, mode="create") as w:
+        w.add_split("train", n_rows=args.n, has_label=True)
+        w.add_model("m", role="model")
+        w.add_layer("m", "train", "x", feature_shape=(args.d,), dtype="float32")
+        for s in range(0, args.n, 8192):
+            e = min(args.n, s + 8192)
+            w.write_rows("train", s, samples={"index": np.arange(s, e), "label": ytr[s:e]},
+                         acts={"m": {"x": Xtr[s:e]}})
+    mib = Xtr.nbytes / 2**20
+    print(f"store layer {args.n} x {args.d} float32 = {mib:.0f} MiB, budget {args.budget_mib} MiB, "
+          f"{args.k} classes, C={args.C}, load {os.getloadavg()[0]:.1f}")
+    runs: dict[str, list[dict]] = {"memory": [], "stream": []}
+    for _ in range(args.repeats):
+        for mode in runs:
+            cmd = [sys.executable, __file__, "--child", mode, "--child-store", str(store), "--n", str(args.n),
+                   "--d", str(args.d), "--k", str(args.k), "--C", str(args.C), "--budget-mib", str(args.budget_mib)]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            runs[mode].append(json.loads(out.strip().splitlines()[-1]))
+    store.unlink()
+    tmp.rmdir()
+    print(f"{'fit':<26} {'median s':>9} {'accuracy':>9} {'iters':>6} {'peak RSS growth MiB':>20}")
+    summary = {}
+    for mode, rs in runs.items():
+        med = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+        summary[mode] = med
+        label = "in memory (whole layer)" if mode == "memory" else f"streamed, budget {args.budget_mib} MiB"
+        print(f"{label:<26} {med['time']:>9.2f} {100 * med['acc']:>8.2f}% {med['iters']:>6.0f} "
+              f"{med['rss_growth_mib']:>20.0f}")
+    print(f"streamed / in-memory time {summary['stream']['time'] / summary['memory']['time']:.2f}x")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"args": vars(args), "runs": runs, "median": summary,
+                                              "layer_mib": mib, "loadavg": os.getloadavg()}, indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=16000)
@@ -34,7 +117,16 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--skip-sklearn", action="store_true")
+    ap.add_argument("--stream", action="store_true", help="streamed fit from a store larger than --budget-mib")
+    ap.add_argument("--budget-mib", type=int, default=32)
+    ap.add_argument("--out", default=None, help="write the --stream results as JSON here")
+    ap.add_argument("--child", choices=["memory", "stream"], help=argparse.SUPPRESS)
+    ap.add_argument("--child-store", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child:
+        return _stream_child(args)
+    if args.stream:
+        return _stream(args)
 
     import torch
     from sklearn.exceptions import ConvergenceWarning

@@ -79,12 +79,15 @@ def _peak(fn):
         tracemalloc.stop()
 
 
-def test_linear_probe_torch_out_of_core_equals_in_memory(store, read_spy):
+@pytest.mark.parametrize("chunk_rows", [CHUNK, None])
+def test_linear_probe_torch_out_of_core_equals_in_memory(store, read_spy, chunk_rows):
     path, X, _, y, _ = store
     with probekit.open_store(path) as s:
         acts = s.acts("m", "train", "a")
-        streamed = LinearProbe(C=0.1, backend="torch", max_memory=BUDGET, chunk_rows=CHUNK).fit(acts, y)
-        assert max(read_spy) <= BUDGET  # never more than one budget-sized chunk read at a time
+        streamed = LinearProbe(C=0.1, backend="torch", max_memory=BUDGET, chunk_rows=chunk_rows).fit(acts, y)
+        # never more than one budget-sized chunk read at a time, also when the chunk size is left to
+        # the probe (it then reads a quarter of the budget per chunk)
+        assert max(read_spy) <= BUDGET
         p_streamed = streamed.predict_proba(acts)
     in_memory = LinearProbe(C=0.1, backend="torch").fit(X, y)
     oracle = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000)).fit(X, y)
