@@ -421,10 +421,19 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         st = torch.from_numpy(scale.astype(np.float32)).to(dev)
         yall = torch.from_numpy(y_idx.astype(np.int64))
 
+        buf = None  # one standardised chunk, reused: fresh chunk-sized temporaries at every
+        # evaluation left glibc's heap holding 3-6x the budget (measured peak RSS growth 114-252 MiB
+        # for 32 MiB, vs 47 MiB with a fixed mmap threshold)
+
         def chunks(rng: np.random.Generator | None = None) -> Any:
+            nonlocal buf
             for start, a in src.chunks():
-                Zc = (torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(dev) - mt) / st
-                yc = yall[start:start + a.shape[0]].to(dev)
+                rows = a.shape[0]
+                if buf is None or buf.shape[0] < rows:
+                    buf = torch.empty((rows, src.n_features), dtype=torch.float32, device=dev)
+                Zc = buf[:rows]
+                Zc.copy_(torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))).sub_(mt).div_(st)
+                yc = yall[start:start + rows].to(dev)
                 if rng is None:
                     yield Zc, yc
                 else:

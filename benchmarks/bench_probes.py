@@ -10,7 +10,8 @@ median wall time of `repeats` fits, held-out accuracy, and the speed ratio.
 ``--stream``: the training rows go into a probekit store larger than ``--budget-mib``, and the torch
 probe is fitted (a) on the whole layer loaded into memory and (b) streamed from the store with
 ``max_memory`` = the budget (every L-BFGS evaluation re-reads the chunks). Each fit runs in a fresh
-subprocess, alternating, so its peak RSS (VmHWM) growth during the fit is its own.
+subprocess, alternating, and its peak RSS growth is measured from the RSS before the fit (VmHWM reset through
+/proc/self/clear_refs after a 500-row warm-up fit, so torch's start-up is not counted).
 """
 
 from __future__ import annotations
@@ -37,12 +38,17 @@ def make_data(n: int, d: int, k: int, seed: int = 0) -> tuple[np.ndarray, ...]:
     return X[:n], y[:n], X[n:], y[n:]
 
 
-def _vm_hwm_mib() -> float:
-    """Peak resident memory of this process (VmHWM; ru_maxrss would include the parent's peak)."""
+def _status_mib(field: str) -> float:
+    """A memory line of /proc/self/status in MiB (VmRSS: now; VmHWM: peak since the last reset)."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def _reset_peak_rss() -> None:
+    """Set VmHWM to the current RSS (Linux: writing 5 to clear_refs), so a later peak is the fit's own."""
+    Path("/proc/self/clear_refs").write_text("5\n")
 
 
 def _stream_child(args: argparse.Namespace) -> None:
@@ -57,14 +63,15 @@ def _stream_child(args: argparse.Namespace) -> None:
         y = st.sample_field("train", "label")
         # warm-up on 500 rows: torch's import and thread pools are not the fit's memory
         LinearProbe(C=args.C, backend="torch", max_memory=None, max_iter=5).fit(np.asarray(acts[:500]), y[:500])
-        before = _vm_hwm_mib()
+        before = _status_mib("VmRSS")
+        _reset_peak_rss()
         t = time.perf_counter()
         if args.child == "memory":
             p = LinearProbe(C=args.C, backend="torch", max_memory=None).fit(np.asarray(acts), y)
         else:
             p = LinearProbe(C=args.C, backend="torch", max_memory=budget).fit(acts, y)
         dt = time.perf_counter() - t
-        grew = _vm_hwm_mib() - before
+        grew = _status_mib("VmHWM") - before
     print(json.dumps({"time": dt, "acc": float(p.score(Xte, yte)), "iters": int(p.n_iter_), "rss_growth_mib": grew}))
 
 
