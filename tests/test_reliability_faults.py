@@ -272,14 +272,14 @@ def test_enospc_from_write_rows_after_k_batches_then_resume(helper, full, tmp_pa
 def test_enospc_inside_a_batch_leaves_no_half_written_rows(helper, full, tmp_path, monkeypatch, k):
     """The failure hits between two datasets of one batch: some were written, the counters not moved.
 
-    A batch grows 4 sample fields (index, label, factors) and 3 layers = 6 datasets; failing on the
-    k-th growth hits mid-batch for most k.
+    A batch writes 3 sample fields (index, label, factors) and 3 layers = 6 datasets; failing on the
+    k-th dataset write hits mid-batch for most k.
     """
     _, h = helper
     out = tmp_path / "half.h5"
     with h5py.File(full, "r") as f:
         n_datasets_per_batch = len(f["samples/data"]) + len(f["models/model/acts/data"])
-    calls = _fail_after(monkeypatch, writer_module, "_ensure_rows", k)
+    calls = _fail_after(monkeypatch, writer_module._Rows, "write", k)
     with pytest.raises(OSError):
         probekit.extract(h.model(), h.Data(), layers=["0", "1", "4"], out=out, batch_size=BATCH,
                          source="rel_faults_helper:model", progress=False)

@@ -252,3 +252,25 @@ def test_round_trip_property(tmp_path_factory, n, batch, width, dtype):
         assert got.dtype == np.dtype(dtype)
         np.testing.assert_array_equal(got[:], x)
         np.testing.assert_array_equal(np.concatenate([c for _, c in got.iter_chunks(max(1, batch - 1))]), x)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_write_rows_converts_and_places_rows_like_numpy(tmp_path, dtype):
+    # write_rows writes numeric rows through HDF5's low-level hyperslab write; the stored values must
+    # be numpy's conversion of the input, in the right rows, whatever the input's dtype and layout
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(5, 3, 10)) * 1e3  # float64, values beyond float16's precision
+    path = tmp_path / "conv.h5"
+    with pk.StoreWriter(path) as w:
+        w.add_split("s", n_rows=10, has_label=True, factor_names=["f"])
+        w.add_model("m")
+        w.add_layer("m", "s", "map", feature_shape=(5, 3), dtype=dtype)
+        for start, stop in ((0, 4), (4, 4), (4, 9), (9, 10)):  # an empty batch too
+            rows = feats[..., start:stop].transpose(2, 0, 1)  # non-contiguous float64 view
+            w.write_rows("s", start, {"index": np.arange(start, stop), "label": np.arange(start, stop) % 3,
+                                      "factors": np.arange(start, stop, dtype=float)[:, None]},
+                         {"m": {"map": rows}})
+    with pk.open_store(path) as s:
+        np.testing.assert_array_equal(s.acts("m", "s", "map")[:], feats.transpose(2, 0, 1).astype(dtype))
+        np.testing.assert_array_equal(s.sample_field("s", "label"), np.arange(10) % 3)
+        np.testing.assert_array_equal(s.sample_field("s", "factors")[:, 0], np.arange(10.0))
