@@ -87,6 +87,7 @@ class Capture:
         self.module_types = {sel: type(self._modules[parse_selector(sel)[0]]).__name__ for sel in self.layers}
         self.raw_shapes: dict[str, tuple[int, ...]] = {}
         self._results: dict[str, torch.Tensor] = {}
+        self._out: Mapping[str, torch.Tensor] = {}  # set by run_into for one forward pass only
         self._counts: dict[str, int] = {}
         self._handles: list[Any] = []
         self._saved_modes: dict[nn.Module, bool] = {}
@@ -128,7 +129,8 @@ class Capture:
             t = t.detach()
             self.raw_shapes[sel] = tuple(t.shape[1:])
             self._results[sel] = pool(
-                t, self.modes[sel], self.num_prefix_tokens, layer=sel, channels_first=channels_first
+                t, self.modes[sel], self.num_prefix_tokens, layer=sel, channels_first=channels_first,
+                out=self._out.get(sel),
             )
 
         return hook
@@ -213,6 +215,32 @@ class Capture:
             return self.collect()
         finally:
             self._results = {}
+
+    def run_into(self, out: Mapping[str, torch.Tensor], *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        """:meth:`run`, with the pooled output of each selector in ``out`` written into ``out[selector]``.
+
+        Lets a caller reuse its buffers across batches instead of a new tensor per batch and layer
+        (see the ``out`` parameter of :func:`pool`). The Capture keeps no reference to ``out`` after
+        the call.
+
+        Parameters
+        ----------
+        out : dict of str to torch.Tensor
+            Selector -> tensor of shape ``(n_samples, *feature_shape)``; selectors not in it get new
+            tensors.
+        *args, **kwargs
+            Passed to ``model(...)``.
+
+        Returns
+        -------
+        dict of str to torch.Tensor
+            As :meth:`run`; the tensors of the selectors in ``out`` are ``out``'s.
+        """
+        self._out = out
+        try:
+            return self.run(*args, **kwargs)
+        finally:
+            self._out = {}
 
 
 @contextmanager

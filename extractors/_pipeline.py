@@ -136,18 +136,39 @@ class _ThreadSink:
             self._check()
 
 
-class _PinnedRing:
-    """Pinned host buffers for the non-blocking copies, reused round-robin (CUDA only)."""
+class _BufferRing:
+    """Host buffer sets (model -> layer -> tensor of one full batch) reused across batches.
 
-    def __init__(self, shapes: dict[str, dict[str, tuple[int, ...]]], dtype: torch.dtype, n: int) -> None:
+    A set is taken for a batch and given back (``give``, by the sink) only after the writer has written
+    that batch, so no batch's rows are overwritten before they are on their way to disk. ``n`` bounds
+    the sets: 1 for the synchronous writer, ``queue_size + 2`` for the writer thread (queued batches,
+    the one being written, the one being filled). On CUDA the sets are pinned (for non-blocking
+    copies) and made up front; on CPU the capture hooks pool straight into them, and they are made on
+    demand, so a writer that keeps up needs fewer. Reuse is the point on CPU: a fresh 100 MB tensor
+    per batch (what a copying pool allocates otherwise) is mapped anew by the allocator and
+    page-faulted every time.
+    """
+
+    def __init__(self, shapes: dict[str, dict[str, tuple[int, ...]]], dtype: torch.dtype, n: int, *,
+                 pin: bool) -> None:
+        self._shapes, self._dtype, self._n, self._pin = shapes, dtype, max(1, n), pin
+        self._made = 0  # touched by the main thread only (take); the writer thread only gives
         self._free: queue.Queue[dict[str, dict[str, torch.Tensor]]] = queue.Queue()
-        for _ in range(n):
-            self._free.put(
-                {m: {k: torch.empty(s, dtype=dtype, pin_memory=True) for k, s in lay.items()}
-                 for m, lay in shapes.items()}
-            )
+        if pin:
+            for _ in range(self._n):
+                self._free.put(self._make())
+
+    def _make(self) -> dict[str, dict[str, torch.Tensor]]:
+        self._made += 1
+        return {m: {k: torch.empty(s, dtype=self._dtype, pin_memory=self._pin) for k, s in lay.items()}
+                for m, lay in self._shapes.items()}
 
     def take(self) -> dict[str, dict[str, torch.Tensor]]:
+        if self._made < self._n:
+            try:
+                return self._free.get_nowait()
+            except queue.Empty:
+                return self._make()
         return self._free.get()
 
     def give(self, bufs: dict[str, dict[str, torch.Tensor]]) -> None:
@@ -396,14 +417,18 @@ def extract_models(
             for cap in caps.values():
                 stack.enter_context(cap)
 
-            def forward(batch: Mapping[str, Any]) -> dict[str, dict[str, torch.Tensor]]:
+            def forward(batch: Mapping[str, Any],
+                        into: dict[str, dict[str, torch.Tensor]] | None = None) -> dict[str, dict[str, torch.Tensor]]:
+                # into: model -> layer -> buffer of this batch's size and the store's dtype; the hooks
+                # pool (and cast) straight into it
                 x = batch["x"]
                 feats: dict[str, dict[str, torch.Tensor]] = {}
                 for name, cap in caps.items():
                     xd = x.to(dev, non_blocking=True)
                     if xd.is_floating_point() and in_dtypes[name] is not None:
                         xd = xd.to(in_dtypes[name])
-                    feats[name] = {k: v.to(store_dtype) for k, v in cap.run(xd).items()}
+                    got = cap.run(xd) if into is None else cap.run_into(into[name], xd)
+                    feats[name] = {k: v.to(store_dtype) for k, v in got.items()}
                 return feats
 
             declared = False
@@ -428,7 +453,8 @@ def extract_models(
                 declare(forward(_collate([samples[0]])))
                 return Path(out)
 
-            ring: _PinnedRing | None = None
+            ring: _BufferRing | None = None  # CUDA: pinned copies of the pooled batch
+            host_ring: _BufferRing | None = None  # CPU: the hooks' output buffers
             write = functools.partial(writer.write_rows, step=step)
             sink = _ThreadSink(write, queue_size) if use_thread else _SyncSink(write)
             loader = DataLoader(
@@ -441,7 +467,12 @@ def extract_models(
             with tqdm(total=n, initial=start, disable=not progress, unit="sample", desc=f"extract {split}",
                       leave=False) as bar:
                 for batch in loader:
-                    if declared:
+                    b = len(batch["index"])
+                    host_bufs = host_ring.take() if host_ring is not None else None
+                    if host_bufs is not None:  # the last batch may be short: a slice of the buffers
+                        feats = forward(batch, {m: {k: v[:b] for k, v in lay.items()}
+                                                for m, lay in host_bufs.items()})
+                    elif declared:
                         feats = forward(batch)
                     else:  # the first batch: a model that cannot take these inputs is a data error
                         try:
@@ -453,14 +484,16 @@ def extract_models(
                                 f"{str(e).splitlines()[0][:200]}). Check that the data fits the model: "
                                 "input shape, channels, dtype (a transform); --debug shows the traceback."
                             ) from e
-                    b = len(batch["index"])
                     if not declared:
                         declare(feats)
                         declared = True
+                        shapes = {m: {k: (batch_size, *v.shape[1:]) for k, v in f.items()}
+                                  for m, f in feats.items()}
+                        n_sets = queue_size + 2 if use_thread else 1
                         if dev.type == "cuda":
-                            shapes = {m: {k: (batch_size, *v.shape[1:]) for k, v in f.items()}
-                                      for m, f in feats.items()}
-                            ring = _PinnedRing(shapes, store_dtype, queue_size + 2 if use_thread else 1)
+                            ring = _BufferRing(shapes, store_dtype, n_sets, pin=True)
+                        elif dev.type == "cpu":
+                            host_ring = _BufferRing(shapes, store_dtype, n_sets, pin=False)
                     smp = _samples_np(batch)
                     if ring is not None:
                         bufs = ring.take()
@@ -476,7 +509,10 @@ def extract_models(
                         sink.put((split, row, smp, acts), ready, lambda bufs=bufs, ring=ring: ring.give(bufs))
                     else:
                         acts = {m: {k: v.cpu().numpy() for k, v in f.items()} for m, f in feats.items()}
-                        sink.put((split, row, smp, acts))
+                        release = None
+                        if host_bufs is not None:  # back to the ring once this batch is written
+                            release = functools.partial(host_ring.give, host_bufs)  # type: ignore[union-attr]
+                        sink.put((split, row, smp, acts), None, release)
                     row += b
                     bar.update(b)
     except BaseException as e:

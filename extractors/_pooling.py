@@ -46,6 +46,7 @@ def pool(
     *,
     layer: str = "",
     channels_first: bool = False,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Pool a batch of layer outputs to per-sample features.
 
@@ -66,18 +67,25 @@ def pool(
         The layer's name, for error messages.
     channels_first : bool, default False
         Treat a 3-D tensor as ``(N, C, L)`` (Conv1d-style) rather than tokens ``(N, T, D)``.
+    out : torch.Tensor of shape (n_samples, *feature_shape), optional
+        A preallocated tensor to write the result into (cast to ``out``'s dtype), which is returned.
+        The modes that copy (``none``, ``flatten``, ``cls``, ``avg`` / ``max`` of 2-D input) copy ``t``
+        straight into it, so a caller that reuses one buffer across batches allocates nothing per
+        batch (a fresh 100 MB tensor costs its page faults every time); reductions are computed and
+        then copied in. It must not overlap ``t``.
 
     Returns
     -------
     torch.Tensor of shape (n_samples, *feature_shape)
-        A new tensor (never a view of ``t``), so later in-place operations on ``t`` cannot change it.
-        Reductions of half-precision input are accumulated and returned in float32.
+        ``out`` when given, else a new tensor; never a view of ``t``, so later in-place operations on
+        ``t`` cannot change it. Reductions of half-precision input are accumulated and returned in
+        float32 (unless ``out`` has another dtype).
 
     Raises
     ------
     DataError
         When ``mode`` is unknown or does not fit the tensor's rank; the message names the layer and
-        the modes that fit.
+        the modes that fit. When ``out`` does not have the pooled shape.
 
     Examples
     --------
@@ -104,19 +112,37 @@ def pool(
             f"(rank {t.ndim}): {mode!r} needs {need}. Pools that fit: {', '.join(fits)}. "
             f"Pass another pool for this layer, e.g. pool={{{layer!r}: {fits[0]!r}}}."
         )
+    res, fresh = _pool(t, mode, num_prefix_tokens, layer, channels_first)
+    if out is None:
+        return res if fresh else res.clone()
+    if tuple(out.shape) != tuple(res.shape):
+        where = f"layer {layer!r}" if layer else "a layer"
+        raise DataError(
+            f"Pool {mode!r} of {where} gives features of shape {tuple(res.shape)} but the 'out' tensor "
+            f"has shape {tuple(out.shape)}. The layer's output shape changed, or 'out' was made for "
+            "another batch size: pass an 'out' of the pooled shape, or none."
+        )
+    return out.copy_(res)
+
+
+def _pool(
+    t: torch.Tensor, mode: str, num_prefix_tokens: int, layer: str, channels_first: bool
+) -> tuple[torch.Tensor, bool]:
+    """The pooled result and whether it is a new tensor: the reductions compute one; the modes that copy
+    give ``t`` or a view of it, which the caller copies (into a new tensor or into ``out``)."""
     acc = torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else None
     if mode in ("avg", "max"):
         if t.ndim == 2:
-            return t.clone()
+            return t, False
         if t.ndim == 3 and not channels_first:
             dims: tuple[int, ...] = (1,)
         else:
             dims = tuple(range(2, t.ndim))
         if mode == "avg":
-            return t.mean(dim=dims, dtype=acc) if acc is not None else t.mean(dim=dims)
-        return t.amax(dim=dims).to(acc) if acc is not None else t.amax(dim=dims)
+            return (t.mean(dim=dims, dtype=acc) if acc is not None else t.mean(dim=dims)), True
+        return (t.amax(dim=dims).to(acc) if acc is not None else t.amax(dim=dims)), True
     if mode == "cls":
-        return t[:, 0].clone()
+        return t[:, 0], False
     if mode == "tokens_mean":
         k = int(num_prefix_tokens)
         if not 0 <= k < t.shape[1]:
@@ -125,10 +151,10 @@ def pool(
                 f"tokens but the output has only {t.shape[1]} tokens; set num_prefix_tokens to fit."
             )
         rest = t[:, k:]
-        return rest.mean(dim=1, dtype=acc) if acc is not None else rest.mean(dim=1)
+        return (rest.mean(dim=1, dtype=acc) if acc is not None else rest.mean(dim=1)), True
     if mode == "flatten":
-        return t.reshape(t.shape[0], -1).clone()
-    return t.clone()  # none
+        return t.reshape(t.shape[0], -1), False  # a view, or a copy of a non-contiguous t: copied again
+    return t, False  # none
 
 
 def pool_for(pool_spec: PoolSpec, layer: str) -> str:
