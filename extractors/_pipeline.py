@@ -163,6 +163,16 @@ class _BufferRing:
         return {m: {k: torch.empty(s, dtype=self._dtype, pin_memory=self._pin) for k, s in lay.items()}
                 for m, lay in self._shapes.items()}
 
+    def adopt(self, feats: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:
+        """Count the first batch's pooled tensors (new, owned by the pipeline alone) as a set, where they
+        fit; the caller gives it back once that batch is written. Saves allocating and faulting one
+        more set per run."""
+        self._made += 1
+        return {m: {k: (v if tuple(v.shape) == s and v.dtype == self._dtype and v.is_contiguous()
+                        and not self._pin else torch.empty(s, dtype=self._dtype, pin_memory=self._pin))
+                    for k, s in lay.items() for v in (feats[m][k],)}
+                for m, lay in self._shapes.items()}
+
     def take(self) -> dict[str, dict[str, torch.Tensor]]:
         if self._made < self._n:
             try:
@@ -494,6 +504,8 @@ def extract_models(
                             ring = _BufferRing(shapes, store_dtype, n_sets, pin=True)
                         elif dev.type == "cpu":
                             host_ring = _BufferRing(shapes, store_dtype, n_sets, pin=False)
+                            # this batch's own pooled tensors become a set once it is written
+                            host_bufs = host_ring.adopt(feats)
                     smp = _samples_np(batch)
                     if ring is not None:
                         bufs = ring.take()
