@@ -36,13 +36,13 @@ HDF5 and probekit:
 - ``probekit``: ``probekit.extract(..., pool="none")`` of the model's last layer into a new store. The
   model is a write-bound stand-in (a 1x1 conv stem: 64 x H x W floats per sample for a few MACs
   each). Its write share is ``probekit - forward`` of the same repeat (median over repeats).
+  The capture hook copies each layer output (so that a later in-place op cannot change it) into a
+  host buffer the pipeline reuses across batches.
+- ``probekit_fresh`` (diagnostic: the path before the reused buffers): the same with the hook's copy
+  going to a new tensor every batch (``pool(..., out=None)``). A new 100 MB tensor is mapped fresh by
+  glibc (allocations over 32 MiB) and page-faulted on every batch.
 - ``probekit_nocopy`` (diagnostic, unsafe): the same with the capture hook's copy of the layer output
-  (``pool="none"`` clones the output so that a later in-place op cannot change it) skipped, to show
-  what that copy costs. Not a mode probekit offers.
-- ``probekit_reuse`` (diagnostic prototype): the hook copies the layer output into a buffer kept from
-  the previous batch instead of a new tensor (safe here because the synchronous writer has written
-  the previous batch before the next forward): what a reusable-buffer copy in the capture hook would
-  give. Also not in probekit.
+  skipped, to show what the copy itself costs. Not a mode probekit offers.
 
     python benchmarks/bench_feature_maps.py [--n 128] [--size 112] [--batch 32] [--repeats 9]
 
@@ -167,7 +167,7 @@ def main() -> None:
     real_pool = _hooks.pool
 
     def pool_nocopy(t: torch.Tensor, mode: str, *args: object, **kwargs: object) -> torch.Tensor:
-        return t if mode == "none" else real_pool(t, mode, *args, **kwargs)
+        return t if mode == "none" else real_pool(t, mode, *args, **kwargs)  # `out` unused: rows are t
 
     def extract_nocopy(p: Path) -> None:
         _hooks.pool = pool_nocopy
@@ -176,29 +176,21 @@ def main() -> None:
         finally:
             _hooks.pool = real_pool
 
-    reuse: dict[str, torch.Tensor] = {}
+    def pool_fresh(t: torch.Tensor, mode: str, *args: object, **kwargs: object) -> torch.Tensor:
+        kwargs.pop("out", None)  # the pipeline's reused buffer declined: a new tensor per batch
+        return real_pool(t, mode, *args, **kwargs)
 
-    def pool_reuse(t: torch.Tensor, mode: str, *args: object, **kwargs: object) -> torch.Tensor:
-        if mode != "none":
-            return real_pool(t, mode, *args, **kwargs)
-        key = str(kwargs.get("layer"))
-        buf = reuse.get(key)
-        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype or buf.device != t.device:
-            buf = reuse[key] = torch.empty(t.shape, dtype=t.dtype, device=t.device)
-        return buf.copy_(t)
-
-    def extract_reuse(p: Path) -> None:
-        _hooks.pool = pool_reuse
+    def extract_fresh(p: Path) -> None:
+        _hooks.pool = pool_fresh
         try:
             extract(p)
         finally:
             _hooks.pool = real_pool
-            reuse.clear()
 
     methods: dict[str, Callable[[Path], None]] = {
         "raw_write": raw_write, "raw_direct": raw_direct, "dd": dd, "h5py_contiguous": h5py_contiguous,
         "store_writer": store_writer, "forward": forward, "probekit": extract,
-        "probekit_nocopy": extract_nocopy, "probekit_reuse": extract_reuse,
+        "probekit_nocopy": extract_nocopy, "probekit_fresh": extract_fresh,
     }
     times: dict[str, list[float]] = {k: [] for k in methods}
     base = Path(a.dir) if a.dir else Path(tempfile.mkdtemp(prefix="pk-bench-"))
@@ -225,15 +217,15 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     best = {k: min(v) for k, v in times.items()}
     # write shares: each repeat's extract minus the same repeat's bare forward, median over repeats
-    for k in ("probekit", "probekit_nocopy", "probekit_reuse"):
+    for k in ("probekit", "probekit_nocopy", "probekit_fresh"):
         share = [e - f for e, f in zip(times[k], times["forward"], strict=True)]
         med[f"{k}.write_share"], best[f"{k}.write_share"] = statistics.median(share), min(share)
     rate = {k: nbytes / max(1e-9, v) for k, v in med.items() if k != "forward"}
     rate.pop("raw_write.fsync")
     floor = rate["raw_write"]
     rows = ["raw_write", "raw_write.buffered", "raw_direct", "dd", "h5py_contiguous", "store_writer",
-            "probekit.write_share", "probekit_nocopy.write_share", "probekit_reuse.write_share",
-            "probekit", "probekit_nocopy", "probekit_reuse"]
+            "probekit.write_share", "probekit_fresh.write_share", "probekit_nocopy.write_share",
+            "probekit", "probekit_fresh", "probekit_nocopy"]
     print(f"{a.n} samples of a {row_shape} float32 = {nbytes / 2**20:.0f} MiB, {a.repeats} repeats, "
           f"load {load_start[0]:.1f} -> {load_end[0]:.1f}")
     print(f"{'method':<28} {'median s':>9} {'best s':>8} {'MiB/s':>7} {'vs raw_write':>12}")
