@@ -4,6 +4,7 @@ another's, with the synchronous writer and with the writer thread (a slow one th
 
 from __future__ import annotations
 
+import itertools
 import time
 
 import numpy as np
@@ -111,7 +112,7 @@ def test_consecutive_batches_are_not_aliased(tmp_path, writer_thread, slow_write
         got = np.asarray(s.acts("model", "data", "conv"))
     assert got.shape == want.shape
     starts = list(range(0, n, BATCH))
-    for a, b in zip(starts, starts[1:], strict=False):
+    for a, b in itertools.pairwise(starts):
         np.testing.assert_allclose(got[a:a + BATCH], want[a:a + BATCH], rtol=1e-5, atol=1e-6)
         m = min(BATCH, n - b)
         assert not np.allclose(got[a:a + m], got[b:b + m])
