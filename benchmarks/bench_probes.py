@@ -126,7 +126,7 @@ def main() -> None:
     ap.add_argument("--skip-sklearn", action="store_true")
     ap.add_argument("--stream", action="store_true", help="streamed fit from a store larger than --budget-mib")
     ap.add_argument("--budget-mib", type=int, default=32)
-    ap.add_argument("--out", default=None, help="write the --stream results as JSON here")
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--child", choices=["memory", "stream"], help=argparse.SUPPRESS)
     ap.add_argument("--child-store", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -174,6 +174,13 @@ def main() -> None:
         t_sk, (acc_sk, it_s) = run(fit_sklearn)
         print(f"sklearn : median {t_sk:.2f} s, accuracy {100 * acc_sk:.2f} %, L-BFGS iterations {it_s}")
         print(f"speed-up {t_sk / t_torch:.1f}x, accuracy difference {100 * (acc_torch - acc_sk):+.2f} pt")
+    print(f"load {os.getloadavg()[0]:.1f}")
+    if args.out:
+        res = {"args": vars(args), "torch": {"median_s": t_torch, "acc": acc_torch, "iters": it_t},
+               "loadavg": os.getloadavg()}
+        if not args.skip_sklearn:
+            res["sklearn"] = {"median_s": t_sk, "acc": acc_sk, "iters": it_s}
+        Path(args.out).write_text(json.dumps(res, indent=1))
 
 
 if __name__ == "__main__":

@@ -31,9 +31,9 @@ BENCHMARKS: dict[str, list[list[str]]] = {
         ["bench_extract.py", "--model", "vit", "--n", "512", "--maps", "--repeats", "7"],
     ],
     "memory": [["bench_memory.py"]],
-    "feature_maps": [["bench_feature_maps.py", "--repeats", "7"]],
+    "feature_maps": [["bench_feature_maps.py", "--repeats", "15"]],
     "probes": [
-        ["bench_probes.py", "--repeats", "3"],
+        ["bench_probes.py", "--repeats", "3", "--out", str(RESULTS / "bench_probes.json")],
         ["bench_probes.py", "--stream", "--n", "64000", "--budget-mib", "32", "--repeats", "3",
          "--out", str(RESULTS / "bench_probes_stream.json")],
     ],
