@@ -228,3 +228,8 @@ def test_parametric_null_audit_follows_the_planted_level(planted, tmp_path):
         t = doc["models"][m]["layers"]["layer"]["correlation"]
         p = with_perm["models"][m]["layers"]["layer"]["correlation"]
         assert abs(t["share_significant"] - p["share_significant"]) <= 0.15
+    # the report says which null drew the threshold line
+    from probekit.report import render_html
+
+    assert "Student-t null threshold" in render_html(doc)
+    assert "permutation-null threshold" in render_html(with_perm)

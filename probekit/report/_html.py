@@ -64,7 +64,7 @@ def render_html(audit: Mapping[str, Any]) -> str:
         _probes(models, colors),
         _decodability(models, colors),
         _sensitivity(models, colors, audit),
-        _correlation(models, colors),
+        _correlation(models, colors, audit.get("config", {}).get("n_perm")),
         _directions(models, colors),
         _pairs(audit.get("pairs", []), colors),
         _series(audit.get("series", {})),
@@ -200,7 +200,8 @@ def _sensitivity(models: Mapping[str, Any], colors: Mapping[str, str], audit: Ma
     return s
 
 
-def _correlation(models: Mapping[str, Any], colors: Mapping[str, str]) -> dict[str, Any] | None:
+def _correlation(models: Mapping[str, Any], colors: Mapping[str, str],
+                 n_perm: int | None = None) -> dict[str, Any] | None:
     panels = []
     table = {"title": "", "header": ["model", "layer", "split", "mean |r|", "noise floor", "units above null",
                                      "var. share bg", "var. share label"], "rows": [], "left": 3}
@@ -216,9 +217,10 @@ def _correlation(models: Mapping[str, Any], colors: Mapping[str, str]) -> dict[s
                                   _fmt(c.get("variance_share_background")), _fmt(c.get("variance_share_label"))])
     if not table["rows"]:
         return None
+    null = ("Student-t null threshold (run with --n-perm 0)" if n_perm == 0 else "permutation-null threshold")
     s = _section("correlation", "Unit–background correlation",
                  "Per unit, the largest |Pearson r| with any background factor; the dashed line is the "
-                 "permutation-null threshold. 'Units above null' counts units significant after correction.")
+                 f"{null}. 'Units above null' counts units significant after correction.")
     if panels:
         s["figures"].append({"src": P.histograms(panels[:16], xlabel="max |r| over factors",
                                                  vline_key="floor", vline_label="null threshold"),
