@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from sklearn.exceptions import NotFittedError as _SklearnNotFitted
 
+from probekit._json import jsonable as jsonable
 from probekit.errors import DataError, NotFittedError
 
 
@@ -266,26 +267,6 @@ def as_factors(factors: Any, n: int, factor_names: Sequence[str] | None = None,
 
 
 # -- results -------------------------------------------------------------------------------------
-def jsonable(v: Any) -> Any:
-    """Turn numpy scalars/arrays, tuples and dataclasses into JSON-safe Python (NaN/inf -> None)."""
-    if dataclasses.is_dataclass(v) and not isinstance(v, type):
-        return {f.name: jsonable(getattr(v, f.name)) for f in dataclasses.fields(v)}
-    if isinstance(v, dict):
-        return {str(k): jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [jsonable(x) for x in v]
-    if isinstance(v, np.ndarray):
-        return jsonable(v.tolist())
-    if isinstance(v, (bool, np.bool_)):
-        return bool(v)
-    if isinstance(v, (Integral, np.integer)):
-        return int(v)
-    if isinstance(v, (Real, np.floating)):
-        f = float(v)
-        return f if math.isfinite(f) else None
-    return v
-
-
 def _short(v: Any) -> str:
     if isinstance(v, np.ndarray):
         if v.size <= 6:

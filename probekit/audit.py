@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import math
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -30,6 +29,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from ._json import jsonable
 from ._version import __version__
 from .errors import DataError, ProbekitError
 from .store import Store, open_store
@@ -244,7 +244,7 @@ def audit(
                 doc["verdict"].append(
                     f"{m}: over {len(r['steps'])} recorded steps, the OOD probe accuracy peaks at step "
                     f"{r['best_step']} ({100 * r['best_accuracy']:.1f}%).")
-    return Audit(_clean(doc))
+    return Audit(jsonable(doc))
 
 
 def _series(path: Path, m: str, cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -271,21 +271,6 @@ def _model_layers(s: Store, model: str, only: Sequence[str] | None) -> list[str]
     if missing:
         raise DataError(f"The model {model!r} has no layers {missing}; it has {have}.")
     return [la for la in have if la in only]
-
-
-def _clean(obj: Any) -> Any:
-    """JSON-safe copy: numpy scalars to Python, NaN/inf to None."""
-    if isinstance(obj, Mapping):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _clean(obj.tolist())
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if math.isfinite(obj) else None
-    return obj
 
 
 def _run(ctx: _Ctx, analysis: str, model: str, layer: str | None, fn: Callable[[], Any]) -> Any:

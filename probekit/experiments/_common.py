@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from probekit._json import jsonable
+
 
 def out_path(out_dir: str | os.PathLike | None, name: str) -> Path:
     """The experiment's output folder (created), default ``./probekit-experiments/<name>``."""
@@ -32,26 +34,8 @@ def mean_sd(values: Sequence[float]) -> dict[str, float]:
     return {"mean": float(a.mean()), "sd": float(a.std(ddof=1)) if len(a) > 1 else 0.0}
 
 
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, (np.floating,)):
-        return float(obj)
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (np.bool_,)):
-        return bool(obj)
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return None
-    return obj
-
-
 def write_json(path: Path, result: dict[str, Any]) -> None:
-    path.write_text(json.dumps(_jsonable(result), indent=2, sort_keys=False) + "\n")
+    path.write_text(json.dumps(jsonable(result), indent=2, sort_keys=False) + "\n")
 
 
 def fmt(ms: dict[str, float], digits: int = 3) -> str:
