@@ -213,7 +213,7 @@ class BackgroundCorrelation(BaseEstimator):
         # [1, Zc]^T, row-major: one product per chunk gives the column sums and the covariances
         # with factors and classes (one pass over the chunk instead of two)
         W = np.ascontiguousarray(np.column_stack([np.ones(n), Zc]).T.astype(cdt))
-        Fc_c = Fc.astype(cdt)
+        Fc_c = Fc.astype(cdt) if P else None  # the factors the permutations gather from
 
         shift = None
         s2 = np.zeros(d)

@@ -169,23 +169,21 @@ def main() -> None:
     def pool_nocopy(t: torch.Tensor, mode: str, *args: object, **kwargs: object) -> torch.Tensor:
         return t if mode == "none" else real_pool(t, mode, *args, **kwargs)  # `out` unused: rows are t
 
-    def extract_nocopy(p: Path) -> None:
-        _hooks.pool = pool_nocopy
-        try:
-            extract(p)
-        finally:
-            _hooks.pool = real_pool
+    def extract_with(pool_fn: Callable[..., torch.Tensor]) -> Callable[[Path], None]:
+        """``extract`` with the capture hooks' pool replaced by ``pool_fn`` for the call."""
+        def run(p: Path) -> None:
+            _hooks.pool = pool_fn
+            try:
+                extract(p)
+            finally:
+                _hooks.pool = real_pool
+        return run
 
     def pool_fresh(t: torch.Tensor, mode: str, *args: object, **kwargs: object) -> torch.Tensor:
         kwargs.pop("out", None)  # the pipeline's reused buffer declined: a new tensor per batch
         return real_pool(t, mode, *args, **kwargs)
 
-    def extract_fresh(p: Path) -> None:
-        _hooks.pool = pool_fresh
-        try:
-            extract(p)
-        finally:
-            _hooks.pool = real_pool
+    extract_nocopy, extract_fresh = extract_with(pool_nocopy), extract_with(pool_fresh)
 
     methods: dict[str, Callable[[Path], None]] = {
         "raw_write": raw_write, "raw_direct": raw_direct, "dd": dd, "h5py_contiguous": h5py_contiguous,
