@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from _checkout import use_checkout
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,7 +40,10 @@ def main() -> None:
     p.add_argument("--probe-size", type=int, default=300)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=None)
+    p.add_argument("--src", default=None, help="import probekit from this checkout (before/after runs)")
     a = p.parse_args()
+    if a.src:
+        use_checkout(a.src)
     if a.threads:
         torch.set_num_threads(a.threads)
     ex = _example()

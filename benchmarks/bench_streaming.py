@@ -28,16 +28,11 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-
-def _use_source(src: str) -> None:
-    """Import probekit from the checkout ``src`` instead of the installed (editable) one."""
-    sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in str(getattr(f, "__module__", "")).lower()]
-    sys.path.insert(0, str(Path(src).resolve()))
+from _checkout import use_checkout
 
 
 def _drop_caches() -> None:
@@ -59,7 +54,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_streaming.json"))
     a = ap.parse_args()
     if a.src:
-        _use_source(a.src)
+        use_checkout(a.src)
 
     import h5py
     import numpy as np
