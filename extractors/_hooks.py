@@ -5,6 +5,11 @@
 hook unwraps tuple / list / dict outputs, ``detach()``es and pools *immediately on the device*, so an
 in-place operation later in the same forward pass (ResNet's ``out += identity``, ``ReLU(inplace=True)``)
 cannot change what was captured.
+
+With ``stop_when_done`` set, the hook that completes the set of requested outputs ends the forward pass
+there (a private exception, caught by :meth:`Capture.run`), so the modules after the last requested
+layer never run: extracting ``layer1`` of a ResNet costs the stem and ``layer1``, not the whole
+network.
 """
 
 from __future__ import annotations
@@ -37,6 +42,14 @@ _CHANNELS_FIRST_1D: tuple[type[nn.Module], ...] = (
 )
 
 
+class _LayersDone(Exception):
+    """Raised by the hook that captured the last requested output, to end the forward pass early.
+
+    An ``Exception`` rather than a ``BaseException``: a model whose forward swallows exceptions then
+    just runs to its end, as it would without early stopping.
+    """
+
+
 class Capture:
     """Hooks on a set of layers; use through :func:`capture`.
 
@@ -50,6 +63,20 @@ class Capture:
         The class name of each selector's module.
     raw_shapes : dict of str to tuple of int
         Per-sample shape of each layer's output before pooling, as seen in the last forward pass.
+    stop_when_done : bool
+        End each forward pass as soon as every requested output is captured (default False). Set it
+        after a first whole pass has checked the layers: a module selected without ``@K`` that runs
+        twice is an error only if the second call happens, and a stopped pass never gets there. The
+        modules after the last requested layer do not run, so neither do their side effects
+        (forward hooks of their own, statistics they update).
+    elide_final_copy : bool
+        With ``stop_when_done``: keep the output that completes the set (and ends the pass) as the
+        layer's own tensor, or a contiguous view of it, instead of copying it (default False). Safe only
+        for a caller that consumes the results before the model runs again; nothing of the model runs
+        after that hook, so nothing can change the tensor in place before then. For a full feature map
+        the copy is as large as the bytes written (``benchmarks/bench_feature_maps.py``).
+    final_layer : str or None
+        The selector whose output completed the set in the last pass (the last one to run).
     """
 
     def __init__(
@@ -91,6 +118,9 @@ class Capture:
         self._counts: dict[str, int] = {}
         self._handles: list[Any] = []
         self._saved_modes: dict[nn.Module, bool] = {}
+        self.stop_when_done = False
+        self.elide_final_copy = False
+        self.final_layer: str | None = None
 
     # -- hooks -----------------------------------------------------------------------------------
     def _key_for(self, sel: str) -> int | str | None:
@@ -128,10 +158,17 @@ class Capture:
                 )
             t = t.detach()
             self.raw_shapes[sel] = tuple(t.shape[1:])
+            completes = sel not in self._results and len(self._results) == len(self.layers) - 1
+            keep = completes and self.stop_when_done and self.elide_final_copy
             self._results[sel] = pool(
                 t, self.modes[sel], self.num_prefix_tokens, layer=sel, channels_first=channels_first,
-                out=self._out.get(sel),
+                out=None if keep else self._out.get(sel), copy=not keep,
             )
+            if completes:
+                self.final_layer = sel
+                if self.stop_when_done:
+                    raise _LayersDone
+
 
         return hook
 
@@ -211,7 +248,10 @@ class Capture:
         self.reset()
         try:
             with torch.no_grad():
-                self.model(*args, **kwargs)
+                try:
+                    self.model(*args, **kwargs)
+                except _LayersDone:
+                    pass  # every requested output is in: the rest of the forward pass is not needed
             return self.collect()
         finally:
             self._results = {}

@@ -194,6 +194,12 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
         )
 
 
+def _can_stop_early(model: nn.Module) -> bool:
+    """Whether an exception raised in a hook ends ``model``'s forward pass in this thread: not for
+    DataParallel (replicas run in threads) or a ``torch.compile``d wrapper (the hook is traced)."""
+    return not isinstance(model, nn.DataParallel) and type(model).__name__ != "OptimizedModule"
+
+
 def _input_dtype(model: nn.Module) -> torch.dtype | None:
     for p in model.parameters():
         if p.is_floating_point():
@@ -306,6 +312,7 @@ def extract_models(
     output_key: OutputKey = None,
     compression: str | None = None,
     step: int | None = None,
+    stop_early: bool = True,
 ) -> Path:
     """Extract pooled activations of one or more models on the same batches into one store.
 
@@ -346,6 +353,13 @@ def extract_models(
         Element of tuple / dict outputs to keep; default the first tensor.
     compression : {None, "gzip", "lzf"}
         Compression of activation datasets (see :class:`probekit.store.StoreWriter`).
+    step : int, optional
+        Write under ``/models/<name>/steps/<step>/``.
+    stop_early : bool, default True
+        From the second batch on, end each model's forward pass once its last requested layer has run
+        (the first batch runs whole, which checks the layers). Pass False for a model whose later
+        modules have side effects that must happen (hooks of its own, statistics it updates). Not
+        applied to ``nn.DataParallel`` and ``torch.compile``d models, whose forward runs elsewhere.
 
     Returns
     -------
@@ -497,7 +511,13 @@ def extract_models(
                     if not declared:
                         declare(feats)
                         declared = True
-                        shapes = {m: {k: (batch_size, *v.shape[1:]) for k, v in f.items()}
+                        for name, cap in caps.items():  # the whole first pass checked the layers
+                            cap.stop_when_done = stop_early and _can_stop_early(models[name].module)
+                            # the synchronous CPU writer writes a batch before the next forward pass,
+                            # so the output that ends a stopped pass needs no safety copy
+                            cap.elide_final_copy = cap.stop_when_done and dev.type == "cpu" and not use_thread
+                        shapes = {m: {k: (batch_size, *v.shape[1:]) for k, v in f.items()
+                                      if not (caps[m].elide_final_copy and k == caps[m].final_layer)}
                                   for m, f in feats.items()}
                         n_sets = queue_size + 2 if use_thread else 1
                         if dev.type == "cuda":

@@ -47,6 +47,7 @@ def pool(
     layer: str = "",
     channels_first: bool = False,
     out: torch.Tensor | None = None,
+    copy: bool = True,
 ) -> torch.Tensor:
     """Pool a batch of layer outputs to per-sample features.
 
@@ -73,12 +74,17 @@ def pool(
         straight into it, so a caller that reuses one buffer across batches allocates nothing per
         batch (a fresh 100 MB tensor costs its page faults every time); reductions are computed and
         then copied in. It must not overlap ``t``.
+    copy : bool, default True
+        With ``out=None``, whether the modes that give ``t`` or a view of it copy it. ``False`` returns
+        the view when it is contiguous (a non-contiguous one is still copied): only for a caller that
+        consumes the result before anything can change ``t`` in place (the capture hook that ends the
+        forward pass).
 
     Returns
     -------
     torch.Tensor of shape (n_samples, *feature_shape)
-        ``out`` when given, else a new tensor; never a view of ``t``, so later in-place operations on
-        ``t`` cannot change it. Reductions of half-precision input are accumulated and returned in
+        ``out`` when given, else a new tensor; never a view of ``t`` (unless ``copy=False``), so later
+        in-place operations on ``t`` cannot change it. Reductions of half-precision input are accumulated and returned in
         float32 (unless ``out`` has another dtype).
 
     Raises
@@ -114,7 +120,7 @@ def pool(
         )
     res, fresh = _pool(t, mode, num_prefix_tokens, layer, channels_first)
     if out is None:
-        return res if fresh else res.clone()
+        return res if fresh or (not copy and res.is_contiguous()) else res.clone()
     if tuple(out.shape) != tuple(res.shape):
         where = f"layer {layer!r}" if layer else "a layer"
         raise DataError(

@@ -93,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--resume", action="store_true",
                       help="continue an interrupted extraction, or add a model/split to an existing store")
     mode.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    p.add_argument("--full-forward", action="store_true",
+                   help="run every batch through the whole model (default: stop each forward pass after "
+                   "the last requested layer, from the second batch on); for models whose later modules "
+                   "have side effects that must happen")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_extract)
 
@@ -308,7 +312,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
         extract(loaded.module, data, layers=layers, out=args.out, split=split, pool=args.pool, name=name,
                 role=args.role, source=loaded.source, batch_size=args.batch_size, device=args.device,
                 dtype=args.dtype, mode=mode if k == 0 else "resume", num_workers=args.num_workers,
-                progress=not args.no_progress)
+                progress=not args.no_progress, stop_early=not args.full_forward)
     print(f"wrote {args.out} (model {name!r}, splits {splits}); see it with `probekit info {args.out}`",
           file=sys.stderr)
     return 0
@@ -335,7 +339,8 @@ def _extract_distributed(args: argparse.Namespace, loaded: Any, splits: list[str
             extract_distributed(spec, data, out=args.out, split=split, pool=args.pool,
                                 batch_size=args.batch_size, device=device, dtype=args.dtype,
                                 num_workers=args.num_workers, mode=mode if k == 0 else "resume",
-                                progress=not args.no_progress and dist.get_rank() == 0)
+                                progress=not args.no_progress and dist.get_rank() == 0,
+                                stop_early=not args.full_forward)
         if dist.get_rank() == 0:
             print(f"wrote {args.out} from {dist.get_world_size()} shards (model {name!r}, splits {splits})",
                   file=sys.stderr)

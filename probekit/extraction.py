@@ -67,6 +67,7 @@ def extract(
     num_prefix_tokens: int | None = None,
     compression: str | None = None,
     step: int | None = None,
+    stop_early: bool = True,
 ) -> Path:
     """Stream the pooled activations of chosen layers of a model on a dataset into a store.
 
@@ -123,6 +124,11 @@ def extract(
     step : int, optional
         Write under ``/models/<name>/steps/<step>/`` (a checkpoint of a series; step 0 = the network
         at initialisation, which the audit uses as the reference of every sensitivity figure).
+    stop_early : bool, default True
+        End each forward pass once the last requested layer has run (from the second batch on; the
+        first runs whole to check the layers): extracting an early layer costs only the network up to
+        it. Pass False when the modules after it have side effects that must happen (hooks of their
+        own, statistics they update).
 
     Returns
     -------
@@ -168,6 +174,7 @@ def extract(
         specs, data, out=out, split=split, pool=pool, batch_size=batch_size, device=device, dtype=dtype,
         mode=mode, num_workers=num_workers, progress=progress, writer_thread=writer_thread,
         num_prefix_tokens=num_prefix_tokens, output_key=output_key, compression=compression, step=step,
+        stop_early=stop_early,
     )
 
 
