@@ -35,14 +35,16 @@ HDF5 and probekit:
 - ``forward``: the model's bare forward on the same batches (no hooks, no file).
 - ``probekit``: ``probekit.extract(..., pool="none")`` of the model's last layer into a new store. The
   model is a write-bound stand-in (a 1x1 conv stem: 64 x H x W floats per sample for a few MACs
-  each). Its write share is ``probekit - forward`` of the same repeat (median over repeats).
-  The capture hook copies each layer output (so that a later in-place op cannot change it) into a
-  host buffer the pipeline reuses across batches.
-- ``probekit_fresh`` (diagnostic: the path before the reused buffers): the same with the hook's copy
-  going to a new tensor every batch (``pool(..., out=None)``). A new 100 MB tensor is mapped fresh by
-  glibc (allocations over 32 MiB) and page-faulted on every batch.
-- ``probekit_nocopy`` (diagnostic, unsafe): the same with the capture hook's copy of the layer output
-  skipped, to show what the copy itself costs. Not a mode probekit offers.
+  each). Its write share is ``probekit - forward`` of the same repeat (median over repeats). The
+  forward pass stops in the hook of the last requested layer, and with the synchronous writer that
+  map is written as the layer's own tensor, without the capture hook's safety copy (nothing of the
+  model runs between the hook and the write).
+- ``probekit_copy`` (the default before commit 1433a6b): the same with ``stop_early=False``: the
+  capture hook copies each map (so that a later in-place op cannot change it) into a host buffer the
+  pipeline reuses across batches.
+- ``probekit_fresh`` (diagnostic: the path before the reused buffers): as ``probekit_copy`` with the
+  hook's copy going to a new tensor every batch (``pool(..., out=None)``). A new 100 MB tensor is
+  mapped fresh by glibc (allocations over 32 MiB) and page-faulted on every batch.
 
     python benchmarks/bench_feature_maps.py [--n 128] [--size 112] [--batch 32] [--repeats 9]
 
@@ -160,35 +162,31 @@ def main() -> None:
             for s in range(0, a.n, a.batch):
                 model(x[s:s + a.batch])
 
-    def extract(p: Path) -> None:
-        probekit.extract(model, data, layers=[layer], pool="none", out=p, batch_size=a.batch, progress=False)
+    def extract(p: Path, **kw: object) -> None:
+        probekit.extract(model, data, layers=[layer], pool="none", out=p, batch_size=a.batch, progress=False,
+                         **kw)
         _fsync(p)
 
     real_pool = _hooks.pool
 
-    def pool_nocopy(t: torch.Tensor, mode: str, *args: object, **kwargs: object) -> torch.Tensor:
-        return t if mode == "none" else real_pool(t, mode, *args, **kwargs)  # `out` unused: rows are t
-
-    def extract_with(pool_fn: Callable[..., torch.Tensor]) -> Callable[[Path], None]:
-        """``extract`` with the capture hooks' pool replaced by ``pool_fn`` for the call."""
-        def run(p: Path) -> None:
-            _hooks.pool = pool_fn
-            try:
-                extract(p)
-            finally:
-                _hooks.pool = real_pool
-        return run
+    def extract_copy(p: Path) -> None:
+        extract(p, stop_early=False)
 
     def pool_fresh(t: torch.Tensor, mode: str, *args: object, **kwargs: object) -> torch.Tensor:
         kwargs.pop("out", None)  # the pipeline's reused buffer declined: a new tensor per batch
         return real_pool(t, mode, *args, **kwargs)
 
-    extract_nocopy, extract_fresh = extract_with(pool_nocopy), extract_with(pool_fresh)
+    def extract_fresh(p: Path) -> None:
+        _hooks.pool = pool_fresh
+        try:
+            extract_copy(p)
+        finally:
+            _hooks.pool = real_pool
 
     methods: dict[str, Callable[[Path], None]] = {
         "raw_write": raw_write, "raw_direct": raw_direct, "dd": dd, "h5py_contiguous": h5py_contiguous,
         "store_writer": store_writer, "forward": forward, "probekit": extract,
-        "probekit_nocopy": extract_nocopy, "probekit_fresh": extract_fresh,
+        "probekit_copy": extract_copy, "probekit_fresh": extract_fresh,
     }
     times: dict[str, list[float]] = {k: [] for k in methods}
     base = Path(a.dir) if a.dir else Path(tempfile.mkdtemp(prefix="pk-bench-"))
@@ -215,15 +213,15 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     best = {k: min(v) for k, v in times.items()}
     # write shares: each repeat's extract minus the same repeat's bare forward, median over repeats
-    for k in ("probekit", "probekit_nocopy", "probekit_fresh"):
+    for k in ("probekit", "probekit_copy", "probekit_fresh"):
         share = [e - f for e, f in zip(times[k], times["forward"], strict=True)]
         med[f"{k}.write_share"], best[f"{k}.write_share"] = statistics.median(share), min(share)
     rate = {k: nbytes / max(1e-9, v) for k, v in med.items() if k != "forward"}
     rate.pop("raw_write.fsync")
     floor = rate["raw_write"]
     rows = ["raw_write", "raw_write.buffered", "raw_direct", "dd", "h5py_contiguous", "store_writer",
-            "probekit.write_share", "probekit_fresh.write_share", "probekit_nocopy.write_share",
-            "probekit", "probekit_fresh", "probekit_nocopy"]
+            "probekit.write_share", "probekit_copy.write_share", "probekit_fresh.write_share",
+            "probekit", "probekit_copy", "probekit_fresh"]
     print(f"{a.n} samples of a {row_shape} float32 = {nbytes / 2**20:.0f} MiB, {a.repeats} repeats, "
           f"load {load_start[0]:.1f} -> {load_end[0]:.1f}")
     print(f"{'method':<28} {'median s':>9} {'best s':>8} {'MiB/s':>7} {'vs raw_write':>12}")

@@ -4,8 +4,10 @@
     python benchmarks/bench_probes.py --stream --n 64000 --budget-mib 32 --repeats 3
 
 Synthetic Gaussian classes (shared covariance, random means), standardised like the probe does;
-both fit the identical objective C * sum(loss) + 0.5 ||W||^2 (same C, max_iter, tol). Prints
-median wall time of `repeats` fits, held-out accuracy, and the speed ratio.
+both fit the identical objective C * sum(loss) + 0.5 ||W||^2 (same C, max_iter, tol). The fits
+alternate (torch, sklearn, then sklearn, torch, ...). Prints the median wall time of `repeats` fits
+of each, held-out accuracy, the speed ratio, and the time of one objective evaluation of the torch
+fit.
 
 ``--stream``: the training rows go into a probekit store larger than ``--budget-mib``, and the torch
 probe is fitted (a) on the whole layer loaded into memory and (b) streamed from the store with
@@ -146,38 +148,59 @@ def main() -> None:
     print(f"data {args.n} x {args.d}, {args.k} classes, C={args.C}; torch threads {torch.get_num_threads()}, "
           f"device {args.device}")
 
-    def run(fit) -> tuple[float, float]:
-        times, acc = [], None
-        for _ in range(args.repeats):
-            t = time.perf_counter()
-            acc = fit()
-            if args.device.startswith("cuda"):
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t)
-        return statistics.median(times), acc
+    def timed(fit) -> tuple[float, tuple]:
+        t = time.perf_counter()
+        res = fit()
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return time.perf_counter() - t, res
 
-    def fit_torch() -> float:
+    def fit_torch() -> tuple[float, int]:
         p = LinearProbe(C=args.C, backend="torch", device=args.device).fit(Xtr, ytr)
         return float(p.score(Xte, yte)), p.n_iter_
 
-    def fit_sklearn() -> float:
+    def fit_sklearn() -> tuple[float, int]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
             sc = StandardScaler().fit(Xtr)
             lr = LogisticRegression(C=args.C, max_iter=1000, tol=1e-4).fit(sc.transform(Xtr), ytr)
         return float(lr.score(sc.transform(Xte), yte)), int(lr.n_iter_.max())
 
-    fit_torch()  # warm-up (torch init)
-    t_torch, (acc_torch, it_t) = run(fit_torch)
-    print(f"torch   : median {t_torch:.2f} s, accuracy {100 * acc_torch:.2f} %, L-BFGS iterations {it_t}")
+    fits = {"torch": fit_torch} if args.skip_sklearn else {"torch": fit_torch, "sklearn": fit_sklearn}
+    for f in fits.values():
+        f()  # warm-up (torch init, sklearn imports)
+    times: dict[str, list[float]] = {k: [] for k in fits}
+    got: dict[str, tuple] = {}
+    for r in range(args.repeats):  # alternating, the first of each pair rotating
+        for k in (list(fits) if r % 2 == 0 else list(fits)[::-1]):
+            dt, got[k] = timed(fits[k])
+            times[k].append(dt)
+    t_torch, (acc_torch, it_t) = statistics.median(times["torch"]), got["torch"]
+
+    # one objective evaluation of the torch fit (logits, softmax, gradient), timed alone: the fit's
+    # time is about (evaluations) x this, which is compute-bound on CPU (two thin float32 GEMMs)
+    Z = torch.from_numpy(StandardScaler().fit_transform(Xtr).astype(np.float32)).to(args.device)
+    Y = torch.nn.functional.one_hot(torch.from_numpy(ytr.astype(np.int64)), args.k).float().to(args.device)
+    W = torch.zeros(args.k, args.d, device=args.device)
+    b = torch.zeros(args.k, device=args.device)
+    ev = []
+    for _ in range(20):
+        t = time.perf_counter()
+        LinearProbe._loss_grad(torch, Z, Y, W, b, args.k, args.n)
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        ev.append(time.perf_counter() - t)
+    eval_ms = 1000 * statistics.median(ev)
+    print(f"torch   : median {t_torch:.2f} s, accuracy {100 * acc_torch:.2f} %, L-BFGS iterations {it_t}, "
+          f"one evaluation {eval_ms:.1f} ms")
     if not args.skip_sklearn:
-        t_sk, (acc_sk, it_s) = run(fit_sklearn)
+        t_sk, (acc_sk, it_s) = statistics.median(times["sklearn"]), got["sklearn"]
         print(f"sklearn : median {t_sk:.2f} s, accuracy {100 * acc_sk:.2f} %, L-BFGS iterations {it_s}")
         print(f"speed-up {t_sk / t_torch:.1f}x, accuracy difference {100 * (acc_torch - acc_sk):+.2f} pt")
     print(f"load {os.getloadavg()[0]:.1f}")
     if args.out:
-        res = {"args": vars(args), "torch": {"median_s": t_torch, "acc": acc_torch, "iters": it_t},
-               "loadavg": os.getloadavg()}
+        res = {"args": vars(args), "torch": {"median_s": t_torch, "acc": acc_torch, "iters": it_t,
+                                             "eval_ms": eval_ms}, "times": times, "loadavg": os.getloadavg()}
         if not args.skip_sklearn:
             res["sklearn"] = {"median_s": t_sk, "acc": acc_sk, "iters": it_s}
         Path(args.out).write_text(json.dumps(res, indent=1))

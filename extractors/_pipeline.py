@@ -356,8 +356,8 @@ def extract_models(
     step : int, optional
         Write under ``/models/<name>/steps/<step>/``.
     stop_early : bool, default True
-        From the second batch on, end each model's forward pass once its last requested layer has run
-        (the first batch runs whole, which checks the layers). Pass False for a model whose later
+        End each model's forward pass once its last requested layer has run (after one whole pass over
+        the first two samples, which checks the layers). Pass False for a model whose later
         modules have side effects that must happen (hooks of its own, statistics it updates). Not
         applied to ``nn.DataParallel`` and ``torch.compile``d models, whose forward runs elsewhere.
 
@@ -473,6 +473,13 @@ def extract_models(
                                 "Write to a new store (mode='overwrite')."
                             )
 
+            def arm_early_stop() -> None:
+                for name, cap in caps.items():
+                    cap.stop_when_done = _can_stop_early(models[name].module)
+                    # the synchronous CPU writer writes a batch before the next forward pass, so the
+                    # output that ends a stopped pass needs no safety copy
+                    cap.elide_final_copy = cap.stop_when_done and dev.type == "cpu" and not use_thread
+
             if start >= n:  # nothing left: still check that this run's layers fit the stored ones
                 declare(forward(_collate([samples[0]])))
                 return Path(out)
@@ -500,6 +507,11 @@ def extract_models(
                         feats = forward(batch)
                     else:  # the first batch: a model that cannot take these inputs is a data error
                         try:
+                            if stop_early:
+                                # a whole pass over two samples checks the layers (a module selected
+                                # without @K must not run twice); then every pass stops early
+                                forward({"x": batch["x"][:2]})
+                                arm_early_stop()
                             feats = forward(batch)
                         except (RuntimeError, ValueError, TypeError) as e:
                             raise DataError(
@@ -511,11 +523,6 @@ def extract_models(
                     if not declared:
                         declare(feats)
                         declared = True
-                        for name, cap in caps.items():  # the whole first pass checked the layers
-                            cap.stop_when_done = stop_early and _can_stop_early(models[name].module)
-                            # the synchronous CPU writer writes a batch before the next forward pass,
-                            # so the output that ends a stopped pass needs no safety copy
-                            cap.elide_final_copy = cap.stop_when_done and dev.type == "cpu" and not use_thread
                         shapes = {m: {k: (batch_size, *v.shape[1:]) for k, v in f.items()
                                       if not (caps[m].elide_final_copy and k == caps[m].final_layer)}
                                   for m, f in feats.items()}

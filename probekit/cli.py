@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--overwrite", action="store_true", help="replace an existing store")
     p.add_argument("--full-forward", action="store_true",
                    help="run every batch through the whole model (default: stop each forward pass after "
-                   "the last requested layer, from the second batch on); for models whose later modules "
+                   "the last requested layer); for models whose later modules "
                    "have side effects that must happen")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_extract)

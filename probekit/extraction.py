@@ -125,9 +125,9 @@ def extract(
         Write under ``/models/<name>/steps/<step>/`` (a checkpoint of a series; step 0 = the network
         at initialisation, which the audit uses as the reference of every sensitivity figure).
     stop_early : bool, default True
-        End each forward pass once the last requested layer has run (from the second batch on; the
-        first runs whole to check the layers): extracting an early layer costs only the network up to
-        it. Pass False when the modules after it have side effects that must happen (hooks of their
+        End each forward pass once the last requested layer has run (after one whole pass over the
+        first two samples, which checks the layers): extracting an early layer costs only the network
+        up to it. Pass False when the modules after it have side effects that must happen (hooks of their
         own, statistics they update).
 
     Returns

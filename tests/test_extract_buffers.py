@@ -94,10 +94,11 @@ def test_rows_are_the_outputs_before_later_in_place_ops(tmp_path, writer_thread,
             got = np.asarray(s.acts("model", "data", layer))
             assert got.shape == want[layer].shape
             np.testing.assert_allclose(got, want[layer], rtol=1e-5, atol=1e-6)
-    # 3 batches x 2 layers; every batch after the first was pooled into a reused buffer, except, with
-    # the synchronous writer, `act`: its hook ends the (stopped) pass, so it is kept without a copy
+    # the two-sample check pass, then 3 batches x 2 layers; every batch after the first was pooled into
+    # a reused buffer, except, with the synchronous writer, `act`: its hook ends the (stopped) pass, so
+    # it is kept without a copy
     final = not writer_thread
-    assert outs_seen == [False, False, True, not final, True, not final]
+    assert outs_seen == [False, False, False, False, True, not final, True, not final]
 
 
 @pytest.mark.parametrize("writer_thread", [False, True])

@@ -1,8 +1,10 @@
-"""Early stopping: from the second batch on, each forward pass ends once the last requested layer has run.
+"""Early stopping: each forward pass ends once the last requested layer has run.
 
-The modules after it must not run (counted by a module that records its calls), the stored rows must
-equal a manual forward pass (the oracle) and a run with ``stop_early=False``, and the checks that need a
-whole pass (a module selected without ``@K`` that runs twice) still fire on the first batch.
+One whole pass over the first two samples checks the layers; then every batch stops early. The modules
+after the last requested layer must run only in that check pass (counted by a module that records its
+calls and rows), the stored rows must equal a manual forward pass (the oracle) and a run with
+``stop_early=False``, and the check that needs a whole pass (a module selected without ``@K`` that runs
+twice) still fires.
 """
 
 from __future__ import annotations
@@ -23,14 +25,16 @@ N, BATCH = 10, 4  # batches of 4, 4, 2
 
 
 class Calls(nn.Module):
-    """Identity that counts how many forward passes reached it."""
+    """Identity that counts the forward passes (n) and the rows (rows) that reached it."""
 
     def __init__(self) -> None:
         super().__init__()
         self.n = 0
+        self.rows = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.n += 1
+        self.rows += len(x)
         return x
 
 
@@ -73,13 +77,13 @@ def stored(path, layers, name="model") -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize("writer_thread", [False, True])
-def test_later_modules_skipped_after_the_first_batch_and_rows_equal_the_oracle(tmp_path, writer_thread):
+def test_later_modules_run_only_in_the_two_sample_check_and_rows_equal_the_oracle(tmp_path, writer_thread):
     net, ds = Net(), data()
     extract(net, ds, layers=["fc1", "act"], out=tmp_path / "a.h5", batch_size=BATCH, progress=False,
             writer_thread=writer_thread)
-    # 3 batches: the first runs whole (1 call of each Calls), the other two stop after `act`
-    assert net.after_act.n == 1
-    assert net.after_fc2.n == 1
+    # the check pass runs whole on 2 samples; the 3 batches all stop after `act`
+    assert (net.after_act.n, net.after_act.rows) == (1, 2)
+    assert (net.after_fc2.n, net.after_fc2.rows) == (1, 2)
     got, want = stored(tmp_path / "a.h5", ["fc1", "act"]), oracle(net, ds.tensors[0])
     for k in got:
         np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-6)
@@ -90,8 +94,9 @@ def test_stop_early_false_runs_every_module_and_stores_the_same_rows(tmp_path):
     extract(a, data(), layers=["fc1", "fc2"], out=tmp_path / "a.h5", batch_size=BATCH, progress=False)
     extract(b, data(), layers=["fc1", "fc2"], out=tmp_path / "b.h5", batch_size=BATCH, progress=False,
             stop_early=False)
-    assert (a.after_act.n, a.after_fc2.n) == (3, 1)  # fc2 is the last layer asked for: after_fc2 skipped
-    assert (b.after_act.n, b.after_fc2.n) == (3, 3)
+    # fc2 is the last layer asked for: after_fc2 runs only in the check pass
+    assert (a.after_act.rows, a.after_fc2.rows) == (2 + N, 2)
+    assert (b.after_act.rows, b.after_fc2.rows) == (N, N)  # no check pass: the first batch runs whole
     sa, sb = stored(tmp_path / "a.h5", ["fc1", "fc2"]), stored(tmp_path / "b.h5", ["fc1", "fc2"])
     for k in sa:
         np.testing.assert_array_equal(sa[k], sb[k])
@@ -101,7 +106,7 @@ def test_stop_early_false_runs_every_module_and_stores_the_same_rows(tmp_path):
 def test_requested_order_does_not_matter_the_last_layer_to_run_ends_the_pass(tmp_path):
     net = Net()
     extract(net, data(), layers=["fc2", "fc1"], out=tmp_path / "a.h5", batch_size=BATCH, progress=False)
-    assert net.after_act.n == 3 and net.after_fc2.n == 1
+    assert net.after_act.rows == 2 + N and net.after_fc2.rows == 2
 
 
 class Twice(nn.Module):
@@ -122,7 +127,7 @@ class Twice(nn.Module):
 def test_call_selectors_stop_after_the_requested_call(tmp_path):
     net, ds = Twice(), data()
     extract(net, ds, layers=["block@0"], out=tmp_path / "a.h5", batch_size=BATCH, progress=False)
-    assert (net.mid.n, net.end.n) == (1, 1)  # first batch whole, then stopped inside the first call
+    assert (net.mid.rows, net.end.rows) == (2, 2)  # check pass whole, then stopped inside the first call
     x = ds.tensors[0]
     with torch.no_grad():
         first = x @ net.block.weight.T + net.block.bias
@@ -131,7 +136,7 @@ def test_call_selectors_stop_after_the_requested_call(tmp_path):
 
     net2 = Twice()
     extract(net2, ds, layers=["block@1"], out=tmp_path / "b.h5", batch_size=BATCH, progress=False)
-    assert (net2.mid.n, net2.end.n) == (3, 1)
+    assert (net2.mid.rows, net2.end.rows) == (2 + N, 2)
     np.testing.assert_allclose(stored(tmp_path / "b.h5", ["block@1"])["block@1"], second.numpy(), rtol=1e-5,
                                atol=1e-6)
 
@@ -161,7 +166,7 @@ class Swallows(nn.Module):
 def test_a_forward_that_swallows_exceptions_runs_on_and_stores_the_true_rows(tmp_path):
     net, ds = Swallows(), data()
     extract(net, ds, layers=["fc1"], out=tmp_path / "a.h5", batch_size=BATCH, progress=False)
-    assert net.tail.n == 3  # the stop was caught by the model: it ran to its end every time
+    assert net.tail.rows == 2 + N  # the stop was caught by the model: it ran to its end every time
     with torch.no_grad():
         want = ds.tensors[0] @ net.fc1.weight.T + net.fc1.bias
     np.testing.assert_allclose(stored(tmp_path / "a.h5", ["fc1"])["fc1"], want.numpy(), rtol=1e-6)
@@ -171,8 +176,8 @@ def test_pair_each_model_stops_at_its_own_last_layer(tmp_path):
     t, s = Net(0), Net(1)
     extract_pair(t, s, data(), layers={"teacher": ["fc2"], "student": ["fc1"]}, out=tmp_path / "p.h5",
                  batch_size=BATCH, progress=False)
-    assert (t.after_act.n, t.after_fc2.n) == (3, 1)
-    assert (s.after_act.n, s.after_fc2.n) == (1, 1)
+    assert (t.after_act.rows, t.after_fc2.rows) == (2 + N, 2)
+    assert (s.after_act.rows, s.after_fc2.rows) == (2, 2)
     x = data().tensors[0]
     np.testing.assert_allclose(stored(tmp_path / "p.h5", ["fc2"], "teacher")["fc2"], oracle(t, x)["fc2"],
                                rtol=1e-5, atol=1e-6)
@@ -213,7 +218,7 @@ def test_cli_full_forward_runs_every_module(tmp_path, monkeypatch):
         rc = main(["extract", "pk_early_stop_models:net", "--data", str(tmp_path / "d.npz"), "-o", str(out),
                    "--layers", "fc1", "--batch-size", str(BATCH), "--no-progress", *flags])
         assert rc == 0
-    assert [m.after_fc2.n for m in made] == [1, 3]
+    assert [m.after_fc2.rows for m in made] == [2, N]
 
 
 class Captured(nn.Module):
