@@ -45,11 +45,13 @@ def weight_rows(module: nn.Module) -> np.ndarray | None:
     return w.detach().reshape(w.shape[0], -1).to("cpu", torch.float32).numpy().copy()
 
 
-def _tensor_bytes(t: torch.Tensor) -> bytes:
+def _tensor_bytes(t: torch.Tensor) -> np.ndarray:
+    """The tensor's raw bytes as a uint8 array (a view of a contiguous CPU tensor: hashlib reads the
+    buffer in place, where ``tobytes()`` copied every weight once more before hashing it)."""
     t = t.detach().to("cpu").contiguous().reshape(-1)
     if t.numel() == 0:
-        return b""
-    return t.view(torch.uint8).numpy().tobytes()
+        return np.empty(0, dtype=np.uint8)
+    return t.view(torch.uint8).numpy()
 
 
 def weights_sha256(model: nn.Module) -> str:
