@@ -357,7 +357,7 @@ def extract_models(
         Write under ``/models/<name>/steps/<step>/``.
     stop_early : bool, default True
         End each model's forward pass once its last requested layer has run (after one whole pass over
-        the first two samples, which checks the layers). Pass False for a model whose later
+        the first two samples, which checks the layers; their rows are kept, so no work is repeated). Pass False for a model whose later
         modules have side effects that must happen (hooks of its own, statistics it updates). Not
         applied to ``nn.DataParallel`` and ``torch.compile``d models, whose forward runs elsewhere.
 
@@ -507,12 +507,19 @@ def extract_models(
                         feats = forward(batch)
                     else:  # the first batch: a model that cannot take these inputs is a data error
                         try:
-                            if stop_early:
-                                # a whole pass over two samples checks the layers (a module selected
-                                # without @K must not run twice); then every pass stops early
-                                forward({"x": batch["x"][:2]})
+                            if stop_early and b > 2:
+                                # a whole pass over this batch's first two samples checks the layers (a
+                                # module selected without @K must not run twice); every pass after it,
+                                # the rest of this batch included, stops early
+                                head = forward({"x": batch["x"][:2]})
                                 arm_early_stop()
-                            feats = forward(batch)
+                                tail = forward({"x": batch["x"][2:]})
+                                feats = {m: {k: torch.cat([h, tail[m][k]]) for k, h in f.items()}
+                                         for m, f in head.items()}
+                            else:
+                                feats = forward(batch)
+                                if stop_early:
+                                    arm_early_stop()
                         except (RuntimeError, ValueError, TypeError) as e:
                             raise DataError(
                                 f"The model raised on the first batch of split {split!r} (inputs of shape "
