@@ -29,11 +29,12 @@ BENCHMARKS: dict[str, list[list[str]]] = {
         ["bench_extract.py", "--model", "resnet18", "--maps", "--repeats", "7"],
         ["bench_extract.py", "--model", "vit", "--n", "512", "--repeats", "7"],
         ["bench_extract.py", "--model", "vit", "--n", "512", "--maps", "--repeats", "7"],
+        ["ab_weights_hash.py"],
     ],
     "memory": [["bench_memory.py"]],
     "feature_maps": [["bench_feature_maps.py", "--repeats", "15"]],
     "probes": [
-        ["bench_probes.py", "--repeats", "3", "--out", str(RESULTS / "bench_probes.json")],
+        ["bench_probes.py", "--repeats", "7", "--out", str(RESULTS / "bench_probes.json")],
         ["bench_probes.py", "--stream", "--n", "64000", "--budget-mib", "32", "--repeats", "3",
          "--out", str(RESULTS / "bench_probes_stream.json")],
     ],
