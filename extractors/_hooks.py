@@ -68,7 +68,8 @@ class Capture:
         after a first whole pass has checked the layers: a module selected without ``@K`` that runs
         twice is an error only if the second call happens, and a stopped pass never gets there. The
         modules after the last requested layer do not run, so neither do their side effects
-        (forward hooks of their own, statistics they update).
+        (forward hooks of their own, statistics they update). A model whose forward catches the
+        stop and runs on gets that pass run again without stopping, and this flag cleared.
     elide_final_copy : bool
         With ``stop_when_done``: keep the output that completes the set (and ends the pass) as the
         layer's own tensor, or a contiguous view of it, instead of copying it (default False). Safe only
@@ -121,6 +122,7 @@ class Capture:
         self.stop_when_done = False
         self.elide_final_copy = False
         self.final_layer: str | None = None
+        self._stopped = False  # this pass raised the stop (run() checks that it ended the forward)
 
     # -- hooks -----------------------------------------------------------------------------------
     def _key_for(self, sel: str) -> int | str | None:
@@ -167,8 +169,8 @@ class Capture:
             if completes:
                 self.final_layer = sel
                 if self.stop_when_done:
+                    self._stopped = True
                     raise _LayersDone
-
 
         return hook
 
@@ -203,6 +205,7 @@ class Capture:
         """Forget the outputs of an earlier forward pass; call before each pass."""
         self._results = {}
         self._counts = {}
+        self._stopped = False
 
     def collect(self) -> dict[str, torch.Tensor]:
         """The pooled outputs of the last forward pass, keyed by selector in requested order.
@@ -252,6 +255,14 @@ class Capture:
                     self.model(*args, **kwargs)
                 except _LayersDone:
                     pass  # every requested output is in: the rest of the forward pass is not needed
+                else:
+                    if self._stopped:
+                        # the model caught the stop and ran on, so an output kept without a copy may
+                        # have been changed in place since: run this pass again, copying, and never
+                        # stop this model again
+                        self.stop_when_done = self.elide_final_copy = False
+                        self.reset()
+                        self.model(*args, **kwargs)
             return self.collect()
         finally:
             self._results = {}

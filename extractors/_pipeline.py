@@ -356,10 +356,11 @@ def extract_models(
     step : int, optional
         Write under ``/models/<name>/steps/<step>/``.
     stop_early : bool, default True
-        End each model's forward pass once its last requested layer has run (after one whole pass over
-        the first two samples, which checks the layers; their rows are kept, so no work is repeated). Pass False for a model whose later
-        modules have side effects that must happen (hooks of its own, statistics it updates). Not
-        applied to ``nn.DataParallel`` and ``torch.compile``d models, whose forward runs elsewhere.
+        End each model's forward pass once its last requested layer has run (after one whole pass
+        over the first two samples, which checks the layers; their rows are kept, so no work is
+        repeated). Pass False for a model whose later modules have side effects that must happen
+        (hooks of its own, statistics it updates). Not applied to ``nn.DataParallel`` and
+        ``torch.compile``d models, whose forward runs elsewhere.
 
     Returns
     -------

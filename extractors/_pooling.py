@@ -84,8 +84,8 @@ def pool(
     -------
     torch.Tensor of shape (n_samples, *feature_shape)
         ``out`` when given, else a new tensor; never a view of ``t`` (unless ``copy=False``), so later
-        in-place operations on ``t`` cannot change it. Reductions of half-precision input are accumulated and returned in
-        float32 (unless ``out`` has another dtype).
+        in-place operations on ``t`` cannot change it. Reductions of half-precision input are
+        accumulated and returned in float32 (unless ``out`` has another dtype).
 
     Raises
     ------

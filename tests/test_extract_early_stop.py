@@ -177,7 +177,9 @@ class Swallows(nn.Module):
 def test_a_forward_that_swallows_exceptions_runs_on_and_stores_the_true_rows(tmp_path):
     net, ds = Swallows(), data()
     extract(net, ds, layers=["fc1"], out=tmp_path / "a.h5", batch_size=BATCH, progress=False)
-    assert net.tail.rows == N  # the stop was caught by the model: it ran to its end every time
+    # the model caught the stop in the rest of the first batch and ran to its end: that pass ran again
+    # without stopping (2 more rows), and the model was not stopped again
+    assert net.tail.rows == N + 2
     with torch.no_grad():
         want = ds.tensors[0] @ net.fc1.weight.T + net.fc1.bias
     np.testing.assert_allclose(stored(tmp_path / "a.h5", ["fc1"])["fc1"], want.numpy(), rtol=1e-6)
@@ -324,3 +326,36 @@ def test_outputs_in_a_reused_tensor_are_stored_right_with_either_writer(tmp_path
     with torch.no_grad():
         want = (ds.tensors[0] @ net.block.fc.weight.T + net.block.fc.bias).clamp(min=0)
     np.testing.assert_allclose(stored(tmp_path / "a.h5", ["block"])["block"], want.numpy(), rtol=1e-5, atol=1e-6)
+
+
+class CatchesAndChanges(nn.Module):
+    """Catches the stop raised in its in-place ReLU's hook, then changes that output (its own tensor) in
+    place: a view kept without a copy would store the changed values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(6)
+        self.fc = nn.Linear(6, 16)
+        self.act = nn.ReLU(inplace=True)
+        self.tail = Calls()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        try:
+            self.act(h)  # in place: h is the act's output
+        except Exception:  # the point of this model
+            pass
+        h.mul_(-2.0)
+        return self.tail(h)
+
+
+@pytest.mark.parametrize("writer_thread", [False, True])
+def test_a_model_that_catches_the_stop_and_changes_the_kept_output_is_rerun_with_copies(tmp_path, writer_thread):
+    net, ds = CatchesAndChanges(), data()
+    extract(net, ds, layers=["act"], pool="none", out=tmp_path / "a.h5", batch_size=BATCH, progress=False,
+            writer_thread=writer_thread)
+    with torch.no_grad():
+        want = (ds.tensors[0] @ net.fc.weight.T + net.fc.bias).clamp(min=0)
+    np.testing.assert_allclose(stored(tmp_path / "a.h5", ["act"])["act"], want.numpy(), rtol=1e-5, atol=1e-6)
+    # check pass (2 rows), the rest of batch 1 stopped, caught, and run again (2 + 2), then no more stops
+    assert net.tail.rows == 2 + 2 + 2 + (N - BATCH)
