@@ -74,7 +74,9 @@ class Capture:
         With ``stop_when_done``: keep the output that completes the set (and ends the pass) as the
         layer's own tensor, or a contiguous view of it, instead of copying it (default False). Safe only
         for a caller that consumes the results before the model runs again; nothing of the model runs
-        after that hook, so nothing can change the tensor in place before then. For a full feature map
+        after that hook (but the ``finally`` clauses and context-manager exits the stop passes
+        through), so nothing can change the tensor in place before then; a model that catches the stop
+        and runs on is detected, and the pass run again with copies. For a full feature map
         the copy is as large as the bytes written (``benchmarks/bench_feature_maps.py``).
     final_layer : str or None
         The selector whose output completed the set in the last pass (the last one to run).
