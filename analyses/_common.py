@@ -144,25 +144,35 @@ class Source:
     def fits(self, max_memory: int | None) -> bool:
         return max_memory is None or self.nbytes <= max_memory
 
-    def _prep(self, a: np.ndarray, start: int) -> np.ndarray:
+    def _prep(self, a: np.ndarray, start: int, check_finite: bool = True) -> np.ndarray:
         a = np.asarray(a).reshape(a.shape[0], -1).astype(self.dtype, copy=False)
+        if check_finite:
+            self.check_finite(a, start)
+        return a
+
+    def check_finite(self, a: np.ndarray, start: int) -> None:
+        """Raise a DataError naming the first row of chunk ``a`` (rows from ``start``) with a NaN or inf."""
         if not np.isfinite(a).all():
             bad = start + int(np.flatnonzero(~np.isfinite(a).all(axis=1))[0])
             raise DataError(
                 f"{self.name} contains NaN or inf (first at row {bad}). Remove or impute those rows "
                 "before the analysis; nothing is dropped silently."
             )
-        return a
 
-    def chunks(self, rows: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
-        """Yield ``(start, chunk)`` with ``chunk`` of shape (rows, n_features), checked finite."""
+    def chunks(self, rows: int | None = None, *, check_finite: bool = True) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield ``(start, chunk)`` with ``chunk`` of shape (rows, n_features), checked finite.
+
+        ``check_finite=False`` leaves the check to a caller that sees non-finite values anyway in
+        sums it computes (a NaN or inf in a chunk makes its column sum of squares non-finite) and
+        then calls :meth:`check_finite` on that chunk: the check is a pass over every value.
+        """
         step = int(rows or self.chunk_rows)
         if self.lazy:
             for start, a in self._X.iter_chunks(step):
-                yield start, self._prep(a, start)
+                yield start, self._prep(a, start, check_finite)
         else:
             for start in range(0, self.n_rows, step):
-                yield start, self._prep(self._X[start:start + step], start)
+                yield start, self._prep(self._X[start:start + step], start, check_finite)
 
     def load(self) -> np.ndarray:
         """The whole input as one (n_rows, n_features) array."""

@@ -252,3 +252,28 @@ def test_parametric_null_is_calibrated_on_independent_data():
     # binomial sd of the mean share over 6000 unit tests: 0.003; of the FWER rate over 300 sets: 0.013
     assert np.mean(share) == pytest.approx(0.05, abs=0.012)
     assert np.mean(any_fwer) <= 0.05 + 0.035
+
+
+@pytest.mark.parametrize("spearman", [False, True])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("row", [0, 5, 23, 39])
+def test_a_nan_or_inf_in_any_chunk_is_refused_with_its_row(bad, row, spearman):
+    """The pass checks finiteness through its sums of squares, not a separate pass: the row it names
+    must still be the first bad one, whichever chunk of 8 rows it is in."""
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(40, 6)).astype(np.float32)
+    X[row, 3] = bad
+    X[min(row + 9, 39), 1] = bad  # a later one, in another chunk: the first is named
+    est = BackgroundCorrelation(n_permutations=0, chunk_rows=8, spearman=spearman)
+    with pytest.raises(DataError, match=f"first at row {row}\\b"):
+        est.fit(X, rng.normal(size=(40, 2)))
+
+
+def test_finite_values_whose_squares_overflow_float32_are_not_called_nan():
+    rng = np.random.default_rng(2)
+    X = rng.normal(size=(30, 4)).astype(np.float32)
+    X[:, 2] *= np.float32(1e20)  # finite, but its squares overflow float32
+    F = rng.normal(size=(30, 1))
+    est = BackgroundCorrelation(n_permutations=0, chunk_rows=8, spearman=False).fit(X, F)  # no DataError
+    for j in (0, 1, 3):  # the other units are computed as usual (scipy as the oracle)
+        assert est.pearson_[j, 0] == pytest.approx(stats.pearsonr(X[:, j], F[:, 0])[0], abs=1e-5)
