@@ -227,12 +227,13 @@ class BackgroundCorrelation(BaseEstimator):
         for start, raw in src.chunks(check_finite=False):
             rows = raw.shape[0]
             stop = start + rows
-            if shift is None:
-                shift = raw.mean(axis=0, dtype=np.float64).astype(cdt)
-            if buf is None or buf.shape[0] < rows:
-                buf = np.empty((rows, d), dtype=np.result_type(raw.dtype, shift.dtype))
-            a = np.subtract(raw, shift, out=buf[:rows])
-            s2c = np.einsum("ij,ij->j", a, a)
+            with np.errstate(invalid="ignore", over="ignore"):  # a NaN / inf is caught just below
+                if shift is None:
+                    shift = raw.mean(axis=0, dtype=np.float64).astype(cdt)
+                if buf is None or buf.shape[0] < rows:
+                    buf = np.empty((rows, d), dtype=np.result_type(raw.dtype, shift.dtype))
+                a = np.subtract(raw, shift, out=buf[:rows])
+                s2c = np.einsum("ij,ij->j", a, a)
             if not np.isfinite(s2c).all():
                 src.check_finite(raw, start)  # names the row; finite values whose squares overflow go on
             s2 += s2c
