@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -71,6 +72,19 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_memory.json"))
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench_memory_"))
+    try:
+        results = measure(args, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # the stores are only measured, never kept
+    result = {"benchmark": "bench_memory", "model": "timm:resnet18 (random init)", "input": [3, args.size, args.size],
+              "batch": args.batch, "layers": "layer1-3 avg, layer4 flatten, fc none", "runs": results}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(f"wrote {args.out}")
+
+
+def measure(args: argparse.Namespace, tmp: Path) -> list[dict]:
+    """Peak RSS of the small and the large extraction, without and with the writer thread."""
     results = []
     for writer_thread in (False, True):
         small = run(args.n, args.size, args.batch, tmp / f"small{int(writer_thread)}.h5", writer_thread)
@@ -81,11 +95,7 @@ def main() -> None:
         print(f"writer_thread={writer_thread}: N={small['n']} peak RSS {small['peak_rss_mb']:.1f} MB "
               f"(store {small['store_mb']:.1f} MB); N={large['n']} peak RSS {large['peak_rss_mb']:.1f} MB "
               f"(store {large['store_mb']:.1f} MB); difference {diff:+.1f} MB (target < 64 MB)", flush=True)
-    result = {"benchmark": "bench_memory", "model": "timm:resnet18 (random init)", "input": [3, args.size, args.size],
-              "batch": args.batch, "layers": "layer1-3 avg, layer4 flatten, fc none", "runs": results}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
-    print(f"wrote {args.out}")
+    return results
 
 
 if __name__ == "__main__":
