@@ -195,9 +195,11 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
 
 
 def _can_stop_early(model: nn.Module) -> bool:
-    """Whether an exception raised in a hook ends ``model``'s forward pass in this thread: not for
-    DataParallel (replicas run in threads) or a ``torch.compile``d wrapper (the hook is traced)."""
-    return not isinstance(model, nn.DataParallel) and type(model).__name__ != "OptimizedModule"
+    """Whether an exception raised in a hook may end ``model``'s forward pass: not for DataParallel
+    (replicas run in threads), DistributedDataParallel (its forward has bookkeeping after the wrapped
+    module's) or a ``torch.compile``d wrapper (the hook is traced)."""
+    wrappers = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+    return not isinstance(model, wrappers) and type(model).__name__ != "OptimizedModule"
 
 
 def _input_dtype(model: nn.Module) -> torch.dtype | None:
@@ -359,8 +361,8 @@ def extract_models(
         End each model's forward pass once its last requested layer has run (after one whole pass
         over the first two samples, which checks the layers; their rows are kept, so no work is
         repeated). Pass False for a model whose later modules have side effects that must happen
-        (hooks of its own, statistics it updates). Not applied to ``nn.DataParallel`` and
-        ``torch.compile``d models, whose forward runs elsewhere.
+        (hooks of its own, statistics it updates). Not applied to ``DataParallel``,
+        ``DistributedDataParallel`` and ``torch.compile``d models.
 
     Returns
     -------

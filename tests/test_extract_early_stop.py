@@ -359,3 +359,16 @@ def test_a_model_that_catches_the_stop_and_changes_the_kept_output_is_rerun_with
     np.testing.assert_allclose(stored(tmp_path / "a.h5", ["act"])["act"], want.numpy(), rtol=1e-5, atol=1e-6)
     # check pass (2 rows), the rest of batch 1 stopped, caught, and run again (2 + 2), then no more stops
     assert net.tail.rows == 2 + 2 + 2 + (N - BATCH)
+
+
+def test_wrapped_and_compiled_models_are_not_stopped(tmp_path):
+    from probekit.extractors._pipeline import _can_stop_early
+
+    net = Net()
+    assert _can_stop_early(net)
+    assert not _can_stop_early(nn.DataParallel(net))
+    assert not _can_stop_early(torch.compile(net))  # wrapped lazily: nothing is compiled here
+    # DataParallel on CPU runs the module itself: extraction works and runs every module
+    extract(nn.DataParallel(net), data(), layers=["module.fc1"], out=tmp_path / "a.h5", batch_size=BATCH,
+            progress=False)
+    assert net.after_fc2.rows == N
