@@ -69,7 +69,8 @@ class Capture:
         twice is an error only if the second call happens, and a stopped pass never gets there. The
         modules after the last requested layer do not run, so neither do their side effects
         (forward hooks of their own, statistics they update). A model whose forward catches the
-        stop and runs on gets that pass run again without stopping, and this flag cleared.
+        stop (and runs on, or raises another exception from it) gets that pass run again without
+        stopping, and this flag cleared.
     elide_final_copy : bool
         With ``stop_when_done``: keep the output that completes the set (and ends the pass) as the
         layer's own tensor, or a contiguous view of it, instead of copying it (default False). Safe only
@@ -257,17 +258,27 @@ class Capture:
                     self.model(*args, **kwargs)
                 except _LayersDone:
                     pass  # every requested output is in: the rest of the forward pass is not needed
+                except Exception:
+                    if not self._stopped:
+                        raise
+                    # the model turned the stop into another exception (``raise ... from e``): run the
+                    # pass again without stopping; a real error shows itself there
+                    self._run_whole(*args, **kwargs)
                 else:
                     if self._stopped:
                         # the model caught the stop and ran on, so an output kept without a copy may
-                        # have been changed in place since: run this pass again, copying, and never
-                        # stop this model again
-                        self.stop_when_done = self.elide_final_copy = False
-                        self.reset()
-                        self.model(*args, **kwargs)
+                        # have been changed in place since: run this pass again, copying
+                        self._run_whole(*args, **kwargs)
             return self.collect()
         finally:
             self._results = {}
+
+    def _run_whole(self, *args: Any, **kwargs: Any) -> None:
+        """The forward pass once more with copies and without stopping; this model is not stopped again
+        (its forward does not let the stop through)."""
+        self.stop_when_done = self.elide_final_copy = False
+        self.reset()
+        self.model(*args, **kwargs)
 
     def run_into(self, out: Mapping[str, torch.Tensor], *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
         """:meth:`run`, with the pooled output of each selector in ``out`` written into ``out[selector]``.

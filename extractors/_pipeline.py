@@ -359,8 +359,8 @@ def extract_models(
         Write under ``/models/<name>/steps/<step>/``.
     stop_early : bool, default True
         End each model's forward pass once its last requested layer has run (after one whole pass
-        over the first two samples, which checks the layers; their rows are kept, so no work is
-        repeated). Pass False for a model whose later modules have side effects that must happen
+        over the first two samples, which checks the layers; the rows stored are the same as
+        without stopping). Pass False for a model whose later modules have side effects that must happen
         (hooks of its own, statistics it updates). Not applied to ``DataParallel``,
         ``DistributedDataParallel`` and ``torch.compile``d models.
 
@@ -450,8 +450,13 @@ def extract_models(
                 # pool (and cast) straight into it
                 x = batch["x"]
                 feats: dict[str, dict[str, torch.Tensor]] = {}
+                last = list(caps)[-1]
                 for name, cap in caps.items():
                     xd = x.to(dev, non_blocking=True)
+                    if xd is x and name != last:
+                        # a model may change its input in place (an in-place normalisation): the next
+                        # model must see the batch as loaded
+                        xd = x.clone()
                     if xd.is_floating_point() and in_dtypes[name] is not None:
                         xd = xd.to(in_dtypes[name])
                     got = cap.run(xd) if into is None else cap.run_into(into[name], xd)
@@ -477,11 +482,15 @@ def extract_models(
                             )
 
             def arm_early_stop() -> None:
+                last = list(caps)[-1]
                 for name, cap in caps.items():
                     cap.stop_when_done = _can_stop_early(models[name].module)
                     # the synchronous CPU writer writes a batch before the next forward pass, so the
-                    # output that ends a stopped pass needs no safety copy
-                    cap.elide_final_copy = cap.stop_when_done and dev.type == "cpu" and not use_thread
+                    # output that ends a stopped pass needs no safety copy; only for the model that runs
+                    # last on the batch: the others' kept output may be (a view of) the shared input,
+                    # which a later model may change in place
+                    cap.elide_final_copy = (cap.stop_when_done and dev.type == "cpu" and not use_thread
+                                            and name == last)
 
             if start >= n:  # nothing left: still check that this run's layers fit the stored ones
                 declare(forward(_collate([samples[0]])))
@@ -510,19 +519,23 @@ def extract_models(
                         feats = forward(batch)
                     else:  # the first batch: a model that cannot take these inputs is a data error
                         try:
-                            if stop_early and b > 2:
-                                # a whole pass over this batch's first two samples checks the layers (a
-                                # module selected without @K must not run twice); every pass after it,
-                                # the rest of this batch included, stops early
-                                head = forward({"x": batch["x"][:2]})
+                            checked = False
+                            if stop_early and b > 2 and any(_can_stop_early(m.module) for m in models.values()):
+                                # a whole pass over two samples checks the layers (a module selected
+                                # without @K must not run twice); its rows are not kept, so every batch
+                                # is the same as without stopping (a model whose eval output depends on
+                                # the batch, or that needs its batch size, stores the same rows). A model
+                                # that cannot take two samples is checked on the whole first batch.
+                                try:  # on a copy: a model may change its input in place
+                                    forward({"x": batch["x"][:2].clone()})
+                                    checked = True
+                                except Exception:  # the whole batch below raises it again
+                                    checked = False
+                            if checked:
                                 arm_early_stop()
-                                tail = forward({"x": batch["x"][2:]})
-                                feats = {m: {k: torch.cat([h, tail[m][k]]) for k, h in f.items()}
-                                         for m, f in head.items()}
-                            else:
-                                feats = forward(batch)
-                                if stop_early:
-                                    arm_early_stop()
+                            feats = forward(batch)
+                            if stop_early and not checked:
+                                arm_early_stop()
                         except (RuntimeError, ValueError, TypeError) as e:
                             raise DataError(
                                 f"The model raised on the first batch of split {split!r} (inputs of shape "

@@ -1,7 +1,7 @@
 """Early stopping: each forward pass ends once the last requested layer has run.
 
-One whole pass over the first two samples checks the layers (their rows are kept: no sample runs twice);
-then every pass, the rest of the first batch included, stops early. The modules
+One whole pass over (a copy of) the first two samples checks the layers; its rows are not kept, so every
+batch is the same as without stopping; then every pass stops early. The modules
 after the last requested layer must run only in that check pass (counted by a module that records its
 calls and rows), the stored rows must equal a manual forward pass (the oracle) and a run with
 ``stop_early=False``, and the check that needs a whole pass (a module selected without ``@K`` that runs
@@ -94,8 +94,10 @@ def test_later_modules_run_only_in_the_two_sample_check_and_rows_equal_the_oracl
 def test_first_batches_of_one_to_three_samples(tmp_path, batch_size):
     net, ds = Net(), data()
     extract(net, ds, layers=["fc2"], out=tmp_path / "a.h5", batch_size=batch_size, progress=False)
-    assert net.after_act.rows == N  # every sample once, in the check pass or after it
-    assert net.after_fc2.rows == min(2, batch_size)  # the check pass: the first batch, or its first two
+    # a first batch of 1 or 2 samples is the check itself (run whole); of 3, a check pass on 2 comes first
+    check = 2 if batch_size > 2 else 0
+    assert net.after_act.rows == check + N
+    assert net.after_fc2.rows == (check or batch_size)
     np.testing.assert_allclose(stored(tmp_path / "a.h5", ["fc2"])["fc2"], oracle(net, ds.tensors[0])["fc2"],
                                rtol=1e-5, atol=1e-6)
 
@@ -106,7 +108,7 @@ def test_stop_early_false_runs_every_module_and_stores_the_same_rows(tmp_path):
     extract(b, data(), layers=["fc1", "fc2"], out=tmp_path / "b.h5", batch_size=BATCH, progress=False,
             stop_early=False)
     # fc2 is the last layer asked for: after_fc2 runs only in the check pass
-    assert (a.after_act.rows, a.after_fc2.rows) == (N, 2)
+    assert (a.after_act.rows, a.after_fc2.rows) == (2 + N, 2)
     assert (b.after_act.rows, b.after_fc2.rows) == (N, N)  # no check pass: the first batch runs whole
     sa, sb = stored(tmp_path / "a.h5", ["fc1", "fc2"]), stored(tmp_path / "b.h5", ["fc1", "fc2"])
     for k in sa:
@@ -117,7 +119,7 @@ def test_stop_early_false_runs_every_module_and_stores_the_same_rows(tmp_path):
 def test_requested_order_does_not_matter_the_last_layer_to_run_ends_the_pass(tmp_path):
     net = Net()
     extract(net, data(), layers=["fc2", "fc1"], out=tmp_path / "a.h5", batch_size=BATCH, progress=False)
-    assert net.after_act.rows == N and net.after_fc2.rows == 2
+    assert net.after_act.rows == 2 + N and net.after_fc2.rows == 2
 
 
 class Twice(nn.Module):
@@ -147,7 +149,7 @@ def test_call_selectors_stop_after_the_requested_call(tmp_path):
 
     net2 = Twice()
     extract(net2, ds, layers=["block@1"], out=tmp_path / "b.h5", batch_size=BATCH, progress=False)
-    assert (net2.mid.rows, net2.end.rows) == (N, 2)
+    assert (net2.mid.rows, net2.end.rows) == (2 + N, 2)
     np.testing.assert_allclose(stored(tmp_path / "b.h5", ["block@1"])["block@1"], second.numpy(), rtol=1e-5,
                                atol=1e-6)
 
@@ -177,9 +179,9 @@ class Swallows(nn.Module):
 def test_a_forward_that_swallows_exceptions_runs_on_and_stores_the_true_rows(tmp_path):
     net, ds = Swallows(), data()
     extract(net, ds, layers=["fc1"], out=tmp_path / "a.h5", batch_size=BATCH, progress=False)
-    # the model caught the stop in the rest of the first batch and ran to its end: that pass ran again
-    # without stopping (2 more rows), and the model was not stopped again
-    assert net.tail.rows == N + 2
+    # check pass (2 rows); the first batch's stop was caught and the model ran to its end (4), that
+    # pass ran again without stopping (4), and the model was not stopped again (the other 6)
+    assert net.tail.rows == 2 + 2 * BATCH + (N - BATCH)
     with torch.no_grad():
         want = ds.tensors[0] @ net.fc1.weight.T + net.fc1.bias
     np.testing.assert_allclose(stored(tmp_path / "a.h5", ["fc1"])["fc1"], want.numpy(), rtol=1e-6)
@@ -189,7 +191,7 @@ def test_pair_each_model_stops_at_its_own_last_layer(tmp_path):
     t, s = Net(0), Net(1)
     extract_pair(t, s, data(), layers={"teacher": ["fc2"], "student": ["fc1"]}, out=tmp_path / "p.h5",
                  batch_size=BATCH, progress=False)
-    assert (t.after_act.rows, t.after_fc2.rows) == (N, 2)
+    assert (t.after_act.rows, t.after_fc2.rows) == (2 + N, 2)
     assert (s.after_act.rows, s.after_fc2.rows) == (2, 2)
     x = data().tensors[0]
     np.testing.assert_allclose(stored(tmp_path / "p.h5", ["fc2"], "teacher")["fc2"], oracle(t, x)["fc2"],
@@ -357,8 +359,8 @@ def test_a_model_that_catches_the_stop_and_changes_the_kept_output_is_rerun_with
     with torch.no_grad():
         want = (ds.tensors[0] @ net.fc.weight.T + net.fc.bias).clamp(min=0)
     np.testing.assert_allclose(stored(tmp_path / "a.h5", ["act"])["act"], want.numpy(), rtol=1e-5, atol=1e-6)
-    # check pass (2 rows), the rest of batch 1 stopped, caught, and run again (2 + 2), then no more stops
-    assert net.tail.rows == 2 + 2 + 2 + (N - BATCH)
+    # check pass (2 rows), batch 1 stopped, caught, and run again (4 + 4), then no more stops
+    assert net.tail.rows == 2 + 2 * BATCH + (N - BATCH)
 
 
 def test_wrapped_and_compiled_models_are_not_stopped(tmp_path):
@@ -372,3 +374,72 @@ def test_wrapped_and_compiled_models_are_not_stopped(tmp_path):
     extract(nn.DataParallel(net), data(), layers=["module.fc1"], out=tmp_path / "a.h5", batch_size=BATCH,
             progress=False)
     assert net.after_fc2.rows == N
+
+
+class InplaceNorm(nn.Module):
+    """Centres its input in place (like torchvision's Normalize(inplace=True))."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.sub_(x.mean(dim=1, keepdim=True))
+
+
+@pytest.mark.parametrize("stop_early", [False, True])
+@pytest.mark.parametrize("order", ["changer_first", "changer_last"])
+def test_a_model_that_changes_its_input_in_place_does_not_change_the_other_models_rows(tmp_path, stop_early,
+                                                                                    order):
+    """Two models on the same batches: one centres its input in place, the other's requested layer is (a
+    view of) its input. Each must store what it computed from the batch as loaded."""
+    torch.manual_seed(0)
+    ds = TensorDataset(torch.randn(N, 6) + 5.0)
+    raw = ds.tensors[0].clone()
+    changer = nn.Sequential(InplaceNorm(), nn.Linear(6, 4))
+    viewer = nn.Sequential(nn.Flatten(), nn.Linear(6, 3))
+    names = ("teacher", "student") if order == "changer_first" else ("student", "teacher")
+    models = dict(zip(names, (changer, viewer), strict=True))
+    extract_pair(models["teacher"], models["student"], ds, out=tmp_path / "p.h5", pool="none",
+                 layers={names[0]: ["0"], names[1]: ["0"]}, batch_size=BATCH, progress=False,
+                 stop_early=stop_early)
+    centred = raw - raw.mean(dim=1, keepdim=True)
+    np.testing.assert_allclose(stored(tmp_path / "p.h5", ["0"], names[1])["0"], raw.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(stored(tmp_path / "p.h5", ["0"], names[0])["0"], centred.numpy(), rtol=1e-5,
+                               atol=1e-6)
+    np.testing.assert_array_equal(ds.tensors[0].numpy(), raw.numpy())  # the dataset itself untouched
+
+
+class Guarded(nn.Module):
+    """Re-raises its stage's errors with context (``raise ... from e``), which turns the stop into a
+    RuntimeError."""
+
+    def __init__(self, stage: nn.Module) -> None:
+        super().__init__()
+        self.stage = stage
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        try:
+            return self.stage(x)
+        except Exception as e:
+            raise RuntimeError("stage failed") from e
+
+
+@pytest.mark.parametrize("batch_size", [2, 4])
+def test_a_model_that_turns_the_stop_into_another_error_is_run_whole(tmp_path, batch_size):
+    torch.manual_seed(0)
+    net = nn.Sequential(Guarded(nn.Linear(6, 4)), nn.ReLU(), nn.Linear(4, 2), Calls())
+    ds = data()
+    extract(net, ds, layers=["0.stage"], out=tmp_path / "a.h5", batch_size=batch_size, progress=False)
+    with torch.no_grad():
+        want = ds.tensors[0] @ net[0].stage.weight.T + net[0].stage.bias
+    np.testing.assert_allclose(stored(tmp_path / "a.h5", ["0.stage"])["0.stage"], want.numpy(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("batch_size", [3, 6])
+def test_a_model_whose_eval_output_depends_on_the_batch_stores_the_same_rows(tmp_path, batch_size):
+    """BatchNorm without running statistics normalises over the batch even in eval mode: the check pass
+    must not change which samples share a batch (nor fail on a short one)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5, track_running_stats=False), nn.Linear(5, 2))
+    ds = TensorDataset(torch.randn(12, 6))
+    for stop in (False, True):
+        extract(net, ds, layers=["1"], out=tmp_path / f"{stop}.h5", batch_size=batch_size, progress=False,
+                stop_early=stop)
+    np.testing.assert_array_equal(stored(tmp_path / "True.h5", ["1"])["1"], stored(tmp_path / "False.h5", ["1"])["1"])

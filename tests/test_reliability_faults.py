@@ -27,6 +27,7 @@ import textwrap
 import h5py
 import numpy as np
 import pytest
+import torch
 
 import probekit
 from probekit.cli import main
@@ -204,19 +205,17 @@ def test_sigkilled_cli_store_info_reports_committed_then_resume(helper, full, tm
 # -- an exception from a user's forward hook ----------------------------------------------------------
 @pytest.mark.parametrize("fail_call", [0, 1, 4])
 def test_exception_in_forward_hook_then_resume(helper, full, tmp_path, fail_call):
-    """The hook fails in batch number ``fail_call`` (counted by the rows it has seen: the first batch
-    may reach it in two passes, the layer check on two samples and the rest)."""
+    """The user's hook fails on every forward pass that holds the first sample of batch ``fail_call``
+    (recognised by its input values, so however many passes reach the hook)."""
     _, h = helper
     model = h.model()
-    seen = [0]
+    target = h.Data()[fail_call * BATCH][0]
 
     def hook(module, inputs, output):
-        before, seen[0] = seen[0], seen[0] + len(output)
-        if before >= fail_call * BATCH and not getattr(hook, "fired", False):
-            hook.fired = True
+        if any(torch.equal(row, target) for row in inputs[0]):
             raise RuntimeError("hook failure injected by the test")
 
-    handle = model[1].register_forward_hook(hook)
+    handle = model[0].register_forward_hook(hook)
     out = tmp_path / "hook.h5"
     # on the first batch a failing forward is reported as a data error (one line on the CLI) and the
     # file this run created, holding no row, is removed; later it propagates as it is
