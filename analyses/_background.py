@@ -231,7 +231,7 @@ class BackgroundCorrelation(BaseEstimator):
                 if shift is None:
                     shift = raw.mean(axis=0, dtype=np.float64).astype(cdt)
                 if buf is None or buf.shape[0] < rows:
-                    buf = np.empty((rows, d), dtype=np.result_type(raw.dtype, shift.dtype))
+                    buf = np.empty((rows, d), dtype=cdt)  # the source casts every chunk to cdt
                 a = np.subtract(raw, shift, out=buf[:rows])
                 s2c = np.einsum("ij,ij->j", a, a)
             if not np.isfinite(s2c).all():

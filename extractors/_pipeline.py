@@ -194,12 +194,15 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
         )
 
 
+PARALLEL_WRAPPERS: tuple[type[nn.Module], ...] = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+"""Wrappers whose ``.module`` is the model (the Recorder unwraps them; extraction does not stop them)."""
+
+
 def _can_stop_early(model: nn.Module) -> bool:
     """Whether an exception raised in a hook may end ``model``'s forward pass: not for DataParallel
     (replicas run in threads), DistributedDataParallel (its forward has bookkeeping after the wrapped
     module's) or a ``torch.compile``d wrapper (the hook is traced)."""
-    wrappers = (nn.DataParallel, nn.parallel.DistributedDataParallel)
-    return not isinstance(model, wrappers) and type(model).__name__ != "OptimizedModule"
+    return not isinstance(model, PARALLEL_WRAPPERS) and type(model).__name__ != "OptimizedModule"
 
 
 def _input_dtype(model: nn.Module) -> torch.dtype | None:
@@ -443,6 +446,8 @@ def extract_models(
         with ExitStack() as stack:
             for cap in caps.values():
                 stack.enter_context(cap)
+            last_model = list(caps)[-1]  # runs last on each batch
+            stoppable = {name: stop_early and _can_stop_early(spec.module) for name, spec in models.items()}
 
             def forward(batch: Mapping[str, Any],
                         into: dict[str, dict[str, torch.Tensor]] | None = None) -> dict[str, dict[str, torch.Tensor]]:
@@ -450,10 +455,9 @@ def extract_models(
                 # pool (and cast) straight into it
                 x = batch["x"]
                 feats: dict[str, dict[str, torch.Tensor]] = {}
-                last = list(caps)[-1]
                 for name, cap in caps.items():
                     xd = x.to(dev, non_blocking=True)
-                    if xd is x and name != last:
+                    if xd is x and name != last_model:
                         # a model may change its input in place (an in-place normalisation): the next
                         # model must see the batch as loaded
                         xd = x.clone()
@@ -482,15 +486,14 @@ def extract_models(
                             )
 
             def arm_early_stop() -> None:
-                last = list(caps)[-1]
                 for name, cap in caps.items():
-                    cap.stop_when_done = _can_stop_early(models[name].module)
+                    cap.stop_when_done = stoppable[name]
                     # the synchronous CPU writer writes a batch before the next forward pass, so the
                     # output that ends a stopped pass needs no safety copy; only for the model that runs
                     # last on the batch: the others' kept output may be (a view of) the shared input,
                     # which a later model may change in place
                     cap.elide_final_copy = (cap.stop_when_done and dev.type == "cpu" and not use_thread
-                                            and name == last)
+                                            and name == last_model)
 
             if start >= n:  # nothing left: still check that this run's layers fit the stored ones
                 declare(forward(_collate([samples[0]])))
@@ -520,7 +523,7 @@ def extract_models(
                     else:  # the first batch: a model that cannot take these inputs is a data error
                         try:
                             checked = False
-                            if stop_early and b > 2 and any(_can_stop_early(m.module) for m in models.values()):
+                            if b > 2 and any(stoppable.values()):
                                 # a whole pass over two samples checks the layers (a module selected
                                 # without @K must not run twice); its rows are not kept, so every batch
                                 # is the same as without stopping (a model whose eval output depends on
@@ -534,7 +537,7 @@ def extract_models(
                             if checked:
                                 arm_early_stop()
                             feats = forward(batch)
-                            if stop_early and not checked:
+                            if any(stoppable.values()) and not checked:
                                 arm_early_stop()
                         except (RuntimeError, ValueError, TypeError) as e:
                             raise DataError(

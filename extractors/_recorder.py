@@ -27,15 +27,14 @@ from torch import nn
 
 from ..errors import ProbekitError
 from ._layers import LayerSpec, resolve_layers
-from ._pipeline import ModelSpec, extract_models
+from ._pipeline import PARALLEL_WRAPPERS, ModelSpec, extract_models
 from ._pooling import PoolSpec
 
 __all__ = ["Recorder", "RecorderCallback"]
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
-    while isinstance(model, wrappers):
+    while isinstance(model, PARALLEL_WRAPPERS):
         model = model.module
     return model
 
