@@ -2,6 +2,7 @@
 
     python benchmarks/profile_extract.py                       # ResNet-18, layer1..layer4 avg-pooled, 256 images
     python benchmarks/profile_extract.py --maps --n 128        # the 1x1-conv stand-in of bench_feature_maps, pool="none"
+    python benchmarks/profile_extract.py --layer1-map          # ResNet-18 layer1 full map (bench_extract --maps)
 
 Prints the total, the model's forward, and the probekit-side entries (weights hash, commits, store
 declarations, data collation) by cumulative time. Random weights and inputs; nothing is downloaded.
@@ -24,6 +25,7 @@ import probekit
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--maps", action="store_true", help="full feature maps of a write-bound stand-in model")
+    ap.add_argument("--layer1-map", action="store_true", help="ResNet-18's layer1 as a full map (pool='none')")
     ap.add_argument("--n", type=int, default=256)
     ap.add_argument("--size", type=int, default=112)
     ap.add_argument("--batch", type=int, default=32)
@@ -37,7 +39,7 @@ def main() -> None:
         import timm
 
         model = timm.create_model("resnet18", pretrained=False).eval()
-        layers, pool = ["layer1", "layer2", "layer3", "layer4"], "avg"
+        layers, pool = (["layer1"], "none") if a.layer1_map else (["layer1", "layer2", "layer3", "layer4"], "avg")
     data = TensorDataset(torch.randn(a.n, 3, a.size, a.size))
     out = Path(tempfile.mkdtemp(prefix="pk-prof-")) / "acts.h5"
 
