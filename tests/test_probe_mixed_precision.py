@@ -1,0 +1,116 @@
+"""The torch probe's bfloat16 stage: the result meets the stopping test on the exact objective.
+
+The stage runs on CPUs with bfloat16 instructions for problems of n * d * K >= 2e7; here it is
+forced on (any CPU runs bfloat16 GEMMs, only slower) for small problems. The oracle is the gradient
+of scikit-learn's objective written out in float64 numpy, and scikit-learn's own fit.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.datasets import load_digits, make_classification
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from probekit.analyses import LinearProbe
+from probekit.analyses import _probes as probes
+
+
+def _data():
+    X, y = load_digits(return_X_y=True)
+    yield "digits", X[:1200], y[:1200], X[1200:], y[1200:]
+    for seed, k in enumerate((2, 4)):
+        Xs, ys = make_classification(n_samples=3000, n_features=48, n_informative=12, n_classes=k,
+                                     n_clusters_per_class=1, flip_y=0.05, random_state=seed)
+        yield f"synthetic{k}", Xs[:2000], ys[:2000], Xs[2000:], ys[2000:]
+
+
+DATA = list(_data())
+
+
+def objective_gradient(probe: LinearProbe, X: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Gradient of (C sum_i loss_i + ||W||^2 / 2) / (C n) in standardised space, float64, by hand."""
+    Z = (X - probe.scaler_mean_) / probe.scaler_scale_
+    W = probe.coef_ * probe.scaler_scale_
+    b = probe.intercept_ + probe.coef_ @ probe.scaler_mean_
+    idx = np.searchsorted(probe.classes_, y)
+    n, K = Z.shape[0], probe.classes_.size
+    logits = Z @ W.T + b
+    if K == 2:
+        P = (1.0 / (1.0 + np.exp(-logits[:, 0])) - idx)[:, None]
+    else:
+        e = np.exp(logits - logits.max(axis=1, keepdims=True))
+        P = e / e.sum(axis=1, keepdims=True) - np.eye(K)[idx]
+    gW = P.T @ Z / n + W / (probe.C_ * n)
+    gb = P.sum(axis=0) / n
+    return np.concatenate([gW.ravel(), gb])
+
+
+@pytest.fixture
+def bf16_stage(monkeypatch):
+    """Force the bfloat16 stage on and count its evaluations."""
+    calls = []
+    monkeypatch.setattr(probes, "_MIXED_MIN_WORK", 0)
+    monkeypatch.setattr(probes, "_bf16_matmul_fast", lambda torch, dev: True)
+    real = probes._Bf16Evaluator.__call__
+
+    def counted(self):
+        calls.append(1)
+        return real(self)
+
+    monkeypatch.setattr(probes._Bf16Evaluator, "__call__", counted)
+    return calls
+
+
+@pytest.mark.parametrize("tol", [1e-4, 1e-6])
+@pytest.mark.parametrize("C", [0.05, 1.0])
+@pytest.mark.parametrize("data", DATA, ids=[d[0] for d in DATA])
+def test_bf16_stage_meets_the_exact_stopping_test(bf16_stage, data, C, tol):
+    _, Xtr, ytr, Xte, yte = data
+    probe = LinearProbe(C=C, backend="torch", tol=tol, max_iter=2000).fit(Xtr, ytr)
+    assert len(bf16_stage) > 1, "the bfloat16 stage did not run"
+    g = objective_gradient(probe, Xtr, ytr)
+    # the float32 stage's test is max |g| <= tol on float32 sums; float64 differs by ~1e-7 of |g|
+    assert np.abs(g).max() <= tol * 1.01 + 1e-8
+    ref = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000, tol=1e-8)).fit(Xtr, ytr)
+    assert abs(probe.score(Xte, yte) - ref.score(Xte, yte)) <= 0.005 + 1e-12
+    assert np.abs(probe.predict_proba(Xte) - ref.predict_proba(Xte)).mean() < 0.01
+
+
+def test_float32_stage_finishes_what_the_bf16_stage_left(bf16_stage, monkeypatch):
+    """A bfloat16 stage stopped early (tol 0.05) still ends at the exact tol: the float32 stage runs on."""
+    _, Xtr, ytr, _, _ = DATA[0]
+    stopped = LinearProbe(C=1.0, backend="torch", tol=0.05).fit(Xtr, ytr)
+    assert np.abs(objective_gradient(stopped, Xtr, ytr)).max() > 1e-4  # 0.05 is far from converged
+    monkeypatch.setattr(probes, "_BF16_MIN_TOL", 0.05)
+    n_bf16 = len(bf16_stage)
+    probe = LinearProbe(C=1.0, backend="torch", tol=1e-4).fit(Xtr, ytr)
+    assert len(bf16_stage) > n_bf16
+    assert np.abs(objective_gradient(probe, Xtr, ytr)).max() <= 1e-4 * 1.01
+
+
+def test_max_iter_counts_both_stages(bf16_stage):
+    _, Xtr, ytr, _, _ = DATA[0]
+    probe = LinearProbe(C=1.0, backend="torch", tol=1e-10, max_iter=7).fit(Xtr, ytr)
+    assert probe.n_iter_ <= 7
+
+
+def test_stage_is_skipped_below_the_work_threshold(monkeypatch):
+    calls = []
+    monkeypatch.setattr(probes, "_bf16_matmul_fast", lambda torch, dev: True)
+    monkeypatch.setattr(probes._Bf16Evaluator, "__init__", lambda *a: calls.append(1))
+    _, Xtr, ytr, _, _ = DATA[0]  # 1200 x 64 x 10 < 2e7
+    LinearProbe(C=1.0, backend="torch").fit(Xtr, ytr)
+    assert calls == []
+
+
+@pytest.mark.parametrize("data", DATA, ids=[d[0] for d in DATA])
+def test_tight_tol_is_met_in_float32_then_float64(data):
+    """tol=1e-6 without the bfloat16 stage: float32 line searches stalled near max|g| = 3e-5 (digits
+    2.5e-5, synthetic4 3.7e-5) while the fit reported nothing; the float64 stage reaches the tol."""
+    _, Xtr, ytr, _, _ = data
+    probe = LinearProbe(C=1.0, backend="torch", tol=1e-6, max_iter=2000).fit(Xtr, ytr)
+    assert probe.n_iter_ < 2000
+    assert np.abs(objective_gradient(probe, Xtr, ytr)).max() <= 1e-6 * 1.01
