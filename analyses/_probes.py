@@ -510,6 +510,7 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
 
     def _select_C(self, Xa: np.ndarray, y_idx: np.ndarray, K: int) -> float:
         from sklearn.model_selection import StratifiedKFold
+        from threadpoolctl import threadpool_limits
 
         counts = np.bincount(y_idx)
         if counts.min() < self.cv:
@@ -524,7 +525,10 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
             sub = as_source(Xa[tr], "X", dtype=Xa.dtype)
             for j, C in enumerate(Cs):
                 W, b, mean, scale, _ = self._fit_core(sub, y_idx[tr], K, C, self.backend_ == "torch", True)
-                dec = ((Xa[te] - mean) / scale) @ W.T + b
+                # one BLAS thread: OpenBLAS workers busy-wait after a call and took a core from the
+                # next torch fit (16,000 x 512 x 10, C="cv": 4.9 s before, 2.9 s; bench_probes.py --cv)
+                with threadpool_limits(limits=1, user_api="blas"):
+                    dec = ((Xa[te] - mean) / scale) @ W.T + b
                 pred = (dec[:, 0] > 0).astype(int) if K == 2 else dec.argmax(axis=1)
                 scores[j] += np.mean(pred == y_idx[te]) / self.cv
         self.cv_results_ = {"C": Cs, "mean_accuracy": scores.tolist()}

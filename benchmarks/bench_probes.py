@@ -2,12 +2,18 @@
 
     python benchmarks/bench_probes.py [--n 16000 --d 512 --k 10 --repeats 3 --device cpu]
     python benchmarks/bench_probes.py --stream --n 64000 --budget-mib 32 --repeats 3
+    python benchmarks/bench_probes.py --cv --repeats 3
 
 Synthetic Gaussian classes (shared covariance, random means), standardised like the probe does;
 both fit the identical objective C * sum(loss) + 0.5 ||W||^2 (same C, max_iter, tol). The fits
 alternate (torch, sklearn, then sklearn, torch, ...). Prints the median wall time of `repeats` fits
 of each (the fit alone, with its standardisation; held-out rows scored after the timer), held-out
 accuracy, the speed ratio, and the time of one objective evaluation of the torch fit.
+
+Each timed fit starts after a pause (``--pause``, 0.5 s): OpenBLAS's worker threads busy-wait after
+a call (scikit-learn's fit, the scoring in between), and on 2 cores they took a core from the next
+fit; one 4,000 x 512 numpy matmul right before a torch fit made it 182 ms instead of 107 ms after
+a pause (medians of 6). ``--pause 0`` measures the fits back to back.
 
 ``--stream``: the training rows go into a probekit store larger than ``--budget-mib``, and the torch
 probe is fitted (a) on the whole layer loaded into memory and (b) streamed from the store with
@@ -117,6 +123,25 @@ def _stream(args: argparse.Namespace) -> None:
                                               "layer_mib": mib, "loadavg": os.getloadavg()}, indent=1))
 
 
+def _cv(args: argparse.Namespace) -> None:
+    """Median time of LinearProbe(C='cv', backend='torch') fits: 31 fits with held-out scoring between."""
+    from probekit.analyses import LinearProbe
+
+    Xtr, ytr, _, _ = make_data(args.n, args.d, args.k)
+    LinearProbe(C=1.0, backend="torch").fit(Xtr, ytr)  # warm-up
+    times = []
+    for _ in range(args.repeats):
+        time.sleep(args.pause)
+        t = time.perf_counter()
+        p = LinearProbe(C="cv", backend="torch", random_state=0).fit(Xtr, ytr)
+        times.append(time.perf_counter() - t)
+    print(f"C='cv' {args.n} x {args.d}, {args.k} classes: median {statistics.median(times):.2f} s "
+          f"({', '.join(f'{x:.2f}' for x in times)}), chose C={p.C_}, load {os.getloadavg()[0]:.1f}")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"args": vars(args), "times": times, "C": p.C_,
+                                              "cv_results": p.cv_results_, "loadavg": os.getloadavg()}, indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=16000)
@@ -126,6 +151,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--skip-sklearn", action="store_true")
+    ap.add_argument("--pause", type=float, default=0.5,
+                    help="seconds to wait before each timed fit (default 0.5; see the module docstring)")
+    ap.add_argument("--cv", action="store_true", help="time LinearProbe(C='cv') fits (5 folds x 6 C) instead")
     ap.add_argument("--stream", action="store_true", help="streamed fit from a store larger than --budget-mib")
     ap.add_argument("--budget-mib", type=int, default=32)
     ap.add_argument("--out", default=None, help="write the results as JSON here")
@@ -136,6 +164,8 @@ def main() -> None:
         return _stream_child(args)
     if args.stream:
         return _stream(args)
+    if args.cv:
+        return _cv(args)
 
     import torch
     from sklearn.exceptions import ConvergenceWarning
@@ -179,35 +209,49 @@ def main() -> None:
     got: dict[str, tuple] = {}
     for r in range(args.repeats):  # alternating, the first of each pair rotating
         for k in (list(fits) if r % 2 == 0 else list(fits)[::-1]):
+            time.sleep(args.pause)
             dt, fitted = timed(fits[k])
             times[k].append(dt)
             got[k] = scored(k, fitted)
     t_torch, (acc_torch, it_t) = statistics.median(times["torch"]), got["torch"]
 
     # one objective evaluation of the torch fit (logits, softmax, gradient), timed alone: the fit's
-    # time is about (evaluations) x this, which is compute-bound on CPU (two thin float32 GEMMs)
+    # time is about (evaluations) x this. float32: two thin GEMMs; the bfloat16 stage's evaluation
+    # (on CPUs with bfloat16 instructions): the step's logits and the gradient in bfloat16, exact
+    # float32 logits every 8th call (the median is of the other calls)
+    from probekit.analyses import _probes
+
     Z = torch.from_numpy(StandardScaler().fit_transform(Xtr).astype(np.float32)).to(args.device)
     Y = torch.nn.functional.one_hot(torch.from_numpy(ytr.astype(np.int64)), args.k).float().to(args.device)
     W = torch.zeros(args.k, args.d, device=args.device)
     b = torch.zeros(args.k, device=args.device)
-    ev = []
-    for _ in range(20):
-        t = time.perf_counter()
-        LinearProbe._loss_grad(torch, Z, Y, W, b, args.k, args.n)
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        ev.append(time.perf_counter() - t)
-    eval_ms = 1000 * statistics.median(ev)
-    print(f"torch   : median {t_torch:.2f} s, accuracy {100 * acc_torch:.2f} %, L-BFGS iterations {it_t}, "
-          f"one evaluation {eval_ms:.1f} ms")
+
+    def eval_ms(f) -> float:
+        ev = []
+        for _ in range(24):
+            W.add_(1e-3)  # a step, as between L-BFGS evaluations
+            t = time.perf_counter()
+            f()
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            ev.append(time.perf_counter() - t)
+        return 1000 * statistics.median(ev)
+
+    ev32 = eval_ms(lambda: LinearProbe._loss_grad(torch, Z, Y, W, b, args.k, args.n))
+    bf16 = _probes._bf16_matmul_fast(torch, torch.device(args.device))
+    ev16 = eval_ms(_probes._Bf16Evaluator(torch, Z, Y, W, b, args.k, args.n)) if bf16 else float("nan")
+    print(f"torch   : median {t_torch:.3f} s, accuracy {100 * acc_torch:.2f} %, L-BFGS iterations {it_t}, "
+          f"one evaluation {ev32:.1f} ms float32 / {ev16:.1f} ms bfloat16 stage "
+          f"({'used' if bf16 else 'not used: no bfloat16 instructions'})")
     if not args.skip_sklearn:
         t_sk, (acc_sk, it_s) = statistics.median(times["sklearn"]), got["sklearn"]
-        print(f"sklearn : median {t_sk:.2f} s, accuracy {100 * acc_sk:.2f} %, L-BFGS iterations {it_s}")
+        print(f"sklearn : median {t_sk:.3f} s, accuracy {100 * acc_sk:.2f} %, L-BFGS iterations {it_s}")
         print(f"speed-up {t_sk / t_torch:.1f}x, accuracy difference {100 * (acc_torch - acc_sk):+.2f} pt")
     print(f"load {os.getloadavg()[0]:.1f}")
     if args.out:
         res = {"args": vars(args), "torch": {"median_s": t_torch, "acc": acc_torch, "iters": it_t,
-                                             "eval_ms": eval_ms}, "times": times, "loadavg": os.getloadavg()}
+                                             "eval_ms_float32": ev32, "eval_ms_bf16": ev16, "bf16_stage": bf16},
+               "times": times, "loadavg": os.getloadavg()}
         if not args.skip_sklearn:
             res["sklearn"] = {"median_s": t_sk, "acc": acc_sk, "iters": it_s}
         Path(args.out).write_text(json.dumps(res, indent=1))
