@@ -613,7 +613,7 @@ class _Bf16Evaluator:
     ``_BF16_REFRESH`` calls the logits are recomputed exactly in float32, which bounds the drift from
     rounding :math:`Z` itself. The gradient :math:`P^\top Z` runs in bfloat16 with float32
     accumulation (error ~1e-5 of the mean-scaled gradient at n = 16,000, below the default tol).
-    On AVX512-BF16 an evaluation took 2.0-2.9 ms instead of 6.0-7.6 ms in float32 (16,000 x 512 x 10,
+    On AVX512-BF16 an evaluation took 1.7-2.9 ms instead of 5.9-7.6 ms in float32 (16,000 x 512 x 10,
     ``python benchmarks/bench_probes.py``).
     """
 

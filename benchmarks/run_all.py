@@ -34,7 +34,9 @@ BENCHMARKS: dict[str, list[list[str]]] = {
     "memory": [["bench_memory.py"]],
     "feature_maps": [["bench_feature_maps.py", "--repeats", "15"]],
     "probes": [
-        ["bench_probes.py", "--repeats", "7", "--out", str(RESULTS / "bench_probes.json")],
+        ["bench_probes.py", "--repeats", "9", "--out", str(RESULTS / "bench_probes.json")],
+        ["bench_probes.py", "--repeats", "9", "--pause", "0", "--out", str(RESULTS / "bench_probes_nopause.json")],
+        ["bench_probes.py", "--cv", "--repeats", "3", "--out", str(RESULTS / "bench_probes_cv.json")],
         ["bench_probes.py", "--stream", "--n", "64000", "--budget-mib", "32", "--repeats", "3",
          "--out", str(RESULTS / "bench_probes_stream.json")],
     ],
