@@ -99,8 +99,8 @@ def scaler_stats(src: Source, standardize: bool = True, *,
         s1, s2, shift, n = np.zeros(d), np.zeros(d), None, 0
         for _, a in src.chunks(check_finite=check_finite):
             a = a.astype(dtype, copy=False)
-            if shift is None:
-                shift = a[:_STATS_BLOCK].mean(axis=0, dtype=np.float64)
+            if shift is None:  # in the data's dtype: the mean is rebuilt from the shift applied
+                shift = a[:_STATS_BLOCK].mean(axis=0, dtype=np.float64).astype(a.dtype)
             sh = shift.astype(a.dtype)
             for i in range(0, a.shape[0], _STATS_BLOCK):
                 c = a[i:i + _STATS_BLOCK] - sh
@@ -115,7 +115,7 @@ def scaler_stats(src: Source, standardize: bool = True, *,
         s1, s2, shift, n = sums(np.float64)
     m = s1 / n
     var = np.maximum(s2 / n - m * m, 0.0)
-    mean = m + (shift if shift is not None else 0.0)
+    mean = m + (shift.astype(np.float64) if shift is not None else 0.0)
     if not standardize:
         return np.zeros(d), np.ones(d), n
     return mean, safe_scale(var, mean, s2 / n), n
@@ -166,8 +166,10 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         bfloat16 instructions (AVX512-BF16, AMX) and for ``n_samples * n_features * n_classes``
         >= 2e7, the iterations run first on a bfloat16 copy of the standardised features (3x
         cheaper evaluations, 1.5x the features' memory) until max|gradient| <= max(tol, 1e-4), then
-        go on in float32; where float32 cannot resolve a ``tol`` (below ~3e-5), in float64. The
-        stopping test is always applied to a float32 or float64 evaluation. ``"minibatch"``: Adam on
+        go on in float32. A float32 stage (in memory or streamed) that ends above ``tol`` goes on
+        in float64 (W, b and row blocks of the features), so the fit meets ``tol`` as
+        scikit-learn's does; the stopping test is always applied to a float32 or float64
+        evaluation. ``"minibatch"``: Adam on
         minibatches of ``batch_size`` rows for ``max_iter`` epochs (approximate; for inputs much
         larger than memory).
     max_iter : int, default=1000
@@ -368,15 +370,18 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         if K == 2:
             z = logits[:, 0]
             yf = yt.to(z.dtype)
-            loss = (torch.nn.functional.softplus(z) - yf * z).sum() / n
+            loss = (torch.nn.functional.softplus(z) - yf * z).sum(dtype=torch.float64) / n
             return float(loss), (torch.sigmoid(z) - yf).unsqueeze(1) / n
         # one-hot algebra instead of gather/index_put: cheaper on CPU for thin (n, K) blocks; the
-        # log-sum-exp by hand: torch.log_softmax took 0.9 ms at 16,000 x 10, this 0.3 ms
+        # log-sum-exp by hand: torch.log_softmax took 0.9 ms at 16,000 x 10, this 0.3 ms. Each row's
+        # loss is formed before the sum, and the sum is float64: summing log-sum-exp and the label's
+        # logit over all rows in float32 and subtracting the totals lost 2-3 digits and stalled line
+        # searches
         Y = torch.nn.functional.one_hot(yt, K).to(logits.dtype) if yt.ndim == 1 else yt
         m = logits.amax(dim=1, keepdim=True)
         E = (logits - m).exp_()
         s = E.sum(dim=1, keepdim=True)
-        loss = (s.log().add_(m).sum() - (logits * Y).sum()) / n
+        loss = s.log().add_(m).squeeze_(1).sub_((logits * Y).sum(dim=1)).sum(dtype=torch.float64) / n
         return float(loss), E.div_(s).sub_(Y).div_(n)
 
     @staticmethod
@@ -386,25 +391,62 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         return loss, P.t() @ Z, P.sum(dim=0)
 
     def _lbfgs(self, torch: Any, W: Any, b: Any, loss_grad: Any, lam: float, *, max_iter: int | None = None,
-               tol: float | None = None, tolerance_change: float = 1e-12) -> int:
-        """Full-batch L-BFGS with strong-Wolfe line search on data term + lam/2 ||W||^2."""
+               tol: float | None = None, tolerance_change: float = 1e-12) -> tuple[int, float | None]:
+        """Full-batch L-BFGS with strong-Wolfe line search on data term + lam/2 ||W||^2.
+
+        Returns the iterations and max |gradient| at the final point when the last evaluation was
+        there (the line search accepted its last trial; None otherwise).
+        """
         max_iter = self.max_iter if max_iter is None else max_iter
         opt = torch.optim.LBFGS(
             [W, b], lr=1.0, max_iter=max_iter, max_eval=int(max_iter * 1.25) + 1,
             tolerance_grad=self.tol if tol is None else tol, tolerance_change=tolerance_change,
             history_size=10, line_search_fn="strong_wolfe",
         )
+        last: dict[str, Any] = {}
 
         def closure() -> Any:
             loss, gW, gb = loss_grad()
             W.grad = gW + lam * W
             b.grad = gb
+            last["W"], last["b"] = W.clone(), b.clone()
             # float64: a float32 tensor rounded the objective to 3e-8 and stalled the line search
             return torch.tensor(loss + 0.5 * lam * float((W * W).sum()), dtype=torch.float64)
 
         with torch.no_grad():
             opt.step(closure)
-        return int(opt.state[opt._params[0]].get("n_iter", 0))
+        n_iter = int(opt.state[opt._params[0]].get("n_iter", 0))
+        at_last = bool(last) and torch.equal(last["W"], W) and torch.equal(last["b"], b)
+        return n_iter, (max(float(W.grad.abs().max()), float(b.grad.abs().max())) if at_last else None)
+
+    def _finish(self, torch: Any, W: Any, b: Any, lam: float, it: int, loss_grad_at: Any) -> tuple[Any, Any, int]:
+        """L-BFGS in float32 from (W, b) to tol, then in float64 if float32 stopped above it.
+
+        ``loss_grad_at(W, b)`` returns the evaluation closure for those tensors (float32 or float64).
+        float32 losses can stop resolving a line search's progress before a small tol is reached;
+        the float64 stage (W, b and each row block of Z cast to float64) goes on from there.
+        """
+        n32, gmax = self._lbfgs(torch, W, b, loss_grad_at(W, b), lam, max_iter=self.max_iter - it)
+        it += n32
+        if n32 == 0 or it >= self.max_iter:  # 0: the first evaluation met tol
+            return W, b, it
+        if gmax is None:  # the line search ended on an earlier trial: one more evaluation
+            _, gW, gb = loss_grad_at(W, b)()
+            gmax = max(float((gW + lam * W).abs().max()), float(gb.abs().max()))
+        if gmax <= self.tol:
+            return W, b, it
+        if W.device.type == "mps":
+            from sklearn.exceptions import ConvergenceWarning
+
+            warnings.warn(
+                f"LinearProbe stopped at max|gradient| = {gmax:.2g} > tol = {self.tol:g}: float32 cannot "
+                "resolve the loss further and MPS has no float64. Raise tol, or fit on the CPU.",
+                ConvergenceWarning, stacklevel=4,
+            )
+            return W, b, it
+        W, b = W.double(), b.double()
+        n64, _ = self._lbfgs(torch, W, b, loss_grad_at(W, b), lam, max_iter=self.max_iter - it)
+        return W, b, it + n64
 
     def _adam(self, torch: Any, W: Any, b: Any, lam: float, n: int, K: int, batches: Any) -> int:
         opt = torch.optim.Adam([W, b], lr=self.learning_rate)
@@ -445,25 +487,13 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
                 if n * Z.shape[1] * K >= _MIXED_MIN_WORK and _bf16_matmul_fast(torch, dev):
                     # bfloat16 iterations first, then float32 ones from where they stopped: the
                     # float32 stage applies the stopping test to exact evaluations (usually one)
-                    it = self._lbfgs(torch, W, b, _Bf16Evaluator(torch, Zt, Yt, W, b, K, n), lam,
-                                     tol=max(self.tol, _BF16_MIN_TOL), tolerance_change=1e-9)
+                    it, _ = self._lbfgs(torch, W, b, _Bf16Evaluator(torch, Zt, Yt, W, b, K, n), lam,
+                                        tol=max(self.tol, _BF16_MIN_TOL), tolerance_change=1e-9)
                 if it < self.max_iter:
-                    n32 = self._lbfgs(torch, W, b, lambda: self._loss_grad(torch, Zt, Yt, W, b, K, n), lam,
-                                      max_iter=self.max_iter - it)
-                    it += n32
-                    # float32 losses stop resolving the line search's progress near max|g| ~ 3e-5
-                    # (digits: tol=1e-6 ended at 2.5e-5); a tol tighter than that goes on in float64
-                    if n32 and it < self.max_iter and self._max_grad(torch, Zt, Yt, W, b, K, n, lam) > self.tol:
-                        W, b = W.double(), b.double()
-                        it += self._lbfgs(torch, W, b, lambda: _loss_grad_float64(torch, Zt, Yt, W, b, K, n), lam,
-                                          max_iter=self.max_iter - it)
+                    W, b, it = self._finish(torch, W, b, lam, it, lambda W, b: (
+                        (lambda: self._loss_grad(torch, Zt, Yt, W, b, K, n)) if W.dtype == torch.float32
+                        else (lambda: _loss_grad_float64(torch, Zt, Yt, W, b, K, n))))
         return (*self._out(W, b), it)
-
-    @classmethod
-    def _max_grad(cls, torch: Any, Z: Any, Y: Any, W: Any, b: Any, K: int, n: int, lam: float) -> float:
-        """L-BFGS's stopping statistic at (W, b): max |gradient| of the mean-scaled objective."""
-        _, gW, gb = cls._loss_grad(torch, Z, Y, W, b, K, n)
-        return max(float((gW + lam * W).abs().max()), float(gb.abs().max()))
 
     def _fit_torch_stream(self, src: Source, y_idx: np.ndarray, K: int, C: float, mean: np.ndarray,
                           scale: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
@@ -492,20 +522,28 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
                 else:
                     yield from _batches_memory(Zc, yc, self.batch_size, rng, torch)
 
-        def loss_grad() -> tuple[float, Any, Any]:
-            total, gW, gb = 0.0, torch.zeros_like(W), torch.zeros_like(b)
-            for Zc, yc in chunks():
-                lo, gw, gbb = self._loss_grad(torch, Zc, yc, W, b, K, n)
-                total += lo
-                gW += gw
-                gb += gbb
-            return total, gW, gb
+        def loss_grad_at(W: Any, b: Any) -> Any:
+            block = max(1, int(self.max_memory) // 8)  # float64 row blocks of an eighth of the budget
+
+            def loss_grad() -> tuple[float, Any, Any]:
+                total, gW, gb = 0.0, torch.zeros_like(W), torch.zeros_like(b)
+                for Zc, yc in chunks():
+                    if W.dtype == torch.float32:
+                        lo, gw, gbb = self._loss_grad(torch, Zc, yc, W, b, K, n)
+                    else:
+                        lo, gw, gbb = _loss_grad_float64(torch, Zc, yc, W, b, K, n, block_bytes=block)
+                    total += lo
+                    gW += gw
+                    gb += gbb
+                return total, gW, gb
+
+            return loss_grad
 
         with torch.no_grad():
             if self.solver == "minibatch":
                 it = self._adam(torch, W, b, lam, n, K, chunks)
             else:
-                it = self._lbfgs(torch, W, b, loss_grad, lam)
+                W, b, it = self._finish(torch, W, b, lam, 0, loss_grad_at)
         return (*self._out(W, b), it)
 
     def _select_C(self, Xa: np.ndarray, y_idx: np.ndarray, K: int) -> float:
@@ -589,11 +627,12 @@ def _bf16_matmul_fast(torch: Any, dev: Any) -> bool:
         return False
 
 
-def _loss_grad_float64(torch: Any, Z: Any, Y: Any, W: Any, b: Any, K: int, n: int) -> tuple[float, Any, Any]:
-    """``LinearProbe._loss_grad`` in float64 (W, b float64) over float32 Z, 16 MiB of rows at a time."""
-    rows = max(1, (16 << 20) // (8 * Z.shape[1]))
+def _loss_grad_float64(torch: Any, Z: Any, Y: Any, W: Any, b: Any, K: int, n: int, *,
+                       block_bytes: int = 16 << 20) -> tuple[float, Any, Any]:
+    """``LinearProbe._loss_grad`` in float64 (W, b float64) over the float32 rows of Z, in row blocks."""
+    rows = max(1, block_bytes // (8 * Z.shape[1]))
     total, gW, gb = 0.0, torch.zeros_like(W), torch.zeros_like(b)
-    for i in range(0, n, rows):
+    for i in range(0, Z.shape[0], rows):
         Zc = Z[i:i + rows].double()
         loss, P = LinearProbe._loss_P(torch, torch.addmm(b, Zc, W.t()), Y[i:i + rows], K, n)
         total += loss
@@ -607,8 +646,9 @@ class _Bf16Evaluator:
 
     Written by hand because no library evaluates a GLM this way: each call adds the logits of the
     step since the last call, :math:`Z_{bf16}\,\mathrm{bf16}(W - W_\ell)^\top`, to float32 logits
-    instead of recomputing :math:`Z W^\top`, so bfloat16's 8-bit mantissa rounds the step, not the
-    weights, and the loss stays smooth enough for the line search. :math:`W_\ell` advances by
+    instead of recomputing :math:`Z W^\top`, so bfloat16's 8-bit mantissa rounds the step and the
+    step's logits (the product comes out in bfloat16), not the weights or the logits themselves,
+    and the loss stays smooth enough for the line search. :math:`W_\ell` advances by
     the rounded step (what was added), so rounding errors do not accumulate; every
     ``_BF16_REFRESH`` calls the logits are recomputed exactly in float32, which bounds the drift from
     rounding :math:`Z` itself. The gradient :math:`P^\top Z` runs in bfloat16 with float32
