@@ -101,9 +101,8 @@ def scaler_stats(src: Source, standardize: bool = True, *,
             a = a.astype(dtype, copy=False)
             if shift is None:  # in the data's dtype: the mean is rebuilt from the shift applied
                 shift = a[:_STATS_BLOCK].mean(axis=0, dtype=np.float64).astype(a.dtype)
-            sh = shift.astype(a.dtype)
             for i in range(0, a.shape[0], _STATS_BLOCK):
-                c = a[i:i + _STATS_BLOCK] - sh
+                c = a[i:i + _STATS_BLOCK] - shift
                 s1 += c.sum(axis=0)
                 s2 += np.einsum("ij,ij->j", c, c)
                 n += c.shape[0]
@@ -490,9 +489,8 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
                     it, _ = self._lbfgs(torch, W, b, _Bf16Evaluator(torch, Zt, Yt, W, b, K, n), lam,
                                         tol=max(self.tol, _BF16_MIN_TOL), tolerance_change=1e-9)
                 if it < self.max_iter:
-                    W, b, it = self._finish(torch, W, b, lam, it, lambda W, b: (
-                        (lambda: self._loss_grad(torch, Zt, Yt, W, b, K, n)) if W.dtype == torch.float32
-                        else (lambda: _loss_grad_float64(torch, Zt, Yt, W, b, K, n))))
+                    W, b, it = self._finish(torch, W, b, lam, it,
+                                            lambda W, b: lambda: _loss_grad_as_W(torch, Zt, Yt, W, b, K, n))
         return (*self._out(W, b), it)
 
     def _fit_torch_stream(self, src: Source, y_idx: np.ndarray, K: int, C: float, mean: np.ndarray,
@@ -528,10 +526,7 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
             def loss_grad() -> tuple[float, Any, Any]:
                 total, gW, gb = 0.0, torch.zeros_like(W), torch.zeros_like(b)
                 for Zc, yc in chunks():
-                    if W.dtype == torch.float32:
-                        lo, gw, gbb = self._loss_grad(torch, Zc, yc, W, b, K, n)
-                    else:
-                        lo, gw, gbb = _loss_grad_float64(torch, Zc, yc, W, b, K, n, block_bytes=block)
+                    lo, gw, gbb = _loss_grad_as_W(torch, Zc, yc, W, b, K, n, block_bytes=block)
                     total += lo
                     gW += gw
                     gb += gbb
@@ -627,13 +622,16 @@ def _bf16_matmul_fast(torch: Any, dev: Any) -> bool:
         return False
 
 
-def _loss_grad_float64(torch: Any, Z: Any, Y: Any, W: Any, b: Any, K: int, n: int, *,
-                       block_bytes: int = 16 << 20) -> tuple[float, Any, Any]:
-    """``LinearProbe._loss_grad`` in float64 (W, b float64) over the float32 rows of Z, in row blocks."""
-    rows = max(1, block_bytes // (8 * Z.shape[1]))
+def _loss_grad_as_W(torch: Any, Z: Any, Y: Any, W: Any, b: Any, K: int, n: int, *,
+                    block_bytes: int = 16 << 20) -> tuple[float, Any, Any]:
+    """``LinearProbe._loss_grad`` in the dtype of W: directly when Z has it, else (float64 W and b
+    over float32 Z) over row blocks of ``block_bytes`` cast to W's dtype, so no whole copy is made."""
+    if Z.dtype == W.dtype:
+        return LinearProbe._loss_grad(torch, Z, Y, W, b, K, n)
+    rows = max(1, block_bytes // (W.element_size() * Z.shape[1]))
     total, gW, gb = 0.0, torch.zeros_like(W), torch.zeros_like(b)
     for i in range(0, Z.shape[0], rows):
-        Zc = Z[i:i + rows].double()
+        Zc = Z[i:i + rows].to(W.dtype)
         loss, P = LinearProbe._loss_P(torch, torch.addmm(b, Zc, W.t()), Y[i:i + rows], K, n)
         total += loss
         gW += P.t() @ Zc
@@ -653,7 +651,7 @@ class _Bf16Evaluator:
     ``_BF16_REFRESH`` calls the logits are recomputed exactly in float32, which bounds the drift from
     rounding :math:`Z` itself. The gradient :math:`P^\top Z` runs in bfloat16 with float32
     accumulation (error ~1e-5 of the mean-scaled gradient at n = 16,000, below the default tol).
-    On AVX512-BF16 an evaluation took 1.7-2.9 ms instead of 5.9-7.6 ms in float32 (16,000 x 512 x 10,
+    On AVX512-BF16 an evaluation took 1.6-2.7 ms instead of 5.6-6.4 ms in float32 (16,000 x 512 x 10,
     ``python benchmarks/bench_probes.py``).
     """
 
