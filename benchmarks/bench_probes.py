@@ -12,8 +12,9 @@ accuracy, the speed ratio, and the time of one objective evaluation of the torch
 
 Each timed fit starts after a pause (``--pause``, 0.5 s): OpenBLAS's worker threads busy-wait after
 a call (scikit-learn's fit, the scoring in between), and on 2 cores they took a core from the next
-fit; one 4,000 x 512 numpy matmul right before a torch fit made it 182 ms instead of 107 ms after
-a pause (medians of 6). ``--pause 0`` measures the fits back to back.
+fit (``python benchmarks/ab_blas_spin.py``: one 4,000 x 512 numpy product right before a torch fit
+made it 194 ms instead of 148 ms after a pause, medians of 6). ``--pause 0`` measures the fits back
+to back.
 
 ``--stream``: the training rows go into a probekit store larger than ``--budget-mib``, and the torch
 probe is fitted (a) on the whole layer loaded into memory and (b) streamed from the store with

@@ -37,6 +37,7 @@ BENCHMARKS: dict[str, list[list[str]]] = {
         ["bench_probes.py", "--repeats", "9", "--out", str(RESULTS / "bench_probes.json")],
         ["bench_probes.py", "--repeats", "9", "--pause", "0", "--out", str(RESULTS / "bench_probes_nopause.json")],
         ["bench_probes.py", "--cv", "--repeats", "3", "--out", str(RESULTS / "bench_probes_cv.json")],
+        ["ab_blas_spin.py"],
         ["bench_probes.py", "--stream", "--n", "64000", "--budget-mib", "32", "--repeats", "3",
          "--out", str(RESULTS / "bench_probes_stream.json")],
     ],
