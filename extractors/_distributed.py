@@ -53,9 +53,9 @@ class _ShardSamples(SampleDataset):
         self._base = base
         self._start = start
         self._n = stop - start
-        self.has_label = base.has_label
-        self.has_group = base.has_group
+        self.fields = base.fields
         self.factor_names = base.factor_names
+        self.factor_periods = base.factor_periods
         self.x_shape = base.x_shape
 
     def __getitem__(self, i: int) -> dict[str, Any]:

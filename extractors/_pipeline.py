@@ -30,6 +30,7 @@ from torch.utils.data._utils.collate import default_collate
 from ..datasets import as_samples
 from ..errors import DataError, ProbekitError
 from ..store import StoreWriter
+from ..store import _format as F
 from ._hooks import Capture, OutputKey
 from ._layers import LayerSpec, parse_selector, resolve_layers
 from ._pooling import POOLS, PoolSpec
@@ -264,14 +265,13 @@ def _check_resume_fits(out: str | os.PathLike, split: str, samples: Any, shas: M
                 )
             stored_names = store.factor_names(split) if store.has_field(split, "factors") else None
             want = list(samples.factor_names) if samples.factor_names is not None else None
-            if (stored_names != want or store.has_field(split, "label") != samples.has_label
-                    or store.has_field(split, "group") != samples.has_group):
+            stored_fields = sorted(f for f in F.INT_FIELDS if store.has_field(split, f))
+            want_fields = sorted(samples.fields)
+            if stored_names != want or stored_fields != want_fields:
                 raise DataError(
                     f"The split {split!r} in {str(out)!r} was written from data with other fields (factors "
-                    f"{stored_names}, label {store.has_field(split, 'label')}, group "
-                    f"{store.has_field(split, 'group')}) than this data (factors {want}, label "
-                    f"{samples.has_label}, group {samples.has_group}). Write this data to another split "
-                    "(--split) or another store."
+                    f"{stored_names}, fields {stored_fields}) than this data (factors {want}, fields "
+                    f"{want_fields}). Write this data to another split (--split) or another store."
                 )
         for name, sha in shas.items():
             if name in store.models:
@@ -286,7 +286,7 @@ def _check_resume_fits(out: str | os.PathLike, split: str, samples: Any, shas: M
 
 def _samples_np(batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
-    for key in ("index", "label", "factors", "group"):
+    for key in F.SAMPLE_FIELDS:
         if key in batch:
             v = batch[key]
             out[key] = v.numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
@@ -419,7 +419,7 @@ def extract_models(
     remove_new_file = False  # set on a data error: a file this run created is removed if it holds no row
     try:
         writer.add_split(split, n_rows=n, has_label=samples.has_label, factor_names=samples.factor_names,
-                         has_group=samples.has_group)
+                         fields=samples.fields, factor_periods=samples.factor_periods)
         for name, spec in models.items():
             writer.add_model(name, role=spec.role, source=spec.source,
                              weights_sha256=shas[name],

@@ -45,7 +45,7 @@ def test_round_trip(tmp_path):
         assert s.factor_names("train") == ["hue", "bright"]
         assert s.role("m") == "teacher" and s.model_attrs("m")["param_count"] == 7
         assert s.acts("m", "train", "a").attrs["pool"] == "avg"
-        assert s.attrs["format"] == "probekit.activations" and s.attrs["format_version"] == 1
+        assert s.attrs["format"] == "probekit.activations" and s.attrs["format_version"] == 2
 
 
 @pytest.mark.parametrize("rows", [1, 3, 7, 10, 100])
@@ -141,7 +141,7 @@ def test_newer_format_version_is_refused(tmp_path):
     path = tmp_path / "s.h5"
     _write(path)
     with h5py.File(path, "r+") as f:
-        f.attrs["format_version"] = 2
+        f.attrs["format_version"] = 3
     with pytest.raises(StoreFormatError, match=r"newer probekit .* Upgrade probekit"):
         pk.open_store(path)
     with pytest.raises(StoreFormatError, match="newer probekit"):

@@ -11,16 +11,25 @@ Composite: ``additive`` (default) ``x = background + 0.8 * digit`` on every chan
 background as in the feature-contamination paper's model; ``alpha`` draws opaque white strokes over
 the background, ``x = (1 - digit) * background + digit``. Values are not clipped.
 
-Background families (../shared/PILOT.md): ``id`` and ``ood`` are disjoint in hue, brightness,
+Background families (docs/EXPERIMENTS.md): ``id`` and ``ood`` are disjoint in hue, brightness,
 orientation and frequency at once (saturation and amplitude shared); ``union`` covers both. Single
 factor shifts ``ood_hue``, ``ood_bright``, ``ood_texture`` move one factor group out of the ID range.
+Hue (period 1) and stripe orientation (period 180 degrees) are circular (``factor_periods``).
 
 Determinism: item ``i`` of a split depends only on ``(seed, split, epoch, i)`` (and the fixed
 digit split of ``seed``), so it is the same every time it is read, in any order, in any process.
 The foreground (which digit and where) of item ``i`` is shared by ``test_id``, ``test_ood`` and the
-single-factor OOD splits, so those rows differ only in background; ``stress`` puts each test digit,
-at its ``test_id`` render-0 position, on ``n_stress`` union backgrounds (``group`` = the digit's
-index in ``load_digits``).
+single-factor OOD splits, so those rows differ only in background.
+
+``stress`` is a crossed counterfactual design: every test digit, at its ``test_id`` render-0
+position, on the *same* ``n_stress`` union backgrounds (``group`` = the digit's index in
+``load_digits``, ``background`` = the background's id 0..n_stress-1, variant ``mixed_rand``).
+``variants`` shows each test digit in the variants of Xiao et al. 2020 that apply here, exactly,
+through the digit's mask: ``original`` (its ``test_id`` render 0), ``only_fg`` (the digit on black),
+``no_fg`` (that background with the digit's pixels black), ``only_bg`` (the background alone) and
+``mixed_rand`` (the digit on the ``test_id`` background of another test digit). Backgrounds are drawn
+independently of the digit, so ``mixed_same`` and ``mixed_rand`` do not differ here and only the
+latter is offered; there is no ``background_label``.
 """
 
 from __future__ import annotations
@@ -44,6 +53,8 @@ __all__ = [
 ]
 
 FACTOR_NAMES = ["hue", "sat", "bright", "orient", "freq", "amp"]
+FACTOR_PERIODS = [1.0, 0.0, 0.0, 180.0, 0.0, 0.0]  # hue wraps at 1, stripe orientation at 180 degrees
+VARIANTS_OFFERED = ("original", "only_fg", "no_fg", "only_bg", "mixed_rand")
 CANVAS = 24
 DIGIT = 16
 MAX_OFFSET = CANVAS - DIGIT  # offsets 0..8 inclusive
@@ -91,6 +102,7 @@ _SPLITS: dict[str, tuple[str, str, int]] = {
     "test_ood": ("test", "ood", 5),
     "test_union": ("test", "union", 6),
     "stress": ("test", "union", 7),
+    "variants": ("test", "id", 4),  # the test_id renders, taken apart by the digit's mask
     "test_ood_hue": ("test", "ood_hue", 8),
     "test_ood_bright": ("test", "ood_bright", 9),
     "test_ood_texture": ("test", "ood_texture", 10),
@@ -206,29 +218,32 @@ class BackgroundDigits:
     split : str
         ``train`` (training digits, ID backgrounds), ``train_union`` (training digits, union
         backgrounds: the teacher's family), ``train_ood``, ``test_id``, ``test_ood``,
-        ``test_union``, ``stress`` (each test digit on ``n_stress`` union backgrounds, grouped),
-        ``test_ood_hue``, ``test_ood_bright``, ``test_ood_texture`` (single-factor shifts).
+        ``test_union``, ``stress`` (every test digit on the same ``n_stress`` union backgrounds:
+        crossed), ``variants`` (each test digit in five image variants), ``test_ood_hue``,
+        ``test_ood_bright``, ``test_ood_texture`` (single-factor shifts).
     seed : int
         Seeds the stratified 1197/600 digit split and every draw.
     renders : int
-        Renders per digit (non-stress splits): item ``i`` shows digit ``i % n_digits`` in render
+        Renders per digit (plain splits): item ``i`` shows digit ``i % n_digits`` in render
         ``i // n_digits``. Each render has its own placement and background.
     epoch : int
         A training loop passes its epoch to get fresh backgrounds and placements each epoch.
     n_stress : int
-        Backgrounds per digit on ``stress``.
+        Backgrounds on ``stress`` (shared by every digit).
     composite : {"additive", "alpha"}
     family : str, optional
         Override the split's background family (one of ``FAMILIES``).
     mask_threshold : float
         A canvas pixel is foreground where the digit intensity exceeds this.
 
-    Items are ``{"x": float32 tensor (3, 24, 24), "label": int, "factors": float32 tensor (6,),
-    "mask": bool tensor (24, 24)}`` plus ``"group"`` (the digit's ``load_digits`` index) on
-    ``stress``. :meth:`arrays` renders many items at once as numpy arrays.
+    Items are ``{"x": float32 tensor (3, 24, 24), "label": int, "mask": bool tensor (24, 24)}``
+    plus ``"factors"`` (float32 tensor (6,)) on every split but ``variants``, and ``"group"``,
+    ``"background"``, ``"variant"`` on ``stress`` and ``variants``. :meth:`arrays` renders many
+    items at once as numpy arrays.
     """
 
     factor_names = FACTOR_NAMES
+    factor_periods = FACTOR_PERIODS
 
     def __init__(
         self,
@@ -269,23 +284,28 @@ class BackgroundDigits:
         train_idx, test_idx = digit_split(seed)
         self.digit_indices = train_idx if subset == "train" else test_idx
         self.n_digits = len(self.digit_indices)
-        self.renders = 1 if split == "stress" else int(renders)
+        self.renders = 1 if split in ("stress", "variants") else int(renders)
+        # items per digit on the grouped splits: backgrounds (stress) or variants
+        self._per_digit = {"stress": int(n_stress), "variants": len(VARIANTS_OFFERED)}.get(split, 1)
         self.n_stress = int(n_stress) if split == "stress" else 1
         self.has_label = True
-        self.has_group = split == "stress"
+        self.has_group = split in ("stress", "variants")
+        if split == "variants":
+            self.factor_names = None  # type: ignore[assignment]  # only_fg rows have no background
+            self.factor_periods = None  # type: ignore[assignment]
         _, labels = _digits()
         self.labels = labels[self.digit_indices][self._digit_pos(np.arange(len(self)))]
 
     def __len__(self) -> int:
-        return self.n_digits * (self.n_stress if self.split == "stress" else self.renders)
+        return self.n_digits * (self._per_digit if self.has_group else self.renders)
 
     def _digit_pos(self, idx: np.ndarray) -> np.ndarray:
-        if self.split == "stress":
-            return idx // self.n_stress
+        if self.has_group:
+            return idx // self._per_digit
         return idx % self.n_digits
 
     def _render_no(self, idx: np.ndarray) -> np.ndarray:
-        if self.split == "stress":
+        if self.has_group:
             return np.zeros_like(idx)
         return idx // self.n_digits
 
@@ -296,18 +316,31 @@ class BackgroundDigits:
             raise IndexError(f"index out of range for the bgdigits split {self.split!r} of {n} items")
         return np.where(idx < 0, idx + n, idx)
 
+    def _background_key(self, idx: np.ndarray) -> np.ndarray:
+        """The item whose background each item shows (its own, but for the grouped splits)."""
+        if self.split == "stress":
+            return idx % self._per_digit  # background b is the same for every digit
+        if self.split == "variants":
+            pos = self._digit_pos(idx)
+            other = np.array([(p + 1 + np.random.default_rng([self.seed, 11, int(p)]).integers(self.n_digits - 1))
+                              % self.n_digits for p in pos], dtype=np.int64)
+            mixed = idx % self._per_digit == VARIANTS_OFFERED.index("mixed_rand")
+            return np.where(mixed, other, pos)  # test_id item p is digit p's render 0
+        return idx
+
     def _draw(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Offsets (n, 2), factors (n, 6) and phases (n,) of items ``idx``, each from its own stream."""
         ranges = FAMILIES[self.family].ranges()
         pos, rend = self._digit_pos(idx), self._render_no(idx)
+        bkey = self._background_key(idx)
         offsets = np.empty((len(idx), 2), dtype=np.int64)
         factors = np.empty((len(idx), 6), dtype=np.float64)
         phases = np.empty(len(idx), dtype=np.float64)
         fg_tag = 1 if self._subset == "train" else 2
-        for k, i in enumerate(idx):
+        for k in range(len(idx)):
             fg = np.random.default_rng([self.seed, _FG_STREAM, fg_tag, self.epoch, int(rend[k]), int(pos[k])])
             offsets[k] = fg.integers(0, MAX_OFFSET + 1, size=2)
-            bg = np.random.default_rng([self.seed, self._code, self.epoch, int(i)])
+            bg = np.random.default_rng([self.seed, self._code, self.epoch, int(bkey[k])])
             u = bg.uniform(size=7)
             factors[k] = ranges[:, 0] + u[:6] * (ranges[:, 1] - ranges[:, 0])
             phases[k] = 2 * math.pi * u[6]
@@ -317,25 +350,38 @@ class BackgroundDigits:
         """Render items ``idx`` (default: all) at once.
 
         Returns a dict of numpy arrays: ``x`` (n, 3, 24, 24) float32, ``label`` (n,), ``factors``
-        (n, 6) float32, ``mask`` (n, 24, 24) bool, ``background`` (n, 3, 24, 24), ``digit``
-        (n, 24, 24), ``index`` (n,), and ``group`` (n,) on ``stress``.
+        (n, 6) float32 (not on ``variants``), ``mask`` (n, 24, 24) bool, ``background``
+        (n, 3, 24, 24), ``digit`` (n, 24, 24), ``index`` (n,), and on ``stress`` / ``variants``
+        ``group`` (n,), ``background_id`` (n,) and ``variant`` (n,) codes of ``VARIANTS``.
         """
+        from ..store._format import VARIANTS
+
         idx = np.arange(len(self)) if idx is None else self._check_index(idx)
         images, _ = _digits()
         offsets, factors, phases = self._draw(idx)
         digit_ids = self.digit_indices[self._digit_pos(idx)]
         x, background, digit = render(images[digit_ids], offsets, factors, phases, self.composite)
-        out = {
-            "x": x,
-            "label": self.labels[idx],
-            "factors": factors.astype(np.float32),
-            "mask": digit > self.mask_threshold,
-            "background": background,
-            "digit": digit,
-            "index": idx,
-        }
+        mask = digit > self.mask_threshold
+        out = {"x": x, "label": self.labels[idx], "factors": factors.astype(np.float32), "mask": mask,
+               "background": background, "digit": digit, "index": idx}
         if self.split == "stress":
             out["group"] = digit_ids.astype(np.int64)
+            out["background_id"] = self._background_key(idx)
+            out["variant"] = np.full(len(idx), VARIANTS.index("mixed_rand"), dtype=np.int64)
+        elif self.split == "variants":
+            names = np.array(VARIANTS_OFFERED)[idx % self._per_digit]
+            only_fg = (DIGIT_GAIN * digit if self.composite == "additive" else digit)[:, None].repeat(3, axis=1)
+            no_fg = background * ~mask[:, None]
+            pick = {"only_fg": only_fg, "no_fg": no_fg, "only_bg": background}
+            for name, img in pick.items():
+                sel = names == name
+                x[sel] = img[sel]
+            background_id = self.digit_indices[self._background_key(idx)].astype(np.int64)
+            out["x"] = x
+            out["group"] = digit_ids.astype(np.int64)
+            out["background_id"] = np.where(names == "only_fg", -1, background_id)
+            out["variant"] = np.array([VARIANTS.index(v) for v in names], dtype=np.int64)
+            del out["factors"]
         return out
 
     def __getitem__(self, i: int) -> dict[str, Any]:
@@ -345,11 +391,14 @@ class BackgroundDigits:
         item: dict[str, Any] = {
             "x": torch.from_numpy(a["x"][0]),
             "label": int(a["label"][0]),
-            "factors": torch.from_numpy(a["factors"][0]),
             "mask": torch.from_numpy(a["mask"][0]),
         }
+        if "factors" in a:
+            item["factors"] = torch.from_numpy(a["factors"][0])
         if "group" in a:
             item["group"] = int(a["group"][0])
+            item["background"] = int(a["background_id"][0])
+            item["variant"] = int(a["variant"][0])
         return item
 
     def __repr__(self) -> str:

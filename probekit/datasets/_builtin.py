@@ -7,6 +7,6 @@ from ._bgdigits import BackgroundDigits
 from ._registry import register_dataset
 from ._synthetic import StructuredDataset, XORDataset
 
-register_dataset("bgdigits", BackgroundDigits, splits=_BGD_SPLITS, default_splits=("train", "test_id", "test_ood", "stress"), description="sklearn handwritten digits on annotated RGB backgrounds (hue, sat, bright, orient, freq, amp); ID/OOD families disjoint; stress = test digits on broad backgrounds, grouped by digit")
+register_dataset("bgdigits", BackgroundDigits, splits=_BGD_SPLITS, default_splits=("train", "test_id", "test_ood", "stress", "variants"), description="sklearn handwritten digits on annotated RGB backgrounds (hue, sat, bright, orient, freq, amp); ID/OOD families disjoint; stress = every test digit on the same 8 broad backgrounds (crossed); variants = each test digit as original, only_fg, no_fg, only_bg, mixed_rand")
 register_dataset("structured", StructuredDataset, splits=StructuredDataset.splits, default_splits=("train", "test_id", "test_ood", "stress"), description="structured feature model x = [x_core, x_bg] V (Zhang et al. 2024); OOD flips the background; factors = x_bg")
 register_dataset("xor", XORDataset, splits=XORDataset.splits, description="XOR-like clusters (Tsoy & Konstantinov 2024); kind='sym' or 'skew' (alpha)")

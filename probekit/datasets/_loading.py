@@ -23,7 +23,27 @@ from ._registry import builtin_datasets, get_dataset
 
 __all__ = ["NpzDataset", "SampleDataset", "as_samples", "import_callable", "load_data"]
 
-_FIELDS = ("label", "factors", "group")
+_FIELDS = ("label", "factors", "group", "background", "background_label", "variant")
+_INT_FIELDS = ("label", "group", "background", "background_label", "variant")  # the store's INT_FIELDS
+
+
+def _int_field(key: str, v: Any, i: int) -> int:
+    if key == "variant" and isinstance(v, str):
+        from ..store._format import VARIANTS
+
+        if v not in VARIANTS:
+            raise DataError(f"Dataset item {i} has variant {v!r}; variants are {list(VARIANTS)}.")
+        return VARIANTS.index(v)
+    if isinstance(v, torch.Tensor) and v.numel() == 1:
+        v = v.item()
+    elif isinstance(v, np.ndarray) and v.size == 1:
+        v = v.item()
+    if isinstance(v, (bool, np.bool_)) or not (
+            isinstance(v, (int, np.integer)) or (isinstance(v, float) and float(v).is_integer())):
+        raise DataError(
+            f"Dataset item {i} has {key} {v!r}; {key} must be an integer id. Map it to integers in the dataset."
+        )
+    return int(v)
 
 
 def _to_tensor(x: Any) -> torch.Tensor:
@@ -46,7 +66,8 @@ def _normalise_item(item: Any, i: int) -> dict[str, Any]:
         if "x" not in item:
             raise DataError(
                 f"Dataset item {i} is a dict without the key 'x' (keys: {sorted(item)}). "
-                "Name the input 'x' and optionally give 'label', 'factors', 'group'."
+                "Name the input 'x' and optionally give 'label', 'factors', 'group', 'background', "
+                "'background_label', 'variant'."
             )
         out = {k: item[k] for k in ("x", *_FIELDS) if k in item and item[k] is not None}
     elif isinstance(item, (tuple, list)):
@@ -75,18 +96,22 @@ def _normalise_item(item: Any, i: int) -> dict[str, Any]:
         f = np.asarray(out["factors"].numpy() if isinstance(out["factors"], torch.Tensor) else out["factors"],
                        dtype=np.float32).reshape(-1)
         out["factors"] = f
-    if "group" in out:
-        out["group"] = int(out["group"])
+    for key in _INT_FIELDS[1:]:
+        if key in out:
+            out[key] = _int_field(key, out[key], i)
     out["index"] = i
     return out
 
 
 class SampleDataset(Dataset):
-    """A dataset whose items are dicts ``{"x", "index"}`` plus ``label``/``factors``/``group``.
+    """A dataset whose items are dicts ``{"x", "index"}`` plus any of ``label``, ``factors``, ``group``,
+    ``background``, ``background_label``, ``variant`` (a name of ``VARIANTS`` or its code).
 
     Attributes
     ----------
     factor_names : list of str or None
+    factor_periods : the source's ``factor_periods`` (one period per factor, 0 = linear) or None
+    fields : the integer fields every item has
     has_label, has_group : bool
     source : the wrapped dataset
     """
@@ -104,8 +129,8 @@ class SampleDataset(Dataset):
             raise DataError(f"The dataset {type(source).__name__} is empty; there is nothing to extract.")
         self._n = n
         first = _normalise_item(source[0], 0)
-        self.has_label = "label" in first
-        self.has_group = "group" in first
+        self.fields = tuple(f for f in _INT_FIELDS if f in first)
+        self.factor_periods = getattr(source, "factor_periods", None)
         self.x_shape = tuple(first["x"].shape)
         names = factor_names if factor_names is not None else getattr(source, "factor_names", None)
         if "factors" in first:
@@ -119,13 +144,21 @@ class SampleDataset(Dataset):
         else:
             self.factor_names = None
 
+    @property
+    def has_label(self) -> bool:
+        return "label" in self.fields
+
+    @property
+    def has_group(self) -> bool:
+        return "group" in self.fields
+
     def __len__(self) -> int:
         return self._n
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         item = _normalise_item(self.source[i], int(i))
-        for key, present in (("label", self.has_label), ("group", self.has_group),
-                             ("factors", self.factor_names is not None)):
+        for key, present in [*((f, f in self.fields) for f in _INT_FIELDS),
+                             ("factors", self.factor_names is not None)]:
             if (key in item) != present:
                 raise DataError(
                     f"Dataset item {i} {'has' if key in item else 'lacks'} a {key!r} but item 0 "

@@ -250,7 +250,8 @@ class Store:
         return field in self._split(split)
 
     def sample_field(self, split: str, field: str) -> np.ndarray:
-        """One of ``index``, ``label``, ``factors``, ``group`` of a split, committed rows only."""
+        """One sample field of a split (``index``, ``label``, ``factors``, ``group``, ``background``,
+        ``background_label``, ``variant``), committed rows only."""
         g = self._split(split)
         if field not in g:
             raise DataError(
@@ -263,6 +264,28 @@ class Store:
         if "factors" not in g:
             return []
         return [str(_attr(n)) for n in g["factors"].attrs["names"]]
+
+    def factor_periods(self, split: str) -> list[float]:
+        """Each factor's period (0 = linear); all 0 when the store declares none (format version 1)."""
+        g = self._split(split)
+        if "factors" not in g:
+            return []
+        periods = g["factors"].attrs.get("periods")
+        if periods is None:
+            return [0.0] * len(self.factor_names(split))
+        return [float(p) for p in np.asarray(periods).reshape(-1)]
+
+    def variants(self, split: str) -> np.ndarray:
+        """The split's ``variant`` field as names (``F.VARIANTS``), committed rows only."""
+        codes = np.asarray(self.sample_field(split, "variant"))
+        names = np.array(F.VARIANTS, dtype=object)
+        bad = (codes < 0) | (codes >= len(names))
+        if bad.any():
+            raise DataError(
+                f"The split {split!r} has variant codes {sorted(set(codes[bad].tolist()))[:5]} outside "
+                f"0..{len(names) - 1} ({list(F.VARIANTS)}); the store is damaged or was written by other code."
+            )
+        return names[codes]
 
     # -- models ------------------------------------------------------------------------------
     @property

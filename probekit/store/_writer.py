@@ -143,21 +143,35 @@ class StoreWriter:
         has_label: bool,
         factor_names: Sequence[str] | None = None,
         has_group: bool = False,
+        fields: Sequence[str] | None = None,
+        factor_periods: Sequence[float] | None = None,
     ) -> int:
-        """Declare a split's sample metadata; return the rows it already has committed."""
+        """Declare a split's sample metadata; return the rows it already has committed.
+
+        ``fields`` names the optional integer fields the rows carry (any of ``F.INT_FIELDS``: label,
+        group, background, background_label, variant); when given it replaces ``has_label`` /
+        ``has_group``. ``factor_periods`` gives each factor's period (0 = linear; e.g. 1.0 for a hue in
+        [0, 1), 180 for an orientation in degrees), stored as the ``periods`` attribute of ``factors``.
+        """
         self._forget_handles()
         _check_name("split", split)
+        if fields is None:
+            fields = [f for f, on in (("label", has_label), ("group", has_group)) if on]
+        unknown = [f for f in fields if f not in F.INT_FIELDS]
+        if unknown:
+            raise DataError(f"Unknown sample fields {unknown}; the store knows {list(F.INT_FIELDS)}.")
+        want_fields = sorted(fields)
         samples = self._f["samples"]
         if split in samples:
             g = samples[split]
             stored_names = [str(n) for n in g["factors"].attrs["names"]] if "factors" in g else None
             want_names = list(factor_names) if factor_names is not None else None
-            if stored_names != want_names or ("label" in g) != has_label or ("group" in g) != has_group:
+            stored_fields = sorted(f for f in g if f in F.INT_FIELDS)
+            if stored_names != want_names or stored_fields != want_fields:
                 raise DataError(
                     f"The split {split!r} in {str(self.path)!r} was written from data with other fields "
-                    f"(factors {stored_names}, label {'label' in g}, group {'group' in g}) than this data "
-                    f"(factors {want_names}, label {has_label}, group {has_group}). Write this data to "
-                    "another split (--split) or another store."
+                    f"(factors {stored_names}, fields {stored_fields}) than this data (factors {want_names}, "
+                    f"fields {want_fields}). Write this data to another split (--split) or another store."
                 )
             stored_n = g.attrs.get("n_rows", -1)
             if n_rows is not None and stored_n >= 0 and stored_n != n_rows:
@@ -170,14 +184,13 @@ class StoreWriter:
         F.mark(g, "probekit.split")
         g.attrs[F.ROWS_ATTR] = 0
         g.attrs["n_rows"] = -1 if n_rows is None else int(n_rows)
-        fields = {"index": ()}
-        if has_label:
-            fields["label"] = ()
+        shapes: dict[str, tuple[int, ...]] = {"index": ()}
+        for f in F.INT_FIELDS:
+            if f in fields:
+                shapes[f] = ()
         if factor_names is not None:
-            fields["factors"] = (len(factor_names),)
-        if has_group:
-            fields["group"] = ()
-        for field, row_shape in fields.items():
+            shapes["factors"] = (len(factor_names),)
+        for field, row_shape in shapes.items():
             dtype = np.dtype(F.SAMPLE_DTYPES[field])
             ds = g.create_dataset(
                 field,
@@ -189,6 +202,16 @@ class StoreWriter:
             F.mark(ds, f"probekit.{field}")
             if field == "factors":
                 ds.attrs["names"] = [str(n) for n in factor_names]  # type: ignore[union-attr]
+                if factor_periods is not None:
+                    periods = np.asarray(factor_periods, dtype=np.float64).reshape(-1)
+                    if periods.size != len(factor_names) or not np.all(np.isfinite(periods) & (periods >= 0)):
+                        raise DataError(
+                            f"factor_periods must give one period >= 0 per factor ({len(factor_names)}; 0 = "
+                            f"linear). Got {list(factor_periods)}."
+                        )
+                    ds.attrs["periods"] = periods
+            if field == "variant":
+                ds.attrs["names"] = list(F.VARIANTS)
         self._f.flush()
         return 0
 
@@ -317,7 +340,8 @@ class StoreWriter:
     ) -> None:
         """Write one batch of rows ``[start, start + b)`` and commit it.
 
-        ``samples`` holds ``index`` and any of ``label``, ``factors``, ``group``; ``acts`` maps
+        ``samples`` holds ``index`` and the split's declared fields (``label``, ``factors``, ``group``,
+        ``background``, ``background_label``, ``variant``); ``acts`` maps
         model -> layer -> array of shape ``(b, *feature_shape)``. Sample rows already committed (a
         second model on the same split) are checked against the stored index instead of rewritten.
         """
