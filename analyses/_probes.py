@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -161,18 +163,31 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
     solver : {"lbfgs", "minibatch"}, default="lbfgs"
         Torch backend only. ``"lbfgs"``: full-batch L-BFGS (strong-Wolfe line search). When the
         input does not fit ``max_memory`` each objective evaluation streams the chunks and sums
-        their gradients, so it still minimises the exact objective. In memory on a CPU with
-        bfloat16 instructions (AVX512-BF16, AMX) and for ``n_samples * n_features * n_classes``
-        >= 2e7, the iterations run first on a bfloat16 copy of the standardised features (3x
-        cheaper evaluations, 1.5x the features' memory) until max|gradient| <= max(tol, 1e-4), then
-        go on in float32. A float32 stage (in memory or streamed) that ends above ``tol`` goes on
-        in float64 (W, b and row blocks of the features), so the fit meets ``tol`` as
-        scikit-learn's does; the stopping test is always applied to a float32 or float64
-        evaluation. ``"minibatch"``: Adam on
-        minibatches of ``batch_size`` rows for ``max_iter`` epochs (approximate; for inputs much
-        larger than memory).
+        their gradients, so it still minimises the exact objective. A float32 stage (in memory or
+        streamed) that ends above ``tol`` goes on in float64 (W, b and row blocks of the
+        features), so the fit meets ``tol`` as scikit-learn's does; the stopping test is always
+        applied to a float32 or float64 evaluation. ``"minibatch"``: Adam on minibatches of
+        ``batch_size`` rows for ``max_iter`` epochs (approximate; for inputs much larger than
+        memory).
+    precision : {"float32", "bf16"}, default="float32"
+        Torch L-BFGS in memory only. ``"bf16"`` runs the first iterations on a bfloat16 copy of the
+        standardised features (3x cheaper evaluations, 1.5x the features' memory) until
+        max|gradient| <= max(tol, 1e-4), then goes on in float32, where the CPU has bfloat16
+        instructions (AVX512-BF16, AMX) and ``n_samples * n_features * n_classes`` >= 2e7;
+        elsewhere it is ignored. Off by default: the bfloat16 rounding depends on the CPU's
+        instructions, so predictions near a class boundary can differ between machines (21 of
+        4,000 differed from the float32 fit on one CPU).
+    n_threads : int or None, default=1
+        Torch intra-op threads (``torch.set_num_threads``) and BLAS/OpenMP threads of the
+        scikit-learn backend for the duration of ``fit``; the previous settings are restored
+        afterwards. ``None`` leaves them as they are. One thread is the default: on a busy 2-core
+        machine two torch threads made a small fit 20-30x slower by waiting for each other.
+        ``torch.set_num_threads`` is process-wide: fits running concurrently in threads of one
+        process share it.
     max_iter : int, default=1000
-        L-BFGS iterations (both backends), or epochs for ``solver="minibatch"``.
+        L-BFGS iterations (both backends), or epochs for ``solver="minibatch"``. A fit that
+        stops at ``max_iter`` above ``tol`` warns with
+        :class:`sklearn.exceptions.ConvergenceWarning`.
     tol : float, default=1e-4
         Stop when the largest absolute gradient entry of the mean-scaled objective falls below it
         (scikit-learn's ``gtol``); for minibatch, the relative epoch-loss change.
@@ -188,6 +203,12 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         Rows per streamed chunk.
     random_state : int, optional
         Seeds the CV split and the minibatch order.
+
+    Warns
+    -----
+    sklearn.exceptions.ConvergenceWarning
+        When a fit (any of the ``C="cv"`` fits included) ends above ``tol``, on either backend:
+        raise ``max_iter``, lower ``C`` or keep ``standardize=True``.
 
     Attributes
     ----------
@@ -217,7 +238,8 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
                  device: str = "cpu", solver: str = "lbfgs", max_iter: int = 1000, tol: float = 1e-4,
                  standardize: bool = True, batch_size: int = 4096, learning_rate: float = 0.01,
                  max_memory: int | None = DEFAULT_MAX_MEMORY, chunk_rows: int | None = None,
-                 random_state: int | None = None) -> None:
+                 random_state: int | None = None, precision: str = "float32",
+                 n_threads: int | None = 1) -> None:
         self.C = C
         self.Cs = Cs
         self.cv = cv
@@ -232,6 +254,8 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         self.max_memory = max_memory
         self.chunk_rows = chunk_rows
         self.random_state = random_state
+        self.precision = precision
+        self.n_threads = n_threads
 
     # -- validation --------------------------------------------------------------------------
     def _validate_params(self) -> None:
@@ -245,6 +269,8 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         check_number(own, "batch_size", self.batch_size, low=1, integer=True)
         check_number(own, "learning_rate", self.learning_rate, low=0, low_open=True)
         check_number(own, "max_memory", self.max_memory, low=1, integer=True, allow=(None,))
+        check_option(own, "precision", self.precision, ("float32", "bf16"))
+        check_number(own, "n_threads", self.n_threads, low=1, integer=True, allow=(None,))
         if not isinstance(self.device, str):
             raise DataError(f"The 'device' parameter of {own} must be a str such as 'cpu' or 'cuda'. Got {self.device!r}.")
         if self.Cs is not None:
@@ -303,20 +329,50 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
             # chunks of a quarter of the budget keep the whole fit within it
             src.chunk_rows = max(1, int(self.max_memory) // (4 * src.n_features * src.dtype.itemsize))
         self.cv_results_ = None
-        if self.C == "cv":
-            Xa = src.load_within(self.max_memory, "C='cv'")
-            self.C_ = self._select_C(Xa, y_idx, K)
-            src = as_source(Xa, "X", chunk_rows=self.chunk_rows, dtype=src.dtype)
-        else:
-            self.C_ = float(self.C)
-        W, b, self.scaler_mean_, self.scaler_scale_, self.n_iter_ = self._fit_core(
-            src, y_idx, K, self.C_, use_torch, in_memory
-        )
+        self._unconverged: list[str] = []
+        with self._threads(use_torch):
+            if self.C == "cv":
+                Xa = src.load_within(self.max_memory, "C='cv'")
+                self.C_ = self._select_C(Xa, y_idx, K)
+                src = as_source(Xa, "X", chunk_rows=self.chunk_rows, dtype=src.dtype)
+            else:
+                self.C_ = float(self.C)
+            W, b, self.scaler_mean_, self.scaler_scale_, self.n_iter_ = self._fit_core(
+                src, y_idx, K, self.C_, use_torch, in_memory
+            )
+        notes = self.__dict__.pop("_unconverged")
+        if notes:
+            from sklearn.exceptions import ConvergenceWarning
+
+            more = f" ({len(notes)} of the fits, C='cv' included)" if len(notes) > 1 else ""
+            warnings.warn(f"{type(self).__name__} did not converge{more}: {notes[-1]}", ConvergenceWarning,
+                          stacklevel=2)
         # map back to raw features
         coef = W / self.scaler_scale_[None, :]
         self.coef_ = coef
         self.intercept_ = b - coef @ self.scaler_mean_
         return self
+
+    @contextlib.contextmanager
+    def _threads(self, use_torch: bool) -> Iterator[None]:
+        """``n_threads`` torch threads (torch fits) for the block; the previous number restored after."""
+        if self.n_threads is None or not use_torch:
+            yield
+            return
+        import torch
+
+        old = torch.get_num_threads()
+        torch.set_num_threads(int(self.n_threads))
+        try:
+            yield
+        finally:
+            torch.set_num_threads(old)
+
+    def _note_unconverged(self, what: str) -> None:
+        """Record a non-converged fit; ``fit`` warns once, pointing at its caller."""
+        if hasattr(self, "_unconverged"):
+            self._unconverged.append(f"{what} Raise max_iter, lower C, or standardise the features "
+                                     "(standardize=True).")
 
     def _fit_core(self, src: Source, y_idx: np.ndarray, K: int, C: float, use_torch: bool,
                   in_memory: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
@@ -343,13 +399,24 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         from threadpoolctl import threadpool_limits
 
         lr = LogisticRegression(C=C, max_iter=self.max_iter, tol=self.tol)
-        # One BLAS/OpenMP thread: this path only runs on small problems (larger ones go to torch),
-        # where threads gain little, and on a busy 2-core machine their spin-waiting made a
-        # 1197 x 512 x 10 fit 50x slower (40.0 s vs 0.79 s, measured side by side).
-        with warnings.catch_warnings(), threadpool_limits(limits=1):
-            warnings.simplefilter("ignore", ConvergenceWarning)
+        # One BLAS/OpenMP thread by default (n_threads=1): on a busy 2-core machine their
+        # spin-waiting made a 1197 x 512 x 10 fit 50x slower (40.0 s vs 0.79 s, measured side by side).
+        limits = threadpool_limits(limits=self.n_threads) if self.n_threads is not None else contextlib.nullcontext()
+        with warnings.catch_warnings(record=True) as caught, limits:
+            warnings.simplefilter("always", ConvergenceWarning)
             lr.fit(Z, y_idx)
-        return lr.coef_.astype(np.float64), lr.intercept_.astype(np.float64), int(np.max(lr.n_iter_))
+        n_iter = int(np.max(lr.n_iter_))
+        for w in caught:  # scikit-learn's own warning points inside probekit: one of ours replaces it
+            if issubclass(w.category, ConvergenceWarning):
+                self._note_unconverged(
+                    f"scikit-learn's L-BFGS stopped after {n_iter} iterations (max_iter={self.max_iter}) "
+                    f"before max|gradient| <= tol={self.tol:g}."
+                )
+                break
+        for w in caught:
+            if not issubclass(w.category, ConvergenceWarning):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+        return lr.coef_.astype(np.float64), lr.intercept_.astype(np.float64), n_iter
 
     # torch --------------------------------------------------------------------------------------
     # Gradients are written by hand (no autograd graph): on CPU the thin matmuls are memory bound,
@@ -425,27 +492,47 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         float32 losses can stop resolving a line search's progress before a small tol is reached;
         the float64 stage (W, b and each row block of Z cast to float64) goes on from there.
         """
+        def final_gmax(W: Any, b: Any, gmax: float | None) -> float:
+            if gmax is None:  # the line search ended on an earlier trial: one more evaluation
+                _, gW, gb = loss_grad_at(W, b)()
+                gmax = max(float((gW + lam * W).abs().max()), float(gb.abs().max()))
+            return gmax
+
+        def unconverged(gmax: float) -> None:
+            self._note_unconverged(
+                f"torch L-BFGS stopped after {it} iterations (max_iter={self.max_iter}) at max|gradient| = "
+                f"{gmax:.2g} > tol={self.tol:g}."
+            )
+
+        if it >= self.max_iter:  # an earlier (bfloat16) stage used every iteration
+            gmax = final_gmax(W, b, None)
+            if gmax > self.tol:
+                unconverged(gmax)
+            return W, b, it
         n32, gmax = self._lbfgs(torch, W, b, loss_grad_at(W, b), lam, max_iter=self.max_iter - it)
         it += n32
-        if n32 == 0 or it >= self.max_iter:  # 0: the first evaluation met tol
+        if n32 == 0:  # the first evaluation met tol
             return W, b, it
-        if gmax is None:  # the line search ended on an earlier trial: one more evaluation
-            _, gW, gb = loss_grad_at(W, b)()
-            gmax = max(float((gW + lam * W).abs().max()), float(gb.abs().max()))
+        gmax = final_gmax(W, b, gmax)
         if gmax <= self.tol:
             return W, b, it
+        if it >= self.max_iter:
+            unconverged(gmax)
+            return W, b, it
         if W.device.type == "mps":
-            from sklearn.exceptions import ConvergenceWarning
-
-            warnings.warn(
-                f"LinearProbe stopped at max|gradient| = {gmax:.2g} > tol = {self.tol:g}: float32 cannot "
-                "resolve the loss further and MPS has no float64. Raise tol, or fit on the CPU.",
-                ConvergenceWarning, stacklevel=4,
+            self._note_unconverged(
+                f"torch L-BFGS stopped at max|gradient| = {gmax:.2g} > tol={self.tol:g}: float32 cannot "
+                "resolve the loss further and MPS has no float64. Raise tol, or fit on the CPU."
             )
             return W, b, it
         W, b = W.double(), b.double()
-        n64, _ = self._lbfgs(torch, W, b, loss_grad_at(W, b), lam, max_iter=self.max_iter - it)
-        return W, b, it + n64
+        n64, g64 = self._lbfgs(torch, W, b, loss_grad_at(W, b), lam, max_iter=self.max_iter - it)
+        it += n64
+        if n64 > 0:
+            g64 = final_gmax(W, b, g64)
+            if g64 > self.tol:
+                unconverged(g64)
+        return W, b, it
 
     def _adam(self, torch: Any, W: Any, b: Any, lam: float, n: int, K: int, batches: Any) -> int:
         opt = torch.optim.Adam([W, b], lr=self.learning_rate)
@@ -464,6 +551,11 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
             if abs(prev - total) <= self.tol * max(1.0, abs(total)):
                 break
             prev = total
+        else:
+            self._note_unconverged(
+                f"minibatch Adam ran max_iter={self.max_iter} epochs without the epoch loss changing by "
+                f"less than tol={self.tol:g} (relative)."
+            )
         return epoch
 
     @staticmethod
@@ -483,14 +575,14 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
             else:
                 Yt = yt if K == 2 else torch.nn.functional.one_hot(yt, K).to(Zt.dtype)
                 it = 0
-                if n * Z.shape[1] * K >= _MIXED_MIN_WORK and _bf16_matmul_fast(torch, dev):
+                if (self.precision == "bf16" and n * Z.shape[1] * K >= _MIXED_MIN_WORK
+                        and _bf16_matmul_fast(torch, dev)):
                     # bfloat16 iterations first, then float32 ones from where they stopped: the
                     # float32 stage applies the stopping test to exact evaluations (usually one)
                     it, _ = self._lbfgs(torch, W, b, _Bf16Evaluator(torch, Zt, Yt, W, b, K, n), lam,
                                         tol=max(self.tol, _BF16_MIN_TOL), tolerance_change=1e-9)
-                if it < self.max_iter:
-                    W, b, it = self._finish(torch, W, b, lam, it,
-                                            lambda W, b: lambda: _loss_grad_as_W(torch, Zt, Yt, W, b, K, n))
+                W, b, it = self._finish(torch, W, b, lam, it,
+                                        lambda W, b: lambda: _loss_grad_as_W(torch, Zt, Yt, W, b, K, n))
         return (*self._out(W, b), it)
 
     def _fit_torch_stream(self, src: Source, y_idx: np.ndarray, K: int, C: float, mean: np.ndarray,

@@ -1,7 +1,8 @@
 """The torch probe's bfloat16 stage: the result meets the stopping test on the exact objective.
 
-The stage runs on CPUs with bfloat16 instructions for problems of n * d * K >= 2e7; here it is
-forced on (any CPU runs bfloat16 GEMMs, only slower) for small problems. The oracle is the gradient
+The stage is opt-in (``precision="bf16"``) and then runs on CPUs with bfloat16 instructions for
+problems of n * d * K >= 2e7; here it is forced on (any CPU runs bfloat16 GEMMs, only slower) for
+small problems. The default (``precision="float32"``) never runs it. The oracle is the gradient
 of scikit-learn's objective written out in float64 numpy, and scikit-learn's own fit.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from sklearn.datasets import load_digits, make_classification
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -70,7 +72,7 @@ def bf16_stage(monkeypatch):
 @pytest.mark.parametrize("data", DATA, ids=[d[0] for d in DATA])
 def test_bf16_stage_meets_the_exact_stopping_test(bf16_stage, data, C, tol):
     _, Xtr, ytr, Xte, yte = data
-    probe = LinearProbe(C=C, backend="torch", tol=tol, max_iter=2000).fit(Xtr, ytr)
+    probe = LinearProbe(C=C, backend="torch", tol=tol, max_iter=2000, precision="bf16").fit(Xtr, ytr)
     assert len(bf16_stage) > 1, "the bfloat16 stage did not run"
     g = objective_gradient(probe, Xtr, ytr)
     # the float32 stage's test is max |g| <= tol on float32 sums; float64 differs by ~1e-7 of |g|
@@ -87,15 +89,30 @@ def test_float32_stage_finishes_what_the_bf16_stage_left(bf16_stage, monkeypatch
     assert np.abs(objective_gradient(stopped, Xtr, ytr)).max() > 1e-4  # 0.05 is far from converged
     monkeypatch.setattr(probes, "_BF16_MIN_TOL", 0.05)
     n_bf16 = len(bf16_stage)
-    probe = LinearProbe(C=1.0, backend="torch", tol=1e-4).fit(Xtr, ytr)
+    probe = LinearProbe(C=1.0, backend="torch", tol=1e-4, precision="bf16").fit(Xtr, ytr)
     assert len(bf16_stage) > n_bf16
     assert np.abs(objective_gradient(probe, Xtr, ytr)).max() <= 1e-4 * 1.01
 
 
 def test_max_iter_counts_both_stages(bf16_stage):
     _, Xtr, ytr, _, _ = DATA[0]
-    probe = LinearProbe(C=1.0, backend="torch", tol=1e-10, max_iter=7).fit(Xtr, ytr)
+    with pytest.warns(ConvergenceWarning, match="max_iter=7"):
+        probe = LinearProbe(C=1.0, backend="torch", tol=1e-10, max_iter=7, precision="bf16").fit(Xtr, ytr)
+    assert len(bf16_stage) > 1
     assert probe.n_iter_ <= 7
+
+
+def test_default_precision_never_runs_the_bf16_stage(bf16_stage):
+    """Even where the stage would pay (forced here), the default fit is float32 throughout and gives
+    the same predictions as an explicit precision="float32" fit; precision="bf16" does run it."""
+    _, Xtr, ytr, Xte, _ = DATA[1]
+    default = LinearProbe(C=1.0, backend="torch").fit(Xtr, ytr)
+    assert bf16_stage == []
+    f32 = LinearProbe(C=1.0, backend="torch", precision="float32").fit(Xtr, ytr)
+    assert bf16_stage == []
+    np.testing.assert_array_equal(default.decision_function(Xte), f32.decision_function(Xte))
+    LinearProbe(C=1.0, backend="torch", precision="bf16").fit(Xtr, ytr)
+    assert len(bf16_stage) > 1
 
 
 def test_stage_is_skipped_below_the_work_threshold(monkeypatch):
@@ -103,7 +120,7 @@ def test_stage_is_skipped_below_the_work_threshold(monkeypatch):
     monkeypatch.setattr(probes, "_bf16_matmul_fast", lambda torch, dev: True)
     monkeypatch.setattr(probes._Bf16Evaluator, "__init__", lambda *a: calls.append(1))
     _, Xtr, ytr, _, _ = DATA[0]  # 1200 x 64 x 10 < 2e7
-    LinearProbe(C=1.0, backend="torch").fit(Xtr, ytr)
+    LinearProbe(C=1.0, backend="torch", precision="bf16").fit(Xtr, ytr)
     assert calls == []
 
 
