@@ -25,3 +25,22 @@ __all__ = [
     "load_data",
     "register_dataset",
 ]
+
+# image folders with foregrounds and their counterfactuals (Xiao et al. 2020 variants, crossed stress)
+from ._foreground import ForegroundFolder as ForegroundFolder
+from ._foreground import adjust_mask as adjust_mask
+from ._images import CounterfactualDataset as CounterfactualDataset
+from ._images import Counterfactuals as Counterfactuals
+from ._images import composite as composite
+from ._images import fill_foreground as fill_foreground
+from ._images import image_counterfactuals as image_counterfactuals
+
+__all__ += [
+    "CounterfactualDataset",
+    "Counterfactuals",
+    "ForegroundFolder",
+    "adjust_mask",
+    "composite",
+    "fill_foreground",
+    "image_counterfactuals",
+]
