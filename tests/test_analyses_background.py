@@ -155,7 +155,7 @@ def test_decodability_transfer_and_categorical():
     X = rng.normal(size=(n, 10))
     X[:, 0] += F[:, 0]
     X[:, 1] += 2 * F[:, 1]
-    est = BackgroundDecodability(cv=3, n_shuffles=3).fit(X[:200], F[:200], factor_names=["c", "k"],
+    est = BackgroundDecodability(cv=3, n_shuffles=3, alpha=1.0).fit(X[:200], F[:200], factor_names=["c", "k"],
                                                             X_test=X[200:], factors_test=F[200:])
     res = est.result_
     assert res.mode == "transfer" and res.metric == {"c": "r2", "k": "balanced_accuracy"}
