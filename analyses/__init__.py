@@ -12,6 +12,14 @@ from ._background import BackgroundSensitivityResult as BackgroundSensitivityRes
 from ._background import NormalizedMeanShiftResult as NormalizedMeanShiftResult
 from ._background import background_sensitivity as background_sensitivity
 from ._background import normalized_mean_shift as normalized_mean_shift
+from ._behaviour import BackgroundBehaviourResult as BackgroundBehaviourResult
+from ._behaviour import VariantBehaviourResult as VariantBehaviourResult
+from ._behaviour import background_behaviour as background_behaviour
+from ._behaviour import variant_behaviour as variant_behaviour
+from ._crossed import BackgroundComparisonResult as BackgroundComparisonResult
+from ._crossed import CrossedDecompositionResult as CrossedDecompositionResult
+from ._crossed import compare_background as compare_background
+from ._crossed import crossed_decomposition as crossed_decomposition
 from ._decodability import BackgroundDecodability as BackgroundDecodability
 from ._decodability import DecodabilityResult as DecodabilityResult
 from ._decodability import background_decodability as background_decodability
@@ -36,6 +44,14 @@ from ._similarity import relative_mse as relative_mse
 
 __all__ = [
     "AttributionShareResult",
+    "BackgroundBehaviourResult",
+    "BackgroundComparisonResult",
+    "CrossedDecompositionResult",
+    "VariantBehaviourResult",
+    "background_behaviour",
+    "compare_background",
+    "crossed_decomposition",
+    "variant_behaviour",
     "BackgroundCorrelation",
     "BackgroundCorrelationResult",
     "BackgroundDecodability",

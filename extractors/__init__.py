@@ -13,6 +13,7 @@ from ._distributed import shard_bounds as shard_bounds
 from ._distributed import shard_path as shard_path
 from ._hooks import Capture as Capture
 from ._hooks import capture as capture
+from ._layers import OUTPUT_LAYER as OUTPUT_LAYER
 from ._layers import LayerInfo as LayerInfo
 from ._layers import first_tensor as first_tensor
 from ._layers import list_layers as list_layers
@@ -32,6 +33,7 @@ from ._weights import weights_sha256 as weights_sha256
 __all__ = [
     "POOLS",
     "Capture",
+    "OUTPUT_LAYER",
     "LayerInfo",
     "ModelSpec",
     "Recorder",

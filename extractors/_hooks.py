@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import DataError
-from ._layers import LayerSpec, first_tensor, parse_selector, resolve_layers
+from ._layers import OUTPUT_LAYER, LayerSpec, first_tensor, parse_selector, resolve_layers
 from ._pooling import PoolSpec, pool, pool_for
 
 __all__ = ["Capture", "OutputKey", "capture"]
@@ -102,6 +102,7 @@ class Capture:
         self.output_key = output_key
         self.eval_mode = eval_mode
         modules = dict(model.named_modules())
+        modules[OUTPUT_LAYER] = model  # the model's own output: a hook on the root module
         # module name -> {call index (None: the only call) -> selector}
         self._wanted: dict[str, dict[int | None, str]] = {}
         for sel in self.layers:

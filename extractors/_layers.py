@@ -30,6 +30,11 @@ _CALL_RE = re.compile(r"^(?P<name>.*)@(?P<call>\d+)$")
 _HINT = "Run `probekit layers MODEL` to list them."
 
 
+#: the reserved selector of the model's own output (its return value, e.g. the logits): hooked on the
+#: root module and stored under this name, which no ``named_modules()`` name can take
+OUTPUT_LAYER = "@output"
+
+
 def parse_selector(selector: str) -> tuple[str, int | None]:
     """Split ``"name@K"`` into ``("name", K)``; a plain name gives ``(name, None)``.
 
@@ -144,7 +149,7 @@ def resolve_layers(model: nn.Module, layers: LayerSpec) -> list[str]:
         item = item.strip()
         base, call = parse_selector(item)
         suffix = "" if call is None else f"@{call}"
-        if base in name_set:
+        if base in name_set or base == OUTPUT_LAYER:
             matches = [base]
         elif _is_glob(base):
             matches = [n for n in names if fnmatch.fnmatchcase(n, base)]

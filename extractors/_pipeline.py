@@ -32,7 +32,7 @@ from ..errors import DataError, ProbekitError
 from ..store import StoreWriter
 from ..store import _format as F
 from ._hooks import Capture, OutputKey
-from ._layers import LayerSpec, parse_selector, resolve_layers
+from ._layers import OUTPUT_LAYER, LayerSpec, parse_selector, resolve_layers
 from ._pooling import POOLS, PoolSpec
 from ._weights import param_count, weight_rows, weights_sha256
 
@@ -221,6 +221,8 @@ def _weight_selection(spec: ModelSpec, selected: list[str]) -> list[str]:
     modules = dict(spec.module.named_modules())
     out: list[str] = []
     for n in names:
+        if n == OUTPUT_LAYER:  # the model's output is no module with weight rows
+            continue
         if n not in out and (wl is not None or weight_rows(modules[n]) is not None):
             out.append(n)
     return out
