@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -232,17 +233,52 @@ class NpzDataset(Dataset):
         return item
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
+
+
+def _import_module(module_name: str) -> Any:
+    """``importlib.import_module``, with the current directory importable as with ``python -m``.
+
+    The current directory joins ``sys.path`` (at its front, and for the rest of the process, as
+    ``python -m`` puts it there) only when the module is not found without it.
+    """
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        top = module_name.split(".")[0]
+        cwd = os.getcwd()
+        on_path = {os.path.abspath(p or os.curdir) for p in sys.path}
+        if e.name not in (top, module_name) and not (e.name and module_name.startswith(e.name + ".")):
+            raise  # the module was found; something it imports is missing
+        if os.path.abspath(cwd) in on_path:
+            raise
+        sys.path.insert(0, cwd)
+        importlib.invalidate_caches()
+        return importlib.import_module(module_name)
+
+
 def import_callable(spec: str, what: str = "callable") -> Callable[..., Any]:
-    """Import ``package.module:attr`` (only what the user names; nothing else is executed)."""
+    """Import ``package.module:attr`` (only what the user names; nothing else is executed).
+
+    The current directory is importable (as with ``python -m``): ``mymodels:net`` finds a
+    ``mymodels.py`` there without PYTHONPATH.
+    """
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise DataError(f"{spec!r} is not of the form 'package.module:{what}'.")
     try:
-        module = importlib.import_module(module_name)
+        module = _import_module(module_name)
     except ImportError as e:
         raise DataError(
-            f"Cannot import the module {module_name!r} of {spec!r} ({e}). Check that it is installed or "
-            "on PYTHONPATH."
+            f"Cannot import the module {module_name!r} of {spec!r} ({e}). Run from the folder that holds "
+            f"{module_name.split('.')[0]}.py (or its package folder), or add that folder to PYTHONPATH."
+        ) from e
+    except Exception as e:  # the module itself raised while it was imported
+        raise DataError(
+            f"Importing the module {module_name!r} of {spec!r} raised {type(e).__name__}: "
+            f"{_first_line(e)}. Fix the module (run `python -c \"import {module_name}\"` to see the traceback)."
         ) from e
     obj = module
     for part in attr.split("."):
@@ -254,16 +290,27 @@ def import_callable(spec: str, what: str = "callable") -> Callable[..., Any]:
     return obj
 
 
-def load_data(spec: Any, split: str | None = None, *, transform: Callable | None = None) -> SampleDataset:
+def load_data(
+    spec: Any,
+    split: str | None = None,
+    *,
+    transform: Callable | None = None,
+    model: Any = None,
+) -> SampleDataset:
     """Resolve a DATA spec into a :class:`SampleDataset`.
 
-    ``spec`` is a Dataset object, a built-in dataset name (with ``split``), a path to an image folder
-    (class sub-folders, torchvision ``ImageFolder``; ``transform`` turns images into tensors), a path
-    to an ``.npz``, or ``package.module:callable`` returning a Dataset (called with ``split=`` when it
-    accepts that keyword).
+    ``spec`` is a Dataset object (or a torch ``DataLoader``: its dataset is used), a built-in dataset
+    name (with ``split``), a path to an image folder (class sub-folders, torchvision ``ImageFolder``),
+    a path to an ``.npz``, or ``package.module:callable`` returning a Dataset or a DataLoader (called
+    with ``split=`` when it accepts that keyword; the current directory is importable).
+
+    An image folder's images become tensors through ``transform``; without one, through the
+    preprocessing of ``model`` (a :class:`probekit.models.LoadedModel` or MODEL spec, see
+    :func:`probekit.models.preprocessing_for`) when given; otherwise each image is a [0, 1] tensor at its
+    own size (all images must then have one size).
     """
     if not isinstance(spec, (str, os.PathLike)):
-        return as_samples(spec)
+        return as_samples(_dataset_of(spec, "the data"))
     text = os.fspath(spec)
     builtins = builtin_datasets()
     if text in builtins:
@@ -278,9 +325,13 @@ def load_data(spec: Any, split: str | None = None, *, transform: Callable | None
         from torchvision import transforms as T
         from torchvision.datasets import ImageFolder
 
-        tf = transform or T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor()])
+        tf = transform
+        if tf is None and model is not None:
+            from ..models import preprocessing_for
+
+            tf = preprocessing_for(model)[0]
         try:
-            return as_samples(ImageFolder(text, transform=tf))
+            return as_samples(ImageFolder(text, transform=tf or T.ToTensor()))
         except (FileNotFoundError, RuntimeError) as e:
             raise DataError(
                 f"Cannot read the image folder {text!r} ({e}). It needs one sub-folder per class holding "
@@ -291,11 +342,49 @@ def load_data(spec: Any, split: str | None = None, *, transform: Callable | None
         kwargs = {}
         if split is not None and "split" in _params(fn):
             kwargs["split"] = split
-        return as_samples(fn(**kwargs))
+        try:
+            data = fn(**kwargs)
+        except Exception as e:
+            raise DataError(f"{text} raised {type(e).__name__} building the data: {_first_line(e)}") from e
+        return as_samples(_dataset_of(data, f"{text} returned a DataLoader that"))
     raise DataError(
         f"Cannot interpret the data {text!r}: it is not a built-in dataset ({sorted(builtins)}), an existing "
         ".npz file, an image folder, or 'package.module:callable'."
     )
+
+
+def _dataset_of(data: Any, where: str = "the data") -> Any:
+    """A DataLoader's dataset (probekit batches and reads rows in order itself); anything else as it is.
+
+    A loader whose sampler takes other rows than all of them in some order, or whose collate_fn is its
+    own, is refused: probekit would read other rows or other inputs than the loader gives.
+    """
+    from torch.utils.data import DataLoader, IterableDataset, RandomSampler, SequentialSampler
+    from torch.utils.data._utils.collate import default_collate, default_convert
+
+    if not isinstance(data, DataLoader):
+        return data
+    what = where if where.endswith("that") else f"{where} is a DataLoader that"
+    ds = data.dataset
+    if isinstance(ds, IterableDataset):
+        raise DataError(
+            f"{what} reads an IterableDataset; probekit needs a map-style Dataset (with __len__ and "
+            "__getitem__) so that rows can be resumed. Give the Dataset itself."
+        )
+    sampler = data.sampler
+    if not isinstance(sampler, (SequentialSampler, RandomSampler)) or (
+            isinstance(sampler, RandomSampler) and (sampler.replacement or sampler.num_samples != len(ds))):
+        raise DataError(
+            f"{what} has the sampler {type(sampler).__name__}, which takes other rows than the dataset's; "
+            "probekit reads every row in order. Give the Dataset itself (torch.utils.data.Subset(ds, indices) "
+            "for some rows)."
+        )
+    if data.collate_fn not in (default_collate, default_convert):
+        raise DataError(
+            f"{what} has its own collate_fn, which probekit does not run (it batches items itself). Give "
+            "a Dataset whose items are the inputs (and labels) as they should reach the model."
+        )
+    return ds
 
 
 def _params(fn: Callable) -> set[str]:
