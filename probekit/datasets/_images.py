@@ -200,20 +200,28 @@ class Counterfactuals:
                                 "'mixed_same' from variants=.")
         if n < 2:
             raise DataError(f"The folder {str(folder.root)!r} has one image; counterfactuals need two or more.")
-        self.backgrounds = self._choose_backgrounds()
+        # the stress design; an impossible one is reported when the stress split is asked for
+        self._stress_error: DataError | None = None
+        self.backgrounds = np.zeros(0, dtype=np.int64)
+        self.stress_indices = np.zeros(0, dtype=np.int64)
+        try:
+            self.backgrounds = self._choose_backgrounds()
+        except DataError as e:
+            self._stress_error = e
         chosen = set(self.backgrounds.tolist())
         self.stress_indices = np.asarray([i for i in self.test_indices.tolist() if i not in chosen],
                                          dtype=np.int64)
-        if len(self.stress_indices) == 0:
-            raise DataError(f"Every test image of {str(folder.root)!r} is a stress background; lower "
-                            "n_backgrounds= or add images.")
+        if self._stress_error is None and len(self.stress_indices) == 0:
+            self._stress_error = DataError(
+                f"Every test image of {str(folder.root)!r} is a stress background; lower n_backgrounds= "
+                "or add images.")
 
     def _choose_backgrounds(self) -> np.ndarray:
         b = self.n_backgrounds
         n = len(self.folder)
         if not 1 <= b < n:
             raise DataError(f"n_backgrounds={b} must lie in 1..{n - 1} for the {n} images of "
-                            f"{str(self.folder.root)!r}.")
+                            f"{str(self.folder.root)!r}; lower n_backgrounds= or add images.")
         rng = np.random.default_rng([self.seed, 1])
         order = rng.permutation(self.num_classes)
         train = set(self.train_indices.tolist())
@@ -302,6 +310,8 @@ class Counterfactuals:
         if name not in SPLITS:
             raise DataError(f"Unknown split {name!r} of an image folder's counterfactuals; choose from "
                             f"{list(SPLITS)}.")
+        if name == "stress" and self._stress_error is not None:
+            raise self._stress_error
         if name == "train" and len(self.train_indices) == 0:
             raise DataError(f"test_fraction={self.test_fraction} leaves no train images in "
                             f"{str(self.folder.root)!r}; lower test_fraction.")
@@ -309,7 +319,8 @@ class Counterfactuals:
 
     def splits(self) -> dict[str, CounterfactualDataset]:
         """Every split that has items."""
-        return {s: self.split(s) for s in SPLITS if s != "train" or len(self.train_indices)}
+        return {s: self.split(s) for s in SPLITS
+                if (s != "train" or len(self.train_indices)) and (s != "stress" or self._stress_error is None)}
 
 
 class CounterfactualDataset(Dataset):
