@@ -168,3 +168,16 @@ def test_bad_input_raises_clear_error(bad, match):
 )
 def test_sklearn_estimator_checks(estimator, check):
     check(estimator)
+
+
+def test_auto_backend_switches_to_torch_at_1e6_work():
+    """backend="auto": scikit-learn below n * d * K = 1e6, torch from there (one-thread torch fits were
+    faster from that size on); both fit the same objective, so the accuracies agree."""
+    rng = np.random.default_rng(0)
+    y = np.arange(1000) % 10
+    X = rng.normal(size=(1000, 100)) + rng.normal(size=(10, 100))[y] * 0.3
+    big = LinearProbe(C=1.0).fit(X, y)  # 1000 * 100 * 10 = 1e6
+    small = LinearProbe(C=1.0).fit(X[:999], y[:999])
+    assert (big.backend_, small.backend_) == ("torch", "sklearn")
+    ref = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=1000)).fit(X, y)
+    assert abs(big.score(X, y) - ref.score(X, y)) <= 0.005
