@@ -31,17 +31,36 @@ def _int_tuple(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected sizes like 3,224,224; got {text!r}") from None
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers like 0.485,0.456,0.406; got {text!r}") from None
+
+
+def _add_model_args(p: argparse.ArgumentParser, *, input_shape_help: str) -> None:
     p.add_argument("model", metavar="MODEL",
-                   help="timm:NAME, torchvision:NAME, or package.module:callable returning an nn.Module")
+                   help="timm:NAME, torchvision:NAME, or package.module:callable returning an nn.Module "
+                   "(a module in the current directory works, e.g. mymodels:net)")
     p.add_argument("--weights", metavar="FILE",
-                   help="weights to load: .safetensors, or a torch state dict (loaded with weights_only=True)")
+                   help="weights to load: .safetensors, or a torch state dict (loaded with weights_only=True). "
+                   "For timm:/torchvision: models a classifier with another number of classes sets num_classes")
+    p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="constructor argument (repeatable), e.g. --model-arg num_classes=3 --model-arg "
+                   "drop_rate=0.1; VALUE is read as a Python literal, else kept as a string")
     p.add_argument("--pretrained", action="store_true",
-                   help="ask timm/torchvision for pretrained weights (needs network; prefer --weights)")
+                   help="ask timm/torchvision for pretrained weights (from the cache, else the network; "
+                   "refused in a few seconds when offline; prefer --weights)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow a pickle-only checkpoint (runs code from the file: only for files you trust)")
-    p.add_argument("--input-shape", type=_int_tuple, metavar="C,H,W",
-                   help="per-sample input shape for the dummy forward (default: the model's own, or 3,224,224)")
+    p.add_argument("--image-size", type=_int_tuple, metavar="S|H,W",
+                   help="input size of image folders (resize + centre crop), instead of the model's own "
+                   "(timm: its data config; torchvision: 224; module:callable: the image's own size)")
+    p.add_argument("--mean", type=_floats, metavar="M1,M2,M3",
+                   help="normalisation mean per RGB channel for image folders (default: the model's)")
+    p.add_argument("--std", type=_floats, metavar="S1,S2,S3",
+                   help="normalisation std per RGB channel for image folders (default: the model's)")
+    p.add_argument("--input-shape", type=_int_tuple, metavar="C,H,W", help=input_shape_help)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("layers", help="list hookable layers with their output shapes",
                        description="List every module of MODEL with its type, per-sample output shape and "
                        "number of calls, from one dummy forward pass. Use the names with extract --layers.")
-    _add_model_args(p)
+    _add_model_args(p, input_shape_help="per-sample input shape of the dummy forward (default: the model's "
+                    "preprocessed image size, e.g. timm's data config, or 3,224,224)")
     p.add_argument("--filter", metavar="GLOB", help="only names matching this glob (e.g. 'layer*')")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_layers)
@@ -70,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "an HDF5 store (docs/FORMAT.md), in committed batches: an interrupted run continues "
                        "with --resume. Run it again with another --name/--role (and --resume) to add a "
                        "second model (e.g. the student) on the same samples.")
-    _add_model_args(p)
+    _add_model_args(p, input_shape_help="not used by extract (the inputs are the data's own); refused. Set "
+                    "the size of image-folder inputs with --image-size")
     p.add_argument("--data", required=True, metavar="DATA",
                    help="a built-in dataset name (see `probekit datasets`), an image folder, an .npz "
                    "(x, optional y, factors, factor_names, group), or package.module:callable")
@@ -220,6 +241,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"probekit: {_interrupted_message(args)}", file=sys.stderr)
         return 130
+    except Exception as e:  # anything else (often raised by the user's own model or data code): one line
+        if args.debug:
+            raise
+        text = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        print(f"probekit: error: unexpected {type(e).__name__}{': ' + text if text else ''} (run with --debug "
+              "for the traceback)", file=sys.stderr)
+        return EXIT_USAGE
 
 
 def _interrupted_message(args: argparse.Namespace) -> str:
@@ -246,10 +274,22 @@ def _committed_rows(args: argparse.Namespace) -> int:
 
 
 def _load(args: argparse.Namespace) -> Any:
-    from .models import load_model
+    from .models import load_model, parse_model_args
 
     return load_model(args.model, weights=args.weights, pretrained=args.pretrained,
-                      allow_pickle=args.allow_pickle)
+                      allow_pickle=args.allow_pickle, model_args=parse_model_args(args.model_arg))
+
+
+def _print_notes(loaded: Any) -> None:
+    """What loading inferred (e.g. num_classes from the checkpoint), printed once the verb succeeded."""
+    for note in loaded.notes:
+        print(f"probekit: {loaded.source}: {note}", file=sys.stderr)
+
+
+def _preprocessing(args: argparse.Namespace, loaded: Any) -> tuple[Any, dict[str, Any]]:
+    from .models import preprocessing_for
+
+    return preprocessing_for(loaded, image_size=args.image_size, mean=args.mean, std=args.std)
 
 
 def cmd_layers(args: argparse.Namespace) -> int:
@@ -260,7 +300,10 @@ def cmd_layers(args: argparse.Namespace) -> int:
     from .extractors import list_layers
 
     loaded = _load(args)
-    shape = args.input_shape or loaded.input_size or (3, 224, 224)
+    shape = args.input_shape
+    if shape is None:
+        _, info = _preprocessing(args, loaded)
+        shape = tuple(info["input_size"] or loaded.input_size or (3, 224, 224))
     try:
         infos = list_layers(loaded.module, torch.zeros(1, *shape))
     except (RuntimeError, ValueError, TypeError) as e:  # the model cannot run on this input shape
@@ -280,6 +323,7 @@ def cmd_layers(args: argparse.Namespace) -> int:
     for i in infos:
         out = "x".join(map(str, i.output_shape)) if i.output_shape is not None else "-"
         print(f"{i.name:<{width}}  {i.module_type:<22} {out:<22} {i.n_calls}")
+    _print_notes(loaded)
     print(f"\n{len(infos)} layers of {loaded.source} for input {tuple(shape)}; pass names or globs to "
           "`probekit extract --layers`.", file=sys.stderr)
     return 0
@@ -288,9 +332,21 @@ def cmd_layers(args: argparse.Namespace) -> int:
 def cmd_extract(args: argparse.Namespace) -> int:
     from .datasets import builtin_datasets, load_data
     from .extraction import extract
+    from .models import describe_preprocessing
 
-    loaded = _load(args)
+    if args.input_shape is not None:
+        raise DataError(
+            "--input-shape is not used by extract: the inputs are the data's own (an image folder's are "
+            "resized to the model's input size). Set that size with --image-size S or H,W instead."
+        )
     builtins = builtin_datasets()
+    is_images = args.data not in builtins and os.path.isdir(args.data)
+    if not is_images and (args.image_size or args.mean or args.std):
+        raise DataError(
+            f"--image-size/--mean/--std preprocess image folders, and {args.data!r} is not one; give the "
+            "data already preprocessed (or an image folder)."
+        )
+    loaded = _load(args)
     if args.data in builtins:
         splits = args.split or list(builtins[args.data].default_splits)
     else:
@@ -301,25 +357,38 @@ def cmd_extract(args: argparse.Namespace) -> int:
     name = args.name or (args.role if args.role != "model" else "model")
     mode = "resume" if args.resume else "overwrite" if args.overwrite else "create"
     transform = None
-    if os.path.isdir(args.data) and loaded.data_config is not None:
-        import timm.data
+    if is_images:
+        transform, info = _preprocessing(args, loaded)
+        if info["input_size"] is None:  # images at their own size: they must all have one
+            from torchvision.datasets import ImageFolder
 
-        transform = timm.data.create_transform(**loaded.data_config)
+            from .datasets._loading import check_image_sizes
+
+            try:
+                check_image_sizes(ImageFolder(args.data), args.data)
+            except (FileNotFoundError, RuntimeError):
+                pass  # load_data names what is wrong with the folder
+    else:
+        info = {"kind": "none", "source": "the inputs as DATA gives them (not an image folder)",
+                "input_size": None, "steps": [], "overrides": {}, "note": ""}
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun: one shard per rank, then merge
-        return _extract_distributed(args, loaded, splits, layers, name, mode, transform)
+        return _extract_distributed(args, loaded, splits, layers, name, mode, transform, info)
     for k, split in enumerate(splits):
         data = load_data(args.data, split, transform=transform)
         extract(loaded.module, data, layers=layers, out=args.out, split=split, pool=args.pool, name=name,
                 role=args.role, source=loaded.source, batch_size=args.batch_size, device=args.device,
                 dtype=args.dtype, mode=mode if k == 0 else "resume", num_workers=args.num_workers,
-                progress=not args.no_progress, stop_early=not args.full_forward)
+                progress=not args.no_progress, stop_early=not args.full_forward, preprocessing=info)
+    _print_notes(loaded)
+    if is_images:
+        print(f"probekit: {describe_preprocessing(info)}", file=sys.stderr)
     print(f"wrote {args.out} (model {name!r}, splits {splits}); see it with `probekit info {args.out}`",
           file=sys.stderr)
     return 0
 
 
 def _extract_distributed(args: argparse.Namespace, loaded: Any, splits: list[str], layers: list[str],
-                         name: str, mode: str, transform: Any) -> int:
+                         name: str, mode: str, transform: Any, info: dict[str, Any] | None = None) -> int:
     """``torchrun --nproc-per-node K -m probekit.cli extract ...`` (docs/SCALING.md)."""
     import torch
     import torch.distributed as dist
@@ -342,6 +411,10 @@ def _extract_distributed(args: argparse.Namespace, loaded: Any, splits: list[str
                                 progress=not args.no_progress and dist.get_rank() == 0,
                                 stop_early=not args.full_forward)
         if dist.get_rank() == 0:
+            if info is not None:
+                from .extraction import record_preprocessing
+
+                record_preprocessing(args.out, {name: (args.role, loaded.source)}, info)
             print(f"wrote {args.out} from {dist.get_world_size()} shards (model {name!r}, splits {splits})",
                   file=sys.stderr)
     finally:

@@ -8,6 +8,7 @@ memory and safe resumption; the work is done by :func:`probekit.extractors.extra
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any, Literal
 
 from torch import nn
 
+from .datasets._loading import _dataset_of
 from .errors import DataError
 from .extractors import ModelSpec, extract_models
 from .extractors._hooks import OutputKey
@@ -22,7 +24,7 @@ from .extractors._layers import LayerSpec
 from .extractors._pooling import PoolSpec
 from .store._format import ROLES
 
-__all__ = ["extract", "extract_pair"]
+__all__ = ["extract", "extract_pair", "record_preprocessing"]
 
 Mode = Literal["create", "resume", "overwrite"]
 
@@ -68,6 +70,7 @@ def extract(
     compression: str | None = None,
     step: int | None = None,
     stop_early: bool = True,
+    preprocessing: Mapping[str, Any] | str | None = None,
 ) -> Path:
     """Stream the pooled activations of chosen layers of a model on a dataset into a store.
 
@@ -78,9 +81,10 @@ def extract(
         ``package.module:callable``), or several models by store name, all extracted on the same
         batches in one pass (a name among ``"teacher"``, ``"student"`` gives that role). The model is
         moved to ``device`` and left there.
-    data : Dataset
+    data : Dataset or DataLoader
         Items ``x``, ``(x, y)``, ``(x, y, factors)`` or dicts with ``"x"`` and optional ``"label"``,
-        ``"factors"``, ``"group"`` (see :func:`probekit.datasets.as_samples`). Read in order.
+        ``"factors"``, ``"group"`` (see :func:`probekit.datasets.as_samples`). Read in order. Of a
+        DataLoader, its dataset is read (one with its own sampler or collate_fn is refused).
     layers : str, sequence of str, callable, or dict of model name to these
         Exact module names, globs (``"layer*"``), ``name@K`` for the K-th call of a module that runs
         several times, or a predicate; see :func:`probekit.extractors.resolve_layers`. With several
@@ -129,6 +133,10 @@ def extract(
         first two samples, which checks the layers): extracting an early layer costs only the network
         up to it. Pass False when the modules after it have side effects that must happen (hooks of their
         own, statistics they update).
+    preprocessing : dict or str, optional
+        What turned the data into inputs (the ``info`` of :func:`probekit.models.preprocessing_for`),
+        stored as the model's ``preprocessing`` attribute (a JSON string). Resuming a model stored with
+        other preprocessing is refused before anything is written.
 
     Returns
     -------
@@ -170,12 +178,73 @@ def extract(
             raise DataError("A dict of layers needs a dict of models; pass one layer selection for one model.")
         module, src = _module_and_source(model, source)
         specs = {name: ModelSpec(module, layers, role=role, source=src, weights_layers=weights_layers)}
-    return extract_models(
+    data = _dataset_of(data, "the data")
+    pre = _preprocessing_json(preprocessing)
+    if pre and mode == "resume":
+        _check_preprocessing(out, list(specs), pre)
+    path = extract_models(
         specs, data, out=out, split=split, pool=pool, batch_size=batch_size, device=device, dtype=dtype,
         mode=mode, num_workers=num_workers, progress=progress, writer_thread=writer_thread,
         num_prefix_tokens=num_prefix_tokens, output_key=output_key, compression=compression, step=step,
         stop_early=stop_early,
     )
+    if pre:
+        record_preprocessing(path, {k: (v.role, v.source) for k, v in specs.items()}, pre)
+    return path
+
+
+def _preprocessing_json(preprocessing: Mapping[str, Any] | str | None) -> str:
+    if preprocessing is None or preprocessing == "":
+        return ""
+    if isinstance(preprocessing, str):
+        try:
+            json.loads(preprocessing)
+        except ValueError as e:
+            raise DataError(f"The 'preprocessing' parameter must be a dict or a JSON string; got {preprocessing[:80]!r}.") from e
+        return preprocessing
+    try:
+        return json.dumps(dict(preprocessing), sort_keys=True)
+    except (TypeError, ValueError) as e:
+        raise DataError(f"The 'preprocessing' parameter must be JSON-able ({e}).") from e
+
+
+def _check_preprocessing(out: str | os.PathLike, names: Sequence[str], pre: str) -> None:
+    """Refuse, read-only and before extraction, to resume a model stored with other preprocessing."""
+    if not Path(out).is_file():
+        return
+    import h5py
+
+    try:
+        with h5py.File(out, "r") as f:
+            stored = {n: f["models"][n].attrs.get("preprocessing", "") for n in names
+                      if "models" in f and n in f["models"]}
+    except OSError:
+        return  # not readable as HDF5: the pipeline's own checks name the problem
+    for n, before in stored.items():
+        before = before.decode() if isinstance(before, bytes) else str(before)
+        if before and before != pre:
+            raise DataError(
+                f"The model {n!r} in {str(out)!r} was extracted with other preprocessing (stored "
+                f"{before[:200]}; now {pre[:200]}). Use the same --image-size/--mean/--std, give this model "
+                "another name (--name), or write to another store."
+            )
+
+
+def record_preprocessing(out: str | os.PathLike, models: Mapping[str, tuple[str, str]],
+                         preprocessing: Mapping[str, Any] | str) -> None:
+    """Store what preprocessing made the inputs as each model's ``preprocessing`` attribute.
+
+    ``models`` maps store names to ``(role, source)``; ``preprocessing`` is the ``info`` of
+    :func:`probekit.models.preprocessing_for` or its JSON.
+    """
+    from .store import StoreWriter
+
+    pre = _preprocessing_json(preprocessing)
+    if not pre:
+        return
+    with StoreWriter(out, mode="resume") as w:
+        for name, (role, source) in models.items():
+            w.add_model(name, role=role, source=source, preprocessing=pre)
 
 
 def extract_pair(
@@ -222,9 +291,15 @@ def extract_pair(
         if bad in kwargs:
             raise DataError(f"extract_pair takes 'names' and 'sources', not {bad!r}.")
     weights_layers = kwargs.pop("weights_layers", None)
+    pre = _preprocessing_json(kwargs.pop("preprocessing", None))
     specs = {}
     for key, m, role, src in zip(names, (teacher, student), ("teacher", "student"), sources, strict=True):
         module, src = _module_and_source(m, src)
         lay = layers[key] if isinstance(layers, Mapping) else layers
         specs[key] = ModelSpec(module, lay, role=role, source=src, weights_layers=weights_layers)
-    return extract_models(specs, data, out=out, **kwargs)
+    if pre and kwargs.get("mode") == "resume":
+        _check_preprocessing(out, list(specs), pre)
+    path = extract_models(specs, _dataset_of(data, "the data"), out=out, **kwargs)
+    if pre:
+        record_preprocessing(path, {k: (v.role, v.source) for k, v in specs.items()}, pre)
+    return path

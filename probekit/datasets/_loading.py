@@ -326,17 +326,22 @@ def load_data(
         from torchvision.datasets import ImageFolder
 
         tf = transform
+        own_size = tf is None
         if tf is None and model is not None:
             from ..models import preprocessing_for
 
-            tf = preprocessing_for(model)[0]
+            tf, info = preprocessing_for(model)
+            own_size = info["input_size"] is None
         try:
-            return as_samples(ImageFolder(text, transform=tf or T.ToTensor()))
+            folder = ImageFolder(text, transform=tf or T.ToTensor())
         except (FileNotFoundError, RuntimeError) as e:
             raise DataError(
                 f"Cannot read the image folder {text!r} ({e}). It needs one sub-folder per class holding "
                 "images."
             ) from e
+        if own_size:
+            check_image_sizes(folder, text)
+        return as_samples(folder)
     if ":" in text and not path.exists():
         fn = import_callable(text, "callable returning a Dataset")
         kwargs = {}
@@ -351,6 +356,31 @@ def load_data(
         f"Cannot interpret the data {text!r}: it is not a built-in dataset ({sorted(builtins)}), an existing "
         ".npz file, an image folder, or 'package.module:callable'."
     )
+
+
+def check_image_sizes(folder: Any, where: str) -> None:
+    """Refuse an image folder whose images have several sizes when they are used at their own size.
+
+    Reads only image headers; stops at the first image whose size differs from the first one's.
+    """
+    from PIL import Image
+
+    first: tuple[str, tuple[int, int]] | None = None
+    for path, _ in getattr(folder, "samples", []):
+        try:
+            with Image.open(path) as im:
+                size = im.size
+        except OSError:
+            continue  # an unreadable file is reported when it is read
+        if first is None:
+            first = (path, size)
+        elif size != first[1]:
+            raise DataError(
+                f"The images in {where!r} have several sizes ({os.path.relpath(first[0], where)} is "
+                f"{first[1][0]}x{first[1][1]}, {os.path.relpath(path, where)} is {size[0]}x{size[1]}) and this "
+                "model takes them at their own size: resize them to one with --image-size S or H,W "
+                "(Python: a transform, or load_data(..., model=...))."
+            )
 
 
 def _dataset_of(data: Any, where: str = "the data") -> Any:

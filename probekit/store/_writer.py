@@ -223,8 +223,13 @@ class StoreWriter:
         source: str = "",
         weights_sha256: str = "",
         param_count: int = -1,
+        preprocessing: str = "",
     ) -> None:
-        """Declare a model; on an existing store, refuse one whose weights differ."""
+        """Declare a model; on an existing store, refuse one whose weights differ.
+
+        ``preprocessing`` (a JSON string, see :func:`probekit.models.preprocessing_for`) is stored as the
+        model's ``preprocessing`` attribute; a model already stored with other preprocessing is refused.
+        """
         self._forget_handles()
         _check_name("model", name)
         if role not in F.ROLES:
@@ -240,6 +245,17 @@ class StoreWriter:
                     f"(sha256 {stored[:12]}..., now {weights_sha256[:12]}...). Give this model another "
                     "name (--name) or write to another store."
                 )
+            if preprocessing:
+                before = models[name].attrs.get("preprocessing", "")
+                if before and before != preprocessing:
+                    raise DataError(
+                        f"The model {name!r} in {str(self.path)!r} was extracted with other preprocessing "
+                        f"(stored {before[:200]}; now {preprocessing[:200]}). Use the same --image-size/--mean/"
+                        "--std, give this model another name (--name), or write to another store."
+                    )
+                if not before:
+                    models[name].attrs["preprocessing"] = preprocessing
+                    self._f.flush()
             return
         g = models.create_group(name)
         F.mark(g, "probekit.model")
@@ -247,6 +263,8 @@ class StoreWriter:
         g.attrs["source"] = source
         g.attrs["weights_sha256"] = weights_sha256
         g.attrs["param_count"] = int(param_count)
+        if preprocessing:
+            g.attrs["preprocessing"] = preprocessing
         self._f.flush()
 
     def _acts_group(self, model: str, split: str, step: int | None, create: bool) -> h5py.Group:
