@@ -983,9 +983,11 @@ def _fold_sse(st: dict[str, np.ndarray], k: int, coef: np.ndarray, icpt: np.ndar
 class ProbeIdOodResult(ResultMixin):
     """Probe accuracy in and out of distribution, with bootstrap 95% intervals.
 
-    ``gap = id_accuracy - ood_accuracy``. Intervals resample the test rows of each split; the gap's
-    interval takes, for each bootstrap replicate, one resample of ID rows and one of OOD rows
-    (the same replicate index), and differences the two accuracies.
+    ``gap = id_accuracy - ood_accuracy``. With ``paired`` (row ``i`` of the ID and of the OOD test
+    rows show the same foreground on two background families) every bootstrap replicate resamples
+    row indices once and uses them for both splits, so the gap's interval reflects the variance of
+    the per-row difference; otherwise the two splits are resampled independently (replicate ``b`` of
+    the gap differences replicate ``b`` of each).
     """
 
     id_accuracy: float
@@ -1001,15 +1003,39 @@ class ProbeIdOodResult(ResultMixin):
     n_ood: int
     n_boot: int
     ci_level: float
+    paired: bool
+
+
+def _bootstrap_accuracies(correct_id: np.ndarray, correct_ood: np.ndarray, n_boot: int,
+                          rng: np.random.Generator, paired: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Bootstrap replicates of the ID and OOD accuracies from per-row correctness (0/1) vectors.
+
+    ``paired``: replicate ``b`` draws one set of row indices and averages both vectors over it (the
+    vectors must have equal length), so ``bid - bood`` is the bootstrap of the mean per-row
+    difference. Otherwise each split is resampled on its own.
+    """
+    n_id, n_ood = correct_id.size, correct_ood.size
+    bid, bood = np.empty(n_boot), np.empty(n_boot)
+    if paired:
+        for b in range(n_boot):
+            idx = rng.integers(0, n_id, n_id)
+            bid[b] = correct_id[idx].mean()
+            bood[b] = correct_ood[idx].mean()
+        return bid, bood
+    for b in range(n_boot):
+        bid[b] = correct_id[rng.integers(0, n_id, n_id)].mean()
+    for b in range(n_boot):
+        bood[b] = correct_ood[rng.integers(0, n_ood, n_ood)].mean()
+    return bid, bood
 
 
 def probe_id_ood(X_train: Any, y_train: Any, X_id: Any, y_id: Any, X_ood: Any, y_ood: Any, *,
                  probe: LinearProbe | None = None, n_boot: int = 1000, ci_level: float = 0.95,
-                 random_state: int | None = 0) -> ProbeIdOodResult:
+                 random_state: int | None = 0, paired: bool | str = "auto") -> ProbeIdOodResult:
     r"""Fit a probe on ``train``; score it on ``test_id`` and ``test_ood`` with bootstrap intervals.
 
     ``gap = acc_ID - acc_OOD``. Each interval is the percentile interval of ``n_boot`` bootstrap
-    resamples of the test rows; replicate ``b`` of the gap uses replicate ``b`` of each split.
+    resamples of the test rows.
 
     Parameters
     ----------
@@ -1019,11 +1045,36 @@ def probe_id_ood(X_train: Any, y_train: Any, X_id: Any, y_id: Any, X_ood: Any, y
     n_boot : int, default=1000
     ci_level : float, default=0.95
     random_state : int, optional
+    paired : bool or "auto", default="auto"
+        Whether row ``i`` of ``X_id`` and of ``X_ood`` are one pair (the same foreground on an ID and
+        an OOD background, as in the built-in datasets). Paired: each bootstrap replicate resamples
+        the row indices once and uses them for both splits, so the gap's interval is that of the
+        mean per-row difference (narrower when the two correctness vectors correlate; exactly
+        ``[0, 0]`` when the OOD rows equal the ID rows). Unpaired: the splits are resampled
+        independently. ``"auto"``: paired when both splits have the same number of rows (for
+        independent test sets of equal size the paired interval is valid too: pairs of independent
+        rows are i.i.d. pairs). ``True`` with different row counts raises :class:`DataError`.
+
+    Returns
+    -------
+    ProbeIdOodResult
+        ``paired`` records which bootstrap was used.
     """
     from sklearn.base import clone
 
     check_number("probe_id_ood", "n_boot", n_boot, low=1, integer=True)
     check_number("probe_id_ood", "ci_level", ci_level, low=0, high=1, low_open=True)
+    if isinstance(paired, (bool, np.bool_)):
+        paired = bool(paired)
+    elif not (isinstance(paired, str) and paired == "auto"):
+        raise DataError(f"The 'paired' parameter of probe_id_ood must be True, False or 'auto'. Got {paired!r} instead.")
+    n_id_rows, n_ood_rows = as_source(X_id, "X_id").n_rows, as_source(X_ood, "X_ood").n_rows
+    if paired is True and n_id_rows != n_ood_rows:
+        raise DataError(
+            f"paired=True needs as many OOD rows as ID rows (row i of each the same foreground); got "
+            f"{n_id_rows} ID and {n_ood_rows} OOD rows. Pass paired=False for independent test sets."
+        )
+    is_paired = bool(n_id_rows == n_ood_rows) if paired == "auto" else bool(paired)
     est = clone(probe) if probe is not None else LinearProbe(C="cv", random_state=random_state)
     est.fit(X_train, y_train)
     y_train = np.asarray(y_train)
@@ -1041,13 +1092,12 @@ def probe_id_ood(X_train: Any, y_train: Any, X_id: Any, y_id: Any, X_ood: Any, y
         correct[name] = (est.predict(X) == y).astype(np.float64)
     rng = np.random.default_rng(random_state)
     cid, cood = correct["X_id"], correct["X_ood"]
-    bid = np.array([cid[rng.integers(0, cid.size, cid.size)].mean() for _ in range(n_boot)])
-    bood = np.array([cood[rng.integers(0, cood.size, cood.size)].mean() for _ in range(n_boot)])
+    bid, bood = _bootstrap_accuracies(cid, cood, n_boot, rng, is_paired)
     train_acc = float(np.mean(est.predict(X_train) == y_train))
     return ProbeIdOodResult(
         id_accuracy=float(cid.mean()), id_ci=percentile_ci(bid, ci_level),
         ood_accuracy=float(cood.mean()), ood_ci=percentile_ci(bood, ci_level),
         gap=float(cid.mean() - cood.mean()), gap_ci=percentile_ci(bid - bood, ci_level),
         train_accuracy=train_acc, C=float(est.C_), n_train=int(y_train.size), n_id=int(cid.size),
-        n_ood=int(cood.size), n_boot=int(n_boot), ci_level=float(ci_level),
+        n_ood=int(cood.size), n_boot=int(n_boot), ci_level=float(ci_level), paired=is_paired,
     )
