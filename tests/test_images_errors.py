@@ -194,3 +194,23 @@ def test_unknown_variant_and_split(tmp_path):
     with pytest.raises(DataError) as exc:
         big.split("stress")
     _check(exc, "n_backgrounds=6", "1..5", "lower n_backgrounds")
+
+
+def test_auto_with_a_whole_image_box(tmp_path):
+    pytest.importorskip("cv2")
+    img, _, boxes = _folder(tmp_path)
+    boxes.write_text(boxes.read_text().replace("dog/1.png,3,2,9,8", f"dog/1.png,0,0,{W},{H}"))
+    with pytest.raises(DataError) as exc:
+        ForegroundFolder(img, foreground="auto", boxes=boxes)
+    _check(exc, "dog/1.png", "boxes.csv", "tighter box")
+    with pytest.raises(DataError) as exc:  # as a plain box it is an all-foreground mask
+        ForegroundFolder(img, boxes=boxes)
+    _check(exc, "dog/1.png", "whole image")
+
+
+def test_unreadable_mask(tmp_path):
+    img, masks, _ = _folder(tmp_path)
+    (masks / "cat" / "2.png").write_bytes(b"\x89PNG garbage")
+    with pytest.raises(DataError) as exc:
+        ForegroundFolder(img, masks=masks)
+    _check(exc, "cat/2.png", "Cannot read the mask", "replace")

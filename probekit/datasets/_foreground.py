@@ -54,6 +54,7 @@ __all__ = ["ForegroundFolder", "adjust_mask", "image_extensions", "require_cv2"]
 
 _AUTO_MAX_SIDE = 320
 _LOSSY_MASK_FORMATS = ("JPEG", "MPO")
+_READ_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 def image_extensions() -> frozenset[str]:
@@ -213,6 +214,12 @@ class ForegroundFolder:
         elif self.mode == "boxes":
             for i in range(len(self.paths)):
                 self._check_mask(i, self._box_mask(i))
+        elif self.boxes is not None:  # GrabCut seeds: each box must leave background to learn from
+            for i in range(len(self.paths)):
+                w, h = (int(v) for v in self.sizes[i])
+                if any(b == (0, 0, w, h) for b in self.boxes[i]):
+                    raise DataError(f"A box of {str(self.root / self.paths[i])!r} in {str(boxes)!r} covers the "
+                                    "whole image, so GrabCut has no background to learn from; give a tighter box.")
         self.factor_names: list[str] | None = None
         self.factors: np.ndarray | None = None
         if factors is not None:
@@ -269,7 +276,7 @@ class ForegroundFolder:
                     if im.format == "JPEG":
                         im.draft("RGB", (max(1, size[0] // 8), max(1, size[1] // 8)))
                     im.load()
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        except _READ_ERRORS as e:
             raise DataError(f"Cannot read the image {str(path)!r} ({type(e).__name__}: {_short(e)}); replace "
                             "or remove the file.") from e
         if size[0] < 2 or size[1] < 2:
@@ -317,7 +324,7 @@ class ForegroundFolder:
                 if im.mode in ("RGBA", "LA", "PA"):
                     im = im.convert(im.mode[:-1] if im.mode != "PA" else "P")
                 arr = np.asarray(im)
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        except _READ_ERRORS as e:
             raise DataError(f"Cannot read the mask {str(path)!r} ({type(e).__name__}: {_short(e)}); replace "
                             "the file.") from e
         thr = self.mask_threshold
@@ -450,7 +457,7 @@ class ForegroundFolder:
         try:
             with Image.open(path) as im:
                 arr = np.asarray(im.convert("RGB"))
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        except _READ_ERRORS as e:
             raise DataError(f"Cannot read the image {str(path)!r} ({type(e).__name__}: {_short(e)}); it may "
                             "have changed since the folder was opened; replace or remove it.") from e
         w, h = (int(v) for v in self.sizes[i])
