@@ -15,6 +15,18 @@ from ._common import ResultMixin, Source, as_source, check_number, compute_dtype
 __all__ = ["RelativeMSEResult", "cka_matrix", "difference", "linear_cka", "relative_mse"]
 
 
+def _from_torch(X: Any) -> Any:
+    """A torch tensor as a numpy array on the CPU (bfloat16 as float32); anything else as it is."""
+    if type(X).__module__.split(".")[0] != "torch" or not hasattr(X, "detach"):
+        return X
+    import torch
+
+    t = X.detach().cpu()
+    if t.dtype == torch.bfloat16:  # numpy has no bfloat16
+        t = t.float()
+    return t.numpy()
+
+
 def _pair(X: Any, Y: Any, chunk_rows: int | None, names: tuple[str, str] = ("X", "Y"),
           dtype: Any = np.float64) -> tuple[Source, Source]:
     A = as_source(X, names[0], chunk_rows=chunk_rows, dtype=dtype, min_rows=2)
@@ -46,10 +58,34 @@ def linear_cka(X: Any, Y: Any, *, debiased: bool = False, chunk_rows: int | None
     computed from :math:`X^\top X, Y^\top Y, X^\top Y` and column sums accumulated over row chunks
     (one pass, memory O((d_x + d_y)^2)), so the streamed value equals the in-memory one.
 
-    ``debiased=True`` uses the unbiased HSIC estimator (Song et al. 2012; Nguyen et al. 2021),
-    whose per-row kernel diagonals are also accumulated in the same pass; it removes the upward
-    bias of CKA when features outnumber samples. The default is the plain (biased) estimator.
+    The plain estimator is biased upward when the features are many for the rows: two independent
+    Gaussian representations of 512 features on 600 rows give 0.46. ``debiased=True`` replaces
+    each HSIC by the unbiased estimator of Song et al. (2012), as Nguyen et al. (2021) use for CKA:
+    with :math:`K = XX^\top`, :math:`L = YY^\top` and their diagonals set to zero,
+
+    .. math:: \mathrm{HSIC}_u(K, L) = \frac{1}{n(n-3)}\Big[\mathrm{tr}(KL)
+              + \frac{\mathbf 1^\top K \mathbf 1\, \mathbf 1^\top L \mathbf 1}{(n-1)(n-2)}
+              - \frac{2}{n-2}\, \mathbf 1^\top K L \mathbf 1\Big],
+
+    and :math:`\mathrm{CKA}_u = \mathrm{HSIC}_u(K, L)/\sqrt{\mathrm{HSIC}_u(K, K)\,\mathrm{HSIC}_u(L, L)}`
+    (about 0 for independent features, at any width; it can be slightly negative). The traces and
+    sums are rebuilt from the same feature-space products plus the rows' squared norms, so no
+    n x n matrix is formed and the input may be streamed.
+
+    Parameters
+    ----------
+    X, Y : arrays, torch tensors or Activations of shape (n_samples, n_features_x / _y)
+        The same rows in the same order. Torch tensors are detached and copied to the CPU.
+    debiased : bool, default=False
+        Use the unbiased HSIC estimator (needs at least 4 rows).
+    chunk_rows : int, optional
+        Rows per streamed chunk.
+
+    Returns
+    -------
+    float
     """
+    X, Y = _from_torch(X), _from_torch(Y)
     # float32 data is multiplied in float32 (see compute_dtype), float64 data in float64
     cdt = np.result_type(compute_dtype(X), compute_dtype(Y))
     A, B = _pair(X, Y, chunk_rows, dtype=cdt)
@@ -92,7 +128,7 @@ def linear_cka(X: Any, Y: Any, *, debiased: bool = False, chunk_rows: int | None
             raise DataError("One representation is constant over the rows; CKA is undefined.")
         return float(np.sum(Cxy * Cxy) / den)
     if n < 4:
-        raise DataError(f"debiased CKA needs at least 4 rows; got {n}.")
+        raise DataError(f"debiased CKA needs at least 4 rows; got {n}. Pass more rows or debiased=False.")
 
     def hsic_u(tr_kl: float, sum_k: float, sum_l: float, kl1: float) -> float:
         return (tr_kl + sum_k * sum_l / ((n - 1) * (n - 2)) - 2.0 * kl1 / (n - 2)) / (n * (n - 3))
@@ -111,7 +147,10 @@ def linear_cka(X: Any, Y: Any, *, debiased: bool = False, chunk_rows: int | None
     h_xx = hsic_u(*parts(xx, sx, sx, ex["nx"], ex["nx"], ex["nx2"], ex["x_nx"], ex["x_nx"], float(sx @ xx @ sx)))
     h_yy = hsic_u(*parts(yy, sy, sy, ex["ny"], ex["ny"], ex["ny2"], ex["y_ny"], ex["y_ny"], float(sy @ yy @ sy)))
     if h_xx <= 0 or h_yy <= 0:
-        raise DataError("Debiased HSIC of a representation with itself is not positive (too few rows?).")
+        raise DataError(
+            "The debiased HSIC of a representation with itself is not positive (constant, or too few rows "
+            "for its width); pass more rows or debiased=False."
+        )
     return float(h_xy / np.sqrt(h_xx * h_yy))
 
 
@@ -144,6 +183,8 @@ def relative_mse(student: Any, teacher: Any, *, student_fit: Any = None, teacher
     on ``student``/``teacher`` (e.g. ID or OOD test). All sums are streamed.
     """
     check_number("relative_mse", "alpha", alpha, low=0)
+    student, teacher = _from_torch(student), _from_torch(teacher)
+    student_fit, teacher_fit = _from_torch(student_fit), _from_torch(teacher_fit)
     S, T = _pair(student, teacher, chunk_rows, ("student", "teacher"))
     if (student_fit is None) != (teacher_fit is None):
         raise DataError("Pass student_fit and teacher_fit together (the rows to fit the map on), or neither.")
