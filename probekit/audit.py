@@ -1,18 +1,20 @@
 """``probekit.audit``: run every analysis a store's contents allow and gather one result document.
 
-The document's layout is docs/REPORT_SCHEMA.md (``schema = "probekit.audit"``, version 1). Each
+The document's layout is docs/REPORT_SCHEMA.md (``schema = "probekit.audit"``, version 2). Each
 figure is an *estimate* ``{"value": float, "ci": [low, high]}`` (95% bootstrap intervals unless the
 metric says otherwise). What cannot run is listed under ``skipped`` with the reason.
 
-Headline contamination figure (per model and layer): the **background sensitivity** on the split
-whose rows are grouped by foreground and whose backgrounds reach beyond training (``stress``): the
-share of the layer's variance that comes from the background with the foreground held fixed. It is
-0 for a representation that ignores the background, rises with planted background dependence
-(tests/test_audit.py), and is compared with a reference: the teacher's value at the same layer for a
-student, and the same network at initialisation (recorded step 0) where the store has it. Without a
-grouped split the headline falls back to the normalised mean shift between ``test_id`` and
-``test_ood``. Why this and not in-distribution correlation or decodability: ../shared/PILOT.md and
-docs/METRICS.md.
+**The verdict** (``models.<m>.flagged`` / ``.verdict``) rests on behaviour first: on a crossed split
+(``stress``: every foreground on the same backgrounds) the model's own predictions (its stored
+output ``@output``, else a linear probe fit on ``train``) give the flip rate and the *background
+pull*, the share of predictions that backgrounds move towards the same classes for every foreground,
+beyond a within-foreground shuffle (analyses/_behaviour.py). Idiosyncratic flips of a model unsure of
+some foregrounds do not move predictions in a shared direction, so they are told apart from
+background reliance. Representation second: per layer, a two-way decomposition (foreground,
+background, interaction) and ``background_flag``, the background component against a reference with
+its own uncertainty (the teacher at the same layer for a student; else seeded initialisations
+``<m>@init<k>`` or a recorded step 0), paired bootstrap over foregrounds, Bonferroni over layers x
+models. Calibration: docs/METRICS.md.
 """
 
 from __future__ import annotations
@@ -34,10 +36,13 @@ from ._version import __version__
 from .errors import DataError, ProbekitError
 from .store import Store, open_store
 
+OUTPUT_LAYER = "@output"  # the model's own output, stored as a layer by extract (extractors.OUTPUT_LAYER)
+_INIT_RE = re.compile(r"^(?P<base>.+)@init(?P<k>\d+)$")  # seeded initialisations of model <base>
+
 __all__ = ["Audit", "audit", "parse_threshold"]
 
 SCHEMA = "probekit.audit"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 HEADLINE_FLAG_RATIO = 1.25  # flagged when the CI's low end exceeds the reference by this factor
 
 
@@ -72,11 +77,17 @@ class Audit:
 
     def values(self, metric: str) -> list[tuple[str, str, float]]:
         """``(model, layer, value)`` of a named metric (see :data:`METRICS`) wherever it was computed."""
-        if metric not in METRICS:
+        if metric not in METRICS and metric not in MODEL_METRICS:
             raise ProbekitError(
-                f"Unknown metric {metric!r}; known metrics are {sorted(METRICS)}."
+                f"Unknown metric {metric!r}; known metrics are {sorted({**METRICS, **MODEL_METRICS})}."
             )
         out = []
+        if metric in MODEL_METRICS:  # one figure per model (its behaviour), layer "-"
+            for m, info in self.data["models"].items():
+                v = MODEL_METRICS[metric](info)
+                if v is not None:
+                    out.append((m, "-", float(v)))
+            return out
         for m, info in self.data["models"].items():
             for layer, res in info["layers"].items():
                 v = METRICS[metric](res)
@@ -121,6 +132,14 @@ METRICS: dict[str, Callable[[Mapping[str, Any]], float | None]] = {
     "correlated_units": lambda r: _get(r, "correlation", "share_significant"),
 }
 
+#: Model-level figures ``--fail-above`` can gate on (its behaviour on the crossed split).
+MODEL_METRICS: dict[str, Callable[[Mapping[str, Any]], float | None]] = {
+    "flip_rate": lambda i: _get(i, "behaviour", "flip_rate", "value"),
+    "pull": lambda i: _get(i, "behaviour", "pull", "value"),
+    "follows_background": lambda i: _get(i, "behaviour", "follows_background", "value"),
+    "flagged": lambda i: None if i.get("flagged") is None else float(bool(i.get("flagged"))),
+}
+
 
 def parse_threshold(text: str) -> tuple[str, str | None, str | None, float]:
     """Parse ``METRIC[:MODEL[:LAYER]]=VALUE`` (the CLI's ``--fail-above``)."""
@@ -130,8 +149,9 @@ def parse_threshold(text: str) -> tuple[str, str | None, str | None, float]:
             f"--fail-above expects METRIC[:MODEL[:LAYER]]=VALUE, e.g. sensitivity:student=0.1; got {text!r}."
         )
     metric, model, layer, value = m.groups()
-    if metric not in METRICS:
-        raise ProbekitError(f"--fail-above: unknown metric {metric!r}; known metrics are {sorted(METRICS)}.")
+    if metric not in METRICS and metric not in MODEL_METRICS:
+        raise ProbekitError(f"--fail-above: unknown metric {metric!r}; known metrics are "
+                            f"{sorted({**METRICS, **MODEL_METRICS})}.")
     try:
         limit = float(value)
     except ValueError:
@@ -169,12 +189,15 @@ def audit(
     test_id: str = "test_id",
     test_ood: str = "test_ood",
     stress: str | None = "stress",
+    variants: str | None = "variants",
     models: Sequence[str] | None = None,
     layers: Sequence[str] | None = None,
     factors: Sequence[str] | None = None,
     n_boot: int = 500,
     n_perm: int = 200,
     random_state: int = 0,
+    behaviour_layer: str | None = None,
+    pull_threshold: float = 0.05,
     progress: bool = True,
 ) -> Audit:
     """Run every analysis the store allows; see the module docstring and docs/REPORT_SCHEMA.md.
@@ -183,18 +206,26 @@ def audit(
     ----------
     store : path of a store (docs/FORMAT.md)
     train, test_id, test_ood : split names of the probe protocol (fit on train; score ID and OOD).
-    stress : the grouped split with broad backgrounds for background sensitivity (None: skip).
+    stress : the crossed split (every foreground ``group`` on the same ``background`` ids) with broad
+        backgrounds: behaviour, two-way decomposition, background sensitivity (None: skip).
+    variants : the split of image variants (``variant`` field): accuracy per variant (None: skip).
     models, layers : restrict to these (default: all in the store).
     factors : background factor names to use (default: all of the store's).
     n_boot, n_perm : bootstrap resamples for intervals; permutations for the correlation null.
     random_state : seed of every resampling, so an audit is reproducible to the digit.
+    behaviour_layer : for a model without a stored output (``@output``), the layer whose linear probe
+        (fit on ``train``) stands in for its predictions (default: its last stored layer).
+    pull_threshold : materiality of the background pull (share of predictions moved), see
+        :func:`probekit.analyses.background_behaviour`.
     """
     path = Path(store)
     with open_store(path) as s:
         ctx = _Ctx(s, {"train": train, "test_id": test_id, "test_ood": test_ood, "stress": stress,
+                       "variants": variants,
                        "factors": list(factors) if factors is not None else None, "n_boot": int(n_boot),
-                       "n_perm": int(n_perm), "random_state": int(random_state)})
-        names = list(models) if models is not None else s.models
+                       "n_perm": int(n_perm), "random_state": int(random_state),
+                       "behaviour_layer": behaviour_layer, "pull_threshold": float(pull_threshold)})
+        names = list(models) if models is not None else [m for m in s.models if not _INIT_RE.match(m)]
         for m in names:
             if m not in s.models:
                 raise DataError(f"The store {str(path)!r} has no model {m!r}; it has {s.models}.")
@@ -223,16 +254,22 @@ def audit(
                          "see the figures over training", m, None)
         for m in names:
             doc["models"][m] = {"role": s.role(m), "source": str(s.model_attrs(m).get("source", "")),
-                                "layers": {}, "directions": {}}
+                                "inits": _inits(s, m), "layers": {}, "directions": {}}
         bar = tqdm(tasks, desc="audit", unit="layer", disable=not progress, leave=False)
         for m, layer in bar:
             bar.set_postfix_str(f"{m}.{layer}"[-40:])
             doc["models"][m]["layers"][layer] = _layer(ctx, m, layer)
         for m in names:
             doc["models"][m]["directions"] = _directions(ctx, m)
+            b = _run(ctx, "behaviour", m, None, lambda m=m: _behaviour(ctx, m))
+            if b is not None:
+                doc["models"][m]["behaviour"] = b
+        _background_flags(ctx, names, doc)
         doc["pairs"] = _pairs(ctx, names, doc)
         doc["headline"] = _headline(doc)
-        doc["verdict"] = _verdict(doc)
+        for m in names:
+            doc["models"][m].update(_model_verdict(doc["models"][m], m, ctx.cfg))
+        doc["verdict"] = [doc["models"][m]["verdict"] for m in names] + _verdict(doc)
         series_models = [m for m in names if len([st for st in s.steps(m) if st != 0]) >= 1
                          and len(s.steps(m)) >= 2]
     doc["series"] = {}
@@ -294,7 +331,10 @@ def _layer(ctx: _Ctx, m: str, layer: str) -> dict[str, Any]:
     else:
         ctx.skip("probe", f"needs labelled splits {tr!r}, {ti!r}, {to!r} with this layer", m, layer)
     # background analyses need factors
-    fsplits = [sp for sp in (c["stress"], to, ti, tr) if ctx.has_split(m, sp, layer) and s.factor_names(sp)]
+    # correlation and decodability need rows whose backgrounds are drawn independently: a crossed split
+    # repeats its few backgrounds over every foreground, so it gives them only B distinct factor rows
+    fsplits = [sp for sp in (c["stress"], to, ti, tr) if ctx.has_split(m, sp, layer) and s.factor_names(sp)
+               and not _crossed(ctx, sp)]
     if fsplits:
         wide = fsplits[0]  # the split whose backgrounds vary most widely (stress, else OOD, ...)
         dec = {}
@@ -309,6 +349,12 @@ def _layer(ctx: _Ctx, m: str, layer: str) -> dict[str, Any]:
         ctx.skip("correlation", "no split with background factors", m, layer)
     # sensitivity with the foreground held fixed
     st = c["stress"]
+    if ctx.has_split(m, st, layer) and _crossed(ctx, st) and layer != OUTPUT_LAYER:
+        out["crossed"] = _run(ctx, "crossed decomposition", m, layer,
+                              lambda: _crossed_decomposition(ctx, m, layer, st))
+    elif layer != OUTPUT_LAYER:
+        ctx.skip("crossed decomposition", f"needs a crossed split {st!r} (fields 'group' and 'background': "
+                 "every foreground on the same backgrounds)", m, layer)
     if ctx.has_split(m, st, layer) and s.has_field(st, "group"):
         out["sensitivity"] = _run(ctx, "sensitivity", m, layer, lambda: _sensitivity(ctx, m, layer, st))
     else:
@@ -417,6 +463,222 @@ def _nms(ctx: _Ctx, m: str, layer: str, a: str, b: str) -> dict[str, Any]:
     if _init_step(ctx, m, a, layer) is not None and _init_step(ctx, m, b, layer) is not None:
         out["init"] = one(0)
     return out
+
+
+# -- crossed design: behaviour, decomposition, background flags -----------------------------------
+
+
+def _inits(s: Store, m: str) -> list[str]:
+    """Seeded initialisations of ``m`` in the store (models named ``<m>@init<k>``)."""
+    return sorted(x for x in s.models if (mt := _INIT_RE.match(x)) and mt.group("base") == m)
+
+
+def _crossed(ctx: _Ctx, split: str | None) -> bool:
+    s = ctx.store
+    return bool(split and split in s.splits and s.has_field(split, "group") and s.has_field(split, "background"))
+
+
+def _rows_fields(ctx: _Ctx, split: str, n: int, *names: str) -> list[np.ndarray | None]:
+    return [_field(ctx, split, f, n) if ctx.store.has_field(split, f) else None for f in names]
+
+
+def _crossed_decomposition(ctx: _Ctx, m: str, layer: str, split: str) -> dict[str, Any]:
+    from .analyses import crossed_decomposition
+
+    X = ctx.x(m, split, layer)
+    group, background = _rows_fields(ctx, split, len(X), "group", "background")
+    r = crossed_decomposition(X, group, background, n_boot=min(200, ctx.cfg["n_boot"]),
+                              random_state=ctx.cfg["random_state"])
+    return {"split": split, "foreground": _estimate(r.foreground, r.foreground_ci),
+            "background": _estimate(r.background, r.background_ci),
+            "interaction": _estimate(r.interaction, r.interaction_ci),
+            "background_share": _estimate(r.background_share, r.background_share_ci),
+            "n_groups": r.n_groups, "n_backgrounds": r.n_backgrounds, "n_dropped_groups": r.n_dropped_groups,
+            "sketched": r.sketched}
+
+
+def _predictions(ctx: _Ctx, m: str, splits: Sequence[str]) -> tuple[dict[str, np.ndarray], str]:
+    """The model's predicted class on each split: argmax of its stored output, else a linear probe's."""
+    s, c = ctx.store, ctx.cfg
+    if all(OUTPUT_LAYER in s.layers(m, sp) for sp in splits):
+        preds = {sp: np.asarray(ctx.x(m, sp, OUTPUT_LAYER)[:]).reshape(s.n_rows(sp, m), -1).argmax(axis=1)
+                 for sp in splits}
+        width = int(np.prod(ctx.x(m, splits[0], OUTPUT_LAYER).shape[1:]))
+        labels = [_field(ctx, sp, "label", s.n_rows(sp, m)) for sp in (c["train"], *splits)
+                  if sp in s.splits and s.has_field(sp, "label")]
+        n_classes = max((int(y.max()) + 1 for y in labels if y.size), default=0)
+        # an output is read as class scores only when it has one unit per class of the labels (a
+        # representation output, or a 1000-way head on a 3-class folder, is not)
+        if width == n_classes and width > 1:
+            return preds, "the model's own output (argmax of @output)"
+    from .analyses import LinearProbe
+
+    layer = c["behaviour_layer"] or next(
+        (la for la in reversed(s.layers(m)) if la != OUTPUT_LAYER), None)
+    tr = c["train"]
+    if layer is None or not ctx.has_split(m, tr, layer) or not s.has_field(tr, "label"):
+        raise DataError(f"behaviour needs the model's output ({OUTPUT_LAYER!r}, extract with outputs) or a "
+                        f"labelled split {tr!r} to fit a linear probe on")
+    for sp in splits:
+        if not ctx.has_split(m, sp, layer):
+            raise DataError(f"behaviour: the probe layer {layer!r} has no rows on split {sp!r}")
+    Xtr = ctx.x(m, tr, layer)
+    probe = LinearProbe(C="cv", random_state=c["random_state"]).fit(Xtr, _field(ctx, tr, "label", len(Xtr)))
+    return ({sp: np.asarray(probe.predict(ctx.x(m, sp, layer))) for sp in splits},
+            f"a linear probe on {layer} fit on {tr!r} (the model has no stored output)")
+
+
+def _behaviour(ctx: _Ctx, m: str) -> dict[str, Any]:
+    from .analyses import background_behaviour, variant_behaviour
+
+    s, c = ctx.store, ctx.cfg
+    st, va = c["stress"], c["variants"]
+    splits = [sp for sp in (st,) if ctx.has_split(m, sp) and _crossed(ctx, sp) and s.has_field(sp, "label")]
+    vsplits = [sp for sp in (va,) if ctx.has_split(m, sp) and sp in s.splits and s.has_field(sp, "variant")
+               and s.has_field(sp, "label") and s.has_field(sp, "group")]
+    if not splits and not vsplits:
+        raise DataError(f"behaviour needs a crossed split {st!r} (fields 'label', 'group', 'background') or a "
+                        f"variants split {va!r} (fields 'label', 'group', 'variant')")
+    preds, source = _predictions(ctx, m, splits + vsplits)
+    out: dict[str, Any] = {"predictions": source}
+    if splits:
+        n = s.n_rows(st, m)
+        label, group, background, bl = _rows_fields(ctx, st, n, "label", "group", "background",
+                                                     "background_label")
+        r = background_behaviour(preds[st], group, background, label=label, background_label=bl,
+                                 n_boot=c["n_boot"], n_perm=c["n_perm"], threshold=c["pull_threshold"],
+                                 random_state=c["random_state"])
+        out.update({
+            "split": st, "n_groups": r.n_groups, "n_backgrounds": r.n_backgrounds,
+            "flip_rate": _estimate(r.flip_rate, r.flip_rate_ci),
+            "pull": _estimate(r.pull, r.pull_ci), "pull_raw": r.pull_raw, "pull_null": r.pull_null,
+            "pull_p_value": r.pull_p_value, "pull_threshold": r.threshold,
+            "accuracy_crossed": _estimate(r.accuracy, r.accuracy_ci),
+            "follows_background": _estimate(r.follows_background, r.follows_background_ci),
+            "follows_background_null": r.follows_background_null, "n_swapped": r.n_swapped,
+            "flagged": r.flagged,
+        })
+    if vsplits:
+        n = s.n_rows(va, m)
+        v = variant_behaviour(preds[va], _field(ctx, va, "label", n), s.variants(va)[:n],
+                              _field(ctx, va, "group", n), n_boot=c["n_boot"], random_state=c["random_state"])
+        out["variants_split"] = va
+        out["accuracy"] = {k: {"value": e["value"], "ci": e["ci"], "n": e["n"]} for k, e in v.accuracy.items()}
+        out["bg_gap"] = _estimate(*(v.bg_gap["value"], v.bg_gap["ci"]) if v.bg_gap else (None,))
+        only = v.only_bg_accuracy
+        out["only_bg_accuracy"] = _estimate(*(only["value"], only["ci"]) if only else (None,))
+        out["chance"] = v.chance
+    for key in ("bg_gap", "only_bg_accuracy", "follows_background"):
+        out.setdefault(key, _estimate(None))
+    return out
+
+
+def _init_rows(ctx: _Ctx, m: str, split: str, layer: str) -> tuple[list[Any], str] | None:
+    """The init reference of a layer: seeded inits (``<m>@init<k>``) or the recorded step 0."""
+    s = ctx.store
+    seeded = [i for i in _inits(s, m) if ctx.has_split(i, split, layer)]
+    if seeded:
+        return [ctx.x(i, split, layer) for i in seeded], f"{len(seeded)} seeded initialisations"
+    if _init_step(ctx, m, split, layer) is not None:
+        return [ctx.x(m, split, layer, 0)], "the recorded step 0"
+    return None
+
+
+def _background_flags(ctx: _Ctx, names: Sequence[str], doc: dict[str, Any]) -> None:
+    """``layers.<l>.background_flag`` of every model: its background component against its reference,
+    with Bonferroni over every comparison made (layers x models)."""
+    from .analyses import compare_background
+
+    s, c = ctx.store, ctx.cfg
+    st = c["stress"]
+    if not _crossed(ctx, st):
+        return
+    teachers = [t for t in names if s.role(t) == "teacher"] or [t for t in s.models if s.role(t) == "teacher"]
+    plans = []
+    for m in names:
+        for layer in doc["models"][m]["layers"]:
+            if layer == OUTPUT_LAYER or not ctx.has_split(m, st, layer):
+                continue
+            ref = None
+            if s.role(m) == "student":
+                t = next((t for t in teachers if ctx.has_split(t, st, layer)), None)
+                if t is not None and s.n_rows(st, t) == s.n_rows(st, m):
+                    ref = ([ctx.x(t, st, layer)], "absolute", f"teacher {t}")
+            if ref is None:
+                init = _init_rows(ctx, m, st, layer)
+                if init is not None:
+                    ref = (init[0], "odds", f"initialisation ({init[1]})")
+            if ref is None:
+                ctx.skip("background flag", "no reference: a teacher at this layer (for a student), seeded "
+                         f"initialisations '{m}@init<k>' or a recorded step 0", m, layer)
+                continue
+            plans.append((m, layer, ref))
+    if not plans:
+        return
+    level = 1 - 0.05 / len(plans)  # Bonferroni over layers x models (two-sided intervals)
+    for m, layer, (refs, kind, ref_name) in plans:
+        def run(m: str = m, layer: str = layer, refs: list[Any] = refs, kind: str = kind) -> Any:
+            X = ctx.x(m, st, layer)
+            group, background = _rows_fields(ctx, st, len(X), "group", "background")
+            return compare_background(X, refs, group, background, kind=kind, n_boot=min(500, ctx.cfg["n_boot"]),
+                                      ci_level=level, random_state=c["random_state"])
+
+        r = _run(ctx, "background flag", m, layer, run)
+        if r is None:
+            continue
+        res = doc["models"][m]["layers"][layer]
+        res["background_flag"] = r.flagged
+        res["background_vs_reference"] = {
+            "reference": ref_name, "kind": kind, "value": r.value, "reference_value": r.reference,
+            "ratio": _estimate(r.ratio, r.ratio_ci), "ci_level": r.ci_level, "margin": r.margin,
+            "n_comparisons": len(plans),
+        }
+
+
+def _pct(v: float | None) -> str:
+    return "–" if v is None else f"{100 * v:.0f} %"
+
+
+def _ci_pct(e: Mapping[str, Any]) -> str:
+    ci = e.get("ci")
+    return f"{_pct(e['value'])} [{100 * ci[0]:.0f}, {100 * ci[1]:.0f}]" if ci else _pct(e.get("value"))
+
+
+def _model_verdict(info: Mapping[str, Any], m: str, cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """``flagged`` and the one-sentence ``verdict`` of a model: behaviour first, then its layers."""
+    beh = info.get("behaviour") or {}
+    layer_flags = [la for la, r in info["layers"].items() if r.get("background_flag")]
+    compared = [la for la, r in info["layers"].items() if "background_flag" in r]
+    rep = ""
+    if compared:
+        rep = (f" Its representation's background component is above its reference at {len(layer_flags)} of "
+               f"{len(compared)} layers" + (f" ({', '.join(layer_flags)})." if layer_flags else "."))
+    if "flagged" in beh:
+        flip, pull = beh["flip_rate"], beh["pull"]
+        follow = beh.get("follows_background") or {}
+        fb = (f"; where the background came from another class, the prediction follows the background's "
+              f"class for {_ci_pct(follow)} of images (chance {_pct(beh.get('follows_background_null'))})"
+              if follow.get("value") is not None else "")
+        where = f"{beh['n_groups']} objects each shown on the same {beh['n_backgrounds']} backgrounds"
+        if beh["flagged"]:
+            text = (f"{m} relies on the background: its prediction changes with the background for "
+                    f"{_ci_pct(flip)} of objects, and backgrounds move {_ci_pct(pull)} of its predictions "
+                    f"towards the same classes for every object ({where}){fb}.")
+        elif (flip.get("value") or 0) > 0:
+            text = (f"{m} is not flagged: its prediction changes with the background for {_ci_pct(flip)} of "
+                    f"objects, but each object its own way: backgrounds move {_ci_pct(pull)} of its "
+                    f"predictions towards shared classes, below the {_pct(beh['pull_threshold'])} threshold "
+                    f"(unsure foregrounds, not background reliance; {where}){fb}.")
+        else:
+            text = f"{m} is not flagged: its prediction never changes with the background ({where})."
+        return {"flagged": bool(beh["flagged"]), "verdict": text + rep, "flag_basis": "behaviour"}
+    if compared:
+        return {"flagged": bool(layer_flags), "flag_basis": "representation",
+                "verdict": (f"{m} {'is flagged' if layer_flags else 'is not flagged'} on its representation "
+                            "(no behaviour: the store has no crossed split with labels)." + rep)}
+    return {"flagged": False, "flag_basis": None,
+            "verdict": (f"{m}: no verdict — the store has no crossed split (every foreground on the same "
+                        "backgrounds) with labels, and no reference for its layers.")}
 
 
 # -- headline and verdict -------------------------------------------------------------------------

@@ -24,8 +24,8 @@ from tqdm.auto import tqdm
 
 __all__ = ["DemoResult", "run_demo"]
 
-LAYERS = ["block1", "block2", "block3", "rep"]
-SPLITS = ["train", "test_id", "test_ood", "stress"]
+LAYERS = ["block1", "block2", "block3", "rep", "@output"]
+SPLITS = ["train", "test_id", "test_ood", "stress", "variants"]
 
 
 @dataclass
