@@ -185,7 +185,7 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         Torch intra-op threads (``torch.set_num_threads``) and BLAS/OpenMP threads of the
         scikit-learn backend for the duration of ``fit``; the previous settings are restored
         afterwards. ``None`` leaves them as they are. One thread is the default: on a busy 2-core
-        machine two torch threads made a small fit 20-30x slower by waiting for each other.
+        machine two torch threads made fits 10-20x slower than one, waiting for each other.
         ``torch.set_num_threads`` is process-wide: fits running concurrently in threads of one
         process share it.
     max_iter : int, default=1000
