@@ -208,12 +208,6 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
     random_state : int, optional
         Seeds the CV split and the minibatch order.
 
-    Warns
-    -----
-    sklearn.exceptions.ConvergenceWarning
-        When a fit (any of the ``C="cv"`` fits included) ends above ``tol``, on either backend:
-        raise ``max_iter``, lower ``C`` or keep ``standardize=True``.
-
     Attributes
     ----------
     classes_ : ndarray of shape (n_classes,)
@@ -228,6 +222,12 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
     backend_ : str
     n_iter_ : int
     n_features_in_ : int
+
+    Warns
+    -----
+    sklearn.exceptions.ConvergenceWarning
+        When a fit (any of the ``C="cv"`` fits included) ends above ``tol``, on either backend:
+        raise ``max_iter``, lower ``C`` or keep ``standardize=True``.
 
     Examples
     --------
@@ -348,7 +348,7 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         if notes:
             from sklearn.exceptions import ConvergenceWarning
 
-            more = f" ({len(notes)} of the fits, C='cv' included)" if len(notes) > 1 else ""
+            more = f" in {len(notes)} fits (the C='cv' folds included)" if len(notes) > 1 else ""
             warnings.warn(f"{type(self).__name__} did not converge{more}: {notes[-1]}", ConvergenceWarning,
                           stacklevel=2)
         # map back to raw features

@@ -91,7 +91,7 @@ def test_minibatch_warns_when_epochs_run_out(digits):
 
 def test_C_cv_warns_once_for_its_fits(digits):
     X, y = digits
-    with pytest.warns(ConvergenceWarning, match=r"of the fits, C='cv' included") as rec:
+    with pytest.warns(ConvergenceWarning, match=r"in \d+ fits \(the C='cv' folds included\)") as rec:
         LinearProbe(C="cv", Cs=[1.0, 10.0], cv=2, max_iter=3, backend="torch", random_state=0).fit(X, y)
     assert len([w for w in rec if issubclass(w.category, ConvergenceWarning)]) == 1
 
