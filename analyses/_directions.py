@@ -32,9 +32,18 @@ def _weights(W: Any, name: str = "W") -> np.ndarray:
     return src.load()
 
 
+#: Tolerances (degrees) at which :class:`DirectionClusters` reports the count's stability.
+DEFAULT_STABILITY_TOLS = (5.0, 10.0, 15.0, 20.0, 30.0)
+
+
 @dataclasses.dataclass(repr=False)
 class DirectionClustersResult(ResultMixin):
-    """Summary of a :class:`DirectionClusters` fit (clusters sorted by mass share, largest first)."""
+    """Summary of a :class:`DirectionClusters` fit (clusters sorted by mass share, largest first).
+
+    ``stability_n_directions[i]`` is the count at ``stability_tol_degrees[i]``; ``stable`` is False
+    when those counts differ by more than a factor of 2 (then ``note`` says so, and the count at
+    ``tol_degrees`` alone is not a property of the weights).
+    """
 
     n_directions: int
     n_clusters: int
@@ -45,6 +54,10 @@ class DirectionClustersResult(ResultMixin):
     shares: np.ndarray
     spread_degrees: np.ndarray
     centers: np.ndarray
+    stability_tol_degrees: list[float]
+    stability_n_directions: list[int]
+    stable: bool
+    note: str | None
 
 
 class DirectionClusters(BaseEstimator):
@@ -61,6 +74,16 @@ class DirectionClusters(BaseEstimator):
     Zero rows carry no direction (label -1, counted in ``n_zero_units``). The count depends on the
     data's directions, not on the number of units.
 
+    **Stability over the tolerance.** The count is only a property of the weights when it does not
+    hinge on ``tol``: weights concentrated on :math:`k` directions (angular spread well below the
+    tolerances, directions far apart) give :math:`k` at every tolerance, while directions spread
+    over the sphere (e.g. isotropic weights in a low-dimensional input space) give a count that
+    falls steadily as ``tol`` grows (roughly as the number of caps of radius ``tol`` needed to cover
+    them). The fit therefore repeats the clustering at each of ``stability_tols``
+    (:math:`K(\tau)`, ``stability_``) and sets ``stable_ = max K(\tau) <= 2 min K(\tau)``; when
+    False, ``result_.note`` says that the count swings and by how much. Report ``n_directions_``
+    with ``stability_``.
+
     Parameters
     ----------
     tol : float, default=10.0
@@ -69,6 +92,8 @@ class DirectionClusters(BaseEstimator):
         Share of the squared weight norm the counted directions must carry.
     max_iter : int, default=20
         Refinement rounds.
+    stability_tols : sequence of float, default=(5, 10, 15, 20, 30)
+        Tolerances (degrees) at which the count is repeated; ``()`` skips the check (one fit).
 
     Attributes
     ----------
@@ -79,13 +104,19 @@ class DirectionClusters(BaseEstimator):
     spread_ : ndarray of shape (n_clusters,)
         Mean angle to the centre, degrees.
     labels_ : ndarray of shape (n_units,)
+    stability_ : dict of float to int
+        ``{tol_degrees: n_directions}`` over ``stability_tols`` (and ``tol``).
+    stable_ : bool
+        Whether the counts in ``stability_`` agree within a factor of 2.
     result_ : DirectionClustersResult
     """
 
-    def __init__(self, *, tol: float = 10.0, mass: float = 0.9, max_iter: int = 20) -> None:
+    def __init__(self, *, tol: float = 10.0, mass: float = 0.9, max_iter: int = 20,
+                 stability_tols: Any = DEFAULT_STABILITY_TOLS) -> None:
         self.tol = tol
         self.mass = mass
         self.max_iter = max_iter
+        self.stability_tols = stability_tols
 
     def fit(self, W: Any, y: Any = None) -> DirectionClusters:
         """Cluster the rows of ``W`` of shape (n_units, fan_in) (array or store weights)."""
@@ -93,6 +124,14 @@ class DirectionClusters(BaseEstimator):
         check_number(own, "tol", self.tol, low=0, high=180, low_open=True)
         check_number(own, "mass", self.mass, low=0, high=1, low_open=True)
         check_number(own, "max_iter", self.max_iter, low=0, integer=True)
+        try:
+            tols = [float(t) for t in self.stability_tols]
+        except (TypeError, ValueError) as e:
+            raise DataError(
+                f"stability_tols must be a sequence of angles in degrees, e.g. (5, 10, 20); got {self.stability_tols!r}."
+            ) from e
+        for t in tols:
+            check_number(own, "stability_tols entry", t, low=0, high=180, low_open=True)
         W = _weights(W)
         m = (W * W).sum(axis=1)
         zero = m <= 1e-24 * max(m.max(), 1e-300)
@@ -101,21 +140,68 @@ class DirectionClusters(BaseEstimator):
         idx = np.flatnonzero(~zero)
         U = W[idx] / np.sqrt(m[idx])[:, None]
         mass = m[idx]
-        cos_tol = math.cos(math.radians(self.tol))
+        lab, C, shares, n_dir = self._cluster(U, mass, float(self.tol))
+        ang = np.degrees(np.arccos(np.clip((U * C[lab]).sum(axis=1), -1.0, 1.0)))
+        spread = np.array([ang[lab == k].mean() for k in range(C.shape[0])])
+        labels = np.full(W.shape[0], -1)
+        labels[idx] = lab
+        self.centers_, self.shares_, self.spread_, self.labels_ = C, shares, spread, labels
+        self.n_directions_ = n_dir
+        self.n_clusters_ = C.shape[0]
+        stab = {float(self.tol): n_dir}
+        for t in sorted(set(tols) - {float(self.tol)}):
+            stab[t] = self._cluster(U, mass, t)[3]
+        self.stability_ = dict(sorted(stab.items()))
+        lo, hi = min(self.stability_.values()), max(self.stability_.values())
+        self.stable_ = bool(hi <= 2 * lo)
+        note = None
+        if not self.stable_:
+            ts = list(self.stability_)
+            note = (f"n_directions ranges {lo}..{hi} over tol {ts[0]:g}..{ts[-1]:g} degrees (more than a factor "
+                    "of 2): the directions are spread rather than clustered, so the count reflects the "
+                    "tolerance; report it with its tolerance or as a spread.")
+        self.result_ = DirectionClustersResult(
+            n_directions=self.n_directions_, n_clusters=self.n_clusters_, n_units=int(W.shape[0]),
+            n_zero_units=int(zero.sum()), mass=float(self.mass), tol_degrees=float(self.tol),
+            shares=shares, spread_degrees=spread, centers=C,
+            stability_tol_degrees=list(self.stability_), stability_n_directions=list(self.stability_.values()),
+            stable=self.stable_, note=note,
+        )
+        return self
 
-        # greedy leader pass in order of decreasing mass
+    def _cluster(self, U: np.ndarray, mass: np.ndarray, tol: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+        """Labels, centres and shares (sorted by share) and the count at angle ``tol`` (degrees)."""
+        cos_tol = math.cos(math.radians(tol))
+        # greedy leader pass in order of decreasing mass: a unit joins its most similar centre if that
+        # is within tol, else becomes a centre. Blocks of units are compared with the centres found
+        # before the block in one product, and with the block's own new centres one by one.
         order = np.argsort(-mass, kind="stable")
-        lab = np.empty(idx.size, dtype=int)
-        C = np.empty((0, U.shape[1]))
-        for j in order:
-            if C.shape[0]:
-                c = C @ U[j]
-                k = int(np.argmax(c))
-                if c[k] >= cos_tol:
+        lab = np.empty(U.shape[0], dtype=int)
+        C = np.empty((U.shape[0], U.shape[1]))
+        nc = 0
+        for b0 in range(0, order.size, 256):
+            blk = order[b0:b0 + 256]
+            n0 = nc
+            if n0:
+                S = U[blk] @ C[:n0].T
+                best_k = np.argmax(S, axis=1)
+                best_v = S[np.arange(blk.size), best_k]
+            Gb = U[blk] @ U[blk].T
+            new_pos: list[int] = []  # block positions that became centres n0, n0 + 1, ...
+            for i, j in enumerate(blk):
+                k, v = (int(best_k[i]), best_v[i]) if n0 else (-1, -np.inf)
+                if new_pos:
+                    g = Gb[i, new_pos]
+                    q = int(np.argmax(g))
+                    if g[q] > v:
+                        k, v = n0 + q, g[q]
+                if v >= cos_tol:
                     lab[j] = k
                     continue
-            C = np.vstack([C, U[j]])
-            lab[j] = C.shape[0] - 1
+                C[nc] = U[j]
+                lab[j] = nc
+                new_pos.append(i)
+                nc += 1
         for _ in range(self.max_iter):
             lab = self._compact(self._merge(self._centres(U, mass, lab), mass, lab, cos_tol))
             C = self._centres(U, mass, lab)
@@ -127,7 +213,6 @@ class DirectionClusters(BaseEstimator):
             if np.array_equal(new, lab):
                 break
             lab = new
-        C = self._centres(U, mass, lab)
         lab = self._compact(lab)
         C = self._centres(U, mass, lab)
         shares = np.bincount(lab, weights=mass, minlength=C.shape[0]) / mass.sum()
@@ -136,20 +221,8 @@ class DirectionClusters(BaseEstimator):
         rank[ordr] = np.arange(ordr.size)
         lab = rank[lab]
         C, shares = C[ordr], shares[ordr]
-        ang = np.degrees(np.arccos(np.clip((U * C[lab]).sum(axis=1), -1.0, 1.0)))
-        spread = np.array([ang[lab == k].mean() for k in range(C.shape[0])])
         n_dir = int(np.searchsorted(np.cumsum(shares), self.mass - 1e-12) + 1)
-        labels = np.full(W.shape[0], -1)
-        labels[idx] = lab
-        self.centers_, self.shares_, self.spread_, self.labels_ = C, shares, spread, labels
-        self.n_directions_ = min(n_dir, C.shape[0])
-        self.n_clusters_ = C.shape[0]
-        self.result_ = DirectionClustersResult(
-            n_directions=self.n_directions_, n_clusters=self.n_clusters_, n_units=int(W.shape[0]),
-            n_zero_units=int(zero.sum()), mass=float(self.mass), tol_degrees=float(self.tol),
-            shares=shares, spread_degrees=spread, centers=C,
-        )
-        return self
+        return lab, C, shares, min(n_dir, C.shape[0])
 
     @staticmethod
     def _compact(lab: np.ndarray) -> np.ndarray:
@@ -165,19 +238,22 @@ class DirectionClusters(BaseEstimator):
 
     @staticmethod
     def _merge(C: np.ndarray, mass: np.ndarray, lab: np.ndarray, cos_tol: float) -> np.ndarray:
+        """Map each centre to the first heavier kept centre within ``tol`` (heaviest first)."""
         w = np.bincount(lab, weights=mass, minlength=C.shape[0])
         order = np.argsort(-w, kind="stable")
         target = np.arange(C.shape[0])
-        kept: list[int] = []
+        G = C @ C.T
+        kept = np.empty(C.shape[0], dtype=np.int64)
+        nk = 0
         for k in order:
             if w[k] == 0:
                 continue
-            for c in kept:
-                if C[c] @ C[k] >= cos_tol:
-                    target[k] = c
-                    break
+            hit = np.flatnonzero(G[k, kept[:nk]] >= cos_tol)
+            if hit.size:
+                target[k] = kept[hit[0]]
             else:
-                kept.append(k)
+                kept[nk] = k
+                nk += 1
         return target[lab]
 
     def alignment(self, references: Any) -> np.ndarray:
