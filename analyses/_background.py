@@ -15,7 +15,6 @@ from ._common import (
     DEFAULT_MAX_MEMORY,
     FitFirstError,
     ResultMixin,
-    Source,
     as_factors,
     as_source,
     as_vector,
@@ -107,21 +106,35 @@ class BackgroundCorrelation(BaseEstimator):
     (``noise_floor``), :math:`E R^2 \approx F/(N-1)`, :math:`E\eta^2 \approx (K-1)/(N-1)`.
 
     **Permutation null.** The factor rows are shuffled ``n_permutations`` times (the same shuffles for
-    every unit, computed in the same pass as one matrix product). The null |r| of all live units of a
-    factor is pooled (units are exchangeable under the null: the permutation variance of r is
-    1/(N-1) whatever the unit's distribution). From it: ``threshold`` = its (1-alpha) quantile (a
-    per-unit test; under the null about ``alpha`` of units exceed it), ``fwer_threshold`` = the
-    (1-alpha) quantile over permutations of the maximum |r| over units (family-wise control), and
-    permutation p-values :math:`p = (1 + \#\{\text{null} \ge |r|\})/(1 + \text{pool size})`, corrected
-    with Benjamini-Hochberg across all units x factors (``share_significant``, FDR at ``alpha``).
+    every unit, computed in the same pass as one matrix product). Each unit is tested against its own
+    permutation null (the permutation variance of r is 1/(N-1) for every unit, but its tails are not:
+    a heavy-tailed unit against a heavy-tailed factor has heavier ones, so a null pooled over units
+    rejected heavy-tailed units too often at small levels and light-tailed ones too rarely):
+    :math:`p_{uf} = (1 + \#\{\pi: |r^\pi_{uf}| \ge |r_{uf}|\})/(1 + P)`, valid for every unit
+    whatever its distribution. From it:
+
+    - ``share_significant``: Benjamini-Hochberg at ``alpha`` across all units x factors on these
+      p-values (FDR). A p-value is at least :math:`1/(1+P)`, so BH over :math:`m` tests can reject
+      only once about :math:`m/(\alpha (1+P))` tests reach that floor: with many units and few
+      permutations it finds nothing unless many units are affected. Raise ``n_permutations`` (to
+      ``m / alpha`` for single discoveries) or use ``n_permutations=0``.
+    - ``threshold[f]``: the mean over live units of each unit's own (1-alpha) null quantile of |r|
+      (a typical per-unit critical value); ``share_above_threshold[f]``: the share of live units
+      above their own quantile (uncorrected; about ``alpha`` under the null).
+    - ``fwer_threshold``: the (1-alpha) quantile over permutations of the maximum |r| over **all**
+      live units and **all** factors (family-wise control over the whole family; the same value for
+      every factor); ``share_above_fwer_threshold[f]``: share of live units above it. Under the
+      null, any unit of any factor exceeds it in about ``alpha`` of data sets.
+    - ``null_mean_abs_r[f]``: mean null |r| over live units and permutations.
 
     **Parametric null** (``n_permutations=0``). The permutation products cost rows x units x
     ``n_permutations`` x factors multiply-adds, far more than the rest of the pass (on a 2-core CPU,
     100 permutations of 6 factors run at a few percent of the store's read speed). With
     ``n_permutations=0`` none are formed: p-values come from Student's t on r with N-2 degrees of
-    freedom (exact for Gaussian units, the large-N limit otherwise), ``threshold`` is the |r| with
-    two-sided p = alpha, ``fwer_threshold`` the Sidak-corrected one over the live units (conservative
-    where units correlate, where the permutation max-statistic is not), and ``null_abs_r_`` is empty.
+    freedom (exact when the unit or the factor is Gaussian, the large-N limit otherwise),
+    ``threshold`` is the |r| with two-sided p = alpha, ``fwer_threshold`` the Sidak-corrected one
+    over the live units x factors (conservative where units correlate, where the permutation
+    max-statistic is not), and ``null_abs_r_`` is empty.
 
     **Spearman** is the Pearson correlation of ranks (average ranks for ties). Ranks need the whole
     column: it is exact when the layer fits ``max_memory``; otherwise it is computed on a seeded
@@ -280,15 +293,18 @@ class BackgroundCorrelation(BaseEstimator):
         absr = np.abs(pearson)
         pvals = np.full((d, nf), np.nan)
         thr, fwer, share_thr, share_fwer, null_mean = {}, {}, {}, {}, {}
-        if P:  # permutation null, pooled over live units per factor
+        if P:  # per-unit permutation null; the family-wise one from the max over units and factors
             null = np.abs(rperm[live])  # (live, P, nf)
+            obs = absr[live]  # (live, nf)
+            ge = np.count_nonzero(null >= obs[:, None, :], axis=1)
+            pvals[live] = (1.0 + ge) / (1.0 + P)
+            q_unit = np.quantile(null, 1 - self.alpha, axis=1)  # each unit's own critical |r|
+            family = float(np.quantile(null.max(axis=(0, 2)), 1 - self.alpha))
             for j, name in enumerate(names):
-                pool = np.sort(null[:, :, j].ravel())
-                ge = pool.size - np.searchsorted(pool, absr[live, j], side="left")
-                pvals[live, j] = (1.0 + ge) / (1.0 + pool.size)
-                thr[name] = float(np.quantile(pool, 1 - self.alpha))
-                fwer[name] = float(np.quantile(null[:, :, j].max(axis=0), 1 - self.alpha))
-                null_mean[name] = float(pool.mean())
+                thr[name] = float(q_unit[:, j].mean())
+                share_thr[name] = float(np.mean(obs[:, j] > q_unit[:, j]))
+                fwer[name] = family
+                null_mean[name] = float(null[:, :, j].mean())
         else:  # parametric null: Student t on r with n - 2 degrees of freedom, Sidak across units
             from scipy.stats import t as student_t
 
@@ -303,12 +319,12 @@ class BackgroundCorrelation(BaseEstimator):
                 tc = student_t.isf(level / 2.0, df)
                 return float(tc / np.sqrt(df + tc * tc))
 
-            sidak = -np.expm1(np.log1p(-self.alpha) / n_live)  # 1 - (1 - alpha)^(1/m)
-            for name in names:
+            sidak = -np.expm1(np.log1p(-self.alpha) / (n_live * nf))  # 1 - (1 - alpha)^(1/m), m tests
+            for j, name in enumerate(names):
                 thr[name], fwer[name] = r_crit(self.alpha), r_crit(sidak)
+                share_thr[name] = float(np.mean(absr[live, j] > thr[name]))
                 null_mean[name] = null_abs_r(n)
         for j, name in enumerate(names):
-            share_thr[name] = float(np.mean(absr[live, j] > thr[name]))
             share_fwer[name] = float(np.mean(absr[live, j] > fwer[name]))
         sig = _bh(pvals, self.alpha)
 
@@ -468,9 +484,14 @@ def background_sensitivity(X: Any, group: Any, *, n_boot: int = 200, ci_level: f
 # =================================================================================================
 @dataclasses.dataclass(repr=False)
 class NormalizedMeanShiftResult(ResultMixin):
-    """Normalised mean shift of a layer from background family a to family b."""
+    """Normalised mean shift of a layer from background family a to family b.
+
+    ``nms`` is the plug-in value, ``nms_debiased`` = ``nms`` - ``null_level`` its bias-corrected
+    estimate, and ``ci`` an interval for the true NMS (see :func:`normalized_mean_shift`).
+    """
 
     nms: float
+    nms_debiased: float
     ci: tuple[float, float]
     null_level: float
     sum_var_a: float
@@ -479,6 +500,91 @@ class NormalizedMeanShiftResult(ResultMixin):
     paired: bool
     ci_level: float
     per_unit_shift2: np.ndarray
+
+
+class _NmsSums:
+    """Shifted running sums of one family (or of paired differences) for NMS.
+
+    Per chunk: column sums ``s1``, the total of squares ``q`` (summed over units as well: only
+    sums over units of variances are needed), and the same weighted by the bootstrap's Poisson
+    weights (``ws1`` of shape (n_boot, d), ``wq`` and ``w`` of shape (n_boot,)).
+    """
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.shift: np.ndarray | None = None
+        self.s1: Any = 0.0
+        self.q = 0.0
+        self.w: Any = 0.0
+        self.ws1: Any = 0.0
+        self.wq: Any = 0.0
+
+    def add(self, a: np.ndarray, W: np.ndarray) -> None:
+        if self.shift is None:
+            self.shift = a.mean(axis=0)
+        a = a - self.shift
+        q = np.einsum("ij,ij->i", a, a)
+        self.n += a.shape[0]
+        self.s1 = self.s1 + a.sum(axis=0)
+        self.q += float(q.sum())
+        self.w = self.w + W.sum(axis=1)
+        self.ws1 = self.ws1 + W @ a
+        self.wq = self.wq + W @ q
+
+
+def _nms_stats(acc: _NmsSums) -> dict[str, Any]:
+    """Means, sums over units of the population variance, the same per bootstrap replicate."""
+    n = acc.n
+    m = acc.s1 / n  # shifted mean (d,)
+    w = np.asarray(acc.w, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):  # a replicate with weight 0 is NaN and dropped
+        bm = acc.ws1 / w[:, None]
+        bv = acc.wq / w - np.einsum("bj,bj->b", bm, bm)
+    return {"n": n, "m": m, "mean": m + acc.shift, "v": acc.q / n - float(m @ m), "w": w, "bm": bm, "bv": bv}
+
+
+def _nms_interval(T: float, d2: float, S: float, lin: np.ndarray, quad: np.ndarray, noise: np.ndarray,
+                  S_boot: np.ndarray, level: float) -> tuple[float, float]:
+    """Interval for the true NMS by inverting bootstrap tests of theta0 >= 0 (see normalized_mean_shift).
+
+    ``T`` is the debiased estimate, ``d2`` = |dbar|^2, ``S`` = sum_u var_a; per replicate ``lin`` =
+    dbar . e_b, ``quad`` = |e_b|^2, ``noise`` its noise estimate and ``S_boot`` its sum_u var_a.
+    """
+    lo_p, hi_p = 100 * (1 - level) / 2, 100 * (1 + level) / 2
+
+    def accepted(theta0: np.ndarray) -> np.ndarray:
+        # replicates of T - theta0 in a bootstrap world whose mean difference is dbar rescaled to
+        # NMS theta0: the linear term's spread follows theta0, not the noise-inflated |dbar|^2
+        t0 = np.asarray(theta0, dtype=np.float64)[:, None]
+        scale = np.sqrt(t0 * S / d2) if d2 > 0 else 0.0
+        reps = (t0 * S + 2.0 * scale * lin + quad - noise) / S_boot - t0
+        q_lo, q_hi = np.percentile(reps, [lo_p, hi_p], axis=1)
+        dev = T - t0[:, 0]
+        return (q_lo <= dev) & (dev <= q_hi), dev < q_lo
+
+    # a grid over [0, top], top doubled until theta0 is rejected from above (T - theta0 < q_lo)
+    top = max(T, d2 / S, 1e-12) * 2.0
+    for _ in range(200):
+        if accepted(np.array([top]))[1][0]:
+            break
+        top *= 2.0
+    grid = np.linspace(0.0, top, 257)
+    ok = accepted(grid)[0]
+    if not ok.any():  # no theta0 >= 0 fits: the data are quieter than any shift, zero included
+        return (0.0, 0.0)
+
+    def refine(good: float, bad: float) -> float:  # the accepted end of [good, bad], on finer grids
+        for _ in range(3):
+            g = np.linspace(good, bad, 65)
+            acc = accepted(g)[0]
+            k = int(np.argmin(acc)) if not acc.all() else g.size - 1  # first rejected one
+            good, bad = float(g[max(k - 1, 0)]), float(g[k])
+        return good
+
+    i, j = int(np.flatnonzero(ok)[0]), int(np.flatnonzero(ok)[-1])
+    lo = 0.0 if i == 0 else refine(float(grid[i]), float(grid[i - 1]))
+    hi = refine(float(grid[j]), float(grid[j + 1])) if j + 1 < grid.size else float(grid[j])
+    return (lo, hi)
 
 
 def normalized_mean_shift(X_a: Any, X_b: Any, *, paired: bool | str = "auto", n_boot: int = 200,
@@ -490,24 +596,60 @@ def normalized_mean_shift(X_a: Any, X_b: Any, *, paired: bool | str = "auto", n_
 
     (population variances under family ``a``). On the same foregrounds rendered under both
     families (``paired``: row i of ``X_a`` and of ``X_b`` share a foreground), it measures how far
-    the background family moves the layer, in units of its spread. Under no shift its expected
-    value is about :math:`1/n_a + 1/n_b` for independent rows (``null_level``). The interval is a
-    Poisson bootstrap computed in the same streamed pass (each row gets a Poisson(1) weight per
-    replicate; paired rows share their weight). Report it beside the same architecture at
-    initialisation: the change from initialisation separates learned sensitivity from features
-    never removed (docs/METRICS.md).
+    the background family moves the layer, in units of its spread. Report it beside the same
+    architecture at initialisation: the change from initialisation separates learned sensitivity
+    from features never removed (docs/METRICS.md).
+
+    **Bias.** The plug-in value ``nms`` is biased upward by the sampling noise of the mean
+    difference, :math:`\sum_u \mathrm{Var}(\bar x^{(b)}_u - \bar x^{(a)}_u) / \sum_u \mathrm{var}_a`;
+    ``null_level`` estimates that term from the data: :math:`\sum_u s^2(x^{(b)}_u - x^{(a)}_u) / n`
+    for paired rows (the variance of the row differences, so well-matched pairs have a low floor),
+    :math:`\sum_u s^2_a/n_a + \sum_u s^2_b/n_b` for independent ones (about
+    :math:`1/n_a + 1/n_b` when both families have the same spread), over
+    :math:`\sum_u \mathrm{var}_a` (:math:`s^2` with ``n - 1``). It is the expected plug-in value
+    under no shift. ``nms_debiased`` = ``nms`` - ``null_level`` is unbiased in the numerator; it is
+    not truncated, so it is slightly negative about half the time when there is no shift.
+
+    **Interval.** ``ci`` is an interval for the true NMS, not a percentile interval of the plug-in
+    (whose bias made those miss small true values). One streamed pass (paired: A and B chunks read
+    in lockstep) also accumulates ``n_boot`` Poisson bootstrap replicates (each row gets a
+    Poisson(1) weight per replicate; paired rows share it). Replicate b writes the debiased
+    statistic as :math:`(\lVert \bar d\rVert^2 + 2\lambda\,\bar d\cdot e_b + \lVert e_b\rVert^2 -
+    \hat\nu_b) / S_b` with :math:`e_b` its deviation of the mean difference, :math:`\hat\nu_b` its
+    own noise estimate and :math:`S_b` its :math:`\sum_u\mathrm{var}_a`. The factor
+    :math:`\lambda^2 = 1 - \mathrm{tr}(\hat\Sigma^2)/\bar d^\top\hat\Sigma\bar d` (0 at least;
+    :math:`\hat\Sigma` the bootstrap covariance of the mean difference, both terms estimated from
+    the replicates) removes the noise that :math:`\bar d` adds to the variance of the linear term,
+    which would otherwise widen the interval about 1.4x at an NMS half the noise level. The interval
+    is the basic (reflected) bootstrap interval about ``nms_debiased``:
+    :math:`[T - q_{hi}, T - q_{lo}]` with :math:`q` the quantiles of the replicates minus ``nms``
+    (the bootstrap world's true NMS). Its ends are not truncated: the true NMS is at least 0, so a
+    lower end below 0 means no shift is detected at ``ci_level``. Coverage in simulation (Gaussian
+    rows, n = 400, 20 units, 200 replicates): tests/test_nms_coverage.py.
 
     Parameters
     ----------
     X_a, X_b : arrays of shape (n, ...) or Activations (same features)
+        Each needs at least 2 rows (the noise term needs a variance).
     paired : bool or "auto", default="auto"
         ``"auto"``: paired when both have the same number of rows.
     n_boot : int, default=200
+    ci_level : float, default=0.95
+    chunk_rows : int, optional
+    random_state : int, optional
+
+    Returns
+    -------
+    NormalizedMeanShiftResult
+        ``nms`` (plug-in), ``nms_debiased``, ``ci`` (for the true NMS), ``null_level`` (the
+        estimated noise term, paired or not), ``sum_var_a``, ``per_unit_shift2`` (plug-in
+        :math:`(\bar x^{(b)}_u - \bar x^{(a)}_u)^2`).
     """
     check_number("normalized_mean_shift", "n_boot", n_boot, low=1, integer=True)
+    check_number("normalized_mean_shift", "ci_level", ci_level, low=0, high=1, low_open=True)
     check_option("normalized_mean_shift", "paired", paired, (True, False, "auto"))
     A = as_source(X_a, "X_a", chunk_rows=chunk_rows, min_rows=2)
-    B = as_source(X_b, "X_b", chunk_rows=chunk_rows or A.chunk_rows, min_rows=1)
+    B = as_source(X_b, "X_b", chunk_rows=chunk_rows or A.chunk_rows, min_rows=2)
     if A.n_features != B.n_features:
         raise DataError(
             f"X_a has {A.n_features} features but X_b has {B.n_features}; pass the same layer of the same "
@@ -523,47 +665,56 @@ def normalized_mean_shift(X_a: Any, X_b: Any, *, paired: bool | str = "auto", n_
     seed = int(np.random.default_rng(random_state).integers(2**62))
 
     def weights(start: int, rows: int, which: int) -> np.ndarray:
-        key = [seed, start, 0 if is_paired else which]
+        key = [seed, start, which]
         return np.random.default_rng(key).poisson(1.0, size=(n_boot, rows)).astype(np.float64)
 
-    def moments(src: Source, which: int, second: bool) -> dict[str, Any]:
-        shift = None
-        out: dict[str, Any] = {"n": 0.0, "s1": 0.0, "s2": 0.0, "w": 0.0, "ws1": 0.0, "ws2": 0.0}
-        for start, a in src.chunks():
-            if shift is None:
-                shift = a.mean(axis=0)
-            a = a - shift
-            W = weights(start, a.shape[0], which)
-            out["n"] += a.shape[0]
-            out["s1"] = out["s1"] + a.sum(axis=0)
-            out["w"] = out["w"] + W.sum(axis=1)
-            out["ws1"] = out["ws1"] + W @ a
-            if second:
-                a2 = a * a
-                out["s2"] = out["s2"] + a2.sum(axis=0)
-                out["ws2"] = out["ws2"] + W @ a2
-        out["shift"] = shift
-        return out
-
-    ma = moments(A, 0, True)
-    mb = moments(B, 1, False)
-    mean_a = ma["s1"] / ma["n"] + ma["shift"]
-    mean_b = mb["s1"] / mb["n"] + mb["shift"]
-    var_a = ma["s2"] / ma["n"] - (ma["s1"] / ma["n"]) ** 2
-    shift2 = (mean_b - mean_a) ** 2
-    sum_var = float(var_a.sum())
-    if sum_var <= 0:
+    acc_a = _NmsSums()
+    if is_paired:  # one pass, A and B chunks in lockstep: sums of a and of the differences b - a
+        acc_d = _NmsSums()
+        for (start, a), (start_b, b) in zip(A.chunks(), B.chunks(), strict=True):
+            if start_b != start or b.shape != a.shape:  # both read A's chunk_rows: cannot happen
+                raise DataError(f"X_a and X_b chunks disagree at row {start}; pass arrays of the same shape.")
+            W = weights(start, a.shape[0], 0)
+            acc_a.add(a, W)
+            acc_d.add(b - a, W)
+        sa, sd = _nms_stats(acc_a), _nms_stats(acc_d)
+        mean_b = sa["mean"] + sd["mean"]
+        dbar = sd["mean"]
+        noise = sd["v"] / (sd["n"] - 1)  # sum_u s^2(b - a) / n
+        with np.errstate(divide="ignore", invalid="ignore"):
+            e = sd["bm"] - sd["m"]
+            bnoise = sd["bv"] / (sd["w"] - 1)
+    else:
+        acc_b = _NmsSums()
+        for start, a in A.chunks():
+            acc_a.add(a, weights(start, a.shape[0], 0))
+        for start, b in B.chunks():
+            acc_b.add(b, weights(start, b.shape[0], 1))
+        sa, sb = _nms_stats(acc_a), _nms_stats(acc_b)
+        mean_b = sb["mean"]
+        dbar = mean_b - sa["mean"]
+        noise = sa["v"] / (sa["n"] - 1) + sb["v"] / (sb["n"] - 1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            e = (sb["bm"] - sb["m"]) - (sa["bm"] - sa["m"])
+            bnoise = sa["bv"] / (sa["w"] - 1) + sb["bv"] / (sb["w"] - 1)
+    sum_var = float(sa["v"])
+    if not sum_var > 0:
         raise DataError("X_a has zero variance in every unit; NMS is undefined. Check the layer and split.")
-    nms = float(shift2.sum() / sum_var)
-    wa = np.maximum(ma["w"], 1e-300)[:, None]
-    wb = np.maximum(mb["w"], 1e-300)[:, None]
-    bma = ma["ws1"] / wa + ma["shift"]
-    bmb = mb["ws1"] / wb + mb["shift"]
-    bva = ma["ws2"] / wa - (ma["ws1"] / wa) ** 2
-    with np.errstate(divide="ignore", invalid="ignore"):  # a degenerate replicate is left out of the CI
-        boots = ((bmb - bma) ** 2).sum(axis=1) / bva.sum(axis=1)
+    shift2 = (mean_b - sa["mean"]) ** 2
+    d2 = float(dbar @ dbar)
+    nms = d2 / sum_var
+    null_level = float(noise) / sum_var
+    debiased = nms - null_level
+
+    ok = np.isfinite(bnoise) & (sa["w"] > 1) & (sa["bv"] > 0)
+    if not is_paired:
+        ok &= sb["w"] > 1
+    ci = (float("nan"), float("nan"))
+    if ok.sum() >= 2:
+        E = e[ok]
+        ci = _nms_interval(debiased, d2, sum_var, E @ dbar, np.einsum("bj,bj->b", E, E), bnoise[ok],
+                           sa["bv"][ok], ci_level)
     return NormalizedMeanShiftResult(
-        nms=nms, ci=percentile_ci(boots, ci_level), null_level=1.0 / A.n_rows + 1.0 / B.n_rows,
-        sum_var_a=sum_var, n_a=A.n_rows, n_b=B.n_rows, paired=is_paired, ci_level=float(ci_level),
-        per_unit_shift2=shift2,
+        nms=nms, nms_debiased=debiased, ci=ci, null_level=null_level, sum_var_a=sum_var, n_a=A.n_rows,
+        n_b=B.n_rows, paired=is_paired, ci_level=float(ci_level), per_unit_shift2=shift2,
     )

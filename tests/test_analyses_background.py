@@ -80,7 +80,9 @@ def test_calibration_planted_fraction(seed):
     shares, var_shares = [], []
     for p in (0.0, 0.1, 0.3, 0.6):
         X, f, true_frac, true_r2 = _planted(p, seed=seed)
-        res = BackgroundCorrelation(n_permutations=100, random_state=seed).fit(X, f).result_
+        # per-unit permutation p-values are >= 1/(1 + P): BH over 100 units rejects 10 of them only
+        # if 1/(1 + P) <= 0.05 * 10 / 100, i.e. P >= 199; 400 leaves room for null units at the floor
+        res = BackgroundCorrelation(n_permutations=400, random_state=seed).fit(X, f).result_
         shares.append(res.share_significant["factor0"])
         var_shares.append(res.mean_factor_r2)
         # BH lets up to alpha of the discoveries be false; plus sampling noise over 100 units
@@ -219,7 +221,37 @@ def test_nms_hand_case_and_planted():
         ref = ((Xb.mean(0) - base.mean(0)) ** 2).sum() / base.var(axis=0).sum()
         assert r.nms == pytest.approx(ref, rel=1e-9)
         assert r.nms == pytest.approx(expect, abs=0.02)
-        assert r.ci[0] <= r.nms <= r.ci[1] or shift == 0.0
+        # the noise term of paired rows: the variance of the row differences, not 1/n_a + 1/n_b
+        D = Xb - base
+        null = D.var(axis=0, ddof=1).sum() / (500 * base.var(axis=0).sum())
+        assert r.null_level == pytest.approx(null, rel=1e-9)
+        assert r.null_level < 0.05 * (2 / 500)  # well-matched pairs: far below the unpaired level
+        assert r.nms_debiased == pytest.approx(ref - null, rel=1e-9, abs=1e-15)
+        # the interval is for the true NMS (20 shift^2 over the true sum of variances, 20), at every
+        # shift, no shift included
+        assert r.ci[0] <= shift**2 <= r.ci[1]
+
+
+def test_nms_unpaired_noise_term_and_debiased_estimate():
+    rng = np.random.default_rng(5)
+    Xa = rng.normal(size=(300, 8)) * 2.0
+    Xb = rng.normal(size=(200, 8)) + 0.3
+    r = normalized_mean_shift(_FakeActs(Xa), Xb, chunk_rows=23, n_boot=50)
+    assert not r.paired and (r.n_a, r.n_b) == (300, 200)
+    S = Xa.var(axis=0).sum()
+    # oracle: Var(mean_b - mean_a) estimated with ddof=1 variances of each family
+    null = (Xa.var(axis=0, ddof=1).sum() / 300 + Xb.var(axis=0, ddof=1).sum() / 200) / S
+    assert r.nms == pytest.approx(((Xb.mean(0) - Xa.mean(0)) ** 2).sum() / S, rel=1e-9)
+    assert r.null_level == pytest.approx(null, rel=1e-9)
+    assert r.nms_debiased == pytest.approx(r.nms - null, rel=1e-9)
+    assert r.ci[0] <= r.nms_debiased <= r.ci[1]
+    json.dumps(r.to_dict())
+
+
+def test_nms_needs_two_rows_in_each_family():
+    X = np.random.default_rng(0).normal(size=(10, 3))
+    with pytest.raises(DataError, match="X_b has 1 sample"):
+        normalized_mean_shift(X, X[:1], paired=False)
 
 
 def test_parametric_null_p_values_equal_scipy(small):
