@@ -97,6 +97,22 @@ def _folds(n: int, cv: int, gid: np.ndarray | None, rng: np.random.Generator) ->
     return gfold[gid]
 
 
+def _shuffle(n: int, gid: np.ndarray | None, rng: np.random.Generator) -> np.ndarray:
+    """Row permutation for the shuffled control. Without groups: uniform. With groups: whole groups'
+    blocks of rows (each block in random order) are concatenated in one random group order and cut
+    into the groups' sizes in another, so a factor constant within a group stays constant within
+    (almost all of) a group: an exact permutation of groups when they have equal sizes."""
+    if gid is None:
+        return rng.permutation(n)
+    order = np.argsort(gid, kind="stable")
+    members = np.split(order, np.cumsum(np.bincount(gid))[:-1])
+    src = np.concatenate([rng.permutation(members[g]) for g in rng.permutation(len(members))])
+    dst = np.concatenate([members[g] for g in rng.permutation(len(members))])
+    perm = np.empty(n, dtype=np.int64)
+    perm[dst] = src
+    return perm
+
+
 def _resolve_periods(periods: Any, all_names: list[str], names: list[str]) -> dict[str, float | None]:
     """``{factor: period or None}`` for the selected factors; NaN, 0 or None mean linear."""
     if periods is None:
@@ -205,16 +221,24 @@ def _ridge_predict(src: Any, tsrc: Any, Y: np.ndarray, col_target: np.ndarray, f
     syy = np.stack([(Yc[fold == j] ** 2).sum(axis=0) for j in range(cv)])
     allf = np.arange(cv)
     outer: list[int | None] = [None] if tsrc is not None else list(range(cv))
+    inner_sse = np.zeros((len(outer), alphas.size, t))  # inner CV errors of each outer training set
+    if select and tsrc is None:
+        # a fit without folds {k, j} is the inner fit of outer fold k scored on j, and of outer
+        # fold j scored on k: cv (cv - 1) / 2 decompositions serve all cv (cv - 1) inner fits
+        for k in range(cv):
+            for j in range(k + 1, cv):
+                coef, c = _ridge_path(st, (allf != k) & (allf != j), alphas)
+                inner_sse[k] += _heldout_sse(st, j, coef, c, syy[j])
+                inner_sse[j] += _heldout_sse(st, k, coef, c, syy[k])
+    elif select:
+        for j in range(cv):
+            coef, c = _ridge_path(st, allf != j, alphas)
+            inner_sse[0] += _heldout_sse(st, j, coef, c, syy[j])
     models, chosen = [], []
-    for k in outer:
+    for o, k in enumerate(outer):
         keep_outer = allf != k if k is not None else np.ones(cv, dtype=bool)
         if select:  # inner CV: each remaining fold held out in turn, errors pooled over them
-            sse = np.zeros((alphas.size, t))
-            for j in allf[keep_outer]:
-                keep = keep_outer & (allf != j)
-                coef, c = _ridge_path(st, keep, alphas)
-                sse += _heldout_sse(st, int(j), coef, c, syy[j])
-            best = np.argmin(sse @ onehot, axis=0)
+            best = np.argmin(inner_sse[o] @ onehot, axis=0)
         else:
             best = np.zeros(n_targets, dtype=np.int64)
         uniq, which = np.unique(best, return_inverse=True)
@@ -301,7 +325,11 @@ def background_decodability(
     on fold :math:`k` only, so the score never sees the rows that chose its penalty. The default grid
     is :math:`\alpha = n\cdot 10^{[-3, 4]}` (15 log-spaced values; :math:`n` = rows of ``X``, the
     average eigenvalue of the standardised Gram matrix :math:`Z^\top Z`, whose trace is :math:`n d`).
-    One eigen-decomposition of each training set's Gram matrix serves the whole grid. A number
+    One eigen-decomposition of each training set's Gram matrix serves the whole grid, and the fit
+    without folds :math:`\{k, j\}` serves both outer fold :math:`k` (scored on :math:`j`) and outer
+    fold :math:`j` (scored on :math:`k`): :math:`cv(cv+1)/2` decompositions of a
+    :math:`d \times d` matrix in all (15 for ``cv=5``; about 0.2 s each at :math:`d = 512`, 12 s at
+    :math:`d = 2048` on one loaded core). A number
     fixes the penalty (the former default ``alpha=1`` at :math:`n \approx d`
     interpolates and gives scores of -10 and controls as wild).
 
@@ -316,7 +344,10 @@ def background_decodability(
     **Groups** (``groups``, e.g. the foreground object of each row when every object is shown on
     several backgrounds): folds take whole groups (none on both sides of a split, like
     scikit-learn's ``GroupKFold``; groups in seeded random order, largest first, each to the fold
-    with the fewest rows), and the bootstrap draws whole groups. Without groups, rows that share
+    with the fewest rows), the bootstrap draws whole groups, and the shuffles move whole groups'
+    blocks of factor values between groups (exactly a permutation of groups when they have equal
+    sizes), so the control keeps the target's within-group structure and sees the same effective
+    sample size (the number of groups) as the score. Without groups, rows that share
     an object leak it across folds: a layer that memorises the object then "decodes" any factor
     that is constant within the object.
 
@@ -442,7 +473,7 @@ def background_decodability(
         is_cat = [nm in cats for nm in names]
     rng = np.random.default_rng(random_state)
     fold = _folds(n, cv, gid, rng) if (not transfer or select) else None
-    shuffles = [rng.permutation(n) for _ in range(n_shuffles)]
+    shuffles = [_shuffle(n, gid, rng) for _ in range(n_shuffles)]
     n_score = tsrc.n_rows if tsrc is not None else n
     score_gid = (tgid if transfer else gid)
     bgid = np.arange(n_score) if score_gid is None else score_gid
