@@ -142,7 +142,10 @@ class BackgroundCorrelation(BaseEstimator):
     freedom (exact when the unit or the factor is Gaussian, the large-N limit otherwise),
     ``threshold`` is the |r| with two-sided p = alpha, ``fwer_threshold`` the Sidak-corrected one
     over the live units x factors (conservative where units correlate, where the permutation
-    max-statistic is not), and ``null_abs_r_`` is empty.
+    max-statistic is not), and ``null_abs_r_`` is empty. Its small p-values are too small when
+    both the unit and the factor are heavy-tailed: with log-normal / Student-t(3) units and factors
+    (N = 100, 30 units x 2 factors, no association) the Sidak threshold was exceeded in 25% of 400
+    data sets at alpha = 0.05, the permutation family-wise threshold in 6%.
 
     **Spearman** is the Pearson correlation of ranks (average ranks for ties). Ranks need the whole
     column: it is exact when the layer fits ``max_memory``; otherwise it is computed on a seeded

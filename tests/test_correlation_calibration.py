@@ -84,12 +84,14 @@ def test_pooled_excess_on_heavy_units_is_gone():
     # at alpha = 0.01 a null pooled over units rejects heavy-tailed units about twice too often
     # (and Gaussian ones almost never); each unit's own null rejects both at 1%
     alpha, P = 0.01, 999  # floor(0.01 * 1000) / 1000 = 0.01 exactly
-    unit, pooled = _per_unit_rates(alpha, P, reps=150, n=200, d=40, sigma=2.0, seed=2)
-    for part in (slice(0, 20), slice(20, 40)):
+    unit, pooled = _per_unit_rates(alpha, P, reps=300, n=200, d=40, sigma=2.0, seed=2)
+    heavy, gauss = slice(0, 20), slice(20, 40)
+    for part in (heavy, gauss):
         rate, band = _band(unit[:, part], alpha)
         assert abs(rate - alpha) <= band, (part, rate, band)
-    rate_pool = _band(pooled[:, :20], alpha)[0]
-    assert rate_pool > alpha + _band(unit[:, :20], alpha)[1]  # the setup does detect the former excess
+    # the setup does detect the former miscalibration (measured: 2.1% and 0.2%)
+    assert pooled[:, heavy].mean() > alpha + _band(unit[:, heavy], alpha)[1]
+    assert pooled[:, gauss].mean() < alpha - _band(unit[:, gauss], alpha)[1]
 
 
 def test_family_wise_rate_over_all_units_and_factors():
