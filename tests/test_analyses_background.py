@@ -248,6 +248,28 @@ def test_nms_unpaired_noise_term_and_debiased_estimate():
     json.dumps(r.to_dict())
 
 
+@pytest.mark.parametrize("paired", [True, False])
+def test_nms_streamed_in_lockstep_equals_in_memory(paired):
+    rng = np.random.default_rng(6)
+    A = rng.normal(size=(120, 7)) + 50.0  # an offset: the shifted sums must stay accurate
+    B = 0.8 * A + 0.6 * rng.normal(size=(120, 7)) + 0.2
+    mem = normalized_mean_shift(A, B, paired=paired, n_boot=40, random_state=3)
+    same = normalized_mean_shift(_FakeActs(A), _FakeActs(B), paired=paired, n_boot=40, random_state=3,
+                                 chunk_rows=120)  # one chunk, as the arrays are read
+    lazy = normalized_mean_shift(_FakeActs(A), _FakeActs(B), paired=paired, n_boot=40, random_state=3,
+                                 chunk_rows=17)
+    D = B - A
+    S = A.var(axis=0).sum()
+    noise = (D.var(axis=0, ddof=1).sum() / 120 if paired
+             else A.var(axis=0, ddof=1).sum() / 120 + B.var(axis=0, ddof=1).sum() / 120)
+    for r in (mem, same, lazy):
+        assert r.paired is paired
+        assert r.nms == pytest.approx((D.mean(0) ** 2).sum() / S, rel=1e-9)
+        assert r.null_level == pytest.approx(noise / S, rel=1e-9)
+    assert same.ci == pytest.approx(mem.ci, rel=1e-9)  # same chunks, same bootstrap weights
+    assert lazy.ci[0] <= lazy.nms_debiased <= lazy.ci[1]
+
+
 def test_nms_needs_two_rows_in_each_family():
     X = np.random.default_rng(0).normal(size=(10, 3))
     with pytest.raises(DataError, match="X_b has 1 sample"):
