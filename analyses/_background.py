@@ -316,7 +316,7 @@ class BackgroundCorrelation(BaseEstimator):
                 share_thr[name] = float(np.mean(obs[:, j] > q_unit[:, j]))
                 fwer[name] = family
                 null_mean[name] = float(null[:, :, j].mean())
-        else:  # parametric null: Student t on r with n - 2 degrees of freedom, Sidak across units
+        else:  # parametric null: Student t on r with n - 2 degrees of freedom, Sidak over units x factors
             from scipy.stats import t as student_t
 
             df = n - 2
