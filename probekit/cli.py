@@ -136,8 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_audit_args(p)
     p.add_argument("--json", metavar="OUT", help="write the full result (docs/REPORT_SCHEMA.md) here; '-' = stdout")
     p.add_argument("--fail-above", action="append", default=[], metavar="METRIC[:MODEL[:LAYER]]=VALUE",
-                   help="exit 1 if the figure exceeds VALUE (repeatable). Metrics: sensitivity, nms, gap, "
-                   "decodability, correlated_units; e.g. sensitivity:student=0.12")
+                   help="exit 1 if the figure exceeds VALUE (repeatable). Per model: flagged (0/1), flip_rate, "
+                   "pull, follows_background; per layer: sensitivity, nms, gap, decodability, correlated_units; "
+                   "e.g. pull:student=0.05 or sensitivity:student:rep=0.12")
+    p.add_argument("--fail-on-flag", action="store_true",
+                   help="exit 1 when any model's verdict is flagged (for CI gates)")
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("report", help="write a self-contained HTML report of a store",
@@ -161,10 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("experiment", help="run one of the papers' experiments (contamination, simplicity, "
-                       "distillation)",
+                       "distillation) or the verdict's own (shortcut)",
                        description="Run a reproducible experiment of the two papers (docs/EXPERIMENTS.md): "
                        "it writes a store, a JSON of its figures with the seeds, and PNG plots into DIR.")
-    p.add_argument("name", choices=["contamination", "simplicity", "distillation"])
+    p.add_argument("name", choices=["contamination", "simplicity", "distillation", "shortcut"])
     p.add_argument("-o", "--out", default=None, metavar="DIR", help="output folder (default: experiments/NAME)")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1)")
     p.add_argument("--quick", action="store_true", help="a smaller, faster run (what the tests use)")
@@ -186,7 +189,11 @@ def _add_audit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test-id", default="test_id", metavar="SPLIT")
     p.add_argument("--test-ood", default="test_ood", metavar="SPLIT")
     p.add_argument("--stress", default="stress", metavar="SPLIT",
-                   help="grouped split with broad backgrounds, for background sensitivity")
+                   help="crossed split (every foreground 'group' on the same 'background' ids): behaviour, "
+                   "the verdict, the two-way decomposition and background sensitivity")
+    p.add_argument("--variants", default="variants", metavar="SPLIT",
+                   help="split of image variants (original, only_fg, no_fg, only_bg, mixed_*): accuracy per "
+                   "variant, BG-gap, only-background accuracy")
     p.add_argument("--n-boot", type=int, default=500, help="bootstrap resamples for 95%% intervals")
     p.add_argument("--n-perm", type=int, default=200,
                    help="permutations for the correlation null (0: Student-t null, no permutation "
@@ -205,7 +212,7 @@ def _audit(args: argparse.Namespace) -> Any:
     if args.label not in ("label", "none"):
         raise DataError(f"--label must be 'label' (the store's label field) or 'none'; got {args.label!r}.")
     return audit(args.store, train=args.train if args.label != "none" else "",
-                 test_id=args.test_id, test_ood=args.test_ood, stress=args.stress,
+                 test_id=args.test_id, test_ood=args.test_ood, stress=args.stress, variants=args.variants,
                  models=_csv(args.models), layers=_csv(args.layers), factors=_csv(args.factors),
                  n_boot=args.n_boot, n_perm=args.n_perm, random_state=args.seed, progress=not args.no_progress)
 
@@ -483,13 +490,25 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         if args.json:
             print(f"\nfull result: {args.json}", file=sys.stderr)
     failures = result.check(thresholds)
+    if args.fail_on_flag:
+        failures += [f"model {m} is flagged: {info['verdict']}" for m, info in result.data["models"].items()
+                     if info.get("flagged")]
     for line in failures:
         print(f"probekit: FAIL {line}", file=sys.stderr)
     return 1 if failures else 0
 
 
 def _print_summary(doc: dict[str, Any]) -> None:
-    for line in doc.get("verdict", []):
+    models = doc.get("models", {})
+    verdicts = {info.get("verdict") for info in models.values()}
+    for m, info in models.items():
+        if info.get("verdict"):
+            tag = "FLAGGED" if info.get("flagged") else "not flagged"
+            print(f"[{tag}] {info['verdict']}")
+    others = [line for line in doc.get("verdict", []) if line not in verdicts]
+    if others:
+        print()
+    for line in others:
         print(f"- {line}")
     head = doc.get("headline", {})
     if head.get("rows"):
@@ -501,7 +520,14 @@ def _print_summary(doc: dict[str, Any]) -> None:
             flag = "  <-- above reference" if r.get("flag") else ""
             print(f"  {r['model']:<12} {r['layer']:<16} {e['value']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]{ref}{flag}")
     if doc.get("skipped"):
-        print(f"\n{len(doc['skipped'])} analyses skipped (see the JSON's 'skipped' for reasons)")
+        reasons: dict[tuple[str, str], list[str]] = {}
+        for sk in doc["skipped"]:
+            where = ".".join(x for x in (sk.get("model"), sk.get("layer")) if x) or "store"
+            reasons.setdefault((sk["analysis"], sk["reason"]), []).append(where)
+        print(f"\n{len(doc['skipped'])} analyses skipped:")
+        for (analysis, reason), where in reasons.items():
+            at = ", ".join(where[:3]) + (f" and {len(where) - 3} more" if len(where) > 3 else "")
+            print(f"  {analysis} ({at}): {reason}")
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -19,6 +19,7 @@ _MODULES = {
     "contamination": "probekit.experiments.contamination",
     "simplicity": "probekit.experiments.simplicity",
     "distillation": "probekit.experiments.distillation",
+    "shortcut": "probekit.experiments.shortcut",
 }
 
 
