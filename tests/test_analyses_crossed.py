@@ -23,7 +23,7 @@ def _layers(seed=0, noise=0.1):
 
 
 def test_components_match_the_planted_effects():
-    g, b, fg, bg, layer = _layers()
+    g, b, _, bg, layer = _layers()
     X = layer(1.0, 0.5)
     r = crossed_decomposition(X, g, b, n_boot=100)
     # truth, conditional on the split's backgrounds (fixed effects), per row and summed over units
