@@ -389,7 +389,7 @@ def _probe(ctx: _Ctx, m: str, layer: str) -> dict[str, Any]:
                      n_boot=c["n_boot"], random_state=c["random_state"])
     return {"train": c["train"], "id": _estimate(r.id_accuracy, r.id_ci),
             "ood": _estimate(r.ood_accuracy, r.ood_ci), "gap": _estimate(r.gap, r.gap_ci),
-            "train_accuracy": r.train_accuracy, "C": r.C, "n_train": r.n_train}
+            "train_accuracy": r.train_accuracy, "C": r.C, "n_train": r.n_train, "paired": r.paired}
 
 
 def _decodability(ctx: _Ctx, m: str, layer: str, split: str) -> dict[str, Any]:
@@ -457,7 +457,7 @@ def _nms(ctx: _Ctx, m: str, layer: str, a: str, b: str) -> dict[str, Any]:
     def one(step: int | None) -> dict[str, Any]:
         r = normalized_mean_shift(ctx.x(m, a, layer, step), ctx.x(m, b, layer, step),
                                   n_boot=min(200, ctx.cfg["n_boot"]), random_state=ctx.cfg["random_state"])
-        return _estimate(r.nms, r.ci)
+        return _estimate(r.nms_debiased, r.ci)  # the interval is for the true NMS, which this estimates
 
     out = {"from": a, "to": b, "value": one(None)}
     if _init_step(ctx, m, a, layer) is not None and _init_step(ctx, m, b, layer) is not None:

@@ -501,7 +501,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 def _print_summary(doc: dict[str, Any]) -> None:
     models = doc.get("models", {})
     verdicts = {info.get("verdict") for info in models.values()}
-    for m, info in models.items():
+    for info in models.values():
         if info.get("verdict"):
             tag = "FLAGGED" if info.get("flagged") else "not flagged"
             print(f"[{tag}] {info['verdict']}")

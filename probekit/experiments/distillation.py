@@ -172,6 +172,8 @@ def _eval_data(seed: int, n_stress: int, composite: str) -> dict[str, dict[str, 
 
 
 def _evaluate(models: dict[str, DigitCNN], inits: dict[str, DigitCNN], data, seed: int, subspaces) -> dict[str, Any]:
+    from probekit.analyses import LinearProbe, background_behaviour
+
     reps: dict[str, dict[str, np.ndarray]] = {}
     res: dict[str, Any] = {}
     for name, model in models.items():
@@ -183,6 +185,13 @@ def _evaluate(models: dict[str, DigitCNN], inits: dict[str, DigitCNN], data, see
         r["id_acc"], r["ood_acc"] = _probe(R["train"], data["train"]["label"], R["test_id"], data["test_id"]["label"],
                                            R["test_ood"], data["test_ood"]["label"])
         r["drop"] = r["id_acc"] - r["ood_acc"]
+        # the audit's verdict without OOD labels: a probe fit on ID train, its predictions on the
+        # crossed stress split (every test digit on the same broad backgrounds)
+        st = data["stress"]
+        probe = LinearProbe(C=1.0, max_iter=2000).fit(R["train"], data["train"]["label"])
+        b = background_behaviour(probe.predict(R["stress"]), st["group"], st["background_id"], label=st["label"],
+                                 n_boot=200, n_perm=100, random_state=seed)
+        r["verdict_flagged"], r["pull"], r["flip_rate"] = bool(b.flagged), b.pull, b.flip_rate
         if name != "teacher" and name != "erm_id":
             r["rel_mse_id"] = _rel_mse(R["test_id"], T["test_id"])
             r["rel_mse_ood"] = _rel_mse(R["test_ood"], T["test_ood"])
@@ -270,14 +279,15 @@ def run(
             if seed == seeds[0]:  # representations of the first seed, so the store can be audited
                 for split in ("train", "test_id", "test_ood", "stress"):
                     d = data[split]
+                    crossed = ["group", "background", "variant"] if split == "stress" else []
                     w.add_split(split, n_rows=len(d["x"]), has_label=True, factor_names=BackgroundDigits.factor_names,
-                                has_group=split == "stress")
+                                fields=["label", *crossed], factor_periods=BackgroundDigits.factor_periods)
                     for name in models:
                         w.add_layer(f"{name}_seed{seed}", split, "rep", feature_shape=(128,), dtype="float32",
                                     attrs={"pool": "none", "module_type": "Linear", "raw_shape": [128]})
                     samples = {"index": d["index"], "label": d["label"], "factors": d["factors"]}
                     if split == "stress":
-                        samples["group"] = d["group"]
+                        samples.update(group=d["group"], background=d["background_id"], variant=d["variant"])
                     w.write_rows(split, 0, samples=samples,
                                  acts={f"{n}_seed{seed}": {"rep": reps[n][split]} for n in models})
                 torch.save({n: m.state_dict() for n, m in models.items()}, out / f"models_seed{seed}.pt")
@@ -294,7 +304,15 @@ def run(
                 s[k] = mean_sd([r[k] for r in rs])
         summary[name] = s
     diff = [p["models"]["student"]["drop"] - p["models"]["teacher"]["drop"] for p in per_seed]
+    from scipy.stats import spearmanr
+
+    fails = {n for n in names if summary[n]["drop"]["mean"] > 0.2}  # the models that fail OOD (> 20 points)
+    rows = [(p["models"][n]["pull"], p["models"][n]["drop"]) for p in per_seed for n in names]
     findings = {
+        "verdict_matches_ood_failure_every_seed": bool(all(
+            p["models"][n]["verdict_flagged"] == (n in fails) for p in per_seed for n in names)),
+        "flagged_per_seed": {n: [p["models"][n]["verdict_flagged"] for p in per_seed] for n in names},
+        "spearman_pull_vs_drop": float(spearmanr(*zip(*rows, strict=True)).statistic) if len(rows) > 2 else None,
         "student_minus_teacher_drop": mean_sd(diff),
         "student_drop_exceeds_teacher_every_seed": bool(all(d > 0 for d in diff)),
         "id_acc_gap_teacher_minus_student": mean_sd(
