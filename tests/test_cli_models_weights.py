@@ -240,3 +240,13 @@ def test_pretrained_offline_through_the_cli_is_one_line(tmp_path, monkeypatch, c
     monkeypatch.setattr(socket, "create_connection", refuse)
     line = _one_line_error(capsys, main(["layers", "timm:resnet18", "--pretrained"]))
     assert "huggingface.co is not reachable" in line and "--weights FILE" in line
+
+
+def test_layers_dummy_input_follows_image_size_and_bad_values_are_one_line(capsys):
+    assert main(["layers", "timm:resnet18", "--image-size", "64", "--filter", "layer4", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["layer4"]["output_shape"] == [512, 2, 2]  # 64 px / 32
+    line = _one_line_error(capsys, main(["layers", "timm:resnet18", "--model-arg", "num_classes=abc"]))
+    assert "timm.create_model('resnet18') failed with the arguments num_classes='abc'" in line
+    line = _one_line_error(capsys, main(["layers", "timm:resnet18", "--mean", "0.5,0.5"]))
+    assert "--mean needs 3 values" in line
