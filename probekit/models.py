@@ -156,7 +156,7 @@ def load_model(
                 f"model_args {sorted(args)} apply to a MODEL spec, not to an nn.Module that is already "
                 "built; build it with those arguments yourself."
             )
-        loaded = LoadedModel(spec, type(spec).__name__, getattr(spec, "input_size", None))
+        loaded = LoadedModel(spec, type(spec).__name__, _size_attr(spec))
     elif not isinstance(spec, str):
         raise ModelLoadError(
             f"The model must be a MODEL spec string or a torch nn.Module; got {type(spec).__name__}."
@@ -449,9 +449,15 @@ def _callable(spec: str, args: dict[str, Any]) -> LoadedModel:
         raise ModelLoadError(f"{spec} raised {type(e).__name__} building the model: {_line(e)}") from e
     if not isinstance(module, nn.Module):
         raise ModelLoadError(f"{spec!r} returned a {type(module).__name__}, not a torch nn.Module.")
+    return LoadedModel(module, spec, _size_attr(module), kind="callable", model_args=args)
+
+
+def _size_attr(module: nn.Module) -> tuple[int, ...] | None:
+    """A module's ``input_size`` attribute (per sample, e.g. (3, 64, 64)) when it is a sequence of ints."""
     size = getattr(module, "input_size", None)
-    size = tuple(int(s) for s in size) if isinstance(size, (tuple, list)) else None
-    return LoadedModel(module, spec, size, kind="callable", model_args=args)
+    if isinstance(size, (tuple, list)) and size and all(isinstance(v, int) for v in size):
+        return tuple(size)
+    return None
 
 
 def _line(e: BaseException) -> str:
