@@ -738,30 +738,7 @@ def _headline(doc: dict[str, Any]) -> dict[str, Any]:
 
 def _verdict(doc: dict[str, Any]) -> list[str]:
     lines = []
-    head = doc["headline"]
     models = doc["models"]
-    by_model: dict[str, list[dict[str, Any]]] = {}
-    for r in head["rows"]:
-        by_model.setdefault(r["model"], []).append(r)
-    for m, rows in by_model.items():
-        flagged = [r for r in rows if r["flag"]]
-        refd = [r for r in rows if r["ratio"] is not None]
-        if refd:
-            worst = max(refd, key=lambda r: r["ratio"])
-            e = worst["estimate"]
-            ci = e.get("ci") or [None, None]
-            lines.append(
-                f"{m}: {head['name']} is above its reference ({worst['reference']}) at {len(flagged)} of "
-                f"{len(rows)} layers; largest at {worst['layer']}: {e['value']:.3f} "
-                f"[{_f(ci[0])}, {_f(ci[1])}] vs {worst['reference_value']:.3f} ({worst['ratio']:.2f}×)."
-                if flagged else
-                f"{m}: {head['name']} is not above its reference ({worst['reference']}) at any layer "
-                f"(highest ratio {worst['ratio']:.2f}× at {worst['layer']})."
-            )
-        elif rows:
-            top = max(rows, key=lambda r: r["estimate"]["value"] or 0.0)
-            lines.append(f"{m}: {head['name']} up to {top['estimate']['value']:.3f} (at {top['layer']}); "
-                         "no reference (teacher or initialisation) to compare with.")
     for m, info in models.items():
         probes = [(la, res["probe"]) for la, res in info["layers"].items() if "probe" in res]
         if probes:
@@ -782,10 +759,6 @@ def _verdict(doc: dict[str, Any]) -> list[str]:
             lines.append(f"{pair['student']} fits {pair['teacher']} at {pair['student_layer']} with relative "
                          f"MSE {text}.")
     return lines
-
-
-def _f(v: float | None) -> str:
-    return "–" if v is None else f"{v:.3f}"
 
 
 # -- weights and pairs ----------------------------------------------------------------------------

@@ -61,6 +61,8 @@ def render_html(audit: Mapping[str, Any]) -> str:
     colors = P.model_colors(roles)
     sections = [_section("summary", "Summary")]
     sections += [s for s in (
+        _behaviour(models, colors),
+        _decomposition(models, colors),
         _probes(models, colors),
         _decodability(models, colors),
         _sensitivity(models, colors, audit),
@@ -71,21 +73,13 @@ def render_html(audit: Mapping[str, Any]) -> str:
         _attribution(audit.get("attribution", {}), colors),
         _skipped(audit.get("skipped", [])),
     ) if s is not None]
-    head = audit.get("headline", {})
-    rows = []
-    for r in head.get("rows", []):
-        v, ci = _est(r.get("estimate"))
-        ratio = r.get("ratio")
-        rows.append({
-            "model": r["model"], "layer": r["layer"], "value": v, "ci": ci,
-            "reference": f"{_fmt(r.get('reference_value'))} ({r.get('reference', '')})"
-            if r.get("reference_value") is not None else "–",
-            "ratio": f"{ratio:.2f}×" if ratio is not None else "–",
-            "init": _fmt(r.get("init_value")),
-            "cls": "hi" if r.get("flag") else "",
-        })
-    flags = [r.get("flag") for r in head.get("rows", [])]
-    summary_class = "bad" if any(flags) else ("clean" if rows else "")
+    judged = [info for info in models.values() if info.get("flag_basis")]
+    model_verdicts = [{"name": m, "flagged": bool(info.get("flagged")), "text": info.get("verdict", ""),
+                       "basis": info.get("flag_basis") or "no verdict"}
+                      for m, info in models.items() if info.get("verdict")]
+    summary_class = ("bad" if any(i.get("flagged") for i in judged) else "clean") if judged else ""
+    model_texts = {v["text"] for v in model_verdicts}
+    other_lines = [line for line in audit.get("verdict", []) if line not in model_texts]
     return _env().get_template("report.html.j2").render(
         title=Path(str(audit.get("store", "store"))).name,
         store=audit.get("store", ""),
@@ -94,13 +88,103 @@ def render_html(audit: Mapping[str, Any]) -> str:
         version=audit.get("probekit_version", ""),
         created=audit.get("created", ""),
         sections=sections,
-        verdict=audit.get("verdict", []) or ["No headline figure could be computed; see the skipped analyses."],
-        headline_rows=rows,
-        headline_name=head.get("name", "contamination"),
-        headline_definition=head.get("definition", ""),
-        has_reference=any(r.get("reference_value") is not None for r in head.get("rows", [])),
+        model_verdicts=model_verdicts,
+        verdict_figure=_verdict_figure(models, colors),
+        verdict=other_lines if (other_lines or model_verdicts) else
+        ["No verdict or headline figure could be computed; see the skipped analyses."],
         summary_class=summary_class,
     )
+
+
+def _verdict_figure(models: Mapping[str, Any], colors: Mapping[str, str]) -> dict[str, str] | None:
+    """The figure behind the verdict: each model's behaviour on the crossed split, with 95% CIs."""
+    keys = [("flip_rate", "prediction changes\n(share of objects)"),
+            ("pull", "pulled to shared classes\n(share of predictions)"),
+            ("follows_background", "follows the background's\nclass (share)")]
+    beh = {m: info["behaviour"] for m, info in models.items() if (info.get("behaviour") or {}).get("flip_rate")}
+    if not beh:
+        return None
+    keys = [(k, lab) for k, lab in keys if any((b.get(k) or {}).get("value") is not None for b in beh.values())]
+    bars = {m: [b.get(k) for k, _ in keys] for m, b in beh.items()}
+    threshold = next(iter(beh.values())).get("pull_threshold")
+    return {"src": P.grouped_bars([lab for _, lab in keys], bars, title="behaviour when only the background changes",
+                                  ylabel="share", colors=colors, ylim=(0, 1),
+                                  marks={i: (threshold, "flag threshold") for i, (k, _) in enumerate(keys)
+                                         if k == "pull" and threshold is not None}),
+            "alt": "flip rate, background pull and background following per model",
+            "caption": ("Left: share of objects whose predicted class changes across the backgrounds. Middle: "
+                        "the share of predictions that backgrounds move towards the same classes for every "
+                        "object, beyond a within-object shuffle; a model is flagged when its interval lies above "
+                        "the black tick (the threshold). Right, where backgrounds carry a class: how often the "
+                        "prediction is the background's class. Whiskers: 95% bootstrap intervals over objects.")}
+
+
+def _behaviour(models: Mapping[str, Any], colors: Mapping[str, str]) -> dict[str, Any] | None:
+    beh = {m: info["behaviour"] for m, info in models.items() if info.get("behaviour")}
+    if not beh:
+        return None
+    s = _section("behaviour", "Behaviour under background swaps",
+                 "What each model predicts when only the background changes, read from its own output (or, "
+                 "for a representation without a head, from a linear probe fit on the training split). "
+                 "Image variants after Xiao et al. 2020: original; only_fg = the object on black; no_fg = "
+                 "the object's pixels blacked out; only_bg = the background alone; mixed_same / mixed_rand / "
+                 "mixed_next = the object on the background of another image of the same / a random / the "
+                 "next class. BG-gap = acc(mixed_same) − acc(mixed_rand).")
+    t = {"title": "crossed split", "header": ["model", "predictions from", "flip rate", "background pull",
+                                              "p (shuffle)", "follows background", "accuracy"],
+         "rows": [], "left": 2}
+    for m, b in beh.items():
+        if "flip_rate" in b:
+            t["rows"].append([m, b.get("predictions", ""), _cell(b["flip_rate"], 2), _cell(b.get("pull"), 3),
+                              _fmt(b.get("pull_p_value")), _cell(b.get("follows_background"), 2),
+                              _cell(b.get("accuracy_crossed"), 2)])
+    if t["rows"]:
+        s["tables"].append(t)
+    variants = list(dict.fromkeys(v for b in beh.values() for v in (b.get("accuracy") or {})))
+    if variants:
+        s["tables"].append({
+            "title": "accuracy per image variant (95% CI)",
+            "header": ["model", *variants, "BG-gap", "chance"],
+            "rows": [[m, *[_cell((b.get("accuracy") or {}).get(v), 2) for v in variants],
+                      _cell(b.get("bg_gap"), 2), _fmt(b.get("chance"), 2)] for m, b in beh.items()],
+            "left": 1})
+    return s
+
+
+def _decomposition(models: Mapping[str, Any], colors: Mapping[str, str]) -> dict[str, Any] | None:
+    series: dict[str, list] = {}
+    table = {"title": "", "header": ["model", "layer", "foreground", "background", "interaction",
+                                     "background vs reference", "ratio (CI)", "flag"], "rows": [], "left": 2}
+    for m, info in models.items():
+        for layer, res in info.get("layers", {}).items():
+            c = res.get("crossed")
+            if not c:
+                continue
+            series.setdefault(f"{m} · background", []).append((layer, c.get("background_share")))
+            ref = res.get("background_vs_reference") or {}
+            table["rows"].append([m, layer, _cell(c.get("foreground"), 3), _cell(c.get("background"), 3),
+                                  _cell(c.get("interaction"), 3), ref.get("reference", "–"),
+                                  _cell(ref.get("ratio"), 2),
+                                  "FLAG" if res.get("background_flag") else ("–" if not ref else "no")])
+    if not series:
+        return None
+    s = _section("decomposition", "Foreground, background and interaction per layer",
+                 "On the crossed split every object is shown on the same backgrounds, so each layer splits "
+                 "into a foreground component (what all backgrounds of an object share), a background "
+                 "component (what all objects on a background share) and an interaction, in the layer's own "
+                 "squared units per row. A weaker foreground shrinks the first and leaves the second alone. "
+                 "A layer is flagged when its background component exceeds its reference's by 1.25x at the "
+                 "low end of a Bonferroni-corrected paired interval: the teacher's at the same layer for a "
+                 "student (same units), otherwise the same architecture at initialisation, compared as "
+                 "background / (foreground + interaction) since the units differ.")
+    s["figures"].append({"src": P.layer_lines(series, title="background share of each layer's variance",
+                                              ylabel="background / total", colors=colors),
+                         "alt": "background share by layer",
+                         "caption": "The background component over the layer's total variance on the crossed "
+                                    "split (95% CI). A share is for orientation only: the flag compares the "
+                                    "component itself with the reference (table)."})
+    s["tables"].append(table)
+    return s
 
 
 def _probes(models: Mapping[str, Any], colors: Mapping[str, str]) -> dict[str, Any] | None:

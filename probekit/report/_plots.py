@@ -128,8 +128,13 @@ def grouped_bars(
     title: str,
     ylabel: str,
     colors: Mapping[str, str],
+    ylim: tuple[float, float] | None = None,
+    marks: Mapping[int, tuple[float, str]] | None = None,
 ) -> str:
-    """Bars per group (e.g. layer pairs) and per series (e.g. ID / OOD), with CI whiskers."""
+    """Bars per group (e.g. layer pairs) and per series (e.g. ID / OOD), with CI whiskers.
+
+    ``marks`` maps a group's position to ``(y, label)``: a black tick across that group (a threshold).
+    """
     fig, ax = plt.subplots(figsize=(6.4, 3.2))
     k = len(bars)
     width = 0.8 / max(1, k)
@@ -138,7 +143,13 @@ def grouped_bars(
         x = np.arange(len(groups)) + (j - (k - 1) / 2) * width
         ax.bar(x, vals[:, 0], width, yerr=[vals[:, 1], vals[:, 2]], capsize=3, label=safe_text(label),
                color=colors.get(label, _EXTRA[j % len(_EXTRA)]))
-    ax.set_xticks(range(len(groups)), [safe_text(g, 22) for g in groups], rotation=20, ha="right")
+    for i, (y, label) in (marks or {}).items():
+        ax.hlines(y, i - 0.45, i + 0.45, colors="k", linewidth=2, label=label)
+    multiline = any("\n" in g for g in groups)
+    ax.set_xticks(range(len(groups)), [g if multiline else safe_text(g, 22) for g in groups],
+                  rotation=0 if multiline else 20, ha="center" if multiline else "right")
+    if ylim is not None:
+        ax.set_ylim(*ylim)
     ax.set_title(safe_text(title, 80))
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3, axis="y")
