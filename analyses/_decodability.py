@@ -330,8 +330,16 @@ def background_decodability(
     fold :math:`j` (scored on :math:`k`): :math:`cv(cv+1)/2` decompositions of a
     :math:`d \times d` matrix in all (15 for ``cv=5``; about 0.2 s each at :math:`d = 512`, 12 s at
     :math:`d = 2048` on one loaded core). A number
-    fixes the penalty (the former default ``alpha=1`` at :math:`n \approx d`
-    interpolates and gives scores of -10 and controls as wild).
+    fixes the penalty (the former default ``alpha=1`` nearly interpolates at :math:`n \approx d`:
+    at :math:`n = 600, d = 512` a factor independent of the layer scored about -9 and its excess
+    ranged -3.3 to 0.9 over 8 seeds; nested CV gives -0.006 to 0.005).
+
+    The score estimates the out-of-sample :math:`R^2` of a ridge probe fitted on
+    :math:`(cv-1)/cv` of the rows, on average no higher than the population :math:`R^2` of the best
+    linear read-out: close to it when the rows outnumber the layer's effective dimension (0.27-0.34
+    for a planted 0.3 in 512 units driven by 20 latents, n = 600), far below it when a weak signal
+    hides among as many isotropic dimensions as rows (about 0.05 for a planted 0.3 on 4 of 512
+    isotropic units, n = 600).
 
     **Categorical factor**: a logistic probe (``C``), score = balanced accuracy
     :math:`\frac1L\sum_l \Pr(\hat f = l \mid f = l)` of the out-of-fold predictions.
