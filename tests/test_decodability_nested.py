@@ -271,3 +271,19 @@ def test_calibration_null_and_planted_at_n_600_d_512():
             planted.append(background_decodability(X, f, n_shuffles=3, n_boot=20, random_state=seed).excess["factor0"])
     assert abs(np.mean(null)) < 0.01 and max(null) - min(null) < 0.03
     assert all(abs(v - 0.3) < 0.07 for v in planted), planted
+
+
+def test_categorical_factor_constant_within_groups_does_not_leak_with_groups():
+    rng = np.random.default_rng(8)
+    G, m, d = 45, 6, 60
+    gid = np.repeat(np.arange(G), m)
+    X = rng.normal(size=(G, d))[gid] + 0.3 * rng.normal(size=(G * m, d))  # encodes the group only
+    level = np.arange(G) % 3
+    rng.shuffle(level)
+    k = level[gid]  # a 3-level factor of the group, independent of its embedding
+    rows = background_decodability(X, k, n_shuffles=3, n_boot=50)
+    grouped = background_decodability(X, k, groups=gid, n_shuffles=3, n_boot=50)
+    assert rows.metric == {"factor0": "balanced_accuracy"} and rows.excess["factor0"] > 0.4
+    assert abs(grouped.excess["factor0"]) < 0.12 and grouped.n_groups == G
+    lo, hi = grouped.excess_ci["factor0"]
+    assert lo <= 0 <= hi and hi - lo > rows.excess_ci["factor0"][1] - rows.excess_ci["factor0"][0]
