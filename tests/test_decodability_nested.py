@@ -287,3 +287,18 @@ def test_categorical_factor_constant_within_groups_does_not_leak_with_groups():
     assert abs(grouped.excess["factor0"]) < 0.12 and grouped.n_groups == G
     lo, hi = grouped.excess_ci["factor0"]
     assert lo <= 0 <= hi and hi - lo > rows.excess_ci["factor0"][1] - rows.excess_ci["factor0"][0]
+
+
+def test_transfer_with_groups_selects_alpha_on_group_folds_and_boots_test_groups(planted):
+    X, f = planted
+    gid = np.repeat(np.arange(30), 5)
+    grid = [0.1, 1.0, 10.0, 100.0, 1000.0]
+    res = background_decodability(X[:150], f[:150], groups=gid, X_test=X[150:], factors_test=f[150:],
+                                  groups_test=np.repeat(np.arange(10), 5), cv=3, alphas=grid, n_shuffles=1,
+                                  n_boot=5)
+    fold = _folds(150, 3, gid, np.random.default_rng(0))
+    gs = GridSearchCV(make_pipeline(StandardScaler(), Ridge()), {"ridge__alpha": grid},
+                      cv=PredefinedSplit(fold), scoring="neg_mean_squared_error").fit(X[:150], f[:150])
+    assert res.alpha["factor0"] == [gs.best_params_["ridge__alpha"]]
+    assert res.score["factor0"] == pytest.approx(r2_score(f[150:], gs.predict(X[150:])), abs=1e-8)
+    assert res.n_groups == 10 and res.cv == 3
