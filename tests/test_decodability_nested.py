@@ -302,3 +302,15 @@ def test_transfer_with_groups_selects_alpha_on_group_folds_and_boots_test_groups
     assert res.alpha["factor0"] == [gs.best_params_["ridge__alpha"]]
     assert res.score["factor0"] == pytest.approx(r2_score(f[150:], gs.predict(X[150:])), abs=1e-8)
     assert res.n_groups == 10 and res.cv == 3
+
+
+def test_fixed_alpha_zero_is_least_squares_and_period_zero_is_linear(planted):
+    from sklearn.linear_model import LinearRegression
+
+    X, f = planted
+    F = np.column_stack([f, np.random.default_rng(9).uniform(0, 1, len(f))])
+    res = background_decodability(X, F, alpha=0.0, periods=[0, 0.0], n_shuffles=1, n_boot=5)
+    fold = np.random.default_rng(0).permutation(np.arange(len(f)) % 5)
+    pred = cross_val_predict(LinearRegression(), X, f, cv=PredefinedSplit(fold))
+    assert res.score["factor0"] == pytest.approx(r2_score(f, pred), abs=1e-8)
+    assert res.period == {"factor0": None, "factor1": None} and res.metric["factor1"] == "r2"
