@@ -40,7 +40,9 @@ class DecodabilityResult(ResultMixin):
     the ridge penalty used for factor ``f``'s real target in each outer fold (one entry in transfer
     mode; continuous factors only). The summaries never mix units: ``mean_excess_r2`` averages the
     excess over continuous factors, ``mean_excess_balanced_accuracy`` over categorical ones (None
-    when there are none). ``n_groups`` counts the scored split's groups (None without groups).
+    when there are none). ``n_groups`` counts the scored split's groups (None without groups);
+    ``cv`` is the number of outer folds (CV mode) or of penalty-selection folds (transfer mode with
+    ``alpha="cv"``), None in transfer mode with a fixed penalty.
     """
 
     mode: str
