@@ -127,8 +127,11 @@ METRICS: dict[str, Callable[[Mapping[str, Any]], float | None]] = {
     "nms": lambda r: _get(r, "nms", "value", "value"),
     "gap": lambda r: _get(r, "probe", "gap", "value"),
     "decodability": lambda r: max(
-        [v["mean_excess"]["value"] for v in (r.get("decodability") or {}).values()
-         if v.get("mean_excess", {}).get("value") is not None], default=None),
+        [v["mean_excess_r2"]["value"] for v in (r.get("decodability") or {}).values()
+         if v.get("mean_excess_r2", {}).get("value") is not None], default=None),
+    "decodability_balanced_accuracy": lambda r: max(
+        [v["mean_excess_balanced_accuracy"]["value"] for v in (r.get("decodability") or {}).values()
+         if v.get("mean_excess_balanced_accuracy", {}).get("value") is not None], default=None),
     "correlated_units": lambda r: _get(r, "correlation", "share_significant"),
 }
 
@@ -326,7 +329,9 @@ def _layer(ctx: _Ctx, m: str, layer: str) -> dict[str, Any]:
     out["n_units"] = int(np.prod(ctx.x(m, any_split, layer).shape[1:]))
     # probes: fit on train, score ID and OOD
     tr, ti, to = c["train"], c["test_id"], c["test_ood"]
-    if all(ctx.has_split(m, sp, layer) and s.has_field(sp, "label") for sp in (tr, ti, to)):
+    if not to:
+        ctx.skip("probe", "no OOD split was named (test_ood), so there is no ID/OOD gap to measure", m, layer)
+    elif all(ctx.has_split(m, sp, layer) and s.has_field(sp, "label") for sp in (tr, ti, to)):
         out["probe"] = _run(ctx, "probe", m, layer, lambda: _probe(ctx, m, layer))
     else:
         ctx.skip("probe", f"needs labelled splits {tr!r}, {ti!r}, {to!r} with this layer", m, layer)
@@ -360,7 +365,9 @@ def _layer(ctx: _Ctx, m: str, layer: str) -> dict[str, Any]:
     else:
         ctx.skip("sensitivity", f"needs a split {st!r} with 'group' (the same foreground on several "
                  "backgrounds)", m, layer)
-    if ctx.has_split(m, ti, layer) and ctx.has_split(m, to, layer):
+    if not to:
+        ctx.skip("nms", "no OOD split was named (test_ood): no second background family", m, layer)
+    elif ctx.has_split(m, ti, layer) and ctx.has_split(m, to, layer):
         out["nms"] = _run(ctx, "nms", m, layer, lambda: _nms(ctx, m, layer, ti, to))
     else:
         ctx.skip("nms", f"needs splits {ti!r} and {to!r}", m, layer)
@@ -397,13 +404,18 @@ def _decodability(ctx: _Ctx, m: str, layer: str, split: str) -> dict[str, Any]:
 
     X = ctx.x(m, split, layer)
     F = _field(ctx, split, "factors", len(X))
-    r = background_decodability(X, F, factor_names=ctx.store.factor_names(split), use=ctx.cfg["factors"],
-                                n_boot=min(200, ctx.cfg["n_boot"]), random_state=ctx.cfg["random_state"])
+    groups = _field(ctx, split, "group", len(X)) if ctx.store.has_field(split, "group") else None
+    names = ctx.store.factor_names(split)
+    periods = dict(zip(names, ctx.store.factor_periods(split), strict=True))
+    r = background_decodability(X, F, factor_names=names, use=ctx.cfg["factors"], periods=periods,
+                                groups=groups, n_boot=min(200, ctx.cfg["n_boot"]),
+                                random_state=ctx.cfg["random_state"])
     factors = {f: {"metric": r.metric[f], "score": r.score[f], "control": r.control_mean[f],
-                   "control_sd": r.control_sd[f], "excess": _estimate(r.excess[f], r.excess_ci[f])}
+                   "control_sd": r.control_sd[f], "excess": _estimate(r.excess[f], r.excess_ci[f]),
+                   "period": (r.period or {}).get(f)}
                for f in r.factor_names}
-    excess = [r.excess[f] for f in r.factor_names]
-    return {"split": split, "factors": factors, "mean_excess": _estimate(float(np.mean(excess)))}
+    return {"split": split, "factors": factors, "mean_excess_r2": _estimate(r.mean_excess_r2),
+            "mean_excess_balanced_accuracy": _estimate(r.mean_excess_balanced_accuracy)}
 
 
 def _correlation(ctx: _Ctx, m: str, layer: str, split: str) -> dict[str, Any]:
@@ -775,7 +787,10 @@ def _directions(ctx: _Ctx, m: str) -> dict[str, Any]:
             est = DirectionClusters().fit(W)
             return {"n_units": int(W.shape[0]), "fan_in": int(W.shape[1]),
                     "n_directions": int(est.n_directions_), "shares": np.asarray(est.shares_).tolist(),
-                    "spreads": np.asarray(est.spread_).tolist()}
+                    "spreads": np.asarray(est.spread_).tolist(),
+                    "stability": {str(int(t)) if float(t).is_integer() else str(t): int(k)
+                                  for t, k in est.stability_.items()},
+                    "stable": bool(est.stable_), "note": est.result_.note}
 
         r = _run(ctx, "directions", m, layer, run)
         if r is not None:

@@ -1,4 +1,4 @@
-"""The ``probekit`` command line (contract: docs in README.md and ../shared/DESIGN.md section 5).
+"""The ``probekit`` command line (its contract: README.md, "Command line").
 
 Each verb maps its flags one to one onto a Python function's keyword arguments and adds no logic of
 its own. Errors a user can cause print one line to stderr and exit with code 2 (``--debug`` shows
@@ -120,6 +120,51 @@ def build_parser() -> argparse.ArgumentParser:
                    "have side effects that must happen")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser("audit", help="one command: MODEL + image folder -> verdict, store, JSON and report",
+                       description="Audit MODEL on a folder of your images (DIR/<class>/<image>) whose foreground "
+                       "you give as masks, boxes or automatically. Builds the image variants (original, "
+                       "only_fg, no_fg, only_bg, mixed_same/rand/next) and a crossed stress split (every object "
+                       "on the same backgrounds, taken from other images) with the model's own preprocessing, "
+                       "extracts the model's output and a few layers (and seeded initialisations as the "
+                       "reference), audits them and writes OUT/acts.h5, OUT/audit.json and OUT/report.html. "
+                       "A rerun continues an interrupted one.")
+    _add_model_args(p, input_shape_help="not used by audit (the inputs are the images); refused. Use --image-size")
+    p.add_argument("--data", required=True, metavar="DIR", help="image folder: DIR/<class>/<image>")
+    fg = p.add_mutually_exclusive_group()
+    fg.add_argument("--masks", metavar="DIR", help="mask folder mirroring DIR (any image format; non-zero = "
+                    "foreground)")
+    fg.add_argument("--foreground", choices=["auto"], help="automatic foreground: OpenCV GrabCut seeded by "
+                    "--boxes, else by a centred box (approximate: the report shows how the verdict moves "
+                    "when the masks are eroded and dilated)")
+    p.add_argument("--boxes", metavar="CSV", help="boxes CSV (path,x0,y0,x1,y1 in pixels); alone, or as "
+                   "GrabCut seeds with --foreground auto")
+    p.add_argument("--factors", metavar="CSV", help="per-image background factors: path plus one numeric "
+                   "column per factor (decodability, correlation)")
+    p.add_argument("--teacher", metavar="MODEL", help="a teacher: MODEL is then audited as its student")
+    p.add_argument("--teacher-weights", metavar="FILE")
+    p.add_argument("--teacher-arg", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--layers", metavar="L1,L2", help="layers to extract besides the output (default: up to 4 "
+                   "spread over the depth; timm: its feature_info stages)")
+    p.add_argument("-o", "--out", default="probekit-audit", metavar="DIR",
+                   help="output folder (default: probekit-audit)")
+    p.add_argument("--name", default="model", help="the model's name in the store and report (default: model)")
+    p.add_argument("--backgrounds", type=int, default=8, metavar="B",
+                   help="backgrounds of the crossed stress split (default: 8)")
+    p.add_argument("--inits", type=int, default=3, metavar="K",
+                   help="seeded initialisations extracted as the representation's reference (default: 3)")
+    p.add_argument("--test-fraction", type=float, default=0.5,
+                   help="share of each class's images used as test objects (the rest fit the probes)")
+    p.add_argument("--mask-check", type=int, default=3, metavar="PX",
+                   help="erode / dilate approximate masks by PX pixels to show how the verdict moves (0: off)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--seed", type=int, default=0, help="seed of the splits, backgrounds and every resampling")
+    p.add_argument("--n-boot", type=int, default=500, help="bootstrap resamples for 95%% intervals")
+    p.add_argument("--n-perm", type=int, default=200, help="permutations of the nulls")
+    p.add_argument("--fail-on-flag", action="store_true", help="exit 1 when the model is flagged (for CI)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("info", help="what a store holds, rows committed per split",
                        description="Summarise a store: splits with committed rows, models with their "
@@ -511,7 +556,7 @@ def _print_summary(doc: dict[str, Any]) -> None:
     for line in others:
         print(f"- {line}")
     head = doc.get("headline", {})
-    if head.get("rows"):
+    if head.get("rows") and not verdicts - {None}:  # evidence only where no model has a verdict
         print(f"\n{head['name']} per layer (95% CI; reference):")
         for r in head["rows"]:
             e = r["estimate"]
@@ -528,6 +573,38 @@ def _print_summary(doc: dict[str, Any]) -> None:
         for (analysis, reason), where in reasons.items():
             at = ", ".join(where[:3]) + (f" and {len(where) - 3} more" if len(where) > 3 else "")
             print(f"  {analysis} ({at}): {reason}")
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from .audit_model import audit_model
+    from .models import parse_model_args
+
+    if args.input_shape:
+        raise DataError("audit takes its inputs from the images; --input-shape is not used. Set the model's input "
+                        "size with --image-size.")
+    if not (args.masks or args.boxes or args.foreground):
+        raise DataError("audit needs to know what is foreground in your images: give --masks DIR, --boxes CSV "
+                        "or --foreground auto.")
+    if args.masks and args.boxes:
+        raise DataError("Give the foreground as one of --masks, --boxes or --foreground auto (with optional "
+                        "--boxes seeds); --masks was given with --boxes.")
+    result = audit_model(
+        args.model, args.data, masks=args.masks, boxes=args.boxes, foreground=args.foreground,
+        factors=args.factors, weights=args.weights, model_args=parse_model_args(args.model_arg),
+        pretrained=args.pretrained, allow_pickle=args.allow_pickle, teacher=args.teacher,
+        teacher_weights=args.teacher_weights, teacher_args=parse_model_args(args.teacher_arg),
+        layers=_csv(args.layers), image_size=args.image_size, mean=args.mean, std=args.std, out=args.out,
+        name=args.name, n_backgrounds=args.backgrounds, n_inits=args.inits, test_fraction=args.test_fraction,
+        mask_check=args.mask_check, batch_size=args.batch_size, device=args.device, seed=args.seed,
+        n_boot=args.n_boot, n_perm=args.n_perm, progress=not args.no_progress)
+    _print_summary(result.data)
+    print(f"\nstore:  {os.path.join(args.out, 'acts.h5')}\naudit:  {os.path.join(args.out, 'audit.json')}\n"
+          f"report: {os.path.join(args.out, 'report.html')}  (open it in a browser)")
+    flagged = [m for m, info in result.data["models"].items() if info.get("flagged")]
+    if args.fail_on_flag and flagged:
+        print(f"probekit: FAIL flagged: {', '.join(flagged)}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:

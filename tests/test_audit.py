@@ -107,7 +107,7 @@ def test_correlation_and_decodability_follow_the_planted_level(planted):
     levels, doc = planted
     shares = [doc["models"][m]["layers"]["layer"]["correlation"]["share_significant"] for m in levels]
     assert shares[0] <= 0.2 and shares[-1] == 1.0
-    excess = [doc["models"][m]["layers"]["layer"]["decodability"]["stress"]["mean_excess"]["value"]
+    excess = [doc["models"][m]["layers"]["layer"]["decodability"]["stress"]["mean_excess_r2"]["value"]
               for m in levels]
     assert excess[-1] > 0.5 and abs(excess[0]) < 0.1
 

@@ -219,7 +219,7 @@ def _decodability(models: Mapping[str, Any], colors: Mapping[str, str]) -> dict[
     for m, info in models.items():
         for layer, res in info.get("layers", {}).items():
             for split, d in (res.get("decodability") or {}).items():
-                series.setdefault(f"{m} · {split}", []).append((layer, d.get("mean_excess")))
+                series.setdefault(f"{m} · {split}", []).append((layer, d.get("mean_excess_r2")))
                 t = by_split.setdefault(split, {"factors": list(d.get("factors", {})), "rows": []})
                 t["rows"].append([m, layer, *[_cell((d["factors"].get(f) or {}).get("excess"), 2)
                                               for f in t["factors"]]])
@@ -231,8 +231,8 @@ def _decodability(models: Mapping[str, Any], colors: Mapping[str, str]) -> dict[
                  "backgrounds vary widely it is informative; on in-distribution data it often is not "
                  "(see docs/METRICS.md).")
     styles = {k.partition(" · ")[2]: ls for k, ls in zip(series, ["-", "--", ":", "-."] * 4, strict=False)}
-    s["figures"].append({"src": P.layer_lines(series, title="mean excess decodability by layer",
-                                              ylabel="score − control", colors=colors, styles=styles,
+    s["figures"].append({"src": P.layer_lines(series, title="mean excess R² over continuous factors, by layer",
+                                              ylabel="R² − shuffled-control R²", colors=colors, styles=styles,
                                               hline=0.0, hline_label="shuffled control"),
                          "alt": "background decodability by layer", "caption": "0 = the shuffled control."})
     for split, t in by_split.items():
