@@ -99,7 +99,8 @@ def fill_foreground(image: np.ndarray, mask: np.ndarray, method: Literal["inpain
 
 def composite(foreground: np.ndarray, mask: np.ndarray, background: np.ndarray) -> np.ndarray:
     """``foreground`` where ``mask``, else ``background`` (same (H, W, 3) shape); uint8."""
-    return np.where(np.asarray(mask, dtype=bool)[:, :, None], foreground, background).astype(np.uint8)
+    out = np.where(np.asarray(mask, dtype=bool)[:, :, None], foreground, background)
+    return out if out.dtype == np.uint8 else out.astype(np.uint8)
 
 
 def _to_tensor(img: Image.Image) -> torch.Tensor:
