@@ -31,9 +31,9 @@ from ._weights import weight_rows as weight_rows
 from ._weights import weights_sha256 as weights_sha256
 
 __all__ = [
+    "OUTPUT_LAYER",
     "POOLS",
     "Capture",
-    "OUTPUT_LAYER",
     "LayerInfo",
     "ModelSpec",
     "Recorder",

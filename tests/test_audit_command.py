@@ -29,7 +29,7 @@ def folder(tmp_path_factory):
 
 @pytest.mark.slow
 def test_shortcut_model_flagged_robust_not(folder, tmp_path, capsys):
-    d, images, masks = folder
+    _, images, masks = folder
     rcs, docs = {}, {}
     for name, bg in (("shortcut", "class"), ("robust", "random")):
         w = tmp_path / f"{name}.pt"
@@ -56,7 +56,7 @@ def test_shortcut_model_flagged_robust_not(folder, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_a_rerun_continues_and_gives_the_same_verdict(folder, tmp_path):
-    d, images, masks = folder
+    _, images, masks = folder
     w = tmp_path / "m.pt"
     torch.save(train_shapes_cnn("class", seed=2, epochs=5).state_dict(), w)
     argv = ["audit", MODEL, "--weights", str(w), "--data", str(images), "--masks", str(masks),
@@ -70,7 +70,7 @@ def test_a_rerun_continues_and_gives_the_same_verdict(folder, tmp_path):
     assert first == second
 
 
-def _bad(d, images, masks, tmp_path, case):
+def _bad(images, masks, tmp_path, case):
     if case == "image without its mask":
         bad = tmp_path / "masks"
         import shutil
@@ -97,8 +97,8 @@ def _bad(d, images, masks, tmp_path, case):
 @pytest.mark.parametrize("case", ["image without its mask", "no foreground given", "unknown --model-arg",
                                   "--input-shape", "auto without OpenCV", "box out of the image"])
 def test_bad_inputs_are_one_line_exit_2_nothing_written(folder, tmp_path, capsys, monkeypatch, case):
-    d, images, masks = folder
-    extra, needle = _bad(d, images, masks, tmp_path, case)
+    _, images, masks = folder
+    extra, needle = _bad(images, masks, tmp_path, case)
     if case == "auto without OpenCV":
         monkeypatch.setitem(sys.modules, "cv2", None)
     out = tmp_path / "out"

@@ -12,8 +12,8 @@ from probekit.store._format import VARIANTS
 
 
 class Crossed(torch.utils.data.Dataset):
-    factor_names = ["hue", "bright"]
-    factor_periods = [1.0, 0.0]
+    factor_names = ("hue", "bright")
+    factor_periods = (1.0, 0.0)
 
     def __len__(self):
         return 12
