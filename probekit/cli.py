@@ -197,14 +197,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("demo", help="the whole pipeline on built-in data, on CPU, in a few minutes",
-                       description="Train a background-invariant teacher and a student distilled on "
-                       "in-distribution backgrounds (background digits), extract both (and their "
-                       "initialisations) into DIR/acts.h5, audit them into DIR/audit.json and write "
-                       "DIR/report.html.")
+                       description="Part 1: write a folder of shape images with masks, train a CNN that "
+                       "learns the background colour and one that learns the shape, and audit each from its "
+                       "checkpoint as `probekit audit` would (DIR/own-images/). Part 2: train a "
+                       "background-invariant teacher and a student distilled on in-distribution backgrounds "
+                       "(background digits), extract both (and their initialisations) into DIR/acts.h5, "
+                       "audit them into DIR/audit.json and write DIR/report.html.")
     p.add_argument("-o", "--out", default="probekit-demo", metavar="DIR", help="output folder (default: probekit-demo)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--teacher-epochs", type=int, default=60)
     p.add_argument("--student-epochs", type=int, default=150)
+    p.add_argument("--no-images", action="store_true",
+                   help="skip part 1 (the shortcut and robust CNNs audited on a folder of images)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
 
@@ -632,7 +636,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     res = run_demo(args.out, seed=args.seed, teacher_epochs=args.teacher_epochs,
-                   student_epochs=args.student_epochs, progress=not args.no_progress)
+                   student_epochs=args.student_epochs, images=not args.no_images, progress=not args.no_progress)
+    if res.image_audits:
+        print("Part 1: your own images (a folder of shapes with masks; two CNNs from their checkpoints)\n")
+        for name, path in res.image_audits.items():
+            with open(path) as f:
+                info = json.load(f)["models"][name]
+            print(f"[{'FLAGGED' if info['flagged'] else 'not flagged'}] {info['verdict']}")
+            print(f"   report: {path.parent / 'report.html'}")
+        print("\nPart 2: a student distilled on in-distribution backgrounds, and its teacher\n")
     with open(res.audit_json) as f:
         _print_summary(json.load(f))
     took = ", ".join(f"{k} {v:.0f}s" for k, v in res.seconds.items())

@@ -47,11 +47,31 @@ def test_headline_separates_distilled_student_from_teacher(demo_dir):
     assert pair["rel_mse"]["test_ood"]["value"] > 2 * pair["rel_mse"]["test_id"]["value"]
 
 
+def test_verdict_flags_the_student_and_not_the_teacher(demo_dir):
+    doc = json.loads((demo_dir / "audit.json").read_text())
+    student, teacher = doc["models"]["student"], doc["models"]["teacher"]
+    assert student["flagged"] is True and student["flag_basis"] == "behaviour"
+    assert teacher["flagged"] is False
+    # the teacher's flips are its own unsure digits, not a background pull; the student's are the pull
+    assert teacher["behaviour"]["pull"]["ci"][1] < student["behaviour"]["pull"]["ci"][0]
+    assert doc["verdict"][:2] == [doc["models"][m]["verdict"] for m in doc["models"]]
+
+
+def test_own_images_part_flags_the_shortcut_model_only(demo_dir):
+    verdicts = {}
+    for name in ("shortcut", "robust"):
+        d = demo_dir / "own-images" / name
+        assert (d / "report.html").stat().st_size > 10_000
+        verdicts[name] = json.loads((d / "audit.json").read_text())["models"][name]["flagged"]
+    assert verdicts == {"shortcut": True, "robust": False}
+    assert (demo_dir / "own-images" / "images").is_dir() and (demo_dir / "own-images" / "masks").is_dir()
+
+
 def test_demo_report_renders_in_chromium(demo_dir, browser):
     png, dom, errors = browser(demo_dir / "report.html", height=3000)
     assert errors == []
-    for sid in ("summary", "probes", "decodability", "sensitivity", "correlation", "directions",
-                "teacher-student", "attribution"):
+    for sid in ("summary", "behaviour", "decomposition", "probes", "decodability", "sensitivity", "correlation",
+                "directions", "teacher-student", "attribution"):
         assert f'id="{sid}"' in dom, sid
     assert len(re.findall(r'<img [^>]*src="data:image/png;base64,', dom)) >= 8
     img = mpimg.imread(png)
