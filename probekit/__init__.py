@@ -21,10 +21,12 @@ from .store import open_store as open_store
 _install_source_tree_finder()
 
 _LAZY = {
+    "audit_model": ("probekit.model_audit", "audit_model"),
     "extract": ("probekit.extraction", "extract"),
     "extract_pair": ("probekit.extraction", "extract_pair"),
     "list_layers": ("probekit.extractors", "list_layers"),
     "load_model": ("probekit.models", "load_model"),
+    "preprocessing_for": ("probekit.models", "preprocessing_for"),
     "load_data": ("probekit.datasets", "load_data"),
     "Recorder": ("probekit.extractors", "Recorder"),
 }

@@ -580,7 +580,7 @@ def _print_summary(doc: dict[str, Any]) -> None:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from .audit_model import audit_model
+    from .model_audit import audit_model
     from .models import parse_model_args
 
     if args.input_shape:

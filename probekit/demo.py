@@ -4,7 +4,7 @@
 (``DIR/own-images/images/<class>/*.png`` and ``masks/``), whose background colour equals the class.
 Two copies of a small CNN are trained: one on such images (it learns the colour: a shortcut) and one
 on random background colours (it learns the shape). Each is saved as a safetensors checkpoint and
-audited with :func:`probekit.audit_model` (the ``probekit audit`` command) on the folder: one verdict
+audited with :func:`probekit.model_audit` (the ``probekit audit`` command) on the folder: one verdict
 flagged, one clean, each with its report in ``DIR/own-images/<model>/``.
 
 **Distillation.** A teacher CNN learns digits on backgrounds from a broad family (so it becomes
@@ -126,9 +126,9 @@ def _own_images(out: Path, seed: int, epochs: int, progress: bool, times: dict[s
     """Part one: a shortcut-prone and a robust CNN, saved and audited on a folder of images with masks."""
     from safetensors.torch import save_file
 
-    from .audit_model import audit_model
     from .datasets._shapes import write_image_folder
     from .experiments.shortcut import train_shapes_cnn
+    from .model_audit import audit_model
 
     t0 = time.perf_counter()
     images, masks = write_image_folder(out, split="test", background="class", seed=seed, n=120)
