@@ -145,7 +145,10 @@ def test_call_selectors_stop_after_the_requested_call(tmp_path):
     with torch.no_grad():
         first = x @ net.block.weight.T + net.block.bias
         second = first @ net.block.weight.T + net.block.bias
-    np.testing.assert_allclose(stored(tmp_path / "a.h5", ["block@0"])["block@0"], first.numpy(), rtol=1e-6)
+    # batches of another size than the oracle's one pass round differently on some CPUs (3 float32 ulps
+    # seen on values of 0.02): the absolute floor of the comparison below is the float32 noise level
+    np.testing.assert_allclose(stored(tmp_path / "a.h5", ["block@0"])["block@0"], first.numpy(), rtol=1e-6,
+                               atol=1e-6)
 
     net2 = Twice()
     extract(net2, ds, layers=["block@1"], out=tmp_path / "b.h5", batch_size=BATCH, progress=False)
@@ -197,7 +200,7 @@ def test_pair_each_model_stops_at_its_own_last_layer(tmp_path):
     np.testing.assert_allclose(stored(tmp_path / "p.h5", ["fc2"], "teacher")["fc2"], oracle(t, x)["fc2"],
                                rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(stored(tmp_path / "p.h5", ["fc1"], "student")["fc1"], oracle(s, x)["fc1"],
-                               rtol=1e-6)
+                               rtol=1e-6, atol=1e-6)  # float32 noise of another batch size, as for the teacher
 
 
 def test_capture_run_whole_by_default_and_the_hooks_are_removed_after_a_stop():
