@@ -4,6 +4,8 @@
     python benchmarks/calibrate_verdict.py --quick              # a few simulations (what the test runs)
     python benchmarks/calibrate_verdict.py --sims 400 --jobs 2 --out benchmarks/results/calibrate_verdict.json
     python benchmarks/calibrate_verdict.py --analyses HEAD      # NMS / probe from the committed analyses/
+    python benchmarks/calibrate_verdict.py --parts behaviour --G 600 --sims 50 --out part.json   # one part
+    python benchmarks/calibrate_verdict.py --merge part1.json part2.json --out all.json          # combine
 
 Simulates datasets whose population truth is known and runs the audit's functions on them with the
 audit's defaults, writing JSON and printing markdown tables:
@@ -53,7 +55,11 @@ audit's defaults, writing JSON and printing markdown tables:
    reflected interval [2 TV - q_hi, 2 TV - q_lo] of the bootstrap TV*), ``raw_percentile``
    (percentiles of TV*, no correction) and ``cellwise``
    (each cell's |h_bc - pooled_c| corrected by the folded-normal bias E|mu + sigma Z| - |mu| at
-   mu^2 = max(D^2 - sigma^2, 0), sigma from the within-foreground permutations; the same spread).
+   mu^2 = max(D^2 - sigma^2, 0), sigma from the within-foreground permutations; the same spread),
+   ``cellwise_boot`` (the same with sigma from the foreground bootstrap), ``union`` (the hull of
+   ``current`` and ``boot_bc``) and ``crossfit`` (sum_b share_b 1/2 sum_c sign(D^A_bc) D^B_bc over
+   random halves A, B of the foregrounds, both orders, 20 splits; unbiased at no pull, its bias
+   vanishing as the signal grows; interval: its own bootstrap, one split a replicate, re-centred).
 """
 
 from __future__ import annotations
@@ -256,6 +262,23 @@ def pull_alternatives(P: np.ndarray, K: int, rng: np.random.Generator, n_boot: i
         out[name] = (centre, (centre + spread[0], centre + spread[1]))
     q = np.quantile(tvb, [a, 1 - a])  # basic (reflected) interval about TV, the bootstrap world's truth
     out["basic"] = (2 * tv - float(tvb.mean()), (2 * tv - q[1], 2 * tv - q[0]))
+    # cross-fitted TV: sum_b share_b 1/2 sum_c sign(D^A_bc) D^B_bc over random halves A, B of the
+    # foregrounds (both orders); the sign comes from noise independent of the value, so the estimate
+    # is unbiased when there is no pull and its bias vanishes as the signal grows
+    def crossfit(Wt: np.ndarray, masks: np.ndarray) -> np.ndarray:
+        Ca, Cb2 = _hist(P, K, Wt * masks), _hist(P, K, Wt * (1 - masks))
+        Da, sa = _dev(Ca)
+        Db2, sb = _dev(Cb2)
+        sh = 0.5 * (sa + sb)
+        return (sh * 0.25 * (np.sign(Da) * Db2 + np.sign(Db2) * Da).sum(axis=-1)).sum(axis=-1)
+
+    def halves(R: int) -> np.ndarray:
+        return (np.argsort(rng.random((R, G)), axis=1) < G // 2).astype(float)
+
+    cf = float(crossfit(np.ones((20, G)), halves(20)).mean())
+    cfb = crossfit(W, halves(n_boot))
+    sp = np.quantile(cfb - cfb.mean(), [a, 1 - a])
+    out["crossfit"] = (cf, (cf + sp[0], cf + sp[1]))
     cur, bc = out["current"], out["boot_bc"]
     out["union"] = (0.5 * (cur[0] + bc[0]), (min(cur[1][0], bc[1][0]), max(cur[1][1], bc[1][1])))
     # the function's spread, studentised-free "percentile of TV*" (no re-centring) for reference
@@ -418,6 +441,11 @@ def run_layer_sim(args: tuple, kinds: tuple[str, ...] = ("absolute", "odds"), n_
     return out
 
 
+def run_decomposition_sim(args: tuple) -> dict:
+    """crossed_decomposition on the teacher-like layer and the re-centred alternative (no compare_background)."""
+    return run_layer_sim(args, kinds=())
+
+
 def layer_alternatives(student: np.ndarray, teacher: np.ndarray, rng: np.random.Generator,
                        n_boot: int = DECOMP_BOOT, level: float = 0.95) -> dict:
     """The components' percentile intervals as the functions compute them, and re-centred on the estimate.
@@ -458,6 +486,8 @@ def layer_settings(quick: bool, Gs: tuple[int, ...] | None = None) -> list[dict]
 def summarise_layers(st: dict, res: list[dict], B: int, d: int) -> dict:
     row = dict(st, B=B, d=d, sims=len(res))
     for kind in ("absolute", "odds"):
+        if not res or kind not in res[0]:
+            continue
         if kind == "odds" and st["case"] == "weaker_fg":
             continue  # the odds model does not depend on a_student (same as "same")
         ratios = np.array([r[kind]["ratio"] for r in res])
@@ -591,6 +621,16 @@ def run(sims: int = 200, quick: bool = False, n_jobs: int = 1, rev: str = "workt
                         rows.append(summarise_alternatives(st, res, B))
                         out["alternatives"] = rows
                         _checkpoint(out, checkpoint)
+    if "decomposition" in parts:  # crossed_decomposition's coverage alone, more simulations
+        rows = []
+        for G in (Gs or ((100,) if quick else (100, 300))):
+            st = {"case": "decomposition", "G": G, "k": 1.0, "a_student": 1.0}
+            jobs = [("decomposition", G, B, d, 1.0, 1.0, i, True) for i in range(sims)]
+            res = _map(run_decomposition_sim, jobs, n_jobs)
+            row = summarise_layers(st, res, B, d)
+            rows.append(row)
+            out["decomposition"] = rows
+            _checkpoint(out, checkpoint)
     if "layers" in parts:
         rows = []
         for st in layer_settings(quick, Gs):
@@ -624,7 +664,13 @@ def run(sims: int = 200, quick: bool = False, n_jobs: int = 1, rev: str = "workt
 
 
 def _f(e: dict) -> str:
-    return f"{100 * e['rate']:.1f} ± {100 * e['se']:.1f}"
+    """A rate in %, ± its Monte-Carlo SE; at 0 or 1, the count and the exact one-sided 95 % bound."""
+    n, p = e["n"], e["rate"]
+    if n and p == 0:
+        return f"0/{n} (≤ {100 * (1 - 0.05 ** (1 / n)):.1f})"
+    if n and p == 1:
+        return f"{n}/{n} (≥ {100 * 0.05 ** (1 / n):.1f})"
+    return f"{100 * p:.1f} ± {100 * e['se']:.1f}"
 
 
 def markdown(res: dict) -> str:
@@ -672,15 +718,21 @@ def markdown(res: dict) -> str:
             lines.append(f"| {r['case']} | {r['G']} | {r['k']} | {r['sims']} | {_f(r['absolute']['flag'])} | "
                          f"{_f(r['absolute']['ratio_ci_coverage'])} | {_f(o['flag']) if o else '–'} | "
                          f"{_f(o['ratio_ci_coverage']) if o else '–'} |")
-        dec = [r for r in res["layers"] if "decomposition" in r]
+    if "layers" in res or "decomposition" in res:
+        dec = [r for r in res.get("layers", []) + res.get("decomposition", []) if "decomposition" in r]
         if dec:
             lines += ["", "### crossed_decomposition coverage (teacher layer; truth conditional on the backgrounds)", "",
-                      "| G | sims | foreground | background | interaction |", "|---|---|---|---|---|"]
+                      "| G | sims | foreground | background | interaction | re-centred: fg | bg | int | "
+                      "abs. ratio at k = 1, re-centred |", "|---|---|---|---|---|---|---|---|---|"]
             for r in dec:
-                dd = r["decomposition"]
+                dd, alt = r["decomposition"], r.get("alternatives", {})
+                rc = [_f(alt[f"{n}_recentred"]) if f"{n}_recentred" in alt else "–"
+                      for n in ("foreground", "background", "interaction")]
+                ratio = alt.get("absolute_ratio_recentred")
                 lines.append(f"| {r['G']} | {r['sims']} | " + " | ".join(
                     f"{_f(dd[n]['coverage'])} (rel. bias {dd[n]['rel_bias']:+.3f})"
-                    for n in ("foreground", "background", "interaction")) + " |")
+                    for n in ("foreground", "background", "interaction")) + " | " + " | ".join(rc)
+                    + f" | {_f(ratio['coverage']) if ratio else '–'} |")
     if "nms" in res:
         lines += ["", "### normalized_mean_shift interval", "",
                   "| paired | true NMS | sims | coverage | bias | low end > truth | high end < truth |",
@@ -710,7 +762,21 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "calibrate_verdict.json"))
     ap.add_argument("--G", default=None, help="foreground counts, comma-separated (behaviour and layers)")
     ap.add_argument("--K", default=None, help="class counts, comma-separated (behaviour)")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                    help="combine part files of earlier runs into --out and print their tables (no simulation)")
     a = ap.parse_args(argv)
+    if a.merge:
+        res: dict = {"config": {}, "parts": {}}
+        for path in a.merge:
+            doc = json.loads(Path(path).read_text())
+            for key, val in doc.items():
+                if key in ("config", "seconds"):
+                    res["parts"].setdefault(Path(path).name, {})[key] = val
+                else:
+                    res.setdefault(key, []).extend(val)
+        Path(a.out).write_text(json.dumps(res, indent=1, default=float) + "\n")
+        print(markdown(res))
+        return res
     sims = a.sims if a.sims is not None else (20 if a.quick else 200)
     ints = lambda v: tuple(int(x) for x in v.split(",")) if v else None  # noqa: E731
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

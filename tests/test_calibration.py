@@ -118,18 +118,19 @@ def test_pull_interval_covers_the_population_pull_under_a_shortcut():
 
 
 @pytest.mark.xfail(strict=True, reason="crossed_decomposition's background interval: the bootstrap world's "
-                   "truth is the plug-in (estimate + MS_int/G), so plain percentiles sit ~MS_int/G high and "
-                   "miss the truth from above about half the time (re-centring fixes it)")
+                   "truth is the plug-in (estimate + MS_int/G), so plain percentiles sit ~MS_int/G high: "
+                   "coverage 58.5 +- 3.5 % at G = 100, 80.5 +- 2.8 % at G = 300 (200 simulations); "
+                   "re-centred replicates 91 / 94 %")
 def test_decomposition_background_interval_covers():
     from probekit.analyses import crossed_decomposition
 
     cover = []
-    for i in range(10):
+    for i in range(20):
         x = cv.simulate_layers(np.random.default_rng([7, i]), 100, 8, 16)
         r = crossed_decomposition(x["teacher"], x["group"], x["background"], n_boot=100, random_state=i)
         lo, hi = r.background_ci
         cover.append(lo <= x["truth_teacher"]["background"] <= hi)
-    assert np.mean(cover) >= 0.8
+    assert np.mean(cover) >= 0.85
 
 
 # -- the script ----------------------------------------------------------------------------------
