@@ -1,11 +1,21 @@
 """Analyses over training steps of a recorded run (``/models/<model>/steps/<step>/`` of a store).
 
-:func:`series` reads the steps a :class:`probekit.Recorder` wrote and, per step, fits a linear probe
-on one probe split and scores it on another (out-of-distribution), measures background sensitivity
-on a grouped split, clusters neuron weight directions per weight layer, and projects weights on
-known core / background bases. It returns a plain JSON-safe dict with one aligned list per metric
-(``steps[i]`` <-> ``values[i]``), a ``by_step`` view, and ``best_step``: the step of best OOD probe
-accuracy. :func:`plot_series` draws the curves to a PNG.
+:func:`series` reads the steps a :class:`probekit.Recorder` wrote, whatever its probe splits are
+called, and per step and layer computes:
+
+- **probe accuracy**: a linear probe fit on one labelled split (``train`` when there is one, else the
+  first labelled split) and scored on every other labelled split; with a single labelled split (the
+  Recorder's default, ``probe``), the accuracy is cross-validated within it (stratified folds);
+- **CKA to the last step**: debiased linear CKA of the step's representation of the probe split to the
+  last step's (1 = the representation has settled);
+- **background figures** where a split allows them: background sensitivity on a split with a
+  ``group`` field, the background factors' share of variance on a split with ``factors``;
+- **direction counts** from the stored neuron weight rows, and optional projections on known core /
+  background bases.
+
+It returns a plain JSON-safe dict with one aligned list per metric (``steps[i]`` <-> ``values[i]``), a
+``by_step`` view, ``best_step`` (the step of best probe accuracy on the scoring split) and ``skipped``
+(what could not be computed, and why). :func:`plot_series` draws the curves to a PNG.
 """
 
 from __future__ import annotations
@@ -29,43 +39,77 @@ def _num(v: Any) -> float | None:
     return v if math.isfinite(v) else None
 
 
+def _cv_folds(y: np.ndarray, n_folds: int) -> int:
+    """Folds of a stratified split: at most ``n_folds``, at most the rarest class's count (0: impossible)."""
+    _, counts = np.unique(y, return_counts=True)
+    if len(counts) < 2:
+        return 0
+    k = min(int(n_folds), int(counts.min()))
+    return k if k >= 2 else 0
+
+
+def _cv_accuracy(X: np.ndarray, y: np.ndarray, k: int, C: float, seed: int) -> float | None:
+    """Mean held-out accuracy of a LinearProbe over ``k`` stratified folds (pooled over rows)."""
+    from sklearn.model_selection import StratifiedKFold
+
+    from .analyses import LinearProbe
+
+    correct = 0
+    for tr, te in StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(X, y):
+        p = LinearProbe(C=C, backend="sklearn").fit(X[tr], y[tr])
+        correct += int(np.sum(p.predict(X[te]) == y[te]))
+    return _num(correct / len(y))
+
+
 def series(
     store_path: str | os.PathLike,
     model: str = "model",
     *,
-    train: str = "train",
-    test: str = "test_ood",
+    train: str | None = None,
+    test: str | None = None,
     test_id: str | None = None,
     layers: Sequence[str] | None = None,
     score_layer: str | None = None,
     grouped: str | None = None,
+    factored: str | None = None,
     weight_layers: Sequence[str] | None = None,
     bases: Mapping[str, tuple[Any, Any]] | None = None,
     steps: Sequence[int] | None = None,
     probe_C: float = 1.0,
+    cv_folds: int = 5,
+    random_state: int = 0,
     direction_tol: float = 10.0,
     direction_mass: float = 0.9,
 ) -> dict[str, Any]:
-    """Per-step probe accuracy, background sensitivity, direction clusters and weight projections.
+    """Per-step probe accuracy, CKA to the last step, background figures, direction counts, projections.
 
     Parameters
     ----------
     store_path : str or PathLike
         A store with recorded steps (see :class:`probekit.Recorder`).
     model : str, default "model"
-    train, test : str, default "train", "test_ood"
-        Probe splits: a :class:`probekit.analyses.LinearProbe` (``C=probe_C``) is fit on ``train``
-        and scored on ``test`` at every step and layer. Skipped (``probe`` empty) when either split
-        or the labels are missing.
+    train : str, optional
+        The split a :class:`probekit.analyses.LinearProbe` (``C=probe_C``) is fit on at every step and
+        layer. Default: ``"train"`` when recorded with labels, else the first recorded split with labels.
+    test : str, optional
+        The scoring split behind ``accuracy`` and ``best_step``. Default: ``"test_ood"`` when recorded
+        with labels, else the first other labelled split. Every other labelled split is scored too
+        (``probe[layer]["scores"]``). With no second labelled split, ``accuracy`` is the accuracy
+        cross-validated within ``train`` (``cv_folds`` stratified folds; ``method`` "cv").
     test_id : str, optional
-        A second scoring split (in-distribution), reported as ``probe[layer]["id_accuracy"]``.
+        An in-distribution scoring split, reported as ``probe[layer]["id_accuracy"]``. Default:
+        ``"test_id"`` when recorded with labels and not the scoring split.
     layers : sequence of str, optional
-        Activation layers to analyse; default every layer recorded on ``train``.
+        Activation layers to analyse; default every layer recorded at the first step.
     score_layer : str, optional
-        The layer whose OOD accuracy picks ``best_step``; default the last of ``layers``.
+        The layer whose probe accuracy picks ``best_step``; default the last of ``layers``.
     grouped : str, optional
         A split with a ``group`` field for :func:`probekit.analyses.background_sensitivity`; default
         the first recorded split that has one (none: the entry is empty).
+    factored : str, optional
+        A split with background ``factors`` for :class:`probekit.analyses.BackgroundCorrelation`
+        (parametric null): the factors' mean share of each unit's variance (R²) and its null; default
+        the first recorded split that has factors.
     weight_layers : sequence of str, optional
         Layers for :class:`probekit.analyses.DirectionClusters` (``tol=direction_tol``,
         ``mass=direction_mass``); default every layer with recorded weight rows.
@@ -74,24 +118,37 @@ def series(
         (relative to the first step).
     steps : sequence of int, optional
         A subset of the recorded steps.
+    cv_folds, random_state : int
+        Folds and seed of the cross-validated accuracy.
 
     Returns
     -------
     dict
-        ``{"model", "steps", "layers", "score_layer", "probe": {layer: {"train", "test", "accuracy",
-        "id_accuracy"}}, "background_sensitivity": {layer: {"split", "values"}}, "directions":
-        {layer: {"n_directions", "n_clusters", "shares"}}, "projections": {layer: {"core",
-        "background", "core_ratio", "background_ratio"}}, "best_step", "best_accuracy", "by_step":
-        {str(step): {...}}}``; non-finite numbers are None.
+        ``{"model", "steps", "splits", "layers", "score_layer", "probe": {layer: {"method": "holdout" |
+        "cv", "train", "test", "accuracy", "id_accuracy", "scores": {split: [...]}, "folds"}},
+        "cka_to_last": {layer: {"split", "values"}}, "background_sensitivity": {layer: {"split",
+        "values"}}, "background_share": {layer: {"split", "values", "null"}}, "directions": {layer:
+        {"n_directions", "n_clusters", "shares"}}, "projections": {layer: {"core", "background",
+        "core_ratio", "background_ratio"}}, "best_step", "best_accuracy", "skipped": [{"analysis",
+        "reason"}], "by_step": {str(step): {...}}}``; non-finite numbers are None.
 
     Raises
     ------
     DataError
-        When the model has no recorded steps, or a named split / layer / step is not in the store.
+        When the model has no recorded steps, or a named layer / step is not in the store. A named split
+        that is not recorded at every step skips its analysis (an entry in ``skipped``).
     """
-    from .analyses import LinearProbe, background_sensitivity, direction_series, projection_series
+    from .analyses import (
+        BackgroundCorrelation,
+        LinearProbe,
+        background_sensitivity,
+        direction_series,
+        linear_cka,
+        projection_series,
+    )
 
     out: dict[str, Any] = {"model": model}
+    skipped: list[dict[str, str]] = []
     with open_store(store_path) as s:
         if model not in s.models:
             raise DataError(f"The store {str(store_path)!r} has no model {model!r}; it has {s.models}.")
@@ -107,32 +164,93 @@ def series(
                 raise DataError(f"Steps {missing} are not recorded for {model!r}; it has {all_steps}.")
             all_steps = sorted(set(int(t) for t in steps))
         out["steps"] = all_steps
-        recorded = s.acts_splits(model, all_steps[0])
-        lay = list(layers) if layers is not None else s.layers(model, train if train in recorded else None,
-                                                               all_steps[0])
+        recorded = [sp for sp in s.acts_splits(model, all_steps[0])
+                    if all(sp in s.acts_splits(model, st) for st in all_steps)]
+        out["splits"] = recorded
+        absent = {name: sp for name, sp in (("train", train), ("test", test), ("test_id", test_id),
+                                             ("grouped", grouped), ("factored", factored))
+                  if sp is not None and sp not in recorded}
+        for name, sp in absent.items():
+            analysis = {"grouped": "background sensitivity over training",
+                        "factored": "background share over training"}.get(name, "probe accuracy")
+            skipped.append({"analysis": analysis, "reason": f"the split {sp!r} ({name}) is not recorded at "
+                            f"every step; the recorded splits are {recorded}"})
+        labelled = [sp for sp in recorded if s.has_field(sp, "label")]
+        fit = train if train in recorded else ("train" if "train" in labelled else next(iter(labelled), None))
+        lay_split = fit if fit is not None else next(iter(recorded), None)
+        if layers is not None:
+            lay = list(layers)
+            have = s.layers(model, lay_split, all_steps[0]) if lay_split is not None else []
+            missing_l = [la for la in lay if la not in have]
+            if missing_l:
+                raise DataError(f"The model {model!r} has no recorded layers {missing_l}; it has {have}.")
+        else:
+            lay = s.layers(model, lay_split, all_steps[0]) if lay_split is not None else []
         out["layers"] = lay
         score = score_layer if score_layer is not None else (lay[-1] if lay else None)
         out["score_layer"] = score
 
-        # -- probe accuracy: fit on `train`, score on `test` (and `test_id`) -------------------------
+        # -- probe accuracy: fit on one split, score on the others (or cross-validate within it) -----
         probe: dict[str, Any] = {}
-        can_probe = all(sp in recorded and s.has_field(sp, "label") for sp in (train, test))
-        if can_probe:
-            y_tr, y_te = s.sample_field(train, "label"), s.sample_field(test, "label")
-            y_id = s.sample_field(test_id, "label") if test_id is not None else None
-            for layer in lay:
-                acc, acc_id = [], []
-                for st in all_steps:
-                    p = LinearProbe(C=probe_C, backend="sklearn").fit(s.acts(model, train, layer, st)[:], y_tr)
-                    acc.append(_num(p.score(s.acts(model, test, layer, st)[:], y_te)))
-                    if test_id is not None:
-                        acc_id.append(_num(p.score(s.acts(model, test_id, layer, st)[:], y_id)))
-                probe[layer] = {"train": train, "test": test, "accuracy": acc,
-                                "id_accuracy": acc_id if test_id is not None else None}
+        others = [sp for sp in labelled if sp != fit]
+        primary = test if test is not None else ("test_ood" if "test_ood" in others else next(iter(others), None))
+        id_split = test_id if test_id is not None else (
+            "test_id" if "test_id" in others and primary != "test_id" else None)
+        if absent.keys() & {"train", "test", "test_id"}:
+            pass  # named above
+        elif fit is None or fit not in labelled:
+            skipped.append({"analysis": "probe accuracy", "reason": (
+                "no recorded probe split has labels" if fit is None else f"the split {fit!r} has no labels")})
+        elif primary is not None and primary not in labelled:
+            skipped.append({"analysis": "probe accuracy", "reason": f"the split {primary!r} has no labels"})
+        else:
+            y_fit = np.asarray(s.sample_field(fit, "label"))
+            folds = _cv_folds(y_fit, cv_folds) if primary is None else 0
+            if primary is None and folds == 0:
+                skipped.append({"analysis": "probe accuracy", "reason": (
+                    f"one labelled split ({fit!r}) and too few rows per class in it to cross-validate "
+                    "(a class with fewer than 2 rows, or a single class)")})
+            else:
+                ys = {sp: np.asarray(s.sample_field(sp, "label")) for sp in others}
+                for layer in lay:
+                    scores: dict[str, list[float | None]] = {sp: [] for sp in others}
+                    cv: list[float | None] = []
+                    for st in all_steps:
+                        X = np.asarray(s.acts(model, fit, layer, st)[:])
+                        if primary is None:
+                            cv.append(_cv_accuracy(X, y_fit, folds, probe_C, random_state))
+                        if others:
+                            p = LinearProbe(C=probe_C, backend="sklearn").fit(X, y_fit)
+                            for sp in others:
+                                scores[sp].append(_num(p.score(s.acts(model, sp, layer, st)[:], ys[sp])))
+                    probe[layer] = {
+                        "method": "cv" if primary is None else "holdout", "train": fit,
+                        "test": primary if primary is not None else fit,
+                        "accuracy": cv if primary is None else scores[primary],
+                        "id_accuracy": scores[id_split] if id_split is not None else None,
+                        "scores": scores, "folds": folds or None,
+                    }
         out["probe"] = probe
 
-        # -- background sensitivity on a grouped split ------------------------------------------------
-        if grouped is None:
+        # -- CKA of each step's representation to the last step's ------------------------------------
+        cka: dict[str, Any] = {}
+        if lay_split is not None and len(all_steps) >= 2:
+            n = s.n_rows(lay_split, model, all_steps[-1])
+            if n < 4:
+                skipped.append({"analysis": "CKA to the last step",
+                                "reason": f"the split {lay_split!r} has {n} rows; debiased CKA needs 4"})
+            else:
+                for layer in lay:
+                    last = np.asarray(s.acts(model, lay_split, layer, all_steps[-1])[:])
+                    vals = [_num(linear_cka(np.asarray(s.acts(model, lay_split, layer, st)[:]), last,
+                                            debiased=True)) for st in all_steps]
+                    cka[layer] = {"split": lay_split, "values": vals}
+        out["cka_to_last"] = cka
+
+        # -- background figures: sensitivity on a grouped split, factor share on a factored split ------
+        if "grouped" in absent:
+            grouped = None
+        elif grouped is None:
             grouped = next((sp for sp in recorded if s.has_field(sp, "group")), None)
         sens: dict[str, Any] = {}
         if grouped is not None:
@@ -141,10 +259,35 @@ def series(
                 vals = [_num(background_sensitivity(s.acts(model, grouped, layer, st), g, n_boot=1).layer)
                         for st in all_steps]
                 sens[layer] = {"split": grouped, "values": vals}
+        if "factored" in absent:
+            factored = None
+        elif factored is None:
+            factored = next((sp for sp in recorded if s.factor_names(sp)), None)
+        share: dict[str, Any] = {}
+        if factored is not None:
+            F = np.asarray(s.sample_field(factored, "factors"), dtype=float)
+            names = s.factor_names(factored)
+            for layer in lay:
+                vals, null = [], []
+                for st in all_steps:
+                    r = BackgroundCorrelation(n_permutations=0, random_state=random_state).fit(
+                        s.acts(model, factored, layer, st), F, factor_names=names).result_
+                    vals.append(_num(r.mean_factor_r2))
+                    null.append(_num(r.null_factor_r2))
+                share[layer] = {"split": factored, "values": vals, "null": null}
+        if grouped is None and factored is None and not absent.keys() & {"grouped", "factored"}:
+            skipped.append({"analysis": "background over training", "reason": (
+                "no recorded probe split has a group field (the same foreground on several backgrounds) "
+                "or background factors")})
         out["background_sensitivity"] = sens
+        out["background_share"] = share
 
         # -- weight directions and projections ---------------------------------------------------------
         wl = list(weight_layers) if weight_layers is not None else s.weight_layers(model, all_steps[0])
+        wl = [la for la in wl if all(la in s.weight_layers(model, st) for st in all_steps)]
+        if not wl:
+            skipped.append({"analysis": "directions over training",
+                            "reason": "no weight rows are stored at every recorded step"})
         dirs: dict[str, Any] = {}
         for layer in wl:
             ws = {st: s.weights(model, layer, st) for st in all_steps}
@@ -163,20 +306,23 @@ def series(
                            for k in ("core", "background", "core_ratio", "background_ratio")}
         out["projections"] = proj
 
-    # -- best step: the step of best OOD probe accuracy on the score layer ---------------------------------
+    # -- best step: the step of best probe accuracy on the score layer -------------------------------------
     out["best_step"] = out["best_accuracy"] = None
     if score in probe:
         acc = np.array([-np.inf if a is None else a for a in probe[score]["accuracy"]])
         if np.isfinite(acc).any():
             i = int(np.argmax(acc))  # first step on ties
             out["best_step"], out["best_accuracy"] = int(all_steps[i]), float(acc[i])
+    out["skipped"] = skipped
 
     by_step: dict[str, Any] = {}
     for i, st in enumerate(all_steps):
         by_step[str(st)] = {
             "probe_ood": {k: v["accuracy"][i] for k, v in probe.items()},
             "probe_id": {k: v["id_accuracy"][i] for k, v in probe.items() if v["id_accuracy"] is not None},
+            "cka_to_last": {k: v["values"][i] for k, v in cka.items()},
             "background_sensitivity": {k: v["values"][i] for k, v in sens.items()},
+            "background_share": {k: v["values"][i] for k, v in share.items()},
             "n_directions": {k: v["n_directions"][i] for k, v in dirs.items()},
             "projections": {k: {m: v[m][i] for m in v} for k, v in proj.items()},
         }
@@ -184,40 +330,99 @@ def series(
     return out
 
 
+_STYLES = ("-", "--", ":", "-.")
+_MARKERS = ("o", "s", "^", "D", "v", "P")
+
+
+def _probe_curves(result: Mapping[str, Any]) -> dict[str, tuple[list, str]]:
+    curves: dict[str, tuple[list, str]] = {}
+    for layer, v in result["probe"].items():
+        if v.get("method") == "cv":
+            curves[f"{layer} · {v['train']} ({v.get('folds')}-fold cross-validated)"] = (v["accuracy"], "-")
+            continue
+        order = [v["test"]] + [sp for sp in (v.get("scores") or {}) if sp != v["test"]]
+        for j, sp in enumerate(order):
+            ys = v["accuracy"] if sp == v["test"] else v["scores"][sp]
+            curves[f"{layer} · {sp}"] = (ys, _STYLES[j % len(_STYLES)])
+    return curves
+
+
 def plot_series(result: Mapping[str, Any], path: str | os.PathLike) -> Path:
     """Draw the curves of a :func:`series` result over steps to a PNG (matplotlib, Agg backend).
 
-    One panel per metric present (probe accuracy, background sensitivity, direction count, weight
-    projections); a dotted line marks ``best_step``. Returns the path written.
+    One panel per metric present (probe accuracy, CKA to the last step, background sensitivity,
+    background factors' share of variance, direction count, weight projections), in a grid up to three
+    wide. Colour and marker name the layer, line style the split (probe panel: solid the scoring split,
+    dashed / dotted the other scored splits). A dotted grey vertical line marks ``best_step`` when
+    there is one. Returns the path written.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     steps = list(result["steps"])
-    panels = []
+    # (title, y label, {legend: (values, line style)}, y limits)
+    panels: list[tuple[str, str, dict[str, tuple[list, str]], tuple[float, float] | None]] = []
     if result.get("probe"):
-        panels.append(("probe accuracy", {f"{k} OOD": v["accuracy"] for k, v in result["probe"].items()}
-                       | {f"{k} ID": v["id_accuracy"] for k, v in result["probe"].items() if v.get("id_accuracy")}))
+        cv = all(v.get("method") == "cv" for v in result["probe"].values())
+        title = "linear probe accuracy" + (" (cross-validated)" if cv else
+                                           f" (fit on {next(iter(result['probe'].values()))['train']})")
+        panels.append((title, "accuracy (fraction correct)", _probe_curves(result), (0.0, 1.02)))
+    if result.get("cka_to_last"):
+        sp = next(iter(result["cka_to_last"].values()))["split"]
+        panels.append((f"similarity to the last step ({sp})", "debiased linear CKA (1 = same)",
+                       {k: (v["values"], "-") for k, v in result["cka_to_last"].items()}, None))
     if result.get("background_sensitivity"):
-        panels.append(("background sensitivity", {k: v["values"] for k, v in result["background_sensitivity"].items()}))
+        sp = next(iter(result["background_sensitivity"].values()))["split"]
+        panels.append((f"background sensitivity ({sp})", "background share of variance (0–1)",
+                       {k: (v["values"], "-") for k, v in result["background_sensitivity"].items()}, None))
+    if result.get("background_share"):
+        sp = next(iter(result["background_share"].values()))["split"]
+        curves = {k: (v["values"], "-") for k, v in result["background_share"].items()}
+        curves |= {f"{k} · null (shuffled factors)": (v["null"], "--")
+                   for k, v in result["background_share"].items() if v.get("null")}
+        panels.append((f"background factors' share of unit variance ({sp})", "mean R² over factors and units",
+                       curves, None))
     if result.get("directions"):
-        panels.append(("directions (90% mass)", {k: v["n_directions"] for k, v in result["directions"].items()}))
+        panels.append(("neuron weight directions", "directions holding 90% of the weight mass",
+                       {k: (v["n_directions"], "-") for k, v in result["directions"].items()}, None))
     if result.get("projections"):
-        panels.append(("weight projection", {f"{k} {m}": v[m] for k, v in result["projections"].items()
-                                             for m in ("core", "background")}))
+        panels.append(("weight projection", "norm of the weights' projection",
+                       {f"{k} · {m}": (v[m], "-" if m == "core" else "--") for k, v in result["projections"].items()
+                        for m in ("core", "background")}, None))
     if not panels:
-        raise DataError("The series result has no metric to plot (no probe, sensitivity, directions or projections).")
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
-    for ax, (title, curves) in zip(axes[0], panels, strict=True):
-        for label, ys in curves.items():
-            ax.plot(steps, [np.nan if y is None else y for y in ys], marker="o", ms=3, label=label)
-        if result.get("best_step") is not None:
-            ax.axvline(result["best_step"], color="grey", ls=":", lw=1)
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.legend(fontsize=7)
+        raise DataError("The series result has no metric to plot (no probe, CKA, background figure, directions "
+                        "or projections).")
+    ncol = min(3, len(panels))
+    nrow = -(-len(panels) // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4.6 * ncol, 3.6 * nrow), squeeze=False)
+    layer_order: list[str] = []
+    for _, _, curves, _ in panels:
+        for label in curves:
+            la = label.split(" · ")[0]
+            if la not in layer_order:
+                layer_order.append(la)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    best = result.get("best_step")
+    for ax, (title, ylabel, curves, ylim) in zip(axes.flat, panels, strict=False):
+        for label, (ys, ls) in curves.items():
+            k = layer_order.index(label.split(" · ")[0])
+            ax.plot(steps, [np.nan if y is None else y for y in ys], ls=ls, marker=_MARKERS[k % len(_MARKERS)],
+                    ms=3, color=colours[k % len(colours)], label=f"layer {label}")
+        if best is not None:
+            ax.axvline(best, color="grey", ls=":", lw=1, label=f"best probe step ({best})")
+        if ylim is not None:
+            ax.set_ylim(*ylim)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("training step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(ylabel, fontsize=8)
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    fig.suptitle(f"{result.get('model', 'model')} over {len(steps)} recorded steps", fontsize=10)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)
