@@ -2,7 +2,8 @@
 
 - :func:`resolve_layers`, :func:`list_layers`, :class:`LayerInfo`: choose layers by name, glob,
   ``name@K`` call selector or predicate; list every layer with its output shape.
-- :func:`pool`, :data:`POOLS`: avg, max, cls, tokens_mean, flatten, none.
+- :func:`pool`, :data:`POOLS`: avg, max, cls, tokens_mean, last, flatten, none (mask-aware on tokens).
+- :class:`Padding`: how keyword-input items (``input_ids``, ``attention_mask``, ...) are padded per batch.
 - :func:`capture`: the one hook context manager (hooks removed and train/eval restored on exit).
 - :func:`weight_rows`, :func:`weights_sha256`, :func:`param_count`: neuron weight rows and a fingerprint.
 - :func:`extract_models`, :class:`ModelSpec`: the streaming pipeline (several models, one pass, one store).
@@ -16,31 +17,39 @@ from ._hooks import capture as capture
 from ._layers import OUTPUT_LAYER as OUTPUT_LAYER
 from ._layers import LayerInfo as LayerInfo
 from ._layers import first_tensor as first_tensor
+from ._layers import glob_match as glob_match
 from ._layers import list_layers as list_layers
 from ._layers import parse_selector as parse_selector
 from ._layers import resolve_layers as resolve_layers
+from ._layers import takes_token_ids as takes_token_ids
+from ._layers import token_example as token_example
 from ._pipeline import ModelSpec as ModelSpec
 from ._pipeline import extract_models as extract_models
+from ._pooling import MASK_LAYER as MASK_LAYER
 from ._pooling import POOLS as POOLS
 from ._pooling import pool as pool
 from ._pooling import pool_for as pool_for
 from ._pooling import pools_for_rank as pools_for_rank
 from ._recorder import Recorder as Recorder
+from ._tokens import Padding as Padding
 from ._weights import param_count as param_count
 from ._weights import weight_rows as weight_rows
 from ._weights import weights_sha256 as weights_sha256
 
 __all__ = [
+    "MASK_LAYER",
     "OUTPUT_LAYER",
     "POOLS",
     "Capture",
     "LayerInfo",
     "ModelSpec",
+    "Padding",
     "Recorder",
     "capture",
     "extract_distributed",
     "extract_models",
     "first_tensor",
+    "glob_match",
     "list_layers",
     "param_count",
     "parse_selector",
@@ -50,6 +59,8 @@ __all__ = [
     "resolve_layers",
     "shard_bounds",
     "shard_path",
+    "takes_token_ids",
+    "token_example",
     "weight_rows",
     "weights_sha256",
 ]

@@ -16,9 +16,10 @@ from typing import Any, Literal
 
 import torch
 
-from ..datasets import SampleDataset, as_samples
-from ..errors import DataError, ProbekitError, StoreExistsError
-from ..store import merge_shards
+from probekit.datasets import SampleDataset, as_samples
+from probekit.errors import DataError, ProbekitError, StoreExistsError
+from probekit.store import merge_shards
+
 from ._pipeline import ModelSpec, extract_models
 from ._weights import weights_sha256
 
@@ -57,6 +58,8 @@ class _ShardSamples(SampleDataset):
         self.factor_names = base.factor_names
         self.factor_periods = base.factor_periods
         self.x_shape = base.x_shape
+        self.input_keys = base.input_keys
+        self.padding = base.padding
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         if not 0 <= int(i) < self._n:

@@ -14,6 +14,7 @@ network.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -21,8 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import DataError
-from ._layers import OUTPUT_LAYER, LayerSpec, first_tensor, parse_selector, resolve_layers
+from probekit.errors import DataError
+
+from ._layers import OUTPUT_LAYER, LayerSpec, first_tensor, parse_selector, resolve_layers_matched
 from ._pooling import PoolSpec, pool, pool_for
 
 __all__ = ["Capture", "OutputKey", "capture"]
@@ -81,6 +83,17 @@ class Capture:
         the copy is as large as the bytes written (``benchmarks/bench_feature_maps.py``).
     final_layer : str or None
         The selector whose output completed the set in the last pass (the last one to run).
+    token_mask : torch.Tensor of shape (n_samples, T) or None
+        The attention mask of the next forward pass (set by the caller; None: no padding). Token
+        outputs ``(N, T, D)`` of that length are pooled over their real tokens only (see
+        :func:`pool`), and ``tokens_mean`` then skips no prefix token unless ``num_prefix_tokens``
+        was given or the model has ``num_prefix_tokens``.
+    skipped : list of str
+        Selectors a glob or predicate picked whose module never ran in a forward pass: left out of
+        :attr:`layers` (with a warning) rather than failing; a module named exactly must run.
+    masked_none : bool
+        Whether a ``none`` layer of the last pass was a token output of the mask's length (its
+        padding positions are stored as they are; the caller stores the mask beside them).
     """
 
     def __init__(
@@ -94,11 +107,16 @@ class Capture:
         eval_mode: bool = True,
     ) -> None:
         self.model = model
-        self.layers = resolve_layers(model, layers)
+        self.layers, self._optional = resolve_layers_matched(model, layers)
         self.modes = {sel: pool_for(pool, sel) for sel in self.layers}
+        own = getattr(model, "num_prefix_tokens", None)
+        self._prefix_given = num_prefix_tokens is not None or isinstance(own, int)
         self.num_prefix_tokens = (
-            int(getattr(model, "num_prefix_tokens", 1)) if num_prefix_tokens is None else int(num_prefix_tokens)
+            int(own if isinstance(own, int) else 1) if num_prefix_tokens is None else int(num_prefix_tokens)
         )
+        self.token_mask: torch.Tensor | None = None
+        self.skipped: list[str] = []
+        self.masked_none = False
         self.output_key = output_key
         self.eval_mode = eval_mode
         modules = dict(model.named_modules())
@@ -166,9 +184,16 @@ class Capture:
             self.raw_shapes[sel] = tuple(t.shape[1:])
             completes = sel not in self._results and len(self._results) == len(self.layers) - 1
             keep = completes and self.stop_when_done and self.elide_final_copy
+            mask = self.token_mask
+            if mask is not None and not (t.ndim == 3 and not channels_first
+                                         and tuple(t.shape[:2]) == tuple(mask.shape)):
+                mask = None  # not a token output of the mask's length: pooled as it is
+            if mask is not None and self.modes[sel] == "none":
+                self.masked_none = True
+            prefix = self.num_prefix_tokens if (self._prefix_given or mask is None) else 0
             self._results[sel] = pool(
-                t, self.modes[sel], self.num_prefix_tokens, layer=sel, channels_first=channels_first,
-                out=None if keep else self._out.get(sel), copy=not keep,
+                t, self.modes[sel], prefix, layer=sel, channels_first=channels_first,
+                out=None if keep else self._out.get(sel), copy=not keep, mask=mask,
             )
             if completes:
                 self.final_layer = sel
@@ -210,6 +235,7 @@ class Capture:
         self._results = {}
         self._counts = {}
         self._stopped = False
+        self.masked_none = False
 
     def collect(self) -> dict[str, torch.Tensor]:
         """The pooled outputs of the last forward pass, keyed by selector in requested order.
@@ -220,10 +246,13 @@ class Capture:
             When a selected layer did not run, or ran fewer times than its ``@K`` asks for.
         """
         out: dict[str, torch.Tensor] = {}
-        for sel in self.layers:
+        for sel in list(self.layers):
             if sel not in self._results:
                 base, call = parse_selector(sel)
                 n = self._counts.get(base, 0)
+                if n == 0 and sel in self._optional and len(self.layers) > 1:
+                    self._drop(sel)
+                    continue
                 if n == 0:
                     raise DataError(
                         f"Layer {base!r} did not run during the forward pass, so it has no output. "
@@ -235,6 +264,20 @@ class Capture:
                 )
             out[sel] = self._results[sel]
         return out
+
+    def _drop(self, sel: str) -> None:
+        """Leave out a glob-matched selector whose module did not run (reported, not fatal)."""
+        base, call = parse_selector(sel)
+        self.layers.remove(sel)
+        self.modes.pop(sel, None)
+        self.module_types.pop(sel, None)
+        self._wanted[base].pop(call, None)  # the hook holds this dict: it ignores the module from now on
+        self.skipped.append(sel)
+        warnings.warn(
+            f"Layer {sel!r} ({type(self._modules[base]).__name__}), which a glob matched, did not run in the "
+            "forward pass; it is left out. Name the layers to keep, or narrow the glob (`probekit layers "
+            "MODEL` shows calls = 0).", stacklevel=3,
+        )
 
     def run(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
         """Run one forward pass under ``torch.no_grad()`` and return the pooled outputs.

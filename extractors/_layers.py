@@ -3,6 +3,12 @@
 Layer names are exactly the names of ``model.named_modules()``. A selector may end in ``@K`` to pick the
 K-th call (0-based) of a module that runs several times in one forward pass (a shared block, a module
 applied in a loop).
+
+Globs: a glob without a dot matches whole names as :func:`fnmatch.fnmatchcase` does, so its ``*``
+crosses dots (``layer*``: ``layer1`` and every module under it). A glob with a dot is matched part by
+part: ``*`` and ``?`` stay within one part and ``**`` (a whole part) spans any number of parts, so
+``encoder.layer.*`` picks the blocks ``encoder.layer.0``, ``encoder.layer.1``, ... and not their
+submodules, while ``encoder.layer.**`` picks every descendant and ``h.*.mlp.**.c_fc`` may skip levels.
 """
 
 from __future__ import annotations
@@ -18,9 +24,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import DataError, LayerNotFoundError
+from probekit.errors import DataError, LayerNotFoundError
 
-__all__ = ["LayerInfo", "LayerSpec", "list_layers", "parse_selector", "resolve_layers"]
+__all__ = ["LayerInfo", "LayerSpec", "forward_params", "glob_match", "list_layers", "parse_selector",
+           "resolve_layers", "takes_token_ids", "token_example"]
 
 LayerSpec = str | Sequence[str] | Callable[..., bool]
 """What a user may pass as ``layers``: a name, a glob, ``name@K``, a list of these, or a predicate."""
@@ -60,6 +67,29 @@ def _is_glob(pattern: str) -> bool:
     return _GLOB_CHARS.search(pattern) is not None
 
 
+def _match_parts(parts: list[str], pats: list[str]) -> bool:
+    if not pats:
+        return not parts
+    if pats[0] == "**":
+        return any(_match_parts(parts[i:], pats[1:]) for i in range(len(parts) + 1))
+    return bool(parts) and fnmatch.fnmatchcase(parts[0], pats[0]) and _match_parts(parts[1:], pats[1:])
+
+
+def glob_match(name: str, pattern: str) -> bool:
+    """Whether the module name ``name`` matches the glob ``pattern`` (see the module docstring).
+
+    Examples
+    --------
+    >>> glob_match("layer1.0", "layer*"), glob_match("encoder.layer.0.output", "encoder.layer.*")
+    (True, False)
+    >>> glob_match("encoder.layer.0", "encoder.layer.*"), glob_match("encoder.layer.0.output", "encoder.**")
+    (True, True)
+    """
+    if "." not in pattern:
+        return fnmatch.fnmatchcase(name, pattern)
+    return _match_parts(name.split("."), pattern.split("."))
+
+
 def _not_found(model: nn.Module, item: str, names: list[str]) -> LayerNotFoundError:
     close = difflib.get_close_matches(item, names, n=5, cutoff=0.5)
     if not close and _is_glob(item):  # compare the glob's literal part with the names
@@ -85,8 +115,9 @@ def resolve_layers(model: nn.Module, layers: LayerSpec) -> list[str]:
     model : torch.nn.Module
         The model whose ``named_modules()`` are searched. The root module (name ``""``) is never picked.
     layers : str, sequence of str, or callable
-        An exact module name (``"layer3.1.conv2"``), an fnmatch glob (``"layer*"``,
-        ``"blocks.*.mlp.fc2"``), either followed by ``@K`` to pick the K-th call of a module called
+        An exact module name (``"layer3.1.conv2"``), a glob (``"layer*"``, ``"blocks.*.mlp.fc2"``,
+        ``"encoder.layer.*"`` for direct children only, ``"encoder.**"`` for every descendant; see the
+        module docstring), either followed by ``@K`` to pick the K-th call of a module called
         several times per forward, a list mixing these, or a predicate ``f(name)`` or
         ``f(name, module)`` returning True for the modules to keep.
 
@@ -113,6 +144,15 @@ def resolve_layers(model: nn.Module, layers: LayerSpec) -> list[str]:
     >>> resolve_layers(net, ["2", "0"])
     ['2', '0']
     """
+    return resolve_layers_matched(model, layers)[0]
+
+
+def resolve_layers_matched(model: nn.Module, layers: LayerSpec) -> tuple[list[str], set[str]]:
+    """:func:`resolve_layers`, and the selectors that only a glob or the predicate picked (not named).
+
+    A module that a glob picked but that never runs in the forward pass is left out with a warning by
+    :class:`~probekit.extractors.Capture`; a module named exactly must run.
+    """
     named = [(n, m) for n, m in model.named_modules() if n != ""]
     names = [n for n, _ in named]
     name_set = set(names)
@@ -127,7 +167,7 @@ def resolve_layers(model: nn.Module, layers: LayerSpec) -> list[str]:
                 f"The layer predicate {getattr(layers, '__name__', repr(layers))} matches no module of "
                 f"{type(model).__name__}. {_HINT}"
             )
-        return picked
+        return picked, set(picked)
     if isinstance(layers, str):
         items: list[Any] = [layers]
     elif isinstance(layers, Sequence):
@@ -141,6 +181,7 @@ def resolve_layers(model: nn.Module, layers: LayerSpec) -> list[str]:
         raise DataError("The 'layers' parameter is empty; name at least one layer. " + _HINT)
     out: list[str] = []
     seen: set[str] = set()
+    named_exactly: set[str] = set()
     for item in items:
         if not isinstance(item, str):
             raise DataError(
@@ -151,8 +192,9 @@ def resolve_layers(model: nn.Module, layers: LayerSpec) -> list[str]:
         suffix = "" if call is None else f"@{call}"
         if base in name_set or base == OUTPUT_LAYER:
             matches = [base]
+            named_exactly.add(base + suffix)
         elif _is_glob(base):
-            matches = [n for n in names if fnmatch.fnmatchcase(n, base)]
+            matches = [n for n in names if glob_match(n, base)]
         else:
             matches = []
         if not matches:
@@ -162,7 +204,7 @@ def resolve_layers(model: nn.Module, layers: LayerSpec) -> list[str]:
             if sel not in seen:
                 seen.add(sel)
                 out.append(sel)
-    return out
+    return out, {sel for sel in out if sel not in named_exactly}
 
 
 @dataclass(frozen=True)
@@ -215,14 +257,42 @@ def first_tensor(output: Any, key: int | str | None = None) -> torch.Tensor | No
     return None
 
 
+def forward_params(model: nn.Module) -> set[str]:
+    """The named parameters of ``model.forward`` (empty when its signature cannot be read)."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return set()
+    return {n for n, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+
+
+def takes_token_ids(model: nn.Module) -> bool:
+    """Whether ``model`` is a token model: its forward takes ``input_ids`` (transformers' text models)."""
+    return "input_ids" in forward_params(model)
+
+
+def token_example(seq_len: int, batch: int = 1) -> dict[str, torch.Tensor]:
+    """A dummy token batch: ``input_ids`` (id 0, which every vocabulary has) and an all-ones
+    ``attention_mask``, both of shape ``(batch, seq_len)``."""
+    return {"input_ids": torch.zeros(batch, seq_len, dtype=torch.long),
+            "attention_mask": torch.ones(batch, seq_len, dtype=torch.long)}
+
+
 def _example_batch(model: nn.Module, example_input: Any) -> Any:
     if isinstance(example_input, (tuple, list)) and all(isinstance(s, int) for s in example_input):
         example_input = torch.zeros((1, *example_input))
     param = next(iter(model.parameters()), None)
-    if param is not None and isinstance(example_input, torch.Tensor):
-        dtype = param.dtype if example_input.is_floating_point() else example_input.dtype
-        example_input = example_input.to(device=param.device, dtype=dtype)
-    return example_input
+    if param is None:
+        return example_input
+
+    def move(t: Any) -> Any:
+        if not isinstance(t, torch.Tensor):
+            return t
+        return t.to(device=param.device, dtype=param.dtype if t.is_floating_point() else t.dtype)
+
+    if isinstance(example_input, dict):
+        return {k: move(v) for k, v in example_input.items()}
+    return move(example_input)
 
 
 def list_layers(model: nn.Module, example_input: Any) -> list[LayerInfo]:
@@ -235,8 +305,9 @@ def list_layers(model: nn.Module, example_input: Any) -> list[LayerInfo]:
     ----------
     model : torch.nn.Module
         The model to inspect.
-    example_input : torch.Tensor or tuple of int
-        A batch to run (with the batch axis first), or the per-sample input shape such as
+    example_input : torch.Tensor, dict of str to torch.Tensor, or tuple of int
+        A batch to run (with the batch axis first), a dict of keyword inputs (``model(**batch)``, e.g.
+        :func:`token_example` for a transformers text model), or the per-sample input shape such as
         ``(3, 224, 224)``, for which a batch of one zero tensor is made.
 
     Returns
@@ -270,8 +341,12 @@ def list_layers(model: nn.Module, example_input: Any) -> list[LayerInfo]:
         for n, m in named:
             handles.append(m.register_forward_hook(make_hook(n)))
         model.eval()
+        batch = _example_batch(model, example_input)
         with torch.no_grad():
-            model(_example_batch(model, example_input))
+            if isinstance(batch, dict):
+                model(**batch)
+            else:
+                model(batch)
     finally:
         for h in handles:
             h.remove()

@@ -27,13 +27,15 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from torch.utils.data._utils.collate import default_collate
 
-from ..datasets import as_samples
-from ..errors import DataError, ProbekitError
-from ..store import StoreWriter
-from ..store import _format as F
+from probekit.datasets import as_samples
+from probekit.errors import DataError, ProbekitError
+from probekit.store import StoreWriter
+from probekit.store import _format as F
+
 from ._hooks import Capture, OutputKey
-from ._layers import OUTPUT_LAYER, LayerSpec, parse_selector, resolve_layers
-from ._pooling import POOLS, PoolSpec
+from ._layers import OUTPUT_LAYER, LayerSpec, forward_params, parse_selector, resolve_layers
+from ._pooling import MASK_LAYER, POOLS, PoolSpec
+from ._tokens import MASK_KEY, Padding, collate_inputs, default_pad_id, describe_inputs, left_position_ids
 from ._weights import param_count, weight_rows, weights_sha256
 
 __all__ = ["ModelSpec", "extract_models"]
@@ -231,7 +233,7 @@ def _weight_selection(spec: ModelSpec, selected: list[str]) -> list[str]:
 def _check_stored_pools(out: str | os.PathLike, split: str, caps: Mapping[str, Capture],
                         step: int | None = None) -> None:
     """Refuse to resume a layer with another pooling than the one it was stored with."""
-    from ..store import open_store
+    from probekit.store import open_store
 
     with open_store(out) as store:
         for name, cap in caps.items():
@@ -255,7 +257,7 @@ def _check_stored_pools(out: str | os.PathLike, split: str, caps: Mapping[str, C
 def _check_resume_fits(out: str | os.PathLike, split: str, samples: Any, shas: Mapping[str, str]) -> None:
     """The checks ``StoreWriter.add_split`` / ``add_model`` make, on a read-only handle, before the file is
     opened for writing (opening it for writing alone changes its bytes)."""
-    from ..store import open_store
+    from probekit.store import open_store
 
     with open_store(out) as store:
         if split in store.splits:
@@ -297,6 +299,20 @@ def _samples_np(batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
 
 def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     return default_collate(items)
+
+
+def _head(batch: Mapping[str, Any], k: int) -> dict[str, Any]:
+    """The first ``k`` samples of a batch's inputs (copies: a model may change its input in place)."""
+    if "inputs" in batch:
+        return {"inputs": {key: v[:k].clone() for key, v in batch["inputs"].items()},
+                "padded": batch.get("padded", False)}
+    return {"x": batch["x"][:k].clone()}
+
+
+def _describe(batch: Mapping[str, Any]) -> str:
+    if "inputs" in batch:
+        return f"keyword inputs {describe_inputs(batch['inputs'])}"
+    return f"inputs of shape {tuple(batch['x'].shape[1:])} per sample"
 
 
 # -- the pipeline -------------------------------------------------------------------------------------------
@@ -393,6 +409,8 @@ def extract_models(
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ProbekitError(f"The device {str(device)!r} was asked for but CUDA is not available. Use device='cpu'.")
     samples = as_samples(data)
+    if not isinstance(data, type(samples)) and isinstance(getattr(data, "padding", None), Padding):
+        samples.padding = data.padding  # e.g. the Recorder's in-memory probe items
     n = len(samples)
     store_dtype = _TORCH_DTYPES[dtype]
     use_thread = (dev.type == "cuda") if writer_thread is None else bool(writer_thread)
@@ -407,6 +425,14 @@ def extract_models(
         )
     weight_sel = {name: _weight_selection(spec, caps[name].layers) for name, spec in models.items()}
     in_dtypes = {name: _input_dtype(spec.module) for name, spec in models.items()}
+    keyword = samples.input_keys is not None
+    params = {name: forward_params(spec.module) for name, spec in models.items()}
+    collate: Callable[[list[dict[str, Any]]], dict[str, Any]] = _collate
+    if keyword:
+        padding = samples.padding
+        pad_id = padding.pad_id if padding.pad_id is not None else default_pad_id(next(iter(models.values())).module)
+        collate = functools.partial(collate_inputs, padding=padding, pad_id=pad_id)
+    fixed_len: dict[str, int] = {}  # pool "none" of keyword inputs: every batch must have the first's length
 
     # a checkpoint (step) has other weights than the model by design: only the model's own extraction
     # records and checks the weights hash
@@ -451,22 +477,66 @@ def extract_models(
             last_model = list(caps)[-1]  # runs last on each batch
             stoppable = {name: stop_early and _can_stop_early(spec.module) for name, spec in models.items()}
 
+            def to_model(v: torch.Tensor, name: str) -> torch.Tensor:
+                vd = v.to(dev, non_blocking=True)
+                if vd is v and name != last_model:
+                    # a model may change its input in place (an in-place normalisation): the next
+                    # model must see the batch as loaded
+                    vd = v.clone()
+                if vd.is_floating_point() and in_dtypes[name] is not None:
+                    vd = vd.to(in_dtypes[name])
+                return vd
+
+            def keyword_inputs(batch: Mapping[str, Any], name: str) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+                """The model's keyword arguments and the attention mask its token outputs are pooled with."""
+                kw = {k: to_model(v, name) for k, v in batch["inputs"].items()}
+                mask = kw.get(MASK_KEY)
+                if MASK_KEY not in samples.input_keys and MASK_KEY not in params[name]:  # type: ignore[operator]
+                    kw.pop(MASK_KEY, None)  # built for pooling only: this model takes no attention mask
+                    if batch.get("padded"):
+                        raise DataError(
+                            f"The items have several lengths and were padded, but model {name!r} takes no "
+                            f"{MASK_KEY!r}, so the padding would change its outputs. Give items of one "
+                            "length (pad them yourself), or a model whose forward takes attention_mask."
+                        )
+                if (mask is not None and samples.padding.side == "left" and "position_ids" in params[name]
+                        and "position_ids" not in samples.input_keys):  # type: ignore[operator]
+                    kw["position_ids"] = left_position_ids(mask)  # real tokens keep their unpadded positions
+                return kw, mask
+
             def forward(batch: Mapping[str, Any],
                         into: dict[str, dict[str, torch.Tensor]] | None = None) -> dict[str, dict[str, torch.Tensor]]:
                 # into: model -> layer -> buffer of this batch's size and the store's dtype; the hooks
                 # pool (and cast) straight into it
-                x = batch["x"]
                 feats: dict[str, dict[str, torch.Tensor]] = {}
                 for name, cap in caps.items():
-                    xd = x.to(dev, non_blocking=True)
-                    if xd is x and name != last_model:
-                        # a model may change its input in place (an in-place normalisation): the next
-                        # model must see the batch as loaded
-                        xd = x.clone()
-                    if xd.is_floating_point() and in_dtypes[name] is not None:
-                        xd = xd.to(in_dtypes[name])
-                    got = cap.run(xd) if into is None else cap.run_into(into[name], xd)
+                    args: tuple[Any, ...] = ()
+                    kw: dict[str, torch.Tensor] = {}
+                    if "inputs" in batch:
+                        kw, mask = keyword_inputs(batch, name)
+                    else:
+                        x = to_model(batch["x"], name)
+                        args = (x,)
+                        # integer inputs of shape (N, T) are token ids: their token outputs have no
+                        # prefix token to skip by default (a mask of ones pools them as before)
+                        mask = torch.ones_like(x) if (not x.is_floating_point() and x.ndim == 2) else None
+                    if mask is not None and name in fixed_len and mask.shape[1] != fixed_len[name]:
+                        raise DataError(
+                            f"Pool 'none' stores every token position, but this batch pads to {mask.shape[1]} "
+                            f"tokens and the first to {fixed_len[name]}; pad every batch to one length with "
+                            "max_length=T (as_samples(data, max_length=T); CLI --max-length T)."
+                        )
+                    cap.token_mask = mask
+                    try:
+                        got = cap.run(*args, **kw) if into is None else cap.run_into(into[name], *args, **kw)
+                    finally:
+                        cap.token_mask = None
                     feats[name] = {k: v.to(store_dtype) for k, v in got.items()}
+                    if cap.masked_none and "inputs" in batch and mask is not None:  # the mask beside the tokens
+                        if into is not None and MASK_LAYER in into[name]:
+                            feats[name][MASK_LAYER] = into[name][MASK_LAYER].copy_(mask)
+                        else:
+                            feats[name][MASK_LAYER] = mask.to(store_dtype)
                 return feats
 
             declared = False
@@ -474,11 +544,16 @@ def extract_models(
             def declare(feats: dict[str, dict[str, torch.Tensor]]) -> None:
                 for name, f in feats.items():
                     cap = caps[name]
+                    if MASK_LAYER in f:
+                        fixed_len[name] = int(f[MASK_LAYER].shape[1])
                     for layer, t in f.items():
+                        attrs = ({"pool": "mask", "module_type": "attention_mask", "raw_shape": list(t.shape[1:])}
+                                 if layer == MASK_LAYER else
+                                 {"pool": cap.modes[layer], "module_type": cap.module_types[layer],
+                                  "raw_shape": list(cap.raw_shapes[layer])})
                         got = writer.add_layer(
                             name, split, layer, feature_shape=tuple(t.shape[1:]), dtype=dtype, step=step,
-                            attrs={"pool": cap.modes[layer], "module_type": cap.module_types[layer],
-                                   "raw_shape": list(cap.raw_shapes[layer])},
+                            attrs=attrs,
                         )
                         if got != start:
                             raise DataError(
@@ -498,7 +573,7 @@ def extract_models(
                                             and name == last_model)
 
             if start >= n:  # nothing left: still check that this run's layers fit the stored ones
-                declare(forward(_collate([samples[0]])))
+                declare(forward(collate([samples[0]])))
                 return Path(out)
 
             ring: _BufferRing | None = None  # CUDA: pinned copies of the pooled batch
@@ -507,7 +582,7 @@ def extract_models(
             sink = _ThreadSink(write, queue_size) if use_thread else _SyncSink(write)
             loader = DataLoader(
                 Subset(samples, range(start, n)), batch_size=batch_size, shuffle=False,
-                num_workers=num_workers, collate_fn=_collate, pin_memory=dev.type == "cuda",
+                num_workers=num_workers, collate_fn=collate, pin_memory=dev.type == "cuda",
             )
             from tqdm.auto import tqdm
 
@@ -532,7 +607,7 @@ def extract_models(
                                 # the batch, or that needs its batch size, stores the same rows). A model
                                 # that cannot take two samples is checked on the whole first batch.
                                 try:  # on a copy: a model may change its input in place
-                                    forward({"x": batch["x"][:2].clone()})
+                                    forward(_head(batch, 2))
                                     checked = True
                                 except Exception:  # the whole batch below raises it again
                                     checked = False
@@ -543,10 +618,10 @@ def extract_models(
                                 arm_early_stop()
                         except (RuntimeError, ValueError, TypeError) as e:
                             raise DataError(
-                                f"The model raised on the first batch of split {split!r} (inputs of shape "
-                                f"{tuple(batch['x'].shape[1:])} per sample; {type(e).__name__}: "
-                                f"{str(e).splitlines()[0][:200]}). Check that the data fits the model: "
-                                "input shape, channels, dtype (a transform); --debug shows the traceback."
+                                f"The model raised on the first batch of split {split!r} ({_describe(batch)}; "
+                                f"{type(e).__name__}: {str(e).splitlines()[0][:200]}). Check that the data "
+                                "fits the model: input shape, channels, dtype (a transform), the names of "
+                                "keyword inputs; --debug shows the traceback."
                             ) from e
                     if not declared:
                         declare(feats)

@@ -3,24 +3,31 @@
 Layouts: 4-D and 5-D tensors are channels-first maps ``(N, C, H, W[, D])``; 3-D tensors are token
 sequences ``(N, T, D)`` (transformers) unless the caller says they are channels-first ``(N, C, L)``
 (Conv1d outputs); 2-D tensors ``(N, D)`` are already vectors.
+
+Token sequences may come with an attention mask ``(N, T)`` (1 = a real token, 0 = padding): ``avg``,
+``max`` and ``tokens_mean`` then reduce over the real tokens only, ``cls`` takes the first real token
+and ``last`` the last one, so padding never enters a feature.
 """
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Mapping
 from typing import Literal
 
 import torch
 
-from ..errors import DataError
-from ._layers import parse_selector
+from probekit.errors import DataError
+
+from ._layers import glob_match, parse_selector
 
 __all__ = ["POOLS", "PoolMode", "PoolSpec", "pool", "pool_for", "pools_for_rank"]
 
-PoolMode = Literal["avg", "max", "cls", "tokens_mean", "flatten", "none"]
+#: the store name of the attention mask written beside token layers pooled with ``none``
+MASK_LAYER = "@attention_mask"
+
+PoolMode = Literal["avg", "max", "cls", "tokens_mean", "last", "flatten", "none"]
 PoolSpec = str | Mapping[str, str]
-POOLS: tuple[str, ...] = ("avg", "max", "cls", "tokens_mean", "flatten", "none")
+POOLS: tuple[str, ...] = ("avg", "max", "cls", "tokens_mean", "last", "flatten", "none")
 """Every pooling mode, in the order the CLI lists them."""
 
 
@@ -31,7 +38,7 @@ def pools_for_rank(ndim: int, channels_first: bool = False) -> list[str]:
     if ndim == 2:
         return ["avg", "max", "flatten", "none"]
     if ndim == 3 and not channels_first:
-        return ["avg", "max", "cls", "tokens_mean", "flatten", "none"]
+        return ["avg", "max", "cls", "tokens_mean", "last", "flatten", "none"]
     return ["avg", "max", "flatten", "none"]
 
 
@@ -48,6 +55,7 @@ def pool(
     channels_first: bool = False,
     out: torch.Tensor | None = None,
     copy: bool = True,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Pool a batch of layer outputs to per-sample features.
 
@@ -55,15 +63,17 @@ def pool(
     ----------
     t : torch.Tensor of shape (n_samples, ...)
         One layer's output for a batch.
-    mode : {"avg", "max", "cls", "tokens_mean", "flatten", "none"}
+    mode : {"avg", "max", "cls", "tokens_mean", "last", "flatten", "none"}
         ``avg`` / ``max``: mean / maximum over the spatial axes of a channels-first map (H, W for
         NCHW), over the tokens T of a ``(N, T, D)`` sequence, or over L of a channels-first
         ``(N, C, L)`` output; 2-D input is returned as is. ``cls``: the first token ``t[:, 0]`` of a
         ``(N, T, D)`` sequence. ``tokens_mean``: the mean over the tokens after the
-        ``num_prefix_tokens`` prefix (class / register) tokens. ``flatten``: ``(N, -1)``. ``none``:
-        the raw output.
+        ``num_prefix_tokens`` prefix (class / register) tokens. ``last``: the last token
+        ``t[:, -1]`` (decoder models). ``flatten``: ``(N, -1)``. ``none``: the raw output. With a
+        ``mask``, the token modes see the real tokens only (see ``mask``).
     num_prefix_tokens : int, default 1
-        Prefix tokens skipped by ``tokens_mean`` (timm models carry it as ``model.num_prefix_tokens``).
+        Prefix tokens skipped by ``tokens_mean`` (timm models carry it as ``model.num_prefix_tokens``);
+        with a ``mask``, the first ``num_prefix_tokens`` real tokens of each row.
     layer : str, default ""
         The layer's name, for error messages.
     channels_first : bool, default False
@@ -79,6 +89,12 @@ def pool(
         the view when it is contiguous (a non-contiguous one is still copied): only for a caller that
         consumes the result before anything can change ``t`` in place (the capture hook that ends the
         forward pass).
+    mask : torch.Tensor of shape (n_samples, T), optional
+        Attention mask of a ``(N, T, D)`` token output (nonzero = a real token; the padding side does
+        not matter). ``tokens_mean`` averages exactly the real tokens after the prefix (sentence-
+        transformers' mean pooling with ``num_prefix_tokens=0``), ``avg`` / ``max`` reduce over the real
+        tokens, ``cls`` takes the first real token (position 0 with right padding) and ``last`` the last
+        one. Ignored by the other layouts; ``none`` and ``flatten`` keep every position.
 
     Returns
     -------
@@ -112,13 +128,27 @@ def pool(
         need = {
             "cls": "a 3-D token tensor (N, T, D)",
             "tokens_mean": "a 3-D token tensor (N, T, D)",
+            "last": "a 3-D token tensor (N, T, D)",
         }.get(mode, "a tensor with a batch axis")
         raise DataError(
             f"Pool {mode!r} does not fit {where}, whose output has shape {_shape_txt(t)} "
             f"(rank {t.ndim}): {mode!r} needs {need}. Pools that fit: {', '.join(fits)}. "
             f"Pass another pool for this layer, e.g. pool={{{layer!r}: {fits[0]!r}}}."
         )
+    tokens = t.ndim == 3 and not channels_first
+    if mask is not None and tokens and mode not in ("flatten", "none"):
+        if tuple(mask.shape) != tuple(t.shape[:2]):
+            raise DataError(
+                f"The attention mask has shape {tuple(mask.shape)} but {('layer ' + repr(layer)) if layer else 'a layer'} "
+                f"gives tokens of shape {_shape_txt(t)}; pass a mask of shape (N, T) or none."
+            )
+        return _fit(_masked_pool(t, mode, num_prefix_tokens, layer, mask), True, out, mode, layer, copy)
     res, fresh = _pool(t, mode, num_prefix_tokens, layer, channels_first)
+    return _fit(res, fresh, out, mode, layer, copy)
+
+
+def _fit(res: torch.Tensor, fresh: bool, out: torch.Tensor | None, mode: str, layer: str,
+         copy: bool) -> torch.Tensor:
     if out is None:
         return res if fresh or (not copy and res.is_contiguous()) else res.clone()
     if tuple(out.shape) != tuple(res.shape):
@@ -129,6 +159,40 @@ def pool(
             "another batch size: pass an 'out' of the pooled shape, or none."
         )
     return out.copy_(res)
+
+
+def _masked_pool(t: torch.Tensor, mode: str, num_prefix_tokens: int, layer: str,
+                 mask: torch.Tensor) -> torch.Tensor:
+    """A token pool over the real tokens of each row of ``t`` (N, T, D), as ``mask`` (N, T) marks them."""
+    acc = torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
+    real = mask.to(device=t.device) != 0
+    rows = torch.arange(t.shape[0], device=t.device)
+    where = f"layer {layer!r}" if layer else "a layer"
+    if mode in ("cls", "last"):
+        if not bool(real.any(dim=1).all()):
+            raise DataError(f"A row of the attention mask of {where} has no real token; give every sample at least one token.")
+        pos = torch.arange(1, t.shape[1] + 1, device=t.device)
+        # the first real token: the largest (T + 1 - position); the last: the largest position
+        idx = ((real * (t.shape[1] + 1 - pos)) if mode == "cls" else (real * pos)).argmax(dim=1)
+        return t[rows, idx]
+    k = int(num_prefix_tokens) if mode == "tokens_mean" else 0
+    if k < 0:
+        raise DataError(f"tokens_mean on {where} skips {k} prefix tokens; set num_prefix_tokens >= 0.")
+    if k:
+        real = real & (real.cumsum(dim=1) > k)  # drop each row's first k real tokens
+    counts = real.sum(dim=1)
+    if not bool((counts > 0).all()):
+        bad = int(torch.nonzero(counts == 0)[0, 0])
+        raise DataError(
+            f"Row {bad} of the batch has no real token in {where} after skipping {k} prefix token(s) "
+            "(its attention mask is all 0 there); give every sample more tokens, or set num_prefix_tokens."
+        )
+    if mode == "max":
+        filled = t.masked_fill(~real.unsqueeze(-1), float("-inf"))
+        return filled.amax(dim=1).to(acc)
+    w = real.unsqueeze(-1).to(acc)
+    total = (t.to(acc) * w).sum(dim=1)
+    return total / counts.unsqueeze(-1).to(acc)
 
 
 def _pool(
@@ -149,6 +213,8 @@ def _pool(
         return (t.amax(dim=dims).to(acc) if acc is not None else t.amax(dim=dims)), True
     if mode == "cls":
         return t[:, 0], False
+    if mode == "last":
+        return t[:, -1], False
     if mode == "tokens_mean":
         k = int(num_prefix_tokens)
         if not 0 <= k < t.shape[1]:
@@ -178,7 +244,7 @@ def pool_for(pool_spec: PoolSpec, layer: str) -> str:
     if base in pool_spec:
         return pool_spec[base]
     for key, mode in pool_spec.items():  # globs ("layer*", "*") last, in the dict's order
-        if fnmatch.fnmatchcase(base, key):
+        if glob_match(base, key):
             return mode
     raise DataError(
         f"The 'pool' dict names no mode for layer {layer!r} (it has {sorted(pool_spec)}). Add the layer "

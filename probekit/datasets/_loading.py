@@ -1,8 +1,12 @@
 """Turning a user's data into probekit samples.
 
 A dataset item may be a tensor ``x``, a tuple ``(x, y)`` or ``(x, y, factors)``, or a dict with ``"x"``
-and any of ``"label"``, ``"factors"``, ``"group"``. :func:`as_samples` wraps any such dataset into one
-whose items are dicts ``{"x", "index", ...}``; :func:`load_data` resolves a DATA spec of the CLI.
+and any of ``"label"``, ``"factors"``, ``"group"``. A dict without ``"x"`` holds the model's forward
+keyword arguments (transformers' ``input_ids``, ``attention_mask``, ``token_type_ids``,
+``pixel_values``, ...) beside those reserved keys; they reach the model as ``model(**inputs)`` and token
+sequences of different lengths are padded per batch (:class:`probekit.extractors.Padding`).
+:func:`as_samples` wraps any such dataset into one whose items are dicts ``{"x" or "inputs", "index",
+...}``; :func:`load_data` resolves a DATA spec of the CLI.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ import importlib
 import inspect
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +29,8 @@ from ._registry import builtin_datasets, get_dataset
 __all__ = ["NpzDataset", "SampleDataset", "as_samples", "import_callable", "load_data"]
 
 _FIELDS = ("label", "factors", "group", "background", "background_label", "variant")
+#: keys of a dict item that are never model inputs
+RESERVED_KEYS = (*_FIELDS, "index")
 _INT_FIELDS = ("label", "group", "background", "background_label", "variant")  # the store's INT_FIELDS
 
 
@@ -62,14 +68,39 @@ def _to_tensor(x: Any) -> torch.Tensor:
         ) from e
 
 
-def _normalise_item(item: Any, i: int) -> dict[str, Any]:
-    if isinstance(item, dict):
-        if "x" not in item:
+def _keyword_inputs(item: Mapping[str, Any], i: int) -> dict[str, torch.Tensor]:
+    inputs: dict[str, torch.Tensor] = {}
+    for k, v in item.items():
+        if k in RESERVED_KEYS or v is None:
+            continue
+        if not isinstance(k, str) or not k.isidentifier():
+            raise DataError(f"Dataset item {i} has the key {k!r}, which is no keyword argument name.")
+        try:
+            t = _to_tensor(v)
+        except DataError as e:
             raise DataError(
-                f"Dataset item {i} is a dict without the key 'x' (keys: {sorted(item)}). "
-                "Name the input 'x' and optionally give 'label', 'factors', 'group', 'background', "
-                "'background_label', 'variant'."
-            )
+                f"Dataset item {i} has the input {k!r} of type {type(v).__name__}, not a tensor, array or "
+                "list of numbers; return tensors (e.g. the tokenizer's return_tensors='pt', squeezed)."
+            ) from e
+        if k in ("input_ids", "attention_mask", "token_type_ids") and t.ndim == 2 and t.shape[0] == 1:
+            t = t[0]  # a tokenizer's (1, T) output for one text
+        inputs[k] = t
+    if not inputs:
+        raise DataError(
+            f"Dataset item {i} is a dict without the key 'x' and without model inputs (keys: "
+            f"{sorted(map(str, item))}). Name the input 'x', or give the model's keyword arguments "
+            "(input_ids, attention_mask, ...) beside 'label', 'factors', 'group', 'background', "
+            "'background_label', 'variant'."
+        )
+    return inputs
+
+
+def _normalise_item(item: Any, i: int) -> dict[str, Any]:
+    if isinstance(item, Mapping) and "x" not in item:  # keyword inputs (transformers' style)
+        out = {k: item[k] for k in _FIELDS if k in item and item[k] is not None}
+        given = item.get("inputs")  # an item normalised before (its inputs under "inputs")
+        out["inputs"] = _keyword_inputs(given if isinstance(given, Mapping) else item, i)
+    elif isinstance(item, Mapping):
         out = {k: item[k] for k in ("x", *_FIELDS) if k in item and item[k] is not None}
     elif isinstance(item, (tuple, list)):
         if not 1 <= len(item) <= 3:
@@ -80,7 +111,8 @@ def _normalise_item(item: Any, i: int) -> dict[str, Any]:
         out = dict(zip(("x", "label", "factors"), item, strict=False))
     else:
         out = {"x": item}
-    out["x"] = _to_tensor(out["x"])
+    if "inputs" not in out:
+        out["x"] = _to_tensor(out["x"])
     if "label" in out:
         y = out["label"]
         if isinstance(y, torch.Tensor) and y.numel() == 1:  # np.size() misreads a tensor's .size method
@@ -108,8 +140,16 @@ class SampleDataset(Dataset):
     """A dataset whose items are dicts ``{"x", "index"}`` plus any of ``label``, ``factors``, ``group``,
     ``background``, ``background_label``, ``variant`` (a name of ``VARIANTS`` or its code).
 
+    Items of keyword inputs have ``"inputs"`` (key -> tensor) instead of ``"x"``; ``pad_id``,
+    ``padding_side`` and ``max_length`` say how their token sequences are padded per batch (see
+    :class:`probekit.extractors.Padding`; ``pad_id=None`` takes the model's ``config.pad_token_id``,
+    else 0).
+
     Attributes
     ----------
+    input_keys : tuple of str or None
+        The keyword inputs of every item (None: items with ``x``).
+    padding : probekit.extractors.Padding
     factor_names : list of str or None
     factor_periods : the source's ``factor_periods`` (one period per factor, 0 = linear) or None
     fields : the integer fields every item has
@@ -117,7 +157,11 @@ class SampleDataset(Dataset):
     source : the wrapped dataset
     """
 
-    def __init__(self, source: Any, factor_names: Sequence[str] | None = None) -> None:
+    def __init__(self, source: Any, factor_names: Sequence[str] | None = None, *, pad_id: int | None = None,
+                 padding_side: str = "right", max_length: int | None = None) -> None:
+        from probekit.extractors._tokens import Padding
+
+        self.padding = Padding(pad_id, padding_side, max_length)
         self.source = source
         try:
             n = len(source)
@@ -132,7 +176,8 @@ class SampleDataset(Dataset):
         first = _normalise_item(source[0], 0)
         self.fields = tuple(f for f in _INT_FIELDS if f in first)
         self.factor_periods = getattr(source, "factor_periods", None)
-        self.x_shape = tuple(first["x"].shape)
+        self.input_keys: tuple[str, ...] | None = tuple(first["inputs"]) if "inputs" in first else None
+        self.x_shape = tuple(first["x"].shape) if "x" in first else None
         names = factor_names if factor_names is not None else getattr(source, "factor_names", None)
         if "factors" in first:
             k = len(first["factors"])
@@ -165,7 +210,14 @@ class SampleDataset(Dataset):
                     f"Dataset item {i} {'has' if key in item else 'lacks'} a {key!r} but item 0 "
                     f"{'does not' if key in item else 'does'}; every item must have the same fields."
                 )
-        if tuple(item["x"].shape) != self.x_shape:
+        keys = tuple(item["inputs"]) if "inputs" in item else None
+        if keys != self.input_keys:
+            what = (f"the inputs {sorted(keys)}" if keys is not None else "the input 'x'")
+            was = (f"the inputs {sorted(self.input_keys)}" if self.input_keys is not None else "the input 'x'")
+            raise DataError(
+                f"Dataset item {i} has {what} but item 0 has {was}; every item must give the same inputs."
+            )
+        if keys is None and tuple(item["x"].shape) != self.x_shape:
             raise DataError(
                 f"Dataset item {i} has input shape {tuple(item['x'].shape)} but item 0 has {self.x_shape}; "
                 "resize the inputs to one shape (a transform) before extraction."
@@ -173,11 +225,24 @@ class SampleDataset(Dataset):
         return item
 
 
-def as_samples(dataset: Any, factor_names: Sequence[str] | None = None) -> SampleDataset:
-    """Wrap any supported dataset (see the module docstring) into a :class:`SampleDataset`."""
+def as_samples(dataset: Any, factor_names: Sequence[str] | None = None, *, pad_id: int | None = None,
+               padding_side: str | None = None, max_length: int | None = None) -> SampleDataset:
+    """Wrap any supported dataset (see the module docstring) into a :class:`SampleDataset`.
+
+    ``pad_id``, ``padding_side`` ("right" by default, or "left") and ``max_length`` set how token
+    sequences of keyword-input items are padded per batch (:class:`probekit.extractors.Padding`); on a
+    SampleDataset they replace its own settings.
+    """
     if isinstance(dataset, SampleDataset):
+        if pad_id is not None or padding_side is not None or max_length is not None:
+            from probekit.extractors._tokens import Padding
+
+            p = dataset.padding
+            dataset.padding = Padding(p.pad_id if pad_id is None else pad_id, padding_side or p.side,
+                                      p.max_length if max_length is None else max_length)
         return dataset
-    return SampleDataset(dataset, factor_names)
+    return SampleDataset(dataset, factor_names, pad_id=pad_id, padding_side=padding_side or "right",
+                         max_length=max_length)
 
 
 class NpzDataset(Dataset):
