@@ -81,7 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "number of calls, from one dummy forward pass. Use the names with extract --layers.")
     _add_model_args(p, input_shape_help="per-sample input shape of the dummy forward (default: the model's "
                     "preprocessed image size, e.g. timm's data config, or 3,224,224)")
-    p.add_argument("--filter", metavar="GLOB", help="only names matching this glob (e.g. 'layer*')")
+    p.add_argument("--seq-len", type=int, metavar="T",
+                   help="token models (a forward that takes input_ids, e.g. transformers' BERT, GPT-2): length "
+                   "of the dummy input_ids (default 16, or the model's longest if shorter)")
+    p.add_argument("--filter", metavar="GLOB", help="only names matching this glob (e.g. 'layer*'; "
+                   "'encoder.layer.*' for direct children, 'encoder.**' for every descendant)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_layers)
 
@@ -100,9 +104,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="split name to write (repeatable). For a built-in dataset: which of its splits "
                    "(default: all of them); otherwise the name given to the data (default: data)")
     p.add_argument("--layers", required=True, metavar="L1,L2|GLOB",
-                   help="module names from `probekit layers`, comma-separated, globs allowed ('layer*')")
-    p.add_argument("--pool", default="avg", choices=["avg", "max", "cls", "tokens_mean", "flatten", "none"],
-                   help="how to reduce each layer's output per sample (default: avg)")
+                   help="module names from `probekit layers`, comma-separated, globs allowed ('layer*'; "
+                   "'encoder.layer.*' for direct children only, 'encoder.**' for every descendant); a module a "
+                   "glob matched that never runs is left out with a warning")
+    p.add_argument("--pool", default="avg",
+                   choices=["avg", "max", "cls", "tokens_mean", "last", "flatten", "none"],
+                   help="how to reduce each layer's output per sample (default: avg). With an attention mask "
+                   "(token data) avg/max/tokens_mean use the real tokens only, cls the first, last the last "
+                   "real token; none also stores the mask (layer @attention_mask)")
+    p.add_argument("--pad-id", type=int, metavar="ID",
+                   help="token data: the id input_ids are padded with (default: the model's config.pad_token_id, "
+                   "else 0)")
+    p.add_argument("--padding-side", choices=["right", "left"], default=None,
+                   help="token data: where items shorter than their batch are padded (default: right)")
+    p.add_argument("--max-length", type=int, metavar="T",
+                   help="token data: pad every batch to T tokens (needed by --pool none when the items have "
+                   "several lengths); longer items are refused")
     p.add_argument("--name", default=None, help="model name in the store (default: the role, or 'model')")
     p.add_argument("--role", default="model", choices=["teacher", "student", "model"])
     p.add_argument("--batch-size", type=int, default=64)
@@ -349,26 +366,38 @@ def _preprocessing(args: argparse.Namespace, loaded: Any) -> tuple[Any, dict[str
 
 
 def cmd_layers(args: argparse.Namespace) -> int:
-    import fnmatch
-
     import torch
 
-    from .extractors import list_layers
+    from .extractors import glob_match, list_layers, takes_token_ids, token_example
 
     loaded = _load(args)
-    shape = args.input_shape
-    if shape is None:
-        _, info = _preprocessing(args, loaded)
-        shape = tuple(info["input_size"] or loaded.input_size or (3, 224, 224))
-    try:
-        infos = list_layers(loaded.module, torch.zeros(1, *shape))
-    except (RuntimeError, ValueError, TypeError) as e:  # the model cannot run on this input shape
+    tokens = takes_token_ids(loaded.module) and args.input_shape is None
+    if args.seq_len is not None and (not tokens or args.seq_len < 1):
         raise DataError(
-            f"{args.model} failed on a dummy input of shape {tuple(shape)} ({type(e).__name__}: "
-            f"{str(e).splitlines()[0][:200]}). Pass the shape it expects with --input-shape C,H,W."
+            f"--seq-len sets the dummy input_ids of a token model and must be >= 1; {args.model} "
+            + ("takes no input_ids: pass --input-shape C,H,W instead." if not tokens else f"got {args.seq_len}.")
+        )
+    if tokens:  # integer ids (id 0) and an all-ones attention mask, as keyword arguments
+        cfg = getattr(loaded.module, "config", None)
+        longest = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+        shape = (int(args.seq_len or min(16, longest if isinstance(longest, int) and longest > 0 else 16)),)
+        example: Any = token_example(shape[0])
+        what, hint = f"input_ids of length {shape[0]}", "Pass the sequence length it takes with --seq-len T."
+    else:
+        shape = args.input_shape
+        if shape is None:
+            _, info = _preprocessing(args, loaded)
+            shape = tuple(info["input_size"] or loaded.input_size or (3, 224, 224))
+        example = torch.zeros(1, *shape)
+        what, hint = f"a dummy input of shape {tuple(shape)}", "Pass the shape it expects with --input-shape C,H,W."
+    try:
+        infos = list_layers(loaded.module, example)
+    except (RuntimeError, ValueError, TypeError, IndexError) as e:  # the model cannot run on this input
+        raise DataError(
+            f"{args.model} failed on {what} ({type(e).__name__}: {str(e).splitlines()[0][:200]}). {hint}"
         ) from e
     if args.filter:
-        infos = [i for i in infos if fnmatch.fnmatchcase(i.name, args.filter)]
+        infos = [i for i in infos if glob_match(i.name, args.filter)]
     if args.json:
         print(json.dumps([{"name": i.name, "module_type": i.module_type,
                            "output_shape": list(i.output_shape) if i.output_shape is not None else None,
@@ -380,13 +409,30 @@ def cmd_layers(args: argparse.Namespace) -> int:
         out = "x".join(map(str, i.output_shape)) if i.output_shape is not None else "-"
         print(f"{i.name:<{width}}  {i.module_type:<22} {out:<22} {i.n_calls}")
     _print_notes(loaded)
-    print(f"\n{len(infos)} layers of {loaded.source} for input {tuple(shape)}; pass names or globs to "
+    given = f"input_ids of length {shape[0]}" if tokens else f"input {tuple(shape)}"
+    print(f"\n{len(infos)} layers of {loaded.source} for {given}; pass names or globs to "
           "`probekit extract --layers`.", file=sys.stderr)
     return 0
 
 
+def _extract_data(args: argparse.Namespace, split: str, transform: Any) -> Any:
+    """DATA's split, with the token padding flags applied."""
+    from .datasets import as_samples, load_data
+
+    data = load_data(args.data, split, transform=transform)
+    padding = {"pad_id": args.pad_id, "padding_side": args.padding_side, "max_length": args.max_length}
+    if all(v is None for v in padding.values()):
+        return data
+    if data.input_keys is None:
+        raise DataError(
+            "--pad-id/--padding-side/--max-length pad token data (items that are dicts of keyword inputs "
+            f"such as input_ids), and the items of {args.data!r} are not; drop these flags."
+        )
+    return as_samples(data, **padding)
+
+
 def cmd_extract(args: argparse.Namespace) -> int:
-    from .datasets import builtin_datasets, load_data
+    from .datasets import builtin_datasets
     from .extraction import extract
     from .models import describe_preprocessing
 
@@ -429,12 +475,18 @@ def cmd_extract(args: argparse.Namespace) -> int:
                 "input_size": None, "steps": [], "overrides": {}, "note": ""}
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun: one shard per rank, then merge
         return _extract_distributed(args, loaded, splits, layers, name, mode, transform, info)
+    import warnings
+
     for k, split in enumerate(splits):
-        data = load_data(args.data, split, transform=transform)
-        extract(loaded.module, data, layers=layers, out=args.out, split=split, pool=args.pool, name=name,
-                role=args.role, source=loaded.source, batch_size=args.batch_size, device=args.device,
-                dtype=args.dtype, mode=mode if k == 0 else "resume", num_workers=args.num_workers,
-                progress=not args.no_progress, stop_early=not args.full_forward, preprocessing=info)
+        data = _extract_data(args, split, transform)
+        with warnings.catch_warnings(record=True) as caught:  # e.g. a glob-matched layer that never runs
+            warnings.simplefilter("always", UserWarning)
+            extract(loaded.module, data, layers=layers, out=args.out, split=split, pool=args.pool, name=name,
+                    role=args.role, source=loaded.source, batch_size=args.batch_size, device=args.device,
+                    dtype=args.dtype, mode=mode if k == 0 else "resume", num_workers=args.num_workers,
+                    progress=not args.no_progress, stop_early=not args.full_forward, preprocessing=info)
+        for text in dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, UserWarning)):
+            print(f"probekit: warning: {text}", file=sys.stderr)
     _print_notes(loaded)
     if is_images:
         print(f"probekit: {describe_preprocessing(info)}", file=sys.stderr)
@@ -449,7 +501,6 @@ def _extract_distributed(args: argparse.Namespace, loaded: Any, splits: list[str
     import torch
     import torch.distributed as dist
 
-    from .datasets import load_data
     from .extractors import ModelSpec, extract_distributed
 
     device = args.device
@@ -460,7 +511,7 @@ def _extract_distributed(args: argparse.Namespace, loaded: Any, splits: list[str
     try:
         spec = {name: ModelSpec(loaded.module, layers, role=args.role, source=loaded.source)}
         for k, split in enumerate(splits):
-            data = load_data(args.data, split, transform=transform)
+            data = _extract_data(args, split, transform)
             extract_distributed(spec, data, out=args.out, split=split, pool=args.pool,
                                 batch_size=args.batch_size, device=device, dtype=args.dtype,
                                 num_workers=args.num_workers, mode=mode if k == 0 else "resume",
