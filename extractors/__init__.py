@@ -31,6 +31,7 @@ from ._pooling import pool as pool
 from ._pooling import pool_for as pool_for
 from ._pooling import pools_for_rank as pools_for_rank
 from ._recorder import Recorder as Recorder
+from ._recorder import RecorderCallback as RecorderCallback
 from ._tokens import Padding as Padding
 from ._weights import param_count as param_count
 from ._weights import weight_rows as weight_rows
@@ -45,6 +46,7 @@ __all__ = [
     "ModelSpec",
     "Padding",
     "Recorder",
+    "RecorderCallback",
     "capture",
     "extract_distributed",
     "extract_models",

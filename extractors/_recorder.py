@@ -276,9 +276,17 @@ def RecorderCallback(layers: LayerSpec, probe_data: Any = None, out: str | os.Pa
                      **kwargs: Any) -> Any:
     """A PyTorch Lightning callback that records the LightningModule with a :class:`Recorder`.
 
-    Records step 0 when training starts, then after every ``every``-th optimizer step
-    (``trainer.global_step``). Takes :class:`Recorder`'s arguments (without the model). Needs
-    ``lightning`` (or ``pytorch_lightning``) installed; imported only when this is called.
+    Records step 0 when training starts, after every ``every``-th optimizer step
+    (``trainer.global_step``; with gradient accumulation, once per optimizer step) and the final model
+    when training ends. Takes :class:`Recorder`'s arguments (without the model); the callback's
+    ``recorder`` attribute is the :class:`Recorder` once training has started. Training is unchanged,
+    bit for bit (see :class:`Recorder`). Needs ``lightning`` (or ``pytorch_lightning``) installed
+    (``pip install "probekit-audit[lightning]"``); imported only when this is called.
+
+    Examples
+    --------
+    >>> trainer = lightning.Trainer(max_epochs=3, callbacks=[          # doctest: +SKIP
+    ...     probekit.RecorderCallback(["conv2", "conv3"], probe_set, out="run.h5", every=10)])
 
     Raises
     ------
@@ -286,10 +294,10 @@ def RecorderCallback(layers: LayerSpec, probe_data: Any = None, out: str | os.Pa
         When neither lightning package is installed.
     """
     try:
-        from lightning.pytorch import Callback
+        from lightning.pytorch import Callback, LightningModule
     except ImportError:
         try:
-            from pytorch_lightning import Callback
+            from pytorch_lightning import Callback, LightningModule
         except ImportError as e:
             raise ProbekitError(
                 "RecorderCallback needs PyTorch Lightning. Install it (pip install lightning), or call "
@@ -301,11 +309,21 @@ def RecorderCallback(layers: LayerSpec, probe_data: Any = None, out: str | os.Pa
             self.recorder: Recorder | None = None
 
         def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+            if type(pl_module).forward in (nn.Module.forward, LightningModule.forward):
+                raise ProbekitError(
+                    f"RecorderCallback runs the LightningModule on the probe inputs, but "
+                    f"{type(pl_module).__name__} defines no forward(). Define one (e.g. "
+                    "`def forward(self, x): return self.net(x)`) so the recorded layers see the probe batches."
+                )
             self.recorder = Recorder(pl_module, layers, probe_data, out, **kwargs)
             self.recorder.step(int(trainer.global_step))
 
         def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any, **kw: Any) -> None:
             if self.recorder is not None:
                 self.recorder.step(int(trainer.global_step))
+
+        def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+            if self.recorder is not None:
+                self.recorder.record(int(trainer.global_step))
 
     return _RecorderCallback()

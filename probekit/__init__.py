@@ -29,6 +29,7 @@ _LAZY = {
     "preprocessing_for": ("probekit.models", "preprocessing_for"),
     "load_data": ("probekit.datasets", "load_data"),
     "Recorder": ("probekit.extractors", "Recorder"),
+    "RecorderCallback": ("probekit.extractors", "RecorderCallback"),
 }
 
 __all__ = ["Audit", "ProbekitError", "Store", "StoreWriter", "__version__", "audit", "open_store", *sorted(_LAZY)]
