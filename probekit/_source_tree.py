@@ -2,7 +2,7 @@
 source checkout.
 
 The distribution installs the root folders ``extractors/`` and ``analyses/`` as
-``probekit.extractors`` and ``probekit.analyses`` (DESIGN.md section 2). An installed copy has them
+``probekit.extractors`` and ``probekit.analyses`` (``package-dir`` in pyproject.toml). An installed copy has them
 inside the package, and an editable install maps them with setuptools' finder. But ``python -m
 probekit.cli`` (or ``torchrun -m probekit.cli``) started from the repository root puts the checkout
 first on ``sys.path``, so Python imports the source ``probekit/`` — which has no ``extractors``

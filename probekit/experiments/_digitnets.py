@@ -1,6 +1,6 @@
 """Small CNNs for background digits and their trainers (teacher, distilled student, controls).
 
-The setup of ../shared/PILOT.md: a teacher CNN (3 conv blocks 16/32/64, ReLU, max-pool; fc 128 +
+The setup of the background-digits pilot (docs/EXPERIMENTS.md): a teacher CNN (3 conv blocks 16/32/64, ReLU, max-pool; fc 128 +
 ReLU = the representation; fc 10) trained with cross-entropy on the broad ``union`` background
 family, and a student of the same trunk with a linear 128-d head trained on ID images only to fit
 the teacher's representation with MSE. Backgrounds and placements are redrawn every epoch.

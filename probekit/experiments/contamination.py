@@ -1,6 +1,7 @@
 """Feature contamination in a two-layer network on the structured feature model (Zhang et al. 2024).
 
-Setup (PAPERS.md 2b, the configuration matching the theory): x = [x_core, x_bg] V with a linearly
+Setup (the synthetic model of the authors' code, ``toy.py``, in the configuration their README names
+as matching the theory; docs/EXPERIMENTS.md): x = [x_core, x_bg] V with a linearly
 separable core, x_bg ~ U[0,1]^32 independent of y, OOD = the same points with x_bg flipped to
 -U[0,1]^32; a width-256 two-layer network with biases, frozen output layer (a_j = +-1/m), hinge
 loss, full-batch SGD with momentum. ReLU against the identity activation (and optionally GELU,

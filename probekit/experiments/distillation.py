@@ -1,6 +1,6 @@
 """Representation distillation in miniature on background digits (Zhang et al. 2024, experiment 1).
 
-Setup (../shared/PILOT.md): a teacher CNN trained with cross-entropy on the broad ``union``
+Setup (the background-digits pilot's, restated in docs/EXPERIMENTS.md): a teacher CNN trained with cross-entropy on the broad ``union``
 background family (background-invariant); a student of the same trunk with a linear 128-d head,
 trained only on ID-background images to fit the teacher's representation with MSE (no labels).
 Controls: S-aug (the student trained on union backgrounds), ERM-ID (the teacher's architecture

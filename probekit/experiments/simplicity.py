@@ -1,6 +1,6 @@
 """Simplicity bias: neuron directions collapse onto a few width-independent directions (Tsoy & Konstantinov 2024).
 
-Setup (PAPERS.md, ``train_xor.py``): XOR-like data (symmetric: class 0 at ±e1, class 1 at ±e2; or
+Setup (the authors' replication code, ``train_xor.py``; docs/EXPERIMENTS.md): XOR-like data (symmetric: class 0 at ±e1, class 1 at ±e2; or
 skewed by an angle alpha), a bias-free two-layer ReLU network ``f(x) = sum_k a_k relu(w_k . x)``
 in float64, PyTorch default initialisation multiplied by ``init_scale`` (2^-7), BCE-with-logits
 loss, full-batch plain gradient descent (lr 2^-4). Widths 64, 512 and 4096.
