@@ -6,9 +6,10 @@ applied in a loop).
 
 Globs: a glob without a dot matches whole names as :func:`fnmatch.fnmatchcase` does, so its ``*``
 crosses dots (``layer*``: ``layer1`` and every module under it). A glob with a dot is matched part by
-part: ``*`` and ``?`` stay within one part and ``**`` (a whole part) spans any number of parts, so
-``encoder.layer.*`` picks the blocks ``encoder.layer.0``, ``encoder.layer.1``, ... and not their
-submodules, while ``encoder.layer.**`` picks every descendant and ``h.*.mlp.**.c_fc`` may skip levels.
+part: ``*`` and ``?`` stay within one part and ``**`` (a whole part) spans any number of parts (at
+least one at the end), so ``encoder.layer.*`` picks the blocks ``encoder.layer.0``,
+``encoder.layer.1``, ... and not their submodules, ``encoder.layer.**`` every module under
+``encoder.layer``, and ``encoder.**.dense`` every ``dense`` at any depth under ``encoder``.
 """
 
 from __future__ import annotations
@@ -70,8 +71,9 @@ def _is_glob(pattern: str) -> bool:
 def _match_parts(parts: list[str], pats: list[str]) -> bool:
     if not pats:
         return not parts
-    if pats[0] == "**":
-        return any(_match_parts(parts[i:], pats[1:]) for i in range(len(parts) + 1))
+    if pats[0] == "**":  # zero or more parts; a trailing one: one or more (``a.**`` is under ``a``, not ``a``)
+        first = 1 if len(pats) == 1 else 0
+        return any(_match_parts(parts[i:], pats[1:]) for i in range(first, len(parts) + 1))
     return bool(parts) and fnmatch.fnmatchcase(parts[0], pats[0]) and _match_parts(parts[1:], pats[1:])
 
 

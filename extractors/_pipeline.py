@@ -433,6 +433,15 @@ def extract_models(
         pad_id = padding.pad_id if padding.pad_id is not None else default_pad_id(next(iter(models.values())).module)
         collate = functools.partial(collate_inputs, padding=padding, pad_id=pad_id)
     fixed_len: dict[str, int] = {}  # pool "none" of keyword inputs: every batch must have the first's length
+    if keyword:
+        for name, spec in models.items():
+            unknown = [k for k in samples.input_keys if k not in params[name] and k != MASK_KEY]  # type: ignore[union-attr]
+            if params[name] and unknown:
+                raise DataError(
+                    f"The dataset items give the input(s) {unknown}, which the forward of model {name!r} "
+                    f"({type(spec.module).__name__}) does not take (it takes {sorted(params[name])[:12]}). "
+                    "Rename them to its keyword arguments, or drop them from the items."
+                )
 
     # a checkpoint (step) has other weights than the model by design: only the model's own extraction
     # records and checks the weights hash
@@ -491,8 +500,9 @@ def extract_models(
                 """The model's keyword arguments and the attention mask its token outputs are pooled with."""
                 kw = {k: to_model(v, name) for k, v in batch["inputs"].items()}
                 mask = kw.get(MASK_KEY)
-                if MASK_KEY not in samples.input_keys and MASK_KEY not in params[name]:  # type: ignore[operator]
-                    kw.pop(MASK_KEY, None)  # built for pooling only: this model takes no attention mask
+                given = MASK_KEY in samples.input_keys  # type: ignore[operator]
+                if MASK_KEY not in params[name] and (not given or params[name]):
+                    kw.pop(MASK_KEY, None)  # for pooling only: this model takes no attention mask
                     if batch.get("padded"):
                         raise DataError(
                             f"The items have several lengths and were padded, but model {name!r} takes no "

@@ -2,8 +2,8 @@
 
 A dataset item may be a tensor ``x``, a tuple ``(x, y)`` or ``(x, y, factors)``, or a dict with ``"x"``
 and any of ``"label"``, ``"factors"``, ``"group"``. A dict without ``"x"`` holds the model's forward
-keyword arguments (transformers' ``input_ids``, ``attention_mask``, ``token_type_ids``,
-``pixel_values``, ...) beside those reserved keys; they reach the model as ``model(**inputs)`` and token
+keyword arguments beside those reserved keys, one of them named as transformers names its inputs
+(``input_ids``, ``attention_mask``, ``token_type_ids``, ``pixel_values``, ...: ``KEYWORD_INPUTS``); they reach the model as ``model(**inputs)`` and token
 sequences of different lengths are padded per batch (:class:`probekit.extractors.Padding`).
 :func:`as_samples` wraps any such dataset into one whose items are dicts ``{"x" or "inputs", "index",
 ...}``; :func:`load_data` resolves a DATA spec of the CLI.
@@ -31,6 +31,10 @@ __all__ = ["NpzDataset", "SampleDataset", "as_samples", "import_callable", "load
 _FIELDS = ("label", "factors", "group", "background", "background_label", "variant")
 #: keys of a dict item that are never model inputs
 RESERVED_KEYS = (*_FIELDS, "index")
+#: the inputs (transformers' names) one of which makes a dict without "x" an item of keyword inputs; the
+#: item may hold any other keyword inputs of the model beside them
+KEYWORD_INPUTS = ("input_ids", "inputs_embeds", "attention_mask", "token_type_ids", "position_ids",
+                  "pixel_values", "pixel_mask", "input_values", "input_features", "decoder_input_ids", "bbox")
 _INT_FIELDS = ("label", "group", "background", "background_label", "variant")  # the store's INT_FIELDS
 
 
@@ -69,6 +73,13 @@ def _to_tensor(x: Any) -> torch.Tensor:
 
 
 def _keyword_inputs(item: Mapping[str, Any], i: int) -> dict[str, torch.Tensor]:
+    if not any(k in item for k in KEYWORD_INPUTS):
+        raise DataError(
+            f"Dataset item {i} is a dict without the key 'x' (keys: {sorted(map(str, item))}). Name the "
+            "input 'x', or give the model's keyword inputs with transformers' names (input_ids, "
+            "attention_mask, pixel_values, ...), beside any of 'label', 'factors', 'group', 'background', "
+            "'background_label', 'variant'."
+        )
     inputs: dict[str, torch.Tensor] = {}
     for k, v in item.items():
         if k in RESERVED_KEYS or v is None:
@@ -87,10 +98,8 @@ def _keyword_inputs(item: Mapping[str, Any], i: int) -> dict[str, torch.Tensor]:
         inputs[k] = t
     if not inputs:
         raise DataError(
-            f"Dataset item {i} is a dict without the key 'x' and without model inputs (keys: "
-            f"{sorted(map(str, item))}). Name the input 'x', or give the model's keyword arguments "
-            "(input_ids, attention_mask, ...) beside 'label', 'factors', 'group', 'background', "
-            "'background_label', 'variant'."
+            f"Dataset item {i} gives its model inputs {sorted(k for k in item if k not in RESERVED_KEYS)} as None; "
+            "give them as tensors."
         )
     return inputs
 
