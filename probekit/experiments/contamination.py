@@ -162,12 +162,14 @@ def run(
     lr: float = 0.05,
     n: int = 1000,
     threads: int | None = 1,
+    verbose: bool = True,
 ) -> dict[str, Any]:
     """Train each activation on each seed; write ``contamination.h5``, ``contamination.json``, plots.
 
     The JSON's ``summary`` gives, per activation and as mean ± sd over seeds: the background
     projection's growth ``bg_final / bg_init``, the core growth, the final ID and OOD losses and
-    their gap ``ood_loss - id_loss``, and the OOD accuracy.
+    their gap ``ood_loss - id_loss``, and the OOD accuracy. With ``verbose``, prints the headline
+    numbers (:func:`headline`).
     """
     from probekit.store import StoreWriter
 
@@ -220,32 +222,83 @@ def run(
         "store": str(store),
         "seconds": round(time.time() - t0, 1),
     }
-    _plot(per_seed, out)
+    _plot(per_seed, out, config)
     result["plots"] = [str(out / "contamination.png")]
     write_json(out / "contamination.json", result)
+    if verbose:
+        print("\n".join(headline(result)))
     return result
 
 
-def _plot(per_seed: dict[str, list[dict[str, Any]]], out) -> None:
+ACTIVATION_LABELS = {
+    "relu": "ReLU network",
+    "identity": "identity activation (a linear network)",
+    "gelu": "GELU network",
+    "tanh": "tanh network",
+    "leaky_relu": "LeakyReLU(0.1) network",
+    "sigmoid": "sigmoid network",
+}
+
+
+def headline(result: dict[str, Any]) -> list[str]:
+    """The experiment's headline numbers, a few lines (mean ± sd over seeds)."""
+    c = result["config"]
+    lines = [f"contamination: {len(c['seeds'])} seed(s), two-layer width-{c['width']} networks, {c['loss']} loss, "
+             f"{c['steps']} full-batch SGD steps (background projection = (1/m) Σ_j ||B w_j||, relative to step 0)"]
+    for act, s in result["summary"].items():
+        grows = s["bg_max_growth"]["mean"] > 1.0 + 1e-6
+        lines.append(
+            f"  {ACTIVATION_LABELS.get(act, act)}: background projection "
+            + (f"peaks at {fmt(s['bg_max_growth'])}x its initial level, ends at {fmt(s['bg_growth'])}x"
+               if grows else f"never rises above its initial level, ends at {fmt(s['bg_growth'])}x")
+            + f"; OOD minus ID loss {fmt(s['loss_gap'])}; OOD accuracy {fmt(s['final_ood_acc'])}")
+    lines.append(f"  ({result['seconds']} s) store {result['store']}, plot {result.get('plots', ['-'])[0]}")
+    return lines
+
+
+def _plot(per_seed: dict[str, list[dict[str, Any]]], out, config: dict[str, Any] | None = None) -> None:
+    from matplotlib.lines import Line2D
+
     plt = pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
     colours = {"relu": "C3", "identity": "C0", "gelu": "C1", "tanh": "C2", "leaky_relu": "C4", "sigmoid": "C5"}
+    markers = ["o", "s", "^", "D", "v", "P", "X"]
+    seeds = sorted({r["seed"] for recs in per_seed.values() for r in recs})
     for act, recs in per_seed.items():
         c = colours.get(act, "k")
-        for i, r in enumerate(recs):
-            lab = act if i == 0 else None
+        for r in recs:
+            mk = markers[seeds.index(r["seed"]) % len(markers)]
             s = np.asarray(r["steps"])
-            axes[0].plot(s, np.asarray(r["background"]) / r["background"][0], color=c, alpha=0.7, label=lab)
-            axes[1].plot(s, np.asarray(r["core"]) / r["core"][0], color=c, alpha=0.7, label=lab)
-            axes[2].plot(s, r["id_loss"], color=c, alpha=0.7, ls="-", label=f"{act} ID" if i == 0 else None)
-            axes[2].plot(s, r["ood_loss"], color=c, alpha=0.7, ls="--", label=f"{act} OOD" if i == 0 else None)
-    axes[0].set_title("background projection / init")
-    axes[1].set_title("core projection / init")
-    axes[2].set_title("loss (solid ID, dashed OOD)")
+            every = max(1, len(s) // 8)
+            kw = dict(color=c, alpha=0.8, marker=mk, ms=4, markevery=every)
+            axes[0].plot(s, np.asarray(r["background"]) / r["background"][0], **kw)
+            axes[1].plot(s, np.asarray(r["core"]) / r["core"][0], **kw)
+            # ID: thick, pale, underneath; OOD: thin dashed on top, so neither hides the other
+            axes[2].plot(s, r["id_loss"], color=c, lw=3.5, alpha=0.35, ls="-", zorder=1)
+            axes[2].plot(s, r["ood_loss"], color=c, lw=1.2, ls="--", marker=mk, ms=4, markevery=every, zorder=2)
+    loss = (config or {}).get("loss", "hinge")
+    axes[0].set_title("background projection (1/m) Σ_j ||B w_j||, relative to init")
+    axes[0].set_ylabel("background projection / value at step 0 (×)")
+    axes[1].set_title("core projection (1/m) Σ_j ||C w_j||, relative to init")
+    axes[1].set_ylabel("core projection / value at step 0 (×)")
+    axes[2].set_title(f"{loss} loss on training (ID) and background-flipped (OOD) data")
+    axes[2].set_ylabel(f"mean {loss} loss")
+    axes[2].set_yscale("symlog", linthresh=1e-3)
     for a in axes:
-        a.set_xlabel("step")
-        a.legend(fontsize=8)
-    axes[0].axhline(1.0, color="grey", lw=0.8)
+        a.set_xlabel("training step (full-batch SGD)")
+    for a in axes[:2]:
+        a.axhline(1.0, color="grey", lw=0.8, ls=":")
+    act_handles = [Line2D([], [], color=colours.get(a, "k"), label=ACTIVATION_LABELS.get(a, a)) for a in per_seed]
+    seed_handles = [Line2D([], [], color="k", ls="none", marker=markers[i % len(markers)], label=f"seed {sd}")
+                    for i, sd in enumerate(seeds)]
+    axes[0].legend(handles=act_handles + seed_handles + [Line2D([], [], color="grey", lw=0.8, ls=":",
+                                                                  label="initial level (1×)")], fontsize=7)
+    axes[1].legend(handles=act_handles + seed_handles, fontsize=7)
+    axes[2].legend(handles=act_handles + seed_handles + [
+        Line2D([], [], color="k", lw=3.5, alpha=0.35, label="ID loss (training data)"),
+        Line2D([], [], color="k", lw=1.2, ls="--", label="OOD loss (background sign flipped)")], fontsize=7)
+    fig.suptitle("Feature contamination on the structured feature model: ReLU learns the label-independent "
+                 "background, a linear network does not")
     fig.tight_layout()
     fig.savefig(out / "contamination.png", dpi=90)
     plt.close(fig)
@@ -264,14 +317,8 @@ def _main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-output", action="store_true", help="train the second layer too")
     p.add_argument("--steps", type=int, default=None)
     a = p.parse_args(argv)
-    r = run(seeds=a.seeds, out_dir=a.out, quick=a.quick, activations=tuple(a.activations.split(",")),
-            nonlinear=a.nonlinear, loss=a.loss, freeze_output=not a.train_output, steps=a.steps)
-    for act, s in r["summary"].items():
-        print(
-            f"{act:9s} bg growth {fmt(s['bg_growth'])}  core growth {fmt(s['core_growth'])}  "
-            f"ID loss {fmt(s['final_id_loss'])}  OOD loss {fmt(s['final_ood_loss'])}  OOD acc {fmt(s['final_ood_acc'])}"
-        )
-    print(f"({r['seconds']} s) -> {r['store']}")
+    run(seeds=a.seeds, out_dir=a.out, quick=a.quick, activations=tuple(a.activations.split(",")),
+        nonlinear=a.nonlinear, loss=a.loss, freeze_output=not a.train_output, steps=a.steps)  # prints its headline
     return 0
 
 

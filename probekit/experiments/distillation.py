@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..datasets._bgdigits import BackgroundDigits
-from ._common import fmt, mean_sd, out_path, pyplot, seeds_list, torch_threads, write_json
+from ._common import mean_sd, out_path, pyplot, seeds_list, torch_threads, write_json
 from ._digitnets import (
     DigitCNN,
     fit_random_features_student,
@@ -228,10 +228,12 @@ def run(
     n_stress: int = 8,
     threads: int | None = 1,
     controls: bool = True,
+    verbose: bool = True,
 ) -> dict[str, Any]:
     """Train teacher, student and controls per seed; evaluate; write store, JSON and plots.
 
-    ``quick=True`` trains 15 teacher / 40 student epochs (instead of 60 / 150, the pilot's).
+    ``quick=True`` trains 15 teacher / 40 student epochs (instead of 60 / 150, the pilot's). With
+    ``verbose``, prints the headline numbers (:func:`headline`).
     """
     from probekit.store import StoreWriter
 
@@ -320,40 +322,95 @@ def run(
     }
     result = {"experiment": "distillation", "config": config, "summary": summary, "findings": findings,
               "per_seed": per_seed, "store": str(store), "seconds": round(time.time() - t0, 1)}
-    _plot(summary, out)
+    _plot(summary, out, len(seeds))
     result["plots"] = [str(out / "distillation.png")]
     write_json(out / "distillation.json", result)
+    if verbose:
+        print("\n".join(headline(result)))
     return result
 
 
-def _plot(summary: dict[str, Any], out) -> None:
+MODEL_LABELS = {
+    "teacher": "teacher (labels, broad backgrounds)",
+    "student": "student (fits the teacher on ID backgrounds)",
+    "s_aug": "S-aug (student on broad backgrounds)",
+    "erm_id": "ERM-ID (labels, ID backgrounds)",
+    "s_rf": "S-RF (frozen random trunk + ridge)",
+}
+
+
+def _pm(ms: dict[str, float], scale: float = 1.0, digits: int = 1) -> str:
+    return f"{scale * ms['mean']:.{digits}f} ± {scale * ms['sd']:.{digits}f}"
+
+
+def headline(result: dict[str, Any]) -> list[str]:
+    """The experiment's headline numbers, a few lines (mean ± sd over seeds)."""
+    c, f = result["config"], result["findings"]
+    n = len(c["seeds"])
+    lines = [f"distillation: {n} seed(s), {c.get('composite', 'additive')} composite; linear-probe accuracy on "
+             "ID and OOD backgrounds (%), the drop in points, relative MSE to the teacher"]
+    for name, s in result["summary"].items():
+        rel = (f"; rel-MSE ID {_pm(s['rel_mse_id'], digits=3)}, OOD {_pm(s['rel_mse_ood'], digits=3)}"
+               if "rel_mse_id" in s else "")
+        flagged = sum(f["flagged_per_seed"].get(name, []))
+        lines.append(f"  {MODEL_LABELS.get(name, name)}: ID {_pm(s['id_acc'], 100)}, OOD {_pm(s['ood_acc'], 100)}, "
+                     f"drop {_pm(s['drop'], 100)} pts{rel}; flagged by the verdict in {flagged} of {n} seed(s)")
+    lines.append(f"  student's drop minus the teacher's: {_pm(f['student_minus_teacher_drop'], 100)} pts "
+                 f"(positive in every seed: {'yes' if f['student_drop_exceeds_teacher_every_seed'] else 'no'}); "
+                 f"verdict = fails OOD (drop > 20 pts) in every seed and model: "
+                 f"{'yes' if f['verdict_matches_ood_failure_every_seed'] else 'no'}")
+    lines.append(f"  ({result['seconds']} s) store {result['store']}, plot {result.get('plots', ['-'])[0]}")
+    return lines
+
+
+def _plot(summary: dict[str, Any], out, n_seeds: int | None = None) -> None:
     plt = pyplot()
     names = list(summary)
-    fig, ax = plt.subplots(1, 3, figsize=(14, 3.8))
+    short = {"teacher": "teacher", "student": "student", "s_aug": "S-aug", "erm_id": "ERM-ID", "s_rf": "S-RF"}
+    ticks = [short.get(n, n) for n in names]
+    over = f"mean ± sd over {n_seeds} seeds" if n_seeds and n_seeds > 1 else "one seed"
+    fig, ax = plt.subplots(1, 3, figsize=(16, 4.8))
     x = np.arange(len(names))
-    for off, key, lab in ((-0.2, "id_acc", "ID"), (0.2, "ood_acc", "OOD")):
-        ax[0].bar(x + off, [summary[n][key]["mean"] for n in names], 0.4,
-                  yerr=[summary[n][key]["sd"] for n in names], label=lab)
-    ax[0].set_xticks(x, names)
-    ax[0].set_title("linear-probe accuracy")
-    ax[0].legend()
-    for n in names:
-        ax[1].errorbar(range(len(LAYERS)), [summary[n]["nms_ratio"][L]["mean"] for L in LAYERS],
-                       yerr=[summary[n]["nms_ratio"][L]["sd"] for L in LAYERS], marker="o", label=n, capsize=2)
-    ax[1].set_xticks(range(len(LAYERS)), LAYERS)
+    for off, key, lab, hatch in ((-0.2, "id_acc", "ID backgrounds (test_id)", None),
+                                 (0.2, "ood_acc", "OOD backgrounds (test_ood, same digits)", "//")):
+        ax[0].bar(x + off, [100 * summary[n][key]["mean"] for n in names], 0.4,
+                  yerr=[100 * summary[n][key]["sd"] for n in names], label=lab, hatch=hatch, capsize=2,
+                  color="C0" if hatch is None else "C1", edgecolor="k", lw=0.5)
+    ax[0].set_xticks(x, ticks)
+    ax[0].set_ylabel("linear-probe accuracy (%)")
+    ax[0].set_ylim(0, 122)
+    ax[0].set_yticks(range(0, 101, 20))
+    ax[0].set_title(f"probe accuracy on the representation ({over})", fontsize=9)
+    ax[0].legend(fontsize=7, loc="upper center", ncol=2)
+    layer_x = np.arange(len(LAYERS))
+    for i, n in enumerate(names):
+        ax[1].errorbar(layer_x + (i - len(names) / 2) * 0.04, [summary[n]["nms_ratio"][L]["mean"] for L in LAYERS],
+                       yerr=[summary[n]["nms_ratio"][L]["sd"] for L in LAYERS], marker="os^Dv"[i % 5],
+                       ls=["-", "--", ":", "-.", "-"][i % 5], label=MODEL_LABELS.get(n, n), capsize=2)
+    ax[1].set_xticks(layer_x, LAYERS)
+    ax[1].set_xlabel("layer (block outputs, then the 128-d representation)")
     ax[1].set_yscale("log")
-    ax[1].axhline(1.0, color="grey", lw=0.8)
-    ax[1].set_title("NMS(ID->OOD) trained / at init")
-    ax[1].legend(fontsize=7)
+    ax[1].axhline(1.0, color="grey", lw=0.8, ls=":", label="the same network at init (1×)")
+    ax[1].set_ylabel("NMS trained / NMS at init (×, log scale)")
+    ax[1].set_title("normalised mean shift ID → OOD backgrounds,\nrelative to the same network at initialisation",
+                    fontsize=9)
+    ax[1].legend(fontsize=6)
     keys = ["chroma_dc", "grey_dc", "bg_patch", "digit_patch"]
+    key_labels = ["chroma-DC\n(background colour)", "grey-DC", "background\npatches (top 4)", "digit\npatches (top 4)"]
     w = 0.8 / len(names)
     for i, n in enumerate(names):
         ax[2].bar(np.arange(len(keys)) + i * w, [summary[n]["conv1_proj_ratio"][k]["mean"] for k in keys], w,
-                  yerr=[summary[n]["conv1_proj_ratio"][k]["sd"] for k in keys], label=n)
-    ax[2].set_xticks(np.arange(len(keys)) + 0.4 - w / 2, keys)
-    ax[2].axhline(1.0, color="grey", lw=0.8)
-    ax[2].set_title("conv1 filter projection / init")
-    ax[2].legend(fontsize=7)
+                  yerr=[summary[n]["conv1_proj_ratio"][k]["sd"] for k in keys], label=short.get(n, n), capsize=2)
+    ax[2].set_xticks(np.arange(len(keys)) + 0.4 - w / 2, key_labels, fontsize=7)
+    ax[2].axhline(1.0, color="grey", lw=0.8, ls=":", label="initial level (1×)")
+    ax[2].set_ylabel("projection norm trained / at init (×)")
+    ax[2].set_title("conv1 filters projected on 3x3 RGB patch subspaces,\nrelative to initialisation", fontsize=9)
+    top = max(summary[n]["conv1_proj_ratio"][k]["mean"] + summary[n]["conv1_proj_ratio"][k]["sd"]
+              for n in names for k in keys)
+    ax[2].set_ylim(0, 1.3 * max(top, 1.0))
+    ax[2].legend(fontsize=7, loc="upper center", ncol=3)
+    fig.suptitle("Representation distillation on background digits: the student fits its teacher on ID "
+                 "backgrounds and fails on OOD ones")
     fig.tight_layout()
     fig.savefig(out / "distillation.png", dpi=90)
     plt.close(fig)
@@ -368,12 +425,7 @@ def _main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--composite", default="additive", choices=["additive", "alpha"])
     a = p.parse_args(argv)
-    r = run(seeds=a.seeds, out_dir=a.out, quick=a.quick, composite=a.composite)
-    for n, s in r["summary"].items():
-        extra = f"  relMSE ID {fmt(s['rel_mse_id'])} OOD {fmt(s['rel_mse_ood'])}" if "rel_mse_id" in s else ""
-        print(f"{n:8s} ID {fmt(s['id_acc'])} OOD {fmt(s['ood_acc'])} drop {fmt(s['drop'])}{extra}  "
-              f"NMS rep x{fmt(s['nms_ratio']['rep'], 2)}  chromaDC x{fmt(s['conv1_proj_ratio']['chroma_dc'], 2)}")
-    print(r["findings"], f"({r['seconds']} s) -> {r['store']}")
+    run(seeds=a.seeds, out_dir=a.out, quick=a.quick, composite=a.composite)  # prints its headline
     return 0
 
 

@@ -64,8 +64,11 @@ def train_shapes_cnn(background: str = "random", *, seed: int = 0, epochs: int =
 
 
 def run(seeds: Any = 1, out_dir: str | os.PathLike | None = None, quick: bool = False,
-        progress: bool = True) -> dict[str, Any]:
-    """Train the shortcut and the robust model per seed, extract, audit; return the verdicts."""
+        progress: bool = True, verbose: bool = True) -> dict[str, Any]:
+    """Train the shortcut and the robust model per seed, extract, audit; return the verdicts.
+
+    With ``verbose``, prints the two verdicts of every seed (:func:`headline`).
+    """
     from ..audit import audit
     from ..datasets._shapes import Shapes
     from ..extraction import extract
@@ -92,4 +95,19 @@ def run(seeds: Any = 1, out_dir: str | os.PathLike | None = None, quick: bool = 
         results["seeds"][seed] = {m: {"flagged": doc["models"][m]["flagged"],
                                       "verdict": doc["models"][m]["verdict"]} for m in names.values()}
     write_json(Path(out) / "shortcut.json", results)
+    if verbose:
+        print("\n".join(headline(results)))
     return results
+
+
+def headline(results: dict[str, Any]) -> list[str]:
+    """The two verdicts per seed: the shortcut model must be flagged, the robust one must not."""
+    lines = ["shortcut: a CNN trained where the background colour gives the class (shortcut) and one trained on "
+             "random background colours (robust), audited on the same crossed stress split"]
+    for seed, r in results["seeds"].items():
+        ok = r["shortcut"]["flagged"] and not r["robust"]["flagged"]
+        lines.append(f"  seed {seed}: " + ("as expected" if ok else "NOT as expected")
+                     + " (shortcut flagged, robust not)")
+        for m in ("shortcut", "robust"):
+            lines.append(f"    [{'FLAGGED' if r[m]['flagged'] else 'not flagged'}] {r[m]['verdict']}")
+    return lines

@@ -132,11 +132,13 @@ def run(
     mass: float = 0.9,
     tol_deg: float = 10.0,
     threads: int | None = 1,
+    verbose: bool = True,
 ) -> dict[str, Any]:
     """Train each width on each seed (model seed; the data seed is 100 + seed); write store, JSON, plots.
 
     ``summary`` per width: the direction count, the alignment quantiles (all neurons and the 90%-mass
-    neurons, degrees), and across widths the largest angle between matched cluster centres.
+    neurons, degrees), and across widths the largest angle between matched cluster centres. With
+    ``verbose``, prints the headline numbers (:func:`headline`).
     """
     from probekit.store import StoreWriter
 
@@ -205,33 +207,62 @@ def run(
         "store": str(store),
         "seconds": round(time.time() - t0, 1),
     }
-    _plot(out, widths, epochs, axes, per_seed)
+    _plot(out, widths, epochs, axes, per_seed, kind)
     result["plots"] = [str(out / "simplicity.png")]
     write_json(out / "simplicity.json", result)
+    if verbose:
+        print("\n".join(headline(result)))
     return result
 
 
-def _plot(out, widths, epochs, axes, per_seed) -> None:
+def headline(result: dict[str, Any]) -> list[str]:
+    """The experiment's headline numbers, a few lines (mean ± sd over seeds)."""
+    c = result["config"]
+    lines = [f"simplicity: {c['kind']} XOR, {len(c['seeds'])} seed(s), {c['epochs']} epochs of full-batch GD; "
+             f"directions = distinct first-layer directions carrying {100 * c['mass']:.0f}% of the weight mass"]
+    for m, s in result["summary"].items():
+        lines.append(f"  width {m}: {s['n_directions_per_seed']} directions (per seed); 95% quantile angle to the "
+                     f"nearest axis {fmt(s['align95_all_deg'], 3)}°; centres vs the widest net "
+                     f"{fmt(s['centers_vs_widest_deg'], 3)}°")
+    lines.append("  same direction count at every width in every seed: "
+                 + ("yes" if result["same_count_across_widths"] else "no"))
+    lines.append(f"  ({result['seconds']} s) store {result['store']}, plot {result.get('plots', ['-'])[0]}")
+    return lines
+
+
+def _plot(out, widths, epochs, axes, per_seed, kind: str = "sym") -> None:
     plt = pyplot()
-    fig, ax = plt.subplots(1, len(widths) + 1, figsize=(4 * (len(widths) + 1), 3.6))
+    fig, ax = plt.subplots(1, len(widths) + 1, figsize=(4.4 * (len(widths) + 1), 4.2))
+    seed0 = per_seed[0]["seed"]
     for i, m in enumerate(widths):
         W = np.load(out / f"W_width{m}.npy")
         sq = (W**2).sum(1)
         theta = np.degrees(np.arctan2(W[:, 1], W[:, 0]))
-        ax[i].scatter(theta, sq / sq.sum(), s=6)
-        for a in axes:
-            ax[i].axvline(np.degrees(np.arctan2(a[1], a[0])), color="grey", lw=0.6, ls="--")
-        ax[i].set_title(f"width {m}: share vs angle")
-        ax[i].set_xlabel("theta_k (deg)")
-        ax[i].set_ylabel("rho_k = |w_k|^2 / sum")
-    for m in widths:
-        ot = per_seed[0]["widths"][m]["over_time"]
-        ax[-1].plot([o["step"] for o in ot], [o["align95_deg"] for o in ot], label=f"width {m}")
+        ax[i].scatter(theta, sq / sq.sum(), s=6, label=f"one neuron (seed {seed0})")
+        for j, a in enumerate(axes):
+            ax[i].axvline(np.degrees(np.arctan2(a[1], a[0])), color="grey", lw=0.8, ls="--",
+                          label="XOR cluster axes" if j == 0 else None)
+        ax[i].set_title(f"width {m}: each neuron's weight share vs direction\n(end of training, seed {seed0})",
+                        fontsize=9)
+        ax[i].set_xlabel("direction θ_k of neuron k's weights (degrees)")
+        ax[i].set_ylabel("share of weight mass ρ_k = ||w_k||² / Σ_j ||w_j||²", fontsize=8)
+        ax[i].set_xlim(-185, 185)
+        ax[i].legend(fontsize=7)
+    styles = ["-", "--", ":", "-."]
+    for si, rec in enumerate(per_seed):
+        for wi, m in enumerate(widths):
+            ot = rec["widths"][m]["over_time"]
+            ax[-1].plot([o["step"] for o in ot], [o["align95_deg"] for o in ot], color=f"C{wi}",
+                        ls=styles[si % len(styles)], label=f"width {m}, seed {rec['seed']}")
     ax[-1].set_xscale("symlog", linthresh=16)
-    ax[-1].set_title("95% quantile angle to nearest axis")
-    ax[-1].set_xlabel("epoch")
-    ax[-1].set_ylabel("deg")
-    ax[-1].legend(fontsize=8)
+    ax[-1].set_yscale("symlog", linthresh=0.1)
+    ax[-1].set_title("alignment over training: 95% quantile over neurons\nof the angle to the nearest XOR axis",
+                     fontsize=9)
+    ax[-1].set_xlabel("epoch (full-batch GD; symlog scale)")
+    ax[-1].set_ylabel("angle to the nearest axis (degrees; symlog)")
+    ax[-1].legend(fontsize=6, ncol=2 if len(per_seed) > 1 else 1)
+    fig.suptitle(f"Simplicity bias on {'symmetric' if kind == 'sym' else 'skewed'} XOR: the first layer's weights "
+                 "collapse onto a few directions at every width")
     fig.tight_layout()
     fig.savefig(out / "simplicity.png", dpi=90)
     plt.close(fig)
@@ -246,11 +277,7 @@ def _main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--kind", default="sym", choices=["sym", "skew"])
     a = p.parse_args(argv)
-    r = run(seeds=a.seeds, out_dir=a.out, quick=a.quick, kind=a.kind)
-    for m, s in r["summary"].items():
-        print(f"width {m:5d}: directions {s['n_directions_per_seed']}  align95 all {fmt(s['align95_all_deg'], 4)} deg  "
-              f"90%-mass {fmt(s['align95_mass_deg'], 4)} deg  centres vs widest {fmt(s['centers_vs_widest_deg'], 4)} deg")
-    print(f"({r['seconds']} s) -> {r['store']}")
+    run(seeds=a.seeds, out_dir=a.out, quick=a.quick, kind=a.kind)  # prints its headline
     return 0
 
 
