@@ -108,7 +108,8 @@ def series(
         the first recorded split that has one (none: the entry is empty).
     factored : str, optional
         A split with background ``factors`` for :class:`probekit.analyses.BackgroundCorrelation`
-        (parametric null): the factors' mean share of each unit's variance (R²) and its null; default
+        (parametric null): each unit's R² on the factors (least squares with intercept), mean over units,
+        and its null; default
         the first recorded split that has factors.
     weight_layers : sequence of str, optional
         Layers for :class:`probekit.analyses.DirectionClusters` (``tol=direction_tol``,
@@ -383,7 +384,7 @@ def plot_series(result: Mapping[str, Any], path: str | os.PathLike) -> Path:
         curves = {k: (v["values"], "-") for k, v in result["background_share"].items()}
         curves |= {f"{k} · null (shuffled factors)": (v["null"], "--")
                    for k, v in result["background_share"].items() if v.get("null")}
-        panels.append((f"background factors' share of unit variance ({sp})", "mean R² over factors and units",
+        panels.append((f"background factors' share of unit variance ({sp})", "R² of each unit on the factors, mean over units",
                        curves, None))
     if result.get("directions"):
         panels.append(("neuron weight directions", "directions holding 90% of the weight mass",
