@@ -59,7 +59,8 @@ audit's defaults, writing JSON and printing markdown tables:
    ``cellwise_boot`` (the same with sigma from the foreground bootstrap), ``union`` (the hull of
    ``current`` and ``boot_bc``) and ``crossfit`` (sum_b share_b 1/2 sum_c sign(D^A_bc) D^B_bc over
    random halves A, B of the foregrounds, both orders, 20 splits; unbiased at no pull, its bias
-   vanishing as the signal grows; interval: its own bootstrap, one split a replicate, re-centred).
+   vanishing as the signal grows; interval: its own bootstrap, one split a replicate, re-centred)
+   and ``pretest`` (``current`` while the permutation p-value is >= 0.05, ``boot_bc`` once below).
 """
 
 from __future__ import annotations
@@ -279,6 +280,9 @@ def pull_alternatives(P: np.ndarray, K: int, rng: np.random.Generator, n_boot: i
     cfb = crossfit(W, halves(n_boot))
     sp = np.quantile(cfb - cfb.mean(), [a, 1 - a])
     out["crossfit"] = (cf, (cf + sp[0], cf + sp[1]))
+    # pre-test: the function's interval while the permutation test sees no pull, boot_bc once it does
+    p_value = (1 + np.sum(null >= tv)) / (1 + n_perm)
+    out["pretest"] = out["boot_bc"] if p_value < 1 - level else out["current"]
     cur, bc = out["current"], out["boot_bc"]
     out["union"] = (0.5 * (cur[0] + bc[0]), (min(cur[1][0], bc[1][0]), max(cur[1][1], bc[1][1])))
     # the function's spread, studentised-free "percentile of TV*" (no re-centring) for reference
