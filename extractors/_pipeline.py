@@ -346,14 +346,19 @@ def extract_models(
         batches, so they share the split's sample rows.
     data : Dataset
         A map-style dataset following the item protocol (see :func:`probekit.datasets.as_samples`).
-        Read in order, never shuffled, so an interrupted run resumes at the right row.
+        Read in order, never shuffled, so an interrupted run resumes at the right row. Items that are
+        dicts of keyword inputs (``input_ids``, ``attention_mask``, ...) reach each model as
+        ``model(**inputs)``; their token sequences are padded per batch as ``data.padding`` says
+        (:class:`Padding`; the pad id defaults to the first model's ``config.pad_token_id``, else 0),
+        and the attention mask is passed to every model whose forward takes ``attention_mask``.
     out : str or PathLike
         The store file.
     split : str, default "data"
         The split name the rows are stored under.
     pool : str or dict, default "avg"
         Pooling mode for every layer, or a dict layer -> mode; see :func:`pool`. A model's own
-        ``ModelSpec.pool`` wins.
+        ``ModelSpec.pool`` wins. Token outputs of keyword-input batches are pooled over their real
+        tokens (the attention mask); ``none`` stores the mask beside them as the layer ``@attention_mask``.
     batch_size : int, default 64
     device : str or torch.device, default "cpu"
         Where the models run (each model is moved there).
@@ -371,7 +376,8 @@ def extract_models(
     queue_size : int, default 4
         Batches the writer thread may lag behind (bounds memory).
     num_prefix_tokens : int, optional
-        Prefix tokens for ``tokens_mean``; default ``model.num_prefix_tokens`` or 1.
+        Prefix tokens for ``tokens_mean``; default ``model.num_prefix_tokens``, else 0 for token inputs
+        (keyword inputs with a sequence, or an integer ``(N, T)`` tensor), else 1.
     output_key : int, str or dict, optional
         Element of tuple / dict outputs to keep; default the first tensor.
     compression : {None, "gzip", "lzf"}
