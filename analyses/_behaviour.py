@@ -104,10 +104,14 @@ def background_behaviour(pred: Any, group: Any, background: Any, *, label: Any =
       the background's class; ``follows_background_null`` is its value under the within-foreground
       shuffle.
 
-    Intervals: percentile bootstrap over foregrounds (whole groups resampled; the pull's replicates
-    re-centred on the estimate, since resampling adds noise that TV reads as pull). ``flagged`` when
-    the interval's low end of ``pull`` exceeds ``threshold`` (materiality, default 5 % of
-    predictions) *and* the permutation p-value is below ``1 - ci_level``.
+    Intervals: percentile bootstrap over foregrounds (whole groups resampled). The pull subtracts the
+    no-signal floor whatever the signal, so a real pull reads low (by up to that floor); its interval
+    is the hull of the bootstrap interval about ``pull`` and the one about the bias-corrected TV
+    (``2 TV - mean TV*``), which covers the truth where each alone does not. ``flagged`` when the
+    low end of the interval about ``pull`` exceeds ``threshold`` (materiality, default 5 % of
+    predictions) *and* the permutation p-value is below ``1 - ci_level``: in effect the threshold is
+    0.05 plus the noise floor, so the flag errs towards caution (0 false flags in 2,100 null and
+    unsure-foreground datasets; power 100 % from a true pull of 0.13 at 100 foregrounds).
 
     Parameters
     ----------
@@ -193,16 +197,25 @@ def background_behaviour(pred: Any, group: Any, background: Any, *, label: Any =
             tot = w @ swap_g
             boot_follow[r] = (w @ follow_g) / tot if tot > 0 else np.nan
     pull = pull_raw - null_mean
-    # a resample's own noise raises TV again (duplicated foregrounds flip alike): the replicates are
-    # re-centred on the estimate before the percentiles are taken (bias-corrected percentile interval)
-    pull_ci = percentile_ci(boot_pull - boot_pull.mean() + pull, ci_level)
+    # The replicates' spread about their own mean gives the interval's width. Its centre: the estimate
+    # subtracts the no-signal noise floor whatever the signal, although TV's noise bias shrinks as the
+    # pull grows, so a real pull reads low (a complete shortcut over 8 backgrounds and 100 foregrounds:
+    # 0.770 for a true 0.875). The reported interval is the hull of the interval about the estimate and
+    # the one about the bootstrap bias-corrected TV (2 TV - mean TV*): 89-100 % coverage over 44
+    # simulated settings, where either alone fell to 0-54 % or 2-47 % (benchmarks/calibrate_verdict.py,
+    # docs/METRICS.md). The flag reads the low end about the estimate: conservative.
+    spread = np.asarray(percentile_ci(boot_pull - boot_pull.mean(), ci_level))
+    low_at_estimate = float(pull + spread[0])
+    bias_corrected = 2 * pull_raw - float(boot_pull.mean())
+    pull_ci = (min(low_at_estimate, float(bias_corrected + spread[0])),
+               max(float(pull + spread[1]), float(bias_corrected + spread[1])))
     n_sw = int(swapped.sum()) if swapped is not None else 0
     fb = fb_ci = fb_null = None
     if swapped is not None and n_sw > 0:
         fb = float(follow_g.sum() / n_sw)
         fb_ci = percentile_ci(boot_follow[np.isfinite(boot_follow)], ci_level)
         fb_null = float(null_follow.mean())
-    flagged = bool(pull_ci[0] > threshold and p_value < 1 - ci_level)
+    flagged = bool(low_at_estimate > threshold and p_value < 1 - ci_level)
     return BackgroundBehaviourResult(
         n_rows=int(n), n_groups=int(G), n_backgrounds=int(B),
         flip_rate=float(flips.mean()), flip_rate_ci=percentile_ci(boot_flip, ci_level),
