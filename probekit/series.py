@@ -382,7 +382,7 @@ def plot_series(result: Mapping[str, Any], path: str | os.PathLike) -> Path:
     if result.get("background_share"):
         sp = next(iter(result["background_share"].values()))["split"]
         curves = {k: (v["values"], "-") for k, v in result["background_share"].items()}
-        curves |= {f"{k} · null (shuffled factors)": (v["null"], "--")
+        curves |= {f"{k} · chance level (no relation)": (v["null"], "--")
                    for k, v in result["background_share"].items() if v.get("null")}
         panels.append((f"background factors' share of unit variance ({sp})", "R² of each unit on the factors, mean over units",
                        curves, None))
