@@ -106,3 +106,28 @@ def test_bad_inputs_are_one_line_exit_2_nothing_written(folder, tmp_path, capsys
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("probekit: error:") and needle in err, err
     assert not out.exists()
+
+
+def test_boxes_give_the_mask_check_and_the_report_shows_it(folder, tmp_path):
+    """Approximate foregrounds (boxes): the verdict is recomputed with the masks eroded and dilated."""
+    import numpy as np
+    from PIL import Image
+
+    _, images, masks = folder
+    rows = []
+    for p in sorted(images.rglob("*.png")):
+        m = np.asarray(Image.open(masks / p.relative_to(images))) > 0
+        ys, xs = np.nonzero(m)
+        rows.append(f"{p.relative_to(images).as_posix()},{xs.min()},{ys.min()},{xs.max() + 1},{ys.max() + 1}")
+    csv = tmp_path / "boxes.csv"
+    csv.write_text("path,x0,y0,x1,y1\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    assert main(["audit", MODEL, "--data", str(images), "--boxes", str(csv), "-o", str(out),
+                 "--mask-check", "2", *FAST]) == 0  # a random CNN: its verdict is not gated here
+    doc = json.loads((out / "audit.json").read_text())
+    ms = doc["mask_sensitivity"]
+    assert ms["pixels"] == 2 and set(ms["models"]["model"]) == {"eroded", "dilated"}
+    for r in ms["models"]["model"].values():
+        assert 0 <= r["flip_rate"] <= 1 and isinstance(r["flagged"], bool)
+    html = (out / "report.html").read_text()
+    assert "the verdict with every mask eroded / dilated" in html and "dilated by 2 px" in html

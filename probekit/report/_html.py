@@ -71,6 +71,7 @@ def render_html(audit: Mapping[str, Any]) -> str:
         _pairs(audit.get("pairs", []), colors),
         _series(audit.get("series", {})),
         _attribution(audit.get("attribution", {}), colors),
+        _inputs(audit),
         _skipped(audit.get("skipped", [])),
     ) if s is not None]
     judged = [info for info in models.values() if info.get("flag_basis")]
@@ -94,6 +95,37 @@ def render_html(audit: Mapping[str, Any]) -> str:
         ["No verdict or headline figure could be computed; see the skipped analyses."],
         summary_class=summary_class,
     )
+
+
+def _inputs(audit: Mapping[str, Any]) -> dict[str, Any] | None:
+    """What the models were shown (``probekit audit``): the preprocessing, and how the verdict moves
+    when approximate masks are eroded and dilated."""
+    pre, ms = audit.get("preprocessing"), audit.get("mask_sensitivity")
+    if not pre and not ms:
+        return None
+    s = _section("inputs", "Inputs: preprocessing and masks")
+    if pre:
+        s["tables"].append({"title": "preprocessing (what ran before the model)", "header": ["", ""], "left": 2,
+                            "rows": [["settings from", str(pre.get("source", ""))],
+                                     ["steps", " → ".join(str(x) for x in pre.get("steps", []))],
+                                     ["input size", _fmt(pre.get("input_size"))],
+                                     ["mean / std", f"{_fmt(pre.get('mean'))} / {_fmt(pre.get('std'))}"],
+                                     ["overrides", ", ".join(f"{k}={v}" for k, v in (pre.get("overrides") or {}).items())
+                                      or "none"]]})
+        if pre.get("note"):
+            s["lines"].append(str(pre["note"]))
+    if ms:
+        rows = []
+        for m, per in (ms.get("models") or {}).items():
+            for how, r in per.items():
+                rows.append([m, f"{how} by {ms.get('pixels')} px", _fmt(r.get("flip_rate"), 2), _fmt(r.get("pull"), 3),
+                             _fmt(r.get("follows_background"), 2), "FLAGGED" if r.get("flagged") else "not flagged"])
+        s["tables"].append({"title": "the verdict with every mask eroded / dilated", "left": 2, "rows": rows,
+                            "header": ["model", "masks", "flip rate", "background pull", "follows background",
+                                       "verdict"]})
+        s["lines"].append("The foreground came from boxes or GrabCut, so it is approximate: if the verdict changes "
+                          "between these rows, it depends on where the mask's edge falls; give exact masks.")
+    return s
 
 
 def _verdict_figure(models: Mapping[str, Any], colors: Mapping[str, str]) -> dict[str, str] | None:

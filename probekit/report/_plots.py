@@ -135,7 +135,7 @@ def grouped_bars(
 
     ``marks`` maps a group's position to ``(y, label)``: a black tick across that group (a threshold).
     """
-    fig, ax = plt.subplots(figsize=(6.4, 3.2))
+    fig, ax = plt.subplots(figsize=(max(6.4, 2.6 * len(groups)), 3.2))
     k = len(bars)
     width = 0.8 / max(1, k)
     for j, (label, ests) in enumerate(bars.items()):
@@ -147,7 +147,8 @@ def grouped_bars(
         ax.hlines(y, i - 0.45, i + 0.45, colors="k", linewidth=2, label=label)
     multiline = any("\n" in g for g in groups)
     ax.set_xticks(range(len(groups)), [g if multiline else safe_text(g, 22) for g in groups],
-                  rotation=0 if multiline else 20, ha="center" if multiline else "right")
+                  rotation=0 if multiline else 20, ha="center" if multiline else "right",
+                  fontsize=8 if multiline else None)
     if ylim is not None:
         ax.set_ylim(*ylim)
     ax.set_title(safe_text(title, 80))
