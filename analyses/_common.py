@@ -65,6 +65,22 @@ def check_option(owner: str, name: str, value: Any, options: Sequence[Any]) -> N
 
 
 # -- sources -------------------------------------------------------------------------------------
+def from_torch(X: Any) -> Any:
+    """A torch tensor as a numpy array on the CPU (detached; bfloat16 as float32); anything else as it is.
+
+    Every analysis input passes through here (sources, vectors, factors, dtypes), so each accepts a
+    torch tensor wherever it accepts an array, without importing torch for those that are not.
+    """
+    if type(X).__module__.split(".")[0] != "torch" or not hasattr(X, "detach"):
+        return X
+    import torch
+
+    t = X.detach().cpu()
+    if t.dtype == torch.bfloat16:  # numpy has no bfloat16
+        t = t.float()
+    return t.numpy()
+
+
 def _is_lazy(X: Any) -> bool:
     return hasattr(X, "iter_chunks") and hasattr(X, "shape") and not isinstance(X, np.ndarray)
 
@@ -86,6 +102,7 @@ class Source:
 
     def __init__(self, X: Any, name: str = "X", *, chunk_rows: int | None = None,
                  dtype: Any = np.float64) -> None:
+        X = from_torch(X)
         self.name = name
         self.dtype = np.dtype(dtype)
         self.lazy = _is_lazy(X)
@@ -203,6 +220,7 @@ def compute_dtype(X: Any) -> np.dtype:
     error ~1e-6, far below the sampling noise of any statistic here), while running totals across
     chunks stay float64. float64 input (e.g. a user's array) keeps float64 throughout.
     """
+    X = from_torch(X)
     dt = getattr(X, "dtype", None)
     if dt is None:
         dt = np.asarray(X).dtype if not _is_lazy(X) else np.dtype(np.float32)
@@ -230,7 +248,7 @@ def check_rows(n: int, other: Any, name: str, other_name: str = "X") -> None:
 
 
 def as_vector(y: Any, name: str, n: int, *, numeric: bool = True) -> np.ndarray:
-    y = np.asarray(y)
+    y = np.asarray(from_torch(y))
     if y.ndim == 2 and y.shape[1] == 1:
         y = y[:, 0]
     if y.ndim != 1:
@@ -247,7 +265,7 @@ def as_vector(y: Any, name: str, n: int, *, numeric: bool = True) -> np.ndarray:
 def as_factors(factors: Any, n: int, factor_names: Sequence[str] | None = None,
                use: Sequence[str] | None = None, name: str = "factors") -> tuple[np.ndarray, list[str]]:
     """Validate a (n, F) factor matrix; select the factors named in ``use``."""
-    F = np.asarray(factors, dtype=np.float64)
+    F = np.asarray(from_torch(factors), dtype=np.float64)
     if F.ndim == 1:
         F = F[:, None]
     if F.ndim != 2:

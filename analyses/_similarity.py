@@ -10,21 +10,9 @@ import numpy as np
 
 from probekit.errors import DataError
 
-from ._common import ResultMixin, Source, as_source, check_number, compute_dtype, jsonable
+from ._common import ResultMixin, Source, as_source, check_number, compute_dtype, from_torch, jsonable
 
 __all__ = ["RelativeMSEResult", "cka_matrix", "difference", "linear_cka", "relative_mse"]
-
-
-def _from_torch(X: Any) -> Any:
-    """A torch tensor as a numpy array on the CPU (bfloat16 as float32); anything else as it is."""
-    if type(X).__module__.split(".")[0] != "torch" or not hasattr(X, "detach"):
-        return X
-    import torch
-
-    t = X.detach().cpu()
-    if t.dtype == torch.bfloat16:  # numpy has no bfloat16
-        t = t.float()
-    return t.numpy()
 
 
 def _pair(X: Any, Y: Any, chunk_rows: int | None, names: tuple[str, str] = ("X", "Y"),
@@ -85,7 +73,7 @@ def linear_cka(X: Any, Y: Any, *, debiased: bool = False, chunk_rows: int | None
     -------
     float
     """
-    X, Y = _from_torch(X), _from_torch(Y)
+    X, Y = from_torch(X), from_torch(Y)
     # float32 data is multiplied in float32 (see compute_dtype), float64 data in float64
     cdt = np.result_type(compute_dtype(X), compute_dtype(Y))
     A, B = _pair(X, Y, chunk_rows, dtype=cdt)
@@ -183,8 +171,8 @@ def relative_mse(student: Any, teacher: Any, *, student_fit: Any = None, teacher
     on ``student``/``teacher`` (e.g. ID or OOD test). All sums are streamed.
     """
     check_number("relative_mse", "alpha", alpha, low=0)
-    student, teacher = _from_torch(student), _from_torch(teacher)
-    student_fit, teacher_fit = _from_torch(student_fit), _from_torch(teacher_fit)
+    student, teacher = from_torch(student), from_torch(teacher)
+    student_fit, teacher_fit = from_torch(student_fit), from_torch(teacher_fit)
     S, T = _pair(student, teacher, chunk_rows, ("student", "teacher"))
     if (student_fit is None) != (teacher_fit is None):
         raise DataError("Pass student_fit and teacher_fit together (the rows to fit the map on), or neither.")
