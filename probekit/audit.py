@@ -331,13 +331,19 @@ def _series(path: Path, m: str, cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _model_layers(s: Store, model: str, only: Sequence[str] | None) -> list[str]:
-    have = s.layers(model)
+    # an attention mask stored beside token activations (pool "mask") is the input's, not a layer's
+    have = [la for la in s.layers(model) if not _is_mask_layer(s, model, la)]
     if only is None:
         return have
     missing = [la for la in only if la not in have]
     if missing:
         raise DataError(f"The model {model!r} has no layers {missing}; it has {have}.")
     return [la for la in have if la in only]
+
+
+def _is_mask_layer(s: Store, model: str, layer: str) -> bool:
+    split = next((sp for sp in s.acts_splits(model) if layer in s.layers(model, sp)), None)
+    return split is not None and str(s.acts(model, split, layer).attrs.get("pool", "")) == "mask"
 
 
 def _run(ctx: _Ctx, analysis: str, model: str, layer: str | None, fn: Callable[[], Any]) -> Any:
@@ -553,7 +559,7 @@ def _predictions(ctx: _Ctx, m: str, splits: Sequence[str]) -> tuple[dict[str, np
     from .analyses import LinearProbe
 
     layer = c["behaviour_layer"] or next(
-        (la for la in reversed(s.layers(m)) if la != OUTPUT_LAYER), None)
+        (la for la in reversed(s.layers(m)) if la != OUTPUT_LAYER and not _is_mask_layer(s, m, la)), None)
     tr = c["train"]
     if layer is None or not ctx.has_split(m, tr, layer) or not s.has_field(tr, "label"):
         raise DataError(f"behaviour needs the model's output ({OUTPUT_LAYER!r}, extract with outputs) or a "

@@ -82,19 +82,25 @@ def extract(
         batches in one pass (a name among ``"teacher"``, ``"student"`` gives that role). The model is
         moved to ``device`` and left there.
     data : Dataset or DataLoader
-        Items ``x``, ``(x, y)``, ``(x, y, factors)`` or dicts with ``"x"`` and optional ``"label"``,
-        ``"factors"``, ``"group"`` (see :func:`probekit.datasets.as_samples`). Read in order. Of a
-        DataLoader, its dataset is read (one with its own sampler or collate_fn is refused).
+        Items ``x``, ``(x, y)``, ``(x, y, factors)``, dicts with ``"x"`` and optional ``"label"``,
+        ``"factors"``, ``"group"``, ``"background"``, ``"background_label"``, ``"variant"``, or dicts
+        of the model's forward keyword arguments (``input_ids``, ``attention_mask``, ``pixel_values``,
+        ...) plus those fields, padded per batch when their lengths differ (see
+        :func:`probekit.datasets.as_samples`). Read in order. Of a DataLoader, its dataset is read (one
+        with its own sampler or collate_fn is refused).
     layers : str, sequence of str, callable, or dict of model name to these
-        Exact module names, globs (``"layer*"``), ``name@K`` for the K-th call of a module that runs
-        several times, or a predicate; see :func:`probekit.extractors.resolve_layers`. With several
-        models, a dict gives each its own layers.
+        Exact module names, globs (``"layer*"``; a dotted glob matches part by part, ``**`` spans
+        levels), ``name@K`` for the K-th call of a module that runs several times, ``"@output"`` for
+        the model's own output (its class scores: the audit's verdict then reads its predictions), or
+        a predicate; see :func:`probekit.extractors.resolve_layers`. With several models, a dict gives
+        each its own layers.
     out : str or PathLike
         The store file (``.h5``).
     split : str, default "data"
         Split name of these rows (``train``, ``test_id``, ``test_ood``, ``stress``, ...).
     pool : str or dict of str to str, default "avg"
-        ``avg``, ``max``, ``cls``, ``tokens_mean``, ``flatten`` or ``none``, or a dict layer -> mode.
+        ``avg``, ``max``, ``cls``, ``tokens_mean``, ``last``, ``flatten`` or ``none``, or a dict layer ->
+        mode. With an attention mask the token pools use the real tokens only.
     name : str, default "model"
         Store name of the model (``/models/<name>``).
     role : {"teacher", "student", "model"}, default "model"
@@ -122,7 +128,8 @@ def extract(
     output_key : int, str or dict, optional
         Which element of tuple / dict layer outputs to keep (default: the first tensor).
     num_prefix_tokens : int, optional
-        Prefix tokens skipped by ``tokens_mean`` (default ``model.num_prefix_tokens``, else 1).
+        Prefix tokens skipped by ``tokens_mean`` (default ``model.num_prefix_tokens``; else 0 for token
+        inputs and 1 for others).
     compression : {None, "gzip", "lzf"}
         Compression of activation datasets.
     step : int, optional
