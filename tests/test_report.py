@@ -26,7 +26,7 @@ def _doc(model_t="teacher", model_s="student", layer="fc", factor="hue"):
                 "probe": {"id": _est(0.95), "ood": _est(0.94 if m == model_t else 0.70), "gap": _est(0.1)},
                 "decodability": {"stress": {"factors": {factor: {"score": 0.3, "control": 0.0,
                                                                  "excess": _est(0.3)}},
-                                            "mean_excess_r2": _est(0.3), "mean_excess_balanced_accuracy": _est(None)}},
+                                            "mean_excess_r2": _est(0.3), "mean_excess_balanced_accuracy": {"value": None, "ci": None}}},
                 "correlation": {"split": "stress", "mean_abs_r": 0.05, "noise_floor": 0.02, "threshold": 0.08,
                                 "share_significant": 0.2, "variance_share_background": 0.1,
                                 "variance_share_label": 0.5,

@@ -73,6 +73,7 @@ def render_html(audit: Mapping[str, Any]) -> str:
         _attribution(audit.get("attribution", {}), colors),
         _inputs(audit),
         _skipped(audit.get("skipped", [])),
+        _glossary(audit),
     ) if s is not None]
     judged = [info for info in models.values() if info.get("flag_basis")]
     model_verdicts = [{"name": m, "flagged": bool(info.get("flagged")), "text": info.get("verdict", ""),
@@ -95,6 +96,50 @@ def render_html(audit: Mapping[str, Any]) -> str:
         ["No verdict or headline figure could be computed; see the skipped analyses."],
         summary_class=summary_class,
     )
+
+
+_GLOSSARY = [
+    ("flip rate", "share of objects whose predicted class is not the same on every background of the crossed split"),
+    ("background pull", "share of predictions that backgrounds move towards the same classes for every object, "
+                        "beyond a shuffle of the backgrounds within each object; a model is flagged when its "
+                        "interval lies above 0.05"),
+    ("follows background", "where a background came from an image of another class: how often the prediction is "
+                           "that class"),
+    ("crossed split", "every object (group) shown on the same set of backgrounds (the stress split)"),
+    ("only_fg / no_fg / only_bg", "the object on black / the object's pixels blacked out / the background alone"),
+    ("mixed_same / mixed_rand / mixed_next", "the object on the background of another image of the same / a random "
+                                             "/ the next class; BG-gap = acc(mixed_same) − acc(mixed_rand)"),
+    ("foreground / background / interaction", "the two-way decomposition of a layer on the crossed split, in the "
+                                              "layer's squared units per row, summed over units"),
+    ("background sensitivity", "share of a layer's variance from the background with the object held fixed"),
+    ("NMS", "normalised mean shift: squared shift of the mean activation between the ID and OOD background "
+            "families on the same objects, over the sum of unit variances (debiased)"),
+    ("decodability (excess)", "cross-validated R² (or balanced accuracy) of a linear probe predicting a background "
+                              "factor, minus the same probe on shuffled factors"),
+    ("units above null", "share of units whose correlation with a factor beats their own permutation null"),
+    ("CKA", "debiased linear centred kernel alignment between two representations (0 = unrelated, 1 = the same "
+            "up to rotation and scale)"),
+    ("relative MSE", "Σ‖student − teacher‖² / Σ‖teacher − mean‖²: the share of the teacher's variance the student "
+                     "misses (units aligned only at the layer the student was fitted to)"),
+    ("ID / OOD", "in distribution (the training backgrounds) / out of distribution (a disjoint background family)"),
+]
+_FACTORS = {  # the built-in background digits' factors
+    "hue": "background colour hue, 0-1, circular", "sat": "background colour saturation",
+    "bright": "background brightness (HSV value)", "orient": "stripe orientation in degrees, circular (period 180)",
+    "freq": "stripe frequency, cycles per image", "amp": "stripe amplitude (contrast of the texture)",
+}
+
+
+def _glossary(audit: Mapping[str, Any]) -> dict[str, Any]:
+    s = _section("glossary", "Glossary")
+    rows = [[k, v] for k, v in _GLOSSARY]
+    factors = dict.fromkeys(f for sp in (audit.get("splits") or {}).values() for f in sp.get("factor_names", []))
+    rows += [[f"factor {f}", _FACTORS.get(f, "a background factor of your data (see where the data came from)")]
+             for f in factors]
+    s["tables"].append({"title": "", "header": ["term", "meaning"], "rows": rows, "left": 2})
+    s["lines"].append(f"Formulas, nulls and calibration: docs/METRICS.md of probekit {audit.get('probekit_version', '')} "
+                      "(in the repository and the source distribution).")
+    return s
 
 
 def _inputs(audit: Mapping[str, Any]) -> dict[str, Any] | None:
