@@ -280,7 +280,9 @@ def RecorderCallback(layers: LayerSpec, probe_data: Any = None, out: str | os.Pa
     (``trainer.global_step``; with gradient accumulation, once per optimizer step) and the final model
     when training ends. Takes :class:`Recorder`'s arguments (without the model); the callback's
     ``recorder`` attribute is the :class:`Recorder` once training has started. Training is unchanged,
-    bit for bit (see :class:`Recorder`). Needs ``lightning`` (or ``pytorch_lightning``) installed
+    bit for bit (see :class:`Recorder`). The probe batches go through the LightningModule's
+    ``forward``; a module without one is run through its only child module (the common
+    ``self.net = ...`` pattern), with layer names as seen from the LightningModule (``net.0``). Needs ``lightning`` (or ``pytorch_lightning``) installed
     (``pip install "probekit-audit[lightning]"``); imported only when this is called.
 
     Examples
@@ -291,7 +293,8 @@ def RecorderCallback(layers: LayerSpec, probe_data: Any = None, out: str | os.Pa
     Raises
     ------
     ProbekitError
-        When neither lightning package is installed.
+        When neither lightning package is installed; at the start of training, when the
+        LightningModule has no ``forward`` and not exactly one child module.
     """
     try:
         from lightning.pytorch import Callback, LightningModule
@@ -307,23 +310,40 @@ def RecorderCallback(layers: LayerSpec, probe_data: Any = None, out: str | os.Pa
     class _RecorderCallback(Callback):  # type: ignore[misc, valid-type]
         def __init__(self) -> None:
             self.recorder: Recorder | None = None
+            self._via: nn.Module | None = None  # the only child, for a LightningModule without forward()
 
         def on_train_start(self, trainer: Any, pl_module: Any) -> None:
             if type(pl_module).forward in (nn.Module.forward, LightningModule.forward):
-                raise ProbekitError(
-                    f"RecorderCallback runs the LightningModule on the probe inputs, but "
-                    f"{type(pl_module).__name__} defines no forward(). Define one (e.g. "
-                    "`def forward(self, x): return self.net(x)`) so the recorded layers see the probe batches."
-                )
+                children = list(pl_module.children())
+                if len(children) != 1:
+                    raise ProbekitError(
+                        f"RecorderCallback runs the LightningModule on the probe inputs, but "
+                        f"{type(pl_module).__name__} defines no forward() and has {len(children)} child modules, "
+                        "so which one takes the inputs is unclear. Define forward() (e.g. "
+                        "`def forward(self, x): return self.net(x)`)."
+                    )
+                self._via = children[0]
             self.recorder = Recorder(pl_module, layers, probe_data, out, **kwargs)
-            self.recorder.step(int(trainer.global_step))
+            self._record(pl_module, int(trainer.global_step), every=True)
+
+        def _record(self, pl_module: Any, step: int, every: bool) -> None:
+            if self.recorder is None:
+                return
+            if self._via is not None:  # run the probe batches through the only child, just for this call
+                pl_module.__dict__["forward"] = self._via
+            try:
+                if every:
+                    self.recorder.step(step)
+                else:
+                    self.recorder.record(step)
+            finally:
+                if self._via is not None:
+                    pl_module.__dict__.pop("forward", None)
 
         def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any, **kw: Any) -> None:
-            if self.recorder is not None:
-                self.recorder.step(int(trainer.global_step))
+            self._record(pl_module, int(trainer.global_step), every=True)
 
         def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-            if self.recorder is not None:
-                self.recorder.record(int(trainer.global_step))
+            self._record(pl_module, int(trainer.global_step), every=False)
 
     return _RecorderCallback()

@@ -32,12 +32,35 @@ class Lit(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
 
 
-class NoForward(Lit):
-    forward = L.LightningModule.forward
+class NoForward(L.LightningModule):
+    """No forward(): training_step composes two children, so which takes the inputs is unclear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(3, 8), nn.ReLU())
+        self.head = nn.Linear(8, 2)
+
+    def training_step(self, batch, _i):
+        x, y = batch
+        return nn.functional.cross_entropy(self.head(self.trunk(x)), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class OnlyChild(L.LightningModule):
+    """No forward(), one child: the probe batches go through the child."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2))
 
     def training_step(self, batch, _i):
         x, y = batch
         return nn.functional.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
 def _data(n: int = 48):
@@ -70,7 +93,23 @@ def test_gradient_accumulation_records_optimizer_steps_bit_identically(tmp_path)
 
 
 def test_module_without_forward_is_refused_with_what_to_add(tmp_path):
-    cb = pk.RecorderCallback(["net.2"], _data(20), tmp_path / "l.h5", every=5)
-    with pytest.raises(ProbekitError, match=r"NoForward defines no forward\(\)"):
+    cb = pk.RecorderCallback(["trunk.1"], _data(20), tmp_path / "l.h5", every=5)
+    with pytest.raises(ProbekitError, match=r"NoForward defines no forward\(\) and has 2 child modules"):
         _fit(NoForward(), [cb])
     assert not (tmp_path / "l.h5").exists()
+
+
+def test_module_without_forward_runs_through_its_only_child(tmp_path):
+    cb = pk.RecorderCallback(["net.1"], _data(20), tmp_path / "l.h5", every=6)
+    module = OnlyChild()
+    final = _fit(module, [cb])
+    assert "forward" not in module.__dict__  # the child stood in only while recording
+    with pk.open_store(tmp_path / "l.h5") as s:
+        assert s.steps("model") == [0, 6, 12, 18, 24]
+        stored = s.acts("model", "probe", "net.1", 24)[:]
+    # the stored activations at the end are the trained child's ReLU outputs on the probe inputs
+    net = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2))
+    net.load_state_dict({k.removeprefix("net."): v for k, v in final.items()})
+    with torch.no_grad():
+        want = net[1](net[0](_data(20).tensors[0])).numpy()
+    np.testing.assert_allclose(stored, want, rtol=1e-6, atol=1e-7)
