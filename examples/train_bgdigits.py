@@ -4,7 +4,7 @@ The two lines marked ``# probekit`` are all a training script needs: build a Rec
 fixed probe set, call ``rec.step(step)`` in the loop. Then ``probekit.series.series("run.h5")`` gives
 the probe accuracy out of distribution, background sensitivity and direction counts over training.
 
-    python examples/train_bgdigits.py --out run.h5        # ~10 s on 2 CPU cores
+    python examples/train_bgdigits.py --out run.h5        # 99 s on a busy 2-core machine
 """
 
 from __future__ import annotations

@@ -27,8 +27,8 @@ from probekit.experiments._digitnets import (
 from probekit.experiments.contamination import TwoLayerNet, train_two_layer
 
 
-def test_registry_lists_the_three_experiments() -> None:
-    assert sorted(EXPERIMENTS) == ["contamination", "distillation", "simplicity"]
+def test_registry_lists_the_experiments() -> None:
+    assert sorted(EXPERIMENTS) == ["contamination", "distillation", "shortcut", "simplicity"]
     from probekit.experiments import contamination
 
     assert get_experiment("contamination") is contamination.run

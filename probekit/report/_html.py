@@ -475,15 +475,17 @@ def _series(series: Mapping[str, Any]) -> dict[str, Any] | None:
     from ..series import plot_series
 
     s = _section("training", "Over training",
-                 "Figures at every recorded checkpoint (probekit.Recorder): probe accuracy on the shifted "
-                 "split, background sensitivity, direction counts. The dotted line marks the step where the "
-                 "OOD probe accuracy peaks: the checkpoint whose features transfer best.")
+                 "Figures at every recorded checkpoint (probekit.Recorder): probe accuracy (held out on the "
+                 "other splits, or cross-validated within a single split), CKA of each step to the last, "
+                 "background sensitivity and factor share where the splits allow, direction counts from the "
+                 "stored weights. The dotted line marks the step where probe accuracy on the scoring split "
+                 "peaks: on a shifted split, the checkpoint whose features transfer best.")
     for m, r in series.items():
         with tempfile.TemporaryDirectory() as tmp:
             png = plot_series(r, Path(tmp) / "series.png")
             src = "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode("ascii")
         s["figures"].append({"src": src, "alt": f"{m} over training",
-                             "caption": f"{m}: best OOD step {r.get('best_step')}."})
+                             "caption": f"{m}: probe accuracy peaks at step {r.get('best_step')}."})
     return s
 
 
