@@ -291,7 +291,7 @@ def pull_alternatives(P: np.ndarray, K: int, rng: np.random.Generator, n_boot: i
 
 
 def run_behaviour_sim(args: tuple) -> dict:
-    kind, G, B, K, s, amb, sim, alternatives = args
+    _kind, G, B, K, s, amb, sim, alternatives = args
     rng = np.random.default_rng([14, 6, G, B, K, int(1000 * s), int(1000 * amb), sim])
     d = simulate_behaviour(rng, G, B, K, s=s, amb=amb)
     r = background_behaviour(d["pred"], d["group"], d["background"], label=d["label"],
@@ -423,7 +423,7 @@ def simulate_layers(rng: np.random.Generator, G: int, B: int, d: int, *, a_stude
 
 def run_layer_sim(args: tuple, kinds: tuple[str, ...] = ("absolute", "odds"), n_boot: int = LAYER_BOOT) -> dict:
     """One simulated split: ``args`` = (case, G, B, d, k, a_student, sim, decomposition too)."""
-    case, G, B, d, k, a_student, sim, decomp = args
+    _case, G, B, d, k, a_student, sim, decomp = args
     rng = np.random.default_rng([14, 62, G, B, d, int(1000 * k), int(100 * a_student), sim])
     x = simulate_layers(rng, G, B, d, a_student=a_student, k=k)
     out = {}
@@ -504,7 +504,7 @@ def summarise_layers(st: dict, res: list[dict], B: int, d: int) -> dict:
             est = np.array([r["decomp"][name]["est"] for r in res])
             tr = np.array([r["decomp"][name]["truth"] for r in res])
             cov = np.array([lo - 1e-12 <= t <= hi + 1e-12 for (lo, hi), t in
-                            zip((r["decomp"][name]["ci"] for r in res), tr)])
+                            zip((r["decomp"][name]["ci"] for r in res), tr, strict=True)])
             dec[name] = {"coverage": _rate(cov), "rel_bias": float(np.mean(est / tr - 1)),
                          "rel_bias_se": float(np.std(est / tr, ddof=1) / math.sqrt(len(est))) if len(est) > 1 else None}
         row["decomposition"] = dec
