@@ -471,8 +471,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
             except (FileNotFoundError, RuntimeError):
                 pass  # load_data names what is wrong with the folder
     else:
-        info = {"kind": "none", "source": "the inputs as DATA gives them (not an image folder)",
-                "input_size": None, "steps": [], "overrides": {}, "note": ""}
+        info = None  # tensors as DATA gives them: no preprocessing ran, none is recorded
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun: one shard per rank, then merge
         return _extract_distributed(args, loaded, splits, layers, name, mode, transform, info)
     import warnings
