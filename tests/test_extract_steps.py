@@ -28,9 +28,9 @@ def test_step_zero_sits_beside_the_trained_model_on_the_same_samples(tmp_path):
     with pk.open_store(out) as s:
         assert s.steps("model") == [0]
         with torch.no_grad():
-            np.testing.assert_allclose(s.acts("model", "test_id", "2")[:], trained(x).numpy(), atol=1e-6)
-            np.testing.assert_allclose(s.acts("model", "test_id", "2", step=0)[:], init(x).numpy(), atol=1e-6)
-            np.testing.assert_allclose(s.acts("model", "test_id", "0", step=0)[:], init[0](x).numpy(), atol=1e-6)
+            np.testing.assert_allclose(s.acts("model", "test_id", "2")[:], trained(x).numpy(), rtol=1e-6, atol=1e-6)
+            np.testing.assert_allclose(s.acts("model", "test_id", "2", step=0)[:], init(x).numpy(), rtol=1e-6, atol=1e-6)
+            np.testing.assert_allclose(s.acts("model", "test_id", "0", step=0)[:], init[0](x).numpy(), rtol=1e-6, atol=1e-6)
         np.testing.assert_allclose(s.weights("model", "0", step=0), init[0].weight.detach().numpy())
         np.testing.assert_allclose(s.weights("model", "0"), trained[0].weight.detach().numpy())
         assert s.n_rows("test_id", "model", step=0) == 23
