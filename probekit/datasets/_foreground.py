@@ -68,7 +68,7 @@ def require_cv2(purpose: str) -> Any:
         import cv2
     except ImportError as e:
         raise DataError(
-            f"{purpose} needs OpenCV, which is not installed; run `pip install opencv-python-headless` (or `pip install "probekit-audit[images]"`) "
+            f"{purpose} needs OpenCV, which is not installed; run `pip install opencv-python-headless` (or `pip install 'probekit-audit[images]'`) "
             "or give the foreground as masks= or boxes=."
         ) from e
     return cv2
