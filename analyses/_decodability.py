@@ -22,7 +22,7 @@ from ._common import (
     check_number,
     percentile_ci,
 )
-from ._probes import LinearProbe, ridge_stats, safe_scale
+from ._probes import LinearProbe, centred_fold_stats, ridge_stats, safe_scale
 
 __all__ = ["BackgroundDecodability", "DecodabilityResult", "background_decodability"]
 
@@ -175,14 +175,7 @@ def _ridge_path(st: dict[str, np.ndarray], keep: np.ndarray, alphas: np.ndarray)
     minimiser as ``make_pipeline(StandardScaler(), Ridge(alpha))``. Returns ``coef (A, d, t)`` and the
     intercepts ``(A, t)`` in the *shifted* coordinates of ``st`` (prediction ``(x - shift) @ coef + c``).
     """
-    n = st["n"][keep].sum()
-    sx = st["sx"][keep].sum(axis=0)
-    sxx = st["sxx"][keep].sum(axis=0)
-    sy = st["sy"][keep].sum(axis=0)
-    sxy = st["sxy"][keep].sum(axis=0)
-    mx, my = sx / n, sy / n
-    Sxx = sxx - n * np.outer(mx, mx)
-    Sxy = sxy - n * np.outer(mx, my)
+    n, mx, my, Sxx, Sxy, sxx = centred_fold_stats(st, keep)
     s = safe_scale(np.diag(Sxx) / n, mx + st["shift"], np.diag(sxx) / n)
     lam, V = np.linalg.eigh(Sxx / np.outer(s, s))
     lam = np.maximum(lam, 0.0)

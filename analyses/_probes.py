@@ -816,6 +816,18 @@ def ridge_stats(src: Source, Y: np.ndarray, fold: np.ndarray | None = None, n_fo
     return st
 
 
+def centred_fold_stats(st: dict[str, np.ndarray], keep: np.ndarray) -> tuple[Any, ...]:
+    """``(n, mx, my, Sxx, Sxy, sxx)`` of the folds in ``keep`` of :func:`ridge_stats`: row count, the
+    means (shifted coordinates), the centred cross-products and the raw second moments."""
+    n = st["n"][keep].sum()
+    sx = st["sx"][keep].sum(axis=0)
+    sxx = st["sxx"][keep].sum(axis=0)
+    sy = st["sy"][keep].sum(axis=0)
+    sxy = st["sxy"][keep].sum(axis=0)
+    mx, my = sx / n, sy / n
+    return n, mx, my, sxx - n * np.outer(mx, mx), sxy - n * np.outer(mx, my), sxx
+
+
 def ridge_solve(st: dict[str, np.ndarray], keep: np.ndarray, alpha: float,
                 standardize: bool) -> tuple[np.ndarray, np.ndarray]:
     """Ridge weights (raw feature space) from the stats of the folds in ``keep``.
@@ -824,14 +836,7 @@ def ridge_solve(st: dict[str, np.ndarray], keep: np.ndarray, alpha: float,
     like ``make_pipeline(StandardScaler(), Ridge(alpha))``. Returns ``coef (d, t)`` and
     ``intercept (t,)``.
     """
-    n = st["n"][keep].sum()
-    sx = st["sx"][keep].sum(axis=0)
-    sxx = st["sxx"][keep].sum(axis=0)
-    sy = st["sy"][keep].sum(axis=0)
-    sxy = st["sxy"][keep].sum(axis=0)
-    mx, my = sx / n, sy / n
-    Sxx = sxx - n * np.outer(mx, mx)
-    Sxy = sxy - n * np.outer(mx, my)
+    n, mx, my, Sxx, Sxy, sxx = centred_fold_stats(st, keep)
     if standardize:
         s = safe_scale(np.diag(Sxx) / n, mx + st["shift"], np.diag(sxx) / n)
     else:
