@@ -189,11 +189,13 @@ def _verdict_figure(models: Mapping[str, Any], colors: Mapping[str, str]) -> dic
                                   marks={i: (threshold, "flag threshold") for i, (k, _) in enumerate(keys)
                                          if k == "pull" and threshold is not None}),
             "alt": "flip rate, background pull and background following per model",
-            "caption": ("Left: share of objects whose predicted class changes across the backgrounds. Middle: "
+            "caption": ("Left: share of objects whose predicted class changes across the backgrounds. Next: "
                         "the share of predictions that backgrounds move towards the same classes for every "
                         "object, beyond a within-object shuffle; a model is flagged when its interval lies above "
-                        "the black tick (the threshold). Right, where backgrounds carry a class: how often the "
-                        "prediction is the background's class. Whiskers: 95% bootstrap intervals over objects.")}
+                        "the black tick (the threshold)."
+                        + (" Right: where a background came from an image of another class, how often the "
+                           "prediction is that class." if len(keys) == 3 else "")
+                        + " Whiskers: 95% bootstrap intervals over objects.")}
 
 
 def _behaviour(models: Mapping[str, Any], colors: Mapping[str, str]) -> dict[str, Any] | None:
