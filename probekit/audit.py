@@ -333,6 +333,7 @@ def _series(path: Path, m: str, cfg: Mapping[str, Any]) -> dict[str, Any]:
 def _model_layers(s: Store, model: str, only: Sequence[str] | None) -> list[str]:
     # an attention mask stored beside token activations (pool "mask") is the input's, not a layer's
     have = [la for la in s.layers(model) if not _is_mask_layer(s, model, la)]
+    have = [la for la in have if la != OUTPUT_LAYER] + [la for la in have if la == OUTPUT_LAYER]  # output last
     if only is None:
         return have
     missing = [la for la in only if la not in have]
@@ -648,7 +649,7 @@ def _background_flags(ctx: _Ctx, names: Sequence[str], doc: dict[str, Any]) -> N
             if s.role(m) == "student":
                 t = next((t for t in teachers if ctx.has_split(t, st, layer)), None)
                 if t is not None and s.n_rows(st, t) == s.n_rows(st, m):
-                    ref = ([ctx.x(t, st, layer)], "absolute", f"teacher {t}")
+                    ref = ([ctx.x(t, st, layer)], "absolute", "teacher" if t == "teacher" else f"teacher {t}")
             if ref is None:
                 init = _init_rows(ctx, m, st, layer)
                 if init is not None:
@@ -785,7 +786,7 @@ def _verdict(doc: dict[str, Any]) -> list[str]:
     lines = []
     models = doc["models"]
     for m, info in models.items():
-        probes = [(la, res["probe"]) for la, res in info["layers"].items() if "probe" in res]
+        probes = [(la, res["probe"]) for la, res in info["layers"].items() if "probe" in res and la != OUTPUT_LAYER]
         if probes:
             la, p = probes[-1]
             if p["id"]["value"] is not None and p["ood"]["value"] is not None:

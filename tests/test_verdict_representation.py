@@ -50,7 +50,7 @@ def test_background_flag_through_the_cli(tmp_path, students, flagged):
         assert layer["background_flag"] is want, name
         assert doc["models"][name]["flagged"] is want and doc["models"][name]["flag_basis"] == "representation"
         ref = layer["background_vs_reference"]
-        assert ref["reference"] == "teacher teacher" and ref["kind"] == "absolute"
+        assert ref["reference"] == "teacher" and ref["kind"] == "absolute"
         assert ref["n_comparisons"] == len(students)  # Bonferroni over every layer x model compared
         # the two-way decomposition reads the weaker foreground as a smaller foreground component
         fgc = layer["crossed"]["foreground"]["value"]
