@@ -309,7 +309,8 @@ def _decodability(models: Mapping[str, Any], colors: Mapping[str, str]) -> dict[
                  "or balanced accuracy), minus the same probe on shuffled targets. Within a split whose "
                  "backgrounds vary widely it is informative; on in-distribution data it often is not "
                  "(see docs/METRICS.md).")
-    styles = {k.partition(" · ")[2]: ls for k, ls in zip(series, ["-", "--", ":", "-."] * 4, strict=False)}
+    splits = list(dict.fromkeys(k.partition(" · ")[2] for k in series))  # one line style per split
+    styles = dict(zip(splits, ["-", "--", "-.", (0, (5, 1, 1, 1))] * 4, strict=False))  # ":" is the control's
     s["figures"].append({"src": P.layer_lines(series, title="mean excess R² over continuous factors, by layer",
                                               ylabel="R² − shuffled-control R²", colors=colors, styles=styles,
                                               hline=0.0, hline_label="shuffled control"),
