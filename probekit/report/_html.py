@@ -367,7 +367,7 @@ def _sensitivity(models: Mapping[str, Any], colors: Mapping[str, str], audit: Ma
 def _correlation(models: Mapping[str, Any], colors: Mapping[str, str],
                  n_perm: int | None = None) -> dict[str, Any] | None:
     panels = []
-    table = {"title": "", "header": ["model", "layer", "split", "mean |r|", "noise floor", "units above null",
+    table = {"title": "", "header": ["model", "layer", "split", "mean |r|", "noise floor", "units above null (%)",
                                      "var. share bg", "var. share label"], "rows": [], "left": 3}
     for m, info in models.items():
         for layer, res in info.get("layers", {}).items():
@@ -377,7 +377,8 @@ def _correlation(models: Mapping[str, Any], colors: Mapping[str, str],
             if c.get("hist"):
                 panels.append((f"{m} · {layer}", {**c["hist"], "floor": c.get("threshold")}, colors.get(m, "#333")))
             table["rows"].append([m, layer, c.get("split", ""), _fmt(c.get("mean_abs_r")),
-                                  _fmt(c.get("noise_floor")), _fmt(c.get("share_significant")),
+                                  _fmt(c.get("noise_floor")),
+                                  "–" if c.get("share_significant") is None else f"{100 * c['share_significant']:.1f}",
                                   _fmt(c.get("variance_share_background")), _fmt(c.get("variance_share_label"))])
     if not table["rows"]:
         return None

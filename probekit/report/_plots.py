@@ -116,6 +116,7 @@ def histograms(
             ax.legend(fontsize=7, frameon=False)
         ax.set_title(safe_text(title, 40), fontsize=9)
         ax.set_xlabel(xlabel, fontsize=8)
+        ax.set_ylabel("units", fontsize=8)
         ax.tick_params(labelsize=7)
     fig.tight_layout()
     return to_data_uri(fig)
