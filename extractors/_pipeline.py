@@ -603,7 +603,7 @@ def extract_models(
             from tqdm.auto import tqdm
 
             row = start
-            with tqdm(total=n, initial=start, disable=not progress, unit="sample", desc=f"extract {split}",
+            with tqdm(total=n, initial=start, disable=not progress, unit="sample", desc=f"extract {', '.join(models)}: {split}"[:60],
                       leave=False) as bar:
                 for batch in loader:
                     b = len(batch["index"])

@@ -389,7 +389,7 @@ def _correlation(models: Mapping[str, Any], colors: Mapping[str, str],
     if panels:
         s["figures"].append({"src": P.histograms(panels[:16], xlabel="max |r| over factors",
                                                  vline_key="floor", vline_label="null threshold"),
-                             "alt": "histograms of unit correlations", "caption": ""})
+                             "alt": "histograms of unit correlations", "caption": "", "wide": True})
     s["tables"].append(table)
     return s
 
@@ -403,18 +403,24 @@ def _directions(models: Mapping[str, Any], colors: Mapping[str, str]) -> dict[st
                                                      d.get("n_directions"), colors.get(m, "#333")),
                              "alt": f"direction clusters of {m} {layer}", "caption": ""})
             proj = d.get("projections") or {}
+            stab = d.get("stability") or {}
             rows.append([m, layer, _fmt(d.get("n_units")), _fmt(d.get("n_directions")),
+                         " / ".join(str(v) for v in stab.values()) or "–",
                          _fmt(max(d.get("shares") or [0.0])), _fmt(proj.get("core")), _fmt(proj.get("background"))])
     if not rows:
         return None
+    header = ["model", "layer", "units", "directions (90% mass)", "at tol 5 / 10 / 15 / 20 / 30°", "largest share",
+              "core proj.", "background proj."]
+    if all(r[-2] == "–" and r[-1] == "–" for r in rows):  # no known bases: no projection columns
+        header, rows = header[:-2], [r[:-2] for r in rows]
     s = _section("directions", "Neuron weight directions",
                  "Unit-normalised weight rows clustered on the sphere: how many distinct directions carry 90% "
                  "of the squared weight norm. Projections on core / background bases appear when the bases are "
                  "known (synthetic models, or estimated from image patches).")
     s["figures"] += figs[:12]
-    s["tables"].append({"title": "", "header": ["model", "layer", "units", "directions (90% mass)",
-                                                "largest share", "core proj.", "background proj."],
-                        "rows": rows, "left": 2})
+    s["tables"].append({"title": "", "header": header, "rows": rows, "left": 2})
+    s["lines"].append("A count is worth reading only when it holds over the clustering tolerance: the counts at "
+                      "5-30° are beside it (a swing of more than 2x is flagged in the audit JSON as not stable).")
     return s
 
 
@@ -464,7 +470,7 @@ def _attribution(attr: Mapping[str, Any], colors: Mapping[str, str]) -> dict[str
         rows.append([m, a.get("split", ""), _cell(a.get("share")), _fmt(a.get("n_samples"))])
         if a.get("examples"):
             s["figures"].append({"src": P.attribution_grid(a["examples"], f"{m}"), "alt": f"attribution of {m}",
-                                 "caption": f"{m}: inputs (top) and |attribution| (bottom)."})
+                                 "caption": f"{m}: inputs (top) and |attribution| (bottom).", "wide": True})
     s["tables"].append({"title": "", "header": ["model", "split", "background share", "samples"],
                         "rows": rows, "left": 2})
     return s
@@ -489,7 +495,7 @@ def _series(series: Mapping[str, Any]) -> dict[str, Any] | None:
             png = plot_series(r, Path(tmp) / "series.png")
             src = "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode("ascii")
         s["figures"].append({"src": src, "alt": f"{m} over training",
-                             "caption": f"{m}: probe accuracy peaks at step {r.get('best_step')}."})
+                             "caption": f"{m}: probe accuracy peaks at step {r.get('best_step')}.", "wide": True})
     return s
 
 

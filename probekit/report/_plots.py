@@ -161,18 +161,22 @@ def grouped_bars(
 
 def cluster_shares(title: str, shares: Sequence[float], spreads: Sequence[float] | None,
                    n_directions: int | None, color: str) -> str:
-    """Mass share of each direction cluster, largest first, with the 90%-mass count marked."""
-    shares = np.asarray(shares, dtype=float)
-    order = np.argsort(-shares)[:30]
+    """Cumulative mass share of the direction clusters, largest first (every cluster drawn), with the
+    90 % line and the count of clusters that reach it."""
+    shares = np.sort(np.asarray(shares, dtype=float))[::-1]
+    cum = np.cumsum(shares) / max(shares.sum(), 1e-300)
     fig, ax = plt.subplots(figsize=(3.4, 2.4))
-    ax.bar(range(len(order)), shares[order], color=color)
+    ax.step(np.arange(1, len(cum) + 1), cum, where="post", color=color)
+    ax.axhline(0.9, color="#888", linestyle=":", linewidth=1)
     if n_directions:
-        ax.axvline(n_directions - 0.5, color="k", linestyle="--", linewidth=1,
-                   label=f"{n_directions} carry 90% of mass")
-        ax.legend(fontsize=7, frameon=False)
+        ax.axvline(n_directions, color="k", linestyle="--", linewidth=1,
+                   label=f"{n_directions} of {len(cum)} clusters carry 90%")
+        ax.legend(fontsize=7, frameon=False, loc="lower right")
+    ax.set_xscale("log" if len(cum) > 30 else "linear")
+    ax.set_ylim(0, 1.02)
     ax.set_title(safe_text(title, 40), fontsize=9)
-    ax.set_xlabel("cluster (by mass)", fontsize=8)
-    ax.set_ylabel("share of ‖w‖²", fontsize=8)
+    ax.set_xlabel("clusters, largest first", fontsize=8)
+    ax.set_ylabel("cumulative share of ‖w‖²", fontsize=8)
     ax.tick_params(labelsize=7)
     return to_data_uri(fig)
 
