@@ -847,7 +847,9 @@ def _pairs(ctx: _Ctx, names: Sequence[str], doc: dict[str, Any]) -> list[dict[st
     splits = [sp for sp in (c["test_id"], c["test_ood"], c["stress"]) if sp in s.splits]
     for t in teachers:
         for st in students:
-            common = [la for la in s.layers(st) if la in s.layers(t)]
+            # hidden layers only: a student's output (its representation) and a teacher's (its class
+            # scores) share the name @output but not the meaning
+            common = [la for la in _model_layers(s, st, None) if la in s.layers(t) and la != OUTPUT_LAYER]
             layer_pairs = [(la, la) for la in common] or [(s.layers(st)[-1], s.layers(t)[-1])]
             for ls, lt in layer_pairs:
                 pair: dict[str, Any] = {"teacher": t, "student": st, "teacher_layer": lt, "student_layer": ls,

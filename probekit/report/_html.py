@@ -430,25 +430,31 @@ def _pairs(pairs: list[Mapping[str, Any]], colors: Mapping[str, str]) -> dict[st
     groups = [f"{p['student']}.{p['student_layer']} ~ {p['teacher']}.{p['teacher_layer']}" for p in pairs]
     splits = sorted({k for p in pairs for k in (p.get("cka") or {})})
     s = _section("teacher-student", "Teacher vs student",
-                 "Linear CKA between the student's and the teacher's features on the same samples, and the "
-                 "relative MSE Σ‖s−t‖²/Σ‖t−t̄‖² (after a linear map fit on the training split when the widths "
-                 "differ). A student that fits in distribution and departs out of distribution shows high ID "
-                 "CKA and a large OOD relative MSE.")
+                 "Debiased linear CKA between the student's and the teacher's features on the same samples, and "
+                 "the relative MSE Σ‖s−t‖²/Σ‖t−t̄‖² after an affine map from student to teacher fit on the "
+                 "training split (the units of intermediate layers are not aligned; the raw relative MSE is "
+                 "meaningful only at the layer the student was fitted to, the last pair, and is in the table). "
+                 "A student that fits in distribution and departs out of distribution shows high ID CKA and a "
+                 "large OOD relative MSE.")
+    last = {(p["teacher"], p["student"]): i for i, p in enumerate(pairs)}  # the fitted (last) layer pair
     split_colors = dict(zip(splits, ["#1f77b4", "#d62728", "#9467bd", "#2ca02c"], strict=False))
     s["figures"].append({"src": P.grouped_bars(groups, {sp: [(p.get("cka") or {}).get(sp) for p in pairs]
                                                         for sp in splits},
                                                title="linear CKA", ylabel="CKA", colors=split_colors),
                          "alt": "CKA per layer pair", "caption": ""})
-    s["figures"].append({"src": P.grouped_bars(groups, {sp: [(p.get("rel_mse") or {}).get(sp) for p in pairs]
+    s["figures"].append({"src": P.grouped_bars(groups, {sp: [(p.get("rel_mse_mapped") or {}).get(sp) for p in pairs]
                                                         for sp in splits},
-                                               title="relative MSE of student to teacher", ylabel="rel. MSE",
-                                               colors=split_colors),
+                                               title="relative MSE after an affine map (fit on train)",
+                                               ylabel="rel. MSE (1 = the teacher's variance)", colors=split_colors),
                          "alt": "relative MSE per layer pair", "caption": ""})
     s["tables"].append({"title": "", "header": ["pair", *[f"CKA {sp}" for sp in splits],
-                                                *[f"rel. MSE {sp}" for sp in splits]],
+                                                *[f"rel. MSE mapped {sp}" for sp in splits],
+                                                *[f"rel. MSE raw {sp}" for sp in splits]],
                         "rows": [[g, *[_cell((p.get("cka") or {}).get(sp)) for sp in splits],
-                                  *[_cell((p.get("rel_mse") or {}).get(sp)) for sp in splits]]
-                                 for g, p in zip(groups, pairs, strict=True)], "left": 1})
+                                  *[_cell((p.get("rel_mse_mapped") or {}).get(sp)) for sp in splits],
+                                  *[_cell((p.get("rel_mse") or {}).get(sp)) if i in last.values() else "–"
+                                    for sp in splits]]
+                                 for i, (g, p) in enumerate(zip(groups, pairs, strict=True))], "left": 1})
     for p in pairs:
         diff = p.get("differences") or {}
         if diff:
