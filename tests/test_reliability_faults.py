@@ -129,8 +129,11 @@ def assert_same_store(a, b) -> None:
 def run_cli_child(helper_dir, out, fault_at, sig, *extra) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=f"{helper_dir}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
                PK_FAULT_AT=str(fault_at), PK_SIGNAL=sig)
+    # SIGINT back to its default in the child: a test run started as a background job of a
+    # non-interactive shell has it ignored, and an ignored signal is inherited through exec
     return subprocess.run([sys.executable, "-m", "probekit.cli", *cli_args(out, *extra)], env=env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 # -- SIGINT through the CLI ----------------------------------------------------------------------------
@@ -160,7 +163,11 @@ def test_ctrl_c_in_process_returns_130(helper, full, tmp_path, monkeypatch, caps
     out = tmp_path / "int_inproc.h5"
     monkeypatch.setenv("PK_FAULT_AT", "9")
     monkeypatch.setenv("PK_SIGNAL", "INT")
-    assert main(cli_args(out)) == 130
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # ignored when run as a background job
+    try:
+        assert main(cli_args(out)) == 130
+    finally:
+        signal.signal(signal.SIGINT, previous)
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("probekit: interrupted; 8 rows committed; run the same command with --resume")
     monkeypatch.setenv("PK_FAULT_AT", "-1")
