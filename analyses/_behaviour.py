@@ -181,15 +181,15 @@ def background_behaviour(pred: Any, group: Any, background: Any, *, label: Any =
     null_mean = float(null.mean())
     p_value = float((1 + np.sum(null >= pull_raw)) / (1 + n_perm))
 
-    # group bootstrap: one multinomial draw of group counts per replicate serves every figure
-    onehot_rows = gi  # rows are re-weighted by their group's count
+    # group bootstrap: one multinomial draw of group counts per replicate serves every figure (a row
+    # weighs its group's count)
     boot_pull = np.empty(n_boot)
     boot_flip = np.empty(n_boot)
     boot_acc = np.empty(n_boot) if correct_g is not None else None
     boot_follow = np.empty(n_boot) if follow_g is not None else None
     for r in range(n_boot):
         w = np.bincount(rng.integers(0, G, G), minlength=G).astype(np.float64)
-        boot_pull[r] = _pull(bi, pi, B, K, weights=w[onehot_rows])[0]
+        boot_pull[r] = _pull(bi, pi, B, K, weights=w[gi])[0]
         boot_flip[r] = w @ flips / G
         if boot_acc is not None:
             boot_acc[r] = (w @ correct_g) / (w @ ng)
