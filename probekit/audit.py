@@ -543,8 +543,9 @@ def _crossed_decomposition(ctx: _Ctx, m: str, layer: str, split: str) -> dict[st
             "sketched": r.sketched}
 
 
-def _predictions(ctx: _Ctx, m: str, splits: Sequence[str]) -> tuple[dict[str, np.ndarray], str]:
-    """The model's predicted class on each split: argmax of its stored output, else a linear probe's."""
+def _predictions(ctx: _Ctx, m: str, splits: Sequence[str]) -> tuple[dict[str, np.ndarray], str, bool]:
+    """The model's predicted class on each split (argmax of its stored output, else a linear probe's),
+    where they come from, and whether that is the model's own output."""
     s, c = ctx.store, ctx.cfg
     if all(OUTPUT_LAYER in s.layers(m, sp) for sp in splits):
         preds = {sp: np.asarray(ctx.x(m, sp, OUTPUT_LAYER)[:]).reshape(s.n_rows(sp, m), -1).argmax(axis=1)
@@ -556,11 +557,11 @@ def _predictions(ctx: _Ctx, m: str, splits: Sequence[str]) -> tuple[dict[str, np
         # an output is read as class scores only when it has one unit per class of the labels (a
         # representation output, or a 1000-way head on a 3-class folder, is not)
         if width == n_classes and width > 1:
-            return preds, "the model's own output (argmax of @output)"
+            return preds, "the model's own output (argmax of @output)", True
     from .analyses import LinearProbe
 
     layer = c["behaviour_layer"] or next(
-        (la for la in reversed(s.layers(m)) if la != OUTPUT_LAYER and not _is_mask_layer(s, m, la)), None)
+        (la for la in reversed(_model_layers(s, m, None)) if la != OUTPUT_LAYER), None)
     tr = c["train"]
     if layer is None or not ctx.has_split(m, tr, layer) or not s.has_field(tr, "label"):
         raise DataError(f"behaviour needs the model's output ({OUTPUT_LAYER!r}, extract with outputs) or a "
@@ -571,7 +572,7 @@ def _predictions(ctx: _Ctx, m: str, splits: Sequence[str]) -> tuple[dict[str, np
     Xtr = ctx.x(m, tr, layer)
     probe = LinearProbe(C="cv", random_state=c["random_state"]).fit(Xtr, _field(ctx, tr, "label", len(Xtr)))
     return ({sp: np.asarray(probe.predict(ctx.x(m, sp, layer))) for sp in splits},
-            f"a linear probe on {layer} fit on {tr!r} (the model has no stored output)")
+            f"a linear probe on {layer} fit on {tr!r} (the model has no stored output)", False)
 
 
 def _behaviour(ctx: _Ctx, m: str) -> dict[str, Any]:
@@ -585,8 +586,8 @@ def _behaviour(ctx: _Ctx, m: str) -> dict[str, Any]:
     if not splits and not vsplits:
         raise DataError(f"behaviour needs a crossed split {st!r} (fields 'label', 'group', 'background') or a "
                         f"variants split {va!r} (fields 'label', 'group', 'variant')")
-    preds, source = _predictions(ctx, m, splits + vsplits)
-    out: dict[str, Any] = {"predictions": source}
+    preds, source, from_output = _predictions(ctx, m, splits + vsplits)
+    out: dict[str, Any] = {"predictions": source, "from_output": from_output}
     if splits:
         n = s.n_rows(st, m)
         label, group, background, bl = _rows_fields(ctx, st, n, "label", "group", "background",

@@ -220,8 +220,7 @@ def _mask_sensitivity(nets: Mapping[str, nn.Module], doc: Mapping[str, Any], dat
     from .datasets import Counterfactuals
 
     out: dict[str, Any] = {"pixels": k, "models": {}}
-    heads = [m for m in nets if str((doc["models"].get(m, {}).get("behaviour") or {}).get("predictions", ""))
-             .startswith("the model's own output")]
+    heads = [m for m in nets if (doc["models"].get(m, {}).get("behaviour") or {}).get("from_output")]
     for adjust in (-k, k):
         alt = Counterfactuals(data, seed=seed, n_backgrounds=cf.n_backgrounds, test_fraction=cf.test_fraction,
                               transform=transform, mask_adjust=adjust, **folder_kwargs)
