@@ -150,7 +150,7 @@ def audit_model(
     """
     from .audit import audit
     from .datasets import Counterfactuals
-    from .extraction import extract, record_preprocessing
+    from .extraction import extract
     from .models import load_model, preprocessing_for
 
     if isinstance(foreground, str) and foreground != "auto":
@@ -196,7 +196,6 @@ def audit_model(
                 extract(net, ds, layers=chosen, out=store, split=sp, name=nm, role="model",
                         source=loaded.source, batch_size=batch_size, device=device, mode="resume",
                         progress=progress, weights_layers=False, preprocessing=pre)
-    record_preprocessing(store, {nm: (roles[nm], sources[nm]) for nm in nets}, pre)
     _say(progress, "auditing")
     result = audit(store, train="train", test_id="test", test_ood="", stress="stress", variants="variants",
                    n_boot=n_boot, n_perm=n_perm, random_state=seed, progress=progress)
