@@ -17,20 +17,7 @@ from sklearn.linear_model import LogisticRegression
 
 from probekit.analyses import LinearProbe
 from probekit.errors import DataError
-from probekit.testing import ArrayActivations
-
-
-def objective_gradient(probe: LinearProbe, X: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Gradient of (C sum_i loss_i + ||W||^2 / 2) / (C n) in standardised space, float64 (K > 2)."""
-    Z = (X - probe.scaler_mean_) / probe.scaler_scale_
-    W = probe.coef_ * probe.scaler_scale_
-    b = probe.intercept_ + probe.coef_ @ probe.scaler_mean_
-    idx = np.searchsorted(probe.classes_, y)
-    n, K = Z.shape[0], probe.classes_.size
-    logits = Z @ W.T + b
-    e = np.exp(logits - logits.max(axis=1, keepdims=True))
-    P = e / e.sum(axis=1, keepdims=True) - np.eye(K)[idx]
-    return np.concatenate([(P.T @ Z / n + W / (probe.C_ * n)).ravel(), P.sum(axis=0) / n])
+from probekit.testing import ArrayActivations, probe_objective_gradient
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +47,7 @@ def test_max_iter_reached_warns_at_the_caller(digits, case):
         assert word in msg
     assert "\n" not in msg
     # the oracle agrees the fit is far from tol
-    assert np.abs(objective_gradient(probe, X, y)).max() > 1e-4
+    assert np.abs(probe_objective_gradient(probe, X, y)).max() > 1e-4
 
 
 def test_sklearn_itself_warns_on_the_same_fit(digits):
@@ -78,7 +65,7 @@ def test_converged_fit_does_not_warn(digits, case):
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConvergenceWarning)
         probe = LinearProbe(C=1.0, max_iter=2000, **CASES[case]).fit(Xin, y)
-    assert np.abs(objective_gradient(probe, X, y)).max() <= 1e-4 * 1.01
+    assert np.abs(probe_objective_gradient(probe, X, y)).max() <= 1e-4 * 1.01
 
 
 def test_minibatch_warns_when_epochs_run_out(digits):

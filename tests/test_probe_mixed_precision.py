@@ -18,7 +18,7 @@ from sklearn.preprocessing import StandardScaler
 
 from probekit.analyses import LinearProbe
 from probekit.analyses import _probes as probes
-from probekit.testing import ArrayActivations
+from probekit.testing import ArrayActivations, probe_objective_gradient
 
 
 def _data():
@@ -31,24 +31,6 @@ def _data():
 
 
 DATA = list(_data())
-
-
-def objective_gradient(probe: LinearProbe, X: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Gradient of (C sum_i loss_i + ||W||^2 / 2) / (C n) in standardised space, float64, by hand."""
-    Z = (X - probe.scaler_mean_) / probe.scaler_scale_
-    W = probe.coef_ * probe.scaler_scale_
-    b = probe.intercept_ + probe.coef_ @ probe.scaler_mean_
-    idx = np.searchsorted(probe.classes_, y)
-    n, K = Z.shape[0], probe.classes_.size
-    logits = Z @ W.T + b
-    if K == 2:
-        P = (1.0 / (1.0 + np.exp(-logits[:, 0])) - idx)[:, None]
-    else:
-        e = np.exp(logits - logits.max(axis=1, keepdims=True))
-        P = e / e.sum(axis=1, keepdims=True) - np.eye(K)[idx]
-    gW = P.T @ Z / n + W / (probe.C_ * n)
-    gb = P.sum(axis=0) / n
-    return np.concatenate([gW.ravel(), gb])
 
 
 @pytest.fixture
@@ -74,7 +56,7 @@ def test_bf16_stage_meets_the_exact_stopping_test(bf16_stage, data, C, tol):
     _, Xtr, ytr, Xte, yte = data
     probe = LinearProbe(C=C, backend="torch", tol=tol, max_iter=2000, precision="bf16").fit(Xtr, ytr)
     assert len(bf16_stage) > 1, "the bfloat16 stage did not run"
-    g = objective_gradient(probe, Xtr, ytr)
+    g = probe_objective_gradient(probe, Xtr, ytr)
     # the float32 stage's test is max |g| <= tol on float32 sums; float64 differs by ~1e-7 of |g|
     assert np.abs(g).max() <= tol * 1.01 + 1e-8
     ref = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000, tol=1e-8)).fit(Xtr, ytr)
@@ -86,12 +68,12 @@ def test_float32_stage_finishes_what_the_bf16_stage_left(bf16_stage, monkeypatch
     """A bfloat16 stage stopped early (tol 0.05) still ends at the exact tol: the float32 stage runs on."""
     _, Xtr, ytr, _, _ = DATA[0]
     stopped = LinearProbe(C=1.0, backend="torch", tol=0.05).fit(Xtr, ytr)
-    assert np.abs(objective_gradient(stopped, Xtr, ytr)).max() > 1e-4  # 0.05 is far from converged
+    assert np.abs(probe_objective_gradient(stopped, Xtr, ytr)).max() > 1e-4  # 0.05 is far from converged
     monkeypatch.setattr(probes, "_BF16_MIN_TOL", 0.05)
     n_bf16 = len(bf16_stage)
     probe = LinearProbe(C=1.0, backend="torch", tol=1e-4, precision="bf16").fit(Xtr, ytr)
     assert len(bf16_stage) > n_bf16
-    assert np.abs(objective_gradient(probe, Xtr, ytr)).max() <= 1e-4 * 1.01
+    assert np.abs(probe_objective_gradient(probe, Xtr, ytr)).max() <= 1e-4 * 1.01
 
 
 def test_max_iter_counts_both_stages(bf16_stage):
@@ -131,7 +113,7 @@ def test_tight_tol_is_met_in_float32_then_float64(data):
     _, Xtr, ytr, _, _ = data
     probe = LinearProbe(C=1.0, backend="torch", tol=1e-6, max_iter=2000).fit(Xtr, ytr)
     assert probe.n_iter_ < 2000
-    assert np.abs(objective_gradient(probe, Xtr, ytr)).max() <= 1e-6 * 1.01
+    assert np.abs(probe_objective_gradient(probe, Xtr, ytr)).max() <= 1e-6 * 1.01
 
 
 @pytest.mark.parametrize("data", DATA, ids=[d[0] for d in DATA])
@@ -142,7 +124,7 @@ def test_tight_tol_is_met_when_streamed(data):
     probe = LinearProbe(C=1.0, backend="torch", tol=1e-6, max_iter=2000, max_memory=1000,
                         chunk_rows=400).fit(ArrayActivations(Xtr, default_rows=50), ytr)
     assert probe.n_iter_ < 2000
-    assert np.abs(objective_gradient(probe, Xtr, ytr)).max() <= 1e-6 * 1.01
+    assert np.abs(probe_objective_gradient(probe, Xtr, ytr)).max() <= 1e-6 * 1.01
 
 
 def test_softmax_loss_keeps_float32_precision():
