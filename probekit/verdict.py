@@ -1,0 +1,219 @@
+"""``probekit.verdict``: every flag rule of the audit, its findings and the sentences that say them.
+
+One module owns the verdict. The analyses (``probekit.analyses``) compute figures with intervals and
+p-values; this module decides what they show, in three findings:
+
+- ``shortcut``: the model's predictions take the background's class (its *reliance* on the
+  background, see :data:`RULES`). ``flagged`` is this finding: ``True`` / ``False`` when it could be
+  judged, ``None`` (with the reason) when it could not.
+- ``background_sensitive``: backgrounds change the model's accuracy without favouring a class: a
+  robustness problem, named as such and never called a shortcut.
+- ``representation``: a layer's background component is above its reference (the teacher for a
+  student, else the same architecture at initialisation).
+
+The CLI's ``--fail-on-flag`` / ``--fail-on``, the report's captions and glossary, and the audit's
+sentences all read :data:`RULES` and :func:`judge`, so prose cannot drift from the code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from .vocab import ALPHA, RATIO_MARGIN, RELIANCE_EFFECT_MARGIN, RELIANCE_MARGIN
+
+__all__ = [
+    "ALPHA",
+    "EXIT_FINDING",
+    "EXIT_NOT_JUDGED",
+    "FINDINGS",
+    "RULES",
+    "ModelVerdict",
+    "Rule",
+    "exit_status",
+    "judge",
+    "parse_findings",
+]
+
+#: exit status of ``--fail-on-flag`` / ``--fail-on`` when a gated finding holds, and when it could not be judged
+EXIT_FINDING = 1
+EXIT_NOT_JUDGED = 3
+
+FINDINGS = ("shortcut", "background_sensitive", "representation")
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """One finding: what it means, the figure it reads and when it holds."""
+
+    finding: str
+    title: str
+    figure: str
+    rule: str
+
+
+RULES: dict[str, Rule] = {
+    "shortcut": Rule(
+        "shortcut", "takes the background's class",
+        "behaviour.reliance",
+        f"reliance (the share of predictions that take the background's class beyond the same object's "
+        f"predictions shuffled over its backgrounds; 1 = a complete shortcut) is above "
+        f"{100 * RELIANCE_MARGIN:.0f} % at one-sided level {ALPHA:g}, with objects and backgrounds both "
+        "resampled",
+    ),
+    "background_sensitive": Rule(
+        "background_sensitive", "backgrounds change its accuracy",
+        "behaviour.background_effect",
+        f"the accuracy points that backgrounds move without favouring a class are above "
+        f"{100 * RELIANCE_EFFECT_MARGIN:.0f} points at one-sided level {ALPHA:g}",
+    ),
+    "representation": Rule(
+        "representation", "background component above its reference",
+        "layers.<l>.background_vs_reference",
+        f"at some layer, the background component's ratio to its reference (the teacher for a student, else "
+        f"the same architecture at initialisation) has its interval above {RATIO_MARGIN:g} (Bonferroni over "
+        "layers x models)",
+    ),
+}
+
+
+@dataclasses.dataclass
+class ModelVerdict:
+    """What :func:`judge` says of one model (merged into ``models.<m>`` of the audit document)."""
+
+    findings: list[str]
+    judged: dict[str, bool]
+    flagged: bool | None
+    verdict: str
+    verdict_reason: str | None
+    flag_basis: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _pct(v: float | None, digits: int = 0) -> str:
+    return "–" if v is None else f"{100 * v:.{digits}f} %"
+
+
+def _ci(e: Mapping[str, Any] | None, digits: int = 0) -> str:
+    if not e or e.get("value") is None:
+        return "–"
+    ci = e.get("ci")
+    text = _pct(e["value"], digits)
+    return f"{text} [{100 * ci[0]:.{digits}f}, {100 * ci[1]:.{digits}f}]" if ci else text
+
+
+def _pts(e: Mapping[str, Any] | None) -> str:
+    if not e or e.get("value") is None:
+        return "–"
+    ci = e.get("ci")
+    text = f"{100 * e['value']:+.0f} points"
+    return f"{text} [{100 * ci[0]:+.0f}, {100 * ci[1]:+.0f}]" if ci else text
+
+
+def _shortcut(m: str, beh: Mapping[str, Any]) -> tuple[bool | None, str, str | None]:
+    """(finding or None, sentence, reason when not judged)."""
+    rel = beh.get("reliance") or {}
+    where = (f"{beh.get('n_groups')} objects each on the same {beh.get('n_backgrounds')} backgrounds"
+             if beh.get("n_groups") else "")
+    how = "" if beh.get("from_output", True) else f" (predictions read through {beh.get('predictions')})"
+    if rel.get("value") is None or rel.get("p_value") is None:
+        reason = rel.get("reason") or "the crossed split has no background classes to follow"
+        return None, f"{m}: shortcut not judged: {reason}.", reason
+    own, other = beh.get("accuracy_own_background") or {}, beh.get("accuracy_other_background") or {}
+    acc = ""
+    if own.get("value") is not None and other.get("value") is not None:
+        acc = (f"; accuracy {_ci(own)} on backgrounds of the object's own class against {_ci(other)} on other "
+               f"classes' ({_pts(beh.get('bg_gap_crossed'))})")
+    found = rel["p_value"] < ALPHA
+    margin = rel.get("margin", RELIANCE_MARGIN)
+    if found:
+        text = (f"{m} takes the background's class: {_ci(rel)} of its predictions follow the background's class "
+                f"beyond chance (1 = always; {where}){acc}{how}.")
+    else:
+        det = rel.get("detectable")
+        above = rel["value"] > margin
+        text = (f"No shortcut detected for {m}: reliance {_ci(rel)}"
+                + (f", above the {_pct(margin)} materiality but not shown to be (p = {rel['p_value']:.2g})"
+                   if above else "")
+                + (f"; this audit detects a reliance of {_pct(det)} or more with 80 % power" if det is not None
+                   else "")
+                + f" ({where}){acc}{how}.")
+    return found, text, None
+
+
+def _sensitive(beh: Mapping[str, Any]) -> tuple[bool | None, str]:
+    eff = beh.get("background_effect") or {}
+    if eff.get("value") is None or eff.get("p_value") is None:
+        return None, ""
+    if eff["p_value"] < ALPHA:
+        return True, (f" Backgrounds change its accuracy without favouring a class: {_ci(eff)} of accuracy moves "
+                      "with the background (background-sensitive: a robustness problem, not a shortcut).")
+    return False, ""
+
+
+def _representation(layers: Mapping[str, Any]) -> tuple[bool | None, str]:
+    compared = {la: r for la, r in layers.items()
+                if (r.get("background_vs_reference") or {}).get("ratio", {}).get("value") is not None}
+    if not compared:
+        return None, ""
+    above = [la for la, r in compared.items() if r.get("background_flag")]
+    ref = next(iter(compared.values()))["background_vs_reference"]["reference"]
+    if above:
+        return True, (f" Its representation's background component is above its reference ({ref}) at "
+                      f"{len(above)} of {len(compared)} layers ({', '.join(above)}).")
+    return False, (f" Its representation's background component is not above its reference ({ref}) at any of "
+                   f"{len(compared)} layers.")
+
+
+def judge(m: str, info: Mapping[str, Any]) -> ModelVerdict:
+    """Findings, ``flagged`` and the sentence of model ``m`` from its entry of the audit document."""
+    beh = info.get("behaviour") or {}
+    shortcut, text, reason = _shortcut(m, beh) if beh else (
+        None, f"{m}: shortcut not judged: no crossed split with labels (every object on the same backgrounds).",
+        "no crossed split with labels")
+    sensitive, s_text = _sensitive(beh)
+    rep, r_text = _representation(info.get("layers") or {})
+    found = {"shortcut": shortcut, "background_sensitive": sensitive, "representation": rep}
+    findings = [f for f in FINDINGS if found[f]]
+    judged = {f: found[f] is not None for f in FINDINGS}
+    return ModelVerdict(findings=findings, judged=judged, flagged=shortcut, verdict=text + s_text + r_text,
+                        verdict_reason=reason, flag_basis="behaviour" if shortcut is not None else None)
+
+
+def parse_findings(text: str | Sequence[str]) -> list[str]:
+    """``"shortcut,representation"`` -> a checked list (the CLI's ``--fail-on``)."""
+    items = [t.strip() for t in (text.split(",") if isinstance(text, str) else text) if t.strip()]
+    bad = [t for t in items if t not in FINDINGS and t != "any"]
+    if bad or not items:
+        from .errors import ProbekitError
+
+        raise ProbekitError(f"--fail-on takes findings from {', '.join(FINDINGS)} (or 'any'); got {text!r}.")
+    return list(FINDINGS) if "any" in items else items
+
+
+def exit_status(models: Mapping[str, Mapping[str, Any]], *, fail_on_flag: bool = False,
+                fail_on: Iterable[str] = ()) -> tuple[int, list[str]]:
+    """The exit status of a gated audit and one line per reason.
+
+    ``fail_on_flag`` gates on the shortcut finding (``flagged``); ``fail_on`` on any findings. A gated
+    finding that holds for some model gives :data:`EXIT_FINDING` (1); otherwise one that could not be
+    judged for some model gives :data:`EXIT_NOT_JUDGED` (3), so a CI gate never passes a model that nothing
+    judged; else 0.
+    """
+    gated = list(dict.fromkeys((["shortcut"] if fail_on_flag else []) + list(fail_on)))
+    found, unjudged = [], []
+    for m, info in models.items():
+        for f in gated:
+            if f in (info.get("findings") or []):
+                found.append(f"{m}: {f} ({RULES[f].title}): {info.get('verdict', '')}")
+            elif not (info.get("judged") or {}).get(f, False):
+                why = info.get("verdict_reason") if f == "shortcut" else None
+                unjudged.append(f"{m}: {f} not judged" + (f" ({why})" if why else ""))
+    if found:
+        return EXIT_FINDING, found
+    if unjudged:
+        return EXIT_NOT_JUDGED, unjudged
+    return 0, []
