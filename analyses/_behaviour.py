@@ -23,7 +23,7 @@ __all__ = [
     "VariantBehaviourResult",
     "background_behaviour",
     "background_reliance",
-    "class_permutation_variance",
+    "permutation_variance",
     "shuffle_expectation",
     "variant_behaviour",
 ]
@@ -413,41 +413,47 @@ def shuffle_expectation(pred_row: np.ndarray, bg_class: np.ndarray, swapped: np.
     return float(np.sum(swapped * n_c) / pred_row.size)
 
 
-def class_permutation_variance(P: np.ndarray, y: np.ndarray, c: np.ndarray) -> float:
-    r"""Variance of the follows-background count when the background classes are permuted among backgrounds.
-
-    With :math:`H_{bb'} = \#\{g: P_{gb} = c_{b'} \ne y_g\}` (the rows on background b predicted as the
-    class of background b'), the count under a permutation :math:`\pi` is
-    :math:`\sum_b H_{b\pi(b)}`; over uniform permutations its variance is (Hoeffding's combinatorial
-    central limit theorem) :math:`\frac1{B-1}\sum_{bb'} d_{bb'}^2`, :math:`d` the doubly centred
-    :math:`H` (its diagonal, where a pull shows, first replaced by its additive fit from the
-    off-diagonal pairs, so that a real shortcut does not inflate the spread it is tested against).
-    Everything else in reliance (the swapped rows, the shuffle's pairs, the scale) is the
-    same under such a permutation, so this is the variance of reliance's numerator, times
-    :math:`(B/(B-1))^2`, that comes from which background happens to carry which class.
-
-    Parameters
-    ----------
-    P : array of shape (G, B)
-        Predicted class codes of the crossed split.
-    y : array of shape (G,)
-        Object class codes.
-    c : array of shape (B,)
-        Background class codes (-1 unknown: matches no prediction).
-    """
+def _pair_counts(P: np.ndarray, y: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """(B, B) matrix H: H[b, b'] = number of objects g with P[g, b] = c[b'] != y[g]."""
     G, B = P.shape
     H = np.zeros((B, B))
     step = max(1, 4_000_000 // (B * B))
     for g0 in range(0, G, step):
         Pg, yg = P[g0:g0 + step], y[g0:g0 + step]
         H += ((Pg[:, :, None] == c[None, None, :]) & (c[None, None, :] != yg[:, None, None])).sum(axis=0)
-    # the diagonal (each background's own class) holds the pull itself: replace it by its additive fit
-    # from the off-diagonal pairs, so that a real shortcut does not widen its own null spread
+    return H
+
+
+def _impute_diagonal(H: np.ndarray) -> np.ndarray:
+    """H with its diagonal replaced by the additive (row + column) fit of the off-diagonal entries."""
+    H = np.array(H, dtype=np.float64)
+    B = H.shape[0]
     if B > 2:
         diag = np.arange(B)
-        for _ in range(50):
-            fit = H.mean(axis=1) + H.mean(axis=0) - H.mean()
-            H[diag, diag] = fit
+        for _ in range(100):
+            H[diag, diag] = H.mean(axis=1) + H.mean(axis=0) - H.mean()
+    return H
+
+
+def permutation_variance(H: np.ndarray) -> float:
+    r"""Variance of :math:`\sum_b H_{b\pi(b)}` over uniformly random permutations :math:`\pi` (closed form).
+
+    Hoeffding's combinatorial central limit theorem: :math:`\frac1{B-1}\sum_{bb'} d_{bb'}^2`, with
+    :math:`d` the doubly centred :math:`H`.
+
+    In :func:`background_reliance`, :math:`H_{bb'}` counts the rows on background b predicted as the
+    class of background b' (not the object's own): the follows-background count is
+    :math:`\sum_b H_{bb}`, and permuting the classes among the backgrounds changes nothing else in
+    reliance (swapped rows, the shuffle's pairs and the scale keep their totals). This variance is
+    therefore the part of reliance's sampling variance that comes from which background happens to
+    carry which class, which the bootstrap cannot see when a class has only one or two backgrounds.
+    The diagonal, where a real pull shows, is first replaced by its additive fit from the
+    off-diagonal pairs, so that a shortcut does not widen the spread it is tested against.
+    """
+    H = np.asarray(H, dtype=np.float64)
+    B = H.shape[0]
+    if B < 2:
+        return float("nan")
     d = H - H.mean(axis=1, keepdims=True) - H.mean(axis=0, keepdims=True) + H.mean()
     return float(np.sum(d ** 2) / (B - 1))
 
@@ -696,7 +702,8 @@ def background_reliance(pred: Any, group: Any, background: Any, *, label: Any,
         se_boot = float(np.std(rel_boot[ok], ddof=1)) if ok.sum() > 1 else float("nan")
         # which background carries which class: the bootstrap cannot see it when a class has one or
         # two backgrounds (their noise is then fixed in every replicate); its variance is exact
-        se_perm = np.sqrt(class_permutation_variance(P, y, c)) * B / (B - 1) / point["scale"][0]
+        var_perm = permutation_variance(_impute_diagonal(_pair_counts(P, y, c)))
+        se_perm = np.sqrt(var_perm) * B / (B - 1) / point["scale"][0]
         se = max(se_boot, float(se_perm)) if np.isfinite(se_boot) else float(se_perm)
         fb = float(point["follows"][0] / n_swapped)
         fb_null = float(point["null"][0] / n_swapped)
