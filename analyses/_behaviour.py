@@ -610,7 +610,7 @@ def background_reliance(pred: Any, group: Any, background: Any, *, label: Any,
         ``shortcut`` / ``sensitive`` are None, with ``reason`` / ``effect_reason``, when the design
         cannot judge them.
     """
-    from scipy.stats import chi2, norm
+    from scipy.stats import chi2
 
     owner = "background_reliance"
     check_number(owner, "n_boot", n_boot, low=2, integer=True)
@@ -656,7 +656,6 @@ def background_reliance(pred: Any, group: Any, background: Any, *, label: Any,
     K = classes.size
     P = _crossed_matrix(pc, gi, bi, G, B)
     level = float(ci_level)
-    z = float(norm.ppf((1 + level) / 2))
 
     # flip rate: objects resampled
     flips = (P != P[:, :1]).any(axis=1).astype(np.float64)
@@ -699,22 +698,19 @@ def background_reliance(pred: Any, group: Any, background: Any, *, label: Any,
         rel = float(point["excess"][0] / point["scale"][0])
         rel_boot = _ratio(boot["excess"], boot["scale"])
         ok = np.isfinite(rel_boot)
-        se_boot = float(np.std(rel_boot[ok], ddof=1)) if ok.sum() > 1 else float("nan")
+        var_boot = float(np.var(rel_boot[ok], ddof=1)) if ok.sum() > 1 else 0.0
         # which background carries which class: the bootstrap cannot see it when a class has one or
         # two backgrounds (their noise is then fixed in every replicate); its variance is exact
         var_perm = permutation_variance(_impute_diagonal(_pair_counts(P, y, c)))
-        se_perm = np.sqrt(var_perm) * B / (B - 1) / point["scale"][0]
-        se = max(se_boot, float(se_perm)) if np.isfinite(se_boot) else float(se_perm)
+        var_perm *= (B / (B - 1) / point["scale"][0]) ** 2
+        scale_g = point["scale_g"]
+        h = float(np.sum(scale_g ** 2) / np.sum(scale_g) ** 2)
+        r_c = min(max(rel, 0.0), 1.0)
+        v_other = max(var_boot - r_c * (1 - r_c) * h, var_perm, 0.0)
         fb = float(point["follows"][0] / n_swapped)
         fb_null = float(point["null"][0] / n_swapped)
-        if se > 0:
-            rel_ci = (rel - z * se, rel + z * se)
-            p_value = float(norm.sf((rel - margin) / se))
-        else:  # no sampling variation (e.g. a constant predictor): the estimate is exact
-            rel_ci = (rel, rel)
-            p_value = 0.0 if rel > margin else 1.0
+        rel_ci, p_value, detectable = _score_inference(rel, v_other, h, margin, level)
         shortcut = bool(p_value < (1 - level) / 2)
-        detectable = _detectable(se, margin, level, point["scale_g"])
 
     # accuracy on own-class and other-class backgrounds
     acc_own = acc_own_ci = acc_other = acc_other_ci = gap = gap_ci = None
@@ -768,27 +764,40 @@ def background_reliance(pred: Any, group: Any, background: Any, *, label: Any,
     )
 
 
-def _detectable(se: float, margin: float, level: float, scale_g: np.ndarray) -> float | None:
-    """Smallest true reliance flagged with 80 % power: solves r = margin + z_a SE + z_b SE_r.
+def _score_inference(rel: float, v_other: float, h: float, margin: float,
+                     level: float) -> tuple[tuple[float, float], float, float | None]:
+    """Interval, one-sided p-value at ``margin`` and the 80 %-power reliance, from Var(rel | R) = v + R(1 - R) h.
 
-    ``SE_r`` adds to the estimated SE the object variance of a partial shortcut of size r (a share r
-    of objects following the background's class): r (1 - r) sum D_g^2 / (sum D_g)^2, D_g the objects'
-    complete-shortcut scales.
+    A partial shortcut of size R (a share R of objects following the background's class) adds the
+    object variance R (1 - R) h, h = sum D_g^2 / (sum D_g)^2 over the objects' complete-shortcut
+    scales D_g, to the rest ``v`` (cells, backgrounds). Interval: the R with |rel - R| <= z sd(R)
+    (a Wilson-type score interval, which keeps its width when few or no followers were sampled);
+    p-value: the score test at R = margin; both read the same variance, so ``p < (1 - level) / 2``
+    exactly when the interval's low end is above the margin. ``detectable``: the R at which the flag's
+    power is 80 %, R = margin + z sd(margin) + z_0.8 sd(R); None when not even a complete shortcut.
     """
     from scipy.stats import norm
 
-    if not np.isfinite(se):
-        return None
-    za, zb = float(norm.ppf((1 + level) / 2)), float(norm.ppf(0.8))
-    h = float(np.sum(scale_g ** 2) / np.sum(scale_g) ** 2) if np.sum(scale_g) > 0 else 0.0
+    z = float(norm.ppf((1 + level) / 2))
+    zb = float(norm.ppf(0.8))
+    a = 1 + z * z * h
+    b = 2 * rel + z * z * h
+    disc = max(0.0, b * b - 4 * a * (rel * rel - z * z * v_other))
+    ci = ((b - np.sqrt(disc)) / (2 * a), (b + np.sqrt(disc)) / (2 * a))
+    sd_m = np.sqrt(v_other + margin * (1 - margin) * h)
+    if sd_m > 0:
+        p = float(norm.sf((rel - margin) / sd_m))
+    else:  # no sampling variation at all: the estimate is exact
+        p = 0.0 if rel > margin else 1.0
 
-    def gap(r: float) -> float:
-        return margin + za * se + zb * np.sqrt(se ** 2 + r * (1 - r) * h) - r
+    def short(r: float) -> float:
+        return margin + z * sd_m + zb * np.sqrt(v_other + r * (1 - r) * h) - r
 
-    if gap(1.0) > 0:
-        return None
-    lo, hi = margin, 1.0
-    for _ in range(60):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if gap(mid) > 0 else (lo, mid)
-    return float(hi)
+    detectable = None
+    if short(1.0) <= 0:
+        lo, hi = margin, 1.0
+        for _ in range(60):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if short(mid) > 0 else (lo, mid)
+        detectable = float(hi)
+    return (float(ci[0]), float(ci[1])), p, detectable
