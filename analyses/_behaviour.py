@@ -555,17 +555,24 @@ def background_reliance(pred: Any, group: Any, background: Any, *, label: Any,
     **Intervals: backgrounds are a sample.** Objects and backgrounds are resampled together (two-way
     "pigeonhole" bootstrap, ``n_boot`` replicates; the indices depend only on the numbers of objects and
     backgrounds and ``random_state``, so two models on the same split get the same resamples and
-    ``reliance_boot`` differences give a paired comparison). The reliance interval is the normal
-    interval ``reliance +- z SE`` (SE the replicates' SD); ``p_value`` is the one-sided
-    :math:`\Phi(-(\mathrm{reliance} - \mathrm{margin})/SE)` of H0 reliance <= ``margin``, and
-    ``shortcut`` is ``p_value < (1 - ci_level) / 2``, i.e. exactly when the interval's low end clears
-    the margin (the whisker and the threshold never disagree). ``detectable``: the smallest true
-    reliance flagged with 80 % power for this design, from the estimated SE plus the object variance
-    a partial shortcut of that size adds.
+    ``reliance_boot`` differences give a paired comparison). The variance of reliance is modelled as
+    :math:`v + R(1-R)h` at true reliance R: :math:`R(1-R)h` is the object variance of a partial
+    shortcut of size R (:math:`h = \sum_g D_g^2 / (\sum_g D_g)^2`, :math:`D_g` the objects'
+    complete-shortcut scales) and :math:`v` the rest: the bootstrap variance less that term, but at
+    least the exact variance over permutations of the background classes among the backgrounds
+    (:func:`permutation_variance`; which background happens to carry which class, which the
+    bootstrap cannot see when a class has one or two backgrounds). ``reliance_ci``: the R with
+    :math:`|\mathrm{reliance} - R| \le z\,\mathrm{sd}(R)` (a Wilson-type score interval: it keeps
+    its width when no follower was sampled); ``p_value``: the one-sided score test of H0 reliance
+    <= ``margin``; ``shortcut`` is ``p_value < (1 - ci_level) / 2``, exactly when the interval's low
+    end is above the margin (the whisker and the threshold never disagree). ``detectable``: the
+    smallest R flagged with 80 % power under the same variance model.
 
     **Accuracy by background class**: ``accuracy_own`` (rows whose background class is the object's),
     ``accuracy_other`` (swapped rows), ``bg_gap = own - other`` (Xiao et al. 2020's BG-gap on the
-    crossed split); percentile intervals from the same two-way replicates.
+    crossed split); normal intervals with the variance of the same two-way replicates, at least the
+    binomial variance at the Agresti-Coull proportion (which keeps a width when few own-class rows
+    are all right).
 
     **Background effect** (the ``background_sensitive`` finding): the SD over backgrounds of the
     accuracy a background gives, beyond chance: the two-way random-effects (ANOVA) estimate
@@ -712,20 +719,35 @@ def background_reliance(pred: Any, group: Any, background: Any, *, label: Any,
         rel_ci, p_value, detectable = _score_inference(rel, v_other, h, margin, level)
         shortcut = bool(p_value < (1 - level) / 2)
 
-    # accuracy on own-class and other-class backgrounds
+    # accuracy on own-class and other-class backgrounds: normal intervals from the two-way replicates'
+    # variance, at least the binomial variance at the Agresti-Coull proportion (x + 2) / (n + 4) (few
+    # own-class rows, all right, would otherwise give a zero-width interval)
+    from scipy.stats import norm
+
+    z = float(norm.ppf((1 + level) / 2))
     acc_own = acc_own_ci = acc_other = acc_other_ci = gap = gap_ci = None
     if bl_row is not None:
-        own_b = _ratio(boot["own_correct"], boot["own"])
-        oth_b = _ratio(boot["other_correct"], boot["swapped"])
-        if point["own"][0] > 0:
-            acc_own = float(point["own_correct"][0] / point["own"][0])
-            acc_own_ci = percentile_ci(own_b, level)
-        if n_swapped > 0:
-            acc_other = float(point["other_correct"][0] / n_swapped)
-            acc_other_ci = percentile_ci(oth_b, level)
-        if acc_own is not None and acc_other is not None:
-            gap = acc_own - acc_other
-            gap_ci = percentile_ci(own_b - oth_b, level)
+        sides = {}
+        for name, x, m in (("own", point["own_correct"][0], point["own"][0]),
+                           ("other", point["other_correct"][0], point["swapped"][0])):
+            if m > 0:
+                reps = _ratio(boot[f"{name}_correct"], boot[name if name == "own" else "swapped"])
+                p_ac = (x + 2) / (m + 4)
+                sides[name] = (float(x / m), reps, p_ac * (1 - p_ac) / (m + 4))
+        for name, (val, reps, floor) in sides.items():
+            ok = np.isfinite(reps)
+            v = max(float(np.var(reps[ok], ddof=1)) if ok.sum() > 1 else 0.0, floor)
+            ci = (max(0.0, val - z * np.sqrt(v)), min(1.0, val + z * np.sqrt(v)))
+            if name == "own":
+                acc_own, acc_own_ci = val, ci
+            else:
+                acc_other, acc_other_ci = val, ci
+        if len(sides) == 2:
+            d = sides["own"][1] - sides["other"][1]
+            ok = np.isfinite(d)
+            v = max(float(np.var(d[ok], ddof=1)) if ok.sum() > 1 else 0.0, sides["own"][2] + sides["other"][2])
+            gap = sides["own"][0] - sides["other"][0]
+            gap_ci = (max(-1.0, gap - z * np.sqrt(v)), min(1.0, gap + z * np.sqrt(v)))
 
     # background effect: two-way random-effects ANOVA on 0/1 correctness
     eff = eff_ci = eff_p = sensitive = eff_reason = None
