@@ -13,8 +13,10 @@ from ._background import NormalizedMeanShiftResult as NormalizedMeanShiftResult
 from ._background import background_sensitivity as background_sensitivity
 from ._background import normalized_mean_shift as normalized_mean_shift
 from ._behaviour import BackgroundBehaviourResult as BackgroundBehaviourResult
+from ._behaviour import RelianceResult as RelianceResult
 from ._behaviour import VariantBehaviourResult as VariantBehaviourResult
 from ._behaviour import background_behaviour as background_behaviour
+from ._behaviour import background_reliance as background_reliance
 from ._behaviour import variant_behaviour as variant_behaviour
 from ._crossed import BackgroundComparisonResult as BackgroundComparisonResult
 from ._crossed import CrossedDecompositionResult as CrossedDecompositionResult
@@ -60,11 +62,13 @@ __all__ = [
     "PatchBasesResult",
     "ProbeIdOodResult",
     "RelativeMSEResult",
+    "RelianceResult",
     "RidgeProbe",
     "VariantBehaviourResult",
     "WeightProjectionResult",
     "background_attribution_share",
     "background_behaviour",
+    "background_reliance",
     "background_decodability",
     "background_sensitivity",
     "cka_matrix",
