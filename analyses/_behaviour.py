@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from probekit.errors import DataError
+from probekit.vocab import PULL_MARGIN, RELIANCE_EFFECT_MARGIN, RELIANCE_MARGIN
 
 from ._common import ResultMixin, as_vector, check_number, check_option, percentile_ci
 
@@ -28,9 +29,7 @@ __all__ = [
     "variant_behaviour",
 ]
 
-#: default materiality of the background pull: a model is flagged only when, beyond sampling noise,
-#: backgrounds move at least this share of its predictions towards the same classes
-PULL_THRESHOLD = 0.05
+PULL_THRESHOLD = PULL_MARGIN  # the pull's materiality (probekit.vocab)
 
 
 @dataclasses.dataclass(repr=False)
@@ -56,6 +55,7 @@ class BackgroundBehaviourResult(ResultMixin):
     threshold: float
     ci_level: float
     flagged: bool
+    pull_low: float
     per_background_pull: np.ndarray
 
 
@@ -228,6 +228,7 @@ def background_behaviour(pred: Any, group: Any, background: Any, *, label: Any =
         pull=float(pull), pull_ci=pull_ci, pull_raw=pull_raw, pull_null=null_mean, pull_p_value=p_value,
         follows_background=fb, follows_background_ci=fb_ci, follows_background_null=fb_null,
         n_swapped=n_sw, threshold=float(threshold), ci_level=float(ci_level), flagged=flagged,
+        pull_low=low_at_estimate,
         per_background_pull=per_bg,
     )
 
@@ -302,15 +303,11 @@ def variant_behaviour(pred: Any, label: Any, variant: Sequence[str] | np.ndarray
 
 # -- background reliance: directional, graded, backgrounds as a sample ---------------------------
 
-#: default materiality of reliance: a model is flagged as taking shortcuts only when, beyond sampling
-#: noise, its predictions go to the background's class at least 3 % of the way to a complete shortcut
-#: (for a partial shortcut: about 3 % of objects following the background's class). Chosen so that a
-#: 10 % partial shortcut at 300 objects x 8 backgrounds is flagged with >= 80 % power
-#: (benchmarks/calibrate_reliance.py, docs/METRICS.md).
-RELIANCE_MARGIN = 0.03
-#: default materiality of the background effect: the SD over backgrounds of the accuracy a background
-#: gives, 5 accuracy points.
-EFFECT_MARGIN = 0.05
+# The default margins (materiality) of reliance and of the background effect are the verdict's, defined
+# once in probekit.vocab (RELIANCE_MARGIN: 3 % of the way to a complete shortcut, chosen so that a 10 %
+# partial shortcut at 300 objects x 8 backgrounds is flagged with >= 80 % power; RELIANCE_EFFECT_MARGIN:
+# 5 accuracy points of SD over backgrounds; benchmarks/calibrate_reliance.py, docs/METRICS.md).
+EFFECT_MARGIN = RELIANCE_EFFECT_MARGIN
 
 _BASES = ("background_label", "model_prediction")
 

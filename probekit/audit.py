@@ -1,60 +1,56 @@
-"""``probekit.audit``: run every analysis a store's contents allow and gather one result document.
+"""``probekit.audit``: run every check a store's contents allow and gather one result document.
 
-The document's layout is docs/REPORT_SCHEMA.md (``schema = "probekit.audit"``, version 2). Each
-figure is an *estimate* ``{"value": float, "ci": [low, high]}`` (95% bootstrap intervals unless the
-metric says otherwise). What cannot run is listed under ``skipped`` with the reason.
+The document's layout is docs/REPORT_SCHEMA.md (``schema = "probekit.audit"``, version 3). Each
+figure is an *estimate* ``{"value": float, "ci": [low, high]}`` (95% intervals unless the metric says
+otherwise). What cannot run is listed under ``skipped`` with the reason.
 
-**The verdict** (``models.<m>.flagged`` / ``.verdict``) rests on behaviour first: on a crossed split
-(``stress``: every foreground on the same backgrounds) the model's own predictions (its stored
-output ``@output``, else a linear probe fit on ``train``) give the flip rate and the *background
-pull*, the share of predictions that backgrounds move towards the same classes for every foreground,
-beyond a within-foreground shuffle (analyses/_behaviour.py). Idiosyncratic flips of a model unsure of
-some foregrounds do not move predictions in a shared direction, so they are told apart from
-background reliance. Representation second: per layer, a two-way decomposition (foreground,
-background, interaction) and ``background_flag``, the background component against a reference with
-its own uncertainty (the teacher at the same layer for a student; else seeded initialisations
-``<m>@init<k>`` or a recorded step 0), paired bootstrap over foregrounds, Bonferroni over layers x
-models. Calibration: docs/METRICS.md.
+How it runs: an :class:`AuditSpec` (split roles, references, resampling counts, margins) and one
+read-only view of the store (:class:`_View`, the file opened once). Per layer, the checks of
+:data:`LAYER_CHECKS` each declare what they need (and say why when they cannot run) and write one key of
+``models.<m>.layers.<l>``; per model, the behaviour and the weight directions; across models, the
+representation's comparisons with their references and the teacher–student pairs. Then
+:func:`probekit.verdict.judge` turns the figures into findings and one sentence per model: behaviour
+first (on the crossed split, every object on the same backgrounds: does the prediction take the
+background's class?), representation second (a layer's background component against its reference:
+the teacher for a student, else seeded initialisations ``<m>@init<k>`` or a recorded step 0).
+Calibration of every interval and flag: docs/METRICS.md.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import os
 import re
+import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from . import verdict as _verdict
 from ._json import jsonable
 from ._version import __version__
 from .errors import DataError, ProbekitError
 from .store import Store, open_store
+from .vocab import INIT_RE, OUTPUT_LAYER, RATIO_MARGIN, RELIANCE_EFFECT_MARGIN, RELIANCE_MARGIN, Estimate
 
-OUTPUT_LAYER = "@output"  # the model's own output, stored as a layer by extract (extractors.OUTPUT_LAYER)
-_INIT_RE = re.compile(r"^(?P<base>.+)@init(?P<k>\d+)$")  # seeded initialisations of model <base>
-
-__all__ = ["Audit", "audit", "parse_threshold"]
+__all__ = ["LAYER_CHECKS", "Audit", "AuditSpec", "Check", "audit", "parse_threshold"]
 
 SCHEMA = "probekit.audit"
-SCHEMA_VERSION = 2
-HEADLINE_FLAG_RATIO = 1.25  # flagged when the CI's low end exceeds the reference by this factor
+SCHEMA_VERSION = 3
+
+Head = Literal["auto", "output", "probe", "label_free"]
 
 
 def _estimate(value: Any, ci: Sequence[float] | None = None) -> dict[str, Any]:
-    v = None if value is None or not np.isfinite(value) else float(value)
-    c = None
-    if ci is not None and all(x is not None and np.isfinite(x) for x in ci):
-        c = [float(ci[0]), float(ci[1])]
-    return {"value": v, "ci": c}
+    return Estimate.of(value, ci).to_dict()
 
 
-@dataclass
+@dataclasses.dataclass
 class Audit:
     """The result of :func:`audit`: a JSON-safe dict (``.data``) with writers for JSON and HTML."""
 
@@ -70,10 +66,10 @@ class Audit:
         tmp.replace(path)
         return path
 
-    def to_html(self, path: str | os.PathLike) -> Path:
+    def to_html(self, path: str | os.PathLike, **kwargs: Any) -> Path:
         from .report import write_report
 
-        return write_report(self.data, path)
+        return write_report(self.data, path, **kwargs)
 
     def values(self, metric: str) -> list[tuple[str, str, float]]:
         """``(model, layer, value)`` of a named metric (see :data:`METRICS`) wherever it was computed."""
@@ -112,7 +108,7 @@ class Audit:
         return failures
 
 
-def _get(res: Mapping[str, Any], *path: str) -> float | None:
+def _get(res: Mapping[str, Any], *path: str) -> Any:
     cur: Any = res
     for p in path:
         if not isinstance(cur, Mapping) or p not in cur:
@@ -137,6 +133,8 @@ METRICS: dict[str, Callable[[Mapping[str, Any]], float | None]] = {
 
 #: Model-level figures ``--fail-above`` can gate on (its behaviour on the crossed split).
 MODEL_METRICS: dict[str, Callable[[Mapping[str, Any]], float | None]] = {
+    "reliance": lambda i: _get(i, "behaviour", "reliance", "value"),
+    "background_effect": lambda i: _get(i, "behaviour", "background_effect", "value"),
     "flip_rate": lambda i: _get(i, "behaviour", "flip_rate", "value"),
     "pull": lambda i: _get(i, "behaviour", "pull", "value"),
     "follows_background": lambda i: _get(i, "behaviour", "follows_background", "value"),
@@ -162,305 +160,270 @@ def parse_threshold(text: str) -> tuple[str, str | None, str | None, float]:
     return metric, model, layer, limit
 
 
-# -- the audit -------------------------------------------------------------------------------------
+# -- the specification and the store view ---------------------------------------------------------
 
 
-@dataclass
-class _Ctx:
+@dataclasses.dataclass(frozen=True)
+class AuditSpec:
+    """What an audit reads and how: split roles, references, resampling counts and the findings' margins.
+
+    Parameters
+    ----------
+    train, test_id, test_ood : split names of the probe protocol (fit on train; score ID and OOD);
+        ``""`` for none.
+    crossed : the crossed split (every object ``group`` on the same ``background`` ids): behaviour, the
+        verdict, the two-way decomposition and background sensitivity (``""`` or None: none).
+    variants : the split of image variants (``variant`` field): accuracy per variant (None: none).
+    models, layers, factors : restrict to these (default: all in the store).
+    n_boot, n_perm : resamples for every interval; permutations for the correlation null. Used as
+        given by every check (no check lowers them).
+    random_state : seed of every resampling, so an audit is reproducible to the digit.
+    head : how the model's predictions are read. ``"auto"``: its stored output (``@output``) as class
+        scores when it has one unit per class (one logit for two classes), through ``class_map``
+        when given, else in its own output space (label-free: does the prediction follow the model's
+        own prediction on the image the background came from?); a linear probe only for a student
+        whose output is a representation or a model with no stored output.
+    behaviour_layer : the layer of that probe (default: the last hidden layer in depth order).
+    class_map : output index -> label id (many-to-one allowed); an output index it does not name
+        predicts no class of the folder (counted wrong).
+    reliance_margin, effect_margin, ratio_margin : the findings' materiality (:mod:`probekit.vocab`).
+    """
+
+    train: str = "train"
+    test_id: str = "test_id"
+    test_ood: str = "test_ood"
+    crossed: str | None = "stress"
+    variants: str | None = "variants"
+    models: tuple[str, ...] | None = None
+    layers: tuple[str, ...] | None = None
+    factors: tuple[str, ...] | None = None
+    n_boot: int = 500
+    n_perm: int = 200
+    random_state: int = 0
+    head: Head = "auto"
+    behaviour_layer: str | None = None
+    class_map: Mapping[int, int] | None = None
+    reliance_margin: float = RELIANCE_MARGIN
+    effect_margin: float = RELIANCE_EFFECT_MARGIN
+    ratio_margin: float = RATIO_MARGIN
+
+    def __post_init__(self) -> None:
+        for name, low in (("n_boot", 1), ("n_perm", 0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
+                raise DataError(f"The {name!r} of the audit must be an integer >= {low}; got {v!r}.")
+        if self.head not in ("auto", "output", "probe", "label_free"):
+            raise DataError(f"The 'head' of the audit must be one of auto, output, probe, label_free; got "
+                            f"{self.head!r}.")
+        for name in ("reliance_margin", "effect_margin"):
+            if not 0 <= getattr(self, name) < 1:
+                raise DataError(f"The {name!r} of the audit must lie in [0, 1); got {getattr(self, name)!r}.")
+        if self.ratio_margin <= 0:
+            raise DataError(f"The 'ratio_margin' of the audit must be > 0; got {self.ratio_margin!r}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for k in ("models", "layers", "factors"):
+            d[k] = None if d[k] is None else list(d[k])
+        if self.class_map is not None:
+            d["class_map"] = {str(k): int(v) for k, v in self.class_map.items()}
+        return d
+
+
+def read_class_map(path: str | os.PathLike, class_names: Sequence[str]) -> dict[int, int]:
+    """Read ``--class-map CSV``: one row per output, ``folder_class,output_index`` (many outputs may name
+    one class, as ImageNet-9 needs); a header row is allowed. Returns output index -> label id (the
+    position of the class in ``class_names``)."""
+    import csv
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"The class map {str(path)!r} does not exist or is not a file; give a CSV of "
+                        "folder_class,output_index rows.")
+    ids = {name: i for i, name in enumerate(class_names)}
+    out: dict[int, int] = {}
+    with path.open(newline="") as fh:
+        for n, row in enumerate(csv.reader(fh), start=1):
+            cells = [c.strip() for c in row if c.strip()]
+            if not cells:
+                continue
+            if len(cells) != 2:
+                raise DataError(f"{path.name} line {n}: expected 'folder_class,output_index'; got {row!r}.")
+            name, idx = cells
+            if not idx.lstrip("-").isdigit():
+                if n == 1:
+                    continue  # a header
+                raise DataError(f"{path.name} line {n}: the output index {idx!r} is not an integer.")
+            if name not in ids:
+                raise DataError(f"{path.name} line {n}: {name!r} is not a class folder of the images; they are "
+                                f"{list(class_names)}.")
+            k = int(idx)
+            if k < 0 or (k in out and out[k] != ids[name]):
+                raise DataError(f"{path.name} line {n}: output {k} is negative or already mapped to another class.")
+            out[k] = ids[name]
+    missing = [c for c in class_names if ids[c] not in out.values()]
+    if missing or not out:
+        raise DataError(f"The class map {path.name} names no output for the classes {missing or list(class_names)}; "
+                        "every folder class needs at least one.")
+    return out
+
+
+@dataclasses.dataclass
+class _View:
+    """One read-only view of the store for the whole audit, and the list of what was skipped."""
+
     store: Store
-    cfg: dict[str, Any]
-    skipped: list[dict[str, Any]] = field(default_factory=list)
+    spec: AuditSpec
+    skipped: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    _fields: dict[tuple[str, str], np.ndarray] = dataclasses.field(default_factory=dict)
 
-    def skip(self, analysis: str, reason: str, model: str | None = None, layer: str | None = None) -> None:
-        self.skipped.append({"analysis": analysis, "model": model, "layer": layer, "reason": reason})
+    def skip(self, analysis: str, reason: str, model: str | None = None, layer: str | None = None,
+             actionable: bool = True) -> None:
+        self.skipped.append({"analysis": analysis, "model": model, "layer": layer, "reason": reason,
+                             "actionable": actionable})
 
-    def has_split(self, model: str, split: str | None, layer: str | None = None) -> bool:
-        if split is None or split not in self.store.splits:
-            return False
-        if self.store.n_rows(split, model) == 0:
+    def has(self, model: str, split: str | None, layer: str | None = None) -> bool:
+        if not split or split not in self.store.splits or self.store.n_rows(split, model) == 0:
             return False
         return layer is None or layer in self.store.layers(model, split)
 
     def x(self, model: str, split: str, layer: str, step: int | None = None) -> Any:
         return self.store.acts(model, split, layer, step=step)
 
+    def field(self, split: str, name: str, n: int) -> np.ndarray:
+        key = (split, name)
+        if key not in self._fields:
+            self._fields[key] = self.store.sample_field(split, name)
+        return self._fields[key][:n]
 
-def audit(
-    store: str | os.PathLike,
-    *,
-    train: str = "train",
-    test_id: str = "test_id",
-    test_ood: str = "test_ood",
-    stress: str | None = "stress",
-    variants: str | None = "variants",
-    models: Sequence[str] | None = None,
-    layers: Sequence[str] | None = None,
-    factors: Sequence[str] | None = None,
-    n_boot: int = 500,
-    n_perm: int = 200,
-    random_state: int = 0,
-    behaviour_layer: str | None = None,
-    pull_threshold: float = 0.05,
-    progress: bool = True,
-) -> Audit:
-    """Run every analysis the store allows; see the module docstring and docs/REPORT_SCHEMA.md.
+    def fields(self, split: str, n: int, *names: str) -> list[np.ndarray | None]:
+        return [self.field(split, f, n) if self.store.has_field(split, f) else None for f in names]
 
-    Parameters
-    ----------
-    store : path of a store (docs/FORMAT.md)
-    train, test_id, test_ood : split names of the probe protocol (fit on train; score ID and OOD).
-    stress : the crossed split (every foreground ``group`` on the same ``background`` ids) with broad
-        backgrounds: behaviour, two-way decomposition, background sensitivity (None: skip).
-    variants : the split of image variants (``variant`` field): accuracy per variant (None: skip).
-    models, layers : restrict to these (default: all in the store).
-    factors : background factor names to use (default: all of the store's).
-    n_boot, n_perm : bootstrap resamples for intervals; permutations for the correlation null.
-    random_state : seed of every resampling, so an audit is reproducible to the digit.
-    behaviour_layer : for a model without a stored output (``@output``), the layer whose linear probe
-        (fit on ``train``) stands in for its predictions (default: its last stored layer).
-    pull_threshold : materiality of the background pull (share of predictions moved), see
-        :func:`probekit.analyses.background_behaviour`.
-    """
-    path = Path(store)
-    with open_store(path) as s:
-        ctx = _Ctx(s, {"train": train, "test_id": test_id, "test_ood": test_ood, "stress": stress,
-                       "variants": variants,
-                       "factors": list(factors) if factors is not None else None, "n_boot": int(n_boot),
-                       "n_perm": int(n_perm), "random_state": int(random_state),
-                       "behaviour_layer": behaviour_layer, "pull_threshold": float(pull_threshold)})
-        names = list(models) if models is not None else [m for m in s.models if not _INIT_RE.match(m)]
-        for m in names:
-            if m not in s.models:
-                raise DataError(f"The store {str(path)!r} has no model {m!r}; it has {s.models}.")
-        if not names:
-            raise DataError(f"The store {str(path)!r} holds no models; extract one first.")
-        if factors is not None:
-            for split in s.splits:
-                unknown = [f for f in factors if s.factor_names(split) and f not in s.factor_names(split)]
-                if unknown:
-                    raise DataError(
-                        f"Unknown factor names {unknown} for split {split!r}; it has {s.factor_names(split)}."
-                    )
-        doc: dict[str, Any] = {
-            "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "probekit_version": __version__,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "store": str(path), "config": ctx.cfg,
-            "splits": {sp: {"rows": s.n_rows(sp), "has_label": s.has_field(sp, "label"),
-                            "has_group": s.has_field(sp, "group"), "factor_names": s.factor_names(sp)}
-                       for sp in s.splits},
-            "models": {}, "pairs": [], "skipped": ctx.skipped,
-        }
-        tasks = [(m, layer) for m in names for layer in _model_layers(s, m, layers)]
-        for m in names:
-            doc["models"][m] = {"role": s.role(m), "source": str(s.model_attrs(m).get("source", "")),
-                                "inits": _inits(s, m), "layers": {}, "directions": {}}
-        bar = tqdm(tasks, desc="audit", unit="layer", disable=not progress, leave=False)
-        for m, layer in bar:
-            bar.set_postfix_str(f"{m}.{layer}"[-40:])
-            doc["models"][m]["layers"][layer] = _layer(ctx, m, layer)
-        for m in names:
-            doc["models"][m]["directions"] = _directions(ctx, m)
-            b = _run(ctx, "behaviour", m, None, lambda m=m: _behaviour(ctx, m))
-            if b is not None:
-                doc["models"][m]["behaviour"] = b
-        _background_flags(ctx, names, doc)
-        doc["pairs"] = _pairs(ctx, names, doc)
-        doc["headline"] = _headline(doc)
-        for m in names:
-            doc["models"][m].update(_model_verdict(doc["models"][m], m, ctx.cfg))
-        doc["verdict"] = [doc["models"][m]["verdict"] for m in names] + _verdict(doc)
-        series_models = [m for m in names if len([st for st in s.steps(m) if st != 0]) >= 1
-                         and len(s.steps(m)) >= 2]
-        step_only = {m: bool(s.steps(m)) and not s.layers(m) for m in names}
-        step_weights = {m: any(s.weight_layers(m, st) for st in s.steps(m)) and not s.weight_layers(m)
-                        for m in names}
-    doc["series"] = {}
-    for m in series_models:
-        r = _run(ctx, "series", m, None, lambda m=m: _series(path, m, ctx.cfg))
-        if r is not None:
-            doc["series"][m] = r
-            for k in r.get("skipped", []):
-                ctx.skip(k["analysis"], k["reason"], m, None)
-            if r.get("best_step") is not None:
-                p = r["probe"][r["score_layer"]]
-                how = (f"the probe accuracy cross-validated within split {p['train']!r}" if p["method"] == "cv"
-                       else f"the probe accuracy on split {p['test']!r} (fit on {p['train']!r})")
-                doc["verdict"].append(
-                    f"{m}: over {len(r['steps'])} recorded steps (steps {r['steps'][0]}–{r['steps'][-1]}), "
-                    f"{how} at layer {r['score_layer']} peaks at step {r['best_step']} "
-                    f"({100 * r['best_accuracy']:.1f}%); see the figures over training.")
-    drawn = {m for m, r in doc["series"].items()
-             if any(r.get(k) for k in ("probe", "cka_to_last", "background_sensitivity", "background_share",
-                                       "directions", "projections"))}
-    for m in names:
-        if step_only[m]:
-            ctx.skip("per-layer analyses", "the model has activations only under recorded steps"
-                     + ("; see the figures over training" if m in drawn else
-                        (" and too few of them for figures over training (need two, one after step 0)"
-                         if m not in series_models else "")), m, None)
-        if step_weights[m]:
-            for k in ctx.skipped:
-                if k["analysis"] == "directions" and k["model"] == m and k["reason"].startswith("the store has no"):
-                    k["reason"] = ("weight rows are stored only at recorded steps"
-                                   + ("; direction counts per step are in the figures over training"
-                                      if m in drawn and doc["series"][m].get("directions") else ""))
-    return Audit(jsonable(doc))
+    def crossed(self, split: str | None) -> bool:
+        s = self.store
+        return bool(split and split in s.splits and s.has_field(split, "group") and s.has_field(split, "background"))
 
+    def inits(self, m: str) -> list[str]:
+        """Seeded initialisations of ``m`` in the store (models named ``<m>@init<k>``)."""
+        return sorted((x for x in self.store.models if (mt := INIT_RE.match(x)) and mt.group("base") == m),
+                      key=lambda x: int(INIT_RE.match(x).group("k")))  # type: ignore[union-attr]
 
-def _series(path: Path, m: str, cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """Figures per recorded step (probekit.series), for models with a checkpoint series.
-
-    The audit's split names are used where the recorded steps have them (fit on ``train``, score on
-    ``test_ood`` and ``test_id``, sensitivity on ``stress``); otherwise :func:`probekit.series.series`
-    picks from whatever splits were recorded (one labelled split: cross-validated probe accuracy).
-    """
-    from .series import series
-
-    with open_store(path) as s:
-        steps = s.steps(m)
-        have = [sp for sp in s.acts_splits(m, steps[0]) if all(sp in s.acts_splits(m, st) for st in steps)]
-        labelled = [sp for sp in have if s.has_field(sp, "label")]
-        grouped = [sp for sp in have if s.has_field(sp, "group")]
-
-    def pick(name: str, among: list[str]) -> str | None:
-        return cfg[name] if cfg.get(name) is not None and cfg[name] in among else None
-
-    return series(path, m, train=pick("train", labelled), test=pick("test_ood", labelled),
-                  test_id=pick("test_id", labelled), grouped=pick("stress", grouped),
-                  random_state=int(cfg.get("random_state", 0)))
-
-
-def _model_layers(s: Store, model: str, only: Sequence[str] | None) -> list[str]:
-    # an attention mask stored beside token activations (pool "mask") is the input's, not a layer's
-    have = [la for la in s.layers(model) if not _is_mask_layer(s, model, la)]
-    have = [la for la in have if la != OUTPUT_LAYER] + [la for la in have if la == OUTPUT_LAYER]  # output last
-    if only is None:
-        return have
-    missing = [la for la in only if la not in have]
-    if missing:
-        raise DataError(f"The model {model!r} has no layers {missing}; it has {have}.")
-    return [la for la in have if la in only]
-
-
-def _is_mask_layer(s: Store, model: str, layer: str) -> bool:
-    split = next((sp for sp in s.acts_splits(model) if layer in s.layers(model, sp)), None)
-    return split is not None and str(s.acts(model, split, layer).attrs.get("pool", "")) == "mask"
-
-
-def _run(ctx: _Ctx, analysis: str, model: str, layer: str | None, fn: Callable[[], Any]) -> Any:
-    """Run one analysis; a data problem becomes a 'skipped' entry with its message, not a crash."""
-    try:
-        return fn()
-    except DataError as e:
-        ctx.skip(analysis, str(e), model, layer)
+    def init_step(self, m: str, split: str, layer: str) -> int | None:
+        """Step 0 of the model, when the store recorded it for this split and layer (the init reference)."""
+        steps = self.store.steps(m)
+        if steps and steps[0] == 0 and layer in self.store.layers(m, split, step=0):
+            return 0
         return None
 
+    def is_mask_layer(self, model: str, layer: str) -> bool:
+        split = next((sp for sp in self.store.acts_splits(model) if layer in self.store.layers(model, sp)), None)
+        return split is not None and str(self.store.acts(model, split, layer).attrs.get("pool", "")) == "mask"
 
-def _layer(ctx: _Ctx, m: str, layer: str) -> dict[str, Any]:
-    s, c = ctx.store, ctx.cfg
-    out: dict[str, Any] = {}
-    any_split = next(sp for sp in s.acts_splits(m) if layer in s.layers(m, sp))
-    out["n_units"] = int(np.prod(ctx.x(m, any_split, layer).shape[1:]))
-    # probes: fit on train, score ID and OOD
-    tr, ti, to = c["train"], c["test_id"], c["test_ood"]
-    if not to:
-        ctx.skip("probe", "no OOD split was named (test_ood), so there is no ID/OOD gap to measure", m, layer)
-    elif all(ctx.has_split(m, sp, layer) and s.has_field(sp, "label") for sp in (tr, ti, to)):
-        out["probe"] = _run(ctx, "probe", m, layer, lambda: _probe(ctx, m, layer))
-    else:
-        ctx.skip("probe", f"needs labelled splits {tr!r}, {ti!r}, {to!r} with this layer", m, layer)
-    # background analyses need factors
-    # correlation and decodability need rows whose backgrounds are drawn independently: a crossed split
-    # repeats its few backgrounds over every foreground, so it gives them only B distinct factor rows
-    fsplits = [sp for sp in (c["stress"], to, ti, tr) if ctx.has_split(m, sp, layer) and s.factor_names(sp)
-               and not _crossed(ctx, sp)]
-    if fsplits:
-        wide = fsplits[0]  # the split whose backgrounds vary most widely (stress, else OOD, ...)
-        dec = {}
-        for sp in dict.fromkeys([wide, ti] if ctx.has_split(m, ti, layer) and s.factor_names(ti) else [wide]):
-            r = _run(ctx, "decodability", m, layer, lambda sp=sp: _decodability(ctx, m, layer, sp))
-            if r is not None:
-                dec[sp] = r
-        out["decodability"] = dec or None
-        out["correlation"] = _run(ctx, "correlation", m, layer, lambda: _correlation(ctx, m, layer, wide))
-    else:
-        ctx.skip("decodability", "no split with background factors", m, layer)
-        ctx.skip("correlation", "no split with background factors", m, layer)
-    # sensitivity with the foreground held fixed
-    st = c["stress"]
-    if ctx.has_split(m, st, layer) and _crossed(ctx, st) and layer != OUTPUT_LAYER:
-        out["crossed"] = _run(ctx, "crossed decomposition", m, layer,
-                              lambda: _crossed_decomposition(ctx, m, layer, st))
-    elif layer != OUTPUT_LAYER:
-        ctx.skip("crossed decomposition", f"needs a crossed split {st!r} (fields 'group' and 'background': "
-                 "every foreground on the same backgrounds)", m, layer)
-    if ctx.has_split(m, st, layer) and s.has_field(st, "group"):
-        out["sensitivity"] = _run(ctx, "sensitivity", m, layer, lambda: _sensitivity(ctx, m, layer, st))
-    else:
-        ctx.skip("sensitivity", f"needs a split {st!r} with 'group' (the same foreground on several "
-                 "backgrounds)", m, layer)
-    if not to:
-        ctx.skip("nms", "no OOD split was named (test_ood): no second background family", m, layer)
-    elif ctx.has_split(m, ti, layer) and ctx.has_split(m, to, layer):
-        out["nms"] = _run(ctx, "nms", m, layer, lambda: _nms(ctx, m, layer, ti, to))
-    else:
-        ctx.skip("nms", f"needs splits {ti!r} and {to!r}", m, layer)
-    return {k: v for k, v in out.items() if v is not None}
+    def model_layers(self, model: str, only: Sequence[str] | None = None) -> list[str]:
+        """The model's layers in the store's order (depth order where recorded), its output last; an
+        attention mask stored beside token activations (pool "mask") is the input's, not a layer's."""
+        have = [la for la in self.store.layers(model) if not self.is_mask_layer(model, la)]
+        have = [la for la in have if la != OUTPUT_LAYER] + [la for la in have if la == OUTPUT_LAYER]
+        if only is None:
+            return have
+        missing = [la for la in only if la not in have]
+        if missing:
+            raise DataError(f"The model {model!r} has no layers {missing}; it has {have}.")
+        return [la for la in have if la in only]
 
 
-def _init_step(ctx: _Ctx, m: str, split: str, layer: str) -> int | None:
-    """Step 0 of the model, when the store recorded it for this split and layer (the init reference)."""
-    steps = ctx.store.steps(m)
-    if steps and steps[0] == 0 and layer in ctx.store.layers(m, split, step=0):
-        return 0
-    return None
+# -- per-layer checks -----------------------------------------------------------------------------
 
 
-def _field(ctx: _Ctx, split: str, name: str, n: int) -> np.ndarray:
-    return ctx.store.sample_field(split, name)[:n]
+@dataclasses.dataclass(frozen=True)
+class Check:
+    """One analysis of a layer: the document key it writes, what it needs, how it runs.
+
+    ``needs(view, model, layer)`` returns ``None`` when the check can run, else ``(reason,
+    actionable)``: ``actionable`` is false where the audit's mode never runs it (no OOD split was
+    named), so the CLI lists only skips a user can act on. ``run`` returns the JSON-safe entry.
+    """
+
+    key: str
+    analysis: str
+    title: str
+    needs: Callable[[_View, str, str], tuple[str, bool] | None]
+    run: Callable[[_View, str, str], Any]
 
 
-def _probe(ctx: _Ctx, m: str, layer: str) -> dict[str, Any]:
+def _needs_probe(v: _View, m: str, layer: str) -> tuple[str, bool] | None:
+    sp = v.spec
+    if not sp.test_ood:
+        return "no OOD split was named (test_ood), so there is no ID/OOD gap to measure", False
+    if not sp.train:
+        return "no training split was named (train)", False
+    if all(v.has(m, s, layer) and v.store.has_field(s, "label") for s in (sp.train, sp.test_id, sp.test_ood)):
+        return None
+    return f"needs labelled splits {sp.train!r}, {sp.test_id!r}, {sp.test_ood!r} with this layer", True
+
+
+def _run_probe(v: _View, m: str, layer: str) -> dict[str, Any]:
     from .analyses import probe_id_ood
 
-    c = ctx.cfg
-    xs = {sp: ctx.x(m, c[sp], layer) for sp in ("train", "test_id", "test_ood")}
-    ys = {sp: _field(ctx, c[sp], "label", len(xs[sp])) for sp in xs}
+    sp = v.spec
+    names = {"train": sp.train, "test_id": sp.test_id, "test_ood": sp.test_ood}
+    xs = {k: v.x(m, s, layer) for k, s in names.items()}
+    ys = {k: v.field(names[k], "label", len(xs[k])) for k in xs}
     r = probe_id_ood(xs["train"], ys["train"], xs["test_id"], ys["test_id"], xs["test_ood"], ys["test_ood"],
-                     n_boot=c["n_boot"], random_state=c["random_state"])
-    return {"train": c["train"], "id": _estimate(r.id_accuracy, r.id_ci),
+                     n_boot=sp.n_boot, random_state=sp.random_state)
+    return {"train": sp.train, "id": _estimate(r.id_accuracy, r.id_ci),
             "ood": _estimate(r.ood_accuracy, r.ood_ci), "gap": _estimate(r.gap, r.gap_ci),
             "train_accuracy": r.train_accuracy, "C": r.C, "n_train": r.n_train, "paired": r.paired}
 
 
-def _decodability(ctx: _Ctx, m: str, layer: str, split: str) -> dict[str, Any]:
+def _factor_splits(v: _View, m: str, layer: str) -> list[str]:
+    """Splits with background factors for this layer, widest backgrounds first. A crossed split repeats
+    its few backgrounds over every object (only B distinct factor rows), so it is left out."""
+    sp = v.spec
+    return [s for s in (sp.crossed, sp.test_ood, sp.test_id, sp.train)
+            if v.has(m, s, layer) and v.store.factor_names(s) and not v.crossed(s)]
+
+
+def _needs_factors(v: _View, m: str, layer: str) -> tuple[str, bool] | None:
+    if _factor_splits(v, m, layer):
+        return None
+    return ("no split with background factors (give per-image factors, e.g. `probekit audit --factors CSV`, "
+            "or extract a split whose rows carry 'factors')", True)
+
+
+def _run_decodability(v: _View, m: str, layer: str) -> dict[str, Any] | None:
     from .analyses import background_decodability
 
-    X = ctx.x(m, split, layer)
-    F = _field(ctx, split, "factors", len(X))
-    groups = _field(ctx, split, "group", len(X)) if ctx.store.has_field(split, "group") else None
-    names = ctx.store.factor_names(split)
-    periods = dict(zip(names, ctx.store.factor_periods(split), strict=True))
-    r = background_decodability(X, F, factor_names=names, use=ctx.cfg["factors"], periods=periods,
-                                groups=groups, n_boot=min(200, ctx.cfg["n_boot"]),
-                                random_state=ctx.cfg["random_state"])
-    factors = {f: {"metric": r.metric[f], "score": r.score[f], "control": r.control_mean[f],
-                   "control_sd": r.control_sd[f], "excess": _estimate(r.excess[f], r.excess_ci[f]),
-                   "period": (r.period or {}).get(f)}
-               for f in r.factor_names}
-    return {"split": split, "factors": factors, "mean_excess_r2": _estimate(r.mean_excess_r2),
-            "mean_excess_balanced_accuracy": _estimate(r.mean_excess_balanced_accuracy)}
+    fs = _factor_splits(v, m, layer)
+    ti = v.spec.test_id
+    out = {}
+    for split in dict.fromkeys([fs[0], ti] if ti in fs else [fs[0]]):
+        X = v.x(m, split, layer)
+        F = v.field(split, "factors", len(X))
+        groups = v.field(split, "group", len(X)) if v.store.has_field(split, "group") else None
+        names = v.store.factor_names(split)
+        periods = dict(zip(names, v.store.factor_periods(split), strict=True))
+        r = background_decodability(X, F, factor_names=names, use=v.spec.factors, periods=periods,
+                                    groups=groups, n_boot=v.spec.n_boot, random_state=v.spec.random_state)
+        factors = {f: {"metric": r.metric[f], "score": r.score[f], "control": r.control_mean[f],
+                       "control_sd": r.control_sd[f], "excess": _estimate(r.excess[f], r.excess_ci[f]),
+                       "period": (r.period or {}).get(f)}
+                   for f in r.factor_names}
+        out[split] = {"split": split, "factors": factors, "mean_excess_r2": _estimate(r.mean_excess_r2),
+                      "mean_excess_balanced_accuracy": _estimate(r.mean_excess_balanced_accuracy)}
+    return out or None
 
 
-def _correlation(ctx: _Ctx, m: str, layer: str, split: str) -> dict[str, Any]:
+def _run_correlation(v: _View, m: str, layer: str) -> dict[str, Any]:
     from .analyses import BackgroundCorrelation
 
-    X = ctx.x(m, split, layer)
+    split = _factor_splits(v, m, layer)[0]
+    X = v.x(m, split, layer)
     n = len(X)
-    F = _field(ctx, split, "factors", n)
-    label = _field(ctx, split, "label", n) if ctx.store.has_field(split, "label") else None
-    est = BackgroundCorrelation(n_permutations=ctx.cfg["n_perm"], random_state=ctx.cfg["random_state"])
-    r = est.fit(X, F, label, factor_names=ctx.store.factor_names(split), use=ctx.cfg["factors"]).result_
+    F = v.field(split, "factors", n)
+    label = v.field(split, "label", n) if v.store.has_field(split, "label") else None
+    est = BackgroundCorrelation(n_permutations=v.spec.n_perm, random_state=v.spec.random_state)
+    r = est.fit(X, F, label, factor_names=v.store.factor_names(split), use=v.spec.factors).result_
     absr = np.abs(np.asarray(r.pearson, dtype=float))
     absr = absr[np.isfinite(absr)]
     counts, edges = np.histogram(absr, bins=30, range=(0.0, max(0.05, float(absr.max(initial=0.0)))))
@@ -480,62 +443,24 @@ def _correlation(ctx: _Ctx, m: str, layer: str, split: str) -> dict[str, Any]:
     }
 
 
-def _sensitivity(ctx: _Ctx, m: str, layer: str, split: str) -> dict[str, Any]:
-    from .analyses import background_sensitivity
-
-    def one(step: int | None) -> dict[str, Any]:
-        X = ctx.x(m, split, layer, step)
-        group = _field(ctx, split, "group", len(X))
-        r = background_sensitivity(X, group, n_boot=min(200, ctx.cfg["n_boot"]),
-                                   random_state=ctx.cfg["random_state"])
-        return _estimate(r.layer, r.layer_ci)
-
-    out = {"split": split, "value": one(None)}
-    step = _init_step(ctx, m, split, layer)
-    if step is not None:
-        out["init"] = one(step)
-    return out
+def _needs_crossed(v: _View, m: str, layer: str) -> tuple[str, bool] | None:
+    if layer == OUTPUT_LAYER:
+        return "the model's output is judged by its behaviour, not decomposed", False
+    st = v.spec.crossed
+    if v.has(m, st, layer) and v.crossed(st):
+        return None
+    return (f"needs a crossed split {st!r} (fields 'group' and 'background': every object on the same "
+            "backgrounds)", True)
 
 
-def _nms(ctx: _Ctx, m: str, layer: str, a: str, b: str) -> dict[str, Any]:
-    from .analyses import normalized_mean_shift
-
-    def one(step: int | None) -> dict[str, Any]:
-        r = normalized_mean_shift(ctx.x(m, a, layer, step), ctx.x(m, b, layer, step),
-                                  n_boot=min(200, ctx.cfg["n_boot"]), random_state=ctx.cfg["random_state"])
-        return _estimate(r.nms_debiased, r.ci)  # the interval is for the true NMS, which this estimates
-
-    out = {"from": a, "to": b, "value": one(None)}
-    if _init_step(ctx, m, a, layer) is not None and _init_step(ctx, m, b, layer) is not None:
-        out["init"] = one(0)
-    return out
-
-
-# -- crossed design: behaviour, decomposition, background flags -----------------------------------
-
-
-def _inits(s: Store, m: str) -> list[str]:
-    """Seeded initialisations of ``m`` in the store (models named ``<m>@init<k>``)."""
-    return sorted(x for x in s.models if (mt := _INIT_RE.match(x)) and mt.group("base") == m)
-
-
-def _crossed(ctx: _Ctx, split: str | None) -> bool:
-    s = ctx.store
-    return bool(split and split in s.splits and s.has_field(split, "group") and s.has_field(split, "background"))
-
-
-def _rows_fields(ctx: _Ctx, split: str, n: int, *names: str) -> list[np.ndarray | None]:
-    return [_field(ctx, split, f, n) if ctx.store.has_field(split, f) else None for f in names]
-
-
-def _crossed_decomposition(ctx: _Ctx, m: str, layer: str, split: str) -> dict[str, Any]:
+def _run_crossed(v: _View, m: str, layer: str) -> dict[str, Any]:
     from .analyses import crossed_decomposition
 
-    X = ctx.x(m, split, layer)
-    group, background = _rows_fields(ctx, split, len(X), "group", "background")
-    r = crossed_decomposition(X, group, background, n_boot=min(200, ctx.cfg["n_boot"]),
-                              random_state=ctx.cfg["random_state"])
-    return {"split": split, "foreground": _estimate(r.foreground, r.foreground_ci),
+    st = v.spec.crossed
+    X = v.x(m, st, layer)
+    group, background = v.fields(st, len(X), "group", "background")
+    r = crossed_decomposition(X, group, background, n_boot=v.spec.n_boot, random_state=v.spec.random_state)
+    return {"split": st, "foreground": _estimate(r.foreground, r.foreground_ci),
             "background": _estimate(r.background, r.background_ci),
             "interaction": _estimate(r.interaction, r.interaction_ci),
             "background_share": _estimate(r.background_share, r.background_share_ci),
@@ -543,121 +468,471 @@ def _crossed_decomposition(ctx: _Ctx, m: str, layer: str, split: str) -> dict[st
             "sketched": r.sketched}
 
 
-def _predictions(ctx: _Ctx, m: str, splits: Sequence[str]) -> tuple[dict[str, np.ndarray], str, bool]:
-    """The model's predicted class on each split (argmax of its stored output, else a linear probe's),
-    where they come from, and whether that is the model's own output."""
-    s, c = ctx.store, ctx.cfg
-    if all(OUTPUT_LAYER in s.layers(m, sp) for sp in splits):
-        preds = {sp: np.asarray(ctx.x(m, sp, OUTPUT_LAYER)[:]).reshape(s.n_rows(sp, m), -1).argmax(axis=1)
-                 for sp in splits}
-        width = int(np.prod(ctx.x(m, splits[0], OUTPUT_LAYER).shape[1:]))
-        labels = [_field(ctx, sp, "label", s.n_rows(sp, m)) for sp in (c["train"], *splits)
-                  if sp in s.splits and s.has_field(sp, "label")]
-        n_classes = max((int(y.max()) + 1 for y in labels if y.size), default=0)
-        # an output is read as class scores only when it has one unit per class of the labels (a
-        # representation output, or a 1000-way head on a 3-class folder, is not)
-        if width == n_classes and width > 1:
-            return preds, "the model's own output (argmax of @output)", True
+def _needs_sensitivity(v: _View, m: str, layer: str) -> tuple[str, bool] | None:
+    st = v.spec.crossed
+    if v.has(m, st, layer) and v.store.has_field(st, "group"):
+        return None
+    return f"needs a split {st!r} with 'group' (the same object on several backgrounds)", True
+
+
+def _run_sensitivity(v: _View, m: str, layer: str) -> dict[str, Any]:
+    from .analyses import background_sensitivity
+
+    st = v.spec.crossed
+
+    def one(step: int | None) -> dict[str, Any]:
+        X = v.x(m, st, layer, step)
+        r = background_sensitivity(X, v.field(st, "group", len(X)), n_boot=v.spec.n_boot,
+                                   random_state=v.spec.random_state)
+        return _estimate(r.layer, r.layer_ci)
+
+    out = {"split": st, "value": one(None)}
+    if v.init_step(m, st, layer) is not None:
+        out["init"] = one(0)
+    return out
+
+
+def _needs_nms(v: _View, m: str, layer: str) -> tuple[str, bool] | None:
+    ti, to = v.spec.test_id, v.spec.test_ood
+    if not to:
+        return "no OOD split was named (test_ood): no second background family", False
+    if v.has(m, ti, layer) and v.has(m, to, layer):
+        return None
+    return f"needs splits {ti!r} and {to!r}", True
+
+
+def _run_nms(v: _View, m: str, layer: str) -> dict[str, Any]:
+    from .analyses import normalized_mean_shift
+
+    a, b = v.spec.test_id, v.spec.test_ood
+
+    def one(step: int | None) -> dict[str, Any]:
+        r = normalized_mean_shift(v.x(m, a, layer, step), v.x(m, b, layer, step), n_boot=v.spec.n_boot,
+                                  random_state=v.spec.random_state)
+        return _estimate(r.nms_debiased, r.ci)  # the interval is for the true NMS, which this estimates
+
+    out = {"from": a, "to": b, "value": one(None)}
+    if v.init_step(m, a, layer) is not None and v.init_step(m, b, layer) is not None:
+        out["init"] = one(0)
+    return out
+
+
+#: The per-layer checks, in the order they run and appear in ``models.<m>.layers.<l>``.
+LAYER_CHECKS: tuple[Check, ...] = (
+    Check("probe", "probe", "linear-probe accuracy in and out of distribution", _needs_probe, _run_probe),
+    Check("decodability", "decodability", "background factors decoded from the layer, minus a shuffled control",
+          _needs_factors, _run_decodability),
+    Check("correlation", "correlation", "units correlated with background factors, against a permutation null",
+          _needs_factors, _run_correlation),
+    Check("crossed", "crossed decomposition", "foreground / background / interaction components",
+          _needs_crossed, _run_crossed),
+    Check("sensitivity", "sensitivity", "share of variance from the background with the object fixed",
+          _needs_sensitivity, _run_sensitivity),
+    Check("nms", "nms", "normalised mean shift between two background families", _needs_nms, _run_nms),
+)
+
+
+def _run(v: _View, analysis: str, model: str, layer: str | None, fn: Callable[[], Any]) -> Any:
+    """Run one analysis; a data problem becomes a 'skipped' entry with its message, not a crash."""
+    try:
+        return fn()
+    except DataError as e:
+        v.skip(analysis, str(e), model, layer)
+        return None
+
+
+def _layer(v: _View, m: str, layer: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    any_split = next(sp for sp in v.store.acts_splits(m) if layer in v.store.layers(m, sp))
+    out["n_units"] = int(np.prod(v.x(m, any_split, layer).shape[1:]))
+    for check in LAYER_CHECKS:
+        missing = check.needs(v, m, layer)
+        if missing is not None:
+            v.skip(check.analysis, missing[0], m, layer, actionable=missing[1])
+            continue
+        r = _run(v, check.analysis, m, layer, lambda check=check: check.run(v, m, layer))
+        if r is not None:
+            out[check.key] = r
+    return out
+
+
+# -- the audit ------------------------------------------------------------------------------------
+
+
+def audit(
+    store: str | os.PathLike,
+    *,
+    train: str = "train",
+    test_id: str = "test_id",
+    test_ood: str = "test_ood",
+    crossed: str | None = "stress",
+    variants: str | None = "variants",
+    models: Sequence[str] | None = None,
+    layers: Sequence[str] | None = None,
+    factors: Sequence[str] | None = None,
+    n_boot: int = 500,
+    n_perm: int = 200,
+    random_state: int = 0,
+    head: Head = "auto",
+    behaviour_layer: str | None = None,
+    class_map: Mapping[int, int] | None = None,
+    progress: bool = True,
+    spec: AuditSpec | None = None,
+    stress: str | None = None,
+    pull_threshold: float | None = None,
+) -> Audit:
+    """Run every check the store allows; see the module docstring and docs/REPORT_SCHEMA.md.
+
+    The keyword arguments are those of :class:`AuditSpec` (or pass ``spec`` itself). ``stress`` is the
+    old name of ``crossed`` and ``pull_threshold`` no longer decides anything (the pull is evidence
+    since schema 3; the shortcut finding reads reliance): both are accepted with a FutureWarning for
+    one release.
+    """
+    if stress is not None:
+        warnings.warn("audit(stress=...) is now audit(crossed=...); the old name goes in the next release.",
+                      FutureWarning, stacklevel=2)
+        crossed = stress
+    if pull_threshold is not None:
+        warnings.warn("audit(pull_threshold=...) no longer decides the verdict (schema 3 flags on reliance, "
+                      "see docs/METRICS.md); the argument is ignored and goes in the next release.",
+                      FutureWarning, stacklevel=2)
+    if spec is None:
+        spec = AuditSpec(train=train, test_id=test_id, test_ood=test_ood, crossed=crossed, variants=variants,
+                         models=None if models is None else tuple(models),
+                         layers=None if layers is None else tuple(layers),
+                         factors=None if factors is None else tuple(factors),
+                         n_boot=int(n_boot), n_perm=int(n_perm), random_state=int(random_state), head=head,
+                         behaviour_layer=behaviour_layer, class_map=class_map)
+    path = Path(store)
+    with open_store(path) as s:
+        v = _View(s, spec)
+        names = list(spec.models) if spec.models is not None else [m for m in s.models if not INIT_RE.match(m)]
+        for m in names:
+            if m not in s.models:
+                raise DataError(f"The store {str(path)!r} has no model {m!r}; it has {s.models}.")
+        if not names:
+            raise DataError(f"The store {str(path)!r} holds no models; extract one first.")
+        if spec.factors is not None:
+            for split in s.splits:
+                unknown = [f for f in spec.factors if s.factor_names(split) and f not in s.factor_names(split)]
+                if unknown:
+                    raise DataError(
+                        f"Unknown factor names {unknown} for split {split!r}; it has {s.factor_names(split)}."
+                    )
+        doc: dict[str, Any] = {
+            "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "probekit_version": __version__,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "store": str(path), "config": spec.to_dict(),
+            "splits": {sp: {"rows": s.n_rows(sp), "has_label": s.has_field(sp, "label"),
+                            "has_group": s.has_field(sp, "group"), "factor_names": s.factor_names(sp)}
+                       for sp in s.splits},
+            "models": {}, "pairs": [], "skipped": v.skipped,
+        }
+        tasks = [(m, layer) for m in names for layer in v.model_layers(m, spec.layers)]
+        for m in names:
+            doc["models"][m] = {"role": s.role(m), "source": str(s.model_attrs(m).get("source", "")),
+                                "inits": v.inits(m), "layers": {}, "directions": {}}
+        bar = tqdm(tasks, desc="audit", unit="layer", disable=not progress, leave=False)
+        for m, layer in bar:
+            bar.set_postfix_str(f"{m}.{layer}"[-40:])
+            doc["models"][m]["layers"][layer] = _layer(v, m, layer)
+        for m in names:
+            doc["models"][m]["directions"] = _directions(v, m)
+            b = _run(v, "behaviour", m, None, lambda m=m: _behaviour(v, m))
+            if b is not None:
+                doc["models"][m]["behaviour"] = b
+        _background_flags(v, names, doc)
+        doc["pairs"] = _pairs(v, names, doc)
+        doc["headline"] = _headline(doc, spec.ratio_margin)
+        for m in names:
+            doc["models"][m].update(_verdict.judge(m, doc["models"][m]).to_dict())
+        doc["verdict"] = [doc["models"][m]["verdict"] for m in names] + _evidence(doc)
+        series_models = [m for m in names if len([st for st in s.steps(m) if st != 0]) >= 1
+                         and len(s.steps(m)) >= 2]
+        step_only = {m: bool(s.steps(m)) and not s.layers(m) for m in names}
+        step_weights = {m: any(s.weight_layers(m, st) for st in s.steps(m)) and not s.weight_layers(m)
+                        for m in names}
+        series_inputs = {m: _series_inputs(s, m) for m in series_models}
+    doc["series"] = {}
+    for m in series_models:
+        r = _run(v, "series", m, None, lambda m=m: _series(path, m, spec, series_inputs[m]))
+        if r is not None:
+            doc["series"][m] = r
+            for k in r.get("skipped", []):
+                v.skip(k["analysis"], k["reason"], m, None)
+            if r.get("best_step") is not None:
+                p = r["probe"][r["score_layer"]]
+                how = (f"the probe accuracy cross-validated within split {p['train']!r}" if p["method"] == "cv"
+                       else f"the probe accuracy on split {p['test']!r} (fit on {p['train']!r})")
+                doc["verdict"].append(
+                    f"{m}: over {len(r['steps'])} recorded steps (steps {r['steps'][0]}–{r['steps'][-1]}), "
+                    f"{how} at layer {r['score_layer']} peaks at step {r['best_step']} "
+                    f"({100 * r['best_accuracy']:.1f}%); see the figures over training.")
+    drawn = {m for m, r in doc["series"].items()
+             if any(r.get(k) for k in ("probe", "cka_to_last", "background_sensitivity", "background_share",
+                                       "directions", "projections"))}
+    for m in names:
+        if step_only[m]:
+            v.skip("per-layer analyses", "the model has activations only under recorded steps"
+                   + ("; see the figures over training" if m in drawn else
+                      (" and too few of them for figures over training (need two, one after step 0)"
+                       if m not in series_models else "")), m, None)
+        if step_weights[m]:
+            for k in v.skipped:
+                if k["analysis"] == "directions" and k["model"] == m and k["reason"].startswith("the store has no"):
+                    k["reason"] = ("weight rows are stored only at recorded steps"
+                                   + ("; direction counts per step are in the figures over training"
+                                      if m in drawn and doc["series"][m].get("directions") else ""))
+    return Audit(jsonable(doc))
+
+
+def _series_inputs(s: Store, m: str) -> dict[str, list[str]]:
+    steps = s.steps(m)
+    have = [sp for sp in s.acts_splits(m, steps[0]) if all(sp in s.acts_splits(m, st) for st in steps)]
+    return {"labelled": [sp for sp in have if s.has_field(sp, "label")],
+            "grouped": [sp for sp in have if s.has_field(sp, "group")]}
+
+
+def _series(path: Path, m: str, spec: AuditSpec, have: Mapping[str, list[str]]) -> dict[str, Any]:
+    """Figures per recorded step (probekit.series), for models with a checkpoint series.
+
+    The audit's split names are used where the recorded steps have them (fit on ``train``, score on
+    ``test_ood`` and ``test_id``, sensitivity on the crossed split); otherwise
+    :func:`probekit.series.series` picks from whatever splits were recorded (one labelled split:
+    cross-validated probe accuracy).
+    """
+    from .series import series
+
+    def pick(name: str | None, among: list[str]) -> str | None:
+        return name if name and name in among else None
+
+    return series(path, m, train=pick(spec.train, have["labelled"]), test=pick(spec.test_ood, have["labelled"]),
+                  test_id=pick(spec.test_id, have["labelled"]), grouped=pick(spec.crossed, have["grouped"]),
+                  random_state=spec.random_state)
+
+
+# -- behaviour: the model's predictions on the crossed split --------------------------------------
+
+
+@dataclasses.dataclass
+class _Predictions:
+    """The model's predicted class per split and how they were read."""
+
+    preds: dict[str, np.ndarray]
+    source: str            # one line for the reader: where the predictions come from
+    from_output: bool      # the model's own output (not a probe)
+    space: str             # "labels": the folder's classes; "output": the model's own output indices
+
+
+def _label_count(v: _View, m: str, splits: Sequence[str]) -> int:
+    sp = v.spec
+    labels = [v.field(s, "label", v.store.n_rows(s, m)) for s in dict.fromkeys([sp.train, *splits])
+              if s and s in v.store.splits and v.store.has_field(s, "label") and v.store.n_rows(s, m)]
+    return max((int(y.max()) + 1 for y in labels if y.size), default=0)
+
+
+def _output_rows(v: _View, m: str, split: str) -> np.ndarray:
+    return np.asarray(v.x(m, split, OUTPUT_LAYER)[:], dtype=np.float64).reshape(v.store.n_rows(split, m), -1)
+
+
+def _predictions(v: _View, m: str, splits: Sequence[str]) -> _Predictions:
+    """Read the model's predictions in its own output space whenever it has one (see AuditSpec.head)."""
+    s, sp = v.store, v.spec
+    reading = sp.head
+    has_output = all(OUTPUT_LAYER in s.layers(m, x) for x in splits)
+    if reading in ("output", "label_free") and not has_output:
+        raise DataError(f"head={reading!r} needs the model's output ({OUTPUT_LAYER!r}) on every behaviour split")
+    if has_output and reading != "probe":
+        width = int(np.prod(v.x(m, splits[0], OUTPUT_LAYER).shape[1:]))
+        k = _label_count(v, m, splits)
+        if sp.class_map is not None and reading != "label_free":
+            lut = np.full(width, -1, dtype=np.int64)
+            for out_idx, lab in sp.class_map.items():
+                if not 0 <= int(out_idx) < width:
+                    raise DataError(f"The class map names output {out_idx}, but the model's output has {width} "
+                                    "units; fix the map (output indices count from 0).")
+                lut[int(out_idx)] = int(lab)
+            preds = {x: lut[_output_rows(v, m, x).argmax(axis=1)] for x in splits}
+            return _Predictions(preds, f"the model's own output through the class map ({len(sp.class_map)} "
+                                "outputs named; any other output predicts no class of the folder)", True, "labels")
+        if reading != "label_free" and width == k and width > 1:
+            return _Predictions({x: _output_rows(v, m, x).argmax(axis=1) for x in splits},
+                                "the model's own output (argmax of @output)", True, "labels")
+        if reading != "label_free" and width == 1 and k == 2:
+            return _Predictions({x: (_output_rows(v, m, x)[:, 0] > 0).astype(np.int64) for x in splits},
+                                "the model's own output (one logit: class 1 where it is above 0)", True, "labels")
+        if reading != "label_free" and s.role(m) == "student" and reading == "auto":
+            pass  # a student's output is the representation it was fitted to: read through a probe below
+        else:
+            return _Predictions({x: _output_rows(v, m, x).argmax(axis=1) for x in splits},
+                                f"the model's own output ({width} units, not the folder's {k} classes: read "
+                                "label-free, against its own prediction on the image each background came from)",
+                                True, "output")
+    return _probe_predictions(v, m, splits)
+
+
+def _probe_predictions(v: _View, m: str, splits: Sequence[str]) -> _Predictions:
     from .analyses import LinearProbe
 
-    layer = c["behaviour_layer"] or next(
-        (la for la in reversed(_model_layers(s, m, None)) if la != OUTPUT_LAYER), None)
-    tr = c["train"]
-    if layer is None or not ctx.has_split(m, tr, layer) or not s.has_field(tr, "label"):
-        raise DataError(f"behaviour needs the model's output ({OUTPUT_LAYER!r}, extract with outputs) or a "
-                        f"labelled split {tr!r} to fit a linear probe on")
-    for sp in splits:
-        if not ctx.has_split(m, sp, layer):
-            raise DataError(f"behaviour: the probe layer {layer!r} has no rows on split {sp!r}")
-    Xtr = ctx.x(m, tr, layer)
-    probe = LinearProbe(C="cv", random_state=c["random_state"]).fit(Xtr, _field(ctx, tr, "label", len(Xtr)))
-    return ({sp: np.asarray(probe.predict(ctx.x(m, sp, layer))) for sp in splits},
-            f"a linear probe on {layer} fit on {tr!r} (the model has no stored output)", False)
+    s, sp = v.store, v.spec
+    hidden = [la for la in v.model_layers(m) if la != OUTPUT_LAYER]
+    layer = sp.behaviour_layer or (hidden[-1] if hidden else None)
+    tr = sp.train
+    if layer is None or not v.has(m, tr, layer) or not s.has_field(tr, "label"):
+        raise DataError(f"the model has no class output and no labelled split {tr!r} with a hidden layer to fit a "
+                        "linear probe on")
+    for x in splits:
+        if not v.has(m, x, layer):
+            raise DataError(f"the probe layer {layer!r} has no rows on split {x!r}")
+    Xtr = v.x(m, tr, layer)
+    ytr = v.field(tr, "label", len(Xtr))
+    counts = np.bincount(ytr.astype(np.int64))
+    if counts[counts > 0].min(initial=0) < 5:
+        raise DataError(f"a linear probe on {layer} needs at least 5 training images per class; split {tr!r} has "
+                        f"{int(counts[counts > 0].min(initial=0))} for some class (add images or give the model's "
+                        "class output)")
+    probe = LinearProbe(C="cv", random_state=sp.random_state).fit(Xtr, ytr)
+    return _Predictions({x: np.asarray(probe.predict(v.x(m, x, layer))) for x in splits},
+                        f"a linear probe on {layer} fit on {tr!r} (the model has no class output)", False, "labels")
 
 
-def _behaviour(ctx: _Ctx, m: str) -> dict[str, Any]:
-    from .analyses import background_behaviour, variant_behaviour
+def _original_predictions(v: _View, m: str, reading: _Predictions) -> dict[int, int] | None:
+    """Image index -> the model's prediction on the original image, from splits of original images
+    (``group`` = the image's index and no crossed background), for label-free reading."""
+    out: dict[int, int] = {}
+    sp = v.spec
+    for split in dict.fromkeys([sp.train, sp.test_id, sp.test_ood, "test", "train"]):
+        if not split or not v.has(m, split) or split == sp.crossed or OUTPUT_LAYER not in v.store.layers(m, split):
+            continue
+        if not v.store.has_field(split, "group") or v.crossed(split):
+            continue
+        n = v.store.n_rows(split, m)
+        pred = _output_rows(v, m, split).argmax(axis=1)
+        for g, p in zip(v.field(split, "group", n).tolist(), pred.tolist(), strict=True):
+            out.setdefault(int(g), int(p))
+    return out or None
 
-    s, c = ctx.store, ctx.cfg
-    st, va = c["stress"], c["variants"]
-    splits = [sp for sp in (st,) if ctx.has_split(m, sp) and _crossed(ctx, sp) and s.has_field(sp, "label")]
-    vsplits = [sp for sp in (va,) if ctx.has_split(m, sp) and sp in s.splits and s.has_field(sp, "variant")
-               and s.has_field(sp, "label") and s.has_field(sp, "group")]
+
+def _behaviour(v: _View, m: str) -> dict[str, Any]:
+    from .analyses import background_behaviour, background_reliance, variant_behaviour
+
+    s, sp = v.store, v.spec
+    st, va = sp.crossed, sp.variants
+    splits = [x for x in (st,) if v.has(m, x) and v.crossed(x) and s.has_field(x, "label")]
+    vsplits = [x for x in (va,) if v.has(m, x) and x in s.splits and s.has_field(x, "variant")
+               and s.has_field(x, "label") and s.has_field(x, "group")]
     if not splits and not vsplits:
         raise DataError(f"behaviour needs a crossed split {st!r} (fields 'label', 'group', 'background') or a "
                         f"variants split {va!r} (fields 'label', 'group', 'variant')")
-    preds, source, from_output = _predictions(ctx, m, splits + vsplits)
-    out: dict[str, Any] = {"predictions": source, "from_output": from_output}
+    reading = _predictions(v, m, splits + vsplits)
+    preds = reading.preds
+    out: dict[str, Any] = {"predictions": reading.source, "from_output": reading.from_output,
+                           "space": reading.space}
     if splits:
         n = s.n_rows(st, m)
-        label, group, background, bl = _rows_fields(ctx, st, n, "label", "group", "background",
-                                                     "background_label")
-        r = background_behaviour(preds[st], group, background, label=label, background_label=bl,
-                                 n_boot=c["n_boot"], n_perm=c["n_perm"], threshold=c["pull_threshold"],
-                                 random_state=c["random_state"])
+        label, group, background, bl = v.fields(st, n, "label", "group", "background", "background_label")
+        basis = "background_label"
+        reason = None
+        if reading.space == "output":
+            orig = _original_predictions(v, m, reading)
+            basis = "model_prediction"
+            if orig is None or not all(int(g) in orig for g in np.unique(group)) or \
+                    not all(int(b) in orig for b in np.unique(background)):
+                reason = ("the model's output is not the folder's classes and its predictions on the original "
+                          "images (of the objects and of the backgrounds) are not in the store; give a class "
+                          "map (--class-map) or extract the original images")
+                label = bl = None
+            else:
+                label = np.array([orig[int(g)] for g in group])
+                bl = np.array([orig[int(b)] for b in background])
+        beh = background_behaviour(preds[st], group, background, label=label, background_label=bl,
+                                   n_boot=sp.n_boot, n_perm=max(sp.n_perm, 1), random_state=sp.random_state)
         out.update({
-            "split": st, "n_groups": r.n_groups, "n_backgrounds": r.n_backgrounds,
-            "flip_rate": _estimate(r.flip_rate, r.flip_rate_ci),
-            "pull": _estimate(r.pull, r.pull_ci), "pull_raw": r.pull_raw, "pull_null": r.pull_null,
-            "pull_p_value": r.pull_p_value, "pull_threshold": r.threshold,
-            "accuracy_crossed": _estimate(r.accuracy, r.accuracy_ci),
-            "follows_background": _estimate(r.follows_background, r.follows_background_ci),
-            "follows_background_null": r.follows_background_null, "n_swapped": r.n_swapped,
-            "flagged": r.flagged,
+            "split": st, "n_groups": beh.n_groups, "n_backgrounds": beh.n_backgrounds,
+            "flip_rate": _estimate(beh.flip_rate, beh.flip_rate_ci),
+            "pull": _estimate(beh.pull, beh.pull_ci), "pull_raw": beh.pull_raw, "pull_null": beh.pull_null,
+            "pull_p_value": beh.pull_p_value,
+            "accuracy_crossed": _estimate(beh.accuracy, beh.accuracy_ci),
+            "follows_background": _estimate(beh.follows_background, beh.follows_background_ci),
+            "follows_background_null": beh.follows_background_null, "n_swapped": beh.n_swapped,
         })
-    if vsplits:
+        if bl is None or label is None:
+            out["reliance"] = {**_estimate(None), "p_value": None, "margin": sp.reliance_margin,
+                               "detectable": None, "basis": None, "stand_in": None if reason else "pull",
+                               "reason": reason or "the crossed split records no class for its backgrounds "
+                                                   "(field 'background_label')"}
+            out["pull_low"] = beh.pull_low
+            if label is not None:  # how far the objects' classes are from balanced (the pull's limit)
+                per_object = np.unique(np.stack([group, label]), axis=1)[1]
+                counts = np.bincount(np.unique(per_object, return_inverse=True)[1])
+                out["class_imbalance"] = float(counts.max() / counts.mean())
+        else:
+            r = background_reliance(preds[st], group, background, label=label, background_label=bl, basis=basis,
+                                    n_boot=sp.n_boot, margin=sp.reliance_margin, effect_margin=sp.effect_margin,
+                                    random_state=sp.random_state)
+            out["reliance"] = {**_estimate(r.reliance, r.reliance_ci), "p_value": r.p_value, "margin": r.margin,
+                               "detectable": r.detectable, "basis": r.basis, "reason": r.reason,
+                               "n_background_classes": r.n_background_classes, "n_swapped": r.n_swapped}
+            out["accuracy_own_background"] = _estimate(r.accuracy_own, r.accuracy_own_ci)
+            out["accuracy_other_background"] = _estimate(r.accuracy_other, r.accuracy_other_ci)
+            out["bg_gap_crossed"] = _estimate(r.bg_gap, r.bg_gap_ci)
+            out["background_effect"] = {**_estimate(r.effect, r.effect_ci), "p_value": r.effect_p_value,
+                                        "margin": r.effect_margin}
+    if vsplits and reading.space == "labels":
         n = s.n_rows(va, m)
-        v = variant_behaviour(preds[va], _field(ctx, va, "label", n), s.variants(va)[:n],
-                              _field(ctx, va, "group", n), n_boot=c["n_boot"], random_state=c["random_state"])
+        vb = variant_behaviour(preds[va], v.field(va, "label", n), s.variants(va)[:n], v.field(va, "group", n),
+                               n_boot=sp.n_boot, random_state=sp.random_state)
         out["variants_split"] = va
-        out["accuracy"] = {k: {"value": e["value"], "ci": e["ci"], "n": e["n"]} for k, e in v.accuracy.items()}
-        out["bg_gap"] = _estimate(*(v.bg_gap["value"], v.bg_gap["ci"]) if v.bg_gap else (None,))
-        only = v.only_bg_accuracy
+        out["accuracy"] = {k: {"value": e["value"], "ci": e["ci"], "n": e["n"]} for k, e in vb.accuracy.items()}
+        out["bg_gap"] = _estimate(*(vb.bg_gap["value"], vb.bg_gap["ci"]) if vb.bg_gap else (None,))
+        only = vb.only_bg_accuracy
         out["only_bg_accuracy"] = _estimate(*(only["value"], only["ci"]) if only else (None,))
-        out["chance"] = v.chance
+        out["chance"] = vb.chance
     for key in ("bg_gap", "only_bg_accuracy", "follows_background"):
         out.setdefault(key, _estimate(None))
     return out
 
 
-def _init_rows(ctx: _Ctx, m: str, split: str, layer: str) -> tuple[list[Any], str] | None:
+# -- representation: each layer's background component against its reference ---------------------
+
+
+def _init_rows(v: _View, m: str, split: str, layer: str) -> tuple[list[Any], str] | None:
     """The init reference of a layer: seeded inits (``<m>@init<k>``) or the recorded step 0."""
-    s = ctx.store
-    seeded = [i for i in _inits(s, m) if ctx.has_split(i, split, layer)]
+    seeded = [i for i in v.inits(m) if v.has(i, split, layer)]
     if seeded:
-        return [ctx.x(i, split, layer) for i in seeded], f"{len(seeded)} seeded initialisations"
-    if _init_step(ctx, m, split, layer) is not None:
-        return [ctx.x(m, split, layer, 0)], "the recorded step 0"
+        return [v.x(i, split, layer) for i in seeded], f"{len(seeded)} seeded initialisations"
+    if v.init_step(m, split, layer) is not None:
+        return [v.x(m, split, layer, 0)], "the recorded step 0"
     return None
 
 
-def _background_flags(ctx: _Ctx, names: Sequence[str], doc: dict[str, Any]) -> None:
+def _background_flags(v: _View, names: Sequence[str], doc: dict[str, Any]) -> None:
     """``layers.<l>.background_flag`` of every model: its background component against its reference,
     with Bonferroni over every comparison made (layers x models)."""
     from .analyses import compare_background
 
-    s, c = ctx.store, ctx.cfg
-    st = c["stress"]
-    if not _crossed(ctx, st):
+    s, sp = v.store, v.spec
+    st = sp.crossed
+    if not v.crossed(st):
         return
     teachers = [t for t in names if s.role(t) == "teacher"] or [t for t in s.models if s.role(t) == "teacher"]
     plans = []
     for m in names:
         for layer in doc["models"][m]["layers"]:
-            if layer == OUTPUT_LAYER or not ctx.has_split(m, st, layer):
+            if layer == OUTPUT_LAYER or not v.has(m, st, layer):
                 continue
             ref = None
             if s.role(m) == "student":
-                t = next((t for t in teachers if ctx.has_split(t, st, layer)), None)
+                t = next((t for t in teachers if v.has(t, st, layer)), None)
                 if t is not None and s.n_rows(st, t) == s.n_rows(st, m):
-                    ref = ([ctx.x(t, st, layer)], "absolute", "teacher" if t == "teacher" else f"teacher {t}")
+                    ref = ([v.x(t, st, layer)], "absolute", "teacher" if t == "teacher" else f"teacher {t}")
             if ref is None:
-                init = _init_rows(ctx, m, st, layer)
+                init = _init_rows(v, m, st, layer)
                 if init is not None:
                     ref = (init[0], "odds", f"initialisation ({init[1]})")
             if ref is None:
-                ctx.skip("background flag", "no reference: a teacher at this layer (for a student), seeded "
-                         f"initialisations '{m}@init<k>' or a recorded step 0", m, layer)
+                v.skip("background flag", "no reference: a teacher at this layer (for a student), seeded "
+                       f"initialisations '{m}@init<k>' or a recorded step 0", m, layer)
                 continue
             plans.append((m, layer, ref))
     if not plans:
@@ -665,70 +940,24 @@ def _background_flags(ctx: _Ctx, names: Sequence[str], doc: dict[str, Any]) -> N
     level = 1 - 0.05 / len(plans)  # Bonferroni over layers x models (two-sided intervals)
     for m, layer, (refs, kind, ref_name) in plans:
         def run(m: str = m, layer: str = layer, refs: list[Any] = refs, kind: str = kind) -> Any:
-            X = ctx.x(m, st, layer)
-            group, background = _rows_fields(ctx, st, len(X), "group", "background")
-            return compare_background(X, refs, group, background, kind=kind, n_boot=min(500, ctx.cfg["n_boot"]),
-                                      ci_level=level, random_state=c["random_state"])
+            X = v.x(m, st, layer)
+            group, background = v.fields(st, len(X), "group", "background")
+            return compare_background(X, refs, group, background, kind=kind, n_boot=sp.n_boot,
+                                      ci_level=level, margin=sp.ratio_margin, random_state=sp.random_state)
 
-        r = _run(ctx, "background flag", m, layer, run)
+        r = _run(v, "background flag", m, layer, run)
         if r is None:
             continue
         res = doc["models"][m]["layers"][layer]
-        res["background_flag"] = r.flagged
+        res["background_flag"] = bool(r.flagged)
         res["background_vs_reference"] = {
-            "reference": ref_name, "kind": kind, "value": r.value, "reference_value": r.reference,
+            "reference": ref_name, "kind": r.kind, "value": r.value, "reference_value": r.reference,
             "ratio": _estimate(r.ratio, r.ratio_ci), "ci_level": r.ci_level, "margin": r.margin,
-            "n_comparisons": len(plans),
+            "n_comparisons": len(plans), "reason": getattr(r, "reason", None),
         }
 
 
-def _pct(v: float | None) -> str:
-    return "–" if v is None else f"{100 * v:.0f} %"
-
-
-def _ci_pct(e: Mapping[str, Any]) -> str:
-    ci = e.get("ci")
-    return f"{_pct(e['value'])} [{100 * ci[0]:.0f}, {100 * ci[1]:.0f}]" if ci else _pct(e.get("value"))
-
-
-def _model_verdict(info: Mapping[str, Any], m: str, cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """``flagged`` and the one-sentence ``verdict`` of a model: behaviour first, then its layers."""
-    beh = info.get("behaviour") or {}
-    layer_flags = [la for la, r in info["layers"].items() if r.get("background_flag")]
-    compared = [la for la, r in info["layers"].items() if "background_flag" in r]
-    rep = ""
-    if compared:
-        rep = (f" Its representation's background component is above its reference at {len(layer_flags)} of "
-               f"{len(compared)} layers" + (f" ({', '.join(layer_flags)})." if layer_flags else "."))
-    if "flagged" in beh:
-        flip, pull = beh["flip_rate"], beh["pull"]
-        follow = beh.get("follows_background") or {}
-        fb = (f"; where the background came from another class, the prediction follows the background's "
-              f"class for {_ci_pct(follow)} of images (chance {_pct(beh.get('follows_background_null'))})"
-              if follow.get("value") is not None else "")
-        where = f"{beh['n_groups']} objects each shown on the same {beh['n_backgrounds']} backgrounds"
-        if beh["flagged"]:
-            text = (f"{m} relies on the background: its prediction changes with the background for "
-                    f"{_ci_pct(flip)} of objects, and backgrounds move {_ci_pct(pull)} of its predictions "
-                    f"towards the same classes for every object ({where}){fb}.")
-        elif (flip.get("value") or 0) > 0:
-            text = (f"{m} is not flagged: its prediction changes with the background for {_ci_pct(flip)} of "
-                    f"objects, but each object its own way: backgrounds move {_ci_pct(pull)} of its "
-                    f"predictions towards shared classes, below the {_pct(beh['pull_threshold'])} threshold "
-                    f"(unsure foregrounds, not background reliance; {where}){fb}.")
-        else:
-            text = f"{m} is not flagged: its prediction never changes with the background ({where})."
-        return {"flagged": bool(beh["flagged"]), "verdict": text + rep, "flag_basis": "behaviour"}
-    if compared:
-        return {"flagged": bool(layer_flags), "flag_basis": "representation",
-                "verdict": (f"{m} {'is flagged' if layer_flags else 'is not flagged'} on its representation "
-                            "(no behaviour: the store has no crossed split with labels)." + rep)}
-    return {"flagged": False, "flag_basis": None,
-            "verdict": (f"{m}: no verdict — the store has no crossed split (every foreground on the same "
-                        "backgrounds) with labels, and no reference for its layers.")}
-
-
-# -- headline and verdict -------------------------------------------------------------------------
+# -- evidence lines -------------------------------------------------------------------------------
 
 HEADLINE_DEFINITIONS = {
     "sensitivity": (
@@ -736,18 +965,20 @@ HEADLINE_DEFINITIONS = {
         "Share of the layer's variance that comes from the background with the foreground held fixed, on "
         "the grouped split with broad backgrounds ({split}): Σ_u Σ_i (x_iu − x̄_g(i)u)² / Σ_u Σ_i (x_iu − x̄_u)². "
         "0 = ignores the background. Reference: the teacher at the same layer for a student, else the same "
-        "network at initialisation. Flagged when the 95% CI's low end exceeds 1.25 × the reference.",
+        "network at initialisation. Marked when the 95% CI's low end exceeds {margin:g} × the reference "
+        "(evidence: the verdict reads behaviour and the two-way decomposition).",
     ),
     "nms": (
         "normalised mean shift",
         "Σ_u (mean OOD − mean ID)² / Σ_u var_ID on the same foregrounds ({split}); 0 = the background "
         "family does not move the layer. Reference: the teacher at the same layer for a student, else the "
-        "same network at initialisation. Flagged when the 95% CI's low end exceeds 1.25 × the reference.",
+        "same network at initialisation. Marked when the 95% CI's low end exceeds {margin:g} × the reference "
+        "(evidence: the verdict reads behaviour and the two-way decomposition).",
     ),
 }
 
 
-def _headline(doc: dict[str, Any]) -> dict[str, Any]:
+def _headline(doc: dict[str, Any], margin: float) -> dict[str, Any]:
     models = doc["models"]
     has = {k: any(k in res for info in models.values() for res in info["layers"].values())
            for k in HEADLINE_DEFINITIONS}
@@ -776,17 +1007,18 @@ def _headline(doc: dict[str, Any]) -> dict[str, Any]:
                 ref_name, ref_value = "at initialisation", init_value
             ratio = est["value"] / ref_value if ref_value and est["value"] is not None else None
             low = (est.get("ci") or [None])[0]
-            flag = bool(ref_value is not None and low is not None and low > HEADLINE_FLAG_RATIO * ref_value)
+            flag = bool(ref_value is not None and low is not None and low > margin * ref_value)
             rows.append({"model": m, "layer": layer, "estimate": est, "reference": ref_name,
                          "reference_value": ref_value, "init_value": init_value, "ratio": ratio, "flag": flag})
     name, definition = HEADLINE_DEFINITIONS[metric]
-    return {"metric": metric, "name": name, "definition": definition.format(split=split), "rows": rows}
+    return {"metric": metric, "name": name, "definition": definition.format(split=split, margin=margin),
+            "rows": rows}
 
 
-def _verdict(doc: dict[str, Any]) -> list[str]:
+def _evidence(doc: dict[str, Any]) -> list[str]:
+    """Lines after the models' verdicts: the probe gap at the last hidden layer, the teacher fit."""
     lines = []
-    models = doc["models"]
-    for m, info in models.items():
+    for m, info in doc["models"].items():
         probes = [(la, res["probe"]) for la, res in info["layers"].items() if "probe" in res and la != OUTPUT_LAYER]
         if probes:
             la, p = probes[-1]
@@ -801,8 +1033,8 @@ def _verdict(doc: dict[str, Any]) -> list[str]:
     for pair in last_pairs.values():
         rm = pair.get("rel_mse") or {}
         vals = {sp: (rm.get(sp) or {}).get("value") for sp in rm}
-        if len(vals) >= 2 and all(v is not None for v in vals.values()):
-            text = ", ".join(f"{v:.3f} on {sp}" for sp, v in vals.items())
+        if len(vals) >= 2 and all(x is not None for x in vals.values()):
+            text = ", ".join(f"{x:.3f} on {sp}" for sp, x in vals.items())
             lines.append(f"{pair['student']} fits {pair['teacher']} at {pair['student_layer']} with relative "
                          f"MSE {text}.")
     return lines
@@ -811,12 +1043,12 @@ def _verdict(doc: dict[str, Any]) -> list[str]:
 # -- weights and pairs ----------------------------------------------------------------------------
 
 
-def _directions(ctx: _Ctx, m: str) -> dict[str, Any]:
+def _directions(v: _View, m: str) -> dict[str, Any]:
     from .analyses import DirectionClusters
 
     out = {}
-    for layer in ctx.store.weight_layers(m):
-        W = ctx.store.weights(m, layer)
+    for layer in v.store.weight_layers(m):
+        W = v.store.weights(m, layer)
 
         def run(W: np.ndarray = W) -> dict[str, Any]:
             est = DirectionClusters().fit(W)
@@ -827,53 +1059,53 @@ def _directions(ctx: _Ctx, m: str) -> dict[str, Any]:
                                   for t, k in est.stability_.items()},
                     "stable": bool(est.stable_), "note": est.result_.note}
 
-        r = _run(ctx, "directions", m, layer, run)
+        r = _run(v, "directions", m, layer, run)
         if r is not None:
             out[layer] = r
     if not out:
-        ctx.skip("directions", "the store has no weight rows for this model", m, None)
+        v.skip("directions", "the store has no weight rows for this model", m, None)
     return out
 
 
-def _pairs(ctx: _Ctx, names: Sequence[str], doc: dict[str, Any]) -> list[dict[str, Any]]:
+def _pairs(v: _View, names: Sequence[str], doc: dict[str, Any]) -> list[dict[str, Any]]:
     from .analyses import linear_cka, relative_mse
 
-    s, c = ctx.store, ctx.cfg
+    s, sp = v.store, v.spec
     teachers = [m for m in names if s.role(m) == "teacher"]
     students = [m for m in names if s.role(m) == "student"]
     if not teachers or not students:
-        ctx.skip("teacher-student", "needs one model with role 'teacher' and one with role 'student'")
+        v.skip("teacher-student", "needs one model with role 'teacher' and one with role 'student'",
+               actionable=False)
         return []
     pairs = []
-    splits = [sp for sp in (c["test_id"], c["test_ood"], c["stress"]) if sp in s.splits]
+    splits = [x for x in (sp.test_id, sp.test_ood, sp.crossed) if x and x in s.splits]
     for t in teachers:
         for st in students:
             # hidden layers only: a student's output (its representation) and a teacher's (its class
             # scores) share the name @output but not the meaning
-            common = [la for la in _model_layers(s, st, None) if la in s.layers(t) and la != OUTPUT_LAYER]
+            common = [la for la in v.model_layers(st) if la in s.layers(t) and la != OUTPUT_LAYER]
             layer_pairs = [(la, la) for la in common] or [(s.layers(st)[-1], s.layers(t)[-1])]
             for ls, lt in layer_pairs:
                 pair: dict[str, Any] = {"teacher": t, "student": st, "teacher_layer": lt, "student_layer": ls,
                                         "cka": {}, "rel_mse": {}}
-                for sp in splits:
-                    if not (ctx.has_split(st, sp, ls) and ctx.has_split(t, sp, lt)):
+                for x in splits:
+                    if not (v.has(st, x, ls) and v.has(t, x, lt)):
                         continue
-                    if s.n_rows(sp, st) != s.n_rows(sp, t):
-                        ctx.skip("teacher-student", f"split {sp!r} has different row counts for the two models",
-                                 st, ls)
+                    if s.n_rows(x, st) != s.n_rows(x, t):
+                        v.skip("teacher-student", f"split {x!r} has different row counts for the two models", st, ls)
                         continue
-                    X, Y = ctx.x(st, sp, ls), ctx.x(t, sp, lt)
+                    X, Y = v.x(st, x, ls), v.x(t, x, lt)
                     # the debiased estimator: the plain one reads 0.46 for independent features at d = 512
-                    cka = _run(ctx, "cka", st, ls, lambda X=X, Y=Y: linear_cka(X, Y, debiased=True))
-                    pair["cka"][sp] = _estimate(cka)
+                    cka = _run(v, "cka", st, ls, lambda X=X, Y=Y: linear_cka(X, Y, debiased=True))
+                    pair["cka"][x] = _estimate(cka)
                     fit = {}
-                    if ctx.has_split(st, c["train"], ls) and ctx.has_split(t, c["train"], lt):
-                        fit = {"student_fit": ctx.x(st, c["train"], ls), "teacher_fit": ctx.x(t, c["train"], lt)}
-                    r = _run(ctx, "relative_mse", st, ls, lambda X=X, Y=Y, fit=fit: relative_mse(X, Y, **fit))
+                    if v.has(st, sp.train, ls) and v.has(t, sp.train, lt):
+                        fit = {"student_fit": v.x(st, sp.train, ls), "teacher_fit": v.x(t, sp.train, lt)}
+                    r = _run(v, "relative_mse", st, ls, lambda X=X, Y=Y, fit=fit: relative_mse(X, Y, **fit))
                     if r is not None:
                         value = r.raw if r.raw is not None else r.mapped
-                        pair["rel_mse"][sp] = _estimate(value)
-                        pair.setdefault("rel_mse_mapped", {})[sp] = _estimate(r.mapped)
+                        pair["rel_mse"][x] = _estimate(value)
+                        pair.setdefault("rel_mse_mapped", {})[x] = _estimate(r.mapped)
                 pair["differences"] = _differences(doc["models"][st]["layers"].get(ls, {}),
                                                    doc["models"][t]["layers"].get(lt, {}))
                 pairs.append(pair)

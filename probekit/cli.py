@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the splits, backgrounds and every resampling")
     p.add_argument("--n-boot", type=int, default=500, help="bootstrap resamples for 95%% intervals")
     p.add_argument("--n-perm", type=int, default=200, help="permutations of the nulls")
-    p.add_argument("--fail-on-flag", action="store_true", help="exit 1 when the model is flagged (for CI)")
+    _add_gate_args(p)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_audit)
 
@@ -201,8 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit 1 if the figure exceeds VALUE (repeatable). Per model: flagged (0/1), flip_rate, "
                    "pull, follows_background; per layer: sensitivity, nms, gap, decodability, correlated_units; "
                    "e.g. pull:student=0.05 or sensitivity:student:rep=0.12")
-    p.add_argument("--fail-on-flag", action="store_true",
-                   help="exit 1 when any model's verdict is flagged (for CI gates)")
+    _add_gate_args(p)
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("report", help="write a self-contained HTML report of a store",
@@ -254,9 +253,14 @@ def _add_audit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train", default="train", metavar="SPLIT", help="split the probes are fit on")
     p.add_argument("--test-id", default="test_id", metavar="SPLIT")
     p.add_argument("--test-ood", default="test_ood", metavar="SPLIT")
-    p.add_argument("--stress", default="stress", metavar="SPLIT",
-                   help="crossed split (every foreground 'group' on the same 'background' ids): behaviour, "
-                   "the verdict, the two-way decomposition and background sensitivity")
+    p.add_argument("--crossed", "--stress", dest="crossed", default="stress", metavar="SPLIT",
+                   help="the crossed split (every object 'group' on the same 'background' ids): behaviour, "
+                   "the verdict, the two-way decomposition and background sensitivity (default: stress; "
+                   "--stress is the old spelling)")
+    p.add_argument("--head", default="auto", choices=["auto", "output", "probe", "label_free"],
+                   help="how predictions are read: auto = the stored output as class scores when it has one "
+                   "unit per class (or one logit for two), else label-free in its own output space; a linear "
+                   "probe only for a student whose output is a representation or a model with no output")
     p.add_argument("--variants", default="variants", metavar="SPLIT",
                    help="split of image variants (original, only_fg, no_fg, only_bg, mixed_*): accuracy per "
                    "variant, BG-gap, only-background accuracy")
@@ -266,6 +270,38 @@ def _add_audit_args(p: argparse.ArgumentParser) -> None:
                         "products; much faster on large stores, see docs/METRICS.md)")
     p.add_argument("--seed", type=int, default=0, help="seed of every resampling")
     p.add_argument("--no-progress", action="store_true")
+
+
+def _add_gate_args(p: argparse.ArgumentParser) -> None:
+    from .verdict import RULES
+
+    p.add_argument("--fail-on-flag", action="store_true",
+                   help="for CI: exit 1 when a model is flagged (shortcut: " + RULES["shortcut"].rule.replace("%", "%%")
+                   + "), 3 "
+                   "when the shortcut could not be judged (no verdict never passes a gate)")
+    p.add_argument("--fail-on", metavar="FINDING,...", default=None,
+                   help="for CI: exit 1 when any of these findings holds for a model (shortcut, "
+                   "background_sensitive, representation, or any), 3 when one could not be judged")
+
+
+def _check_gate(args: argparse.Namespace) -> None:
+    from .verdict import parse_findings
+
+    if args.fail_on:
+        parse_findings(args.fail_on)  # a misspelt finding fails before the work
+
+
+def _gate(args: argparse.Namespace, doc: dict[str, Any], failures: list[str]) -> int:
+    """Print the gate's failures; the exit status (1: a gated finding or figure; 3: not judged)."""
+    from .verdict import exit_status, parse_findings
+
+    fail_on = parse_findings(args.fail_on) if args.fail_on else []
+    code, lines = exit_status(doc["models"], fail_on_flag=args.fail_on_flag, fail_on=fail_on)
+    for line in failures:
+        print(f"probekit: FAIL {line}", file=sys.stderr)
+    for line in lines:
+        print(f"probekit: {'FAIL' if code == 1 else 'NOT JUDGED'} {line}", file=sys.stderr)
+    return 1 if failures else code
 
 
 def _csv(text: str | None) -> list[str] | None:
@@ -278,9 +314,10 @@ def _audit(args: argparse.Namespace) -> Any:
     if args.label not in ("label", "none"):
         raise DataError(f"--label must be 'label' (the store's label field) or 'none'; got {args.label!r}.")
     return audit(args.store, train=args.train if args.label != "none" else "",
-                 test_id=args.test_id, test_ood=args.test_ood, stress=args.stress, variants=args.variants,
+                 test_id=args.test_id, test_ood=args.test_ood, crossed=args.crossed, variants=args.variants,
                  models=_csv(args.models), layers=_csv(args.layers), factors=_csv(args.factors),
-                 n_boot=args.n_boot, n_perm=args.n_perm, random_state=args.seed, progress=not args.no_progress)
+                 n_boot=args.n_boot, n_perm=args.n_perm, random_state=args.seed, head=args.head,
+                 progress=not args.no_progress)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -579,6 +616,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from .audit import parse_threshold
 
     thresholds = [parse_threshold(t) for t in args.fail_above]  # bad syntax fails before the work
+    _check_gate(args)
     result = _audit(args)
     if args.json == "-":
         print(json.dumps(result.data, indent=1))
@@ -588,13 +626,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         _print_summary(result.data)
         if args.json:
             print(f"\nfull result: {args.json}", file=sys.stderr)
-    failures = result.check(thresholds)
-    if args.fail_on_flag:
-        failures += [f"model {m} is flagged: {info['verdict']}" for m, info in result.data["models"].items()
-                     if info.get("flagged")]
-    for line in failures:
-        print(f"probekit: FAIL {line}", file=sys.stderr)
-    return 1 if failures else 0
+    return _gate(args, result.data, result.check(thresholds))
 
 
 def _print_summary(doc: dict[str, Any]) -> None:
@@ -602,7 +634,9 @@ def _print_summary(doc: dict[str, Any]) -> None:
     verdicts = {info.get("verdict") for info in models.values()}
     for info in models.values():
         if info.get("verdict"):
-            tag = "FLAGGED" if info.get("flagged") else "not flagged"
+            tag = {True: "FLAGGED", False: "not flagged", None: "not judged"}[info.get("flagged")]
+            if info.get("findings"):
+                tag += ": " + ", ".join(info["findings"])
             print(f"[{tag}] {info['verdict']}")
     others = [line for line in doc.get("verdict", []) if line not in verdicts]
     if others:
@@ -633,6 +667,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from .model_audit import audit_model
     from .models import parse_model_args
 
+    _check_gate(args)
     if args.input_shape:
         raise DataError("audit takes its inputs from the images; --input-shape is not used. Set the model's input "
                         "size with --image-size.")
@@ -654,11 +689,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     _print_summary(result.data)
     print(f"\nstore:  {os.path.join(args.out, 'acts.h5')}\naudit:  {os.path.join(args.out, 'audit.json')}\n"
           f"report: {os.path.join(args.out, 'report.html')}  (open it in a browser)")
-    flagged = [m for m, info in result.data["models"].items() if info.get("flagged")]
-    if args.fail_on_flag and flagged:
-        print(f"probekit: FAIL flagged: {', '.join(flagged)}", file=sys.stderr)
-        return 1
-    return 0
+    return _gate(args, result.data, [])
 
 
 def cmd_report(args: argparse.Namespace) -> int:

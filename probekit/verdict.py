@@ -21,7 +21,7 @@ import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from .vocab import ALPHA, RATIO_MARGIN, RELIANCE_EFFECT_MARGIN, RELIANCE_MARGIN
+from .vocab import ALPHA, PULL_MARGIN, PULL_MAX_IMBALANCE, RATIO_MARGIN, RELIANCE_EFFECT_MARGIN, RELIANCE_MARGIN
 
 __all__ = [
     "ALPHA",
@@ -60,7 +60,11 @@ RULES: dict[str, Rule] = {
         f"reliance (the share of predictions that take the background's class beyond the same object's "
         f"predictions shuffled over its backgrounds; 1 = a complete shortcut) is above "
         f"{100 * RELIANCE_MARGIN:.0f} % at one-sided level {ALPHA:g}, with objects and backgrounds both "
-        "resampled",
+        "resampled. Where the backgrounds carry no class (synthetic backgrounds), the background pull stands "
+        f"in: the share of predictions backgrounds move towards the same classes, beyond the within-object "
+        f"shuffle, above {100 * PULL_MARGIN:.0f} % at the low end of its interval (it cannot tell noise from a "
+        f"shortcut when classes are imbalanced, so it stands in only while no class holds more than "
+        f"{PULL_MAX_IMBALANCE:g}x its balanced share)",
     ),
     "background_sensitive": Rule(
         "background_sensitive", "backgrounds change its accuracy",
@@ -121,6 +125,20 @@ def _shortcut(m: str, beh: Mapping[str, Any]) -> tuple[bool | None, str, str | N
     how = "" if beh.get("from_output", True) else f" (predictions read through {beh.get('predictions')})"
     if rel.get("value") is None or rel.get("p_value") is None:
         reason = rel.get("reason") or "the crossed split has no background classes to follow"
+        pull = beh.get("pull") or {}
+        if rel.get("stand_in") == "pull" and pull.get("value") is not None and beh.get("pull_low") is not None:
+            if (beh.get("class_imbalance") or 1.0) > PULL_MAX_IMBALANCE:
+                reason += (f"; the background pull cannot stand in with classes this imbalanced (one class holds "
+                           f"{beh['class_imbalance']:.1f}x its balanced share of the objects)")
+                return None, f"{m}: shortcut not judged: {reason}.", reason
+            found = beh["pull_low"] > PULL_MARGIN and (beh.get("pull_p_value") or 1.0) < ALPHA
+            stand = ("the background pull stands in for reliance: these backgrounds carry no class")
+            if found:
+                return True, (f"{m} relies on the background: backgrounds move {_ci(pull)} of its predictions "
+                              f"towards the same classes for every object ({where}; {stand}){how}."), None
+            return False, (f"No shortcut detected for {m}: backgrounds move {_ci(pull)} of its predictions towards "
+                           f"the same classes for every object, not shown to be above {_pct(PULL_MARGIN)} "
+                           f"({where}; {stand}){how}."), None
         return None, f"{m}: shortcut not judged: {reason}.", reason
     own, other = beh.get("accuracy_own_background") or {}, beh.get("accuracy_other_background") or {}
     acc = ""

@@ -22,6 +22,8 @@ __all__ = [
     "ALPHA",
     "INIT_RE",
     "OUTPUT_LAYER",
+    "PULL_MARGIN",
+    "PULL_MAX_IMBALANCE",
     "RATIO_MARGIN",
     "RELIANCE_EFFECT_MARGIN",
     "RELIANCE_MARGIN",
@@ -49,6 +51,12 @@ RELIANCE_MARGIN = 0.03
 #: materiality of the background-sensitive finding: accuracy that moves with the background without a
 #: preferred class, as a fraction (0.05 = 5 points)
 RELIANCE_EFFECT_MARGIN = 0.05
+#: materiality of the background pull, which stands in for reliance where backgrounds carry no class
+#: (synthetic backgrounds): the share of predictions backgrounds move towards the same classes
+PULL_MARGIN = 0.05
+#: the pull stands in only while no class holds more than this multiple of its balanced share of the
+#: objects: with imbalanced classes, noise that moves predictions off the majority class reads as a pull
+PULL_MAX_IMBALANCE = 1.5
 #: materiality of the representation finding: a layer's background component over its reference's
 RATIO_MARGIN = 1.25
 

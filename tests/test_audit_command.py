@@ -51,7 +51,8 @@ def test_shortcut_model_flagged_robust_not(folder, tmp_path, capsys):
     assert r["inits"] == ["robust@init0", "robust@init1"]
     assert any(la.get("background_vs_reference", {}).get("kind") == "odds" for la in r["layers"].values())
     out = capsys.readouterr().out
-    assert "[FLAGGED] shortcut relies on the background" in out and "[not flagged] robust" in out
+    assert "[FLAGGED: shortcut" in out and "shortcut takes the background's class" in out
+    assert "[not flagged] No shortcut detected for robust" in out
 
 
 @pytest.mark.slow

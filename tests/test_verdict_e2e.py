@@ -40,18 +40,21 @@ def test_shortcut_is_flagged_and_robust_is_not(store, tmp_path, capsys):
     out = tmp_path / "a.json"
     assert _analyze(store, "--json", str(out), "--fail-on-flag") == 1  # the shortcut model fails the gate
     doc = json.loads(out.read_text())
-    assert doc["schema_version"] == 2
+    assert doc["schema_version"] == 3
     short, robust = doc["models"]["shortcut"], doc["models"]["robust"]
-    assert short["flagged"] is True and short["flag_basis"] == "behaviour"
+    assert short["flagged"] is True and short["flag_basis"] == "behaviour" and "shortcut" in short["findings"]
+    # a complete shortcut reads (close to) 1 on the reliance scale, whatever the number of classes
+    assert short["behaviour"]["reliance"]["value"] >= 0.9
     assert short["behaviour"]["flip_rate"]["value"] >= 0.9
     # where the background came from another class, the shortcut model answers that class
     assert short["behaviour"]["follows_background"]["value"] >= 0.9
     assert short["behaviour"]["predictions"].startswith("the model's own output")
-    assert robust["flagged"] is False
-    assert robust["behaviour"]["pull"]["ci"][0] < robust["behaviour"]["pull_threshold"]
+    assert robust["flagged"] is False and robust["findings"] == []
+    rel = robust["behaviour"]["reliance"]
+    assert rel["ci"][0] < rel["margin"] and rel["detectable"] is not None
     printed = capsys.readouterr().out
-    assert "[FLAGGED] shortcut relies on the background" in printed
-    assert "[not flagged] robust" in printed
+    assert "[FLAGGED: shortcut] shortcut takes the background's class" in printed
+    assert "[not flagged] No shortcut detected for robust" in printed
 
 
 def test_gate_passes_for_the_robust_model_alone(store):

@@ -99,3 +99,23 @@ def test_rules_describe_the_margins_the_code_uses():
     # the prose every surface prints comes from the same constants the rule reads
     assert f"{100 * RELIANCE_MARGIN:.0f} %" in verdict.RULES["shortcut"].rule
     assert set(verdict.RULES) == set(verdict.FINDINGS)
+
+
+def _pull_beh(low, p, imbalance=1.0):
+    b = _beh(None, None, None, reason="the crossed split records no class for its backgrounds")
+    b["reliance"]["stand_in"] = "pull"
+    b.update({"pull": {"value": low + 0.02, "ci": [low, low + 0.05]}, "pull_low": low, "pull_p_value": p,
+              "class_imbalance": imbalance})
+    return b
+
+
+def test_pull_stands_in_where_backgrounds_carry_no_class():
+    v = verdict.judge("m", {"behaviour": _pull_beh(0.2, 0.001), "layers": {}})
+    assert v.flagged is True and "stands in" in v.verdict
+    v = verdict.judge("m", {"behaviour": _pull_beh(0.01, 0.3), "layers": {}})
+    assert v.flagged is False and v.verdict.startswith("No shortcut detected")
+
+
+def test_pull_does_not_stand_in_with_imbalanced_classes():
+    v = verdict.judge("m", {"behaviour": _pull_beh(0.2, 0.001, imbalance=1.8), "layers": {}})
+    assert v.flagged is None and "imbalanced" in v.verdict_reason

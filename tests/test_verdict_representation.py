@@ -43,12 +43,15 @@ def _write(path, students, seed=0):
 def test_background_flag_through_the_cli(tmp_path, students, flagged):
     store, out = tmp_path / "s.h5", tmp_path / "a.json"
     _write(store, students)
-    rc = main(["analyze", str(store), "--json", str(out), "--n-boot", "200", "--no-progress", "--fail-on-flag"])
+    rc = main(["analyze", str(store), "--json", str(out), "--n-boot", "200", "--no-progress",
+               "--fail-on", "representation"])
     doc = json.loads(out.read_text())
     for name, want in flagged.items():
         layer = doc["models"][name]["layers"]["rep"]
         assert layer["background_flag"] is want, name
-        assert doc["models"][name]["flagged"] is want and doc["models"][name]["flag_basis"] == "representation"
+        assert ("representation" in doc["models"][name]["findings"]) is want
+        # the split records no background classes, so the shortcut finding cannot be judged: null, not false
+        assert doc["models"][name]["flagged"] is None and doc["models"][name]["judged"]["representation"]
         ref = layer["background_vs_reference"]
         assert ref["reference"] == "teacher" and ref["kind"] == "absolute"
         assert ref["n_comparisons"] == len(students)  # Bonferroni over every layer x model compared
@@ -56,5 +59,7 @@ def test_background_flag_through_the_cli(tmp_path, students, flagged):
         fgc = layer["crossed"]["foreground"]["value"]
         assert fgc == pytest.approx(doc["models"]["teacher"]["layers"]["rep"]["crossed"]["foreground"]["value"]
                                     * (students[name][0] ** 2), rel=0.3)
-    assert rc == (1 if any(flagged.values()) else 0)
-    assert "background_flag" not in doc["models"]["teacher"]["layers"]["rep"]  # no reference of its own
+    # a finding fails the gate; else the teacher, with no reference of its own, is not judged: exit 3
+    assert rc == (1 if any(flagged.values()) else 3)
+    assert "background_flag" not in doc["models"]["teacher"]["layers"]["rep"]
+    assert not doc["models"]["teacher"]["judged"]["representation"]

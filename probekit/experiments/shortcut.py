@@ -109,5 +109,6 @@ def headline(results: dict[str, Any]) -> list[str]:
         lines.append(f"  seed {seed}: " + ("as expected" if ok else "NOT as expected")
                      + " (shortcut flagged, robust not)")
         for m in ("shortcut", "robust"):
-            lines.append(f"    [{'FLAGGED' if r[m]['flagged'] else 'not flagged'}] {r[m]['verdict']}")
+            tag = {True: "FLAGGED", False: "not flagged", None: "not judged"}[r[m]["flagged"]]
+            lines.append(f"    [{tag}] {r[m]['verdict']}")
     return lines
