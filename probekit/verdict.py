@@ -21,7 +21,14 @@ import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from .vocab import ALPHA, PULL_MARGIN, PULL_MAX_IMBALANCE, RATIO_MARGIN, RELIANCE_EFFECT_MARGIN, RELIANCE_MARGIN
+from .vocab import (
+    ALPHA,
+    PULL_MARGIN,
+    PULL_MAX_IMBALANCE,
+    RATIO_MARGIN,
+    RELIANCE_EFFECT_MARGIN,
+    RELIANCE_MARGIN,
+)
 
 __all__ = [
     "ALPHA",
