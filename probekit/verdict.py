@@ -116,6 +116,12 @@ def _ci(e: Mapping[str, Any] | None, digits: int = 0) -> str:
     return f"{text} [{100 * ci[0]:.{digits}f}, {100 * ci[1]:.{digits}f}]" if ci else text
 
 
+def _share(e: Mapping[str, Any] | None) -> str:
+    """A share with its interval, to 0.1 % below 10 % (a reliance of 0.4 % must not print as 0 %)."""
+    v = (e or {}).get("value")
+    return _ci(e, 1 if v is not None and abs(v) < 0.1 else 0)
+
+
 def _pts(e: Mapping[str, Any] | None) -> str:
     if not e or e.get("value") is None:
         return "–"
@@ -155,12 +161,12 @@ def _shortcut(m: str, beh: Mapping[str, Any]) -> tuple[bool | None, str, str | N
     found = rel["p_value"] < ALPHA
     margin = rel.get("margin", RELIANCE_MARGIN)
     if found:
-        text = (f"{m} takes the background's class: {_ci(rel)} of its predictions follow the background's class "
+        text = (f"{m} takes the background's class: {_share(rel)} of its predictions follow the background's class "
                 f"beyond chance (1 = always; {where}){acc}{how}.")
     else:
         det = rel.get("detectable")
         above = rel["value"] > margin
-        text = (f"No shortcut detected for {m}: reliance {_ci(rel)}"
+        text = (f"No shortcut detected for {m}: reliance {_share(rel)}"
                 + (f", above the {_pct(margin)} materiality but not shown to be (p = {rel['p_value']:.2g})"
                    if above else "")
                 + (f"; this audit detects a reliance of {_pct(det)} or more with 80 % power" if det is not None
