@@ -2,6 +2,9 @@
 
 - :func:`resolve_layers`, :func:`list_layers`, :class:`LayerInfo`: choose layers by name, glob,
   ``name@K`` call selector or predicate; list every layer with its output shape.
+- :func:`default_layers`, :func:`execution_order`: layers spread over any model's depth, in depth order.
+- :func:`default_pool`, :func:`default_pools`, :func:`resolve_pools`, :func:`parse_layer_pools`: each
+  layer's pooling (``cls`` / ``tokens_mean`` for tokens, ``avg`` for maps), per layer (``cls,@output=avg``).
 - :func:`pool`, :data:`POOLS`: avg, max, cls, tokens_mean, last, flatten, none (mask-aware on tokens).
 - :class:`Padding`: how keyword-input items (``input_ids``, ``attention_mask``, ...) are padded per batch.
 - :func:`capture`: the one hook context manager (hooks removed and train/eval restored on exit).
@@ -16,11 +19,19 @@ from ._hooks import Capture as Capture
 from ._hooks import capture as capture
 from ._layers import OUTPUT_LAYER as OUTPUT_LAYER
 from ._layers import LayerInfo as LayerInfo
+from ._layers import class_token_head as class_token_head
+from ._layers import default_layers as default_layers
+from ._layers import default_pool as default_pool
+from ._layers import default_pools as default_pools
+from ._layers import execution_order as execution_order
 from ._layers import first_tensor as first_tensor
 from ._layers import glob_match as glob_match
 from ._layers import list_layers as list_layers
+from ._layers import parse_layer_pools as parse_layer_pools
 from ._layers import parse_selector as parse_selector
+from ._layers import prefix_tokens as prefix_tokens
 from ._layers import resolve_layers as resolve_layers
+from ._layers import resolve_pools as resolve_pools
 from ._layers import takes_token_ids as takes_token_ids
 from ._layers import token_example as token_example
 from ._pipeline import ModelSpec as ModelSpec
@@ -48,17 +59,25 @@ __all__ = [
     "Recorder",
     "RecorderCallback",
     "capture",
+    "class_token_head",
+    "default_layers",
+    "default_pool",
+    "default_pools",
+    "execution_order",
     "extract_distributed",
     "extract_models",
     "first_tensor",
     "glob_match",
     "list_layers",
     "param_count",
+    "parse_layer_pools",
     "parse_selector",
     "pool",
     "pool_for",
     "pools_for_rank",
+    "prefix_tokens",
     "resolve_layers",
+    "resolve_pools",
     "shard_bounds",
     "shard_path",
     "takes_token_ids",

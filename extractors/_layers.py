@@ -18,7 +18,7 @@ import difflib
 import fnmatch
 import inspect
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,8 +27,9 @@ from torch import nn
 
 from probekit.errors import DataError, LayerNotFoundError
 
-__all__ = ["LayerInfo", "LayerSpec", "forward_params", "glob_match", "list_layers", "parse_selector",
-           "resolve_layers", "takes_token_ids", "token_example"]
+__all__ = ["LayerInfo", "LayerSpec", "class_token_head", "default_layers", "default_pool", "default_pools",
+           "execution_order", "forward_params", "glob_match", "list_layers", "parse_layer_pools", "parse_selector",
+           "prefix_tokens", "resolve_layers", "resolve_pools", "takes_token_ids", "token_example"]
 
 LayerSpec = str | Sequence[str] | Callable[..., bool]
 """What a user may pass as ``layers``: a name, a glob, ``name@K``, a list of these, or a predicate."""
@@ -325,23 +326,54 @@ def list_layers(model: nn.Module, example_input: Any) -> list[LayerInfo]:
     [('0', 'Linear', (8,)), ('1', 'ReLU', (8,))]
     """
     named = [(n, m) for n, m in model.named_modules() if n != ""]
+    trace = _trace(model, example_input)
+    return [LayerInfo(n, type(m).__name__, trace.shapes.get(n), trace.calls.get(n, 0)) for n, m in named]
+
+
+# -- one traced forward pass: execution order and output shapes -------------------------------------------
+
+
+@dataclass
+class _Trace:
+    order: list[str]  # modules (root excluded) in the order their forward began, first call
+    shapes: dict[str, tuple[int, ...] | None]  # per-sample shape of the first output (first call)
+    calls: dict[str, int]
+    output_shape: tuple[int, ...] | None  # the model's own output (the @output layer)
+
+
+def _trace(model: nn.Module, example_input: Any) -> _Trace:
+    """Run ``model`` once on ``example_input`` (no_grad, eval) with hooks on every module; restore all."""
+    named = [(n, m) for n, m in model.named_modules() if n != ""]
+    order: list[str] = []
     shapes: dict[str, tuple[int, ...] | None] = {}
     calls: dict[str, int] = {n: 0 for n, _ in named}
+    root: list[tuple[int, ...] | None] = []
 
-    def make_hook(name: str) -> Callable[..., None]:
-        def hook(_module: nn.Module, _inp: Any, output: Any) -> None:
+    def shape_of(output: Any) -> tuple[int, ...] | None:
+        t = first_tensor(output)
+        return tuple(t.shape[1:]) if t is not None and t.ndim > 0 else None
+
+    def make_hooks(name: str) -> tuple[Callable[..., None], Callable[..., None]]:
+        def pre(_module: nn.Module, _inp: Any) -> None:
+            if calls[name] == 0 and name not in shapes:
+                order.append(name)
+                shapes[name] = None  # set by the forward hook once the module returns
+
+        def post(_module: nn.Module, _inp: Any, output: Any) -> None:
             calls[name] += 1
-            if name not in shapes:
-                t = first_tensor(output)
-                shapes[name] = tuple(t.shape[1:]) if t is not None and t.ndim > 0 else None
+            if calls[name] == 1:
+                shapes[name] = shape_of(output)
 
-        return hook
+        return pre, post
 
     modes = {m: m.training for m in model.modules()}
     handles = []
     try:
         for n, m in named:
-            handles.append(m.register_forward_hook(make_hook(n)))
+            pre, post = make_hooks(n)
+            handles.append(m.register_forward_pre_hook(pre))
+            handles.append(m.register_forward_hook(post))
+        handles.append(model.register_forward_hook(lambda _m, _i, out: root.append(shape_of(out))))
         model.eval()
         batch = _example_batch(model, example_input)
         with torch.no_grad():
@@ -354,4 +386,420 @@ def list_layers(model: nn.Module, example_input: Any) -> list[LayerInfo]:
             h.remove()
         for m, flag in modes.items():
             m.training = flag
-    return [LayerInfo(n, type(m).__name__, shapes.get(n), calls[n]) for n, m in named]
+    return _Trace(order, shapes, calls, root[0] if root else None)
+
+
+def execution_order(module: nn.Module, example_input: Any = None) -> list[str]:
+    """Module names in the order the forward pass runs them (depth order).
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        The model.
+    example_input : torch.Tensor, dict of str to torch.Tensor, tuple of int, or None
+        As for :func:`list_layers`. Given, one forward pass (no_grad, eval mode, every hook removed and
+        train/eval flag restored afterwards) records when each module's forward *begins* (its first
+        call): a container comes before its children (``layer1``, ``layer1.0``, ...) and a module that
+        never runs (an ``nn.ModuleList``, an unused branch) is left out. None: registration order
+        (``named_modules()``, root excluded), which is the execution order of ``nn.Sequential`` models,
+        of blocks kept in an ``nn.ModuleList`` and of every model that creates its modules in the order
+        it calls them; a model that creates them in another order needs the example input.
+
+    Returns
+    -------
+    list of str
+        Module names, root excluded.
+
+    Examples
+    --------
+    >>> from torch import nn
+    >>> class Net(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.head = nn.Linear(8, 2)  # created first, runs last
+    ...         self.stem = nn.Linear(4, 8)
+    ...     def forward(self, x):
+    ...         return self.head(self.stem(x))
+    >>> execution_order(Net()), execution_order(Net(), (4,))
+    (['head', 'stem'], ['stem', 'head'])
+    """
+    if example_input is None:
+        return [n for n, _ in module.named_modules() if n != ""]
+    return _trace(module, example_input).order
+
+
+# -- default layers: spread over the depth of any model family ---------------------------------------------
+
+_HEAD_NAMES = ("fc", "head", "heads", "classifier", "last_linear", "lm_head", "score")
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def _n_params(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def _param_kids(node: nn.Module, prefix: str) -> list[tuple[str, nn.Module]]:
+    return [(prefix + n, c) for n, c in node.named_children() if _n_params(c) > 0]
+
+
+def _expansion(name: str, m: nn.Module) -> list[tuple[str, nn.Module]] | None:
+    """What a unit expands into: the blocks of a container, or the children of a module whose
+    parameters sit mostly in one container (a transformers encoder and its ``layer`` list); None: a unit
+    that stays whole (a residual block, a leaf)."""
+    kids = _param_kids(m, f"{name}.")
+    if len(kids) < 2 and not (kids and isinstance(m, (nn.ModuleList, nn.ModuleDict))):
+        if len(kids) == 1 and isinstance(kids[0][1], _CONTAINERS):  # a wrapper of one container
+            return kids
+        return None
+    if isinstance(m, _CONTAINERS):
+        return kids
+    total = _n_params(m)
+    if any(isinstance(c, _CONTAINERS) and len(_param_kids(c, "")) >= 2 and 2 * _n_params(c) >= total
+           for _, c in kids):
+        return kids
+    return None
+
+
+def _structural_units(module: nn.Module, rank: Callable[[str], float], want: int) -> list[str]:
+    """Depth units of a model without feature_info: its trunk's blocks, the head left out."""
+    prefix, node = "", module
+    headless = False
+    while True:
+        kids = sorted(_param_kids(node, prefix), key=lambda kv: rank(kv[0]))
+        if not headless and len(kids) > 1 and (isinstance(kids[-1][1], nn.Linear)
+                                               or kids[-1][0].rsplit(".", 1)[-1] in _HEAD_NAMES):
+            kids, headless = kids[:-1], True  # the final head (one): its output is the @output layer
+        if len(kids) == 1 and any(True for _ in kids[0][1].children()):
+            prefix, node = f"{kids[0][0]}.", kids[0][1]  # a wrapper, or the trunk beside the head
+            continue
+        break
+    units: list[tuple[str, nn.Module]] = list(kids)
+    blocks: set[str] = set()  # members of an expanded container
+
+    def expand(i: int, into: list[tuple[str, nn.Module]]) -> None:
+        name, m = units[i]
+        if isinstance(m, _CONTAINERS):
+            blocks.update(n for n, _ in into)
+        units[i:i + 1] = into
+
+    while True:  # a ModuleList or ModuleDict never runs itself: always replaced by its blocks
+        i = next((i for i, (_, m) in enumerate(units) if isinstance(m, (nn.ModuleList, nn.ModuleDict))), None)
+        if i is None:
+            break
+        expand(i, _param_kids(units[i][1], f"{units[i][0]}."))
+    while len(units) < want:  # too few units to spread over: open the largest container
+        options = [(i, e) for i, (n, m) in enumerate(units) if (e := _expansion(n, m))]
+        if not options:
+            break
+        i, into = max(options, key=lambda ie: _n_params(units[ie[0]][1]))
+        expand(i, into)
+        while True:
+            j = next((j for j, (_, m) in enumerate(units) if isinstance(m, (nn.ModuleList, nn.ModuleDict))), None)
+            if j is None:
+                break
+            expand(j, _param_kids(units[j][1], f"{units[j][0]}."))
+    units.sort(key=lambda kv: rank(kv[0]))
+    total = sum(_n_params(m) for _, m in units)
+    in_blocks = [(n, m) for n, m in units if n in blocks]
+    if len(in_blocks) >= 2 and 2 * sum(_n_params(m) for _, m in in_blocks) >= total:
+        return [n for n, _ in in_blocks]  # the blocks hold the model: stem and final norm left out
+    composite = [(n, m) for n, m in units if any(True for _ in m.children())]
+    if len(composite) >= 2:
+        return [n for n, _ in composite]  # stages / blocks rather than a loose stem conv or norm
+    return [n for n, _ in units]
+
+
+def default_layers(module: nn.Module, max_layers: int = 4, example_input: Any = None) -> list[str]:
+    """Up to ``max_layers`` layers spread over a model's depth, in depth order, the last block included.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        Any model: timm, torchvision, transformers, or your own.
+    max_layers : int, default 4
+        How many layers at most; picks are spread evenly over the candidates (first and last included).
+    example_input : torch.Tensor, dict of str to torch.Tensor, tuple of int, or None
+        As for :func:`list_layers`. Given, one forward pass orders the candidates by execution and drops
+        any module that does not run; None: registration order (see :func:`execution_order`).
+
+    Returns
+    -------
+    list of str
+        Module names (never the model's head: its output is the reserved layer ``@output``).
+
+    Notes
+    -----
+    Candidates: a timm model's ``feature_info`` modules (the stages its ``features_only`` mode
+    returns; with more of them than ``max_layers``, those with submodules when there are enough, so a
+    ResNet gives ``layer1`` ... ``layer4`` rather than its stem activation). Other models: the trunk (descending through wrappers and past a final head: a ``Linear``
+    or a child named fc / head / heads / classifier / last_linear / lm_head / score), its parameterised
+    children; an ``nn.ModuleList`` / ``nn.ModuleDict`` (which never runs itself) is replaced by its
+    blocks, and while there are fewer than 4 candidates the largest ``nn.Sequential`` (or a module whose
+    parameters sit mostly in one, such as a transformers encoder and its ``layer`` list) is opened into
+    its blocks. When blocks of opened containers hold at least half the parameters, only they are
+    candidates (a transformer's blocks, not its embedding or final norm); otherwise, when two or more
+    candidates have children of their own (ResNet stages), only those.
+
+    Raises
+    ------
+    DataError
+        When the model has no parameterised submodule that runs (name the layers yourself).
+
+    Examples
+    --------
+    >>> from torch import nn
+    >>> class Tiny(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.embed = nn.Linear(4, 8)
+    ...         self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.ReLU()) for _ in range(6))
+    ...         self.head = nn.Linear(8, 2)
+    ...     def forward(self, x):
+    ...         x = self.embed(x)
+    ...         for b in self.blocks:
+    ...             x = b(x)
+    ...         return self.head(x)
+    >>> default_layers(Tiny())
+    ['blocks.0', 'blocks.2', 'blocks.3', 'blocks.5']
+    """
+    if not isinstance(max_layers, int) or isinstance(max_layers, bool) or max_layers < 1:
+        raise DataError(f"max_layers must be an int >= 1; got {max_layers!r}.")
+    order = execution_order(module, example_input) if example_input is not None else None
+    position = {n: i for i, n in enumerate(order if order is not None else execution_order(module))}
+
+    def rank(name: str) -> float:
+        return position.get(name, float("inf"))
+
+    names = {n for n, _ in module.named_modules()}
+    info = getattr(module, "feature_info", None)
+    picked: list[str] = []
+    if isinstance(info, Sequence) and info and all(isinstance(d, Mapping) and "module" in d for d in info):
+        picked = list(dict.fromkeys(str(d["module"]) for d in info if str(d["module"]) in names))
+    if not picked:
+        picked = _structural_units(module, rank, max_layers)
+    if order is not None:
+        picked = sorted((p for p in picked if p in position), key=rank)  # modules that run, in depth order
+    if not picked:
+        raise DataError(f"Could not choose layers of {type(module).__name__} on its own; name them with "
+                        "--layers (see `probekit layers MODEL`).")
+    if len(picked) > max_layers:  # stages / blocks before a loose stem activation, when they suffice
+        modules = dict(module.named_modules())
+        composite = [p for p in picked if any(True for _ in modules[p].children())]
+        picked = composite if len(composite) >= max_layers else picked
+    if len(picked) > max_layers:
+        step = (len(picked) - 1) / (max_layers - 1) if max_layers > 1 else 0.0
+        idx = sorted({int(i * step + 0.5) for i in range(max_layers)}) if max_layers > 1 else [len(picked) - 1]
+        picked = [picked[i] for i in idx]
+    return picked
+
+
+# -- default pooling: tokens as tokens, maps averaged -------------------------------------------------------
+
+_PREFIX_PARAMS = ("cls_token", "class_token", "dist_token", "distillation_token", "reg_token", "register_tokens")
+
+
+def prefix_tokens(module: nn.Module) -> int:
+    """How many prefix tokens (class, distillation, register tokens) a token model puts before its
+    patches: timm's ``num_prefix_tokens``, else the number of such parameters (``cls_token``,
+    ``class_token``, ``dist_token``, ``distillation_token``: one token each; ``reg_token`` /
+    ``register_tokens``: their length)."""
+    own = getattr(module, "num_prefix_tokens", None)
+    if isinstance(own, int) and not isinstance(own, bool):
+        return own
+    n = 0
+    for name, p in module.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in _PREFIX_PARAMS:
+            n += int(p.shape[-2]) if leaf in ("reg_token", "register_tokens") and p.ndim >= 2 else 1
+    return n
+
+
+def class_token_head(module: nn.Module) -> bool:
+    """Whether the model is ViT-style with a class token that its head reads.
+
+    timm: a ``cls_token`` and ``global_pool == "token"``; a timm model that pools its tokens
+    otherwise (``"avg"``, ``"map"``) does not read it. Others (transformers' ViT / DeiT, torchvision's
+    ViT, your own): a parameter named ``cls_token`` or ``class_token``, unless the model's config sets
+    ``use_mean_pooling`` (transformers' BEiT / Data2Vec).
+    """
+    pool = getattr(module, "global_pool", None)
+    if isinstance(pool, str):  # timm
+        return pool == "token" and getattr(module, "cls_token", None) is not None
+    cfg = getattr(module, "config", None)
+    if getattr(cfg, "use_mean_pooling", False) is True:
+        return False
+    return any(n.rsplit(".", 1)[-1] in ("cls_token", "class_token") for n, _ in module.named_parameters())
+
+
+def default_pool(module: nn.Module, layer: str, output_shape: Sequence[int] | None,
+                 module_type: str | None = None) -> str:
+    """The pooling mode a layer gets by default, from its per-sample output shape.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        The model the layer belongs to.
+    layer : str
+        The layer's selector (a module name, ``name@K`` or ``@output``); used for its module's type.
+    output_shape : sequence of int or None
+        The layer's per-sample output shape (batch axis dropped), e.g. from :func:`list_layers`.
+    module_type : str, optional
+        The layer module's class name (read from ``module`` when not given).
+
+    Returns
+    -------
+    str
+        ``"cls"`` for a token output ``(T, D)`` of a model whose head reads its class token
+        (:func:`class_token_head`: timm ViTs with ``global_pool="token"``, transformers' ViT);
+        ``"tokens_mean"`` for a token output of a model with prefix tokens its head does not read (the
+        mean over the patch tokens); ``"avg"`` for any other output: the mean over every token of a
+        model without prefix tokens (what ``tokens_mean`` with no prefix gives; the real tokens only
+        when there is an attention mask), the spatial mean of a map ``(C, H, W)``, the mean over L of a
+        Conv1d-style ``(C, L)`` output, and a vector ``(D,)`` kept as it is.
+    """
+    from ._hooks import _CHANNELS_FIRST_1D
+
+    if output_shape is None or len(output_shape) != 2:
+        return "avg"
+    if module_type is None:
+        base, _ = parse_selector(layer)
+        mod = module if base == OUTPUT_LAYER else dict(module.named_modules()).get(base)
+        module_type = type(mod).__name__ if mod is not None else ""
+    if module_type in {c.__name__ for c in _CHANNELS_FIRST_1D}:
+        return "avg"
+    if class_token_head(module):
+        return "cls"
+    return "tokens_mean" if prefix_tokens(module) > 0 else "avg"
+
+
+def default_pools(module: nn.Module, layers: Sequence[str], example_input: Any) -> dict[str, str]:
+    """:func:`default_pool` of each layer (selectors as :func:`resolve_layers` gives them), from one
+    forward pass on ``example_input`` (as for :func:`list_layers`)."""
+    return resolve_pools(module, layers, None, example_input)
+
+
+def parse_layer_pools(text: str | None) -> dict[str, str]:
+    """Read a per-layer pool: ``"MODE"``, ``"LAYER=MODE,..."`` or both (``"cls,@output=avg"``).
+
+    A bare MODE applies to every layer not named (stored under the key ``"*"``, kept last); ``LAYER``
+    may be a module name, ``name@K``, ``@output`` or a glob (``"blocks.*=cls"``). Whitespace around
+    items is ignored.
+
+    Returns
+    -------
+    dict of str to str
+        Layer (or glob) -> mode, named layers first, then ``"*"`` when a bare mode was given; empty for
+        None or an empty text.
+
+    Raises
+    ------
+    DataError
+        On an unknown mode, two bare modes, an empty layer name, or a layer named twice.
+
+    Examples
+    --------
+    >>> parse_layer_pools("tokens_mean, blocks.11=cls, @output=avg")
+    {'blocks.11': 'cls', '@output': 'avg', '*': 'tokens_mean'}
+    """
+    from ._pooling import POOLS
+
+    out: dict[str, str] = {}
+    default: str | None = None
+    for item in (text or "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        layer, sep, mode = (s.strip() for s in item.rpartition("=")) if "=" in item else ("", "", item)
+        if mode not in POOLS:
+            raise DataError(f"--pool {text!r}: {mode!r} is not a pool; use one of {', '.join(POOLS)} "
+                            "(for one layer: LAYER=MODE, e.g. --pool blocks.11=cls,@output=avg).")
+        if not sep:
+            if default is not None:
+                raise DataError(f"--pool {text!r} gives two modes for every layer ({default!r}, {mode!r}); "
+                                "give one, and LAYER=MODE for the others.")
+            default = mode
+            continue
+        if not layer:
+            raise DataError(f"--pool {text!r}: {item!r} names no layer; write LAYER=MODE.")
+        if layer in out:
+            raise DataError(f"--pool {text!r} names layer {layer!r} twice; keep one.")
+        out[layer] = mode
+    if default is not None:
+        out["*"] = default
+    return out
+
+
+def resolve_pools(module: nn.Module, layers: Sequence[str], pool: str | Mapping[str, str] | None,
+                  example_input: Any) -> dict[str, str]:
+    """The pooling mode of each layer: what the user named, else a default that fits the layer.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        The model.
+    layers : sequence of str
+        Selectors (module names, ``name@K``, ``@output``) as :func:`resolve_layers` gives them.
+    pool : str, dict of str to str, or None
+        A mode, the text of :func:`parse_layer_pools` (``"cls,@output=avg"``), or a dict layer (or
+        glob) -> mode with ``"*"`` for every other layer. None: :func:`default_pool` for every layer.
+    example_input : torch.Tensor, dict of str to torch.Tensor, or tuple of int
+        A batch for one forward pass (as for :func:`list_layers`), which gives each layer's output
+        shape.
+
+    Returns
+    -------
+    dict of str to str
+        Selector -> mode, for ``pool=`` of :func:`probekit.extract` (every layer named).
+
+    Notes
+    -----
+    A mode named for a layer (or a glob matching it) is used as given. A mode for every layer (a bare
+    mode, or ``"*"``) is used where it fits the layer's output; the model's own output ``@output``,
+    where it does not (``cls`` on the logits ``(K,)`` of a classifier), gets its default instead, so
+    ``--pool cls --layers blocks.11,@output`` pools the block's class token and keeps the logits. Any
+    other layer it does not fit is an error naming the layer and the pools that fit.
+
+    Raises
+    ------
+    DataError
+        When a mode for every layer does not fit a layer other than ``@output``.
+    """
+    from ._pooling import POOLS, pools_for_rank
+
+    if isinstance(pool, str):
+        spec = parse_layer_pools(pool) if ("=" in pool or "," in pool or pool not in POOLS) else {"*": pool}
+    else:
+        spec = dict(pool or {})
+    trace = _trace(module, example_input)
+    modules = dict(module.named_modules())
+    out: dict[str, str] = {}
+    for sel in layers:
+        base, _ = parse_selector(sel)
+        shape = trace.output_shape if base == OUTPUT_LAYER else trace.shapes.get(base)
+        mod = module if base == OUTPUT_LAYER else modules.get(base)
+        mtype = type(mod).__name__ if mod is not None else ""
+        named = next((spec[k] for k in (sel, base) if k in spec), None)
+        if named is None:
+            named = next((m for k, m in spec.items() if k != "*" and glob_match(base, k)), None)
+        if named is not None:
+            out[sel] = named
+            continue
+        own = default_pool(module, sel, shape, mtype)
+        every = spec.get("*")
+        if every is None:
+            out[sel] = own
+            continue
+        from ._hooks import _CHANNELS_FIRST_1D
+
+        fits = pools_for_rank(len(shape) + 1, isinstance(mod, _CHANNELS_FIRST_1D)) if shape is not None else list(POOLS)
+        if every in fits:
+            out[sel] = every
+        elif base == OUTPUT_LAYER:
+            out[sel] = own
+        else:
+            dims = "x".join(map(str, shape)) if shape is not None else "?"
+            raise DataError(
+                f"Pool {every!r} does not fit layer {sel!r} (output {dims} per sample); pools that fit: "
+                f"{', '.join(fits)}. Give it its own: --pool {every},{sel}={fits[0]}."
+            )
+    return out

@@ -25,47 +25,11 @@ import torch
 from torch import nn
 
 from .errors import DataError
+from .extractors import default_layers
 
 __all__ = ["audit_model", "default_layers"]
 
 SPLITS = ("train", "test", "stress", "variants")
-_HEAD_NAMES = ("fc", "head", "heads", "classifier", "last_linear")  # a final head: its output is @output
-
-
-def default_layers(module: nn.Module, max_layers: int = 4) -> list[str]:
-    """Up to ``max_layers`` module names spread over a model's depth, last one included.
-
-    timm models name their stages in ``feature_info`` (the layers its ``features_only`` mode returns);
-    other models: the top-level children that hold parameters, but a final head (a ``Linear``, or a child
-    named fc / head / classifier: its output is stored as ``@output``), descending while a model is one
-    wrapper child, and into the trunk when only one child is left.
-    """
-    names = [n for n, _ in module.named_modules()]
-    info = getattr(module, "feature_info", None)
-    picked: list[str] = []
-    if isinstance(info, Sequence) and info and all(isinstance(d, Mapping) and "module" in d for d in info):
-        picked = [str(d["module"]) for d in info if str(d["module"]) in names]
-    if not picked:
-        prefix, node = "", module
-        while True:
-            kids = [(n, c) for n, c in node.named_children() if any(True for _ in c.parameters())]
-            if len(kids) != 1 or not any(True for _ in kids[0][1].children()):
-                break
-            prefix, node = f"{prefix}{kids[0][0]}.", kids[0][1]
-        if len(kids) > 1 and (isinstance(kids[-1][1], nn.Linear) or kids[-1][0] in _HEAD_NAMES):
-            kids = kids[:-1]
-        if len(kids) == 1:  # one trunk (e.g. `features` beside the head): its own parameterised children
-            inner = [(f"{kids[0][0]}.{n}", c) for n, c in kids[0][1].named_children()
-                     if any(True for _ in c.parameters())]
-            kids = inner or kids
-        picked = [prefix + n for n, _ in kids]
-    if not picked:
-        raise DataError(f"Could not choose layers of {type(module).__name__} on its own; name them with "
-                        "--layers (see `probekit layers MODEL`).")
-    if len(picked) > max_layers:
-        idx = np.unique(np.round(np.linspace(0, len(picked) - 1, max_layers)).astype(int))
-        picked = [picked[i] for i in idx]
-    return picked
 
 
 def _say(progress: bool, text: str) -> None:
