@@ -14,6 +14,7 @@ config, torchvision's weights transforms, or the image as it is) and a JSON-able
 
 from __future__ import annotations
 
+import argparse
 import ast
 import contextlib
 import difflib
@@ -39,6 +40,8 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "LoadedModel",
+    "check_model_name",
+    "check_n_inits",
     "describe_preprocessing",
     "file_sha256",
     "load_model",
@@ -149,7 +152,7 @@ def load_model(
         or the callable), e.g. ``{"num_classes": 3}``.
     """
     args = dict(model_args or {})
-    state = load_state_dict(weights, allow_pickle=allow_pickle) if weights is not None else None
+    state, read_notes = _read_checkpoint(weights, allow_pickle=allow_pickle) if weights is not None else (None, [])
     if isinstance(spec, nn.Module):
         if args:
             raise ModelLoadError(
@@ -178,10 +181,53 @@ def load_model(
             "'package.module:callable' (a module in the current directory works, e.g. mymodels:net)."
         )
     if state is not None and loaded.kind not in ("timm", "torchvision"):
+        state, note = _fit_keys(loaded.module, state)
+        loaded.notes += [note] if note else []
         _apply_state(loaded.module, state, weights, loaded.source)
+    loaded.notes[:0] = read_notes
     loaded.weights = os.fspath(weights) if weights is not None else None
     loaded.module.eval()
     return loaded
+
+
+# -- names and counts a run is given -------------------------------------------------------------------
+
+_RESERVED_NAME = re.compile(r"@init\d+$")  # the seeded initialisations of model <m> are stored as <m>@init<k>
+
+
+def check_model_name(name: str, flag: str = "--name") -> str:
+    """Refuse a model name the store or the audit cannot take, before anything runs; return it.
+
+    A name must be a non-empty string without ``/`` or surrounding spaces (the store's rule), and must not
+    end in ``@init<k>``: the audit stores the seeded initialisations of model ``m`` as ``m@init0``,
+    ``m@init1``, ... and reads any such name as one.
+
+    Raises
+    ------
+    DataError
+        Naming the flag (``--name``; pass ``flag="--teacher-name"`` etc. for another) and the fix.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise DataError(f"{flag} {name!r} is empty; give the model a name such as {flag} resnet.")
+    if "/" in name or name in (".", ".."):
+        raise DataError(f"{flag} {name!r} cannot name a model in the store: use no '/' (e.g. {name.replace('/', '-')!r}).")
+    if name != name.strip():
+        raise DataError(f"{flag} {name!r} has leading or trailing spaces; remove them.")
+    m = _RESERVED_NAME.search(name)
+    if m:
+        raise DataError(
+            f"{flag} {name!r} ends in {m.group(0)!r}, which is reserved for the seeded initialisations the audit "
+            f"stores as <name>@init<k>; choose another name (e.g. {name[:m.start()] + '-' + m.group(0)[1:]!r})."
+        )
+    return name
+
+
+def check_n_inits(n: int, flag: str = "--inits") -> int:
+    """Refuse a number of seeded initialisations that is not an integer >= 0 (0: no init reference)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise DataError(f"{flag} must be an integer >= 0 (seeded initialisations as the reference; 0: none); "
+                        f"got {n!r}.")
+    return n
 
 
 # -- construction ---------------------------------------------------------------------------------------
@@ -193,10 +239,13 @@ def _fitted(build: Callable[..., LoadedModel], name: str, pretrained: bool, args
     loaded = build(name, pretrained, args)
     if state is None:
         return loaded
+    state, note = _fit_keys(loaded.module, state)
+    loaded.notes += [note] if note else []
     if "num_classes" not in args:
         k = _checkpoint_classes(loaded, state)
         if k is not None:
             loaded = build(name, pretrained, {**args, "num_classes": k})
+            loaded.notes += [note] if note else []
             loaded.notes.append(f"num_classes={k} read from the classifier in {os.fspath(path)!r}")
     _apply_state(loaded.module, state, path, loaded.source)
     return loaded
@@ -469,31 +518,81 @@ def _line(e: BaseException) -> str:
 
 
 def load_state_dict(path: str | os.PathLike, *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
-    """Read a state dict from safetensors or a torch checkpoint, without unpickling by default."""
+    """Read a state dict from safetensors or a torch checkpoint, without unpickling by default.
+
+    Parameters
+    ----------
+    path : path
+        A ``.safetensors`` file, a torch state dict, or a training checkpoint holding one: timm's
+        train.py (``state_dict``, ``state_dict_ema``, ``args`` as an ``argparse.Namespace``, ``epoch``,
+        optimizer state...), Lightning's ``.ckpt`` (``state_dict``), or a dict under ``model`` /
+        ``model_state_dict`` / ``module``.
+    allow_pickle : bool, default False
+        Read checkpoints that only unpickling can read (it runs code from the file: only for files one
+        trusts). Without it, ``torch.load(weights_only=True)`` reads tensors, plain containers, numbers
+        and strings, and ``argparse.Namespace`` (admitted as data: a Namespace built from the file sets
+        attributes and runs no code).
+
+    Returns
+    -------
+    dict of str to torch.Tensor
+        The state dict as stored: a training wrapper's key prefix (Lightning's ``net.`` / ``model.``,
+        DataParallel's ``module.``) is removed by :func:`load_model`, which knows the model's keys.
+
+    Raises
+    ------
+    ModelLoadError
+        When the path is missing or a directory, the file is damaged or holds no state dict, or it
+        holds code or objects that only unpickling can read ("refused: the checkpoint contains
+        code/objects ...", naming them) and ``allow_pickle`` is False.
+    """
+    return _read_checkpoint(path, allow_pickle=allow_pickle)[0]
+
+
+#: timm train.py saves its ``args`` (an argparse.Namespace); a Namespace holds attributes and runs no code
+_SAFE_GLOBALS: list[Any] = [argparse.Namespace]
+_STATE_KEYS = ("state_dict", "model", "model_state_dict", "module")
+
+
+def _read_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = False) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The state dict of a weights file, and notes on what was read (e.g. an EMA copy left out)."""
     path = Path(path)
+    if path.is_dir():
+        inside = sorted(p.name for p in path.iterdir() if p.suffix in (".safetensors", ".pt", ".pth", ".bin", ".ckpt"))
+        hint = f" (it holds {', '.join(inside[:4])}{', ...' if len(inside) > 4 else ''})" if inside else ""
+        raise ModelLoadError(f"The weights {str(path)!r} is a directory; give the checkpoint file{hint}.")
     if not path.is_file():
         raise ModelLoadError(f"The weights file {str(path)!r} does not exist.")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         try:
-            return load_file(str(path))
+            return load_file(str(path)), []
         except Exception as e:
             raise ModelLoadError(f"Cannot read {str(path)!r} as safetensors ({e}).") from e
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
+        if allow_pickle:
+            obj = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
+        else:
+            with torch.serialization.safe_globals(_SAFE_GLOBALS):
+                obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        if not allow_pickle and "Unsupported global" in str(e):  # a real pickle naming Python objects
+        objects = None if allow_pickle else _code_in_pickle(path, str(e))
+        if objects:
             raise ModelLoadError(
-                f"The checkpoint {str(path)!r} holds Python objects that only unpickling can read, and "
-                "probekit does not unpickle by default (it can run code). If you trust the file, pass "
+                f"Loading {str(path)!r} refused: the checkpoint contains code/objects that only unpickling can "
+                f"read ({', '.join(objects[:3])}{', ...' if len(objects) > 3 else ''}), and probekit does not "
+                "unpickle by default (unpickling runs code from the file). If you trust the file, pass "
                 "--allow-pickle (allow_pickle=True); better, re-save it as a state dict or safetensors."
             ) from e
         raise ModelLoadError(
             f"Cannot read the checkpoint {str(path)!r}: it is not a torch checkpoint or it is damaged "
             f"({type(e).__name__}). Check the file, or save the weights again (safetensors preferred)."
         ) from e
-    for key in ("state_dict", "model", "model_state_dict", "module"):
+    notes: list[str] = []
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict_ema"), dict) and isinstance(obj.get("state_dict"), dict):
+        notes.append(f"read 'state_dict' of {str(path)!r}; its EMA copy 'state_dict_ema' is not used")
+    for key in _STATE_KEYS:
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]
             break
@@ -503,9 +602,90 @@ def load_state_dict(path: str | os.PathLike, *, allow_pickle: bool = False) -> d
         raise ModelLoadError(
             f"The checkpoint {str(path)!r} does not hold a state dict (name -> tensor)."
         )
-    if obj and all(k.startswith("module.") for k in obj):  # saved from DataParallel / DDP
-        obj = {k[len("module."):]: v for k, v in obj.items()}
-    return obj
+    return obj, notes
+
+
+_PICKLE_STRINGS = ("SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING", "BINSTRING", "STRING")
+
+
+def _code_in_pickle(path: Path, error: str) -> list[str] | None:
+    """The Python objects (``module.name``) a checkpoint's pickle names that a safe load refused, or
+    None when the file is no readable pickle (damaged, or not a checkpoint).
+
+    Reads the opcodes only (:func:`pickletools.genops` builds no object): the torch zip's ``data.pkl``,
+    else the file's consecutive pickles (torch's legacy format, a bare pickle).
+    """
+    import pickletools
+    import zipfile
+
+    def scan(f: Any) -> list[str]:
+        names: list[str] = []
+        strings: list[str] = []
+        for op, arg, _ in pickletools.genops(f):
+            if op.name in ("GLOBAL", "INST"):
+                names.append(str(arg).replace(" ", "."))
+            elif op.name == "STACK_GLOBAL":
+                names.append(".".join(strings[-2:]))
+            elif op.name in _PICKLE_STRINGS:
+                strings.append(arg if isinstance(arg, str) else str(arg))
+            elif op.name == "STOP":
+                break
+        return names
+
+    found: list[str] | None = None
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                member = next((n for n in z.namelist() if n.endswith("data.pkl")), None)
+                if member is None:
+                    return None
+                with z.open(member) as f:
+                    found = scan(f)
+        else:
+            with open(path, "rb") as f:
+                while True:  # the legacy format: several pickles, then raw tensor bytes
+                    try:
+                        names = scan(f)
+                    except Exception:
+                        break
+                    found = (found or []) + names
+                    if not f.peek(1):
+                        break
+    except (OSError, zipfile.BadZipFile):
+        return None
+    if found is None:
+        return None
+    named = re.findall(r"GLOBAL ([\w.]+)", error)  # what torch's safe unpickler refused
+    refused = list(dict.fromkeys(named or [n for n in found if not n.startswith(("torch.", "collections."))]))
+    return refused or None
+
+
+def _fit_keys(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str | None]:
+    """``state`` with a training wrapper's key prefix removed when (and only when) the rest fits ``model``.
+
+    Lightning keeps the network in an attribute (``self.net``, ``self.model``: keys ``net.conv1.weight``),
+    DataParallel / DDP in ``module``. A prefix is removed when the keys under it are exactly the model's
+    keys (their shapes are checked when the weights are applied); the keys outside it (a loss's buffers,
+    an EMA copy) are left out, and said. Among several prefixes that fit, one without "ema" in it, then
+    the shortest. A state whose keys are the model's is returned as it is.
+    """
+    own = set(model.state_dict())
+    if not own or set(state) == own:
+        return state, None
+    counts: dict[str, int] = {}
+    for k in state:
+        parts = k.split(".")
+        for i in range(1, len(parts)):
+            p = ".".join(parts[:i]) + "."
+            counts[p] = counts.get(p, 0) + 1
+    fits = [p for p, c in counts.items() if c == len(own) and {k[len(p):] for k in state if k.startswith(p)} == own]
+    if not fits:
+        return state, None
+    prefix = min(fits, key=lambda p: ("ema" in p.lower(), len(p), p))
+    rest = len(state) - len(own)
+    note = (f"weights read from the keys under {prefix!r} (a training wrapper's attribute)"
+            + (f"; {rest} other entries left out" if rest else ""))
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, note
 
 
 def _apply_state(model: nn.Module, state: dict[str, torch.Tensor], path: Any, source: str = "") -> None:

@@ -123,16 +123,25 @@ def test_own_cnn_in_a_sequential():
 
 def test_timm_families():
     timm = pytest.importorskip("timm")
-    for name in ("test_resnet", "resnet18"):
-        net = timm.create_model(name, pretrained=False).eval()
-        assert default_layers(net, example_input=X32) == ["layer1", "layer2", "layer3", "layer4"]
-    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32).eval()
+    net = timm.create_model("test_resnet", pretrained=False).eval()  # feature_info: act1, layer1..4
+    assert default_layers(net, example_input=X32) == ["layer1", "layer2", "layer3", "layer4"]
+    vit = timm.create_model("test_vit", pretrained=False, img_size=32).eval()
+    assert len(vit.blocks) == 6
     picks = default_layers(vit, example_input=X32)
-    assert picks == ["blocks.0", "blocks.4", "blocks.7", "blocks.11"]
+    assert picks == [f"blocks.{i}" for i in _spread(6)]
     pools = default_pools(vit, [*picks, "@output"], X32)
     assert pools == {**{p: "cls" for p in picks}, "@output": "avg"}
-    gap = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, global_pool="avg").eval()
-    assert default_pools(gap, ["blocks.11"], X32) == {"blocks.11": "tokens_mean"}  # the head reads no class token
+    gap = timm.create_model("test_vit", pretrained=False, img_size=32, global_pool="avg").eval()
+    assert default_pools(gap, ["blocks.5"], X32) == {"blocks.5": "tokens_mean"}  # the head reads no class token
+
+
+@pytest.mark.slow
+def test_timm_full_size_families():
+    timm = pytest.importorskip("timm")
+    net = timm.create_model("resnet18", pretrained=False).eval()
+    assert default_layers(net, example_input=X32) == ["layer1", "layer2", "layer3", "layer4"]
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32).eval()
+    assert default_layers(vit, example_input=X32) == ["blocks.0", "blocks.4", "blocks.7", "blocks.11"]
 
 
 def test_torchvision_families():
