@@ -2,7 +2,8 @@
 
 - :func:`resolve_layers`, :func:`list_layers`, :class:`LayerInfo`: choose layers by name, glob,
   ``name@K`` call selector or predicate; list every layer with its output shape.
-- :func:`default_layers`, :func:`execution_order`: layers spread over any model's depth, in depth order.
+- :func:`default_layers`, :func:`execution_order`, :func:`choose_layers`: layers spread over any model's depth,
+  in depth order; each model's own (a teacher of another architecture).
 - :func:`default_pool`, :func:`default_pools`, :func:`resolve_pools`, :func:`parse_layer_pools`: each
   layer's pooling (``cls`` / ``tokens_mean`` for tokens, ``avg`` for maps), per layer (``cls,@output=avg``).
 - :func:`pool`, :data:`POOLS`: avg, max, cls, tokens_mean, last, flatten, none (mask-aware on tokens).
@@ -19,6 +20,7 @@ from ._hooks import Capture as Capture
 from ._hooks import capture as capture
 from ._layers import OUTPUT_LAYER as OUTPUT_LAYER
 from ._layers import LayerInfo as LayerInfo
+from ._layers import choose_layers as choose_layers
 from ._layers import class_token_head as class_token_head
 from ._layers import default_layers as default_layers
 from ._layers import default_pool as default_pool
@@ -59,6 +61,7 @@ __all__ = [
     "Recorder",
     "RecorderCallback",
     "capture",
+    "choose_layers",
     "class_token_head",
     "default_layers",
     "default_pool",

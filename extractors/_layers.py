@@ -27,7 +27,7 @@ from torch import nn
 
 from probekit.errors import DataError, LayerNotFoundError
 
-__all__ = ["LayerInfo", "LayerSpec", "class_token_head", "default_layers", "default_pool", "default_pools",
+__all__ = ["LayerInfo", "LayerSpec", "choose_layers", "class_token_head", "default_layers", "default_pool", "default_pools",
            "execution_order", "forward_params", "glob_match", "list_layers", "parse_layer_pools", "parse_selector",
            "prefix_tokens", "resolve_layers", "resolve_pools", "takes_token_ids", "token_example"]
 
@@ -477,8 +477,7 @@ def _structural_units(module: nn.Module, rank: Callable[[str], float], want: int
     blocks: set[str] = set()  # members of an expanded container
 
     def expand(i: int, into: list[tuple[str, nn.Module]]) -> None:
-        name, m = units[i]
-        if isinstance(m, _CONTAINERS):
+        if isinstance(units[i][1], _CONTAINERS):
             blocks.update(n for n, _ in into)
         units[i:i + 1] = into
 
@@ -803,3 +802,57 @@ def resolve_pools(module: nn.Module, layers: Sequence[str], pool: str | Mapping[
                 f"{', '.join(fits)}. Give it its own: --pool {every},{sel}={fits[0]}."
             )
     return out
+
+
+# -- the layers of one model of several (a teacher of another architecture) ------------------------------
+
+
+def choose_layers(module: nn.Module, layers: str | Sequence[str] | None = None, *,
+                  like: Sequence[str] | None = None, example_input: Any = None, max_layers: int = 4,
+                  flag: str = "--layers") -> list[str]:
+    """The layers to extract from one model, chosen for that model on its own.
+
+    Parameters
+    ----------
+    module : torch.nn.Module
+        The model (e.g. the teacher).
+    layers : str or sequence of str, optional
+        What the user named for this model (``--teacher-layers``): ``"a,b"`` text or a list of names,
+        globs or ``name@K``, resolved on ``module``; ``@output`` is left out (the caller adds it).
+    like : sequence of str, optional
+        Another model's layers (the student's ``--layers``): used when ``layers`` is None and every one
+        of them names a module of ``module`` (the same architecture, so the two compare layer by layer).
+    example_input : optional
+        As for :func:`default_layers` (depth order by execution, modules that do not run left out).
+    max_layers : int, default 4
+        For :func:`default_layers`.
+    flag : str, default "--layers"
+        The option named in errors (``"--teacher-layers"``).
+
+    Returns
+    -------
+    list of str
+        Selectors of ``module``, without ``@output``: ``layers`` resolved; else ``like`` when it fits;
+        else :func:`default_layers` of ``module`` (never another model's names that it lacks).
+
+    Raises
+    ------
+    LayerNotFoundError
+        When ``layers`` names no module of ``module``; the message names ``flag`` and the closest names.
+    """
+    if isinstance(layers, str):
+        layers = [s.strip() for s in layers.split(",") if s.strip()]
+    if layers:
+        wanted = [la for la in layers if la != OUTPUT_LAYER]
+        if not wanted:
+            return []
+        try:
+            return resolve_layers(module, wanted)
+        except LayerNotFoundError as e:
+            raise LayerNotFoundError(f"{flag}: {e}") from e
+    names = {n for n, _ in module.named_modules() if n}
+    if like:
+        mine = [la for la in like if la != OUTPUT_LAYER]
+        if mine and all(parse_selector(la)[0] in names for la in mine):
+            return mine
+    return default_layers(module, max_layers=max_layers, example_input=example_input)

@@ -43,6 +43,7 @@ __all__ = [
     "check_model_name",
     "check_n_inits",
     "describe_preprocessing",
+    "dummy_input",
     "file_sha256",
     "load_model",
     "load_state_dict",
@@ -220,6 +221,24 @@ def check_model_name(name: str, flag: str = "--name") -> str:
             f"stores as <name>@init<k>; choose another name (e.g. {name[:m.start()] + '-' + m.group(0)[1:]!r})."
         )
     return name
+
+
+def dummy_input(loaded: LoadedModel, preprocessing: Mapping[str, Any] | None = None) -> Any:
+    """A batch of one dummy sample for a dry forward pass (the layer and pool choice), or None.
+
+    A token model (its forward takes ``input_ids``) gets 16 token ids (fewer when its position table is
+    shorter) with an all-ones attention mask; an image model zeros of its input size: the preprocessed
+    size (``preprocessing["input_size"]`` from :func:`preprocessing_for`), else ``loaded.input_size``.
+    None when neither is known (callers then fall back to registration order).
+    """
+    from .extractors import takes_token_ids, token_example
+
+    if takes_token_ids(loaded.module):
+        cfg = getattr(loaded.module, "config", None)
+        longest = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+        return token_example(min(16, longest) if isinstance(longest, int) and longest > 0 else 16)
+    size = (preprocessing or {}).get("input_size") or loaded.input_size
+    return torch.zeros(1, *size) if size else None
 
 
 def check_n_inits(n: int, flag: str = "--inits") -> int:

@@ -199,7 +199,7 @@ def test_damaged_files_are_still_called_damaged(tmp_path):
 
 def test_a_directory_given_as_weights(tmp_path):
     torch.save(small_net().state_dict(), tmp_path / "model.pt")
-    with pytest.raises(ModelLoadError, match="is a directory; give the checkpoint file .*model.pt"):
+    with pytest.raises(ModelLoadError, match=r"is a directory; give the checkpoint file .*model\.pt"):
         load_state_dict(tmp_path)
 
 

@@ -8,6 +8,8 @@ pass (a ModuleList never does) and extraction of the picks must succeed.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -190,7 +192,7 @@ def test_resolve_pools_keeps_the_output_out_of_a_token_pool():
     assert resolve_pools(net, ["blocks.2", "@output"], "cls", X32) == {"blocks.2": "cls", "@output": "avg"}
     assert resolve_pools(net, ["blocks.2", "@output"], "blocks.*=tokens_mean,@output=none", X32) == {
         "blocks.2": "tokens_mean", "@output": "none"}
-    with pytest.raises(DataError, match="does not fit layer 'patch'.*--pool cls,patch=avg"):
+    with pytest.raises(DataError, match=r"does not fit layer 'patch'.*--pool cls,patch=avg"):
         resolve_pools(net, ["patch", "blocks.2"], "cls", X32)
 
 
@@ -219,3 +221,29 @@ def test_no_layer_to_choose_is_one_clear_error():
         default_layers(nn.Linear(3, 2))
     with pytest.raises(DataError, match="max_layers"):
         default_layers(own_cnn(), max_layers=0)
+
+
+def test_a_teacher_of_another_architecture_gets_its_own_layers():
+    from probekit.errors import LayerNotFoundError
+    from probekit.extractors import choose_layers
+
+    tv = pytest.importorskip("torchvision")
+    student = OwnTransformer(depth=6).eval()
+    teacher = tv.models.resnet18(weights=None, num_classes=3).eval()
+    student_layers = default_layers(student)
+    assert choose_layers(teacher, like=student_layers) == ["layer1", "layer2", "layer3", "layer4"]
+    assert choose_layers(teacher, "layer3, layer4,@output") == ["layer3", "layer4"]
+    with pytest.raises(LayerNotFoundError, match=re.escape("--teacher-layers: No layer of ResNet matches 'blocks.0'")):
+        choose_layers(teacher, "blocks.0", flag="--teacher-layers")
+    same = OwnTransformer(depth=6).eval()  # the same architecture: the student's layers, to compare layer by layer
+    assert choose_layers(same, like=["blocks.1", "blocks.4"]) == ["blocks.1", "blocks.4"]
+
+
+def test_dummy_input_follows_the_preprocessing():
+    from probekit.models import dummy_input, load_model
+
+    loaded = load_model(OwnTransformer(depth=2))
+    assert dummy_input(loaded) is None
+    x = dummy_input(loaded, {"input_size": [3, 32, 32]})
+    assert tuple(x.shape) == (1, 3, 32, 32)
+    assert default_layers(loaded.module, example_input=x) == ["blocks.0", "blocks.1"]
