@@ -73,7 +73,7 @@ def lightning_ckpt(tmp_path_factory):
 
 
 @pytest.mark.slow  # a real Lightning fit: 8 s alone, more on a loaded machine
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:.*treespec")
 def test_lightning_ckpt_with_the_network_in_self_net(lightning_ckpt):
     path, net = lightning_ckpt
     raw = load_state_dict(path)
