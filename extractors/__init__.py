@@ -25,6 +25,7 @@ from ._layers import class_token_head as class_token_head
 from ._layers import default_layers as default_layers
 from ._layers import default_pool as default_pool
 from ._layers import default_pools as default_pools
+from ._layers import depth_sort as depth_sort
 from ._layers import execution_order as execution_order
 from ._layers import first_tensor as first_tensor
 from ._layers import glob_match as glob_match
@@ -66,6 +67,7 @@ __all__ = [
     "default_layers",
     "default_pool",
     "default_pools",
+    "depth_sort",
     "execution_order",
     "extract_distributed",
     "extract_models",

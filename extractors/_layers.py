@@ -27,9 +27,10 @@ from torch import nn
 
 from probekit.errors import DataError, LayerNotFoundError
 
-__all__ = ["LayerInfo", "LayerSpec", "choose_layers", "class_token_head", "default_layers", "default_pool", "default_pools",
-           "execution_order", "forward_params", "glob_match", "list_layers", "parse_layer_pools", "parse_selector",
-           "prefix_tokens", "resolve_layers", "resolve_pools", "takes_token_ids", "token_example"]
+__all__ = ["LayerInfo", "LayerSpec", "choose_layers", "class_token_head", "default_layers", "default_pool",
+           "default_pools", "depth_sort", "execution_order", "forward_params", "glob_match", "list_layers",
+           "parse_layer_pools", "parse_selector", "prefix_tokens", "resolve_layers", "resolve_pools",
+           "takes_token_ids", "token_example"]
 
 LayerSpec = str | Sequence[str] | Callable[..., bool]
 """What a user may pass as ``layers``: a name, a glob, ``name@K``, a list of these, or a predicate."""
@@ -529,15 +530,16 @@ def default_layers(module: nn.Module, max_layers: int = 4, example_input: Any = 
     Notes
     -----
     Candidates: a timm model's ``feature_info`` modules (the stages its ``features_only`` mode
-    returns; with more of them than ``max_layers``, those with submodules when there are enough, so a
-    ResNet gives ``layer1`` ... ``layer4`` rather than its stem activation). Other models: the trunk (descending through wrappers and past a final head: a ``Linear``
+    returns). Other models: the trunk (descending through wrappers and past a final head: a ``Linear``
     or a child named fc / head / heads / classifier / last_linear / lm_head / score), its parameterised
     children; an ``nn.ModuleList`` / ``nn.ModuleDict`` (which never runs itself) is replaced by its
-    blocks, and while there are fewer than 4 candidates the largest ``nn.Sequential`` (or a module whose
-    parameters sit mostly in one, such as a transformers encoder and its ``layer`` list) is opened into
-    its blocks. When blocks of opened containers hold at least half the parameters, only they are
-    candidates (a transformer's blocks, not its embedding or final norm); otherwise, when two or more
-    candidates have children of their own (ResNet stages), only those.
+    blocks, and while there are fewer candidates than ``max_layers`` the largest ``nn.Sequential`` (or a
+    module whose parameters sit mostly in one, such as a transformers encoder and its ``layer`` list)
+    is opened into its blocks. When blocks of opened containers hold at least half the parameters, only
+    they are candidates (a transformer's blocks, not its embedding or final norm); otherwise, when two
+    or more candidates have children of their own (ResNet stages), only those. With more candidates
+    than ``max_layers``, those with submodules are kept when there are enough of them (a timm ResNet
+    gives ``layer1`` ... ``layer4``, not its stem activation ``act1``).
 
     Raises
     ------
@@ -856,3 +858,33 @@ def choose_layers(module: nn.Module, layers: str | Sequence[str] | None = None, 
         if mine and all(parse_selector(la)[0] in names for la in mine):
             return mine
     return default_layers(module, max_layers=max_layers, example_input=example_input)
+
+
+def _natural_key(name: str) -> tuple[Any, ...]:
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", name) if p)
+
+
+def depth_sort(layers: Sequence[str], order: Sequence[str] | None = None) -> list[str]:
+    """Layer selectors in depth order: by ``order`` (from :func:`execution_order`, e.g. recorded at
+    extraction), ``@output`` last; layers ``order`` lacks (or all, without it) follow in natural order,
+    where numbers compare as numbers (``blocks.4`` before ``blocks.11``; names alone cannot put ``stem``
+    before ``stage1``: that needs ``order``). ``name@K`` calls of one module keep K's order.
+
+    Examples
+    --------
+    >>> depth_sort(["@output", "blocks.11", "blocks.4", "blocks.4@1", "blocks.4@0"])
+    ['blocks.4', 'blocks.4@0', 'blocks.4@1', 'blocks.11', '@output']
+    >>> depth_sort(["stage1", "stem", "head"], order=["stem", "stage1", "head"])
+    ['stem', 'stage1', 'head']
+    """
+    pos = {n: i for i, n in enumerate(order or ())}
+
+    def key(sel: str) -> tuple[Any, ...]:
+        base, call = parse_selector(sel)
+        if base == OUTPUT_LAYER:
+            return (2, 0, (), -1 if call is None else call)
+        if base in pos:
+            return (0, pos[base], (), -1 if call is None else call)
+        return (1, 0, _natural_key(base), -1 if call is None else call)
+
+    return sorted(dict.fromkeys(layers), key=key)
