@@ -247,3 +247,16 @@ def test_dummy_input_follows_the_preprocessing():
     x = dummy_input(loaded, {"input_size": [3, 32, 32]})
     assert tuple(x.shape) == (1, 3, 32, 32)
     assert default_layers(loaded.module, example_input=x) == ["blocks.0", "blocks.1"]
+
+
+def test_depth_sort_uses_the_recorded_order_and_numbers_as_numbers():
+    from probekit.extractors import depth_sort
+
+    net = OwnTransformer(depth=12).eval()
+    names = ["@output", "blocks.11", "norm", "blocks.4", "patch", "blocks.10"]
+    assert sorted(names[1:]) == ["blocks.10", "blocks.11", "blocks.4", "norm", "patch"]  # by name: wrong
+    assert depth_sort(names, execution_order(net, X32)) == ["patch", "blocks.4", "blocks.10", "blocks.11", "norm",
+                                                            "@output"]
+    assert depth_sort(names) == ["blocks.4", "blocks.10", "blocks.11", "norm", "patch", "@output"]
+    sh = Shuffled().eval()
+    assert depth_sort(["stage2", "stage1", "stem"], execution_order(sh, X32)) == ["stem", "stage1", "stage2"]
