@@ -431,6 +431,8 @@ def execution_order(module: nn.Module, example_input: Any = None) -> list[str]:
 
 # -- default layers: spread over the depth of any model family ---------------------------------------------
 
+_DRY_RUN_ERRORS = (RuntimeError, ValueError, TypeError, IndexError)  # a model that cannot take the dummy input
+
 _HEAD_NAMES = ("fc", "head", "heads", "classifier", "last_linear", "lm_head", "score")
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
@@ -520,7 +522,8 @@ def default_layers(module: nn.Module, max_layers: int = 4, example_input: Any = 
         How many layers at most; picks are spread evenly over the candidates (first and last included).
     example_input : torch.Tensor, dict of str to torch.Tensor, tuple of int, or None
         As for :func:`list_layers`. Given, one forward pass orders the candidates by execution and drops
-        any module that does not run; None: registration order (see :func:`execution_order`).
+        any module that does not run; None, or an input the model raises on: registration order (see
+        :func:`execution_order`).
 
     Returns
     -------
@@ -565,7 +568,12 @@ def default_layers(module: nn.Module, max_layers: int = 4, example_input: Any = 
     """
     if not isinstance(max_layers, int) or isinstance(max_layers, bool) or max_layers < 1:
         raise DataError(f"max_layers must be an int >= 1; got {max_layers!r}.")
-    order = execution_order(module, example_input) if example_input is not None else None
+    order = None
+    if example_input is not None:
+        try:
+            order = execution_order(module, example_input)
+        except _DRY_RUN_ERRORS:  # the extraction reports a model that cannot take its input; here,
+            order = None  # the choice falls back to registration order
     position = {n: i for i, n in enumerate(order if order is not None else execution_order(module))}
 
     def rank(name: str) -> float:
@@ -739,7 +747,8 @@ def resolve_pools(module: nn.Module, layers: Sequence[str], pool: str | Mapping[
     module : torch.nn.Module
         The model.
     layers : sequence of str
-        Selectors (module names, ``name@K``, ``@output``) as :func:`resolve_layers` gives them.
+        Module names, globs, ``name@K`` or ``@output``, resolved with :func:`resolve_layers` (a glob gives
+        each module it matches its own entry).
     pool : str, dict of str to str, or None
         A mode, the text of :func:`parse_layer_pools` (``"cls,@output=avg"``), or a dict layer (or
         glob) -> mode with ``"*"`` for every other layer. None: :func:`default_pool` for every layer.
@@ -763,7 +772,10 @@ def resolve_pools(module: nn.Module, layers: Sequence[str], pool: str | Mapping[
     Raises
     ------
     DataError
-        When a mode for every layer does not fit a layer other than ``@output``.
+        When a mode for every layer does not fit a layer other than ``@output``, or the model raises on
+        ``example_input``.
+    LayerNotFoundError
+        When a layer matches no module.
     """
     from ._pooling import POOLS, pools_for_rank
 
@@ -771,10 +783,17 @@ def resolve_pools(module: nn.Module, layers: Sequence[str], pool: str | Mapping[
         spec = parse_layer_pools(pool) if ("=" in pool or "," in pool or pool not in POOLS) else {"*": pool}
     else:
         spec = dict(pool or {})
-    trace = _trace(module, example_input)
+    try:
+        trace = _trace(module, example_input)
+    except _DRY_RUN_ERRORS as e:
+        raise DataError(
+            f"Could not run {type(module).__name__} on a dummy input to choose each layer's pool "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); check the input size, or "
+            "name a pool for every layer (--pool LAYER=MODE,...)."
+        ) from e
     modules = dict(module.named_modules())
     out: dict[str, str] = {}
-    for sel in layers:
+    for sel in resolve_layers(module, list(layers)):
         base, _ = parse_selector(sel)
         shape = trace.output_shape if base == OUTPUT_LAYER else trace.shapes.get(base)
         mod = module if base == OUTPUT_LAYER else modules.get(base)

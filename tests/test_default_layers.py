@@ -260,3 +260,13 @@ def test_depth_sort_uses_the_recorded_order_and_numbers_as_numbers():
     assert depth_sort(names) == ["blocks.4", "blocks.10", "blocks.11", "norm", "patch", "@output"]
     sh = Shuffled().eval()
     assert depth_sort(["stage2", "stage1", "stem"], execution_order(sh, X32)) == ["stem", "stage1", "stage2"]
+
+
+def test_a_dummy_input_the_model_cannot_take():
+    net = OwnTransformer(depth=6).eval()
+    bad = torch.zeros(1, 5, 32, 32)  # 5 channels for a 3-channel stem
+    assert default_layers(net, example_input=bad) == default_layers(net)  # registration order instead
+    with pytest.raises(DataError, match=r"dummy input to choose each layer's pool.*--pool LAYER=MODE"):
+        resolve_pools(net, ["blocks.5"], None, bad)
+    assert resolve_pools(net, ["blocks.*", "@output"], None, X32) == {
+        **{f"blocks.{i}": "cls" for i in range(6)}, "@output": "avg"}
