@@ -632,6 +632,8 @@ def extract_models(
                             feats = forward(batch)
                             if any(stoppable.values()) and not checked:
                                 arm_early_stop()
+                        except ProbekitError:  # ours (a pool that does not fit a layer): already says what to fix
+                            raise
                         except (RuntimeError, ValueError, TypeError) as e:
                             raise DataError(
                                 f"The model raised on the first batch of split {split!r} ({_describe(batch)}; "
