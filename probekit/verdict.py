@@ -66,8 +66,8 @@ RULES: dict[str, Rule] = {
         "behaviour.reliance",
         f"reliance (the share of predictions that take the background's class beyond the same object's "
         f"predictions shuffled over its backgrounds; 1 = a complete shortcut) is above "
-        f"{100 * RELIANCE_MARGIN:.0f} % at one-sided level {ALPHA:g}, with objects and backgrounds both "
-        "resampled. Where the backgrounds carry no class (synthetic backgrounds), the background pull stands "
+        f"{100 * RELIANCE_MARGIN:.0f} % at the low end of its {100 * (1 - ALPHA):.0f} % interval, with objects and "
+        "backgrounds both resampled. Where the backgrounds carry no class (synthetic backgrounds), the background pull stands "
         f"in: the share of predictions backgrounds move towards the same classes, beyond the within-object "
         f"shuffle, above {100 * PULL_MARGIN:.0f} % at the low end of its interval (it cannot tell noise from a "
         f"shortcut when classes are imbalanced, so it stands in only while no class holds more than "
@@ -77,7 +77,7 @@ RULES: dict[str, Rule] = {
         "background_sensitive", "backgrounds change its accuracy",
         "behaviour.background_effect",
         f"the accuracy points that backgrounds move without favouring a class are above "
-        f"{100 * RELIANCE_EFFECT_MARGIN:.0f} points at one-sided level {ALPHA:g}",
+        f"{100 * RELIANCE_EFFECT_MARGIN:.0f} points at the low end of its {100 * (1 - ALPHA):.0f} % interval",
     ),
     "representation": Rule(
         "representation", "background component above its reference",
@@ -130,6 +130,11 @@ def _pts(e: Mapping[str, Any] | None) -> str:
     return f"{text} [{100 * ci[0]:+.0f}, {100 * ci[1]:+.0f}]" if ci else text
 
 
+def _holds(p_value: float) -> bool:
+    """A finding's one-sided test against its margin: the low end of the two-sided interval is above it."""
+    return p_value < ALPHA / 2
+
+
 def _shortcut(m: str, beh: Mapping[str, Any]) -> tuple[bool | None, str, str | None]:
     """(finding or None, sentence, reason when not judged)."""
     rel = beh.get("reliance") or {}
@@ -158,7 +163,7 @@ def _shortcut(m: str, beh: Mapping[str, Any]) -> tuple[bool | None, str, str | N
     if own.get("value") is not None and other.get("value") is not None:
         acc = (f"; accuracy {_ci(own)} on backgrounds of the object's own class against {_ci(other)} on other "
                f"classes' ({_pts(beh.get('bg_gap_crossed'))})")
-    found = rel["p_value"] < ALPHA
+    found = _holds(rel["p_value"])
     margin = rel.get("margin", RELIANCE_MARGIN)
     if found:
         text = (f"{m} takes the background's class: {_share(rel)} of its predictions follow the background's class "
@@ -179,7 +184,7 @@ def _sensitive(beh: Mapping[str, Any]) -> tuple[bool | None, str]:
     eff = beh.get("background_effect") or {}
     if eff.get("value") is None or eff.get("p_value") is None:
         return None, ""
-    if eff["p_value"] < ALPHA:
+    if _holds(eff["p_value"]):
         return True, (f" Backgrounds change its accuracy without favouring a class: {_ci(eff)} of accuracy moves "
                       "with the background (background-sensitive: a robustness problem, not a shortcut).")
     return False, ""

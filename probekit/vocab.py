@@ -43,7 +43,9 @@ OUTPUT_LAYER = "@output"
 #: seeded initialisations of model ``<base>`` are stored as models ``<base>@init<k>``
 INIT_RE = re.compile(r"^(?P<base>.+)@init(?P<k>\d+)$")
 
-#: error rate of every finding: its one-sided test rejects "at or below the margin" at this level
+#: every interval of the verdict is two-sided at level 1 - ALPHA; a finding holds when the low end of the
+#: interval drawn is above its margin, i.e. its one-sided test of "at or below the margin" rejects at
+#: ALPHA / 2 (so the whisker in the report and the threshold tick can never disagree)
 ALPHA = 0.05
 #: materiality of the shortcut finding: the share of predictions that take the background's class
 #: beyond chance (1 = a complete shortcut)

@@ -119,3 +119,9 @@ def test_pull_stands_in_where_backgrounds_carry_no_class():
 def test_pull_does_not_stand_in_with_imbalanced_classes():
     v = verdict.judge("m", {"behaviour": _pull_beh(0.2, 0.001, imbalance=1.8), "layers": {}})
     assert v.flagged is None and "imbalanced" in v.verdict_reason
+
+
+def test_a_finding_holds_exactly_when_the_interval_drawn_clears_the_margin():
+    # p = 0.03 is one-sided significance at 5 % but the 95 % interval drawn still reaches the margin
+    assert verdict.judge("m", {"behaviour": _beh(0.06, [0.029, 0.09], 0.03), "layers": {}}).flagged is False
+    assert verdict.judge("m", {"behaviour": _beh(0.06, [0.031, 0.09], 0.02), "layers": {}}).flagged is True
