@@ -803,6 +803,10 @@ def _score_inference(rel: float, v_other: float, h: float, margin: float,
     b = 2 * rel + z * z * h
     disc = max(0.0, b * b - 4 * a * (rel * rel - z * z * v_other))
     ci = ((b - np.sqrt(disc)) / (2 * a), (b + np.sqrt(disc)) / (2 * a))
+    # the follower variance R (1 - R) h turns negative for R < 0 (or > 1), where an estimate just below 0
+    # can fall outside the score interval; the interval then reaches to the estimate (only for rel
+    # outside [0, 1], where no flag is at stake: the margin is positive)
+    ci = (min(ci[0], rel), max(ci[1], rel))
     sd_m = np.sqrt(v_other + margin * (1 - margin) * h)
     if sd_m > 0:
         p = float(norm.sf((rel - margin) / sd_m))
