@@ -25,7 +25,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .errors import NO_SPACE, NOT_ALLOWED, DataError, ProbekitError, os_error_reason, short_path
+from .errors import NO_SPACE, NOT_ALLOWED, DataError, ProbekitError, WriteError, os_error_reason, short_path
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
@@ -433,7 +433,11 @@ def _main(argv: list[str]) -> int:
     except ProbekitError as e:
         if args.debug:
             raise
-        _error_line(f"probekit: error: {cli_message(str(e), args.verb)}")
+        text = cli_message(str(e), args.verb)
+        if (isinstance(e, WriteError) and e.errno not in NOT_ALLOWED and args.verb == "extract"
+                and "--resume" not in argv):
+            text += f" The rerun that continues: {_command(argv, '--resume')}"
+        _error_line(f"probekit: error: {text}")
         return EXIT_USAGE
     except OSError as e:  # the file system: a full disk, a path one may not write or read
         if args.debug:
@@ -920,9 +924,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     if args.masks and args.boxes:
         raise DataError("Give the foreground as one of --masks, --boxes or --foreground auto (with optional "
                         "--boxes seeds); --masks was given with --boxes.")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise DataError(f"The output {short_path(args.out)!r} is a file; give a folder with --out-dir DIR (it "
-                        "receives acts.h5, audit.json and report.html).")
+    _check_out_dir(args.out)
     result = audit_model(
         args.model, args.data, masks=args.masks, boxes=args.boxes, foreground=args.foreground,
         factors=args.factors, weights=args.weights, model_args=parse_model_args(args.model_arg),
@@ -950,6 +952,19 @@ def _check_out_file(path: str) -> None:
     if not os.access(folder, os.W_OK):
         raise DataError(f"Cannot write {short_path(path)!r}: permission denied in {short_path(folder)!r}; "
                         "choose a folder you may write to.")
+
+
+def _check_out_dir(path: str) -> None:
+    """Refuse an output folder that is a file, or that cannot be written or created, before the work."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise DataError(f"The output {short_path(path)!r} is a file; give a folder with --out-dir DIR (it "
+                        "receives acts.h5, audit.json and report.html).")
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):  # the folder, or the nearest one above it that exists
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        raise DataError(f"Cannot write the output folder {short_path(path)!r}: permission denied in "
+                        f"{short_path(existing)!r}; choose a folder you may write to (--out-dir DIR).")
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -102,10 +102,8 @@ def os_error_reason(e: BaseException) -> tuple[int | None, str]:
     if not isinstance(number, int):
         found = _ERRNO_RE.search(text)
         number = int(found.group(1)) if found else None
-    reason = getattr(e, "strerror", None)
-    if not reason:
-        found = _REASON_RE.search(text)
-        reason = found.group(1) if found else None
+    found = _REASON_RE.search(text)  # h5py's strerror is all of HDF5's text: its own reason is in it
+    reason = found.group(1) if found else getattr(e, "strerror", None)
     if not reason and number is not None:
         reason = os.strerror(number)
     if not reason:

@@ -189,10 +189,13 @@ class StoreWriter:
         f = getattr(self, "_f", None)
         if f is None or not f.id.valid:
             return
-        if self._broken:  # a failed write: release the file; flushing again would fail again
-            with contextlib.suppress(Exception):
-                f.close()
-            return
+        if self._broken:  # after a failed write: close only if what HDF5 holds can now be written
+            try:
+                f.flush()
+            except Exception:
+                _abandon(f)
+                self._f = None
+                return
         f.flush()
         f.close()
 
@@ -291,6 +294,7 @@ class StoreWriter:
                 maxshape=(None, *row_shape),
                 dtype=dtype,
                 chunks=(chunk_rows(row_shape, dtype.itemsize, n_rows), *row_shape),
+                **_preallocated(n_rows),
             )
             F.mark(ds, f"probekit.{field}")
             if field == "factors":
@@ -429,6 +433,7 @@ class StoreWriter:
             dtype=np_dtype,
             chunks=(chunk_rows(feature_shape, np_dtype.itemsize, n_rows), *feature_shape),
             compression=self.compression,
+            **(_preallocated(n_rows) if self.compression is None and not self.dataset_kwargs else {}),
             **self.dataset_kwargs,
         )
         F.mark(ds, "probekit.activations")
@@ -584,6 +589,35 @@ def _open_for_writing(path: Path, mode: str) -> h5py.File:
                 "extraction still running?). Wait for it to finish, or write to another store."
             ) from e
         raise
+
+
+def _preallocated(n_rows: int | None) -> dict[str, Any]:
+    """``create_dataset`` arguments that give a dataset of known length all its file space at once.
+
+    The file then reaches its full size when the datasets are declared (sparse: no byte is written,
+    the fill value is never written), and writing rows never moves HDF5's metadata again: a disk that
+    fills up fails a write of raw rows, before the counters move, and never a flush that has already
+    recorded a larger file than the disk could take (which leaves a file no reader opens: "truncated
+    file"). Rows past the committed ones hold whatever the disk held: readers never read them.
+    """
+    if not n_rows:
+        return {}
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    return {"dcpl": dcpl, "fill_time": "never"}
+
+
+def _abandon(f: h5py.File) -> None:
+    """Leave a file open whose cached rows HDF5 cannot write (a full disk), until the process ends.
+
+    Closing such a file fails, and so does the release of any of its objects (each release flushes
+    what it holds); h5py's cleanup of the half-closed objects then crashes the interpreter at exit
+    (segmentation fault; h5py 3.16 with HDF5 2.0). One more HDF5 reference on every open object of the
+    file keeps them from being released at all: the operating system closes the file when the process
+    ends. The rows committed before the failure are on disk already (each commit is flushed).
+    """
+    for oid in h5py.h5f.get_obj_ids(f.id, h5py.h5f.OBJ_ALL):
+        h5py.h5i.inc_ref(oid)
 
 
 def _refuse_if_being_written(path: Path) -> None:
