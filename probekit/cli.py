@@ -25,7 +25,16 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .errors import NO_SPACE, NOT_ALLOWED, DataError, ProbekitError, WriteError, os_error_reason, short_path
+from .errors import (
+    NO_SPACE,
+    NOT_ALLOWED,
+    PATH_LIMIT,
+    DataError,
+    ProbekitError,
+    WriteError,
+    os_error_reason,
+    short_path,
+)
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
@@ -505,7 +514,7 @@ _FLAGS: dict[str, dict[str, str]] = {
     "analyze": {"n_boot": "--n-boot", "n_perm": "--n-perm", "random_state": "--seed"},
     "report": {"n_boot": "--n-boot", "n_perm": "--n-perm", "random_state": "--seed"},
 }
-_QUOTED_PATH = re.compile(r"'([^'\n]{%d,})'" % (80 + 1))
+_QUOTED_PATH = re.compile(rf"'([^'\n]{{{PATH_LIMIT + 1},}})'")  # a quoted text longer than short_path allows
 
 
 def cli_message(text: str, verb: str | None) -> str:

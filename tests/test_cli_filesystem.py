@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import json
 import os
 import resource
 import shlex
@@ -219,7 +218,7 @@ def test_a_bug_in_h5py_is_not_called_a_full_disk(tmp_path, monkeypatch):
     w.add_model("m")
     w.add_layer("m", "data", "x", feature_shape=(2,))
     monkeypatch.setattr(writer_module._Rows, "write", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
-    with pytest.raises(RuntimeError, match="^boom$"):
+    with pytest.raises(RuntimeError, match=r"^boom$"):
         w.write_rows("data", 0, {"index": np.arange(4)}, {"m": {"x": np.ones((4, 2), np.float32)}})
     w.close()
 
@@ -390,3 +389,30 @@ def test_an_abandoned_store_file_lets_the_process_exit_cleanly(work):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith("Writing the store 'grow.h5' failed: File too large (errno 27)."), proc.stdout
     assert proc.stderr == ""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_full_disk_while_audit_writes_its_report_then_the_rerun_finishes(tmp_path, capsys):
+    """`probekit audit` whose report lands on a full disk (report.html a link to /dev/full): one line,
+    exit 2, the store and audit.json kept; once there is room, the same command finishes."""
+    import torch
+
+    from probekit.datasets._shapes import write_image_folder
+    from probekit.experiments.shortcut import train_shapes_cnn
+
+    images, masks = write_image_folder(tmp_path / "shapes", split="test", background="class", n=24)
+    torch.save(train_shapes_cnn("class", seed=0, epochs=2).state_dict(), tmp_path / "w.pt")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report.html").symlink_to("/dev/full")
+    argv = ["audit", "probekit.experiments.shortcut:ShapesCNN", "--weights", str(tmp_path / "w.pt"), "--data",
+            str(images), "--masks", str(masks), "--out-dir", str(out), "--inits", "1", "--n-boot", "20",
+            "--n-perm", "10", "--mask-check", "0", "--no-progress"]
+    assert main(argv) == 2
+    _no_space_line(capsys.readouterr().err, str(out / "report.html"))
+    assert (out / "audit.json").stat().st_size > 0 and (out / "acts.h5").exists()
+    assert stat.S_ISCHR(os.stat("/dev/full").st_mode)
+    (out / "report.html").unlink()
+    assert main(argv) == 0
+    assert (out / "report.html").stat().st_size > 10_000

@@ -291,7 +291,8 @@ def test_old_out_spelling_of_folder_verbs_still_works_with_a_note(verb, capsys):
 
 
 class _FakeAudit:
-    data = {"models": {}, "schema": "probekit.audit"}
+    def __init__(self):
+        self.data = {"models": {}, "schema": "probekit.audit"}
 
     def to_json(self, path):
         Path(path).write_text(json.dumps(self.data))
