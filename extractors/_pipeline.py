@@ -562,7 +562,10 @@ def extract_models(
                     cap = caps[name]
                     if MASK_LAYER in f:
                         fixed_len[name] = int(f[MASK_LAYER].shape[1])
-                    for layer, t in f.items():
+                    # declared in the order the hooks fired (raw_shapes fills as they do): the store
+                    # records it as the model's layer_order, so readers list layers by depth
+                    ran = {la: i for i, la in enumerate(cap.raw_shapes)}
+                    for layer, t in sorted(f.items(), key=lambda kv: ran.get(kv[0], len(ran))):
                         attrs = ({"pool": "mask", "module_type": "attention_mask", "raw_shape": list(t.shape[1:])}
                                  if layer == MASK_LAYER else
                                  {"pool": cap.modes[layer], "module_type": cap.module_types[layer],

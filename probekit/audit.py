@@ -32,6 +32,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import verdict as _verdict
+from ._io import write_text
 from ._json import jsonable
 from ._version import __version__
 from .errors import DataError, ProbekitError
@@ -60,11 +61,7 @@ class Audit:
         return self.data
 
     def to_json(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1, allow_nan=False))
-        tmp.replace(path)
-        return path
+        return write_text(path, json.dumps(self.data, indent=1, allow_nan=False))
 
     def to_html(self, path: str | os.PathLike, **kwargs: Any) -> Path:
         from .report import write_report

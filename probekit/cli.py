@@ -1,27 +1,98 @@
 """The ``probekit`` command line (its contract: README.md, "Command line").
 
-Each verb maps its flags one to one onto a Python function's keyword arguments and adds no logic of
-its own. Errors a user can cause print one line to stderr and exit with code 2 (``--debug`` shows
-the traceback instead).
+Each verb turns its flags into the keyword arguments of a Python function (``extract``, ``audit``,
+``audit_model``, ...), checks what only the command line can get wrong, and prints the result. Two
+flags mean the same in every verb: ``-o/--out FILE`` names the file a verb writes (a store, a JSON
+result, an HTML report) and ``--out-dir DIR`` the folder of a verb that writes several files; ``--json``
+is a switch that prints JSON on stdout instead of text. Old spellings (``-o DIR`` for a folder,
+``analyze --json FILE``) still work for one release, with a one-line note on stderr.
+
+Errors a user can cause, and every failure of the file system (a full disk, a path one may not write,
+a file one may not read), print one line to stderr and exit with code 2 (``--debug`` shows the
+traceback instead). A reader that closes stdout early (``probekit info STORE | head -2``) ends the
+command quietly, with code 141 as a shell reports for SIGPIPE.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
+import re
+import shlex
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .errors import DataError, ProbekitError
+from .errors import (
+    NO_SPACE,
+    NOT_ALLOWED,
+    PATH_LIMIT,
+    DataError,
+    ProbekitError,
+    WriteError,
+    os_error_reason,
+    short_path,
+)
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
+EXIT_STDOUT_CLOSED = 141  # 128 + SIGPIPE: what a shell reports for a writer whose reader went away
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows ``(default: X)`` after every option that has a default its help text does not state."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (action.option_strings and text != argparse.SUPPRESS and "default" not in text.lower()
+                and default is not None and default is not False and default is not argparse.SUPPRESS
+                and default != []):
+            text += " (default: %(default)s)"
+        return text
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> argparse.Action:
+        action = super().add_argument(*args, **kwargs)
+        if (action.help is None and action.option_strings and action.default is not None
+                and action.default is not False and action.default != []):
+            action.help = "(default: %(default)s)"  # argparse shows no help line for an option without help
+        return action
+
     def error(self, message: str) -> None:  # one line, exit 2, like every other probekit error
         raise SystemExit(f"probekit: error: {message} (see `{self.prog} --help`)") from None
+
+
+def _renamed(old: str, new: str, why: str) -> None:
+    """One line on stderr for an old spelling that still works (FutureWarning-style)."""
+    print(f"probekit: FutureWarning: {old} is now {new} ({why}); the old spelling goes in the next release.",
+          file=sys.stderr)
+
+
+class _OldOutDir(argparse.Action):
+    """``-o/--out DIR`` of a verb that writes a folder: sets ``--out-dir`` and says so."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        kwargs.update(default=argparse.SUPPRESS, help=argparse.SUPPRESS, metavar="DIR")
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        _renamed(f"`{option_string} DIR`", "`--out-dir DIR`", "-o names a file in every verb")
+        setattr(namespace, self.dest, values)
+
+
+def _add_out_dir(p: argparse.ArgumentParser, *, default: str | None, help: str) -> None:
+    """``--out-dir DIR`` (into ``args.out``), and the old ``-o/--out DIR``."""
+    p.add_argument("--out-dir", dest="out", default=default, metavar="DIR", help=help)
+    p.add_argument("-o", "--out", dest="out", action=_OldOutDir)
 
 
 def _int_tuple(text: str) -> tuple[int, ...]:
@@ -86,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "of the dummy input_ids (default 16, or the model's longest if shorter)")
     p.add_argument("--filter", metavar="GLOB", help="only names matching this glob (e.g. 'layer*'; "
                    "'encoder.layer.*' for direct children, 'encoder.**' for every descendant)")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--json", action="store_true", help="print JSON on stdout instead of a table")
     p.set_defaults(func=cmd_layers)
 
     p = sub.add_parser("extract", help="stream hidden activations of MODEL on DATA into a store",
@@ -138,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_extract)
 
-    p = sub.add_parser("audit", help="one command: MODEL + image folder -> verdict, store, JSON and report",
+    p = sub.add_parser("audit", help="MODEL + a folder of your images -> verdict, store, JSON and report "
+                       "(one command; for a store you extracted yourself, use analyze)",
                        description="Audit MODEL on a folder of your images (DIR/<class>/<image>) whose foreground "
                        "you give as masks, boxes or automatically. Builds the image variants (original, "
                        "only_fg, no_fg, only_bg, mixed_same/rand/next) and a crossed stress split (every object "
@@ -163,8 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher-arg", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--layers", metavar="L1,L2", help="layers to extract besides the output (default: up to 4 "
                    "spread over the depth; timm: its feature_info stages)")
-    p.add_argument("-o", "--out", default="probekit-audit", metavar="DIR",
-                   help="output folder (default: probekit-audit)")
+    _add_out_dir(p, default="probekit-audit", help="output folder: acts.h5, audit.json, report.html")
     p.add_argument("--name", default="model", help="the model's name in the store and report (default: model)")
     p.add_argument("--backgrounds", type=int, default=8, metavar="B",
                    help="backgrounds of the crossed stress split (default: 8)")
@@ -180,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-boot", type=int, default=500, help="bootstrap resamples for 95%% intervals")
     p.add_argument("--n-perm", type=int, default=200, help="permutations of the nulls")
     _add_gate_args(p)
+    p.add_argument("--json", action="store_true", help="print the audit (audit.json) on stdout instead of text")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_audit)
 
@@ -187,16 +259,20 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Summarise a store: splits with committed rows, models with their "
                        "layers and shapes. Safe on a store whose writer was interrupted.")
     p.add_argument("store", metavar="STORE.h5")
-    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--json", action="store_true", help="print JSON on stdout instead of text")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("analyze", help="run every analysis a store allows; print the verdict, write JSON",
-                       description="Run every analysis the store's contents allow (probes need labels, "
+    p = sub.add_parser("analyze", help="a store you extracted -> every analysis it allows, the verdict, JSON "
+                       "(for a model and a folder of images, use audit)",
+                       description="Audit a store written by `probekit extract`: run every analysis its contents allow (probes need labels, "
                        "background analyses need factors, sensitivity needs a grouped split, teacher-student "
                        "needs both roles) and print the verdict. Skipped analyses are listed with the reason. "
                        "With --fail-above, exit 1 when a figure crosses its threshold (for CI gates).")
     _add_audit_args(p)
-    p.add_argument("--json", metavar="OUT", help="write the full result (docs/REPORT_SCHEMA.md) here; '-' = stdout")
+    p.add_argument("-o", "--out", metavar="OUT.json",
+                   help="write the full result (docs/REPORT_SCHEMA.md) to this file")
+    p.add_argument("--json", action="store_true",
+                   help="print the full result on stdout instead of the verdict text")
     p.add_argument("--fail-above", action="append", default=[], metavar="METRIC[:MODEL[:LAYER]]=VALUE",
                    help="exit 1 if the figure exceeds VALUE (repeatable). Per model: flagged (0/1), flip_rate, "
                    "pull, follows_background; per layer: sensitivity, nms, gap, decodability, correlated_units; "
@@ -219,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "background-invariant teacher and a student distilled on in-distribution backgrounds "
                        "(background digits), extract both (and their initialisations) into DIR/acts.h5, "
                        "audit them into DIR/audit.json and write DIR/report.html.")
-    p.add_argument("-o", "--out", default="probekit-demo", metavar="DIR", help="output folder (default: probekit-demo)")
+    _add_out_dir(p, default="probekit-demo", help="output folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--teacher-epochs", type=int, default=60)
     p.add_argument("--student-epochs", type=int, default=150)
@@ -233,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run a reproducible experiment of the two papers (docs/EXPERIMENTS.md): "
                        "it writes a store, a JSON of its figures with the seeds, and PNG plots into DIR.")
     p.add_argument("name", choices=["contamination", "simplicity", "distillation", "shortcut"])
-    p.add_argument("-o", "--out", default=None, metavar="DIR", help="output folder (default: experiments/NAME)")
+    _add_out_dir(p, default=None, help="output folder (default: experiments/NAME)")
     p.add_argument("--seeds", type=int, default=3, help="number of seeds (0..N-1)")
     p.add_argument("--quick", action="store_true", help="a smaller, faster run (what the tests use)")
     p.set_defaults(func=cmd_experiment)
@@ -251,8 +327,9 @@ def _add_audit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", metavar="M1,M2", help="only these models (default: all)")
     p.add_argument("--layers", metavar="L1,L2", help="only these layers (default: all)")
     p.add_argument("--train", default="train", metavar="SPLIT", help="split the probes are fit on")
-    p.add_argument("--test-id", default="test_id", metavar="SPLIT")
-    p.add_argument("--test-ood", default="test_ood", metavar="SPLIT")
+    p.add_argument("--test-id", default="test_id", metavar="SPLIT", help="in-distribution test split")
+    p.add_argument("--test-ood", default="test_ood", metavar="SPLIT",
+                   help="out-of-distribution test split (ID/OOD gaps, NMS)")
     p.add_argument("--crossed", "--stress", dest="crossed", default="stress", metavar="SPLIT",
                    help="the crossed split (every object 'group' on the same 'background' ids): behaviour, "
                    "the verdict, the two-way decomposition and background sensitivity (default: stress; "
@@ -321,12 +398,38 @@ def _audit(args: argparse.Namespace) -> Any:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # a reader that went away shows here, not as a traceback at exit
+        return code
+    except BrokenPipeError:
+        return _stdout_closed()
+
+
+def _stdout_closed() -> int:
+    """stdout's reader went away (``| head``): send what is left to devnull and end quietly.
+
+    As the Python docs recommend ("Note on SIGPIPE", module signal): Python flushes stdout once more
+    at exit, which would raise again.
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (AttributeError, OSError, ValueError):  # stdout is no file (replaced in-process)
+        pass
+    return EXIT_STDOUT_CLOSED
+
+
+def _main(argv: list[str]) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        _old_analyze_json(args, extra, argv)
     except SystemExit as e:
         if isinstance(e.code, str):
-            print(e.code, file=sys.stderr)
+            _error_line(e.code)
             return EXIT_USAGE
         return int(e.code or 0)
     if args.verb is None:
@@ -334,38 +437,162 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         return int(args.func(args) or 0)
+    except BrokenPipeError:
+        raise  # stdout's reader went away: main() ends quietly
     except ProbekitError as e:
         if args.debug:
             raise
-        print(f"probekit: error: {e}", file=sys.stderr)
+        text = cli_message(str(e), args.verb)
+        if (isinstance(e, WriteError) and e.errno not in NOT_ALLOWED and args.verb == "extract"
+                and "--resume" not in argv):
+            text += f" The rerun that continues: {_command(argv, '--resume')}"
+        _error_line(f"probekit: error: {text}")
         return EXIT_USAGE
-    except OSError as e:  # a full disk, a vanished directory: one line, and what was kept
-        if args.debug or args.verb != "extract":
+    except OSError as e:  # the file system: a full disk, a path one may not write or read
+        if args.debug:
             raise
-        print(f"probekit: error: writing {args.out!r} failed ({e}); {_committed_rows(args)} rows committed; "
-              "free space or fix the path, then run the same command with --resume to continue.",
-              file=sys.stderr)
+        _error_line(f"probekit: error: {_os_error_line(e, args)}")
         return EXIT_USAGE
     except KeyboardInterrupt:
         if args.debug:
             raise
-        print(f"probekit: {_interrupted_message(args)}", file=sys.stderr)
-        return 130
+        _error_line(f"probekit: {_interrupted_message(args, argv)}")
+        return EXIT_INTERRUPTED
     except Exception as e:  # anything else (often raised by the user's own model or data code): one line
         if args.debug:
             raise
         text = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-        print(f"probekit: error: unexpected {type(e).__name__}{': ' + text if text else ''} (run with --debug "
-              "for the traceback)", file=sys.stderr)
+        _error_line(f"probekit: error: unexpected {type(e).__name__}{': ' + cli_message(text, args.verb) if text else ''} "
+                    "(run with --debug for the traceback)")
         return EXIT_USAGE
 
 
-def _interrupted_message(args: argparse.Namespace) -> str:
-    """What Ctrl-C left behind: for extract, the committed rows and how to continue."""
-    if getattr(args, "verb", None) != "extract":
-        return "interrupted."
-    return (f"interrupted; {_committed_rows(args)} rows committed; run the same command with --resume to "
-            f"continue (the store is {args.out}).")
+def _error_line(text: str) -> None:
+    try:
+        print(text, file=sys.stderr)
+    except OSError:  # stderr went away too (`2>&1 | head`): nothing more to say
+        pass
+
+
+def _old_analyze_json(args: argparse.Namespace, extra: list[str], argv: list[str]) -> None:
+    """``analyze STORE --json FILE`` (and ``--json -``), the old spelling: FILE is written, as by ``-o``.
+
+    ``--json`` is a switch now; the word after it is then an argument the parser did not place.
+    """
+    if extra and getattr(args, "verb", None) == "analyze" and args.json and "--json" in argv:
+        after = argv[argv.index("--json") + 1] if argv.index("--json") + 1 < len(argv) else None
+        if after is not None and after == args.store and len(extra) == 1:  # `--json FILE STORE`
+            args.store, extra = extra[0], [after]
+        if after is not None and extra == [after]:
+            if after == "-":
+                _renamed("`analyze --json -`", "`analyze --json`", "--json is a switch in every verb")
+            else:
+                _renamed("`analyze --json FILE`", "`analyze -o FILE`", "--json is a switch in every verb")
+                if args.out is not None:
+                    raise SystemExit("probekit: error: give the result's file once: -o FILE (the old --json "
+                                     "FILE was given too)")
+                args.out, args.json = after, False
+            extra = []
+    if extra:
+        verb = f" {args.verb}" if getattr(args, "verb", None) else ""
+        raise SystemExit(f"probekit: error: unrecognized arguments: {' '.join(extra)} "
+                         f"(see `probekit{verb} --help`)")
+
+
+# -- one line per failure --------------------------------------------------------------------------
+
+#: Python parameter names that error messages of the library use, and the flag each verb has for them
+_FLAGS: dict[str, dict[str, str]] = {
+    "audit": {"n_backgrounds": "--backgrounds", "n_inits": "--inits", "test_fraction": "--test-fraction",
+              "mask_check": "--mask-check", "masks": "--masks", "boxes": "--boxes", "foreground": "--foreground",
+              "factors": "--factors", "n_boot": "--n-boot", "n_perm": "--n-perm", "batch_size": "--batch-size",
+              "random_state": "--seed", "image_size": "--image-size", "model_args": "--model-arg"},
+    "extract": {"max_length": "--max-length", "pad_id": "--pad-id", "padding_side": "--padding-side",
+                "batch_size": "--batch-size", "num_workers": "--num-workers", "image_size": "--image-size",
+                "model_args": "--model-arg"},
+    "layers": {"image_size": "--image-size", "model_args": "--model-arg", "input_shape": "--input-shape"},
+    "analyze": {"n_boot": "--n-boot", "n_perm": "--n-perm", "random_state": "--seed"},
+    "report": {"n_boot": "--n-boot", "n_perm": "--n-perm", "random_state": "--seed"},
+}
+_QUOTED_PATH = re.compile(rf"'([^'\n]{{{PATH_LIMIT + 1},}})'")  # a quoted text longer than short_path allows
+
+
+def cli_message(text: str, verb: str | None) -> str:
+    """An error message of the library as the command line says it: the flags of ``verb`` for the
+    Python parameters it names (``n_backgrounds=9`` -> ``--backgrounds 9``), long quoted paths cut to
+    their tail (``short_path``).
+
+    A parameter whose flag the message already names is left alone (it says both on purpose).
+    """
+    for name, flag in _FLAGS.get(verb or "", {}).items():
+        if flag in text:
+            continue
+        # name=VALUE -> --flag VALUE (a quoted word loses its quotes); a bare name= -> --flag
+        text = re.sub(rf"\b{name}=('([^']*)'|[^\s,;)]*[^\s,;).])?",
+                      lambda m, flag=flag: f"{flag} {m.group(2) if m.group(2) is not None else m.group(1)}"
+                      if m.group(1) else flag, text)
+        if "_" in name:  # a snake_case name is no English word: the bare name is the parameter too
+            text = re.sub(rf"(?<![\w.-]){name}\b(?!=)", flag, text)
+    text = re.sub(r"The '(--[\w-]+)' parameter of [\w.]+ must", r"\1 must", text)  # scikit-learn's wording
+    return _QUOTED_PATH.sub(lambda m: repr(short_path(m.group(1))) if os.sep in m.group(1) else m.group(0), text)
+
+
+def _os_error_line(e: OSError, args: argparse.Namespace) -> str:
+    """One line for a failure of the file system: what, where, and how to go on."""
+    number, reason = os_error_reason(e)
+    path = e.filename
+    if path is None:  # h5py puts the file in its text
+        found = _HDF5_NAME.search(str(e))
+        path = found.group(1) if found else None
+    where = f" {short_path(path)!r}" if path is not None else ""
+    if number in NO_SPACE:
+        target = where or (f" {short_path(args.out)!r}" if getattr(args, "out", None) else "")
+        return f"writing{target} failed: {reason}; free disk space (or write elsewhere), then {_rerun_hint(args)}."
+    if number in NOT_ALLOWED:
+        hint = "choose a path you may write (-o FILE, --out-dir DIR) or read, or fix its permissions"
+    elif number == errno.ENOENT:
+        hint = "check the path"
+    elif number in (errno.ELOOP, errno.ENAMETOOLONG):
+        hint = "a symbolic link that points to a folder above it makes a loop: remove or fix the link"
+    elif number == errno.ENOTDIR:
+        hint = "a part of the path is a file, not a folder"
+    elif number == errno.EISDIR:
+        hint = "it is a folder: give a file"
+    else:
+        hint = f"check the path and the disk, then {_rerun_hint(args)}"
+    return f"{reason}:{where or ' (no file named)'}; {hint}."
+
+
+_HDF5_NAME = re.compile(r"\b(?:file)?name = '([^']*)'")
+
+
+def _rerun_hint(args: argparse.Namespace) -> str:
+    verb = getattr(args, "verb", None)
+    if verb == "extract":
+        return f"run the same command with --resume: it continues from the last committed row " \
+               f"({_committed_rows(args)} rows committed)"
+    if verb == "audit":
+        return "run the same command again: it continues from the last committed row"
+    return "run the same command again"
+
+
+def _command(argv: list[str], add: str | None = None) -> str:
+    words = list(argv) + ([add] if add and add not in argv else [])
+    return "probekit " + shlex.join(words)
+
+
+def _interrupted_message(args: argparse.Namespace, argv: list[str]) -> str:
+    """What Ctrl-C left behind, and the command that continues (extract, audit) or redoes the work."""
+    verb = getattr(args, "verb", None)
+    if verb == "extract":
+        return (f"interrupted; {_committed_rows(args)} rows committed; run the same command with --resume to "
+                f"continue from the last committed row: {_command(argv, '--resume')}")
+    if verb == "audit":
+        return ("interrupted; a rerun of the same command continues from the last committed row: "
+                f"{_command(argv)}")
+    if verb in ("analyze", "report", "info", "layers", "datasets"):
+        return f"interrupted; nothing was written. Run it again: {_command(argv)}"
+    return f"interrupted. Run it again: {_command(argv)}"
 
 
 def _committed_rows(args: argparse.Namespace) -> int:
@@ -617,19 +844,25 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
     thresholds = [parse_threshold(t) for t in args.fail_above]  # bad syntax fails before the work
     _check_gate(args)
+    if args.out:
+        _check_out_file(args.out)
     result = _audit(args)
-    if args.json == "-":
+    if args.out:
+        result.to_json(args.out)
+    if args.json:
         print(json.dumps(result.data, indent=1))
     else:
-        if args.json:
-            result.to_json(args.json)
         _print_summary(result.data)
-        if args.json:
-            print(f"\nfull result: {args.json}", file=sys.stderr)
+        if args.out:
+            print(f"\nfull result: {args.out}", file=sys.stderr)
     return _gate(args, result.data, result.check(thresholds))
 
 
-def _print_summary(doc: dict[str, Any]) -> None:
+def _print_summary(doc: dict[str, Any], audit_args: argparse.Namespace | None = None) -> None:
+    """The verdict, the evidence where no model has one, and the skipped analyses.
+
+    ``audit_args``: the flags of ``probekit audit``, which lists only the skips its user can act on.
+    """
     models = doc.get("models", {})
     verdicts = {info.get("verdict") for info in models.values()}
     for info in models.values():
@@ -652,15 +885,38 @@ def _print_summary(doc: dict[str, Any]) -> None:
             ref = f"; {r['reference']} {r['reference_value']:.3f}" if r.get("reference_value") is not None else ""
             flag = "  <-- above reference" if r.get("flag") else ""
             print(f"  {r['model']:<12} {r['layer']:<16} {e['value']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]{ref}{flag}")
-    if doc.get("skipped"):
-        reasons: dict[tuple[str, str], list[str]] = {}
-        for sk in doc["skipped"]:
-            where = ".".join(x for x in (sk.get("model"), sk.get("layer")) if x) or "store"
-            reasons.setdefault((sk["analysis"], sk["reason"]), []).append(where)
-        print(f"\n{len(doc['skipped'])} analyses skipped:")
-        for (analysis, reason), where in reasons.items():
-            at = ", ".join(where[:3]) + (f" and {len(where) - 3} more" if len(where) > 3 else "")
-            print(f"  {analysis} ({at}): {reason}")
+    skipped = doc.get("skipped") or []
+    if not skipped:
+        return
+    reasons: dict[tuple[str, str], list[str]] = {}
+    for sk in skipped:
+        reason = sk["reason"] if audit_args is None else _audit_skip_hint(sk, audit_args)
+        if reason is None:
+            continue
+        where = ".".join(x for x in (sk.get("model"), sk.get("layer")) if x) or "store"
+        reasons.setdefault((sk["analysis"], reason), []).append(where)
+    if audit_args is None:
+        print(f"\n{len(skipped)} analyses skipped:")
+    else:
+        print(f"\n{len(skipped)} analyses skipped (audit.json lists each with its reason)"
+              + ("; these would run with more input:" if reasons else "; none needs more input."))
+    for (analysis, reason), where in reasons.items():
+        at = ", ".join(where[:3]) + (f" and {len(where) - 3} more" if len(where) > 3 else "")
+        print(f"  {analysis} ({at}): {reason}")
+
+
+def _audit_skip_hint(skip: dict[str, Any], args: argparse.Namespace) -> str | None:
+    """What a user of ``probekit audit`` can do about a skipped analysis, or ``None`` when nothing: the
+    analyses that need a split the audit never builds (an out-of-distribution test split) never run
+    in this mode. A skip this function does not know is shown with its own reason."""
+    analysis, reason = skip.get("analysis", ""), skip.get("reason", "")
+    if "test_ood" in reason or "OOD split" in reason:
+        return None
+    if "background factors" in reason and not getattr(args, "factors", None):
+        return "give --factors CSV (per-image background factors)"
+    if analysis == "teacher-student" and not getattr(args, "teacher", None):
+        return "give --teacher MODEL (with --teacher-weights FILE) to audit the model as its student"
+    return reason
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
@@ -677,6 +933,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     if args.masks and args.boxes:
         raise DataError("Give the foreground as one of --masks, --boxes or --foreground auto (with optional "
                         "--boxes seeds); --masks was given with --boxes.")
+    _check_out_dir(args.out)
     result = audit_model(
         args.model, args.data, masks=args.masks, boxes=args.boxes, foreground=args.foreground,
         factors=args.factors, weights=args.weights, model_args=parse_model_args(args.model_arg),
@@ -686,18 +943,43 @@ def cmd_audit(args: argparse.Namespace) -> int:
         name=args.name, n_backgrounds=args.backgrounds, n_inits=args.inits, test_fraction=args.test_fraction,
         mask_check=args.mask_check, batch_size=args.batch_size, device=args.device, seed=args.seed,
         n_boot=args.n_boot, n_perm=args.n_perm, progress=not args.no_progress)
-    _print_summary(result.data)
-    print(f"\nstore:  {os.path.join(args.out, 'acts.h5')}\naudit:  {os.path.join(args.out, 'audit.json')}\n"
-          f"report: {os.path.join(args.out, 'report.html')}  (open it in a browser)")
+    if args.json:
+        print(json.dumps(result.data, indent=1))
+    else:
+        _print_summary(result.data, audit_args=args)
+        print(f"\nstore:  {os.path.join(args.out, 'acts.h5')}\naudit:  {os.path.join(args.out, 'audit.json')}\n"
+              f"report: {os.path.join(args.out, 'report.html')}  (open it in a browser)")
     return _gate(args, result.data, [])
+
+
+def _check_out_file(path: str) -> None:
+    """Refuse an output file whose folder is missing or not writable before the work, not after."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise DataError(f"Cannot write {short_path(path)!r}: the folder {short_path(folder)!r} does not exist; "
+                        "create it or choose another path.")
+    if not os.access(folder, os.W_OK):
+        raise DataError(f"Cannot write {short_path(path)!r}: permission denied in {short_path(folder)!r}; "
+                        "choose a folder you may write to.")
+
+
+def _check_out_dir(path: str) -> None:
+    """Refuse an output folder that is a file, or that cannot be written or created, before the work."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise DataError(f"The output {short_path(path)!r} is a file; give a folder with --out-dir DIR (it "
+                        "receives acts.h5, audit.json and report.html).")
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):  # the folder, or the nearest one above it that exists
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        raise DataError(f"Cannot write the output folder {short_path(path)!r}: permission denied in "
+                        f"{short_path(existing)!r}; choose a folder you may write to (--out-dir DIR).")
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import write_report
 
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(out_dir):
-        raise DataError(f"Cannot write {args.out!r}: the directory {out_dir!r} does not exist.")
+    _check_out_file(args.out)
     if args.audit:
         try:
             with open(args.audit) as f:

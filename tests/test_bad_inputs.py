@@ -207,7 +207,7 @@ CLI_CASES = [
     ("resume-other-weights", [*E, "--data", "{d}/ok.npz", "--layers", "0,4", "-o", "{d}/ok.h5", "--resume",
                               "--weights", "{d}/same_arch_other_values.pt"], ["extracted from other weights", "--name"]),
     ("batch-size-zero", [*E[:2], "--batch-size", "0", "--data", "{d}/ok.npz", "--layers", "0", "-o", "{d}/o.h5"],
-     ["'batch_size'", ">= 1", "Got 0"]),
+     ["--batch-size must be", ">= 1", "Got 0"]),  # the flag, not the Python parameter batch_size
     ("split-repeated", [*E, "--data", "{d}/ok.npz", "--layers", "0", "-o", "{d}/o.h5", "--split", "a", "--split", "b"],
      ["--split can be repeated only with a built-in dataset"]),
     ("input-shape-garbage", ["layers", "bad_inputs_helper:model", "--input-shape", "3,x,y"],

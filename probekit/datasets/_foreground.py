@@ -48,7 +48,7 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ..errors import DataError
+from ..errors import DataError, short_path
 
 __all__ = ["ForegroundFolder", "adjust_mask", "image_extensions", "require_cv2"]
 
@@ -68,8 +68,8 @@ def require_cv2(purpose: str) -> Any:
         import cv2
     except ImportError as e:
         raise DataError(
-            f"{purpose} needs OpenCV, which is not installed; run `pip install opencv-python-headless` (or `pip install 'probekit-audit[images]'`) "
-            "or give the foreground as masks= or boxes=."
+            f"{purpose} needs OpenCV, which is not installed; run `pip install 'probekit-audit[images]'` (or "
+            "`pip install opencv-python-headless`), or give the foreground as masks= or boxes=."
         ) from e
     return cv2
 
@@ -98,6 +98,19 @@ def adjust_mask(mask: np.ndarray, k: int) -> np.ndarray:
 
 def _is_hidden(name: str) -> bool:
     return name.startswith(".")
+
+
+def _walk(top: Path, root: Path) -> Any:
+    """``os.walk(top, followlinks=True)``, refusing a folder that links to itself or a folder above it
+    (a loop, which would otherwise nest until the path is too long)."""
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
+        here = os.path.realpath(dirpath)
+        for d in dirnames:
+            target = os.path.realpath(os.path.join(dirpath, d))
+            if here == target or here.startswith(target.rstrip(os.sep) + os.sep):
+                raise DataError(f"{_rel(Path(dirpath) / d, root)!r} in {short_path(root)!r} is a symbolic link "
+                                "to a folder above it (a loop); remove the link or point it elsewhere.")
+        yield dirpath, dirnames, filenames
 
 
 def _rel(path: Path, root: Path) -> str:
@@ -248,7 +261,7 @@ class ForegroundFolder:
         labels: list[int] = []
         for label, name in enumerate(classes):
             found: list[str] = []
-            for dirpath, dirnames, filenames in os.walk(root / name, followlinks=True):
+            for dirpath, dirnames, filenames in _walk(root / name, root):
                 dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
                 for fn in sorted(filenames):
                     if _is_hidden(fn):
@@ -290,7 +303,7 @@ class ForegroundFolder:
                             "per image at the image's relative path.")
         exts = image_extensions()
         by_stem: dict[str, str] = {}
-        for dirpath, dirnames, filenames in os.walk(mdir, followlinks=True):
+        for dirpath, dirnames, filenames in _walk(mdir, mdir):
             dirnames[:] = [d for d in dirnames if not _is_hidden(d)]
             for fn in filenames:
                 if _is_hidden(fn) or Path(fn).suffix.lower() not in exts:

@@ -14,6 +14,7 @@ from typing import Any
 
 import jinja2
 
+from .._io import write_text
 from . import _plots as P
 
 __all__ = ["render_html", "write_report"]
@@ -519,9 +520,4 @@ def write_report(audit: Mapping[str, Any] | str | os.PathLike, out: str | os.Pat
     """Write the HTML report of an audit (a dict, or the path of its JSON) to ``out``."""
     if not isinstance(audit, Mapping):
         audit = json.loads(Path(audit).read_text())
-    out = Path(out)
-    html = render_html(audit)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(html, encoding="utf-8")
-    tmp.replace(out)  # never leave a half-written report behind
-    return out
+    return write_text(out, render_html(audit))  # whole or not at all: never a half-written report

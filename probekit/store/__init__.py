@@ -1,4 +1,4 @@
-"""The HDF5 activation store, format version 1 (see docs/FORMAT.md).
+"""The HDF5 activation store, format version 2 (see docs/FORMAT.md; version 1 stores stay readable).
 
 :class:`StoreWriter` appends rows in committed batches and resumes after an interruption;
 :class:`Store` reads lazily, one layer of one split at a time, never past the committed rows.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from ..errors import DataError, LayerNotFoundError, StoreFormatError
+from ..errors import NOT_ALLOWED, DataError, LayerNotFoundError, StoreFormatError, os_error_reason, short_path
 from . import _format as F
 
 _DEFAULT_CHUNK_BYTES = 64 << 20  # iter_chunks reads ~64 MiB at a time unless told otherwise
@@ -25,6 +26,16 @@ def check_format(path: str | os.PathLike) -> None:
     try:
         f = _open_read(path)  # see Store: readers never take HDF5's file lock
     except OSError as e:
+        number, reason = os_error_reason(e)
+        if number in NOT_ALLOWED:
+            raise StoreFormatError(
+                f"Cannot read the store {short_path(path)!r}: {reason}. Fix its permissions (or run as a "
+                "user who may read it)."
+            ) from e
+        if path.is_dir():
+            raise StoreFormatError(
+                f"{short_path(path)!r} is a folder, not a store; give the store's file (e.g. DIR/acts.h5)."
+            ) from e
         raise StoreFormatError(
             f"{str(path)!r} is not a readable HDF5 file ({_short(e)}). It may be truncated or another "
             "kind of file; re-run the extraction to produce it."
@@ -46,7 +57,7 @@ def _check_root(f: h5py.File, path: Path) -> None:
     if version > F.FORMAT_VERSION:
         raise StoreFormatError(
             f"{str(path)!r} was written by a newer probekit (store format version {version}; this "
-            f"probekit reads version {F.FORMAT_VERSION}). Upgrade probekit."
+            f"probekit reads versions up to {F.FORMAT_VERSION}). Upgrade probekit."
         )
     if version < 1:
         raise StoreFormatError(
@@ -85,6 +96,34 @@ def _open_read(path: Path, swmr: bool = False, tries: int = 6) -> h5py.File:
                 raise
             time.sleep(0.02 * (attempt + 1))
     raise AssertionError("unreachable")
+
+
+def read_str_list(value: Any) -> list[str]:
+    """An HDF5 attribute holding strings (absent: ``None``) as a list of ``str``."""
+    if value is None:
+        return []
+    if isinstance(value, (str, bytes)):
+        value = [value]
+    return [v.decode() if isinstance(v, bytes) else str(v) for v in np.asarray(value, dtype=object).reshape(-1)]
+
+
+_DIGITS = re.compile(r"(\d+)")
+
+
+def natural_key(name: str) -> tuple[Any, ...]:
+    """Sort key of a layer name: numbers by value (``blocks.4`` before ``blocks.11``), reserved
+    ``@`` names (the model's output) last."""
+    parts = tuple((0, int(t), "") if t.isdigit() else (1, 0, t) for t in _DIGITS.split(name) if t)
+    return (name.startswith("@"), parts)
+
+
+def in_depth_order(names: Any, order: list[str]) -> list[str]:
+    """``names`` in the recorded ``order`` (a model's ``layer_order``); names it lacks follow, in
+    :func:`natural_key` order."""
+    names = list(dict.fromkeys(names))
+    rank = {n: i for i, n in enumerate(order)}
+    known = sorted((n for n in names if n in rank), key=rank.__getitem__)
+    return known + sorted((n for n in names if n not in rank), key=natural_key)
 
 
 def _short(e: BaseException) -> str:
@@ -327,8 +366,18 @@ class Store:
         base = self._base(model, step)
         return list(base["acts"]) if "acts" in base else []
 
+    def layer_order(self, model: str) -> list[str]:
+        """The order in which the model's layers ran (its ``layer_order`` attribute; empty when the
+        writer recorded none)."""
+        return read_str_list(self._model(model).attrs.get("layer_order"))
+
     def layers(self, model: str, split: str | None = None, step: int | None = None) -> list[str]:
-        """Layer names with activations for ``model`` (on ``split``, or on any split)."""
+        """Layer names with activations for ``model`` (on ``split``, or on any split), in depth order.
+
+        Depth order is the order the layers ran in, as the writer recorded it (``layer_order``); layers
+        it does not name (a store written without it) follow in natural order (``blocks.4`` before
+        ``blocks.11``), the model's ``@output`` last.
+        """
         base = self._base(model, step)
         if "acts" not in base:
             return []
@@ -338,7 +387,7 @@ class Store:
             if s in base["acts"]:
                 for key in base["acts"][s]:
                     names[F.unescape_name(key)] = None
-        return list(names)
+        return in_depth_order(names, self.layer_order(model))
 
     def acts(self, model: str, split: str, layer: str, step: int | None = None) -> Activations:
         """The lazy activations of one layer of one model on one split."""
@@ -357,8 +406,10 @@ class Store:
         return Activations(g[key], self.n_rows(split, model, step), f"{model}/{split}/{layer}")
 
     def weight_layers(self, model: str, step: int | None = None) -> list[str]:
+        """Layers with stored weight rows, in depth order (as :meth:`layers`)."""
         base = self._base(model, step)
-        return [F.unescape_name(k) for k in base["weights"]] if "weights" in base else []
+        names = [F.unescape_name(k) for k in base["weights"]] if "weights" in base else []
+        return in_depth_order(names, self.layer_order(model))
 
     def weights(self, model: str, layer: str, step: int | None = None) -> np.ndarray:
         """Neuron weight rows ``(units, fan_in)`` of one layer."""

@@ -9,28 +9,69 @@ Crash safety rests on three rules (docs/FORMAT.md, "Commit protocol"):
    the file and an interrupted write can never leave committed rows pointing at reused space.
 
 A reader never looks past ``rows_committed``; a writer opened on an existing store resumes at it.
+
+A write the operating system refuses (disk full, a file size limit, permission denied, an I/O error;
+h5py raises these as ``OSError`` or ``RuntimeError`` with HDF5's text) becomes one
+:class:`~probekit.errors.WriteError` naming the file, the reason and what to do. The rows committed
+before it stay readable, and a resumed write continues from them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import functools
 import os
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import h5py
 import numpy as np
 
 from .._version import __version__
-from ..errors import DataError, ProbekitError, StoreExistsError
+from ..errors import (
+    NO_SPACE,
+    NOT_ALLOWED,
+    DataError,
+    ProbekitError,
+    StoreExistsError,
+    WriteError,
+    os_error_reason,
+    short_path,
+)
 from . import _format as F
-from ._reader import check_format
+from ._reader import check_format, read_str_list
 
 WriteMode = Literal["create", "resume", "overwrite"]
 _CHUNK_BYTES = 1 << 20  # aim for ~1 MiB chunks: large enough for fast I/O, small enough to stay lazy
 _MAX_CHUNK_ROWS = 4096
+
+
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+#: text of HDF5's errors for a write the operating system refused (a RuntimeError without it is a bug,
+#: and is raised as it is)
+_IO_TEXT = re.compile(r"errno = \d+|write failed|flush|Input/output|No space", re.IGNORECASE)
+
+
+def _translate_io_errors(method: _Method) -> _Method:
+    """Turn a write the operating system refused, inside ``method``, into one :class:`WriteError`."""
+
+    @functools.wraps(method)
+    def wrapper(self: StoreWriter, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except ProbekitError:
+            raise
+        except (OSError, RuntimeError) as e:
+            err = self._write_error(e)
+            if err is None:
+                raise
+            raise err from e
+
+    return wrapper  # type: ignore[return-value]
 
 
 def chunk_rows(row_shape: Sequence[int], itemsize: int, n_rows: int | None = None) -> int:
@@ -59,6 +100,7 @@ class StoreWriter:
         Extra keyword arguments for ``h5py.Group.create_dataset`` of activation datasets.
     """
 
+    @_translate_io_errors
     def __init__(
         self,
         path: str | os.PathLike,
@@ -80,12 +122,21 @@ class StoreWriter:
         self.path = Path(path)
         self.compression = compression
         self.dataset_kwargs = dict(dataset_kwargs)
+        self._broken = False  # a write failed: the handle is closed without another flush
+        self._last_commit: tuple[str, int] | None = None  # (split, rows) of the last committed batch
+        self._last_declared: dict[str, str] = {}  # model -> the layer add_layer declared last
         if not self.path.parent.exists():
             raise DataError(
                 f"Cannot write the store {str(self.path)!r}: the directory {str(self.path.parent)!r} "
                 "does not exist. Create it first or choose another output path."
             )
         exists = self.path.exists()
+        if exists and not self.path.is_file():
+            what = "a folder" if self.path.is_dir() else "not a regular file (a device, a pipe, ...)"
+            raise DataError(
+                f"Cannot write the store {short_path(self.path)!r}: it is {what}. Give the path of a file, "
+                "e.g. DIR/acts.h5."
+            )
         if exists and mode == "create":
             raise StoreExistsError(
                 f"The output {str(self.path)!r} already exists. Pass --resume to continue or extend it, "
@@ -98,16 +149,23 @@ class StoreWriter:
             if exists:  # overwrite
                 _refuse_if_being_written(self.path)
                 self.path.unlink()
-            self._f = _open_for_writing(self.path, "w")
-            root = self._f
-            root.attrs["format"] = F.FORMAT_NAME
-            root.attrs["format_version"] = F.FORMAT_VERSION
-            root.attrs["probekit_version"] = __version__
-            root.attrs["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-            F.mark(root, "probekit.store")
-            F.mark(root.create_group("samples"), "probekit.samples")
-            F.mark(root.create_group("models"), "probekit.models")
-            self._f.flush()
+            try:
+                self._f = _open_for_writing(self.path, "w")
+                root = self._f
+                root.attrs["format"] = F.FORMAT_NAME
+                root.attrs["format_version"] = F.FORMAT_VERSION
+                root.attrs["probekit_version"] = __version__
+                root.attrs["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+                F.mark(root, "probekit.store")
+                F.mark(root.create_group("samples"), "probekit.samples")
+                F.mark(root.create_group("models"), "probekit.models")
+                self._f.flush()
+            except BaseException:  # e.g. the disk filled up: leave no unreadable file for the rerun
+                self._broken = True
+                self.close()
+                with contextlib.suppress(OSError):
+                    self.path.unlink()
+                raise
         self.resumed = exists and mode == "resume"
         # handles of the datasets write_rows fills, built on first use and dropped by every
         # declaration (add_split/add_model/add_layer): looking them up by name cost more per batch
@@ -119,22 +177,60 @@ class StoreWriter:
     def __enter__(self) -> StoreWriter:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        with contextlib.suppress(Exception):  # the error in flight says more than a failed close after it
+            self.close()
 
+    @_translate_io_errors
     def close(self) -> None:
-        if getattr(self, "_f", None) is not None and self._f.id.valid:
-            self._f.flush()
-            self._f.close()
+        f = getattr(self, "_f", None)
+        if f is None or not f.id.valid:
+            return
+        if self._broken:  # after a failed write: close only if what HDF5 holds can now be written
+            try:
+                f.flush()
+            except Exception:
+                _abandon(f)
+                self._f = None
+                return
+        f.flush()
+        f.close()
 
+    @_translate_io_errors
     def flush(self) -> None:
         self._f.flush()
+
+    def _write_error(self, e: BaseException) -> WriteError | None:
+        """The :class:`WriteError` for an ``OSError`` / ``RuntimeError`` of h5py, or ``None`` when ``e``
+        is no refused write (a bug: raised as it is)."""
+        number, reason = os_error_reason(e)
+        if number is None and not _IO_TEXT.search(str(e)):
+            return None
+        self._broken = True
+        path = short_path(getattr(self, "path", "?"))
+        if number in NOT_ALLOWED:
+            return WriteError(
+                f"Cannot write the store {path!r}: {reason}. Write it to a folder you may write to, or fix "
+                "the permissions.", errno=number, path=str(path))
+        if self._last_commit is None:
+            kept = "no row was committed yet"
+        else:
+            kept = f"{self._last_commit[1]} rows of split {self._last_commit[0]!r} are committed"
+        what = "Free disk space (or write the store elsewhere)" if number in NO_SPACE else "Check the disk"
+        code = f" (errno {number})" if number is not None else ""
+        return WriteError(
+            f"Writing the store {path!r} failed: {reason}{code}. {what}, then rerun: it continues from the "
+            f"last committed row ({kept}).", errno=number, path=str(path))
 
     def _forget_handles(self) -> None:
         self._sample_rows.clear()
         self._act_rows.clear()
 
     # -- declarations ---------------------------------------------------------------------------
+    @_translate_io_errors
     def add_split(
         self,
         split: str,
@@ -198,6 +294,7 @@ class StoreWriter:
                 maxshape=(None, *row_shape),
                 dtype=dtype,
                 chunks=(chunk_rows(row_shape, dtype.itemsize, n_rows), *row_shape),
+                **_preallocated(n_rows),
             )
             F.mark(ds, f"probekit.{field}")
             if field == "factors":
@@ -215,6 +312,7 @@ class StoreWriter:
         self._f.flush()
         return 0
 
+    @_translate_io_errors
     def add_model(
         self,
         name: str,
@@ -281,6 +379,7 @@ class StoreWriter:
             g.attrs[F.ROWS_ATTR] = 0
         return acts[split]
 
+    @_translate_io_errors
     def add_layer(
         self,
         model: str,
@@ -292,7 +391,12 @@ class StoreWriter:
         attrs: Mapping[str, Any] = MappingProxyType({}),
         step: int | None = None,
     ) -> int:
-        """Declare one activation dataset; return the rows committed for this model and split."""
+        """Declare one activation dataset; return the rows committed for this model and split.
+
+        The model's ``layer_order`` attribute records the order in which layers are declared: a layer
+        new to the model goes right after the layer declared before it (else last). Declare a model's
+        layers in the order its forward pass runs them, and readers list them by depth.
+        """
         self._forget_handles()
         if dtype not in F.ACT_DTYPES:
             raise DataError(
@@ -301,6 +405,7 @@ class StoreWriter:
         n_rows = int(self._f["samples"][split].attrs["n_rows"])
         n_rows = None if n_rows < 0 else n_rows
         g = self._acts_group(model, split, step, create=True)
+        self._record_order(model, layer)
         key = F.escape_name(layer)
         feature_shape = tuple(int(s) for s in feature_shape)
         committed = int(g.attrs[F.ROWS_ATTR])
@@ -328,6 +433,7 @@ class StoreWriter:
             dtype=np_dtype,
             chunks=(chunk_rows(feature_shape, np_dtype.itemsize, n_rows), *feature_shape),
             compression=self.compression,
+            **(_preallocated(n_rows) if self.compression is None and not self.dataset_kwargs else {}),
             **self.dataset_kwargs,
         )
         F.mark(ds, "probekit.activations")
@@ -337,7 +443,17 @@ class StoreWriter:
         self._f.flush()
         return committed
 
+    def _record_order(self, model: str, layer: str) -> None:
+        g = self._f["models"][model]
+        order = read_str_list(g.attrs.get("layer_order"))
+        if layer not in order:
+            before = self._last_declared.get(model)
+            order.insert(order.index(before) + 1 if before in order else len(order), layer)
+            g.attrs["layer_order"] = order
+        self._last_declared[model] = layer
+
     # -- rows ----------------------------------------------------------------------------------------
+    @_translate_io_errors
     def committed(self, split: str, model: str | None = None, step: int | None = None) -> int:
         """Rows committed for a split's samples, or for one model's activations on it."""
         if model is None:
@@ -347,6 +463,7 @@ class StoreWriter:
         except KeyError:
             return 0
 
+    @_translate_io_errors
     def write_rows(
         self,
         split: str,
@@ -430,7 +547,9 @@ class StoreWriter:
         for ag in groups:
             ag.attrs[F.ROWS_ATTR] = stop
         self._f.flush()
+        self._last_commit = (split, stop)
 
+    @_translate_io_errors
     def write_weights(
         self,
         model: str,
@@ -464,12 +583,41 @@ def _open_for_writing(path: Path, mode: str) -> h5py.File:
     try:
         return h5py.File(path, mode)
     except OSError as e:
-        if "lock" in str(e).lower():
+        if "lock" in str(e).lower() and os_error_reason(e)[0] not in NOT_ALLOWED:
             raise DataError(
                 f"Cannot write the store {str(path)!r}: another process has it open for writing (an "
                 "extraction still running?). Wait for it to finish, or write to another store."
             ) from e
         raise
+
+
+def _preallocated(n_rows: int | None) -> dict[str, Any]:
+    """``create_dataset`` arguments that give a dataset of known length all its file space at once.
+
+    The file then reaches its full size when the datasets are declared (sparse: no byte is written,
+    the fill value is never written), and writing rows never moves HDF5's metadata again: a disk that
+    fills up fails a write of raw rows, before the counters move, and never a flush that has already
+    recorded a larger file than the disk could take (which leaves a file no reader opens: "truncated
+    file"). Rows past the committed ones hold whatever the disk held: readers never read them.
+    """
+    if not n_rows:
+        return {}
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    return {"dcpl": dcpl, "fill_time": "never"}
+
+
+def _abandon(f: h5py.File) -> None:
+    """Leave a file open whose cached rows HDF5 cannot write (a full disk), until the process ends.
+
+    Closing such a file fails, and so does the release of any of its objects (each release flushes
+    what it holds); h5py's cleanup of the half-closed objects then crashes the interpreter at exit
+    (segmentation fault; h5py 3.16 with HDF5 2.0). One more HDF5 reference on every open object of the
+    file keeps them from being released at all: the operating system closes the file when the process
+    ends. The rows committed before the failure are on disk already (each commit is flushed).
+    """
+    for oid in h5py.h5f.get_obj_ids(f.id, h5py.h5f.OBJ_ALL):
+        h5py.h5i.inc_ref(oid)
 
 
 def _refuse_if_being_written(path: Path) -> None:
