@@ -8,7 +8,7 @@
 A generator of its own, not the one of ``calibrate_verdict.py``. Each data set draws G objects with
 latent features z_g ~ N(0, I_8), B backgrounds w_b ~ N(0, I_8) from their population (a fresh draw
 per data set: the backgrounds are a sample) and a nuisance e_gb ~ N(0, I_8) per image (pose, noise:
-what makes one object on one background unlike the rest). A layer of D = 32 units is
+what makes one object on one background unlike the rest). A layer of D = 16 units is
 
     x_gb = act(A z_g + C w_b + E e_gb + mu)        act = identity ("linear") or ReLU ("relu")
 
@@ -43,6 +43,9 @@ Level: ``ci_level = 1 - 0.05 / 4`` (Bonferroni over 4 layers, as the audit does 
 for the flag, and 0.95 for coverage. A data set counts as covered when the population ratio is in
 the 0.95 interval or there is no interval (``ratio_ci`` None: the audit claims nothing).
 
+Part ``decomposition``: coverage of ``crossed_decomposition``'s 0.95 intervals of the population
+components (the teacher-like layer above, each setting's data sets).
+
 Part ``cnn``: the demo's CNNs (``ShapesCNN`` trained on shapes with random background colours,
 "robust", and class-coloured ones, "shortcut", seed 0, 20 epochs as the demo) against 3 seeded
 inits (``torch.manual_seed(10_000 + k)``, as ``probekit.experiments.shortcut``) at its 3 conv layers
@@ -70,7 +73,7 @@ from probekit.analyses import compare_background  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 P = Q = R_NUIS = 8
-D = 32
+D = 16
 MARGIN = 1.25
 N_LAYERS = 4
 LEVEL_FLAG, LEVEL_COVER = 1 - 0.05 / N_LAYERS, 0.95
@@ -272,6 +275,23 @@ def summarise(recs: list[dict]) -> dict:
             "median_ratio": float(np.median(ratios)) if ratios else None}
 
 
+def run_decomposition(G: int, B: int, act: str, sims: int) -> dict:
+    """Coverage of crossed_decomposition's 0.95 intervals of the population components (a teacher-like
+    layer, a fresh draw of objects and backgrounds per data set, 10 weight sets)."""
+    from probekit.analyses import crossed_decomposition
+
+    hits = np.zeros(4)
+    for s in range(sims):
+        rng = np.random.default_rng([5, s, G, B, act == "relu"])
+        w = weights(np.random.default_rng([6, s % _POOL]), a=2.0, s=0.7, factors=(0, 1))
+        t = truth(w, act)
+        z, wb, e = rng.normal(size=(G, P)), rng.normal(size=(B, Q)), rng.normal(size=(G, B, R_NUIS))
+        r = crossed_decomposition(rows(w, act, z, wb, e), np.repeat(np.arange(G), B), np.tile(np.arange(B), G))
+        cis = (r.foreground_ci, r.background_ci, r.interaction_ci, r.background_share_ci)
+        hits += [lo <= v <= hi for v, (lo, hi) in zip((*t, t[1] / t.sum()), cis, strict=True)]
+    return dict(zip(("foreground", "background", "interaction", "background_share"), (hits / sims).tolist(), strict=True))
+
+
 # -- the demo's CNNs ------------------------------------------------------------------------------------
 def run_cnn(epochs: int = 20, seed: int = 0) -> dict:
     import torch
@@ -292,13 +312,12 @@ def run_cnn(epochs: int = 20, seed: int = 0) -> dict:
     acts: dict[str, dict[int, np.ndarray]] = {}
     for name, net in nets.items():
         got: dict[int, np.ndarray] = {}
-        hooks = [net.features[i].register_forward_hook(
-            lambda _m, _i, o, i=i: got.__setitem__(i, o.mean(dim=(2, 3)).detach().numpy().astype(np.float64)))
-            for i in (0, 3, 6)]
+        h = x
         with torch.no_grad():
-            net(x)
-        for h in hooks:
-            h.remove()
+            for i, module in enumerate(net.features):
+                h = module(h)
+                if i in (0, 3, 6):  # the conv layers, average-pooled as the audit extracts them
+                    got[i] = h.mean(dim=(2, 3)).double().numpy()
         acts[name] = got
     out: dict = {"n_objects": int(g.max() + 1), "n_backgrounds": int(b.max() + 1), "epochs": epochs, "layers": {}}
     for layer in (0, 3, 6):
@@ -316,21 +335,26 @@ def run_cnn(epochs: int = 20, seed: int = 0) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="few settings and simulations (the test's scale)")
-    ap.add_argument("--sims", type=int, default=None, help="data sets per setting (default 100; quick 5)")
-    ap.add_argument("--parts", default="teacher,inits,cnn")
+    ap.add_argument("--sims", type=int, default=None,
+                    help="data sets per setting (default 100, 40 for the two largest; quick 5)")
+    ap.add_argument("--parts", default="teacher,inits,decomposition,cnn")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "calibrate_layers.json"))
     args = ap.parse_args(argv)
-    sims = args.sims or (5 if args.quick else 100)
-    grid = [(30, 8), (300, 3), (300, 8)] if args.quick else [(30, 8), (100, 8), (300, 3), (300, 8), (300, 16),
-                                                             (1000, 8)]
+    if args.quick:
+        grid = {(30, 8): 5, (300, 3): 5, (300, 8): 5}
+    else:
+        grid = {(30, 8): 100, (100, 8): 100, (300, 3): 100, (300, 8): 100, (300, 16): 40, (1000, 8): 40}
+    if args.sims:
+        grid = {k: args.sims for k in grid}
     acts = ("linear", "relu")
     parts = args.parts.split(",")
     t0 = time.perf_counter()
-    res: dict = {"config": {"sims": sims, "grid": grid, "level_flag": LEVEL_FLAG, "level_cover": LEVEL_COVER,
+    res: dict = {"config": {"sims": {f"G{G}/B{B}": n for (G, B), n in grid.items()}, "level_flag": LEVEL_FLAG,
+                            "level_cover": LEVEL_COVER,
                             "margin": MARGIN, "units": D, "quick": args.quick}, "teacher": {}, "inits": {}}
     if "teacher" in parts:
         for act in acts:
-            for G, B in grid:
+            for (G, B), sims in grid.items():
                 recs: dict[str, list] = {}
                 for s in range(sims):
                     for k, v in run_teacher(G, B, act, s).items():
@@ -341,13 +365,16 @@ def main(argv: list[str] | None = None) -> dict:
         refs = {act: init_reference(act, n=2_000 if args.quick else 20_000) for act in acts}
         res["config"]["init_reference"] = refs
         for act in acts:
-            for G, B in grid:
+            for (G, B), sims in grid.items():
                 recs = {}
                 for s in range(sims):
                     for k, v in run_inits(G, B, act, s, refs[act]).items():
                         recs.setdefault(k, []).append(v)
                 res["inits"][f"{act}/G{G}/B{B}"] = {k: summarise(v) for k, v in recs.items()}
                 print(f"inits {act} G={G} B={B} {time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
+    if "decomposition" in parts:
+        res["decomposition"] = {f"{act}/G{G}/B{B}": run_decomposition(G, B, act, n) for act in acts
+                                for (G, B), n in grid.items()}
     if "cnn" in parts:
         res["cnn"] = run_cnn(epochs=3 if args.quick else 20)
     res["config"]["seconds"] = round(time.perf_counter() - t0, 1)
@@ -374,6 +401,11 @@ def tables(res: dict) -> list[str]:
             lines.append(f"| {k} | {t:.2f} | " + " | ".join(
                 "–" if c is None else f"{100 * c['flag_rate']:.0f} % ({100 * (c['coverage'] or 0):.0f}; "
                 f"{100 * c['no_interval']:.0f})" for c in cells) + " |")
+    if res.get("decomposition"):
+        lines += ["", "### crossed_decomposition: coverage of the 0.95 intervals (population components)", "",
+                  "| setting | foreground | background | interaction | background share |", "|---|---|---|---|---|"]
+        lines += [f"| {k} | " + " | ".join(f"{100 * v:.0f} %" for v in c.values()) + " |"
+                  for k, c in res["decomposition"].items()]
     if res.get("cnn"):
         lines += ["", "### the demo's CNNs against 3 seeded inits (ratio [interval], flagged)", "",
                   "| layer | model | " + " | ".join(INIT_KINDS) + " |", "|---|---|" + "---|" * len(INIT_KINDS)]
