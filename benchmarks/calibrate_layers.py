@@ -31,13 +31,15 @@ factors), ``weak_fg_0.5`` / ``weak_fg_0.7`` (A times 0.5 / 0.7, nothing else cha
 Against initialisations (``kind`` in ``within_odds`` = bg / int, ``within_share`` = bg / (bg + int),
 ``odds`` = bg / (fg + int)): 3 references per data set, each a fresh draw of every weight
 (A, C, E ~ N(0, 1/8) entries, mu ~ N(0, 0.1^2): inits vary as real inits do). The reference truth is
-the mean of the figure over inits (20,000 weight draws, exact per draw). The model: a trained-like
+the mean of the figure over inits (5,000 weight draws, exact per draw). The model: a trained-like
 draw (A times 3: it learned the foreground) whose background weights are scaled so that its
 population figure is exactly 1 x (``at_1``) or 1.25 x (``at_margin``) the inits' mean, per kind;
 ``weak_fg_0.5`` / ``weak_fg_0.7`` (the ``at_1`` model with A times 0.5 / 0.7: for ``odds`` this moves
 the truth, which the table shows); ``bg_2x`` / ``bg_3x`` (the ``at_1`` model with its background
 component made 2 x / 3 x; the truth ratio of each kind is shown, ``within_share`` is capped at
 1 / the inits' share).
+
+Part ``inits5``: the same with 5 inits per data set, at 300 objects x 8 backgrounds.
 
 Level: ``ci_level = 1 - 0.05 / 4`` (Bonferroni over 4 layers, as the audit does for 4 comparisons)
 for the flag, and 0.95 for coverage. A data set counts as covered when the population ratio is in
@@ -337,7 +339,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--quick", action="store_true", help="few settings and simulations (the test's scale)")
     ap.add_argument("--sims", type=int, default=None,
                     help="data sets per setting (default 100, 40 for the two largest; quick 5)")
-    ap.add_argument("--parts", default="teacher,inits,decomposition,cnn")
+    ap.add_argument("--parts", default="teacher,inits,inits5,decomposition,cnn")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "calibrate_layers.json"))
     args = ap.parse_args(argv)
     if args.quick:
@@ -362,7 +364,7 @@ def main(argv: list[str] | None = None) -> dict:
                 res["teacher"][f"{act}/G{G}/B{B}"] = {k: summarise(v) for k, v in recs.items()}
                 print(f"teacher {act} G={G} B={B} {time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
     if "inits" in parts:
-        refs = {act: init_reference(act, n=2_000 if args.quick else 20_000) for act in acts}
+        refs = {act: init_reference(act, n=2_000 if args.quick else 5_000) for act in acts}
         res["config"]["init_reference"] = refs
         for act in acts:
             for (G, B), sims in grid.items():
@@ -372,6 +374,17 @@ def main(argv: list[str] | None = None) -> dict:
                         recs.setdefault(k, []).append(v)
                 res["inits"][f"{act}/G{G}/B{B}"] = {k: summarise(v) for k, v in recs.items()}
                 print(f"inits {act} G={G} B={B} {time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
+    if "inits5" in parts:  # the same with 5 inits, at 300 objects x 8 backgrounds
+        refs = res["config"].get("init_reference") or {act: init_reference(act, n=2_000 if args.quick else 5_000)
+                                                       for act in acts}
+        res["inits5"] = {}
+        for act in acts:
+            n = grid.get((300, 8), 5)
+            recs = {}
+            for s in range(n):
+                for k, v in run_inits(300, 8, act, s, refs[act], n_inits=5).items():
+                    recs.setdefault(k, []).append(v)
+            res["inits5"][f"{act}/G300/B8"] = {k: summarise(v) for k, v in recs.items()}
     if "decomposition" in parts:
         res["decomposition"] = {f"{act}/G{G}/B{B}": run_decomposition(G, B, act, n) for act in acts
                                 for (G, B), n in grid.items()}
@@ -385,22 +398,24 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def tables(res: dict) -> list[str]:
-    """Markdown tables: flag rate / coverage (0.95) / share without interval, per setting and scenario."""
+    """Markdown tables: flag rate (coverage of the 0.95 interval; share without interval) per setting."""
     lines = []
-    for part in ("teacher", "inits"):
-        if not res.get(part):
-            continue
-        keys = sorted({k for cell in res[part].values() for k in cell})
-        lines += ["", f"### {part}: flag rate at level {res['config']['level_flag']:.4g} "
-                      "(coverage of the 0.95 interval; share without interval)", "",
-                  "| scenario | truth | " + " | ".join(res[part]) + " |",
-                  "|---|---|" + "---|" * len(res[part])]
-        for k in keys:
-            cells = [res[part][c].get(k) for c in res[part]]
-            t = next(c["truth"] for c in cells if c)
-            lines.append(f"| {k} | {t:.2f} | " + " | ".join(
-                "–" if c is None else f"{100 * c['flag_rate']:.0f} % ({100 * (c['coverage'] or 0):.0f}; "
-                f"{100 * c['no_interval']:.0f})" for c in cells) + " |")
+    for part in ("teacher", "inits", "inits5"):
+        for act in ("linear", "relu"):
+            cells = {k: v for k, v in res.get(part, {}).items() if k.startswith(act)}
+            if not cells:
+                continue
+            keys = sorted({k for cell in cells.values() for k in cell})
+            lines += ["", f"### {part}, {act}: flag rate at level {res['config']['level_flag']:.4g} "
+                          "(coverage of the 0.95 interval; share without interval)", "",
+                      "| scenario | truth | " + " | ".join(c.split("/", 1)[1] for c in cells) + " |",
+                      "|---|---|" + "---|" * len(cells)]
+            for k in keys:
+                row = [cells[c].get(k) for c in cells]
+                t = next(c["truth"] for c in row if c)
+                lines.append(f"| {k} | {t:.2f} | " + " | ".join(
+                    "–" if c is None else f"{100 * c['flag_rate']:.0f} % ({100 * (c['coverage'] or 0):.0f}; "
+                    f"{100 * c['no_interval']:.0f})" for c in row) + " |")
     if res.get("decomposition"):
         lines += ["", "### crossed_decomposition: coverage of the 0.95 intervals (population components)", "",
                   "| setting | foreground | background | interaction | background share |", "|---|---|---|---|---|"]
