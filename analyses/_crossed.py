@@ -15,6 +15,7 @@ pass over the table. Calibration: benchmarks/calibrate_layers.py, docs/METRICS.m
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -227,7 +228,8 @@ def crossed_decomposition(X: Any, group: Any, background: Any, *, n_boot: int = 
         foreground=float(est[0]), background=float(est[1]), interaction=float(est[2]),
         foreground_ci=cis[0], background_ci=cis[1], interaction_ci=cis[2],
         background_share=float(share(est)),
-        background_share_ci=_interval(float(share(est)), share(by_g), None if by_b is None else share(by_b), ci_level),
+        background_share_ci=_interval(float(share(est)), share(by_g), None if by_b is None else share(by_b),
+                                      ci_level),
         n_groups=G, n_backgrounds=B, n_dropped_groups=dropped, n_units=t.n_units, sketched=sketch is not None,
         ci_level=float(ci_level),
     )
@@ -292,15 +294,17 @@ def compare_background(X: Any, references: Sequence[Any], group: Any, background
     spread of the references' figures divided by their number (initialisations vary, so the
     reference mean is uncertain too), with a t quantile at Welch-Satterthwaite's degrees of freedom
     (``df``; G - 1, B - 1 and references - 1 for the three parts). ``scale="log"``: on the log ratio,
-    used when every figure and leave-one-out figure is > 0; ``"linear"`` (Fieller's interval for a
-    ratio) otherwise. ``p_value``: one-sided, for "population ratio <= margin". ``flagged`` when the
-    interval's low end exceeds ``margin`` (default 1.25), i.e. p_value < (1 - ci_level) / 2. For
+    used when the model's figure and its leave-one-out values are > 0; ``"linear"`` (the ratio
+    itself) otherwise, for a model whose figure is about 0. ``p_value``: one-sided, for "population
+    ratio <= margin". ``flagged`` when the interval's low end exceeds ``margin`` (default 1.25),
+    i.e. p_value < (1 - ci_level) / 2. For
     multiplicity control over m layers x models, pass ``ci_level = 1 - 0.05 / m`` (Bonferroni; the
     audit does).
 
     No ratio (``ratio``, ``ratio_ci``, ``p_value`` None, never flagged, ``reason`` says why) when the
-    reference's figure is <= 0, when it is not distinguishable from 0 (Fieller's set is unbounded),
-    or with 2 backgrounds (no interval over backgrounds; the ratio is given, its interval not).
+    reference's figure is <= 0 or not distinguishable from 0 (it comes out <= 0 with one foreground
+    or background left out); with 2 backgrounds the ratio is given without interval (none over
+    backgrounds can be had).
     ``n_boot`` is not used (the jackknife needs no replicates); it is accepted for compatibility.
     """
     check_option("compare_background", "kind", kind, tuple(_FIGURES))
@@ -346,42 +350,30 @@ def compare_background(X: Any, references: Sequence[Any], group: Any, background
     if S_b is None or T_b is None:
         return none("2 backgrounds: an interval over backgrounds needs at least 3; the ratio is the point "
                     "estimate only.", ratio=S / T)
-    between = float(np.var(per_ref, ddof=1) / R) if R > 1 else 0.0  # initialisations vary
-    lo_margin = float(np.log(margin))
-    if min(S, S_g.min(), S_b.min(), T_g.min(), T_b.min()) > 0 and all(np.isfinite(v).all() for v in (S_g, S_b, T_g, T_b)):
-        lr_g, lr_b = np.log(S_g) - np.log(T_g), np.log(S_b) - np.log(T_b)
-        parts = [(_jack_cov(lr_g, lr_g), G - 1), (_jack_cov(lr_b, lr_b), B - 1)]
-        if R > 1:
-            parts.append((between / T ** 2, R - 1))
-        df = _satterthwaite(parts)
-        se = float(np.sqrt(sum(p for p, _ in parts)))
-        q, est = _t_quantile(ci_level, df), float(np.log(S / T))
-        ci = (float(np.exp(est - q * se)), float(np.exp(est + q * se)))
-        p = _t_sf((est - lo_margin) / se if se > 0 else np.inf * np.sign(est - lo_margin), df)
-        return BackgroundComparisonResult(ratio=S / T, ratio_ci=ci, p_value=p, df=df, scale="log",
-                                          flagged=bool(ci[0] > margin), reason=None, **base)
-    # Fieller: {rho : (S - rho T)^2 <= q^2 Var(S - rho T)}, Var = a - 2 rho b + rho^2 c
-    abc = [(_jack_cov(x, x), _jack_cov(x, y), _jack_cov(y, y), n - 1) for x, y, n in ((S_g, T_g, G), (S_b, T_b, B))]
-    if R > 1:
-        abc.append((0.0, 0.0, between, R - 1))
-    a, b, c = (sum(v[k] for v in abc) for k in range(3))
-
-    def var_parts(rho: float) -> list[tuple[float, int]]:
-        return [(v[0] - 2 * rho * v[1] + rho * rho * v[2], v[3]) for v in abc]
-
-    df = _satterthwaite(var_parts(max(S / T, 0.0)))
-    q = _t_quantile(ci_level, df)
-    lead, half, const = T * T - q * q * c, S * T - q * q * b, S * S - q * q * a
-    if lead <= 0:
-        return none(f"the reference's {what} ({T:.3g}) is not distinguishable from 0 with these "
-                    f"{G} foregrounds and {B} backgrounds at level {ci_level:.4g}, so the ratio's interval "
-                    "is unbounded: no ratio.")
-    root = float(np.sqrt(max(half * half - lead * const, 0.0)))
-    ci = ((half - root) / lead, (half + root) / lead)
-    v_margin = sum(v for v, _ in var_parts(margin))
-    p = _t_sf((S - margin * T) / np.sqrt(v_margin) if v_margin > 0 else np.inf * np.sign(S - margin * T), df)
-    return BackgroundComparisonResult(ratio=S / T, ratio_ci=(float(ci[0]), float(ci[1])), p_value=p, df=df,
-                                      scale="linear", flagged=bool(ci[0] > margin), reason=None, **base)
+    if not (np.isfinite(T_g).all() and np.isfinite(T_b).all() and T_g.min() > 0 and T_b.min() > 0):
+        return none(f"the reference's {what} ({T:.3g}) is not distinguishable from 0: it comes out <= 0 when one "
+                    f"of the {G} foregrounds or {B} backgrounds is left out, so a ratio to it is not determined.")
+    if not (np.isfinite(S_g).all() and np.isfinite(S_b).all()):
+        return none(f"the {what} of X is undefined when one foreground or background is left out: no interval.",
+                    ratio=S / T)
+    # the log ratio where the model's figure is clearly positive; else the ratio itself (a model
+    # without background reads about 0, and its component can come out <= 0)
+    log = S > 0 and S_g.min() > 0 and S_b.min() > 0
+    f = np.log if log else (lambda v: v)
+    rho = S / T
+    th_g, th_b = f(S_g / T_g), f(S_b / T_b)
+    parts = [(_jack_cov(th_g, th_g), G - 1), (_jack_cov(th_b, th_b), B - 1)]
+    if R > 1:  # initialisations vary: the variance of the references' mean, on the same scale
+        parts.append((float(np.var(per_ref, ddof=1) / R) / T ** 2 * (1.0 if log else rho ** 2), R - 1))
+    df = _satterthwaite(parts)
+    se = float(np.sqrt(sum(v for v, _ in parts)))
+    q, est, at = _t_quantile(ci_level, df), float(f(rho)), float(f(margin))
+    lo, hi = est - q * se, est + q * se
+    ci = (float(np.exp(lo)), float(np.exp(hi))) if log else (float(lo), float(hi))
+    p = _t_sf((est - at) / se if se > 0 else math.copysign(math.inf, est - at), df)
+    return BackgroundComparisonResult(ratio=float(rho), ratio_ci=ci, p_value=p, df=df,
+                                      scale="log" if log else "linear", flagged=bool(ci[0] > margin), reason=None,
+                                      **base)
 
 
 def _t_sf(t: float, df: float) -> float:

@@ -226,3 +226,21 @@ def test_decomposition_intervals_cover_the_population_components():
     background component (the objects-only bootstrap covered only the truth given the backgrounds)."""
     r = cl.run_decomposition(100, 8, "relu", 40)
     assert r["background"] >= 0.85 and r["foreground"] >= 0.85 and r["background_share"] >= 0.85, r
+
+
+def test_model_without_background_reads_zero_on_the_linear_scale():
+    """A student with no background response (population ratio 0) against a teacher with one: its
+    component comes out <= 0 about half the time, the log scale cannot hold it, Fieller's interval
+    does; it covers 0 and is never flagged."""
+    cover, linear = [], 0
+    for s in range(40):
+        rng = np.random.default_rng([15, s])
+        T = cl.weights(rng, a=2.0, s=0.7, factors=(0, 1))
+        S = cl.scaled(T, "C", 0.0)
+        z, wb, e, g, b = _split(rng, 100, 8)
+        r = compare_background(cl.rows(S, "linear", z, wb, e, rng, post_sd=0.3), [cl.rows(T, "linear", z, wb, e)],
+                               g, b, ci_level=0.95)
+        assert not r.flagged and r.ratio is not None and r.ratio < 0.2
+        linear += r.scale == "linear"
+        cover.append(r.ratio_ci is None or r.ratio_ci[0] <= 0.0 <= r.ratio_ci[1])
+    assert linear >= 10 and np.mean(cover) >= 0.85, (linear, np.mean(cover))
