@@ -294,8 +294,10 @@ def compare_background(X: Any, references: Sequence[Any], group: Any, background
     spread of the references' figures divided by their number (initialisations vary, so the
     reference mean is uncertain too), with a t quantile at Welch-Satterthwaite's degrees of freedom
     (``df``; G - 1, B - 1 and references - 1 for the three parts). ``scale="log"``: on the log ratio,
-    used when the model's figure and its leave-one-out values are > 0; ``"linear"`` (the ratio
-    itself) otherwise, for a model whose figure is about 0. ``p_value``: one-sided, for "population
+    used where the model's background is clearly there (its mean square over backgrounds at least
+    twice the interaction's, i.e. G sigma2_bg >= sigma2_int, and its figure > 0 with any one
+    foreground or background left out); ``"linear"`` (the ratio itself, whose interval can reach 0)
+    otherwise. ``p_value``: one-sided, for "population
     ratio <= margin". ``flagged`` when the interval's low end exceeds ``margin`` (default 1.25),
     i.e. p_value < (1 - ci_level) / 2. For
     multiplicity control over m layers x models, pass ``ci_level = 1 - 0.05 / m`` (Bonferroni; the
@@ -356,16 +358,25 @@ def compare_background(X: Any, references: Sequence[Any], group: Any, background
     if not (np.isfinite(S_g).all() and np.isfinite(S_b).all()):
         return none(f"the {what} of X is undefined when one foreground or background is left out: no interval.",
                     ratio=S / T)
-    # the log ratio where the model's figure is clearly positive; else the ratio itself (a model
-    # without background reads about 0, and its component can come out <= 0)
-    log = S > 0 and S_g.min() > 0 and S_b.min() > 0
-    f = np.log if log else (lambda v: v)
     rho = S / T
-    th_g, th_b = f(S_g / T_g), f(S_b / T_b)
-    parts = [(_jack_cov(th_g, th_g), G - 1), (_jack_cov(th_b, th_b), B - 1)]
-    if R > 1:  # initialisations vary: the variance of the references' mean, on the same scale
-        parts.append((float(np.var(per_ref, ddof=1) / R) / T ** 2 * (1.0 if log else rho ** 2), R - 1))
-    df = _satterthwaite(parts)
+
+    def spread(f: Any) -> tuple[list[tuple[float, int]], float]:
+        """The variance parts (foregrounds, backgrounds, inits) of f(ratio) and their df."""
+        th_g, th_b = f(S_g / T_g), f(S_b / T_b)
+        parts = [(_jack_cov(th_g, th_g), G - 1), (_jack_cov(th_b, th_b), B - 1)]
+        if R > 1:  # initialisations vary: the variance of the references' mean, on the same scale
+            d = 1.0 if f is np.log else rho ** 2
+            parts.append((float(np.var(per_ref, ddof=1) / R) / T ** 2 * d, R - 1))
+        return parts, _satterthwaite(parts)
+
+    # the log ratio, whose sampling distribution is far less skewed, where the model's background is
+    # clearly there: its mean square over backgrounds at least twice the interaction's
+    # (G sigma2_bg >= sigma2_int; about 1 when the model has none). Else the ratio's own scale, whose
+    # interval can reach 0 (a component that is 0 comes out <= 0 half the time).
+    fg_bg_int = jacks[0][0]
+    log = bool(S > 0 and S_g.min() > 0 and S_b.min() > 0 and G * fg_bg_int[1] >= fg_bg_int[2])
+    f: Any = np.log if log else (lambda v: v)
+    parts, df = spread(f)
     se = float(np.sqrt(sum(v for v, _ in parts)))
     q, est, at = _t_quantile(ci_level, df), float(f(rho)), float(f(margin))
     lo, hi = est - q * se, est + q * se

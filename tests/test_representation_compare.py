@@ -177,17 +177,19 @@ def test_teacher_weaker_foreground_not_flagged_three_times_background_flagged(ac
     assert all(flags["bg_3x"])
 
 
-def test_init_kinds_weaker_foreground_and_three_times_background():
-    """Against 3 inits that vary as inits do (linear maps: the truths are exact). ``within_odds`` is
-    not moved by a weaker foreground (truth 1) and finds 3 x background; ``odds`` flags the weaker
-    foreground (its truth moves to ~3: the confound it brings back)."""
+@pytest.mark.parametrize("N_INITS, min_power", [(3, 3), (5, 7)])
+def test_init_kinds_weaker_foreground_and_three_times_background(N_INITS, min_power):
+    """Against inits that vary as inits do (linear maps: the truths are exact). ``within_odds`` is
+    not moved by a weaker foreground (truth 1) and finds 3 x background (benchmark, 300 x 8: 64 %
+    with 3 inits, whose spread has 2 df; more with 5); ``odds`` flags the weaker foreground (its
+    truth moves to ~3: the confound it brings back)."""
     ref = cl.init_reference("linear", n=4000)
     flags: dict[str, list[bool]] = {}
     for s in range(10):
         rng = np.random.default_rng([13, s])
         sc = cl.init_scenarios(np.random.default_rng([14, s % 3]), "linear", ref)
         z, wb, e, g, b = _split(rng, 300, 8)
-        inits = [cl.rows(cl.weights(rng), "linear", z, wb, e) for _ in range(3)]
+        inits = [cl.rows(cl.weights(rng), "linear", z, wb, e) for _ in range(N_INITS)]
         for name in ("within_odds:weak_fg_0.5", "within_odds:weak_fg_0.7", "within_odds:at_1",
                      "within_odds:bg_3x", "odds:weak_fg_0.5"):
             kind, M, _t = sc[name]
@@ -195,8 +197,8 @@ def test_init_kinds_weaker_foreground_and_three_times_background():
             flags.setdefault(name, []).append(r.flagged)
     assert sc["within_odds:weak_fg_0.5"][2] == pytest.approx(1.0) and sc["odds:weak_fg_0.5"][2] > 2.5
     assert not any(flags["within_odds:weak_fg_0.5"] + flags["within_odds:weak_fg_0.7"] + flags["within_odds:at_1"])
-    assert sum(flags["within_odds:bg_3x"]) >= 7, flags["within_odds:bg_3x"]
-    assert sum(flags["odds:weak_fg_0.5"]) >= 7, flags["odds:weak_fg_0.5"]
+    assert sum(flags["within_odds:bg_3x"]) >= min_power, flags["within_odds:bg_3x"]
+    assert sum(flags["odds:weak_fg_0.5"]) >= min_power, flags["odds:weak_fg_0.5"]
 
 
 def test_robust_cnn_first_layer_not_flagged_against_its_inits():
