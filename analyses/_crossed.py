@@ -5,11 +5,17 @@ x_gb then split, unit by unit, into a foreground effect (what all backgrounds of
 background effect (what all foregrounds on b share) and an interaction. A weaker foreground shrinks
 the first and leaves the second alone, so "learned less foreground" no longer reads as "learned more
 background" (a variance *share* cannot tell them apart).
+
+Foregrounds and backgrounds are both samples from populations, so every interval here is a two-way
+delete-one jackknife (foregrounds, then backgrounds) with Satterthwaite's degrees of freedom; the
+leave-one-out components come in closed form from per-foreground and per-background totals, in one
+pass over the table. Calibration: benchmarks/calibrate_layers.py, docs/METRICS.md.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,7 +23,7 @@ import numpy as np
 
 from probekit.errors import DataError
 
-from ._common import ResultMixin, as_source, as_vector, check_number, check_option, percentile_ci
+from ._common import ResultMixin, as_source, as_vector, check_number, check_option
 
 __all__ = [
     "BackgroundComparisonResult",
@@ -63,38 +69,6 @@ class _Table:
         self.n_units = d
 
 
-def _components(Y: np.ndarray, w: np.ndarray | None = None) -> np.ndarray:
-    """Unbiased variance components (foreground, background, interaction), summed over units.
-
-    Random-effects two-way ANOVA with one row per cell: MS_fg = SS_fg/(G-1), MS_bg = SS_bg/(B-1),
-    MS_int = SS_int/((G-1)(B-1)); sigma2_fg = (MS_fg - MS_int)/B, sigma2_bg = (MS_bg - MS_int)/G,
-    sigma2_int = MS_int. ``w``: bootstrap counts of the foregrounds (a resample of groups).
-    """
-    G, B, _ = Y.shape
-    if w is None:
-        w = np.ones(G)
-    W = w.sum()
-    m = np.tensordot(w, Y, axes=1).sum(axis=0) / (W * B)
-    mg = Y.mean(axis=1)  # (G, k)
-    mb = np.tensordot(w, Y, axes=1) / W  # (B, k)
-    ss_fg = B * (w @ ((mg - m) ** 2).sum(axis=1))
-    ss_bg = W * ((mb - m) ** 2).sum()
-    ss_tot = w @ ((Y - m) ** 2).sum(axis=(1, 2))
-    ss_int = ss_tot - ss_fg - ss_bg
-    Geff = W
-    ms_fg = ss_fg / max(Geff - 1, 1)
-    ms_bg = ss_bg / (B - 1)
-    ms_int = ss_int / max((Geff - 1) * (B - 1), 1)
-    return np.array([(ms_fg - ms_int) / B, (ms_bg - ms_int) / Geff, ms_int])
-
-
-def _recentred(boots: np.ndarray, est: np.ndarray) -> np.ndarray:
-    """Replicates moved to centre on the estimate. The bootstrap world's truth is the plug-in value,
-    which exceeds the unbiased background component by MS_int/G, so raw percentiles sit too high
-    (background coverage 58.5 % at 100 foregrounds); re-centred, 91-94 % (benchmarks/calibrate_verdict.py)."""
-    return boots - boots.mean(axis=0) + est
-
-
 def _layout(group: Any, background: Any, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int, int]:
     g = as_vector(group, "group", n, numeric=False)
     b = as_vector(background, "background", n, numeric=False)
@@ -114,6 +88,79 @@ def _layout(group: Any, background: Any, n: int) -> tuple[np.ndarray, np.ndarray
     new[complete] = np.arange(complete.sum())
     rows = np.flatnonzero(complete[gi])
     return new[gi], bi, rows, int(complete.sum()), B, int(G - complete.sum())
+
+
+def _ss_components(ss_tot: Any, ss_fg: Any, ss_bg: Any, G: int, B: int) -> np.ndarray:
+    """Unbiased variance components (foreground, background, interaction) from the sums of squares.
+
+    Random-effects two-way ANOVA with one row per cell: MS_fg = SS_fg/(G-1), MS_bg = SS_bg/(B-1),
+    MS_int = SS_int/((G-1)(B-1)); sigma2_fg = (MS_fg - MS_int)/B, sigma2_bg = (MS_bg - MS_int)/G,
+    sigma2_int = MS_int.
+    """
+    ss_int = ss_tot - ss_fg - ss_bg
+    ms_fg, ms_bg = ss_fg / (G - 1), ss_bg / (B - 1)
+    ms_int = ss_int / ((G - 1) * (B - 1))
+    return np.stack(np.broadcast_arrays((ms_fg - ms_int) / B, (ms_bg - ms_int) / G, ms_int), axis=-1)
+
+
+def _jackknife(Y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """The components of the whole table (3,), with each foreground left out (G, 3) and with each
+    background left out (B, 3; None with 2 backgrounds), in one pass over the table.
+
+    Leaving out foreground i moves the grand mean to m' = (G m - mean_i) / (G - 1) and every
+    background's mean to (G mb - Y_i) / (G - 1); the sums of squares follow from per-foreground totals
+    (sum ||Y_i||^2, ||mean_i||^2, <mean_i, m>, sum_b <mb, Y_ib>), and symmetrically for backgrounds.
+    """
+    G, B, _ = Y.shape
+    m, mg, mb = Y.mean(axis=(0, 1)), Y.mean(axis=1), Y.mean(axis=0)
+    Q, P = (Y ** 2).sum(axis=(1, 2)), (Y ** 2).sum(axis=(0, 2))
+    s_mg, s_mb, m2 = (mg ** 2).sum(), (mb ** 2).sum(), float(m @ m)
+    mg2, mb2 = (mg ** 2).sum(axis=1), (mb ** 2).sum(axis=1)
+    full = _ss_components(Q.sum() - G * B * m2, B * (s_mg - G * m2), G * (s_mb - B * m2), G, B)
+    g1 = G - 1
+    m2g = (G * G * m2 - 2 * G * (mg @ m) + mg2) / g1 ** 2
+    s_mbg = (G * G * s_mb - 2 * G * np.einsum("gbk,bk->g", Y, mb) + Q) / g1 ** 2
+    by_g = _ss_components(Q.sum() - Q - g1 * B * m2g, B * (s_mg - mg2 - g1 * m2g), g1 * (s_mbg - B * m2g), g1, B)
+    if B < 3:
+        return full, by_g, None
+    b1 = B - 1
+    m2b = (B * B * m2 - 2 * B * (mb @ m) + mb2) / b1 ** 2
+    s_mgb = (B * B * s_mg - 2 * B * np.einsum("gbk,gk->b", Y, mg) + P) / b1 ** 2
+    by_b = _ss_components(P.sum() - P - G * b1 * m2b, b1 * (s_mgb - G * m2b), G * (s_mb - mb2 - b1 * m2b), G, b1)
+    return full, by_g, by_b
+
+
+def _jack_cov(a: np.ndarray, b: np.ndarray) -> float:
+    """Delete-one jackknife covariance of two statistics from their leave-one-out values."""
+    n = a.shape[0]
+    return float((n - 1) / n * np.sum((a - a.mean()) * (b - b.mean())))
+
+
+def _satterthwaite(parts: Sequence[tuple[float, int]]) -> float:
+    """Degrees of freedom of a sum of variance estimates, each with its own (Welch-Satterthwaite)."""
+    v = sum(p for p, _ in parts)
+    den = sum(p * p / df for p, df in parts if p > 0)
+    return float(v * v / den) if den > 0 else float("inf")
+
+
+def _t_quantile(level: float, df: float) -> float:
+    from scipy import stats
+
+    return float(stats.t.ppf(0.5 + level / 2, df))
+
+
+def _interval(est: float, by_g: np.ndarray, by_b: np.ndarray | None, level: float) -> tuple[float, float]:
+    """A component's two-way jackknife interval: on the log scale where the estimate and every
+    leave-one-out value are > 0, else on its own scale; t quantile with Satterthwaite's df."""
+    if by_b is None:
+        return (float("nan"), float("nan"))
+    log = est > 0 and by_g.min() > 0 and by_b.min() > 0
+    f = np.log if log else (lambda v: v)
+    parts = [(_jack_cov(f(by_g), f(by_g)), by_g.size - 1), (_jack_cov(f(by_b), f(by_b)), by_b.size - 1)]
+    half = _t_quantile(level, _satterthwaite(parts)) * np.sqrt(sum(p for p, _ in parts))
+    if log:
+        return (float(est * np.exp(-half)), float(est * np.exp(half)))
+    return (float(est - half), float(est + half))
 
 
 def _sketch(d: int, max_dims: int, seed: int) -> tuple[np.ndarray, np.ndarray, int] | None:
@@ -160,24 +207,29 @@ def crossed_decomposition(X: Any, group: Any, background: Any, *, n_boot: int = 
     Foregrounds not shown exactly once on every background are left out (``n_dropped_groups``).
     Layers wider than ``max_dims`` units are count-sketched to ``max_dims`` (each unit added with a
     random sign into one of ``max_dims`` buckets): every sum of squares keeps its expectation.
-    Intervals: percentile bootstrap over foregrounds, the replicates re-centred on the estimate (the
-    resampled plug-in sits MS_int/G above the unbiased background component).
+
+    Intervals are about the model, with foregrounds *and* backgrounds drawn from their populations:
+    a two-way delete-one jackknife (each foreground left out, then each background; the two variances
+    add), a t quantile with Welch-Satterthwaite degrees of freedom (G - 1 and B - 1 for the two parts),
+    on the log scale where the estimate and every leave-one-out value are positive (components are
+    skewed), else on the component's own scale. With 2 backgrounds there is no interval (NaN).
+    ``n_boot`` is not used (the jackknife needs no replicates); it is accepted for compatibility.
     """
     check_number("crossed_decomposition", "n_boot", n_boot, low=1, integer=True)
+    check_number("crossed_decomposition", "ci_level", ci_level, low=0, high=1, low_open=True)
     src = as_source(X, "X", min_rows=2)
     gi, bi, rows, G, B, dropped = _layout(group, background, src.n_rows)
     sketch = _sketch(src.n_features, max_dims, 0 if random_state is None else int(random_state))
     t = _Table(X, gi, bi, rows, G, B, sketch, "X")
-    est = _components(t.Y)
-    rng = np.random.default_rng(random_state)
-    boots = _recentred(np.array([_components(t.Y, np.bincount(rng.integers(0, G, G), minlength=G).astype(float))
-                                 for _ in range(n_boot)]), est)
+    est, by_g, by_b = _jackknife(t.Y)
     share = lambda c: c[..., 1] / np.maximum(c.sum(axis=-1), 1e-300)  # noqa: E731
+    cis = [_interval(float(est[j]), by_g[:, j], None if by_b is None else by_b[:, j], ci_level) for j in range(3)]
     return CrossedDecompositionResult(
         foreground=float(est[0]), background=float(est[1]), interaction=float(est[2]),
-        foreground_ci=percentile_ci(boots[:, 0], ci_level), background_ci=percentile_ci(boots[:, 1], ci_level),
-        interaction_ci=percentile_ci(boots[:, 2], ci_level),
-        background_share=float(share(est)), background_share_ci=percentile_ci(share(boots), ci_level),
+        foreground_ci=cis[0], background_ci=cis[1], interaction_ci=cis[2],
+        background_share=float(share(est)),
+        background_share_ci=_interval(float(share(est)), share(by_g), None if by_b is None else share(by_b),
+                                      ci_level),
         n_groups=G, n_backgrounds=B, n_dropped_groups=dropped, n_units=t.n_units, sketched=sketch is not None,
         ci_level=float(ci_level),
     )
@@ -190,14 +242,27 @@ class BackgroundComparisonResult(ResultMixin):
     kind: str
     value: float
     reference: float
-    ratio: float
-    ratio_ci: tuple[float, float]
+    ratio: float | None
+    ratio_ci: tuple[float, float] | None
+    p_value: float | None
+    df: float | None
+    scale: str | None
     ci_level: float
     margin: float
     flagged: bool
     n_references: int
     model: list[float]
     references: list[list[float]]
+    reason: str | None
+
+
+#: the figure each kind compares, from components (..., 3) = (foreground, background, interaction)
+_FIGURES = {
+    "absolute": lambda c: c[..., 1],
+    "within_odds": lambda c: c[..., 1] / c[..., 2],
+    "within_share": lambda c: c[..., 1] / (c[..., 1] + c[..., 2]),
+    "odds": lambda c: c[..., 1] / (c[..., 0] + c[..., 2]),
+}
 
 
 def compare_background(X: Any, references: Sequence[Any], group: Any, background: Any, *,
@@ -208,21 +273,45 @@ def compare_background(X: Any, references: Sequence[Any], group: Any, background
 
     All inputs are rows of the same crossed split (same foregrounds, same backgrounds, same order).
 
-    ``kind="absolute"`` compares :math:`\sigma^2_{bg}` itself: for a student against its teacher,
-    whose representation the student was fitted to (the same units). A student that encodes the
-    foreground more weakly with the same background response keeps ratio 1.
-    ``kind="odds"`` compares :math:`\sigma^2_{bg} / (\sigma^2_{fg} + \sigma^2_{int})`, a scale-free
-    figure without a ceiling, for references in other units (the same architecture at
-    initialisation: seeded inits or a recorded step 0).
+    Figures (``kind``), from the components of :func:`crossed_decomposition`:
 
-    ``ratio`` = the model's figure / the mean of the references'. Its interval is a paired percentile
-    bootstrap over foregrounds (one resample of groups for the model and every reference; with
-    several references they are resampled too, so their spread enters the interval). ``flagged``
-    when the interval's low end exceeds ``margin`` (default 1.25). For multiplicity control over m
-    layers x models, pass ``ci_level = 1 - 0.05 / m`` (Bonferroni; the audit does).
+    - ``"absolute"``: :math:`\sigma^2_{bg}` itself, for a student against its teacher, whose
+      representation the student was fitted to (the same units). A student that encodes the
+      foreground more weakly with the same background response keeps ratio 1.
+    - ``"within"``: :math:`\sigma^2_{bg} / (\sigma^2_{bg} + \sigma^2_{int})`, the share of the
+      within-object variation (how the rows of one object differ across backgrounds) that every
+      object shares. Scale-free and without the foreground, so a weaker foreground cannot move it;
+      for references in other units (the same architecture at initialisation: seeded inits or a
+      recorded step 0). At most 1: the ratio cannot exceed 1 / the reference's figure.
+    - ``"odds"``: :math:`\sigma^2_{bg} / (\sigma^2_{fg} + \sigma^2_{int})`. Its denominator holds the
+      foreground, so a model that learned less foreground reads as more background: kept for
+      comparison only (benchmarks/calibrate_layers.py measures the false flags it gives).
+
+    ``ratio`` = the model's figure / the mean of the references' figures, an estimate of the ratio
+    in the population of foregrounds and backgrounds (and of initialisations, with several
+    references). Interval: a two-way delete-one jackknife (each foreground left out of every table
+    at once, then each background; the two variances add), plus, with 2 or more references, the
+    spread of the references' figures divided by their number (initialisations vary, so the
+    reference mean is uncertain too), with a t quantile at Welch-Satterthwaite's degrees of freedom
+    (``df``; G - 1, B - 1 and references - 1 for the three parts). ``scale="log"``: on the log ratio,
+    used where the model's background is clearly there (its mean square over backgrounds at least
+    twice the interaction's, i.e. G sigma2_bg >= sigma2_int, and its figure > 0 with any one
+    foreground or background left out); ``"linear"`` (the ratio itself, whose interval can reach 0)
+    otherwise. ``p_value``: one-sided, for "population
+    ratio <= margin". ``flagged`` when the interval's low end exceeds ``margin`` (default 1.25),
+    i.e. p_value < (1 - ci_level) / 2. For
+    multiplicity control over m layers x models, pass ``ci_level = 1 - 0.05 / m`` (Bonferroni; the
+    audit does).
+
+    No ratio (``ratio``, ``ratio_ci``, ``p_value`` None, never flagged, ``reason`` says why) when the
+    reference's figure is <= 0 or not distinguishable from 0 (it comes out <= 0 with one foreground
+    or background left out); with 2 backgrounds the ratio is given without interval (none over
+    backgrounds can be had).
+    ``n_boot`` is not used (the jackknife needs no replicates); it is accepted for compatibility.
     """
-    check_option("compare_background", "kind", kind, ("absolute", "odds"))
+    check_option("compare_background", "kind", kind, tuple(_FIGURES))
     check_number("compare_background", "n_boot", n_boot, low=1, integer=True)
+    check_number("compare_background", "ci_level", ci_level, low=0, high=1, low_open=True)
     check_number("compare_background", "margin", margin, low=0, low_open=True)
     refs = list(references)
     if not refs:
@@ -230,41 +319,75 @@ def compare_background(X: Any, references: Sequence[Any], group: Any, background
     src = as_source(X, "X", min_rows=2)
     gi, bi, rows, G, B, _ = _layout(group, background, src.n_rows)
     seed = 0 if random_state is None else int(random_state)
-    tables = []
+    jacks = []
     for i, Z in enumerate([X, *refs]):
-        zsrc = as_source(Z, "X" if i == 0 else f"references[{i - 1}]", min_rows=2)
+        name = "X" if i == 0 else f"references[{i - 1}]"
+        zsrc = as_source(Z, name, min_rows=2)
         if zsrc.n_rows != src.n_rows:
-            raise DataError(
-                f"references[{i - 1}] has {zsrc.n_rows} rows, X has {src.n_rows}; compare the same split's rows."
-            )
-        tables.append(_Table(Z, gi, bi, rows, G, B, _sketch(zsrc.n_features, max_dims, seed),
-                             "X" if i == 0 else f"references[{i - 1}]"))
-
-    def figure(c: np.ndarray) -> float:
-        if kind == "absolute":
-            return float(c[1])
-        return float(c[1] / max(c[0] + c[2], 1e-300))
-
-    comps = [_components(t.Y) for t in tables]
-    vals = np.array([figure(c) for c in comps])
-    floor = 1e-12 * max(abs(vals).max(), 1e-300)
-    ratio = float(vals[0] / max(vals[1:].mean(), floor))
-    rng = np.random.default_rng(random_state)
+            raise DataError(f"{name} has {zsrc.n_rows} rows, X has {src.n_rows}; compare the same split's rows.")
+        jacks.append(_jackknife(_Table(Z, gi, bi, rows, G, B, _sketch(zsrc.n_features, max_dims, seed), name).Y))
+    figure = _FIGURES[kind]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        per_ref = np.array([figure(j[0]) for j in jacks[1:]])
+        S, T = float(figure(jacks[0][0])), float(per_ref.mean())
+        S_g, T_g = figure(jacks[0][1]), np.mean([figure(j[1]) for j in jacks[1:]], axis=0)
+        S_b = None if jacks[0][2] is None else figure(jacks[0][2])
+        T_b = None if jacks[0][2] is None else np.mean([figure(j[2]) for j in jacks[1:]], axis=0)
     R = len(refs)
-    comp_boots = np.empty((n_boot, len(tables), 3))
-    picks = np.empty((n_boot, R), dtype=int)
-    for r in range(n_boot):
-        w = np.bincount(rng.integers(0, G, G), minlength=G).astype(float)
-        comp_boots[r] = [_components(t.Y, w) for t in tables]
-        picks[r] = rng.integers(0, R, R) if R > 1 else 0
-    comp_boots = _recentred(comp_boots, np.array(comps))  # per model and component, as in crossed_decomposition
-    boots = np.empty(n_boot)
-    for r in range(n_boot):
-        v = np.array([figure(c) for c in comp_boots[r]])
-        boots[r] = v[0] / max(v[1:][picks[r]].mean(), floor)
-    ci = percentile_ci(boots, ci_level)
-    return BackgroundComparisonResult(
-        kind=kind, value=float(vals[0]), reference=float(vals[1:].mean()), ratio=ratio, ratio_ci=ci,
-        ci_level=float(ci_level), margin=float(margin), flagged=bool(ci[0] > margin), n_references=R,
-        model=[float(x) for x in comps[0]], references=[[float(x) for x in c] for c in comps[1:]],
-    )
+    base = dict(kind=kind, value=S, reference=T, ci_level=float(ci_level), margin=float(margin), n_references=R,
+                model=[float(x) for x in jacks[0][0]], references=[[float(x) for x in j[0]] for j in jacks[1:]])
+    what = {"absolute": "background component", "within_odds": "background-to-interaction odds",
+            "within_share": "background share of the within-object variation", "odds": "background odds"}[kind]
+
+    def none(reason: str, ratio: float | None = None) -> BackgroundComparisonResult:
+        return BackgroundComparisonResult(ratio=ratio, ratio_ci=None, p_value=None, df=None, scale=None,
+                                          flagged=False, reason=reason, **base)
+
+    if not np.isfinite([S, T]).all():
+        return none(f"the {what} is undefined for {'X' if not np.isfinite(S) else 'the reference'} (a layer "
+                    "constant within every object): no ratio.")
+    if T <= 0:
+        return none(f"the reference's {what} is {T:.3g} (<= 0: it has none that this split can show), so a "
+                    "ratio to it is undefined: compare the model's own background component instead.")
+    if S_b is None or T_b is None:
+        return none("2 backgrounds: an interval over backgrounds needs at least 3; the ratio is the point "
+                    "estimate only.", ratio=S / T)
+    if not (np.isfinite(T_g).all() and np.isfinite(T_b).all() and T_g.min() > 0 and T_b.min() > 0):
+        return none(f"the reference's {what} ({T:.3g}) is not distinguishable from 0: it comes out <= 0 when one "
+                    f"of the {G} foregrounds or {B} backgrounds is left out, so a ratio to it is not determined.")
+    if not (np.isfinite(S_g).all() and np.isfinite(S_b).all()):
+        return none(f"the {what} of X is undefined when one foreground or background is left out: no interval.",
+                    ratio=S / T)
+    rho = S / T
+
+    def spread(f: Any) -> tuple[list[tuple[float, int]], float]:
+        """The variance parts (foregrounds, backgrounds, inits) of f(ratio) and their df."""
+        th_g, th_b = f(S_g / T_g), f(S_b / T_b)
+        parts = [(_jack_cov(th_g, th_g), G - 1), (_jack_cov(th_b, th_b), B - 1)]
+        if R > 1:  # initialisations vary: the variance of the references' mean, on the same scale
+            d = 1.0 if f is np.log else rho ** 2
+            parts.append((float(np.var(per_ref, ddof=1) / R) / T ** 2 * d, R - 1))
+        return parts, _satterthwaite(parts)
+
+    # the log ratio, whose sampling distribution is far less skewed, where the model's background is
+    # clearly there: its mean square over backgrounds at least twice the interaction's
+    # (G sigma2_bg >= sigma2_int; about 1 when the model has none). Else the ratio's own scale, whose
+    # interval can reach 0 (a component that is 0 comes out <= 0 half the time).
+    fg_bg_int = jacks[0][0]
+    log = bool(S > 0 and S_g.min() > 0 and S_b.min() > 0 and G * fg_bg_int[1] >= fg_bg_int[2])
+    f: Any = np.log if log else (lambda v: v)
+    parts, df = spread(f)
+    se = float(np.sqrt(sum(v for v, _ in parts)))
+    q, est, at = _t_quantile(ci_level, df), float(f(rho)), float(f(margin))
+    lo, hi = est - q * se, est + q * se
+    ci = (float(np.exp(lo)), float(np.exp(hi))) if log else (float(lo), float(hi))
+    p = _t_sf((est - at) / se if se > 0 else math.copysign(math.inf, est - at), df)
+    return BackgroundComparisonResult(ratio=float(rho), ratio_ci=ci, p_value=p, df=df,
+                                      scale="log" if log else "linear", flagged=bool(ci[0] > margin), reason=None,
+                                      **base)
+
+
+def _t_sf(t: float, df: float) -> float:
+    from scipy import stats
+
+    return float(stats.t.sf(t, df))
