@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from probekit.errors import DataError
+from probekit.vocab import RATIO_MARGIN
 
 from ._common import ResultMixin, as_source, as_vector, check_number, check_option
 
@@ -33,7 +34,7 @@ __all__ = [
 ]
 
 #: background components are compared with their reference at this factor (the flag's margin)
-FLAG_RATIO = 1.25
+FLAG_RATIO = RATIO_MARGIN  # the representation finding's margin, defined once in probekit.vocab
 #: above this many units, layers are count-sketched to this many (unbiased for every sum of squares)
 MAX_DIMS = 4096
 

@@ -926,7 +926,9 @@ def _background_flags(v: _View, names: Sequence[str], doc: dict[str, Any]) -> No
             if ref is None:
                 init = _init_rows(v, m, st, layer)
                 if init is not None:
-                    ref = (init[0], "odds", f"initialisation ({init[1]})")
+                    # background over interaction: a figure a weaker foreground barely moves (the inits'
+                    # units are not the model's, so "absolute" cannot compare them; docs/METRICS.md)
+                    ref = (init[0], "within_odds", f"initialisation ({init[1]})")
             if ref is None:
                 v.skip("background flag", "no reference: a teacher at this layer (for a student), seeded "
                        f"initialisations '{m}@init<k>' or a recorded step 0", m, layer)
@@ -950,7 +952,7 @@ def _background_flags(v: _View, names: Sequence[str], doc: dict[str, Any]) -> No
         res["background_vs_reference"] = {
             "reference": ref_name, "kind": r.kind, "value": r.value, "reference_value": r.reference,
             "ratio": _estimate(r.ratio, r.ratio_ci), "ci_level": r.ci_level, "margin": r.margin,
-            "n_comparisons": len(plans), "reason": getattr(r, "reason", None),
+            "n_comparisons": len(plans), "reason": r.reason, "p_value": r.p_value, "scale": r.scale,
         }
 
 

@@ -49,7 +49,7 @@ def test_shortcut_model_flagged_robust_not(folder, tmp_path, capsys):
     # the store records what preprocessing made the inputs, and the seeded inits are the reference
     assert docs["robust"]["preprocessing"]["kind"] == "callable"
     assert r["inits"] == ["robust@init0", "robust@init1"]
-    assert any(la.get("background_vs_reference", {}).get("kind") == "odds" for la in r["layers"].values())
+    assert any(la.get("background_vs_reference", {}).get("kind") == "within_odds" for la in r["layers"].values())
     out = capsys.readouterr().out
     assert "[FLAGGED: shortcut" in out and "shortcut takes the background's class" in out
     assert "[not flagged] No shortcut detected for robust" in out
