@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from probekit.errors import DataError, LayerNotFoundError
+from probekit.vocab import OUTPUT_LAYER
 
 __all__ = ["LayerInfo", "LayerSpec", "choose_layers", "class_token_head", "default_layers", "default_pool",
            "default_pools", "depth_sort", "execution_order", "forward_params", "glob_match", "list_layers",
@@ -42,7 +43,6 @@ _HINT = "Run `probekit layers MODEL` to list them."
 
 #: the reserved selector of the model's own output (its return value, e.g. the logits): hooked on the
 #: root module and stored under this name, which no ``named_modules()`` name can take
-OUTPUT_LAYER = "@output"
 
 
 def parse_selector(selector: str) -> tuple[str, int | None]:

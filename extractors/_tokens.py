@@ -20,47 +20,18 @@ padding the positions shift: ``position_ids`` are then built from the mask (as t
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.utils.data._utils.collate import default_collate
 
 from probekit.errors import DataError
+from probekit.vocab import Padding
 
 __all__ = ["Padding", "collate_inputs", "default_pad_id", "describe_inputs"]
 
 MASK_KEY = "attention_mask"
 _SEQ_KEYS_2D = ("inputs_embeds",)
-
-
-@dataclass(frozen=True)
-class Padding:
-    """How keyword-input items of different lengths are batched.
-
-    Attributes
-    ----------
-    pad_id : int or None
-        The id ``input_ids`` are padded with; None: the model's ``config.pad_token_id``, else 0 (any id
-        works: the attention mask hides the padding from the real tokens).
-    side : {"right", "left"}
-        Where the padding goes (default right, which keeps every real token's position).
-    max_length : int or None
-        Pad every batch to this length (needed by ``pool="none"``, which stores every position, when
-        the items have several lengths); an item longer than it is refused (no truncation).
-    """
-
-    pad_id: int | None = None
-    side: str = "right"
-    max_length: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.side not in ("right", "left"):
-            raise DataError(f"The padding side must be 'right' or 'left'. Got {self.side!r} instead.")
-        if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length < 1):
-            raise DataError(f"max_length must be an int >= 1 or None. Got {self.max_length!r} instead.")
-        if self.pad_id is not None and (not isinstance(self.pad_id, int) or self.pad_id < 0):
-            raise DataError(f"pad_id must be an int >= 0 or None. Got {self.pad_id!r} instead.")
 
 
 def default_pad_id(model: Any) -> int:

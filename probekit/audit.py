@@ -31,12 +31,12 @@ from typing import Any, Literal
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import verdict as _verdict
 from ._io import write_text
 from ._json import jsonable
 from ._version import __version__
 from .errors import DataError, ProbekitError
 from .store import Store, open_store
+from .verdict import judge
 from .vocab import INIT_RE, OUTPUT_LAYER, RATIO_MARGIN, RELIANCE_EFFECT_MARGIN, RELIANCE_MARGIN, Estimate
 
 __all__ = ["LAYER_CHECKS", "Audit", "AuditSpec", "Check", "audit", "parse_threshold"]
@@ -642,7 +642,7 @@ def audit(
         doc["pairs"] = _pairs(v, names, doc)
         doc["headline"] = _headline(doc, spec.ratio_margin)
         for m in names:
-            doc["models"][m].update(_verdict.judge(m, doc["models"][m]).to_dict())
+            doc["models"][m].update(judge(m, doc["models"][m]).to_dict())
         doc["verdict"] = [doc["models"][m]["verdict"] for m in names] + _evidence(doc)
         series_models = [m for m in names if len([st for st in s.steps(m) if st != 0]) >= 1
                          and len(s.steps(m)) >= 2]

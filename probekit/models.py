@@ -33,8 +33,8 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from .datasets import import_callable
 from .errors import DataError, ModelLoadError
+from .vocab import import_callable
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -99,6 +99,10 @@ class LoadedModel:
     weights: str | None = None
     tv_weights: Any = None
     notes: list[str] = field(default_factory=list)
+
+    def preprocessing(self, **overrides: Any) -> tuple[Any, dict[str, Any]]:
+        """The model's own image transform and its description (:func:`preprocessing_for`)."""
+        return preprocessing_for(self, **overrides)
 
 
 def parse_model_args(items: Sequence[str] | None) -> dict[str, Any]:

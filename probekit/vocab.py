@@ -6,6 +6,8 @@ and the front door import these names from here.
 - the store's sample fields and the image variants of Xiao et al. 2020 (the ``variant`` codes);
 - the reserved layer name of a model's own output and the naming of seeded initialisations;
 - :class:`Estimate`, the ``{"value", "ci"}`` pair every figure of the audit document is;
+- :class:`Padding`, how keyword-input items of different lengths are batched (datasets and extractors);
+- :func:`import_callable`, how a ``package.module:callable`` the user names is imported (models, data);
 - the materiality margins of the verdict's findings (:mod:`probekit.verdict` owns the rules that read
   them; the analyses take them as their defaults, so both read one definition).
 """
@@ -13,10 +15,16 @@ and the front door import these names from here.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
+import os
 import re
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
+
+from .errors import DataError
 
 __all__ = [
     "ALPHA",
@@ -30,6 +38,8 @@ __all__ = [
     "SAMPLE_FIELDS",
     "VARIANTS",
     "Estimate",
+    "Padding",
+    "import_callable",
     "init_name",
 ]
 
@@ -88,3 +98,89 @@ class Estimate:
 
     def to_dict(self) -> dict[str, Any]:
         return {"value": self.value, "ci": None if self.ci is None else [self.ci[0], self.ci[1]]}
+
+
+@dataclass(frozen=True)
+class Padding:
+    """How keyword-input items of different lengths are batched.
+
+    Attributes
+    ----------
+    pad_id : int or None
+        The id ``input_ids`` are padded with; None: the model's ``config.pad_token_id``, else 0 (any id
+        works: the attention mask hides the padding from the real tokens).
+    side : {"right", "left"}
+        Where the padding goes (default right, which keeps every real token's position).
+    max_length : int or None
+        Pad every batch to this length (needed by ``pool="none"``, which stores every position, when
+        the items have several lengths); an item longer than it is refused (no truncation).
+    """
+
+    pad_id: int | None = None
+    side: str = "right"
+    max_length: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.side not in ("right", "left"):
+            raise DataError(f"The padding side must be 'right' or 'left'. Got {self.side!r} instead.")
+        if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length < 1):
+            raise DataError(f"max_length must be an int >= 1 or None. Got {self.max_length!r} instead.")
+        if self.pad_id is not None and (not isinstance(self.pad_id, int) or self.pad_id < 0):
+            raise DataError(f"pad_id must be an int >= 0 or None. Got {self.pad_id!r} instead.")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
+
+
+def _import_module(module_name: str) -> Any:
+    """``importlib.import_module``, with the current directory importable as with ``python -m``.
+
+    The current directory joins ``sys.path`` (at its front, and for the rest of the process, as
+    ``python -m`` puts it there) only when the module is not found without it.
+    """
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        top = module_name.split(".")[0]
+        cwd = os.getcwd()
+        on_path = {os.path.abspath(p or os.curdir) for p in sys.path}
+        if e.name not in (top, module_name) and not (e.name and module_name.startswith(e.name + ".")):
+            raise  # the module was found; something it imports is missing
+        if os.path.abspath(cwd) in on_path:
+            raise
+        sys.path.insert(0, cwd)
+        importlib.invalidate_caches()
+        return importlib.import_module(module_name)
+
+
+def import_callable(spec: str, what: str = "callable") -> Callable[..., Any]:
+    """Import ``package.module:attr`` (only what the user names; nothing else is executed).
+
+    The current directory is importable (as with ``python -m``): ``mymodels:net`` finds a
+    ``mymodels.py`` there without PYTHONPATH.
+    """
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise DataError(f"{spec!r} is not of the form 'package.module:{what}'.")
+    try:
+        module = _import_module(module_name)
+    except ImportError as e:
+        raise DataError(
+            f"Cannot import the module {module_name!r} of {spec!r} ({e}). Run from the folder that holds "
+            f"{module_name.split('.')[0]}.py (or its package folder), or add that folder to PYTHONPATH."
+        ) from e
+    except Exception as e:  # the module itself raised while it was imported
+        raise DataError(
+            f"Importing the module {module_name!r} of {spec!r} raised {type(e).__name__}: "
+            f"{_first_line(e)}. Fix the module (run `python -c \"import {module_name}\"` to see the traceback)."
+        ) from e
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise DataError(f"The module {module_name!r} has no attribute {attr!r} (from {spec!r}).")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise DataError(f"{spec!r} names a {type(obj).__name__}, not a {what}.")
+    return obj

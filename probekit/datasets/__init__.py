@@ -4,10 +4,10 @@
 built-ins register with ``register_dataset`` and are fetched with ``get_dataset(name, split)``.
 """
 
+from ..vocab import import_callable as import_callable
 from ._loading import NpzDataset as NpzDataset
 from ._loading import SampleDataset as SampleDataset
 from ._loading import as_samples as as_samples
-from ._loading import import_callable as import_callable
 from ._loading import load_data as load_data
 from ._registry import BuiltinDataset as BuiltinDataset
 from ._registry import builtin_datasets as builtin_datasets

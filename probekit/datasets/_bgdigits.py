@@ -42,6 +42,7 @@ from typing import Any, Literal
 import numpy as np
 
 from ..errors import DataError
+from ..vocab import VARIANTS
 
 __all__ = [
     "FACTOR_NAMES",
@@ -354,7 +355,6 @@ class BackgroundDigits:
         (n, 3, 24, 24), ``digit`` (n, 24, 24), ``index`` (n,), and on ``stress`` / ``variants``
         ``group`` (n,), ``background_id`` (n,) and ``variant`` (n,) codes of ``VARIANTS``.
         """
-        from ..store._format import VARIANTS
 
         idx = np.arange(len(self)) if idx is None else self._check_index(idx)
         images, _ = _digits()

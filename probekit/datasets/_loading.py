@@ -11,10 +11,8 @@ sequences of different lengths are padded per batch (:class:`probekit.extractors
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import os
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import DataError
+from ..vocab import VARIANTS, Padding, import_callable
 from ._registry import builtin_datasets, get_dataset
 
 __all__ = ["NpzDataset", "SampleDataset", "as_samples", "import_callable", "load_data"]
@@ -40,8 +39,6 @@ _INT_FIELDS = ("label", "group", "background", "background_label", "variant")  #
 
 def _int_field(key: str, v: Any, i: int) -> int:
     if key == "variant" and isinstance(v, str):
-        from ..store._format import VARIANTS
-
         if v not in VARIANTS:
             raise DataError(f"Dataset item {i} has variant {v!r}; variants are {list(VARIANTS)}.")
         return VARIANTS.index(v)
@@ -168,8 +165,6 @@ class SampleDataset(Dataset):
 
     def __init__(self, source: Any, factor_names: Sequence[str] | None = None, *, pad_id: int | None = None,
                  padding_side: str = "right", max_length: int | None = None) -> None:
-        from probekit.extractors._tokens import Padding
-
         self.padding = Padding(pad_id, padding_side, max_length)
         self.source = source
         try:
@@ -244,8 +239,6 @@ def as_samples(dataset: Any, factor_names: Sequence[str] | None = None, *, pad_i
     """
     if isinstance(dataset, SampleDataset):
         if pad_id is not None or padding_side is not None or max_length is not None:
-            from probekit.extractors._tokens import Padding
-
             p = dataset.padding
             dataset.padding = Padding(p.pad_id if pad_id is None else pad_id, padding_side or p.side,
                                       p.max_length if max_length is None else max_length)
@@ -312,58 +305,6 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0][:200] if text else type(e).__name__
 
 
-def _import_module(module_name: str) -> Any:
-    """``importlib.import_module``, with the current directory importable as with ``python -m``.
-
-    The current directory joins ``sys.path`` (at its front, and for the rest of the process, as
-    ``python -m`` puts it there) only when the module is not found without it.
-    """
-    try:
-        return importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        top = module_name.split(".")[0]
-        cwd = os.getcwd()
-        on_path = {os.path.abspath(p or os.curdir) for p in sys.path}
-        if e.name not in (top, module_name) and not (e.name and module_name.startswith(e.name + ".")):
-            raise  # the module was found; something it imports is missing
-        if os.path.abspath(cwd) in on_path:
-            raise
-        sys.path.insert(0, cwd)
-        importlib.invalidate_caches()
-        return importlib.import_module(module_name)
-
-
-def import_callable(spec: str, what: str = "callable") -> Callable[..., Any]:
-    """Import ``package.module:attr`` (only what the user names; nothing else is executed).
-
-    The current directory is importable (as with ``python -m``): ``mymodels:net`` finds a
-    ``mymodels.py`` there without PYTHONPATH.
-    """
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise DataError(f"{spec!r} is not of the form 'package.module:{what}'.")
-    try:
-        module = _import_module(module_name)
-    except ImportError as e:
-        raise DataError(
-            f"Cannot import the module {module_name!r} of {spec!r} ({e}). Run from the folder that holds "
-            f"{module_name.split('.')[0]}.py (or its package folder), or add that folder to PYTHONPATH."
-        ) from e
-    except Exception as e:  # the module itself raised while it was imported
-        raise DataError(
-            f"Importing the module {module_name!r} of {spec!r} raised {type(e).__name__}: "
-            f"{_first_line(e)}. Fix the module (run `python -c \"import {module_name}\"` to see the traceback)."
-        ) from e
-    obj = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise DataError(f"The module {module_name!r} has no attribute {attr!r} (from {spec!r}).")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise DataError(f"{spec!r} names a {type(obj).__name__}, not a {what}.")
-    return obj
-
-
 def load_data(
     spec: Any,
     split: str | None = None,
@@ -379,7 +320,7 @@ def load_data(
     with ``split=`` when it accepts that keyword; the current directory is importable).
 
     An image folder's images become tensors through ``transform``; without one, through the
-    preprocessing of ``model`` (a :class:`probekit.models.LoadedModel` or MODEL spec, see
+    preprocessing of ``model`` (a :class:`probekit.models.LoadedModel`, see
     :func:`probekit.models.preprocessing_for`) when given; otherwise each image is a [0, 1] tensor at its
     own size (all images must then have one size).
     """
@@ -402,9 +343,10 @@ def load_data(
         tf = transform
         own_size = tf is None
         if tf is None and model is not None:
-            from ..models import preprocessing_for
-
-            tf, info = preprocessing_for(model)
+            if not callable(getattr(model, "preprocessing", None)):  # the datasets never import the models
+                raise DataError(f"load_data(model=...) takes a loaded model (probekit.load_model(spec)); got "
+                                f"{type(model).__name__}.")
+            tf, info = model.preprocessing()
             own_size = info["input_size"] is None
         try:
             folder = ImageFolder(text, transform=tf or T.ToTensor())

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from ..vocab import SAMPLE_FIELDS as SAMPLE_FIELDS  # the shared words, named by the format
+from ..vocab import VARIANTS as VARIANTS
+
 FORMAT_NAME = "probekit.activations"
 FORMAT_VERSION = 2
 #: versions this probekit reads (version 1 stores lack the crossed-design fields; nothing else changed)
@@ -10,14 +13,10 @@ ROWS_ATTR = "rows_committed"
 ENCODING_TYPE = "encoding-type"
 ENCODING_VERSION = "encoding-version"
 ROLES = ("teacher", "student", "model")
-SAMPLE_FIELDS = ("index", "label", "factors", "group", "background", "background_label", "variant")
 #: the optional integer fields of a sample besides ``index`` (format version 2 added the last three)
 INT_FIELDS = ("label", "group", "background", "background_label", "variant")
 SAMPLE_DTYPES = {"index": "int64", "label": "int64", "factors": "float32", "group": "int64",
                  "background": "int64", "background_label": "int64", "variant": "int64"}
-#: ``variant`` codes index this tuple (the image variants of Xiao et al. 2020, "Noise or Signal: The
-#: Role of Image Backgrounds in Object Recognition"); the dataset carries it as attribute ``names``
-VARIANTS = ("original", "only_fg", "no_fg", "only_bg", "mixed_same", "mixed_rand", "mixed_next")
 ACT_DTYPES = ("float16", "float32")
 
 
