@@ -17,7 +17,9 @@ SAMPLE_DTYPES = {"index": "int64", "label": "int64", "factors": "float32", "grou
                  "background": "int64", "background_label": "int64", "variant": "int64"}
 #: ``variant`` codes index this tuple (the image variants of Xiao et al. 2020, "Noise or Signal: The
 #: Role of Image Backgrounds in Object Recognition"); the dataset carries it as attribute ``names``
-VARIANTS = ("original", "only_fg", "no_fg", "only_bg", "mixed_same", "mixed_rand", "mixed_next")
+#: "composite_self" (appended, so older codes keep their meaning): an object pasted back on its own image
+#: with the background filled, the compositing control of :func:`probekit.analyses.composite_gap`
+VARIANTS = ("original", "only_fg", "no_fg", "only_bg", "mixed_same", "mixed_rand", "mixed_next", "composite_self")
 ACT_DTYPES = ("float16", "float32")
 
 
