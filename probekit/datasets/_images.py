@@ -39,17 +39,17 @@ stated), ``variant`` an index into :data:`probekit.store._format.VARIANTS`:
 
 Compositing happens at the foreground image's own resolution, before the model's ``transform``: the
 foreground of image ``i`` over image ``j``'s background, i.e. ``j`` with its own foreground region
-(grown by the clear margin, ``max(1, ceil(2 sigma))`` px) filled, resized to ``i``'s size (bilinear); or over
-a scene, cropped or tiled at ``i``'s size, never resized unevenly. The foreground is pasted with its
-mask feathered (*feather*, default ``"auto"``: a Gaussian-profile edge of ``sigma = max(1, 0.01 *
-min(H, W))`` px; 0 pastes hard). *fill*: ``"telea"`` / ``"ns"`` (OpenCV's
+(grown by the clear margin, ``max(1, ceil(2 sigma))`` px) filled, resized to ``i``'s size
+(bilinear); or over a scene, cropped or tiled at ``i``'s size, never resized unevenly. The
+foreground is pasted with its mask, hard by default (*feather*: a Gaussian-profile edge of
+``sigma`` px; ``"auto"``: ``max(1, 0.01 * min(H, W))``). *fill*: ``"telea"`` / ``"ns"`` (OpenCV's
 inpainting, Telea or Navier-Stokes, radius 5 px), ``"mean"`` (the mean colour of the image's
 background pixels), ``"shift"`` (the region copied from a shifted place of the same image),
 ``"borrow"`` (copied from another image of the class where that image's own object is not) or
-``"auto"`` (:data:`DEFAULT_FILL` when OpenCV is installed, else ``"mean"``; the choice is kept in
-``Counterfactuals.fill``). Which fill and feather are best was measured on the project's generator
-(benchmarks/bench_deploy.py, docs/BENCHMARKS.md), not assumed. :attr:`Counterfactuals.settings`
-records them (and the deployment scenes) for the store.
+``"auto"`` (:data:`DEFAULT_FILL`, ``"borrow"``; the choice is kept in ``Counterfactuals.fill``).
+The defaults were measured on the project's generator (benchmarks/bench_deploy.py,
+docs/BENCHMARKS.md), not assumed. :attr:`Counterfactuals.settings` records them (and the
+deployment scenes) for the store.
 
 ``transform`` maps a PIL RGB image to a tensor (default: a float32 (3, H, W) tensor in [0, 1] at the
 image's own size; images of several sizes then need a resizing transform before extraction).
@@ -94,22 +94,18 @@ SPLITS = ("train", "test", "variants", "stress")
 #: the fill methods of a background's own object region (see :func:`fill_foreground`, ``"borrow"``:
 #: :meth:`Counterfactuals.background`)
 FILLS = ("telea", "ns", "mean", "shift", "borrow")
-#: ``fill="auto"`` where OpenCV is installed (else ``"mean"``); chosen by the compositing gap and the
-#: crossed split's error against the truth on the project's generator (benchmarks/bench_deploy.py)
-DEFAULT_FILL = "telea"
-#: ``feather="auto"``: see :func:`feather_sigma`
-DEFAULT_FEATHER: float | str = "auto"
+#: ``fill="auto"``: the crossed split erred least against the truth with it on the project's generator
+#: (mean absolute error over 5 models 2.7 points, against 4.2 NS, 4.4 shift, 5.5 Telea, 6.2 mean colour;
+#: benchmarks/bench_deploy.py, docs/BENCHMARKS.md). Needs no OpenCV (what no donor covers: Telea if
+#: installed, else the mean colour)
+DEFAULT_FILL = "borrow"
+DEFAULT_FEATHER: float | str = 0.0
+#: default ``feather``: hard edges predicted deployment accuracy best there (error 1.5 points against
+#: 1.6 with sigma 0.5 px and 2.5 with ``"auto"``, 1 px at 32 px images), and a hard edge pays no
+#: compositing gap; ``"auto"`` (see :func:`feather_sigma`) remains available for larger images
 _CODE = {name: k for k, name in enumerate(VARIANTS)}
 _INPAINT_RADIUS = 5
 _DEPLOY_PREFIX = "deploy:"
-
-
-def _default_fill() -> str:
-    try:
-        import cv2  # noqa: F401
-    except ImportError:
-        return "mean"
-    return DEFAULT_FILL
 
 
 def feather_sigma(feather: float | str, height: int, width: int) -> float:
@@ -480,12 +476,13 @@ class Counterfactuals:
         How a background's own foreground region (grown by :func:`clear_margin`) is filled
         (``only_bg``, ``composite_self`` and every mixed composite): see :func:`fill_foreground`;
         ``"borrow"`` copies the region from another image of the same class where that image's own
-        object is not. ``"auto"`` is :data:`DEFAULT_FILL` where OpenCV is installed, else ``"mean"``;
-        ``"inpaint"`` is ``"telea"``.
-    feather : "auto" or float, default "auto"
+        object is not (what no donor covers: Telea, or the mean colour without OpenCV). ``"auto"`` is
+        :data:`DEFAULT_FILL` (``"borrow"``, measured best); ``"inpaint"`` is ``"telea"``.
+    feather : "auto" or float, default 0
         Soft mask edges of every composite of two images (mixed, ``composite_self``, deployment):
-        Gaussian-profile alpha of ``sigma`` pixels (:func:`soft_mask`, :func:`feather_sigma`); 0 pastes
-        with the hard mask and fills exactly the mask (the former behaviour).
+        Gaussian-profile alpha of ``sigma`` pixels (:func:`soft_mask`, :func:`feather_sigma`;
+        ``"auto"``: ``max(1, 0.01 min(H, W))``); 0 pastes with the hard mask (measured best on 32-px
+        images, :data:`DEFAULT_FEATHER`).
     clear : "auto" or int, default "auto"
         Pixels beyond a background image's mask that its fill also covers (:func:`clear_margin`).
     deploy_backgrounds : folder(s) or DeploymentScenes, optional
@@ -528,7 +525,7 @@ class Counterfactuals:
         self.folder = folder
         self.seed = int(seed)
         if fill == "auto":
-            fill = _default_fill()
+            fill = DEFAULT_FILL
         elif fill == "inpaint":
             fill = "telea"
         if fill not in FILLS:
