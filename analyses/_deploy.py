@@ -43,9 +43,9 @@ class CompositeGapResult(ResultMixin):
     threshold: float
     ci_level: float
 
-    def per_object(self) -> tuple[np.ndarray, np.ndarray]:
-        """``(object ids, per-object accuracy difference)``, what the corrected prediction pairs with."""
-        return self._ids, self._diff  # type: ignore[attr-defined]
+    def per_object(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(object ids, accuracy on the original, on the composite)`` per object."""
+        return self._ids, self._orig, self._comp  # type: ignore[attr-defined]
 
 
 @dataclasses.dataclass(repr=False)
@@ -115,6 +115,26 @@ def _interval(est: float, V: float, df: float, n_cells: int, level: float) -> tu
     return float(expit(logit(e) - half)), float(expit(logit(e) + half))
 
 
+def _corrected(est: float, V: float, df: float, gap: CompositeGapResult, *, chance: float,
+               level: float) -> dict[str, Any] | None:
+    """The prediction with the compositing cost taken off the model's margin above chance (see
+    :func:`predicted_accuracy`); None where the composites score at or below chance."""
+    _, o, m = gap.per_object()
+    ao, ac = float(o.mean()), float(m.mean())
+    if ac - chance <= 0.05 or ao - chance <= 0:
+        return None
+    k = (ao - chance) / (ac - chance)
+    val = chance + (est - chance) * k
+    # delta method: k's variance from the paired per-object accuracies; the prediction's from the table
+    grad = np.array([1.0 / (ac - chance), -(ao - chance) / (ac - chance) ** 2])
+    var_k = float(grad @ np.cov(np.vstack([o, m])) @ grad) / o.size if o.size > 1 else 0.0
+    Vc = k * k * V + (est - chance) ** 2 * var_k
+    q = float(t_dist.ppf((1 + level) / 2, max(df, 1.0)))
+    half = q * np.sqrt(Vc)
+    return {"value": float(val), "ci": (float(max(0.0, val - half)), float(min(1.0, val + half))),
+            "gap": gap.value, "factor": float(k)}
+
+
 def predicted_accuracy(pred: Any, label: Any, group: Any, background: Any, *, scene_unit: Any = None,
                        composite: CompositeGapResult | None = None, ci_level: float = 0.95) -> PredictedAccuracyResult:
     r"""Accuracy predicted for a deployment site from the objects composited on the site's scenes.
@@ -129,17 +149,22 @@ def predicted_accuracy(pred: Any, label: Any, group: Any, background: Any, *, sc
     with the unbiased moment (two-way random-effects ANOVA) estimates of the object, scene and residual
     variance components of the 0/1 correctness, a t quantile with Satterthwaite's degrees of freedom,
     on the logit scale (delta method) and transformed back. (The pigeonhole bootstrap, objects and
-    scenes resampled independently, counts the residual twice: 100 % coverage where the residual
-    dominates, 89 % with 8 scenes; this interval held 90-96 % over 11 simulated settings,
-    docs/METRICS.md.) ``per_class``: the same on the objects of each class, keyed by ``str(label)``.
+    scenes resampled independently, counts the residual twice: 99.8 % coverage where the residual
+    dominates, 92 % with 16 scenes; this interval held 92-96 % over 12 simulated settings,
+    benchmarks/calibrate_deploy.py, docs/METRICS.md.) ``per_class``: the same on the objects of each class, keyed by ``str(label)``.
 
     ``scene_unit`` (one id per row, e.g. the photo each scene slot was cropped from): the scene
     component is then estimated over these units (cell = the mean over a unit's slots), so crops of
     one photo are not counted as independent scenes.
 
-    ``composite`` (a :func:`composite_gap` result on the same objects): when material, ``corrected`` =
-    ``{value: value + gap, ci}``, the interval from the variance of the sum, the two paired by object
-    (their covariance over the objects present in both). Else ``corrected`` is None.
+    ``composite`` (a :func:`composite_gap` result on the same objects): when its gap is material,
+    ``corrected`` = ``{value, ci, gap, factor}``: the compositing is taken to shrink the model's margin
+    above chance ``c = 1/K`` (K: the classes among the labels) by the same factor at the site as on
+    the objects' own backgrounds, so ``value = c + (raw - c) * factor``, ``factor = (acc(original) -
+    c) / (acc(composite_self) - c)``. (Adding the gap instead overshot by 4.7 points where the models
+    were near chance at the site, where compositing has nothing left to cost: docs/METRICS.md.)
+    Interval: delta method, the table's variance and the factor's (paired over objects), their
+    covariance left out. None when the gap is not material or the composites score near chance.
     """
     check_number("predicted_accuracy", "ci_level", ci_level, low=0, high=0.9999, low_open=True)
     pred = np.asarray(pred).reshape(-1)
@@ -174,20 +199,7 @@ def predicted_accuracy(pred: Any, label: Any, group: Any, background: Any, *, sc
         per_class[str(c)] = {"value": ec, "ci": ci_c, "n_objects": int(sel.sum())}
     corrected = None
     if composite is not None and composite.material:
-        ids, diff = composite.per_object()
-        shared, ia, ib = np.intersect1d(gids, ids, return_indices=True)
-        Vd = float(np.var(diff, ddof=1)) / diff.size if diff.size > 1 else 0.0
-        cov = 0.0
-        if shared.size > 1:  # the objects the two share enter both means: covariance of the per-object figures
-            mg = Y.mean(axis=1)
-            cov = float(np.cov(mg[ia], diff[ib])[0, 1]) * shared.size / (G * diff.size)
-        Vs = max(V + Vd + 2 * cov, 0.0)
-        dfs = Vs ** 2 / ((V ** 2 / df if np.isfinite(df) and V > 0 else 0.0) + Vd ** 2 / max(diff.size - 1, 1)) \
-            if Vs > 0 else np.inf
-        q = float(t_dist.ppf((1 + ci_level) / 2, max(dfs, 1.0)))
-        val = est + composite.value
-        corrected = {"value": val, "ci": (max(0.0, val - q * np.sqrt(Vs)), min(1.0, val + q * np.sqrt(Vs))),
-                     "gap": composite.value}
+        corrected = _corrected(est, V, df, composite, chance=1.0 / np.unique(obj_label).size, level=ci_level)
     return PredictedAccuracyResult(
         value=est, ci=_interval(est, V, df, Y.size, ci_level), n_objects=int(G), n_backgrounds=int(n_scenes),
         per_class=per_class, corrected=corrected, variance_components=comps, ci_level=float(ci_level),
@@ -210,8 +222,8 @@ def composite_gap(pred_original: Any, pred_composite: Any, label: Any, group: An
     (2005) adjusted Wald interval for a difference of paired proportions, on the per-object differences
     ``d_g`` (the mean over an object's pairs): two pseudo-objects of ``d = +-1`` at weight 1/2 and one
     of ``d = 0`` are added, ``est' = sum d / (G + 2)``, ``var' = (sum d^2 + 1 - (G + 2) est'^2) / (G + 2)^2``,
-    ``est' +- z sqrt(var')`` (93-95 % coverage on planted gaps of 0.5-9 points, where the percentile
-    bootstrap gave 92-95 %; docs/METRICS.md). ``material`` when ``|gap| > threshold`` (2 points) and the
+    ``est' +- z sqrt(var')`` (93-97 % coverage on planted gaps of 4.5-9 points, 90 % at 1.9 points on
+    200 objects; docs/METRICS.md). ``material`` when ``|gap| > threshold`` (2 points) and the
     interval excludes 0; :func:`predicted_accuracy` then reports a corrected figure.
     """
     check_number("composite_gap", "ci_level", ci_level, low=0, high=0.9999, low_open=True)
@@ -236,5 +248,7 @@ def composite_gap(pred_original: Any, pred_composite: Any, label: Any, group: An
     res = CompositeGapResult(value=value, ci=ci, accuracy_original=float(np.mean(po == y)),
                              accuracy_composite=float(np.mean(pc == y)), n_objects=int(G), material=material,
                              threshold=float(threshold), ci_level=float(ci_level))
-    res._ids, res._diff = gids, d  # type: ignore[attr-defined]
+    res._ids = gids  # type: ignore[attr-defined]
+    res._orig = np.bincount(gi, weights=(po == y).astype(np.float64), minlength=G) / cnt  # type: ignore[attr-defined]
+    res._comp = np.bincount(gi, weights=(pc == y).astype(np.float64), minlength=G) / cnt  # type: ignore[attr-defined]
     return res

@@ -107,20 +107,23 @@ def test_a_planted_composite_gap_is_found_and_covered():
     assert false / R <= 0.05
 
 
-def test_a_material_gap_corrects_the_prediction():
+def test_a_material_gap_corrects_the_margin_above_chance():
     rng = np.random.default_rng(3)
-    G, B = 50, 8
-    Y = (rng.random((G, B)) < 0.7).astype(int)
-    pred, y, g, b = _rows(Y, np.zeros(G, dtype=int))
-    ok = np.ones(G, dtype=bool)
-    comp = ok & (np.arange(G) % 5 != 0)  # 20 % lost: a gap of 0.2
-    gap = composite_gap(np.where(ok, 0, 1), np.where(comp, 0, 1), np.zeros(G, dtype=int), np.arange(G))
+    G, B = 60, 8
+    Y = (rng.random((G, B)) < 0.6).astype(int)
+    labels = np.arange(G) % 3  # three classes: chance 1/3
+    pred, y, g, b = _rows(Y, labels)
+    comp = np.arange(G) % 5 != 0  # originals all right, composites lose every fifth object: gap 0.2
+    gap = composite_gap(labels, np.where(comp, labels, labels + 1), labels, np.arange(G))
     assert gap.material and gap.value == pytest.approx(0.2)
     r = predicted_accuracy(pred, y, g, b, composite=gap)
-    assert r.corrected["value"] == pytest.approx(Y.mean() + 0.2)
+    # factor = (1 - 1/3) / (0.8 - 1/3) = 10/7; corrected = 1/3 + (raw - 1/3) * 10/7
+    assert r.corrected["factor"] == pytest.approx(10 / 7)
+    assert r.corrected["value"] == pytest.approx(1 / 3 + (Y.mean() - 1 / 3) * 10 / 7)
     assert r.corrected["ci"][0] < r.corrected["value"] < r.corrected["ci"][1]
-    small = composite_gap(np.zeros(G, dtype=int), np.zeros(G, dtype=int), np.zeros(G, dtype=int), np.arange(G))
-    assert not small.material and predicted_accuracy(pred, y, g, b, composite=small).corrected is None
+    assert r.corrected["ci"][1] - r.corrected["ci"][0] > r.ci[1] - r.ci[0]  # the factor's noise adds
+    none = composite_gap(labels, labels, labels, np.arange(G))
+    assert not none.material and predicted_accuracy(pred, y, g, b, composite=none).corrected is None
 
 
 def test_rows_that_are_not_crossed_are_refused():
