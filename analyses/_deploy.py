@@ -151,7 +151,8 @@ def predicted_accuracy(pred: Any, label: Any, group: Any, background: Any, *, sc
     on the logit scale (delta method) and transformed back. (The pigeonhole bootstrap, objects and
     scenes resampled independently, counts the residual twice: 99.8 % coverage where the residual
     dominates, 92 % with 16 scenes; this interval held 92-96 % over 12 simulated settings,
-    benchmarks/calibrate_deploy.py, docs/METRICS.md.) ``per_class``: the same on the objects of each class, keyed by ``str(label)``.
+    benchmarks/calibrate_deploy.py, docs/METRICS.md.) ``per_class``: the same on the objects of each
+    class, keyed by ``str(label)``.
 
     ``scene_unit`` (one id per row, e.g. the photo each scene slot was cropped from): the scene
     component is then estimated over these units (cell = the mean over a unit's slots), so crops of
