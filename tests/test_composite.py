@@ -219,3 +219,25 @@ def test_bad_scene_folders_say_what_to_do(tmp_path):
     _save(tmp_path / "one" / "p.png", _coords(9, 9))
     with pytest.raises(DataError, match="one photo"):
         DeploymentScenes(tmp_path / "one", position="center")
+
+
+def test_deploy_and_composite_self_rows_reach_a_store(tmp_path):
+    import torch
+
+    import probekit as pk
+
+    img, msk = _folder(tmp_path)
+    _save(tmp_path / "site" / "p.png", _coords(20, 20))
+    cf = Counterfactuals(img, masks=msk, n_backgrounds=2, deploy_backgrounds=[tmp_path / "site"], n_deploy=3)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    out = tmp_path / "acts.h5"
+    for i, split in enumerate(("variants", "deploy:site")):
+        pk.extract(net, cf.split(split), layers=["2"], out=out, split=split, progress=False,
+                   mode="create" if i == 0 else "resume")
+    dep = cf.split("deploy:site")
+    with pk.open_store(out) as s:
+        assert s.n_rows("deploy:site") == len(dep) == 3 * len(cf.test_indices)
+        for field in ("label", "group", "background", "background_label"):
+            np.testing.assert_array_equal(s.sample_field("deploy:site", field), [dep[k][field] for k in range(len(dep))])
+        names = s.variants("variants")
+        assert "composite_self" in set(names) and list(names[:2]) == ["original", "only_fg"]
