@@ -326,7 +326,7 @@ class DeploymentScenes:
     names : sequence of str, optional
         Site names (default: the folders' names, made unique with ``-2``, ``-3``, ...).
     cache_size : int, default 8
-        Decoded photos kept.
+        Decoded photos kept (the scenes cut from them are kept apart, see :meth:`scene`).
 
     Attributes
     ----------
@@ -354,6 +354,7 @@ class DeploymentScenes:
         self.fit, self.position, self.seed = fit, position, int(seed)
         self.cache_size = max(0, int(cache_size))
         self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._scenes: OrderedDict[tuple[int, int, int, int], np.ndarray] = OrderedDict()
         if names is None:
             names, seen = [], {}
             for d in self.dirs:
@@ -432,17 +433,28 @@ class DeploymentScenes:
         return arr
 
     def scene(self, site: int, s: int, size: tuple[int, int]) -> np.ndarray:
-        """Scene slot ``s`` of ``site`` at ``size = (width, height)``: (H, W, 3) uint8, never stretched."""
+        """Scene slot ``s`` of ``site`` at ``size = (width, height)``: (H, W, 3) uint8, never stretched.
+
+        The scenes made are kept (least recently used, at least twice the slots of a site), so a
+        deployment split read object by object decodes each photo about once.
+        """
+        w, h = int(size[0]), int(size[1])
+        key = (int(site), int(s), w, h)
+        hit = _cache_get(self._scenes, key)
+        if hit is not None:
+            return hit
         p, u, v = self.slots[site][int(s)]
         photo = self._photo(site, int(p))
-        w, h = int(size[0]), int(size[1])
         if self.fit == "cover":
             H, W = photo.shape[:2]
             f = max(w / W, h / H)
             nw, nh = max(w, int(np.ceil(W * f - 1e-9))), max(h, int(np.ceil(H * f - 1e-9)))
             if (nw, nh) != (W, H):
                 photo = np.asarray(Image.fromarray(photo).resize((nw, nh), Image.LANCZOS))
-        return mirror_crop(photo, (w, h), float(u), float(v))
+        out = mirror_crop(photo, (w, h), float(u), float(v))
+        out.setflags(write=False)
+        _cache_put(self._scenes, key, out, max(64, 2 * max(len(sl) for sl in self.slots)))
+        return out
 
     @property
     def settings(self) -> dict[str, Any]:
