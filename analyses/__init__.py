@@ -25,6 +25,10 @@ from ._crossed import crossed_decomposition as crossed_decomposition
 from ._decodability import BackgroundDecodability as BackgroundDecodability
 from ._decodability import DecodabilityResult as DecodabilityResult
 from ._decodability import background_decodability as background_decodability
+from ._deploy import CompositeGapResult as CompositeGapResult
+from ._deploy import PredictedAccuracyResult as PredictedAccuracyResult
+from ._deploy import composite_gap as composite_gap
+from ._deploy import predicted_accuracy as predicted_accuracy
 from ._directions import DirectionClusters as DirectionClusters
 from ._directions import DirectionClustersResult as DirectionClustersResult
 from ._directions import DirectionSeriesResult as DirectionSeriesResult
@@ -52,6 +56,7 @@ __all__ = [
     "BackgroundCorrelationResult",
     "BackgroundDecodability",
     "BackgroundSensitivityResult",
+    "CompositeGapResult",
     "CrossedDecompositionResult",
     "DecodabilityResult",
     "DirectionClusters",
@@ -60,6 +65,7 @@ __all__ = [
     "LinearProbe",
     "NormalizedMeanShiftResult",
     "PatchBasesResult",
+    "PredictedAccuracyResult",
     "ProbeIdOodResult",
     "RelativeMSEResult",
     "RelianceResult",
@@ -73,12 +79,14 @@ __all__ = [
     "background_sensitivity",
     "cka_matrix",
     "compare_background",
+    "composite_gap",
     "crossed_decomposition",
     "difference",
     "direction_series",
     "linear_cka",
     "normalized_mean_shift",
     "patch_bases",
+    "predicted_accuracy",
     "probe_id_ood",
     "projection_series",
     "relative_mse",

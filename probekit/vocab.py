@@ -46,8 +46,10 @@ __all__ = [
 #: the optional per-sample fields of a store split besides ``index`` (docs/FORMAT.md)
 SAMPLE_FIELDS = ("index", "label", "factors", "group", "background", "background_label", "variant")
 #: ``variant`` codes index this tuple (the image variants of Xiao et al. 2020, "Noise or Signal: The
-#: Role of Image Backgrounds in Object Recognition")
-VARIANTS = ("original", "only_fg", "no_fg", "only_bg", "mixed_same", "mixed_rand", "mixed_next")
+#: Role of Image Backgrounds in Object Recognition"), and ``composite_self`` (appended, so older codes keep
+#: their meaning): an object pasted back on its own image with the background filled, the compositing
+#: control of :func:`probekit.analyses.composite_gap`
+VARIANTS = ("original", "only_fg", "no_fg", "only_bg", "mixed_same", "mixed_rand", "mixed_next", "composite_self")
 #: the reserved layer name under which a model's own output is stored (hooked on the root module)
 OUTPUT_LAYER = "@output"
 #: seeded initialisations of model ``<base>`` are stored as models ``<base>@init<k>``

@@ -12,7 +12,8 @@ from PIL import Image
 
 import probekit as pk
 from probekit.datasets import Counterfactuals, ForegroundFolder, fill_foreground
-from probekit.store._format import VARIANTS
+from probekit.datasets._images import DEFAULT_FILL
+from probekit.vocab import VARIANTS
 
 CODE = {v: k for k, v in enumerate(VARIANTS)}
 H, W = 4, 6
@@ -58,7 +59,8 @@ def _tiny(tmp_path: Path) -> Path:
 
 def test_fill_and_composites_match_hand_computation(tmp_path):
     img = _tiny(tmp_path)
-    cf = Counterfactuals(img, boxes=tmp_path / "boxes.csv", fill="mean", n_backgrounds=2)
+    cf = Counterfactuals(img, boxes=tmp_path / "boxes.csv", fill="mean", feather=0, clear=0,
+                         n_backgrounds=2)  # hard masks filled exactly: as hand-computed
     a0, a1, a2, b0 = 0, 1, 2, 3  # item order: class a then b, by path
     assert cf.folder.paths[:4] == ["a/0.png", "a/1.png", "a/2.png", "b/0.png"]
     m0 = np.zeros((H, W), dtype=bool)
@@ -113,7 +115,7 @@ def test_inpaint_fill_of_a_uniform_background(tmp_path):
     np.testing.assert_array_equal(got[~m], want[~m])
     np.testing.assert_allclose(got[m].astype(int), want[m].astype(int), atol=3)
     img = _tiny(tmp_path)
-    assert Counterfactuals(img, boxes=tmp_path / "boxes.csv", n_backgrounds=2).fill == "inpaint"
+    assert Counterfactuals(img, boxes=tmp_path / "boxes.csv", n_backgrounds=2).fill == DEFAULT_FILL
 
 
 def test_items_carry_fields_and_default_transform(tmp_path):
@@ -180,6 +182,8 @@ def _random_folder(tmp_path: Path, n_per_class=(5, 4, 6), size=(16, 16), factors
 
 def _cf(tmp_path, **kw):
     kw.setdefault("fill", "mean")
+    kw.setdefault("feather", 0)  # hard masks filled exactly, as the expected composites below are computed
+    kw.setdefault("clear", 0)
     return Counterfactuals(tmp_path / "img", masks=tmp_path / "masks", factors=tmp_path / "factors.csv", **kw)
 
 

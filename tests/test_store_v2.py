@@ -8,7 +8,7 @@ import torch
 import probekit as pk
 from probekit.errors import DataError
 from probekit.store import open_store
-from probekit.store._format import VARIANTS
+from probekit.vocab import VARIANTS
 
 
 class Crossed(torch.utils.data.Dataset):

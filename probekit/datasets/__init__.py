@@ -31,16 +31,24 @@ from ._foreground import ForegroundFolder as ForegroundFolder
 from ._foreground import adjust_mask as adjust_mask
 from ._images import CounterfactualDataset as CounterfactualDataset
 from ._images import Counterfactuals as Counterfactuals
+from ._images import DeploymentScenes as DeploymentScenes
 from ._images import composite as composite
+from ._images import feather_sigma as feather_sigma
 from ._images import fill_foreground as fill_foreground
 from ._images import image_counterfactuals as image_counterfactuals
+from ._images import mirror_crop as mirror_crop
+from ._images import soft_mask as soft_mask
 
 __all__ += [
     "CounterfactualDataset",
     "Counterfactuals",
+    "DeploymentScenes",
     "ForegroundFolder",
     "adjust_mask",
     "composite",
+    "feather_sigma",
     "fill_foreground",
     "image_counterfactuals",
+    "mirror_crop",
+    "soft_mask",
 ]
