@@ -637,7 +637,10 @@ def audit(
             doc["models"][m]["directions"] = _directions(v, m)
             b = _run(v, "behaviour", m, None, lambda m=m: _behaviour(v, m))
             if b is not None:
+                sites = b.pop("predicted_accuracy", None)
                 doc["models"][m]["behaviour"] = b
+                if sites:
+                    doc["models"][m]["predicted_accuracy"] = sites
         _background_flags(v, names, doc)
         doc["pairs"] = _pairs(v, names, doc)
         doc["headline"] = _headline(doc, spec.ratio_margin)
@@ -821,7 +824,9 @@ def _behaviour(v: _View, m: str) -> dict[str, Any]:
     if not splits and not vsplits:
         raise DataError(f"behaviour needs a crossed split {st!r} (fields 'label', 'group', 'background') or a "
                         f"variants split {va!r} (fields 'label', 'group', 'variant')")
-    reading = _predictions(v, m, splits + vsplits)
+    dsplits = [x for x in s.splits if x.startswith(DEPLOY_PREFIX) and v.has(m, x) and s.has_field(x, "label")
+               and s.has_field(x, "group") and s.has_field(x, "background")]
+    reading = _predictions(v, m, splits + vsplits + dsplits)
     preds = reading.preds
     out: dict[str, Any] = {"predictions": reading.source, "from_output": reading.from_output,
                            "space": reading.space}
@@ -887,7 +892,69 @@ def _behaviour(v: _View, m: str) -> dict[str, Any]:
         out["chance"] = vb.chance
     for key in ("bg_gap", "only_bg_accuracy", "follows_background"):
         out.setdefault(key, _estimate(None))
+    gap = None
+    if vsplits and reading.space == "labels":
+        gap = _composite_gap(v, m, va, preds[va])
+        if gap is not None:
+            out["composite_gap"] = {**_estimate(gap.value, gap.ci), "material": gap.material,
+                                    "accuracy_original": gap.accuracy_original,
+                                    "accuracy_composite": gap.accuracy_composite, "n_objects": gap.n_objects}
+    if dsplits and reading.space == "labels":
+        out["predicted_accuracy"] = {x[len(DEPLOY_PREFIX):]: _site(v, m, x, preds[x], gap) for x in dsplits}
     return out
+
+
+#: deployment splits are named ``deploy:<site>`` (probekit.datasets.Counterfactuals(deploy_backgrounds=...))
+DEPLOY_PREFIX = "deploy:"
+
+
+def _composite_gap(v: _View, m: str, va: str, pred: np.ndarray) -> Any:
+    """Accuracy on the original images minus on each object pasted back on its own filled background."""
+    from .analyses import composite_gap
+
+    n = v.store.n_rows(va, m)
+    names = np.asarray(v.store.variants(va)[:n]).astype(str)
+    o, c = names == "original", names == "composite_self"
+    if not o.any() or not c.any():
+        return None
+    label, group = v.field(va, "label", n), v.field(va, "group", n)
+    oi = np.flatnonzero(o)[np.argsort(group[o], kind="stable")]
+    ci = np.flatnonzero(c)[np.argsort(group[c], kind="stable")]
+    if oi.size != ci.size or not np.array_equal(group[oi], group[ci]):
+        return None
+    return composite_gap(pred[oi], pred[ci], label[oi], group[oi])
+
+
+def _site(v: _View, m: str, split: str, pred: np.ndarray, gap: Any) -> dict[str, Any]:
+    """Predicted accuracy at one deployment site: objects x scenes, both resampled as samples."""
+    from .analyses import predicted_accuracy
+
+    n = v.store.n_rows(split, m)
+    label, group, background = v.fields(split, n, "label", "group", "background")
+    settings = _counterfactual_settings(v.store)
+    site = split[len(DEPLOY_PREFIX):]
+    unit = None
+    deploy = settings.get("deploy") or {}
+    if site in deploy.get("sites", []):  # scene slots cut from one photo are one unit of the site's sample
+        unit = np.asarray(deploy["slot_photos"][deploy["sites"].index(site)])[np.asarray(background, dtype=int)]
+    material = gap is not None and gap.material
+    r = predicted_accuracy(pred, label, group, background, scene_unit=unit, composite=gap if material else None)
+    names = settings.get("class_names") or []
+    per_class = {(names[int(k)] if int(k) < len(names) else str(k)): {"value": d["value"], "ci": d["ci"]}
+                 for k, d in r.per_class.items()}
+    corrected = None if not r.corrected else _estimate(r.corrected["value"], r.corrected["ci"])
+    return {**_estimate(r.value, r.ci), "n_objects": r.n_objects, "n_backgrounds": r.n_backgrounds,
+            "per_class": per_class, "corrected": corrected}
+
+
+def _counterfactual_settings(s: Store) -> dict[str, Any]:
+    raw = s.attrs.get("counterfactuals")
+    if not raw:
+        return {}
+    try:
+        return dict(json.loads(raw))
+    except (TypeError, ValueError):
+        return {}
 
 
 # -- representation: each layer's background component against its reference ---------------------

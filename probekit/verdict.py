@@ -204,6 +204,25 @@ def _representation(layers: Mapping[str, Any]) -> tuple[bool | None, str]:
                    f"{len(compared)} layers.")
 
 
+def _deployment(info: Mapping[str, Any], beh: Mapping[str, Any]) -> str:
+    """The compositing control and the accuracy predicted at each deployment site."""
+    text = ""
+    gap = beh.get("composite_gap") or {}
+    if gap.get("value") is not None and gap.get("material"):
+        text += (f" The composites themselves cost {_pts(gap)} of accuracy (each object pasted back on its own "
+                 "filled background): the counterfactual accuracies are pessimistic by about that much.")
+    sites = info.get("predicted_accuracy") or {}
+    if sites:
+        parts = []
+        for site, r in sites.items():
+            corr = r.get("corrected") or {}
+            parts.append(f"{site} {_ci(r)}" + (f" ({_ci(corr)} corrected for the composites)"
+                                                 if corr.get("value") is not None else ""))
+        text += (" Predicted accuracy where it is deployed (its objects on photos of each site's empty scenes): "
+                 + "; ".join(parts) + ".")
+    return text
+
+
 def judge(m: str, info: Mapping[str, Any]) -> ModelVerdict:
     """Findings, ``flagged`` and the sentence of model ``m`` from its entry of the audit document."""
     beh = info.get("behaviour") or {}
@@ -213,6 +232,7 @@ def judge(m: str, info: Mapping[str, Any]) -> ModelVerdict:
     sensitive, s_text = _sensitive(beh)
     rep, r_text = _representation(info.get("layers") or {})
     found = {"shortcut": shortcut, "background_sensitive": sensitive, "representation": rep}
+    r_text += _deployment(info, beh)
     findings = [f for f in FINDINGS if found[f]]
     judged = {f: found[f] is not None for f in FINDINGS}
     return ModelVerdict(findings=findings, judged=judged, flagged=shortcut, verdict=text + s_text + r_text,
