@@ -374,18 +374,18 @@ def plot_series(result: Mapping[str, Any], path: str | os.PathLike) -> Path:
     if result.get("cka_to_last"):
         sp = next(iter(result["cka_to_last"].values()))["split"]
         panels.append((f"similarity to the last step ({sp})", "debiased linear CKA (1 = same)",
-                       {k: (v["values"], "-") for k, v in result["cka_to_last"].items()}, None))
+                       {k: (v["values"], "-") for k, v in result["cka_to_last"].items()}, (0.0, 1.02)))
     if result.get("background_sensitivity"):
         sp = next(iter(result["background_sensitivity"].values()))["split"]
         panels.append((f"background sensitivity ({sp})", "background share of variance (0–1)",
-                       {k: (v["values"], "-") for k, v in result["background_sensitivity"].items()}, None))
+                       {k: (v["values"], "-") for k, v in result["background_sensitivity"].items()}, (0.0, 1.02)))
     if result.get("background_share"):
         sp = next(iter(result["background_share"].values()))["split"]
         curves = {k: (v["values"], "-") for k, v in result["background_share"].items()}
         curves |= {f"{k} · chance level (no relation)": (v["null"], "--")
                    for k, v in result["background_share"].items() if v.get("null")}
         panels.append((f"background factors' share of unit variance ({sp})", "R² of each unit on the factors, mean over units",
-                       curves, None))
+                       curves, (0.0, 1.02)))
     if result.get("directions"):
         panels.append(("neuron weight directions", "directions holding 90% of the weight mass",
                        {k: (v["n_directions"], "-") for k, v in result["directions"].items()}, None))
@@ -414,8 +414,10 @@ def plot_series(result: Mapping[str, Any], path: str | os.PathLike) -> Path:
                     ms=3, color=colours[k % len(colours)], label=f"layer {label}")
         if best is not None:
             ax.axvline(best, color="grey", ls=":", lw=1, label=f"best probe step ({best})")
-        if ylim is not None:
+        if ylim is not None:  # shares and similarities on their whole range: a flat curve looks flat
             ax.set_ylim(*ylim)
+        else:
+            ax.set_ylim(bottom=0)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("training step")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

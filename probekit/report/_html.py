@@ -16,6 +16,7 @@ import jinja2
 
 from .._io import write_text
 from . import _plots as P
+from ._findings import model_verdicts, pct, points
 
 __all__ = ["render_html", "write_report"]
 
@@ -52,16 +53,86 @@ def _env() -> jinja2.Environment:
 
 
 def _section(sid: str, title: str, intro: str = "") -> dict[str, Any]:
-    return {"id": sid, "title": title, "intro": intro, "figures": [], "tables": [], "lines": []}
+    return {"id": sid, "title": title, "intro": intro, "figures": [], "tables": [], "lines": [], "galleries": []}
 
 
-def render_html(audit: Mapping[str, Any]) -> str:
-    """Render an audit dict into the report's HTML text."""
+def _galleries(gallery: Any) -> list[Mapping[str, Any]]:
+    if gallery is None:
+        return []
+    if isinstance(gallery, Mapping):
+        return [gallery]
+    return list(gallery)
+
+
+def _gallery_section(galleries: list[Mapping[str, Any]]) -> dict[str, Any] | None:
+    galleries = [g for g in galleries if g.get("objects")]
+    if not galleries:
+        return None
+    g0 = galleries[0]
+    s = _section("gallery", "What was audited",
+                 "The images each model was shown, for a few objects: "
+                 f"{g0.get('selection', 'a few objects per class')}. Per object: the original; its mask (the "
+                 "magenta outline; what it calls background is dimmed); the image variants (only_fg = the object "
+                 "on black, no_fg = the object blacked out, only_bg = the background with the object's region "
+                 "filled, mixed_same / mixed_rand / mixed_next = the object on the filled background of an image of "
+                 "the same / a random / the next class); then the object on each background of the crossed "
+                 "split. Under each: the model's prediction, in red where it differs from its prediction on the "
+                 "original. Check here that the masks cover the objects and that the composites look as intended.")
+    s["galleries"] = galleries
+    return s
+
+
+def _status_badge(status: str) -> str:
+    return {"flagged": "bad", "not_flagged": "ok", "not_judged": "none"}[status]
+
+
+def _verdict_lines(audit: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The summary's paragraph per model: badge, verdict, why not judged, a non-detection's power, and what
+    a layer FLAG beside a clean verdict means."""
+    models = audit.get("models", {})
+    out = []
+    for v in model_verdicts(audit):
+        info = models[v.model]
+        if not v.verdict and v.status != "not_judged":
+            continue
+        beh = info.get("behaviour") or {}
+        notes = []
+        if v.status == "not_judged" and v.reason and v.reason != v.verdict:
+            notes.append(f"Not judged: {v.reason}")
+        rel = beh.get("reliance") or {}
+        if v.status == "not_flagged" and rel.get("value") is not None:
+            det = rel.get("detectable")
+            notes.append(f"Not detected: reliance {pct(rel, 1)}"
+                         + (f"; this audit detects a reliance of {100 * float(det):.0f} % or more with 80 % power "
+                            "(a smaller one could go unseen)." if det is not None else "."))
+        elif rel.get("value") is None and rel.get("reason"):
+            notes.append(f"Reliance not computed: {rel['reason']}")
+        flagged_layers = [la for la, r in (info.get("layers") or {}).items() if r.get("background_flag")]
+        if v.status != "flagged" and flagged_layers:
+            notes.append(f"Its layer FLAG ({', '.join(flagged_layers)}) is the representation finding: those layers "
+                         "carry more background than their reference, but the shortcut verdict reads what the model "
+                         "predicts, and its predictions do not follow the background beyond the threshold.")
+        basis = info.get("flag_basis")
+        holds = [f.replace("_", " ") for f, h in v.findings.items() if h]
+        out.append({"name": v.model, "badge": _status_badge(v.status), "label": v.badge, "text": v.verdict,
+                    "notes": notes,
+                    "basis": (f"basis: {basis}" if basis else "") if "findings" not in info else
+                    ("findings: " + (", ".join(holds) if holds else "none"))})
+    return out
+
+
+def render_html(audit: Mapping[str, Any], gallery: Any = None) -> str:
+    """Render an audit dict into the report's HTML text.
+
+    ``gallery``: one :func:`probekit.report.build_gallery` result, or a list of them (one per model): the
+    images that were audited, with the model's predictions.
+    """
     models: Mapping[str, Any] = audit.get("models", {})
     roles = {m: info.get("role", "model") for m, info in models.items()}
     colors = P.model_colors(roles)
     sections = [_section("summary", "Summary")]
     sections += [s for s in (
+        _gallery_section(_galleries(gallery)),
         _behaviour(models, colors),
         _decomposition(models, colors),
         _probes(models, colors),
@@ -76,12 +147,11 @@ def render_html(audit: Mapping[str, Any]) -> str:
         _skipped(audit.get("skipped", [])),
         _glossary(audit),
     ) if s is not None]
-    judged = [info for info in models.values() if info.get("flag_basis")]
-    model_verdicts = [{"name": m, "flagged": bool(info.get("flagged")), "text": info.get("verdict", ""),
-                       "basis": info.get("flag_basis") or "no verdict"}
-                      for m, info in models.items() if info.get("verdict")]
-    summary_class = ("bad" if any(i.get("flagged") for i in judged) else "clean") if judged else ""
-    model_texts = {v["text"] for v in model_verdicts}
+    verdicts = model_verdicts(audit)
+    lines = _verdict_lines(audit)
+    summary_class = ("bad" if any(v.status == "flagged" for v in verdicts) else
+                     "clean" if verdicts and all(v.status == "not_flagged" for v in verdicts) else "")
+    model_texts = {v.verdict for v in verdicts}
     other_lines = [line for line in audit.get("verdict", []) if line not in model_texts]
     return _env().get_template("report.html.j2").render(
         title=Path(str(audit.get("store", "store"))).name,
@@ -91,9 +161,10 @@ def render_html(audit: Mapping[str, Any]) -> str:
         version=audit.get("probekit_version", ""),
         created=audit.get("created", ""),
         sections=sections,
-        model_verdicts=model_verdicts,
+        model_verdicts=lines,
         verdict_figure=_verdict_figure(models, colors),
-        verdict=other_lines if (other_lines or model_verdicts) else
+        findings_table=_findings_table(audit),
+        verdict=other_lines if (other_lines or lines) else
         ["No verdict or headline figure could be computed; see the skipped analyses."],
         summary_class=summary_class,
     )
@@ -174,29 +245,114 @@ def _inputs(audit: Mapping[str, Any]) -> dict[str, Any] | None:
     return s
 
 
+def _findings_table(audit: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The graded figures of each model beside its verdict (schema 3; absent figures read "–")."""
+    models = audit.get("models", {})
+    beh = {m: info.get("behaviour") or {} for m, info in models.items()}
+    keys = ("reliance", "accuracy_own_background", "background_effect")
+    if not any(b.get(k) for b in beh.values() for k in keys):
+        return None
+    rows = []
+    for v in model_verdicts(audit):
+        b = beh[v.model]
+        rel = b.get("reliance") or {}
+        margin = rel.get("margin")
+        det = rel.get("detectable")
+        eff = b.get("background_effect") or {}
+        layers = models[v.model].get("layers") or {}
+        compared = [la for la, r in layers.items() if "background_flag" in r]
+        above = [la for la in compared if layers[la].get("background_flag")]
+        rows.append([
+            v.model, v.badge,
+            pct(rel, 1) if rel.get("value") is not None else (rel.get("reason") or "–"),
+            "–" if margin is None else f"{100 * float(margin):.0f} %",
+            "–" if det is None else f"{100 * float(det):.0f} %",
+            pct(b.get("accuracy_own_background"), 1), pct(b.get("accuracy_other_background"), 1),
+            points(b.get("bg_gap_crossed")),
+            pct(eff, 1) + ("" if eff.get("margin") is None else f" (material above {100 * float(eff['margin']):.0f} %)"),
+            f"{len(above)} of {len(compared)} layers above reference" if compared else "–",
+        ])
+    return {"title": "the findings' figures (95 % intervals over objects and backgrounds)", "left": 2, "rows": rows,
+            "header": ["model", "shortcut", "reliance", "flagged above", "smallest detectable", "accuracy, own-class "
+                       "backgrounds", "accuracy, other-class backgrounds", "own − other", "background effect",
+                       "representation"]}
+
+
 def _verdict_figure(models: Mapping[str, Any], colors: Mapping[str, str]) -> dict[str, str] | None:
-    """The figure behind the verdict: each model's behaviour on the crossed split, with 95% CIs."""
+    """The figures behind the verdict: reliance with the interval the flag reads and its threshold,
+    accuracy on own-class vs other-class backgrounds, and the background effect (schema 3); else the
+    schema-2 behaviour bars (flip rate, pull, follows background)."""
+    beh = {m: info.get("behaviour") or {} for m, info in models.items()}
+    if any(b.get("reliance") for b in beh.values()):
+        return _graded_figure(beh, colors)
     keys = [("flip_rate", "prediction changes\n(share of objects)"),
             ("pull", "pulled to shared classes\n(share of predictions)"),
             ("follows_background", "follows the background's\nclass (share)")]
-    beh = {m: info["behaviour"] for m, info in models.items() if (info.get("behaviour") or {}).get("flip_rate")}
+    beh = {m: b for m, b in beh.items() if b.get("flip_rate")}
     if not beh:
         return None
     keys = [(k, lab) for k, lab in keys if any((b.get(k) or {}).get("value") is not None for b in beh.values())]
     bars = {m: [b.get(k) for k, _ in keys] for m, b in beh.items()}
     threshold = next(iter(beh.values())).get("pull_threshold")
+    has = [k for k, _ in keys]
+    marked = "pull" in has and threshold is not None
+    parts = []
+    if "flip_rate" in has:
+        parts.append("the share of objects whose predicted class changes across the backgrounds")
+    if "pull" in has:
+        parts.append("the share of predictions that backgrounds move towards the same classes for every object, "
+                     "beyond a within-object shuffle" + ("; a model is flagged when its interval lies above the "
+                                                         "black tick (the threshold)" if marked else ""))
+    if "follows_background" in has:
+        parts.append("where a background came from an image of another class, how often the prediction is "
+                     "that class")
     return {"src": P.grouped_bars([lab for _, lab in keys], bars, title="behaviour when only the background changes",
                                   ylabel="share", colors=colors, ylim=(0, 1),
                                   marks={i: (threshold, "flag threshold") for i, (k, _) in enumerate(keys)
                                          if k == "pull" and threshold is not None}),
             "alt": "flip rate, background pull and background following per model",
-            "caption": ("Left: share of objects whose predicted class changes across the backgrounds. Next: "
-                        "the share of predictions that backgrounds move towards the same classes for every "
-                        "object, beyond a within-object shuffle; a model is flagged when its interval lies above "
-                        "the black tick (the threshold)."
-                        + (" Right: where a background came from an image of another class, how often the "
-                           "prediction is that class." if len(keys) == 3 else "")
-                        + " Whiskers: 95% bootstrap intervals over objects.")}
+            "caption": "From left to right: " + "; ".join(parts) + ". Whiskers: 95% bootstrap intervals over "
+                       "objects."}
+
+
+def _graded_figure(beh: Mapping[str, Mapping[str, Any]], colors: Mapping[str, str]) -> dict[str, str] | None:
+    groups = list(beh)
+    panels, parts = [], []
+    if any(b.get("reliance") for b in beh.values()):
+        rel = [b.get("reliance") for b in beh.values()]
+        marks = {i: (float(r["margin"]), "flagged above") for i, r in enumerate(rel)
+                 if r and r.get("margin") is not None}
+        notes = {i: "not computed" for i, r in enumerate(rel) if not r or r.get("value") is None}
+        panels.append({"title": "reliance on the background", "ylabel": "share of predictions (1 = complete)",
+                       "groups": groups, "series": {"reliance": rel}, "marks": marks, "notes": notes,
+                       "ylim": (0, 1)})
+        parts.append("reliance: the share of predictions that take the background's class beyond a within-object "
+                     "shuffle (1 = a complete shortcut); the whisker is its 95 % interval (objects and backgrounds "
+                     "resampled), the one the flag reads"
+                     + ("; a model is flagged when the whole interval lies above its black tick" if marks else ""))
+    if any(b.get("accuracy_own_background") or b.get("accuracy_other_background") for b in beh.values()):
+        chance = next((b.get("chance") for b in beh.values() if b.get("chance") is not None), None)
+        panels.append({"title": "accuracy by background", "ylabel": "accuracy (%)", "scale": 100, "groups": groups,
+                       "series": {"own-class backgrounds": [b.get("accuracy_own_background") for b in beh.values()],
+                                  "other-class backgrounds": [b.get("accuracy_other_background")
+                                                              for b in beh.values()]},
+                       "hline": (float(chance), "chance") if chance is not None else None, "ylim": (0, 1)})
+        parts.append("accuracy with backgrounds from the object's own class (plain) and from other classes "
+                     "(hatched), in %" + ("; dashed: chance (the majority class's share)" if chance is not None
+                                          else ""))
+    if any(b.get("background_effect") for b in beh.values()):
+        eff = [b.get("background_effect") for b in beh.values()]
+        marks = {i: (float(e["margin"]), "material above") for i, e in enumerate(eff) if e and e.get("margin") is not None}
+        panels.append({"title": "background effect", "ylabel": "accuracy spread from backgrounds",
+                       "groups": groups, "series": {"background effect": eff}, "marks": marks,
+                       "notes": {i: "not computed" for i, e in enumerate(eff) if not e or e.get("value") is None},
+                       "ylim": (0, 1)})
+        parts.append("background effect: how much accuracy varies with backgrounds that favour no class (the "
+                     "background-sensitive finding)" + ("; black tick: its materiality threshold" if marks else ""))
+    if not panels:
+        return None
+    return {"src": P.finding_panels(panels, colors), "alt": "reliance, accuracy by background and background effect",
+            "caption": "From left to right: " + "; ".join(parts) + ". Whiskers: 95 % intervals."}
 
 
 def _behaviour(models: Mapping[str, Any], colors: Mapping[str, str]) -> dict[str, Any] | None:
@@ -258,12 +414,19 @@ def _decomposition(models: Mapping[str, Any], colors: Mapping[str, str]) -> dict
                  "student (same units), otherwise the same architecture at initialisation, compared as "
                  "background / (foreground + interaction) since the units differ.")
     s["figures"].append({"src": P.layer_lines(series, title="background share of each layer's variance",
-                                              ylabel="background / total", colors=colors),
+                                              ylabel="background / total", colors=colors, ylim=(0, 1)),
                          "alt": "background share by layer",
                          "caption": "The background component over the layer's total variance on the crossed "
                                     "split (95% CI). A share is for orientation only: the flag compares the "
                                     "component itself with the reference (table)."})
     s["tables"].append(table)
+    clean = [m for m, info in models.items() if info.get("flagged") is not True
+             and any(r.get("background_flag") for r in (info.get("layers") or {}).values())]
+    if clean:
+        s["lines"].append(f"FLAG beside a model that is not flagged ({', '.join(clean)}): the layer carries more "
+                          "background than its reference (the representation finding), but the verdict on a "
+                          "shortcut reads the model's predictions, which do not follow the background beyond the "
+                          "threshold.")
     return s
 
 
@@ -286,9 +449,11 @@ def _probes(models: Mapping[str, Any], colors: Mapping[str, str]) -> dict[str, A
                  "A linear probe fit on the training split, scored on the in-distribution and the shifted "
                  "test split, with bootstrap 95% intervals. A large gap for the same foregrounds means the "
                  "representation moved with the background.")
+    has_ood = any(k.endswith(" · OOD") for k in series)
     s["figures"].append({"src": P.layer_lines(series, title="probe accuracy by layer", ylabel="accuracy",
-                                              colors=colors, styles={"ID": "-", "OOD": "--"}),
-                         "alt": "probe accuracy ID and OOD by layer", "caption": "Solid: ID; dashed: OOD."})
+                                              colors=colors, styles={"ID": "-", "OOD": "--"}, ylim=(0, 1)),
+                         "alt": "probe accuracy ID and OOD by layer",
+                         "caption": "Solid: ID; dashed: OOD. 95% intervals." if has_ood else "ID accuracy, 95% intervals."})
     s["tables"].append(table)
     return s
 
@@ -314,7 +479,7 @@ def _decodability(models: Mapping[str, Any], colors: Mapping[str, str]) -> dict[
     styles = dict(zip(splits, ["-", "--", "-.", (0, (5, 1, 1, 1))] * 4, strict=False))  # ":" is the control's
     s["figures"].append({"src": P.layer_lines(series, title="mean excess R² over continuous factors, by layer",
                                               ylabel="R² − shuffled-control R²", colors=colors, styles=styles,
-                                              hline=0.0, hline_label="shuffled control"),
+                                              hline=0.0, hline_label="shuffled control", ylim=(0, 1)),
                          "alt": "background decodability by layer", "caption": "0 = the shuffled control."})
     for split, t in by_split.items():
         s["tables"].append({"title": f"excess over the shuffled control, within {split} (95% CI)",
@@ -332,11 +497,11 @@ def _sensitivity(models: Mapping[str, Any], colors: Mapping[str, str], audit: Ma
             se, nm = res.get("sensitivity"), res.get("nms")
             if se:
                 sens.setdefault(f"{m} · trained", []).append((layer, se.get("value")))
-                if se.get("init"):
+                if (se.get("init") or {}).get("value") is not None:
                     sens.setdefault(f"{m} · init", []).append((layer, se.get("init")))
             if nm:
                 nms.setdefault(f"{m} · trained", []).append((layer, nm.get("value")))
-                if nm.get("init"):
+                if (nm.get("init") or {}).get("value") is not None:
                     nms.setdefault(f"{m} · init", []).append((layer, nm.get("init")))
             if se or nm:
                 table["rows"].append([m, layer, _cell((se or {}).get("value")), _cell((se or {}).get("init")),
@@ -351,18 +516,31 @@ def _sensitivity(models: Mapping[str, Any], colors: Mapping[str, str], audit: Ma
                  "initialisation where known: the change from init separates learned sensitivity from "
                  "features never removed.")
     styles = {"trained": "-", "init": ":"}
+    for col in (5, 3):  # an "at init" column that is empty everywhere says nothing: left out
+        if all(row[col] == "–" for row in table["rows"]):
+            table["header"].pop(col)
+            for row in table["rows"]:
+                row.pop(col)
     if sens:
         split = next((r.get("sensitivity", {}).get("split") for info in models.values()
                       for r in info.get("layers", {}).values() if r.get("sensitivity")), "")
         s["figures"].append({"src": P.layer_lines(sens, title=f"background sensitivity on {split}",
-                                                  ylabel="share of variance", colors=colors, styles=styles),
-                             "alt": "background sensitivity by layer", "caption": "Dotted: at initialisation."})
+                                                  ylabel="share of variance", colors=colors, styles=styles,
+                                                  ylim=(0, 1)),
+                             "alt": "background sensitivity by layer", "caption": _init_caption(sens)})
     if nms:
         s["figures"].append({"src": P.layer_lines(nms, title="normalised mean shift (ID → OOD)", ylabel="NMS",
-                                                  colors=colors, styles=styles),
-                             "alt": "normalised mean shift by layer", "caption": "Dotted: at initialisation."})
+                                                  colors=colors, styles=styles, ylim=(0, None)),
+                             "alt": "normalised mean shift by layer", "caption": _init_caption(nms)})
     s["tables"].append(table)
     return s
+
+
+def _init_caption(series: Mapping[str, Any]) -> str:
+    """Name the dotted lines only where they are drawn (a series at initialisation with a value)."""
+    drawn = any(k.endswith(" · init") and any((e or {}).get("value") is not None for _, e in pts)
+                for k, pts in series.items())
+    return "Solid: trained; dotted: at initialisation. 95% intervals." if drawn else "95% intervals."
 
 
 def _correlation(models: Mapping[str, Any], colors: Mapping[str, str],
@@ -429,6 +607,8 @@ def _pairs(pairs: list[Mapping[str, Any]], colors: Mapping[str, str]) -> dict[st
     if not pairs:
         return None
     groups = [f"{p['student']}.{p['student_layer']} ~ {p['teacher']}.{p['teacher_layer']}" for p in pairs]
+    ticks = [f"{P.wrap_label(p['student'] + '.' + p['student_layer'], 20, 2)}\n~ "
+             f"{P.wrap_label(p['teacher'] + '.' + p['teacher_layer'], 20, 2)}" for p in pairs]
     splits = sorted({k for p in pairs for k in (p.get("cka") or {})})
     s = _section("teacher-student", "Teacher vs student",
                  "Debiased linear CKA between the student's and the teacher's features on the same samples, and "
@@ -439,14 +619,15 @@ def _pairs(pairs: list[Mapping[str, Any]], colors: Mapping[str, str]) -> dict[st
                  "large OOD relative MSE.")
     last = {(p["teacher"], p["student"]): i for i, p in enumerate(pairs)}  # the fitted (last) layer pair
     split_colors = dict(zip(splits, ["#1f77b4", "#d62728", "#9467bd", "#2ca02c"], strict=False))
-    s["figures"].append({"src": P.grouped_bars(groups, {sp: [(p.get("cka") or {}).get(sp) for p in pairs]
-                                                        for sp in splits},
-                                               title="linear CKA", ylabel="CKA", colors=split_colors),
+    s["figures"].append({"src": P.grouped_bars(ticks, {sp: [(p.get("cka") or {}).get(sp) for p in pairs]
+                                                       for sp in splits},
+                                               title="linear CKA", ylabel="CKA", colors=split_colors, ylim=(0, 1)),
                          "alt": "CKA per layer pair", "caption": ""})
-    s["figures"].append({"src": P.grouped_bars(groups, {sp: [(p.get("rel_mse_mapped") or {}).get(sp) for p in pairs]
-                                                        for sp in splits},
+    s["figures"].append({"src": P.grouped_bars(ticks, {sp: [(p.get("rel_mse_mapped") or {}).get(sp) for p in pairs]
+                                                       for sp in splits},
                                                title="relative MSE after an affine map (fit on train)",
-                                               ylabel="rel. MSE (1 = the teacher's variance)", colors=split_colors),
+                                               ylabel="rel. MSE (1 = the teacher's variance)", colors=split_colors,
+                                               ylim=(0, 1)),
                          "alt": "relative MSE per layer pair", "caption": ""})
     s["tables"].append({"title": "", "header": ["pair", *[f"CKA {sp}" for sp in splits],
                                                 *[f"rel. MSE mapped {sp}" for sp in splits],
@@ -495,14 +676,17 @@ def _series(series: Mapping[str, Any]) -> dict[str, Any] | None:
                  "Figures at every recorded checkpoint (probekit.Recorder): probe accuracy (held out on the "
                  "other splits, or cross-validated within a single split), CKA of each step to the last, "
                  "background sensitivity and factor share where the splits allow, direction counts from the "
-                 "stored weights. The dotted line marks the step where probe accuracy on the scoring split "
-                 "peaks: on a shifted split, the checkpoint whose features transfer best.")
+                 "stored weights.")
     for m, r in series.items():
         with tempfile.TemporaryDirectory() as tmp:
             png = plot_series(r, Path(tmp) / "series.png")
             src = "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode("ascii")
-        s["figures"].append({"src": src, "alt": f"{m} over training",
-                             "caption": f"{m}: probe accuracy peaks at step {r.get('best_step')}.", "wide": True})
+        best = r.get("best_step")
+        s["figures"].append({"src": src, "alt": f"{m} over training", "wide": True,
+                             "caption": (f"{m}: the dotted grey line marks step {best}, where probe accuracy on the "
+                                         "scoring split peaks (on a shifted split, the checkpoint whose features "
+                                         "transfer best)." if best is not None else
+                                         f"{m}: no probe accuracy, so no best step is marked.")})
     return s
 
 
@@ -516,8 +700,13 @@ def _skipped(skipped: list[Mapping[str, Any]]) -> dict[str, Any] | None:
     return s
 
 
-def write_report(audit: Mapping[str, Any] | str | os.PathLike, out: str | os.PathLike) -> Path:
-    """Write the HTML report of an audit (a dict, or the path of its JSON) to ``out``."""
+def write_report(audit: Mapping[str, Any] | str | os.PathLike, out: str | os.PathLike,
+                 gallery: Any = None) -> Path:
+    """Write the HTML report of an audit (a dict, or the path of its JSON) to ``out``.
+
+    ``gallery``: one :func:`probekit.report.build_gallery` result or a list of them (one per model), shown
+    as the section "What was audited".
+    """
     if not isinstance(audit, Mapping):
         audit = json.loads(Path(audit).read_text())
-    return write_text(out, render_html(audit))  # whole or not at all: never a half-written report
+    return write_text(out, render_html(audit, gallery=gallery))  # whole or not at all: never a half-written report

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -36,6 +37,64 @@ def model_colors(models: Mapping[str, str]) -> dict[str, str]:
     return out
 
 
+def wrap_label(s: Any, width: int = 18, lines: int = 3) -> str:
+    """A tick label on up to ``lines`` lines of ``width`` characters, broken after dots, spaces, ``_``, ``/``
+    and ``~`` where it can; the last line ends in an ellipsis only when the whole would not fit."""
+    out: list[str] = []
+    line = ""
+    for tok in re.split(r"(?<=[.\s_/~])", str(s)):
+        while len(tok) > width:  # a part longer than a line: split it
+            if line:
+                out.append(line)
+                line = ""
+            out.append(tok[:width])
+            tok = tok[width:]
+        if len(line) + len(tok) > width and line:
+            out.append(line)
+            line = ""
+        line += tok
+    if line:
+        out.append(line)
+    out = [p.strip() for p in out if p.strip()]
+    if len(out) > lines:
+        out = out[:lines]
+        out[-1] = out[-1][: width - 1] + "…"
+    return "\n".join(p.replace("$", r"\$") for p in out)
+
+
+def _boxes_overlap(a: Any, b: Any, pad: float = 1.0) -> bool:
+    return not (a.x1 + pad <= b.x0 or b.x1 + pad <= a.x0 or a.y1 + pad <= b.y0 or b.y1 + pad <= a.y0)
+
+
+def tick_overlap(fig: Any, ax: Any) -> bool:
+    """Whether any two x tick labels of ``ax`` overlap (or run past the figure's edges) once drawn."""
+    fig.canvas.draw()
+    r = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(r) for t in ax.get_xticklabels() if t.get_text()]
+    return any(_boxes_overlap(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+
+
+def fit_ticklabels(fig: Any, ax: Any) -> None:
+    """Make the x tick labels readable: if they overlap, rotate them, then shrink them (never below 6 pt)."""
+    if not tick_overlap(fig, ax):
+        return
+    for t in ax.get_xticklabels():
+        t.set_rotation(30)
+        t.set_ha("right")
+        t.set_rotation_mode("anchor")
+    size = float(ax.get_xticklabels()[0].get_fontsize()) if ax.get_xticklabels() else 8.0
+    while tick_overlap(fig, ax) and size > 6:
+        size -= 1
+        for t in ax.get_xticklabels():
+            t.set_fontsize(size)
+
+
+def honest_ylim(ax: Any, low: float | None = None, high: float | None = None) -> None:
+    """At least ``[low, high]`` on the y axis, widened to whatever is drawn: a flat line looks flat."""
+    lo, hi = ax.get_ylim()
+    ax.set_ylim(min(lo, low) if low is not None else lo, max(hi, high) if high is not None else hi)
+
+
 def to_data_uri(fig: Any) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
@@ -62,11 +121,14 @@ def layer_lines(
     styles: Mapping[str, str] | None = None,
     hline: float | None = None,
     hline_label: str = "",
+    ylim: tuple[float | None, float | None] | None = None,
 ) -> str:
-    """One line per series over layers (x axis = layer position), with CI error bars.
+    """One line per series over layers (x axis = layer position, in the order the series give), with CI
+    error bars.
 
     ``series`` maps a legend label to ``[(layer, {"value", "ci"}), ...]``; the part of the label before
-    " · " picks the colour, the part after it the line style.
+    " · " picks the colour, the part after it the line style. ``ylim``: the least y range shown (widened
+    to the data), e.g. ``(0, 1)`` for shares and accuracies so that a flat line looks flat.
     """
     fig, ax = plt.subplots(figsize=(6.4, 3.4))
     all_layers: list[str] = []
@@ -84,12 +146,14 @@ def layer_lines(
                     label=safe_text(label, 40))
     if hline is not None:
         ax.axhline(hline, color="#888", linestyle=":", linewidth=1, label=hline_label or None)
-    ax.set_xticks(range(len(all_layers)), [safe_text(n, 18) for n in all_layers],
-                  rotation=30 if len(all_layers) > 3 else 0, ha="right" if len(all_layers) > 3 else "center")
+    ax.set_xticks(range(len(all_layers)), [wrap_label(n, 16, 2) for n in all_layers], fontsize=8)
+    if ylim is not None:
+        honest_ylim(ax, *ylim)
     ax.set_title(safe_text(title, 80))
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, frameon=False)
+    fit_ticklabels(fig, ax)
     return to_data_uri(fig)
 
 
@@ -129,12 +193,13 @@ def grouped_bars(
     title: str,
     ylabel: str,
     colors: Mapping[str, str],
-    ylim: tuple[float, float] | None = None,
+    ylim: tuple[float | None, float | None] | None = None,
     marks: Mapping[int, tuple[float, str]] | None = None,
 ) -> str:
     """Bars per group (e.g. layer pairs) and per series (e.g. ID / OOD), with CI whiskers.
 
     ``marks`` maps a group's position to ``(y, label)``: a black tick across that group (a threshold).
+    ``ylim``: the least y range shown (widened to the data). Long group names are wrapped, not cut.
     """
     fig, ax = plt.subplots(figsize=(max(6.4, 2.6 * len(groups)), 3.2))
     k = len(bars)
@@ -144,18 +209,18 @@ def grouped_bars(
         x = np.arange(len(groups)) + (j - (k - 1) / 2) * width
         ax.bar(x, vals[:, 0], width, yerr=[vals[:, 1], vals[:, 2]], capsize=3, label=safe_text(label),
                color=colors.get(label, _EXTRA[j % len(_EXTRA)]))
-    for i, (y, label) in (marks or {}).items():
-        ax.hlines(y, i - 0.45, i + 0.45, colors="k", linewidth=2, label=label)
+    for n, (i, (y, label)) in enumerate((marks or {}).items()):
+        ax.hlines(y, i - 0.45, i + 0.45, colors="k", linewidth=2, label=label if n == 0 else None)
     multiline = any("\n" in g for g in groups)
-    ax.set_xticks(range(len(groups)), [g if multiline else safe_text(g, 22) for g in groups],
-                  rotation=0 if multiline else 20, ha="center" if multiline else "right",
-                  fontsize=8 if multiline else None)
+    ax.set_xticks(range(len(groups)), [safe_text(g, 200) if multiline else wrap_label(g, 22, 3) for g in groups],
+                  fontsize=8)
     if ylim is not None:
-        ax.set_ylim(*ylim)
+        honest_ylim(ax, *ylim)
     ax.set_title(safe_text(title, 80))
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8, frameon=False)
+    fit_ticklabels(fig, ax)
     return to_data_uri(fig)
 
 
@@ -199,4 +264,58 @@ def attribution_grid(examples: Sequence[Mapping[str, Any]], title: str) -> str:
             ax.axis("off")
     fig.suptitle(safe_text(title, 80), fontsize=10)
     fig.tight_layout()
+    return to_data_uri(fig)
+
+
+def finding_panels(panels: Sequence[Mapping[str, Any]], colors: Mapping[str, str]) -> str:
+    """The graded figures beside the verdict, one panel each, side by side.
+
+    Each panel: ``title``, ``ylabel``, ``groups`` (model names), ``series`` ({legend: [estimate per group]}
+    — one series is coloured per model, several are told apart by hatching), optional ``scale`` (100 for
+    points), ``ylim`` (the least range shown), ``marks`` ({group position: (y, label)}: a black threshold
+    tick), ``hline`` ((y, label): a dashed line across, e.g. chance) and ``notes`` ({group position: text}
+    written at the bottom of an empty bar, e.g. "not computed").
+    Whiskers are the estimates' intervals.
+    """
+    n = len(panels)
+    fig, axes = plt.subplots(1, n, figsize=(3.5 * n + 0.4, 3.4), squeeze=False)
+    hatches = [None, "///", "..", "xx"]
+    for ax, p in zip(axes.ravel(), panels, strict=True):
+        groups = list(p["groups"])
+        series = p["series"]
+        scale = float(p.get("scale", 1.0))
+        k = len(series)
+        width = 0.8 / max(1, k)
+        for j, (label, ests) in enumerate(series.items()):
+            vals = np.array([_err(e) for e in ests]).reshape(-1, 3) * scale
+            x = np.arange(len(groups)) + (j - (k - 1) / 2) * width
+            cols = [colors.get(g, "#555") for g in groups]
+            ax.bar(x, vals[:, 0], width, yerr=[vals[:, 1], vals[:, 2]], capsize=3, color=cols,
+                   hatch=hatches[j % len(hatches)] if k > 1 else None, edgecolor="white" if k > 1 else None,
+                   label=safe_text(label) if k > 1 else None, error_kw={"elinewidth": 1.4})
+        for m, (i, (y, label)) in enumerate((p.get("marks") or {}).items()):
+            ax.hlines(y * scale, i - 0.45, i + 0.45, colors="k", linewidth=2.2, label=label if m == 0 else None)
+        if p.get("hline") is not None:
+            y, label = p["hline"]
+            ax.axhline(y * scale, color="#666", linestyle="--", linewidth=1, label=label)
+        for i, text in (p.get("notes") or {}).items():
+            ax.text(i, 0.02 * scale, safe_text(text, 30), ha="center", va="bottom", fontsize=7, color="#555",
+                    rotation=90)
+        ax.set_xticks(range(len(groups)), [wrap_label(g, 14, 2) for g in groups], fontsize=8)
+        ax.set_xlim(-0.6, len(groups) - 0.4)
+        lo, hi = p.get("ylim", (0.0, 1.0))
+        honest_ylim(ax, lo * scale if lo is not None else None, hi * scale if hi is not None else None)
+        ax.set_title(safe_text(p["title"], 60), fontsize=9)
+        ax.set_ylabel(p["ylabel"], fontsize=8)
+        ax.tick_params(axis="y", labelsize=7)
+        ax.grid(alpha=0.3, axis="y")
+        fit_ticklabels(fig, ax)
+    legend: dict[str, Any] = {}
+    for ax in axes.ravel():  # one legend below the panels, where it hides no bar
+        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+            legend.setdefault(lab, h)
+    fig.tight_layout(rect=(0, 0.1 if legend else 0, 1, 1))
+    if legend:
+        fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=min(4, len(legend)), fontsize=7,
+                   frameon=False)
     return to_data_uri(fig)

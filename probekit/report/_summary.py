@@ -1,0 +1,122 @@
+"""A Markdown summary of an audit: for a CI step summary (``$GITHUB_STEP_SUMMARY``) or a model card.
+
+The verdict table (one row per model: the verdict, reliance with its 95 % interval and the threshold it
+is judged against, the smallest reliance the audit could detect, accuracy on own-class and other-class
+backgrounds and their difference in points, the background effect, the representation), the verdict
+sentences, and the findings per model (holds / does not hold / not judged). Columns that no model has
+are left out, so a schema-2 document (no reliance yet) gets its background pull instead.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from ._findings import FINDINGS, model_verdicts, pct, points
+
+__all__ = ["summary_markdown", "write_summary"]
+
+
+def _md(text: Any) -> str:
+    """A user string safe inside a Markdown table cell (no pipe, no line break, no HTML)."""
+    s = str(text).replace("\\", "\\\\").replace("|", "\\|").replace("\r", " ").replace("\n", " ")
+    return s.replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _layers(info: Mapping[str, Any]) -> str:
+    compared = [la for la, r in (info.get("layers") or {}).items() if "background_flag" in r]
+    if not compared:
+        return "–"
+    above = [la for la in compared if info["layers"][la].get("background_flag")]
+    return f"above its reference at {len(above)} of {len(compared)} layers"
+
+
+def _reliance_threshold(b: Mapping[str, Any]) -> str:
+    margin = (b.get("reliance") or {}).get("margin")
+    return "–" if margin is None else f"{100 * float(margin):.0f} %"
+
+
+def _detectable(b: Mapping[str, Any]) -> str:
+    r = b.get("reliance") or {}
+    d = r.get("detectable")
+    if d is None:
+        return "–"
+    return f"{100 * float(d):.0f} %"
+
+
+def _own_other(b: Mapping[str, Any]) -> str:
+    own, other = b.get("accuracy_own_background"), b.get("accuracy_other_background")
+    if (own or {}).get("value") is None and (other or {}).get("value") is None:
+        return "–"
+    return f"{pct(own)} / {pct(other)}"
+
+
+_COLUMNS: list[tuple[str, Callable[[Mapping[str, Any]], str], str]] = [
+    # (header, cell from behaviour, the behaviour key whose presence shows the column)
+    ("reliance [95 % CI]", lambda b: pct(b.get("reliance"), 1), "reliance"),
+    ("flagged above", _reliance_threshold, "reliance"),
+    ("smallest detectable reliance", _detectable, "reliance"),
+    ("accuracy, own-class / other-class backgrounds", _own_other, "accuracy_own_background"),
+    ("own − other", lambda b: points(b.get("bg_gap_crossed")), "bg_gap_crossed"),
+    ("background effect", lambda b: pct(b.get("background_effect"), 1), "background_effect"),
+    ("background pull [95 % CI]", lambda b: pct(b.get("pull"), 1), "pull"),
+    ("prediction changes", lambda b: pct(b.get("flip_rate")), "flip_rate"),
+]
+
+
+def summary_markdown(doc: Mapping[str, Any], *, title: str | None = None) -> str:
+    """The Markdown summary of an audit document."""
+    models = doc.get("models") or {}
+    verdicts = model_verdicts(doc)
+    store = Path(str(doc.get("store") or "audit")).name
+    lines = [f"## {_md(title or f'probekit audit: {store}')}", ""]
+    if not verdicts:
+        return "\n".join([*lines, "No model in this audit.", ""])
+    n_bad = sum(v.status == "flagged" for v in verdicts)
+    n_none = sum(v.status == "not_judged" for v in verdicts)
+    lines.append(f"{len(verdicts)} model(s): {n_bad} flagged, {len(verdicts) - n_bad - n_none} not flagged, "
+                 f"{n_none} not judged.")
+    lines.append("")
+    beh = {v.model: (models[v.model].get("behaviour") or {}) for v in verdicts}
+    cols = [(h, fn) for h, fn, key in _COLUMNS if any(b.get(key) for b in beh.values())]
+    if any(b.get("reliance") for b in beh.values()):  # the graded figure replaces the pull
+        cols = [(h, fn) for h, fn in cols if not h.startswith("background pull")]
+    header = ["model", "verdict", *[h for h, _ in cols], "representation"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for v in verdicts:
+        badge = {"flagged": "**FLAGGED**", "not_flagged": "not flagged", "not_judged": "*not judged*"}[v.status]
+        row = [_md(v.model), badge, *[fn(beh[v.model]) for _, fn in cols], _layers(models[v.model])]
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "Intervals: 95 %, resampling objects and backgrounds. Reliance: the share of predictions that "
+              "take the background's class beyond a within-object shuffle (1 = a complete shortcut).", ""]
+    for v in verdicts:
+        lines.append(f"- **{_md(v.model)}** ({v.badge}): {_md(v.verdict)}")
+        if v.status == "not_judged" and v.reason and v.reason != v.verdict:
+            lines.append(f"  - not judged because: {_md(v.reason)}")
+    lines += ["", "| model | " + " | ".join(FINDINGS) + " |", "|---|" + "---|" * len(FINDINGS)]
+    word = {True: "**holds**", False: "no", None: "not judged"}
+    for v in verdicts:
+        lines.append(f"| {_md(v.model)} | " + " | ".join(word[v.findings[f]] for f in FINDINGS) + " |")
+    lines += ["", f"probekit {_md(doc.get('probekit_version', ''))} · {_md(doc.get('created', ''))}", ""]
+    return "\n".join(lines)
+
+
+def write_summary(doc: Mapping[str, Any], path: str | os.PathLike, *, append: bool | None = None) -> Path:
+    """Write :func:`summary_markdown` of ``doc`` to ``path``.
+
+    ``append`` defaults to true when ``path`` is the file named by ``$GITHUB_STEP_SUMMARY`` (GitHub
+    collects every tool's summary of a step in that one file), else the file is replaced.
+    """
+    path = Path(path)
+    text = summary_markdown(doc)
+    if append is None:
+        env = os.environ.get("GITHUB_STEP_SUMMARY")
+        append = bool(env) and path.resolve() == Path(env).resolve()
+    if append:
+        with path.open("a", encoding="utf-8") as f:
+            f.write(text)
+    else:
+        path.write_text(text, encoding="utf-8")
+    return path
