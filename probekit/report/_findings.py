@@ -118,3 +118,19 @@ def points(e: Mapping[str, Any] | None, digits: int = 1) -> str:
     if ci and ci[0] is not None and ci[1] is not None:
         text += f" [{100 * float(ci[0]):+.{digits}f}, {100 * float(ci[1]):+.{digits}f}]"
     return text
+
+
+def finding_message(doc: Mapping[str, Any], v: ModelVerdict, finding: str) -> str:
+    """One sentence on a finding that holds: the verdict for the shortcut, the figure for the others."""
+    info = (doc.get("models") or {}).get(v.model) or {}
+    if finding == "shortcut":
+        return v.verdict or f"{v.model} relies on the background."
+    if finding == "background_sensitive":
+        eff = (info.get("behaviour") or {}).get("background_effect")
+        return (f"{v.model} is background-sensitive: its accuracy varies with backgrounds that favour no class "
+                f"(background effect {pct(eff, 1)}).")
+    layers = info.get("layers") or {}
+    compared = [la for la, r in layers.items() if "background_flag" in r]
+    above = [la for la in compared if layers[la].get("background_flag")]
+    return (f"{v.model}'s representation carries more background than its reference at {len(above)} of "
+            f"{len(compared)} layers ({', '.join(above)}).")

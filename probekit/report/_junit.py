@@ -10,7 +10,8 @@ Layout (the subset of the JUnit format that Jenkins, GitLab, GitHub test-report 
           <skipped message="not judged: <reason>"/>                                          other finding not judged
         </testcase>
 
-A finding that holds is a **failure** carrying the model's verdict sentence. A **shortcut that could
+A finding that holds is a **failure**: its message the verdict sentence for the shortcut, the finding's
+own figure for the others; its text the model's verdict. A **shortcut that could
 not be judged is an error**, not a skip: CI systems count skips as passing, and a gate must never pass a
 model it could not judge. The other findings (``background_sensitive``, ``representation``), when not
 judged, are **skipped** with the reason: they are evidence beside the verdict, not the gate.
@@ -24,7 +25,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ._findings import FINDING_TITLES, FINDINGS, model_verdicts
+from ._findings import FINDING_TITLES, FINDINGS, finding_message, model_verdicts
 
 __all__ = ["junit_xml", "write_junit"]
 
@@ -51,9 +52,9 @@ def junit_xml(doc: Mapping[str, Any], *, suite: str = "probekit audit") -> str:
                     ET.SubElement(case, "skipped", {"message": f"not judged: {reason}"})
             elif holds:
                 counts["failures"] += 1
-                el = ET.SubElement(case, "failure", {"message": v.verdict or FINDING_TITLES[f],
+                el = ET.SubElement(case, "failure", {"message": finding_message(doc, v, f),
                                                      "type": "probekit.finding"})
-                el.text = f"{v.model} {FINDING_TITLES[f]}.\n{v.verdict}"
+                el.text = f"{v.model}: {FINDING_TITLES[f]}.\n{v.verdict}"
             out = ET.SubElement(case, "system-out")
             out.text = v.verdict
             cases.append(case)
