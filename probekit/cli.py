@@ -252,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-perm", type=int, default=200, help="permutations of the nulls")
     _add_gate_args(p)
     p.add_argument("--json", action="store_true", help="print the audit (audit.json) on stdout instead of text")
+    _add_ci_args(p)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_audit)
 
@@ -278,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "pull, follows_background; per layer: sensitivity, nms, gap, decodability, correlated_units; "
                    "e.g. pull:student=0.05 or sensitivity:student:rep=0.12")
     _add_gate_args(p)
+    _add_ci_args(p)
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("report", help="write a self-contained HTML report of a store",
@@ -379,6 +381,31 @@ def _gate(args: argparse.Namespace, doc: dict[str, Any], failures: list[str]) ->
     for line in lines:
         print(f"probekit: {'FAIL' if code == 1 else 'NOT JUDGED'} {line}", file=sys.stderr)
     return 1 if failures else code
+
+
+def _add_ci_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--junit", metavar="FILE", help="write JUnit XML: one test case per model and finding (a finding "
+                   "that holds fails with the verdict; a shortcut not judged is an error)")
+    p.add_argument("--summary", metavar="FILE", help="write a Markdown summary (verdict table with intervals) for a "
+                   "CI step summary or a model card; appends to $GITHUB_STEP_SUMMARY")
+
+
+def _check_ci_paths(args: argparse.Namespace) -> None:
+    """Refuse a --junit / --summary path whose folder does not exist before the audit's work, not after."""
+    for flag in ("junit", "summary"):
+        path = getattr(args, flag, None)
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path)) or "."):
+            raise DataError(f"Cannot write --{flag} {path!r}: its folder does not exist; create it or give another "
+                            "path.")
+
+
+def _write_ci(args: argparse.Namespace, doc: dict[str, Any]) -> None:
+    from .report import write_junit, write_summary
+
+    if getattr(args, "junit", None):
+        print(f"junit:  {write_junit(doc, args.junit)}", file=sys.stderr)
+    if getattr(args, "summary", None):
+        print(f"summary: {write_summary(doc, args.summary)}", file=sys.stderr)
 
 
 def _csv(text: str | None) -> list[str] | None:
@@ -846,9 +873,11 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     _check_gate(args)
     if args.out:
         _check_out_file(args.out)
+    _check_ci_paths(args)
     result = _audit(args)
     if args.out:
         result.to_json(args.out)
+    _write_ci(args, result.data)
     if args.json:
         print(json.dumps(result.data, indent=1))
     else:
@@ -934,6 +963,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
         raise DataError("Give the foreground as one of --masks, --boxes or --foreground auto (with optional "
                         "--boxes seeds); --masks was given with --boxes.")
     _check_out_dir(args.out)
+    _check_ci_paths(args)
     result = audit_model(
         args.model, args.data, masks=args.masks, boxes=args.boxes, foreground=args.foreground,
         factors=args.factors, weights=args.weights, model_args=parse_model_args(args.model_arg),
@@ -943,6 +973,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
         name=args.name, n_backgrounds=args.backgrounds, n_inits=args.inits, test_fraction=args.test_fraction,
         mask_check=args.mask_check, batch_size=args.batch_size, device=args.device, seed=args.seed,
         n_boot=args.n_boot, n_perm=args.n_perm, progress=not args.no_progress)
+    _write_ci(args, result.data)
     if args.json:
         print(json.dumps(result.data, indent=1))
     else:
