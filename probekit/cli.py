@@ -256,6 +256,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_audit)
 
+    p = sub.add_parser("compare", help="audit several checkpoints of one model on the same composites; rank them "
+                       "by reliance", description="Build the counterfactuals of an image folder once (the crossed "
+                       "split: every test object on the same backgrounds), run every checkpoint on them in one pass, "
+                       "and rank the checkpoints by reliance on the background with 95%% intervals (objects and "
+                       "backgrounds resampled), each against a reference checkpoint with a paired interval, over "
+                       "training steps when the file names carry them (epoch=3, step_1000). Writes "
+                       "OUT/compare.json and OUT/compare.html.")
+    p.add_argument("model", metavar="MODEL", help="the architecture: timm:NAME, torchvision:NAME or "
+                   "package.module:callable")
+    p.add_argument("--checkpoints", nargs="+", required=True, metavar="CKPT",
+                   help="two or more checkpoint files or quoted glob patterns ('runs/*.safetensors')")
+    p.add_argument("--data", required=True, metavar="DIR", help="image folder: DIR/<class>/<image>")
+    fg = p.add_mutually_exclusive_group()
+    fg.add_argument("--masks", metavar="DIR", help="mask folder mirroring DIR")
+    fg.add_argument("--foreground", choices=["auto"], help="automatic foreground (GrabCut)")
+    p.add_argument("--boxes", metavar="CSV", help="boxes CSV (path,x0,y0,x1,y1)")
+    p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="allow pickle-only checkpoints (runs code from the files: only for files you trust)")
+    p.add_argument("--image-size", type=_int_tuple, metavar="S|H,W")
+    p.add_argument("--mean", type=_floats, metavar="M1,M2,M3")
+    p.add_argument("--std", type=_floats, metavar="S1,S2,S3")
+    p.add_argument("--reference", metavar="NAME", help="the checkpoint (file stem) every other is compared with "
+                   "(default: the last in training order)")
+    p.add_argument("-o", "--out", default="probekit-compare", metavar="DIR")
+    p.add_argument("--backgrounds", type=int, default=8, metavar="B")
+    p.add_argument("--test-fraction", type=float, default=0.5)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0, help="seed of the composites and every resampling")
+    p.add_argument("--n-boot", type=int, default=500)
+    p.add_argument("--n-perm", type=int, default=200)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_compare)
+
     p = sub.add_parser("info", help="what a store holds, rows committed per split",
                        description="Summarise a store: splits with committed rows, models with their "
                        "layers and shapes. Safe on a store whose writer was interrupted.")
@@ -1005,6 +1040,30 @@ def _check_out_dir(path: str) -> None:
     if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
         raise DataError(f"Cannot write the output folder {short_path(path)!r}: permission denied in "
                         f"{short_path(existing)!r}; choose a folder you may write to (--out-dir DIR).")
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import compare_checkpoints
+    from .models import parse_model_args
+
+    if not (args.masks or args.boxes or args.foreground):
+        raise DataError("compare needs to know what is foreground in your images: give --masks DIR, --boxes CSV "
+                        "or --foreground auto.")
+    result = compare_checkpoints(
+        args.model, args.checkpoints, args.data, masks=args.masks, boxes=args.boxes, foreground=args.foreground,
+        model_args=parse_model_args(args.model_arg), allow_pickle=args.allow_pickle, image_size=args.image_size,
+        mean=args.mean, std=args.std, out=args.out, reference=args.reference, n_backgrounds=args.backgrounds,
+        test_fraction=args.test_fraction, seed=args.seed, n_boot=args.n_boot, n_perm=args.n_perm,
+        batch_size=args.batch_size, device=args.device, progress=not args.no_progress)
+    rows = result.data["checkpoints"]
+    print("reliance on the background, lowest first (95% CI):")
+    for k, m in enumerate(result.ranking, 1):
+        r = rows[m]["reliance"]
+        ci = r["ci"] or [float("nan")] * 2
+        val = "–" if r["value"] is None else f"{100 * r['value']:.1f} % [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+        print(f"  {k}. {m:<24} {val}{'  FLAGGED' if rows[m]['flagged'] else ''}")
+    print(f"\ncompare: {os.path.join(args.out, 'compare.json')}\nreport:  {os.path.join(args.out, 'compare.html')}")
+    return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:

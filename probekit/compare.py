@@ -9,8 +9,9 @@ per checkpoint how its predictions follow the background:
 shuffled across the backgrounds within each object would give, scaled so that a complete shortcut reads 1
 and a model whose prediction ignores the background reads 0. Over the rows whose background came from
 another class than the object's (``swapped``), with ``F`` the predictions equal to the background's class,
-``N`` their expectation under the within-object shuffle (exact: for row ``r`` of object ``g``, the share of
-``g``'s predictions equal to ``r``'s background class) and ``S`` the swapped rows::
+``N`` their expectation had the backgrounds been shuffled within each object (for row ``r`` of object
+``g``: the share of ``g``'s predictions on its *other* backgrounds that equal ``r``'s background class;
+leaving the row itself out removes a bias of order 1/B) and ``S`` the swapped rows::
 
     reliance = (F - N) / (S - N)
 
@@ -112,40 +113,65 @@ def _weights(rng: np.random.Generator, n: int, size: int) -> np.ndarray:
 
 
 def reliance_replicates(pred: np.ndarray, label: np.ndarray, background_label: np.ndarray,
-                        w_obj: np.ndarray, w_bg: np.ndarray) -> np.ndarray:
-    """Reliance of one checkpoint under each pair of object and background weight vectors.
+                        weights: np.ndarray, object_weights: np.ndarray | None = None) -> np.ndarray:
+    """Reliance of one checkpoint under each of ``R`` resamplings.
 
     ``pred``, ``label`` (the object's class), ``background_label`` (the background's class, -1 unknown): arrays
-    of shape (G, B), object g on background b. ``w_obj`` (R, G) and ``w_bg`` (R, B): one row of weights per
-    replicate (all ones: the estimate itself). Returns (R,); NaN where no swapped row has weight or the
-    shuffle already explains every follow (S = N).
+    of shape (G, B), object g on background b. ``weights`` (R, G, B): how many times each of an object's
+    backgrounds is drawn in each replicate; ``object_weights`` (R, G): how many times each object is drawn
+    (default once). All ones: the estimate itself. Each object's F, N and S are computed on its own drawn
+    backgrounds (its null leaves the row itself out once), then summed with the object weights, so an
+    object drawn twice counts twice without being its own null. Returns (R,); NaN where no swapped row has
+    weight or the shuffle already explains every follow (S = N).
     """
     pred, label, bl = (np.asarray(a) for a in (pred, label, background_label))
     swap = ((bl != label) & (bl >= 0)).astype(np.float64)  # (G, B)
     follow = swap * (pred == bl)
     # same[g, b, b'] = object g's prediction on background b' equals background b's class
     same = (pred[:, None, :] == bl[:, :, None]).astype(np.float64)  # (G, B, B)
-    w_obj = np.atleast_2d(w_obj)
-    w_bg = np.atleast_2d(w_bg)
-    out = np.empty(w_obj.shape[0])
-    for r, (wg, wb) in enumerate(zip(w_obj, w_bg, strict=True)):
-        cell = wg[:, None] * wb[None, :]
-        share = (same @ wb) / wb.sum()  # (G, B): share of g's (weighted) predictions equal to bl_gb
-        F = float((cell * follow).sum())
-        S = float((cell * swap).sum())
-        N = float((cell * swap * share).sum())
+    own = (pred == bl).astype(np.float64)  # the row itself, left out of its own null
+    W = np.asarray(weights, dtype=np.float64).reshape(-1, *pred.shape)
+    V = (np.ones(W.shape[:2]) if object_weights is None
+         else np.asarray(object_weights, dtype=np.float64).reshape(W.shape[0], -1))
+    out = np.empty(W.shape[0])
+    for r, w in enumerate(W):
+        drawn = w > 0
+        n_other = w.sum(axis=1, keepdims=True) - drawn  # (G, B)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            share = np.where(n_other > 0, (np.einsum("gbc,gc->gb", same, w) - own * drawn) / n_other, 0.0)
+        v = V[r][:, None]
+        F = float((v * w * follow).sum())
+        S = float((v * w * swap).sum())
+        N = float((v * w * swap * share).sum())
         out[r] = (F - N) / (S - N) if S > 0 and S - N > 1e-12 else np.nan
     return out
 
 
-def _ci(est: float, boot: np.ndarray, level: float = 0.95) -> list[float] | None:
-    """Percentile interval of the replicates' spread, placed about the estimate (basic-free, centred)."""
-    boot = boot[np.isfinite(boot)]
-    if boot.size < 10 or not np.isfinite(est):
+def _designs(rng: np.random.Generator, G: int, B: int, n_boot: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The three resamplings of the pigeonhole bootstrap (Owen 2007) as ``(background weights (R, G, B),
+    object weights (R, G))``: objects only, backgrounds only, and cells independently."""
+    wg, wb = _weights(rng, G, n_boot), _weights(rng, B, n_boot)
+    cells = _weights(rng, G * B, n_boot).reshape(n_boot, G, B)
+    ones_gb, ones_g = np.ones((n_boot, G, B)), np.ones((n_boot, G))
+    return {"objects": (ones_gb, wg), "backgrounds": (np.repeat(wb[:, None, :], G, axis=1), ones_g),
+            "cells": (cells, ones_g)}
+
+
+def _variance(boots: Mapping[str, np.ndarray]) -> float:
+    """Var(objects) + Var(backgrounds) - Var(cells): the crossed design's variance, each resampling's
+    share of the cell-level noise counted once (Owen 2007); never below the larger of the first two."""
+    v = {k: float(np.nanvar(b)) if np.isfinite(b).sum() > 1 else np.nan for k, b in boots.items()}
+    return max(v["objects"] + v["backgrounds"] - v["cells"], v["objects"], v["backgrounds"])
+
+
+def _ci(est: float, var: float, level: float = 0.95) -> list[float] | None:
+    """Normal interval ``est ± z sqrt(var)``."""
+    from scipy.stats import norm
+
+    if not (np.isfinite(est) and np.isfinite(var)):
         return None
-    a = (1 - level) / 2
-    lo, hi = np.quantile(boot - boot.mean(), [a, 1 - a])
-    return [float(est + lo), float(est + hi)]
+    half = float(norm.ppf(0.5 + level / 2)) * float(np.sqrt(max(var, 0.0)))
+    return [float(est - half), float(est + half)]
 
 
 def _estimate(value: float | None, ci: Sequence[float] | None = None) -> dict[str, Any]:
@@ -154,16 +180,17 @@ def _estimate(value: float | None, ci: Sequence[float] | None = None) -> dict[st
     return {"value": float(value), "ci": None if ci is None else [float(ci[0]), float(ci[1])]}
 
 
-def _accuracy(pred: np.ndarray, label: np.ndarray, rows: np.ndarray, w_obj: np.ndarray,
-              w_bg: np.ndarray) -> tuple[float, np.ndarray]:
-    """Accuracy over the cells in ``rows`` (G, B mask), and its replicates under the weights."""
+def _accuracy(pred: np.ndarray, label: np.ndarray, rows: np.ndarray,
+              designs: Mapping[str, np.ndarray]) -> tuple[float, dict[str, np.ndarray]]:
+    """Accuracy over the cells in ``rows`` (G, B mask), and its replicates under each resampling."""
     correct = (pred == label).astype(np.float64) * rows
     n = rows.astype(np.float64)
     est = float(correct.sum() / n.sum()) if n.sum() else float("nan")
-    num = np.einsum("rg,gb,rb->r", w_obj, correct, w_bg)
-    den = np.einsum("rg,gb,rb->r", w_obj, n, w_bg)
+    boots = {}
     with np.errstate(invalid="ignore", divide="ignore"):
-        return est, num / den
+        for k, (W, V) in designs.items():
+            boots[k] = (np.einsum("rg,rgb,gb->r", V, W, correct) / np.einsum("rg,rgb,gb->r", V, W, n))
+    return est, boots
 
 
 # -- the comparison -----------------------------------------------------------------------------------
@@ -230,29 +257,29 @@ def compare_rows(preds: Mapping[str, np.ndarray], label: np.ndarray, background_
     if reference not in preds:
         raise DataError(f"The reference checkpoint {reference!r} is not among {names}.")
     rng = np.random.default_rng(seed)
-    w_obj, w_bg = _weights(rng, G, n_boot), _weights(rng, B, n_boot)  # shared by every checkpoint: paired
-    ones_g, ones_b = np.ones((1, G)), np.ones((1, B))
+    designs = _designs(rng, G, B, n_boot)  # shared by every checkpoint: the differences are paired
+    ones = np.ones((1, G, B))
     group = np.repeat(np.arange(G), B) if group is None else np.asarray(group).reshape(-1)
     background = np.tile(np.arange(B), G) if background is None else np.asarray(background).reshape(-1)
     own = (bl == label)
     other = (bl != label) & (bl >= 0)
     rows: dict[str, Any] = {}
-    boots: dict[str, np.ndarray] = {}
+    boots: dict[str, dict[str, np.ndarray]] = {}
     for m in names:
         p = np.asarray(preds[m]).reshape(G, B)
-        est = float(reliance_replicates(p, label, bl, ones_g, ones_b)[0])
-        boots[m] = reliance_replicates(p, label, bl, w_obj, w_bg)
-        acc_own, acc_own_b = _accuracy(p, label, own, w_obj, w_bg)
-        acc_oth, acc_oth_b = _accuracy(p, label, other, w_obj, w_bg)
+        est = float(reliance_replicates(p, label, bl, ones)[0])
+        boots[m] = {k: reliance_replicates(p, label, bl, W, V) for k, (W, V) in designs.items()}
+        acc_own, own_b = _accuracy(p, label, own, designs)
+        acc_oth, oth_b = _accuracy(p, label, other, designs)
         beh = background_behaviour(p.reshape(-1), group, background, label=label.reshape(-1),
                                    background_label=bl.reshape(-1), n_boot=n_boot, n_perm=n_perm, random_state=seed)
-        gap_b = acc_own_b - acc_oth_b
+        gap = acc_own - acc_oth
         rows[m] = {
             "step": (steps or {}).get(m),
-            "reliance": _estimate(est, _ci(est, boots[m])),
-            "accuracy_own_background": _estimate(acc_own, _ci(acc_own, acc_own_b)),
-            "accuracy_other_background": _estimate(acc_oth, _ci(acc_oth, acc_oth_b)),
-            "bg_gap_crossed": _estimate(acc_own - acc_oth, _ci(acc_own - acc_oth, gap_b)),
+            "reliance": _estimate(est, _ci(est, _variance(boots[m]))),
+            "accuracy_own_background": _estimate(acc_own, _ci(acc_own, _variance(own_b))),
+            "accuracy_other_background": _estimate(acc_oth, _ci(acc_oth, _variance(oth_b))),
+            "bg_gap_crossed": _estimate(gap, _ci(gap, _variance({k: own_b[k] - oth_b[k] for k in designs}))),
             "flip_rate": _estimate(beh.flip_rate, beh.flip_rate_ci),
             "pull": _estimate(beh.pull, beh.pull_ci),
             "follows_background": _estimate(beh.follows_background, beh.follows_background_ci),
@@ -263,10 +290,9 @@ def compare_rows(preds: Mapping[str, np.ndarray], label: np.ndarray, background_
     for m in names:
         if m == reference:
             continue
-        d = boots[m] - boots[reference]
         a, b = rows[m]["reliance"]["value"], rows[reference]["reliance"]["value"]
         est = np.nan if a is None or b is None else a - b
-        ci = _ci(est, d)
+        ci = _ci(est, _variance({k: boots[m][k] - boots[reference][k] for k in designs}))
         differences.append({"checkpoint": m, "reference": reference, "reliance_difference": _estimate(est, ci),
                             "excludes_zero": bool(ci is not None and (ci[0] > 0 or ci[1] < 0))})
     ranking = sorted(names, key=lambda m: (np.inf if rows[m]["reliance"]["value"] is None
@@ -276,9 +302,11 @@ def compare_rows(preds: Mapping[str, np.ndarray], label: np.ndarray, background_
         "n_objects": int(G), "n_backgrounds": int(B), "n_boot": int(n_boot), "seed": int(seed),
         "reliance_definition": ("(F - N) / (S - N) over rows whose background came from another class: F predictions "
                                 "equal to the background's class, N their expectation under a within-object "
-                                "shuffle of the backgrounds, S the rows; 1 = a complete shortcut, 0 = none"),
-        "interval": "95 %, two-way bootstrap over objects and backgrounds; differences paired (the same resamples "
-                    "for both checkpoints)",
+                                "shuffle of the backgrounds (the row itself left out), S the rows; 1 = a complete "
+                                "shortcut, 0 = a prediction that ignores the background"),
+        "interval": ("95 %, normal, with the crossed design's variance: Var(objects resampled) + Var(backgrounds "
+                     "resampled) - Var(cells resampled) (Owen's pigeonhole bootstrap); differences paired (the same "
+                     "resamples for both checkpoints)"),
         "checkpoints": rows, "ranking": ranking, "reference": reference, "differences": differences,
         "has_steps": all(rows[m]["step"] is not None for m in names)
         and len({rows[m]["step"] for m in names}) == len(names),
