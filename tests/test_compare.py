@@ -173,6 +173,7 @@ def run(tmp_path_factory):
     return root, images, masks
 
 
+@pytest.mark.slow
 def test_compare_checkpoints_end_to_end(run, browser):
     root, images, masks = run
     res = compare_checkpoints(BlendNet(), [str(root / "epoch=*.safetensors")], images, masks=masks,

@@ -607,8 +607,8 @@ def _pairs(pairs: list[Mapping[str, Any]], colors: Mapping[str, str]) -> dict[st
     if not pairs:
         return None
     groups = [f"{p['student']}.{p['student_layer']} ~ {p['teacher']}.{p['teacher_layer']}" for p in pairs]
-    ticks = [f"{P.wrap_label(p['student'] + '.' + p['student_layer'], 20, 2)}\n~ "
-             f"{P.wrap_label(p['teacher'] + '.' + p['teacher_layer'], 20, 2)}" for p in pairs]
+    ticks = [f"{P.wrap_label(p['student'] + '.' + p['student_layer'], 20, 4)}\n~ "
+             f"{P.wrap_label(p['teacher'] + '.' + p['teacher_layer'], 20, 4)}" for p in pairs]
     splits = sorted({k for p in pairs for k in (p.get("cka") or {})})
     s = _section("teacher-student", "Teacher vs student",
                  "Debiased linear CKA between the student's and the teacher's features on the same samples, and "
