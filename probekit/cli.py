@@ -427,9 +427,11 @@ def _add_ci_args(p: argparse.ArgumentParser) -> None:
 
 def _check_ci_paths(args: argparse.Namespace) -> None:
     """Refuse a --junit / --summary path whose folder does not exist before the audit's work, not after."""
+    made = os.path.abspath(args.out) if args.verb == "audit" else None  # audit creates its -o folder
     for flag in ("junit", "summary"):
         path = getattr(args, flag, None)
-        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path)) or "."):
+        folder = os.path.dirname(os.path.abspath(path)) if path else ""
+        if path and folder != made and not os.path.isdir(folder):
             raise DataError(f"Cannot write --{flag} {path!r}: its folder does not exist; create it or give another "
                             "path.")
 
