@@ -15,6 +15,7 @@ from PIL import Image
 from torch import nn
 
 from probekit.datasets import Counterfactuals
+from probekit.report import build_gallery, predictions_from_store
 from probekit.testing import assert_no_background_shortcut
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -100,6 +101,12 @@ def test_passing_model_returns_the_document_and_leaves_no_temporary_folder(folde
     assert info["flagged"] is False
     assert info["behaviour"]["flip_rate"]["value"] == 0.0  # the centre never sees a background
     assert (tmp_path / "a" / "report.html").is_file()
+    # the gallery reads the same predictions back from the store: the centre model never changes its mind
+    preds = predictions_from_store(tmp_path / "a" / "acts.h5", "model")
+    cf = Counterfactuals(folder[0], masks=folder[1])
+    assert {k: len(v) for k, v in preds.items()} == {sp: len(cf.split(sp)) for sp in ("variants", "stress")}
+    g = build_gallery(cf, preds)
+    assert g["objects"] and all(o["changes"] == 0 for o in g["objects"] if o["changes"] is not None)
 
 
 def test_shortcut_message_is_the_verdict_and_follows_the_background(folder, tmp_path):
