@@ -187,7 +187,7 @@ def test_compare_checkpoints_end_to_end(run, browser):
     assert res.data["has_steps"] and [rows[m]["step"] for m in res.ranking] == [1, 2, 3]
     doc = json.loads((root / "out" / "compare.json").read_text())
     assert doc["ranking"] == res.ranking
-    png, dom, errors = browser(root / "out" / "compare.html")
+    _png, dom, errors = browser(root / "out" / "compare.html")
     assert errors == []
     assert dom.count("data:image/png;base64,") == 3  # per checkpoint, paired differences, over steps
 

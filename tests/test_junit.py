@@ -16,7 +16,7 @@ from torch import nn
 from probekit.cli import main
 from probekit.report import junit_xml, summary_markdown, write_summary
 
-HOSTILE = 'a<b>&"c\'|x\ny'
+HOSTILE = 'a<b>&"c\'|x\ny\x01'
 
 
 def _model(name, flagged, judged=True, findings=(), rel=0.4):
@@ -64,9 +64,10 @@ def test_junit_structure_counts_and_messages():
     assert fail.get("message") == "bad: the verdict." and "bad: the verdict." in fail.text
     assert "background effect 8.0 %" in by[("probekit.bad", "background_sensitive")].find("failure").get("message")
     assert by[("probekit.good", "shortcut")].find("failure") is None  # passes
-    err = by[(f"probekit.{HOSTILE}", "shortcut")].find("error")  # not judged: an error, with its reason
+    hostile = HOSTILE.replace("\x01", "?")  # a control character XML cannot hold
+    err = by[(f"probekit.{hostile}", "shortcut")].find("error")  # not judged: an error, with its reason
     assert err.get("message") == "not judged: too few objects to judge"
-    assert by[(f"probekit.{HOSTILE}", "background_sensitive")].find("skipped") is not None
+    assert by[(f"probekit.{hostile}", "background_sensitive")].find("skipped") is not None
     assert by[("probekit.good", "representation")].find("skipped") is not None  # not judged: skipped
 
 

@@ -154,7 +154,7 @@ def test_axes_do_not_exaggerate_and_tick_labels_do_not_collide(figures):
                 top = 100 if "%" in label else 1
                 assert lo <= 0 and hi >= top, (label, lo, hi)  # a flat 0.98 is drawn on the whole range
             assert not P.tick_overlap(fig, ax), ax.get_title()
-    cka = [ax for f in figures for ax in f.axes if ax.get_title() == "linear CKA"][0]
+    cka = next(ax for f in figures for ax in f.axes if ax.get_title() == "linear CKA")
     texts = [t.get_text() for t in cka.get_xticklabels()]
     assert "shortcut.student.block1.attention.output" in texts[0].replace("\n", "")  # wrapped, not cut
 
@@ -205,7 +205,7 @@ def layout(browser, path, html):
 
 def test_no_label_overflow_at_1200px_in_chromium(tmp_path, browser):
     hostile = "a-very-long-model-name-without-any-break-" * 2
-    out, png, errors = layout(browser, tmp_path / "report.html", render_html(doc3(bad=hostile)))
+    out, _png, errors = layout(browser, tmp_path / "report.html", render_html(doc3(bad=hostile)))
     assert errors == []
     assert out["page"] <= 0, "the page scrolls sideways at 1,200 px"
     assert out["cut"] == [] and out["wide"] == []

@@ -147,7 +147,7 @@ def test_gallery_layout_in_chromium(cf, tmp_path, browser):
     g = build_gallery(cf, _planted(cf, {}), model="a-model-with-a-long-name" * 3)
     path = tmp_path / "gallery.html"
     path.write_text(render_html(_doc(), gallery=g).replace("</body>", LAYOUT_JS + "</body>"), encoding="utf-8")
-    png, dom, errors = browser(path, width=1200, height=2400)
+    _png, dom, errors = browser(path, width=1200, height=2400)
     assert errors == []
     m = re.search(r'<pre id="layout">(.*?)</pre>', dom, flags=re.S)
     out = json.loads(m.group(1).replace("&quot;", '"'))

@@ -143,5 +143,5 @@ def test_not_judged_fails_with_the_reason(folder, tmp_path, monkeypatch):
         return result
 
     monkeypatch.setattr(ma, "audit_model", unjudged)
-    with pytest.raises(AssertionError, match="could not judge.*only 2 objects: too few to judge"):
+    with pytest.raises(AssertionError, match=r"could not judge.*only 2 objects: too few to judge"):
         assert_no_background_shortcut(ColourNet("centre"), folder[0], masks=folder[1], out=tmp_path / "d")

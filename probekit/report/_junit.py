@@ -20,6 +20,7 @@ judged, are **skipped** with the reason: they are evidence beside the verdict, n
 from __future__ import annotations
 
 import os
+import re
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,6 +30,13 @@ from ._findings import FINDING_TITLES, FINDINGS, finding_message, model_verdicts
 
 __all__ = ["junit_xml", "write_junit"]
 
+_INVALID = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
+def _clean(text: object) -> str:
+    """A string XML 1.0 can hold: control characters (other than tab and line breaks) become "?"."""
+    return _INVALID.sub("?", str(text))
+
 
 def junit_xml(doc: Mapping[str, Any], *, suite: str = "probekit audit") -> str:
     """The JUnit XML text of an audit document (see the module docstring for the layout)."""
@@ -36,27 +44,27 @@ def junit_xml(doc: Mapping[str, Any], *, suite: str = "probekit audit") -> str:
     cases = []
     for v in model_verdicts(doc):
         for f in FINDINGS:
-            case = ET.Element("testcase", {"classname": f"probekit.{v.model}", "name": f, "time": "0"})
+            case = ET.Element("testcase", {"classname": _clean(f"probekit.{v.model}"), "name": f, "time": "0"})
             holds = v.findings.get(f)
             counts["tests"] += 1
             if holds is None:
                 reason = (v.reason if f == "shortcut" else None) or v.verdict or "not in this audit document"
                 if f == "shortcut":
                     counts["errors"] += 1
-                    el = ET.SubElement(case, "error", {"message": f"not judged: {reason}",
+                    el = ET.SubElement(case, "error", {"message": _clean(f"not judged: {reason}"),
                                                        "type": "probekit.not_judged"})
-                    el.text = (f"{v.model}: the audit could not judge whether it relies on the background, so "
-                               f"this gate cannot pass. {reason}")
+                    el.text = _clean(f"{v.model}: the audit could not judge whether it relies on the background, "
+                                     f"so this gate cannot pass. {reason}")
                 else:
                     counts["skipped"] += 1
-                    ET.SubElement(case, "skipped", {"message": f"not judged: {reason}"})
+                    ET.SubElement(case, "skipped", {"message": _clean(f"not judged: {reason}")})
             elif holds:
                 counts["failures"] += 1
-                el = ET.SubElement(case, "failure", {"message": finding_message(doc, v, f),
+                el = ET.SubElement(case, "failure", {"message": _clean(finding_message(doc, v, f)),
                                                      "type": "probekit.finding"})
-                el.text = f"{v.model}: {FINDING_TITLES[f]}.\n{v.verdict}"
+                el.text = _clean(f"{v.model}: {FINDING_TITLES[f]}.\n{v.verdict}")
             out = ET.SubElement(case, "system-out")
-            out.text = v.verdict
+            out.text = _clean(v.verdict)
             cases.append(case)
     attrs = {k: str(n) for k, n in counts.items()}
     root = ET.Element("testsuites", {"name": suite, **attrs, "time": "0"})
@@ -66,7 +74,7 @@ def junit_xml(doc: Mapping[str, Any], *, suite: str = "probekit audit") -> str:
     props = ET.SubElement(ts, "properties")
     for k in ("store", "probekit_version", "schema_version"):
         if doc.get(k) is not None:
-            ET.SubElement(props, "property", {"name": k, "value": str(doc[k])})
+            ET.SubElement(props, "property", {"name": k, "value": _clean(doc[k])})
     ts.extend(cases)
     ET.indent(root)
     return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
