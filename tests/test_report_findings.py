@@ -169,6 +169,9 @@ def test_reliance_whisker_is_the_interval_and_tick_the_threshold(figures):
     ticks = [seg for coll in ax.collections for seg in coll.get_segments() if len(seg) == 2
              and seg[0][1] == seg[1][1] and abs(seg[0][1] - 0.05) < 1e-9]
     assert len(ticks) == 2  # the threshold, drawn at each judged model
+    detect = [seg for coll in ax.collections for seg in coll.get_segments() if len(seg) == 2
+              and seg[0][1] == seg[1][1] and abs(seg[0][1] - 0.12) < 1e-9]
+    assert len(detect) == 1 and detect[0][0][0] > 0.5  # only beside the model that was not flagged (robust, x=1)
 
 
 LAYOUT_JS = """<script>

@@ -284,7 +284,7 @@ def _verdict_figure(models: Mapping[str, Any], colors: Mapping[str, str]) -> dic
     schema-2 behaviour bars (flip rate, pull, follows background)."""
     beh = {m: info.get("behaviour") or {} for m, info in models.items()}
     if any(b.get("reliance") for b in beh.values()):
-        return _graded_figure(beh, colors)
+        return _graded_figure(beh, colors, {m: info.get("flagged") for m, info in models.items()})
     keys = [("flip_rate", "prediction changes\n(share of objects)"),
             ("pull", "pulled to shared classes\n(share of predictions)"),
             ("follows_background", "follows the background's\nclass (share)")]
@@ -315,7 +315,8 @@ def _verdict_figure(models: Mapping[str, Any], colors: Mapping[str, str]) -> dic
                        "objects."}
 
 
-def _graded_figure(beh: Mapping[str, Mapping[str, Any]], colors: Mapping[str, str]) -> dict[str, str] | None:
+def _graded_figure(beh: Mapping[str, Mapping[str, Any]], colors: Mapping[str, str],
+                   models_flagged: Mapping[str, Any]) -> dict[str, str] | None:
     groups = list(beh)
     panels, parts = [], []
     if any(b.get("reliance") for b in beh.values()):
@@ -323,20 +324,28 @@ def _graded_figure(beh: Mapping[str, Mapping[str, Any]], colors: Mapping[str, st
         marks = {i: (float(r["margin"]), "flagged above") for i, r in enumerate(rel)
                  if r and r.get("margin") is not None}
         notes = {i: "not computed" for i, r in enumerate(rel) if not r or r.get("value") is None}
+        flagged = [models_flagged.get(m) for m in groups]
+        dotted = {i: (float(r["detectable"]), "smallest detectable (80 % power)") for i, r in enumerate(rel)
+                  if r and r.get("detectable") is not None and flagged[i] is False}
         panels.append({"title": "reliance on the background", "ylabel": "share of predictions (1 = complete)",
                        "groups": groups, "series": {"reliance": rel}, "marks": marks, "notes": notes,
-                       "ylim": (0, 1)})
+                       "dotted": dotted, "ylim": (0, 1)})
         parts.append("reliance: the share of predictions that take the background's class beyond a within-object "
                      "shuffle (1 = a complete shortcut); the whisker is its 95 % interval (objects and backgrounds "
                      "resampled), the one the flag reads"
-                     + ("; a model is flagged when the whole interval lies above its black tick" if marks else ""))
+                     + ("; a model is flagged when the whole interval lies above its black tick" if marks else "")
+                     + ("; dotted grey: for a model not flagged, the smallest reliance this audit detects with 80 % "
+                        "power (a smaller one could go unseen)" if dotted else ""))
     if any(b.get("accuracy_own_background") or b.get("accuracy_other_background") for b in beh.values()):
         chance = next((b.get("chance") for b in beh.values() if b.get("chance") is not None), None)
         panels.append({"title": "accuracy by background", "ylabel": "accuracy (%)", "scale": 100, "groups": groups,
                        "series": {"own-class backgrounds": [b.get("accuracy_own_background") for b in beh.values()],
                                   "other-class backgrounds": [b.get("accuracy_other_background")
                                                               for b in beh.values()]},
-                       "hline": (float(chance), "chance") if chance is not None else None, "ylim": (0, 1)})
+                       "hline": (float(chance), "chance") if chance is not None else None, "ylim": (0, 1),
+                       "notes": {i: "not computed" for i, b in enumerate(beh.values())
+                                 if (b.get("accuracy_own_background") or {}).get("value") is None
+                                 and (b.get("accuracy_other_background") or {}).get("value") is None}})
         parts.append("accuracy with backgrounds from the object's own class (plain) and from other classes "
                      "(hatched), in %" + ("; dashed: chance (the majority class's share)" if chance is not None
                                           else ""))

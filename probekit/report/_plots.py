@@ -295,6 +295,9 @@ def finding_panels(panels: Sequence[Mapping[str, Any]], colors: Mapping[str, str
                    label=safe_text(label) if k > 1 else None, error_kw={"elinewidth": 1.4})
         for m, (i, (y, label)) in enumerate((p.get("marks") or {}).items()):
             ax.hlines(y * scale, i - 0.45, i + 0.45, colors="k", linewidth=2.2, label=label if m == 0 else None)
+        for m, (i, (y, label)) in enumerate((p.get("dotted") or {}).items()):
+            ax.hlines(y * scale, i - 0.45, i + 0.45, colors="#555", linewidth=1.6, linestyles=":",
+                      label=label if m == 0 else None)
         if p.get("hline") is not None:
             y, label = p["hline"]
             ax.axhline(y * scale, color="#666", linestyle="--", linewidth=1, label=label)
