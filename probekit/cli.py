@@ -286,8 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0, help="seed of the composites and every resampling")
-    p.add_argument("--n-boot", type=int, default=500)
-    p.add_argument("--n-perm", type=int, default=200)
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (the same for every checkpoint)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_compare)
 
@@ -1055,7 +1054,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         args.model, args.checkpoints, args.data, masks=args.masks, boxes=args.boxes, foreground=args.foreground,
         model_args=parse_model_args(args.model_arg), allow_pickle=args.allow_pickle, image_size=args.image_size,
         mean=args.mean, std=args.std, out=args.out, reference=args.reference, n_backgrounds=args.backgrounds,
-        test_fraction=args.test_fraction, seed=args.seed, n_boot=args.n_boot, n_perm=args.n_perm,
+        test_fraction=args.test_fraction, seed=args.seed, n_boot=args.n_boot,
         batch_size=args.batch_size, device=args.device, progress=not args.no_progress)
     rows = result.data["checkpoints"]
     print("reliance on the background, lowest first (95% CI):")
@@ -1063,7 +1062,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         r = rows[m]["reliance"]
         ci = r["ci"] or [float("nan")] * 2
         val = "–" if r["value"] is None else f"{100 * r['value']:.1f} % [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
-        print(f"  {k}. {m:<24} {val}{'  FLAGGED' if rows[m]['flagged'] else ''}")
+        print(f"  {k}. {m:<24} {val}{'  FLAGGED' if rows[m]['shortcut'] else ''}")
     print(f"\ncompare: {os.path.join(args.out, 'compare.json')}\nreport:  {os.path.join(args.out, 'compare.html')}")
     return 0
 

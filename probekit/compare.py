@@ -5,31 +5,21 @@ every test object on the same backgrounds; the same seed gives the same composit
 checkpoint), runs every checkpoint on each batch of composites in one pass over the images, and reports
 per checkpoint how its predictions follow the background:
 
-**reliance** — the share of predictions that take the background's class beyond what the same predictions
-shuffled across the backgrounds within each object would give, scaled so that a complete shortcut reads 1
-and a model whose prediction ignores the background reads 0. Over the rows whose background came from
-another class than the object's (``swapped``), with ``F`` the predictions equal to the background's class,
-``N`` their expectation had the backgrounds been shuffled within each object (for row ``r`` of object
-``g``: the share of ``g``'s predictions on its *other* backgrounds that equal ``r``'s background class;
-leaving the row itself out removes a bias of order 1/B) and ``S`` the swapped rows::
+**reliance** — the audit's own figure (:func:`probekit.analyses.background_reliance`): the share of
+predictions that take the background's class beyond what the same predictions shuffled across each
+object's other backgrounds would give, as a share of a complete shortcut's excess (1 = a complete
+shortcut, 0 = a prediction that ignores the background; a partial shortcut of size r reads r), with its
+interval (objects and backgrounds both resampled), its test against the materiality margin (the
+``shortcut`` finding) and the smallest reliance the audit detects. Every checkpoint is resampled with the
+same seed, so its bootstrap replicates are paired with every other's: the **difference** between two
+checkpoints gets the standard deviation of the replicates' differences, in which what every checkpoint
+finds hard (objects, backgrounds) cancels.
 
-    reliance = (F - N) / (S - N)
-
-Intervals resample objects and backgrounds (a two-way bootstrap: independent multinomial weights on the
-objects and on the backgrounds; a cell weighs the product), so they speak about the model, not about
-these images. The **difference** between two checkpoints reuses the *same* weights for both (a paired
-bootstrap): objects that every checkpoint finds hard cancel, and the interval is far narrower than the
-two intervals side by side suggest.
-
-Beside it: the flip rate, the background pull, the verdict of :func:`probekit.analyses.background_behaviour`
-(the audit's), and accuracy on own-class and other-class backgrounds. Checkpoints are ranked by reliance,
+Beside it, from the same function: accuracy on own-class and other-class backgrounds, their difference,
+the background effect (the ``background_sensitive`` finding) and the flip rate. Checkpoints are ranked by reliance,
 lowest first; where their names carry a training step (``epoch=3``, ``step_1000``, ``ep12``, ``iter-500``,
 else a last number), the figures are drawn over the steps as well. Writes ``OUT/compare.json`` and
 ``OUT/compare.html``.
-
-Seam: the audit's own reliance statistic (``probekit.analyses.background_reliance``, with bootstrap
-replicates reproducible from its ``random_state``) will replace :func:`reliance_replicates` where it is
-available; the paired difference then takes the replicates of two checkpoints under the same seed.
 """
 
 from __future__ import annotations
@@ -48,7 +38,7 @@ import numpy as np
 
 from .errors import DataError
 
-__all__ = ["CompareResult", "compare_checkpoints", "expand_checkpoints", "reliance_replicates", "step_of"]
+__all__ = ["CompareResult", "compare_checkpoints", "compare_rows", "expand_checkpoints", "step_of"]
 
 _STEP = re.compile(r"(?:epoch|step|steps|iter|iteration|it|ep)[=_\-]?(\d+)", re.IGNORECASE)
 
@@ -104,93 +94,10 @@ def _names(files: Sequence[Path]) -> list[str]:
     return [os.path.relpath(f, root) for f in files]
 
 
-# -- the statistic ------------------------------------------------------------------------------------
-
-
-def _weights(rng: np.random.Generator, n: int, size: int) -> np.ndarray:
-    """``size`` multinomial bootstrap weight vectors over ``n`` units."""
-    return np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(size)]).astype(np.float64)
-
-
-def reliance_replicates(pred: np.ndarray, label: np.ndarray, background_label: np.ndarray,
-                        weights: np.ndarray, object_weights: np.ndarray | None = None) -> np.ndarray:
-    """Reliance of one checkpoint under each of ``R`` resamplings.
-
-    ``pred``, ``label`` (the object's class), ``background_label`` (the background's class, -1 unknown): arrays
-    of shape (G, B), object g on background b. ``weights`` (R, G, B): how many times each of an object's
-    backgrounds is drawn in each replicate; ``object_weights`` (R, G): how many times each object is drawn
-    (default once). All ones: the estimate itself. Each object's F, N and S are computed on its own drawn
-    backgrounds (its null leaves the row itself out once), then summed with the object weights, so an
-    object drawn twice counts twice without being its own null. Returns (R,); NaN where no swapped row has
-    weight or the shuffle already explains every follow (S = N).
-    """
-    pred, label, bl = (np.asarray(a) for a in (pred, label, background_label))
-    swap = ((bl != label) & (bl >= 0)).astype(np.float64)  # (G, B)
-    follow = swap * (pred == bl)
-    # same[g, b, b'] = object g's prediction on background b' equals background b's class
-    same = (pred[:, None, :] == bl[:, :, None]).astype(np.float64)  # (G, B, B)
-    own = (pred == bl).astype(np.float64)  # the row itself, left out of its own null
-    W = np.asarray(weights, dtype=np.float64).reshape(-1, *pred.shape)
-    V = (np.ones(W.shape[:2]) if object_weights is None
-         else np.asarray(object_weights, dtype=np.float64).reshape(W.shape[0], -1))
-    out = np.empty(W.shape[0])
-    for r, w in enumerate(W):
-        drawn = w > 0
-        n_other = w.sum(axis=1, keepdims=True) - drawn  # (G, B)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            share = np.where(n_other > 0, (np.einsum("gbc,gc->gb", same, w) - own * drawn) / n_other, 0.0)
-        v = V[r][:, None]
-        F = float((v * w * follow).sum())
-        S = float((v * w * swap).sum())
-        N = float((v * w * swap * share).sum())
-        out[r] = (F - N) / (S - N) if S > 0 and S - N > 1e-12 else np.nan
-    return out
-
-
-def _designs(rng: np.random.Generator, G: int, B: int, n_boot: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """The three resamplings of the pigeonhole bootstrap (Owen 2007) as ``(background weights (R, G, B),
-    object weights (R, G))``: objects only, backgrounds only, and cells independently."""
-    wg, wb = _weights(rng, G, n_boot), _weights(rng, B, n_boot)
-    cells = _weights(rng, G * B, n_boot).reshape(n_boot, G, B)
-    ones_gb, ones_g = np.ones((n_boot, G, B)), np.ones((n_boot, G))
-    return {"objects": (ones_gb, wg), "backgrounds": (np.repeat(wb[:, None, :], G, axis=1), ones_g),
-            "cells": (cells, ones_g)}
-
-
-def _variance(boots: Mapping[str, np.ndarray]) -> float:
-    """Var(objects) + Var(backgrounds) - Var(cells): the crossed design's variance, each resampling's
-    share of the cell-level noise counted once (Owen 2007); never below the larger of the first two."""
-    v = {k: float(np.nanvar(b)) if np.isfinite(b).sum() > 1 else np.nan for k, b in boots.items()}
-    return max(v["objects"] + v["backgrounds"] - v["cells"], v["objects"], v["backgrounds"])
-
-
-def _ci(est: float, var: float, level: float = 0.95) -> list[float] | None:
-    """Normal interval ``est ± z sqrt(var)``."""
-    from scipy.stats import norm
-
-    if not (np.isfinite(est) and np.isfinite(var)):
-        return None
-    half = float(norm.ppf(0.5 + level / 2)) * float(np.sqrt(max(var, 0.0)))
-    return [float(est - half), float(est + half)]
-
-
-def _estimate(value: float | None, ci: Sequence[float] | None = None) -> dict[str, Any]:
+def _estimate(value: Any, ci: Sequence[float] | None = None) -> dict[str, Any]:
     if value is None or not np.isfinite(value):
         return {"value": None, "ci": None}
     return {"value": float(value), "ci": None if ci is None else [float(ci[0]), float(ci[1])]}
-
-
-def _accuracy(pred: np.ndarray, label: np.ndarray, rows: np.ndarray,
-              designs: Mapping[str, np.ndarray]) -> tuple[float, dict[str, np.ndarray]]:
-    """Accuracy over the cells in ``rows`` (G, B mask), and its replicates under each resampling."""
-    correct = (pred == label).astype(np.float64) * rows
-    n = rows.astype(np.float64)
-    est = float(correct.sum() / n.sum()) if n.sum() else float("nan")
-    boots = {}
-    with np.errstate(invalid="ignore", divide="ignore"):
-        for k, (W, V) in designs.items():
-            boots[k] = (np.einsum("rg,rgb,gb->r", V, W, correct) / np.einsum("rg,rgb,gb->r", V, W, n))
-    return est, boots
 
 
 # -- the comparison -----------------------------------------------------------------------------------
@@ -235,16 +142,18 @@ def _predict_all(nets: Sequence[Any], data: Any, batch_size: int, device: str, p
 
 
 def compare_rows(preds: Mapping[str, np.ndarray], label: np.ndarray, background_label: np.ndarray, *,
-                 group: np.ndarray | None = None, background: np.ndarray | None = None, steps: Mapping[str, int | None]
-                 | None = None, reference: str | None = None, n_boot: int = 500, n_perm: int = 200,
-                 seed: int = 0) -> dict[str, Any]:
+                 group: np.ndarray | None = None, background: np.ndarray | None = None,
+                 steps: Mapping[str, int | None] | None = None, reference: str | None = None, n_boot: int = 1000,
+                 ci_level: float = 0.95, seed: int = 0) -> dict[str, Any]:
     """The comparison document from predictions on a crossed split, shape (G, B) each (object g, background b).
 
-    ``preds`` maps a checkpoint's name to its predictions, in training order. ``reference``: the checkpoint
-    every other is compared with (default: the last one). The behaviour figures of the audit
-    (:func:`probekit.analyses.background_behaviour`) are added per checkpoint.
+    ``preds`` maps a checkpoint's name to its predictions, in training order; ``label`` and
+    ``background_label`` (G, B) the object's and the background's class. ``reference``: the checkpoint every
+    other is compared with (default: the last one).
     """
-    from .analyses import background_behaviour
+    from scipy.stats import norm
+
+    from .analyses import background_reliance
 
     names = list(preds)
     if len(names) < 2:
@@ -256,57 +165,54 @@ def compare_rows(preds: Mapping[str, np.ndarray], label: np.ndarray, background_
         reference = names[-1]
     if reference not in preds:
         raise DataError(f"The reference checkpoint {reference!r} is not among {names}.")
-    rng = np.random.default_rng(seed)
-    designs = _designs(rng, G, B, n_boot)  # shared by every checkpoint: the differences are paired
-    ones = np.ones((1, G, B))
     group = np.repeat(np.arange(G), B) if group is None else np.asarray(group).reshape(-1)
     background = np.tile(np.arange(B), G) if background is None else np.asarray(background).reshape(-1)
-    own = (bl == label)
-    other = (bl != label) & (bl >= 0)
     rows: dict[str, Any] = {}
-    boots: dict[str, dict[str, np.ndarray]] = {}
+    boots: dict[str, np.ndarray] = {}
     for m in names:
-        p = np.asarray(preds[m]).reshape(G, B)
-        est = float(reliance_replicates(p, label, bl, ones)[0])
-        boots[m] = {k: reliance_replicates(p, label, bl, W, V) for k, (W, V) in designs.items()}
-        acc_own, own_b = _accuracy(p, label, own, designs)
-        acc_oth, oth_b = _accuracy(p, label, other, designs)
-        beh = background_behaviour(p.reshape(-1), group, background, label=label.reshape(-1),
-                                   background_label=bl.reshape(-1), n_boot=n_boot, n_perm=n_perm, random_state=seed)
-        gap = acc_own - acc_oth
+        # the same seed for every checkpoint: the same resamples, so the replicates are paired
+        r = background_reliance(np.asarray(preds[m]).reshape(-1), group, background, label=label.reshape(-1),
+                                background_label=bl.reshape(-1), n_boot=n_boot, ci_level=ci_level,
+                                random_state=seed)
+        boots[m] = np.asarray(r.reliance_boot, dtype=np.float64)
         rows[m] = {
             "step": (steps or {}).get(m),
-            "reliance": _estimate(est, _ci(est, _variance(boots[m]))),
-            "accuracy_own_background": _estimate(acc_own, _ci(acc_own, _variance(own_b))),
-            "accuracy_other_background": _estimate(acc_oth, _ci(acc_oth, _variance(oth_b))),
-            "bg_gap_crossed": _estimate(gap, _ci(gap, _variance({k: own_b[k] - oth_b[k] for k in designs}))),
-            "flip_rate": _estimate(beh.flip_rate, beh.flip_rate_ci),
-            "pull": _estimate(beh.pull, beh.pull_ci),
-            "follows_background": _estimate(beh.follows_background, beh.follows_background_ci),
-            "accuracy": _estimate(beh.accuracy, beh.accuracy_ci),
-            "flagged": bool(beh.flagged),
+            "reliance": {**_estimate(r.reliance, r.reliance_ci), "p_value": r.p_value, "margin": r.margin,
+                         "detectable": r.detectable, "reason": r.reason},
+            "shortcut": r.shortcut,
+            "accuracy_own_background": _estimate(r.accuracy_own, r.accuracy_own_ci),
+            "accuracy_other_background": _estimate(r.accuracy_other, r.accuracy_other_ci),
+            "bg_gap_crossed": _estimate(r.bg_gap, r.bg_gap_ci),
+            "background_effect": {**_estimate(r.effect, r.effect_ci), "margin": r.effect_margin},
+            "background_sensitive": r.sensitive,
+            "flip_rate": _estimate(r.flip_rate, r.flip_rate_ci),
         }
+    z = float(norm.ppf(0.5 + ci_level / 2))
     differences = []
     for m in names:
         if m == reference:
             continue
         a, b = rows[m]["reliance"]["value"], rows[reference]["reliance"]["value"]
-        est = np.nan if a is None or b is None else a - b
-        ci = _ci(est, _variance({k: boots[m][k] - boots[reference][k] for k in designs}))
-        differences.append({"checkpoint": m, "reference": reference, "reliance_difference": _estimate(est, ci),
+        ci = None
+        if a is not None and b is not None:
+            d = boots[m] - boots[reference]
+            d = d[np.isfinite(d)]
+            if d.size > 1:
+                half = z * float(np.std(d, ddof=1))
+                ci = [a - b - half, a - b + half]
+        differences.append({"checkpoint": m, "reference": reference,
+                            "reliance_difference": _estimate(None if a is None or b is None else a - b, ci),
                             "excludes_zero": bool(ci is not None and (ci[0] > 0 or ci[1] < 0))})
     ranking = sorted(names, key=lambda m: (np.inf if rows[m]["reliance"]["value"] is None
                                            else rows[m]["reliance"]["value"], names.index(m)))
     return {
         "schema": "probekit.compare", "schema_version": 1,
         "n_objects": int(G), "n_backgrounds": int(B), "n_boot": int(n_boot), "seed": int(seed),
-        "reliance_definition": ("(F - N) / (S - N) over rows whose background came from another class: F predictions "
-                                "equal to the background's class, N their expectation under a within-object "
-                                "shuffle of the backgrounds (the row itself left out), S the rows; 1 = a complete "
-                                "shortcut, 0 = a prediction that ignores the background"),
-        "interval": ("95 %, normal, with the crossed design's variance: Var(objects resampled) + Var(backgrounds "
-                     "resampled) - Var(cells resampled) (Owen's pigeonhole bootstrap); differences paired (the same "
-                     "resamples for both checkpoints)"),
+        "reliance_definition": ("the audit's reliance (probekit.analyses.background_reliance): the share of "
+                                "predictions that take the background's class beyond a within-object shuffle of the "
+                                "backgrounds, as a share of a complete shortcut's (1 = complete, 0 = none)"),
+        "interval": (f"{100 * ci_level:.0f} %, objects and backgrounds resampled; a difference is paired (the same "
+                     "resamples for both checkpoints, normal interval on the replicates' differences)"),
         "checkpoints": rows, "ranking": ranking, "reference": reference, "differences": differences,
         "has_steps": all(rows[m]["step"] is not None for m in names)
         and len({rows[m]["step"] for m in names}) == len(names),
@@ -331,8 +237,7 @@ def compare_checkpoints(
     n_backgrounds: int = 8,
     test_fraction: float = 0.5,
     seed: int = 0,
-    n_boot: int = 500,
-    n_perm: int = 200,
+    n_boot: int = 1000,
     batch_size: int = 32,
     device: str = "cpu",
     progress: bool = True,
@@ -350,7 +255,7 @@ def compare_checkpoints(
     out : folder for ``compare.json`` and ``compare.html`` (None: write nothing)
     reference : the checkpoint (name) every other is compared with, by a paired interval (default: the last)
     n_backgrounds, test_fraction, seed : the counterfactuals (the same seed gives the same composites)
-    n_boot, n_perm : bootstrap resamples and permutations
+    n_boot : bootstrap resamples (the same ones for every checkpoint)
     """
     from .datasets import Counterfactuals
     from .models import load_model, preprocessing_for
@@ -384,7 +289,7 @@ def compare_checkpoints(
     steps = {n: step_of(str(f)) for n, f in zip(names, files, strict=True)}
     doc = compare_rows({n: P[i].reshape(G, B) for i, n in enumerate(names)}, label, bl,
                        group=np.repeat(cf.stress_indices, B), background=np.tile(cf.backgrounds, G), steps=steps,
-                       reference=reference, n_boot=n_boot, n_perm=n_perm, seed=seed)
+                       reference=reference, n_boot=n_boot, seed=seed)
     doc.update({"model": loaded.source, "data": str(data), "preprocessing": pre,
                 "files": {n: str(f) for n, f in zip(names, files, strict=True)},
                 "classes": list(cf.folder.classes)})

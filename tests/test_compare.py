@@ -1,5 +1,5 @@
-"""probekit.compare: the reliance statistic against hand-computed cases, its paired interval's coverage
-on a generator with a known truth, checkpoint names and globs, and compare_checkpoints / `probekit compare`
+"""probekit.compare: the audit's reliance per checkpoint (1 for a complete shortcut, 0 for an invariant
+model), its paired difference's coverage on a generator with a known truth, checkpoint names and globs, and compare_checkpoints / `probekit compare`
 end to end on a tiny folder whose checkpoints rely on the background more and more."""
 
 from __future__ import annotations
@@ -13,38 +13,10 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 
+from probekit.analyses import background_reliance
 from probekit.cli import main
-from probekit.compare import (
-    _ci,
-    _designs,
-    _variance,
-    compare_checkpoints,
-    compare_rows,
-    expand_checkpoints,
-    reliance_replicates,
-    step_of,
-)
+from probekit.compare import compare_checkpoints, compare_rows, expand_checkpoints, step_of
 from probekit.errors import DataError
-
-# -- the statistic, by hand ----------------------------------------------------------------------------
-# two objects (classes 0 and 1), three backgrounds (classes 0, 1, 2)
-LABEL = np.array([[0, 0, 0], [1, 1, 1]])
-BG = np.array([[0, 1, 2], [0, 1, 2]])
-PRED = np.array([[0, 1, 1], [1, 1, 2]])
-
-
-def test_reliance_by_hand():
-    # object 0: swapped rows b1 (follows: pred 1 = bl 1) and b2 (pred 1 != 2). Null of b1: object 0's
-    # other predictions (b0: 0, b2: 1) equal to 1: 1/2; of b2: (0, 1) equal to 2: 0.
-    # object 1: swapped rows b0 (pred 1 != 0) and b2 (follows). Null of b0: (1, 2) equal to 0: 0; of b2: (1, 1) = 2: 0.
-    # F = 2, N = 1/2, S = 4: (2 - 1/2) / (4 - 1/2) = 3/7
-    assert reliance_replicates(PRED, LABEL, BG, np.ones((1, 2, 3)))[0] == pytest.approx(3 / 7)
-    # object 0 drawn twice, object 1 not: F = 2, N = 1, S = 4 -> 1/3
-    assert reliance_replicates(PRED, LABEL, BG, np.ones((1, 2, 3)), np.array([[2, 0]]))[0] == pytest.approx(1 / 3)
-    # background 2 not drawn: object 0: b1 follows, null over {b0: 0} = 0; object 1: b0 does not, null 0
-    # F = 1, N = 0, S = 2 -> 1/2
-    w = np.array([[[1, 1, 0], [1, 1, 0]]])
-    assert reliance_replicates(PRED, LABEL, BG, w)[0] == pytest.approx(1 / 2)
 
 
 def test_complete_shortcut_reads_one_and_an_invariant_model_zero():
@@ -52,10 +24,24 @@ def test_complete_shortcut_reads_one_and_an_invariant_model_zero():
     G, B = 40, 8
     label = np.repeat(rng.integers(0, 4, G)[:, None], B, axis=1)
     bl = np.tile(rng.integers(0, 4, B), (G, 1))
-    one = np.ones((1, G, B))
-    assert reliance_replicates(bl, label, bl, one)[0] == pytest.approx(1.0)
     own_answer = np.repeat(rng.integers(0, 4, G)[:, None], B, axis=1)  # right or wrong, never the background's
-    assert reliance_replicates(own_answer, label, bl, one)[0] == pytest.approx(0.0)
+    doc = compare_rows({"invariant": own_answer, "shortcut": bl}, label, bl, n_boot=50)
+    assert doc["checkpoints"]["shortcut"]["reliance"]["value"] == pytest.approx(1.0)
+    assert doc["checkpoints"]["invariant"]["reliance"]["value"] == pytest.approx(0.0)
+    assert doc["ranking"] == ["invariant", "shortcut"]
+
+
+def test_the_figures_are_the_audits_own():
+    """Each checkpoint's reliance is background_reliance's on the same rows, with the same seed."""
+    rng = np.random.default_rng(2)
+    y, bl, p1, p2 = _simulate(rng, 30, 6, 0.4, 0.1)
+    doc = compare_rows({"a": p1, "b": p2}, y, bl, n_boot=80, seed=5)
+    r = background_reliance(p1.reshape(-1), np.repeat(np.arange(30), 6), np.tile(np.arange(6), 30),
+                            label=y.reshape(-1), background_label=bl.reshape(-1), n_boot=80, random_state=5)
+    got = doc["checkpoints"]["a"]
+    assert got["reliance"]["value"] == r.reliance and got["reliance"]["ci"] == list(r.reliance_ci)
+    assert got["shortcut"] == r.shortcut and got["reliance"]["detectable"] == r.detectable
+    assert got["accuracy_other_background"]["value"] == r.accuracy_other
 
 
 def test_step_of_reads_the_usual_names():
@@ -80,54 +66,47 @@ def test_expand_checkpoints_orders_by_step_and_refuses_too_few(tmp_path):
 
 
 # -- coverage on a generator with a known truth (benchmarks/calibrate_compare.py, more simulations) ---------
-K, Q = 3, 1 / 30
 
 
-def _truth(r):
-    return (2 * r / 3) / (1 - r / 3 - (1 - r) * Q)
-
-
-def _simulate(rng, G, B, r1, r2):
+def _simulate(rng, G, B, r1, r2, K=3):
+    """Each object has its own answer (its class 90 % of the time); each background a class; a checkpoint
+    predicts the background's class with probability r in each cell, else the object's answer. The two share
+    the cell's draw (paired, as two checkpoints of one run are). Population reliance: r."""
     y = rng.integers(0, K, G)
     answer = np.where(rng.random(G) < 0.9, y, rng.integers(0, K, G))
     bl = np.tile(rng.integers(0, K, B), (G, 1))
-    u = rng.random((G, B))  # shared: the two checkpoints are paired
+    u = rng.random((G, B))
     return (np.tile(y[:, None], (1, B)), bl, np.where(u < r1, bl, answer[:, None]),
             np.where(u < r2, bl, answer[:, None]))
 
 
-@pytest.mark.slow
 def test_paired_difference_interval_covers_and_is_narrower_than_unpaired():
     rng = np.random.default_rng(7)
-    G, B, sims = 40, 8, 120
-    hits, paired, unpaired = 0, [], []
-    for _ in range(sims):
-        y, bl, p1, p2 = _simulate(rng, G, B, 0.5, 0.35)
-        designs = _designs(rng, G, B, 100)
-        one = np.ones((1, G, B))
-        e = reliance_replicates(p1, y, bl, one)[0] - reliance_replicates(p2, y, bl, one)[0]
-        b1 = {k: reliance_replicates(p1, y, bl, W, V) for k, (W, V) in designs.items()}
-        b2 = {k: reliance_replicates(p2, y, bl, W, V) for k, (W, V) in designs.items()}
-        ci = _ci(e, _variance({k: b1[k] - b2[k] for k in designs}))
-        hits += ci[0] <= _truth(0.5) - _truth(0.35) <= ci[1]
-        paired.append(ci[1] - ci[0])
-        unpaired.append(2 * 1.96 * np.sqrt(_variance(b1) + _variance(b2)))
-    assert 0.88 <= hits / sims <= 1.0
+    sims, hits, paired, unpaired = 200, 0, [], []
+    for s in range(sims):
+        y, bl, p1, p2 = _simulate(rng, 40, 8, 0.5, 0.35)
+        doc = compare_rows({"a": p1, "b": p2}, y, bl, n_boot=200, seed=s)
+        d = doc["differences"][0]["reliance_difference"]
+        hits += d["ci"][0] <= 0.5 - 0.35 <= d["ci"][1]
+        paired.append(d["ci"][1] - d["ci"][0])
+        ca, cb = (doc["checkpoints"][m]["reliance"]["ci"] for m in ("a", "b"))
+        unpaired.append(np.hypot(ca[1] - ca[0], cb[1] - cb[0]))
+    assert 0.9 <= hits / sims <= 1.0
     assert np.mean(paired) < 0.8 * np.mean(unpaired)  # pairing removes the shared object and background noise
 
 
 def test_compare_rows_ranks_and_pairs():
     rng = np.random.default_rng(1)
     y, bl, p_hi, p_lo = _simulate(rng, 40, 8, 0.8, 0.1)
-    doc = compare_rows({"early": p_lo, "late": p_hi}, y, bl, n_boot=100, n_perm=50)
+    doc = compare_rows({"early": p_lo, "late": p_hi}, y, bl, n_boot=100)
     assert doc["ranking"] == ["early", "late"]
     d = doc["differences"][0]
     assert d["checkpoint"] == "early" and d["reference"] == "late" and d["excludes_zero"]
     assert d["reliance_difference"]["ci"][1] < 0
-    same = compare_rows({"a": p_lo, "b": p_lo.copy()}, y, bl, n_boot=100, n_perm=50)
+    same = compare_rows({"a": p_lo, "b": p_lo.copy()}, y, bl, n_boot=100)
     assert same["differences"][0]["reliance_difference"] == {"value": 0.0, "ci": [0.0, 0.0]}
     with pytest.raises(DataError, match="reference"):
-        compare_rows({"a": p_lo, "b": p_hi}, y, bl, reference="c", n_boot=10, n_perm=10)
+        compare_rows({"a": p_lo, "b": p_hi}, y, bl, reference="c", n_boot=10)
 
 
 # -- end to end ---------------------------------------------------------------------------------------
@@ -177,13 +156,13 @@ def run(tmp_path_factory):
 def test_compare_checkpoints_end_to_end(run, browser):
     root, images, masks = run
     res = compare_checkpoints(BlendNet(), [str(root / "epoch=*.safetensors")], images, masks=masks,
-                              out=root / "out", n_boot=100, n_perm=50, progress=False)
+                              out=root / "out", n_boot=100, progress=False)
     rows = res.data["checkpoints"]
     assert res.ranking == ["epoch=1", "epoch=2", "epoch=3"]
     assert rows["epoch=1"]["reliance"]["value"] == 0.0 and rows["epoch=3"]["reliance"]["value"] == 1.0
     assert 0 < rows["epoch=2"]["reliance"]["value"] < 1
     assert rows["epoch=3"]["accuracy_other_background"]["value"] == 0.0  # it reads the other class's background
-    assert rows["epoch=1"]["flagged"] is False and rows["epoch=3"]["flagged"] is True
+    assert rows["epoch=1"]["shortcut"] is False and rows["epoch=3"]["shortcut"] is True
     assert res.data["has_steps"] and [rows[m]["step"] for m in res.ranking] == [1, 2, 3]
     doc = json.loads((root / "out" / "compare.json").read_text())
     assert doc["ranking"] == res.ranking
@@ -199,7 +178,7 @@ def test_compare_cli(run, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     code = main(["compare", "blendmod:build", "--checkpoints", str(root / "epoch=3.safetensors"),
                  str(root / "epoch=1.safetensors"), "--data", str(images), "--masks", str(masks), "-o",
-                 str(tmp_path / "cmp"), "--n-boot", "50", "--n-perm", "20", "--no-progress"])
+                 str(tmp_path / "cmp"), "--n-boot", "50", "--no-progress"])
     assert code == 0
     out = capsys.readouterr().out
     assert out.index("epoch=1") < out.index("epoch=3")  # lowest reliance first, whatever the order given

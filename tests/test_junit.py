@@ -5,6 +5,7 @@ audit could not judge reported as an error (never a silent pass)."""
 from __future__ import annotations
 
 import inspect
+import json
 import xml.etree.ElementTree as ET
 
 import numpy as np
@@ -88,8 +89,9 @@ def test_summary_markdown_table():
     ncol = lines[header].count("|")
     rows = lines[header + 2: header + 5]
     assert all(r.count("|") - r.count("\\|") == ncol for r in rows)  # a pipe in a name does not add a column
-    assert "| bad | **FLAGGED** | 40.0 % [35.0, 45.0] | 5 % | 10 % | 90 % [85, 95] / 50 % [40, 60] | " \
+    assert "| bad | **FLAGGED** | 40.0 % [35.0, 45.0] | 5 % | – | 90 % [85, 95] / 50 % [40, 60] | " \
            "+40.0 pts [+30.0, +50.0] |" in md
+    assert "| good | not flagged | 1.0 % [-4.0, 6.0] | 5 % | 10 % |" in md  # the power of a non-detection
     assert "*not judged*" in md and "not judged because: too few objects to judge" in md
     assert "<b>" not in md and "a&lt;b&gt;" in md
     assert "1 flagged, 1 not flagged, 1 not judged" in md
@@ -149,7 +151,8 @@ def test_audit_and_analyze_write_junit_and_summary(tmp_path, monkeypatch):
                  "--summary", "out/summary.md", "--fail-on-flag"])
     assert code == 1  # flagged
     case = _cases(ET.parse(tmp_path / "out" / "junit.xml").getroot())[("probekit.model", "shortcut")]
-    assert "relies on the background" in case.find("failure").get("message")
+    verdict = json.loads((tmp_path / "out" / "audit.json").read_text())["models"]["model"]["verdict"]
+    assert case.find("failure").get("message") == verdict
     assert "**FLAGGED**" in (tmp_path / "out" / "summary.md").read_text()
     code = main(["analyze", "out/acts.h5", "--n-boot", "100", "--n-perm", "50", "--no-progress", "--junit", "a.xml",
                  "--summary", "a.md"])

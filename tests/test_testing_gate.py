@@ -91,7 +91,7 @@ def test_readme_pytest_example_runs_as_written(folder, tmp_path, monkeypatch, wh
     if passes:
         test()
     else:
-        with pytest.raises(AssertionError, match=r"relies on the background.*report: .*report\.html"):
+        with pytest.raises(AssertionError, match=r"background's class.*report: .*report\.html"):
             test()
 
 

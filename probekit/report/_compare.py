@@ -17,6 +17,8 @@ from ._html import _env
 
 __all__ = ["render_compare_html", "write_compare_report"]
 
+_WORD = {True: "FLAGGED", False: "not detected", None: "not judged"}
+
 
 def _bars(names: list[str], ests: list[Mapping[str, Any] | None], *, title: str, ylabel: str,
           ylim: tuple[float | None, float | None], zero: bool = False) -> str:
@@ -68,10 +70,13 @@ def render_compare_html(doc: Mapping[str, Any]) -> str:
     table = []
     for k, m in enumerate(ranking, 1):
         r = rows[m]
-        table.append([str(k), m, "–" if r.get("step") is None else str(r["step"]), pct(r["reliance"], 1),
-                      "FLAGGED" if r.get("flagged") else "not flagged", pct(r["accuracy_own_background"], 1),
-                      pct(r["accuracy_other_background"], 1), points(r["bg_gap_crossed"]), pct(r["flip_rate"]),
-                      pct(r["pull"], 1)])
+        det = r["reliance"].get("detectable")
+        table.append([str(k), m, "–" if r.get("step") is None else str(r["step"]),
+                      pct(r["reliance"], 1) if r["reliance"]["value"] is not None else (r["reliance"].get("reason")
+                                                                                         or "–"),
+                      _WORD[r.get("shortcut")], "–" if det is None else f"{100 * det:.0f} %",
+                      pct(r["accuracy_own_background"], 1), pct(r["accuracy_other_background"], 1),
+                      points(r["bg_gap_crossed"]), pct(r["background_effect"], 1), pct(r["flip_rate"])])
     diffs = [[d["checkpoint"], d["reference"], points(d["reliance_difference"]).replace("pts", "points"),
               "yes" if d["excludes_zero"] else "no"] for d in doc["differences"]]
     figures = [{"src": _bars(order, [rows[m]["reliance"] for m in order], title="reliance per checkpoint",
@@ -97,9 +102,9 @@ def render_compare_html(doc: Mapping[str, Any]) -> str:
         model=str(doc.get("model", "")), data=str(doc.get("data", "")), n_objects=doc["n_objects"],
         n_backgrounds=doc["n_backgrounds"], seed=doc["seed"], n=len(order), best=ranking[0],
         definition=doc["reliance_definition"], interval=doc["interval"], figures=figures,
-        ranking={"header": ["rank", "checkpoint", "step", "reliance", "audit verdict", "accuracy, own-class "
-                            "backgrounds", "accuracy, other-class backgrounds", "own − other", "prediction changes",
-                            "background pull"], "rows": table, "left": 2},
+        ranking={"header": ["rank", "checkpoint", "step", "reliance", "shortcut", "smallest detectable",
+                            "accuracy, own-class backgrounds", "accuracy, other-class backgrounds", "own − other",
+                            "background effect", "prediction changes"], "rows": table, "left": 2},
         diffs={"header": ["checkpoint", "minus", "difference in reliance (paired 95 % CI)",
                           "interval excludes 0"], "rows": diffs, "left": 2},
         files=[[m, str((doc.get("files") or {}).get(m, ""))] for m in order])

@@ -266,7 +266,7 @@ def _findings_table(audit: Mapping[str, Any]) -> dict[str, Any] | None:
             v.model, v.badge,
             pct(rel, 1) if rel.get("value") is not None else (rel.get("reason") or "–"),
             "–" if margin is None else f"{100 * float(margin):.0f} %",
-            "–" if det is None else f"{100 * float(det):.0f} %",
+            "–" if det is None or v.status != "not_flagged" else f"{100 * float(det):.0f} %",
             pct(b.get("accuracy_own_background"), 1), pct(b.get("accuracy_other_background"), 1),
             points(b.get("bg_gap_crossed")),
             pct(eff, 1) + ("" if eff.get("margin") is None else f" (material above {100 * float(eff['margin']):.0f} %)"),

@@ -41,7 +41,7 @@ def _reliance_threshold(b: Mapping[str, Any]) -> str:
 def _detectable(b: Mapping[str, Any]) -> str:
     r = b.get("reliance") or {}
     d = r.get("detectable")
-    if d is None:
+    if d is None or b.get("_status") != "not_flagged":  # the power of a search that found nothing
         return "–"
     return f"{100 * float(d):.0f} %"
 
@@ -57,7 +57,7 @@ _COLUMNS: list[tuple[str, Callable[[Mapping[str, Any]], str], str]] = [
     # (header, cell from behaviour, the behaviour key whose presence shows the column)
     ("reliance [95 % CI]", lambda b: pct(b.get("reliance"), 1), "reliance"),
     ("flagged above", _reliance_threshold, "reliance"),
-    ("smallest detectable reliance", _detectable, "reliance"),
+    ("smallest detectable reliance (where none was found)", _detectable, "reliance"),
     ("accuracy, own-class / other-class backgrounds", _own_other, "accuracy_own_background"),
     ("own − other", lambda b: points(b.get("bg_gap_crossed")), "bg_gap_crossed"),
     ("background effect", lambda b: pct(b.get("background_effect"), 1), "background_effect"),
@@ -79,7 +79,7 @@ def summary_markdown(doc: Mapping[str, Any], *, title: str | None = None) -> str
     lines.append(f"{len(verdicts)} model(s): {n_bad} flagged, {len(verdicts) - n_bad - n_none} not flagged, "
                  f"{n_none} not judged.")
     lines.append("")
-    beh = {v.model: (models[v.model].get("behaviour") or {}) for v in verdicts}
+    beh = {v.model: {**(models[v.model].get("behaviour") or {}), "_status": v.status} for v in verdicts}
     cols = [(h, fn) for h, fn, key in _COLUMNS if any(b.get(key) for b in beh.values())]
     if any(b.get("reliance") for b in beh.values()):  # the graded figure replaces the pull
         cols = [(h, fn) for h, fn in cols if not h.startswith("background pull")]
