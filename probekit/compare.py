@@ -150,6 +150,16 @@ def compare_rows(preds: Mapping[str, np.ndarray], label: np.ndarray, background_
     ``preds`` maps a checkpoint's name to its predictions, in training order; ``label`` and
     ``background_label`` (G, B) the object's and the background's class. ``reference``: the checkpoint every
     other is compared with (default: the last one).
+
+    Returns
+    -------
+    dict
+        ``compare.json``: ``checkpoints`` (per name: ``step``, ``reliance`` {value, ci, p_value, margin,
+        detectable, reason}, ``shortcut`` (the finding: true / false / null), ``accuracy_own_background``,
+        ``accuracy_other_background``, ``bg_gap_crossed``, ``background_effect`` {value, ci, margin},
+        ``background_sensitive``, ``flip_rate``), ``ranking`` (names, lowest reliance first), ``reference``,
+        ``differences`` ([{checkpoint, reference, reliance_difference {value, ci}, excludes_zero}]),
+        ``has_steps``, ``n_objects``, ``n_backgrounds``, ``n_boot``, ``seed`` and the definitions.
     """
     from scipy.stats import norm
 
