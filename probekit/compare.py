@@ -114,10 +114,11 @@ class CompareResult:
         path.write_text(json.dumps(self.data, indent=1), encoding="utf-8")
         return path
 
-    def to_html(self, path: str | os.PathLike) -> Path:
+    def to_html(self, path: str | os.PathLike, gallery: Mapping[str, Any] | None = None) -> Path:
+        """The report; ``gallery``: a :func:`probekit.report.build_gallery` result shown in it."""
         from .report._compare import write_compare_report
 
-        return write_compare_report(self.data, path)
+        return write_compare_report(self.data, path, gallery=gallery)
 
     @property
     def ranking(self) -> list[str]:
@@ -293,6 +294,7 @@ def compare_checkpoints(
     if progress:
         print(f"probekit compare: {len(nets)} checkpoints on {G} objects x {B} backgrounds", flush=True)
     P = _predict_all(nets, stress, batch_size, device, progress)
+    P_test = _predict_all(nets, cf.split("test"), batch_size, device, False)  # the originals, for the gallery
     labels = cf.folder.labels
     label = np.repeat(labels[cf.stress_indices], B).reshape(G, B)
     bl = np.tile(labels[cf.backgrounds], G).reshape(G, B)
@@ -305,10 +307,15 @@ def compare_checkpoints(
                 "classes": list(cf.folder.classes)})
     result = CompareResult(doc)
     if out is not None:
+        from .report import build_gallery
+
+        worst = doc["ranking"][-1]  # what was audited, as the most reliant checkpoint saw it
+        k = names.index(worst)
+        gallery = build_gallery(cf, {"stress": P[k], "test": P_test[k]}, model=worst, per_class=1, max_objects=12)
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         result.to_json(out / "compare.json")
-        result.to_html(out / "compare.html")
+        result.to_html(out / "compare.html", gallery=gallery)
         if progress:
             print(f"probekit compare: wrote {out / 'compare.json'} and {out / 'compare.html'}", flush=True)
     return result

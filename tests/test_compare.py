@@ -168,7 +168,9 @@ def test_compare_checkpoints_end_to_end(run, browser):
     assert doc["ranking"] == res.ranking
     _png, dom, errors = browser(root / "out" / "compare.html")
     assert errors == []
-    assert dom.count("data:image/png;base64,") == 3  # per checkpoint, paired differences, over steps
+    for alt in ("reliance per checkpoint", "paired differences in reliance", "reliance and accuracy over training steps"):
+        assert f'alt="{alt}"' in dom
+    assert 'id="gallery"' in dom and dom.count('class="gal-obj"') == 3  # one object per class
 
 
 def test_compare_cli(run, tmp_path, monkeypatch, capsys):

@@ -102,6 +102,18 @@ def test_mask_outline_is_drawn_on_the_masks_edge(cf):
     assert not magenta[12:20, 12:20].any() and not magenta[:6].any()
 
 
+def test_originals_predictions_are_the_reference_without_variants(cf):
+    labels = cf.folder.labels
+    B = len(cf.backgrounds)
+    stress = np.repeat(labels[cf.stress_indices], B)  # right on every background
+    test = (labels[cf.test_indices] + 1) % cf.num_classes  # wrong on every original
+    g = build_gallery(cf, {"stress": stress, "test": test}, per_class=1)
+    for o in g["objects"]:
+        assert [c["name"] for c in o["cells"]] == ["original", "mask"]
+        assert o["cells"][0]["pred"] != o["label"]
+        assert o["changes"] == B and all(c["changed"] for c in o["backgrounds"])
+
+
 def test_wrong_number_of_predictions_is_refused(cf):
     with pytest.raises(DataError, match="predictions for the 'stress' split"):
         build_gallery(cf, {"stress": np.zeros(3, dtype=int)})

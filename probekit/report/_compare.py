@@ -62,8 +62,8 @@ def _over_steps(doc: Mapping[str, Any]) -> str:
     return P.to_data_uri(fig)
 
 
-def render_compare_html(doc: Mapping[str, Any]) -> str:
-    """The comparison report's HTML text."""
+def render_compare_html(doc: Mapping[str, Any], gallery: Mapping[str, Any] | None = None) -> str:
+    """The comparison report's HTML text (with ``gallery``, the images that were audited)."""
     rows = doc["checkpoints"]
     order = list(rows)
     ranking = list(doc["ranking"])
@@ -107,13 +107,15 @@ def render_compare_html(doc: Mapping[str, Any]) -> str:
                             "background effect", "prediction changes"], "rows": table, "left": 2},
         diffs={"header": ["checkpoint", "minus", "difference in reliance (paired 95 % CI)",
                           "interval excludes 0"], "rows": diffs, "left": 2},
-        files=[[m, str((doc.get("files") or {}).get(m, ""))] for m in order])
+        files=[[m, str((doc.get("files") or {}).get(m, ""))] for m in order],
+        galleries=[gallery] if gallery and gallery.get("objects") else [])
 
 
-def write_compare_report(doc: Mapping[str, Any], out: str | os.PathLike) -> Path:
+def write_compare_report(doc: Mapping[str, Any], out: str | os.PathLike,
+                         gallery: Mapping[str, Any] | None = None) -> Path:
     """Write :func:`render_compare_html` of ``doc`` to ``out`` (atomically)."""
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(render_compare_html(doc), encoding="utf-8")
+    tmp.write_text(render_compare_html(doc, gallery), encoding="utf-8")
     tmp.replace(out)
     return out

@@ -117,7 +117,9 @@ def build_gallery(
     predictions_by_split : mapping
         ``{"variants": array, "stress": array}``: the model's predicted class id per item of
         ``counterfactuals.split(name)``, in item order (:func:`predictions_from_store` reads them from
-        the store). Either may be missing; at least one must be given.
+        the store). Either may be missing; at least one must be given. Without ``variants``, a ``test``
+        array (the originals) gives the prediction the others are compared with, else the object's most
+        common prediction on the crossed split does.
     model : str
         The model's name (a heading of the report).
     per_class : int
@@ -159,12 +161,15 @@ def build_gallery(
     B = len(cf.backgrounds) if stress_n else 0
     stress_objects = np.asarray(cf.stress_indices) if stress_n else np.zeros(0, dtype=np.int64)
     ps = _check(predictions_by_split, "stress", stress_n) if stress_n else None
+    pt = _check(predictions_by_split, "test", len(test))
     if pv is None and ps is None:
         raise DataError("build_gallery needs the model's predictions on the 'variants' or the 'stress' split "
                         "(predictions_by_split={'variants': ..., 'stress': ...}).")
 
     # per object: the prediction on the original image, and how many of its images are predicted otherwise
     ref: dict[int, int] = {}
+    if pt is not None:  # the originals' predictions, where no variants were predicted
+        ref = {int(i): int(p) for i, p in zip(test.tolist(), pt, strict=True)}
     vpred: dict[int, np.ndarray] = {}
     if pv is not None:
         grid = pv.reshape(len(test), V)
@@ -177,7 +182,7 @@ def build_gallery(
         grid = ps.reshape(len(stress_objects), B)
         for pos, i in enumerate(stress_objects.tolist()):
             spred[i] = grid[pos]
-            if i not in ref:  # no original variant: the object's most common prediction
+            if i not in ref:  # no original predicted: the object's most common prediction
                 ref[i] = int(np.bincount(grid[pos]).argmax())
     objects = sorted(set(vpred) | set(spred))
     changes = {i: int(np.sum(spred[i] != ref[i])) if i in spred else 0 for i in objects}
