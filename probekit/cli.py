@@ -280,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--std", type=_floats, metavar="S1,S2,S3")
     p.add_argument("--reference", metavar="NAME", help="the checkpoint (file stem) every other is compared with "
                    "(default: the last in training order)")
-    p.add_argument("-o", "--out", default="probekit-compare", metavar="DIR")
+    p.add_argument("--out-dir", dest="out", default="probekit-compare", metavar="DIR",
+                   help="output folder: compare.json and compare.html")
     p.add_argument("--backgrounds", type=int, default=8, metavar="B")
     p.add_argument("--test-fraction", type=float, default=0.5)
     p.add_argument("--batch-size", type=int, default=32)

@@ -179,7 +179,7 @@ def test_compare_cli(run, tmp_path, monkeypatch, capsys):
                                           "\n\ndef build():\n    return BlendNet()\n")
     monkeypatch.chdir(tmp_path)
     code = main(["compare", "blendmod:build", "--checkpoints", str(root / "epoch=3.safetensors"),
-                 str(root / "epoch=1.safetensors"), "--data", str(images), "--masks", str(masks), "-o",
+                 str(root / "epoch=1.safetensors"), "--data", str(images), "--masks", str(masks), "--out-dir",
                  str(tmp_path / "cmp"), "--n-boot", "50", "--no-progress"])
     assert code == 0
     out = capsys.readouterr().out

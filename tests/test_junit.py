@@ -146,7 +146,7 @@ def test_audit_and_analyze_write_junit_and_summary(tmp_path, monkeypatch):
     images, masks = _folder(tmp_path / "data")
     (tmp_path / "cornermod.py").write_text("import torch\nfrom torch import nn\n\n\n" + inspect.getsource(CornerNet))
     monkeypatch.chdir(tmp_path)
-    code = main(["audit", "cornermod:CornerNet", "--data", str(images), "--masks", str(masks), "-o", "out",
+    code = main(["audit", "cornermod:CornerNet", "--data", str(images), "--masks", str(masks), "--out-dir", "out",
                  "--inits", "0", "--n-boot", "100", "--n-perm", "50", "--no-progress", "--junit", "out/junit.xml",
                  "--summary", "out/summary.md", "--fail-on-flag"])
     assert code == 1  # flagged
