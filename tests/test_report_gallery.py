@@ -114,6 +114,20 @@ def test_originals_predictions_are_the_reference_without_variants(cf):
         assert o["changes"] == B and all(c["changed"] for c in o["backgrounds"])
 
 
+def test_prediction_names_and_no_folder_class(cf):
+    labels = cf.folder.labels
+    B = len(cf.backgrounds)
+    stress = np.repeat(labels[cf.stress_indices], B).reshape(-1, B)
+    stress[:, 0] = -1  # an output the class map does not name
+    g = build_gallery(cf, {"stress": stress.reshape(-1)}, per_class=1)
+    assert all(o["backgrounds"][0]["pred"] == "no folder class" and o["backgrounds"][0]["changed"]
+               for o in g["objects"])
+    g = build_gallery(cf, {"stress": np.full(len(cf.split("stress")), 2)}, per_class=1,
+                      prediction_names=["cat", "dog", "tench"])
+    assert {c["pred"] for o in g["objects"] for c in o["backgrounds"]} == {"tench"}
+    assert all(o["label"].startswith("class") for o in g["objects"])  # the objects keep the folder's names
+
+
 def test_wrong_number_of_predictions_is_refused(cf):
     with pytest.raises(DataError, match="predictions for the 'stress' split"):
         build_gallery(cf, {"stress": np.zeros(3, dtype=int)})

@@ -70,11 +70,13 @@ def _outline(image: np.ndarray, mask: np.ndarray, thumb: int) -> np.ndarray:
 
 
 def predictions_from_store(store: str | os.PathLike, model: str,
-                           splits: Sequence[str] = ("variants", "stress")) -> dict[str, np.ndarray]:
+                           splits: Sequence[str] = ("variants", "stress"),
+                           class_map: Mapping[int, int] | None = None) -> dict[str, np.ndarray]:
     """The model's predicted class per item of ``splits``: the argmax of its stored ``@output``.
 
-    Splits the model has no stored output on are left out (a representation without a head has no
-    predictions of its own).
+    ``class_map`` (output index -> the folder's class id, as the audit's ``class_map``) maps the argmax;
+    an output it does not name becomes -1 (no class of the folder). Splits the model has no stored output
+    on are left out (a representation without a head has no predictions of its own).
     """
     from ..store import open_store
 
@@ -84,7 +86,14 @@ def predictions_from_store(store: str | os.PathLike, model: str,
             if sp in s.splits and "@output" in s.layers(model, sp):
                 n = s.n_rows(sp, model)
                 x = np.asarray(s.acts(model, sp, "@output")[:n]).reshape(n, -1)
-                out[sp] = x.argmax(axis=1)
+                pred = x.argmax(axis=1)
+                if class_map is not None:
+                    lut = np.full(x.shape[1], -1, dtype=np.int64)
+                    for k, c in class_map.items():
+                        if 0 <= int(k) < x.shape[1]:
+                            lut[int(k)] = int(c)
+                    pred = lut[pred]
+                out[sp] = pred
     return out
 
 
@@ -107,6 +116,7 @@ def build_gallery(
     max_objects: int = 24,
     max_backgrounds: int = 8,
     thumb: int = 72,
+    prediction_names: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """The gallery of one model's audit (see the module docstring).
 
@@ -130,6 +140,9 @@ def build_gallery(
         Crossed-split backgrounds shown per object.
     thumb : int
         Thumbnail size in px (longer side).
+    prediction_names : sequence of str, optional
+        The name of each prediction id (default: the folder's classes). Give the model's own class names
+        when its predictions are its output indices (read label-free); -1 reads "no folder class".
 
     Returns
     -------
@@ -147,8 +160,15 @@ def build_gallery(
     classes = list(folder.classes) if folder.has_labels else []
     labels = folder.labels if folder.labels is not None else np.zeros(len(folder), dtype=np.int64)
 
-    def name(c: int) -> str:
+    def cls(c: int) -> str:
         return classes[c] if 0 <= c < len(classes) else str(int(c))
+
+    pnames = list(prediction_names) if prediction_names is not None else classes
+
+    def name(p: int) -> str:  # a prediction
+        if p < 0:
+            return "no folder class"
+        return pnames[p] if p < len(pnames) else str(int(p))
 
     variants = list(cf.variants)
     V = len(variants)
@@ -183,7 +203,8 @@ def build_gallery(
         for pos, i in enumerate(stress_objects.tolist()):
             spred[i] = grid[pos]
             if i not in ref:  # no original predicted: the object's most common prediction
-                ref[i] = int(np.bincount(grid[pos]).argmax())
+                vals, counts = np.unique(grid[pos], return_counts=True)
+                ref[i] = int(vals[counts.argmax()])
     objects = sorted(set(vpred) | set(spred))
     changes = {i: int(np.sum(spred[i] != ref[i])) if i in spred else 0 for i in objects}
     vchanges = {i: int(np.sum(vpred[i] != ref[i])) if i in vpred and i in ref else 0 for i in objects}
@@ -214,7 +235,7 @@ def build_gallery(
                     continue
                 _, _, j = cf.split("variants").locate(pos * V + vi)
                 p = int(vpred[i][vi])
-                note = f"background of {name(int(labels[j]))}" if v.startswith("mixed") and j >= 0 else ""
+                note = f"background of {cls(int(labels[j]))}" if v.startswith("mixed") and j >= 0 else ""
                 cells.append(dict(zip(("src", "width", "height"), _encode(cf.render(i, v, j if j >= 0 else None),
                                                                        thumb), strict=True),
                                   name=v, pred=name(p), changed=r is not None and p != r, note=note))
@@ -226,8 +247,8 @@ def build_gallery(
                 p = int(spred[i][slot])
                 bgs.append(dict(zip(("src", "width", "height"), _encode(cf.render(i, rel, j), thumb), strict=True),
                                 name=f"background {slot + 1}", pred=name(p), changed=r is not None and p != r,
-                                note=f"from {name(int(labels[j]))}"))
-        out_objects.append({"image": int(i), "path": str(folder.paths[i]), "label": name(int(labels[i])),
+                                note=f"from {cls(int(labels[j]))}"))
+        out_objects.append({"image": int(i), "path": str(folder.paths[i]), "label": cls(int(labels[i])),
                             "changes": changes[i] if i in spred else None, "n_backgrounds": B if i in spred else 0,
                             "cells": cells, "backgrounds": bgs})
     return {
