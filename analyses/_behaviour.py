@@ -807,6 +807,9 @@ def _score_inference(rel: float, v_other: float, h: float, margin: float,
     # can fall outside the score interval; the interval then reaches to the estimate (only for rel
     # outside [0, 1], where no flag is at stake: the margin is positive)
     ci = (min(ci[0], rel), max(ci[1], rel))
+    # reliance cannot exceed 1 (every swapped prediction takes the background's class); the score
+    # interval can, when the variance is wide: its upper end is cut there (the truth is never above it)
+    ci = (min(ci[0], 1.0), min(ci[1], 1.0))
     sd_m = np.sqrt(v_other + margin * (1 - margin) * h)
     if sd_m > 0:
         p = float(norm.sf((rel - margin) / sd_m))

@@ -328,3 +328,14 @@ def test_interval_contains_the_estimate_just_below_zero():
     r = background_reliance(pred, g, b, label=label[g], background_label=bl[b], n_boot=300)
     assert r.reliance < 0 and r.reliance_ci[0] <= r.reliance <= r.reliance_ci[1]
     assert r.shortcut is False
+
+
+def test_interval_never_reaches_above_one():
+    """A complete shortcut over few backgrounds has a wide interval; it stops at 1, the largest reliance."""
+    from probekit.analyses import background_reliance
+
+    G, B, k = 30, 3, 3
+    g, b = np.repeat(np.arange(G), B), np.tile(np.arange(B), G)
+    label, bl = np.arange(G) % k, np.arange(B) % k
+    r = background_reliance(bl[b], g, b, label=label[g], background_label=bl[b], n_boot=200)
+    assert r.reliance == pytest.approx(1.0) and r.reliance_ci[1] <= 1.0
