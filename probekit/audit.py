@@ -645,7 +645,9 @@ def audit(
         doc["pairs"] = _pairs(v, names, doc)
         doc["headline"] = _headline(doc, spec.ratio_margin)
         for m in names:
-            doc["models"][m].update(judge(m, doc["models"][m]).to_dict())
+            why = next((k["reason"] for k in reversed(v.skipped) if k["analysis"] == "behaviour" and k["model"] == m),
+                       None)
+            doc["models"][m].update(judge(m, doc["models"][m], no_behaviour=why).to_dict())
         doc["verdict"] = [doc["models"][m]["verdict"] for m in names] + _evidence(doc)
         series_models = [m for m in names if len([st for st in s.steps(m) if st != 0]) >= 1
                          and len(s.steps(m)) >= 2]
@@ -786,11 +788,11 @@ def _probe_predictions(v: _View, m: str, splits: Sequence[str]) -> _Predictions:
             raise DataError(f"the probe layer {layer!r} has no rows on split {x!r}")
     Xtr = v.x(m, tr, layer)
     ytr = v.field(tr, "label", len(Xtr))
-    counts = np.bincount(ytr.astype(np.int64))
-    if counts[counts > 0].min(initial=0) < 5:
-        raise DataError(f"a linear probe on {layer} needs at least 5 training images per class; split {tr!r} has "
-                        f"{int(counts[counts > 0].min(initial=0))} for some class (add images or give the model's "
-                        "class output)")
+    counts = np.unique(np.asarray(ytr), return_counts=True)[1]
+    if counts.size < 2 or counts.min() < 5:
+        raise DataError(f"a linear probe on {layer} needs at least 5 training images of each of 2 or more classes; "
+                        f"split {tr!r} has {int(counts.min(initial=len(ytr)))} for some class (add images or give "
+                        "the model's class output)")
     probe = LinearProbe(C="cv", random_state=sp.random_state).fit(Xtr, ytr)
     return _Predictions({x: np.asarray(probe.predict(v.x(m, x, layer))) for x in splits},
                         f"a linear probe on {layer} fit on {tr!r} (the model has no class output)", False, "labels")

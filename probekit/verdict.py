@@ -223,12 +223,12 @@ def _deployment(info: Mapping[str, Any], beh: Mapping[str, Any]) -> str:
     return text
 
 
-def judge(m: str, info: Mapping[str, Any]) -> ModelVerdict:
-    """Findings, ``flagged`` and the sentence of model ``m`` from its entry of the audit document."""
+def judge(m: str, info: Mapping[str, Any], *, no_behaviour: str | None = None) -> ModelVerdict:
+    """Findings, ``flagged`` and the sentence of model ``m`` from its entry of the audit document;
+    ``no_behaviour`` is why its behaviour could not be read, when it could not."""
     beh = info.get("behaviour") or {}
-    shortcut, text, reason = _shortcut(m, beh) if beh else (
-        None, f"{m}: shortcut not judged: no crossed split with labels (every object on the same backgrounds).",
-        "no crossed split with labels")
+    why = no_behaviour or "no crossed split with labels (every object on the same backgrounds)"
+    shortcut, text, reason = _shortcut(m, beh) if beh else (None, f"{m}: shortcut not judged: {why}.", why)
     sensitive, s_text = _sensitive(beh)
     rep, r_text = _representation(info.get("layers") or {})
     found = {"shortcut": shortcut, "background_sensitive": sensitive, "representation": rep}

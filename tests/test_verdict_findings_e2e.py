@@ -162,3 +162,36 @@ def test_fail_on_refuses_unknown_findings_before_the_work(tmp_path, bad, capsys)
     _write(tmp_path / "s.h5", {"m": label[g]}, label, bl, g, b, 3)
     rc = main(["analyze", str(tmp_path / "s.h5"), "--fail-on", bad or ",", "--no-progress"])
     assert rc == 2 and "--fail-on takes findings" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("per_class, judged", [(20, True), (3, False)])
+def test_a_student_without_a_head_is_read_through_a_probe(tmp_path, per_class, judged):
+    """A student's output is its representation: a linear probe on its last hidden layer reads it, fit on
+    ``train``; with fewer than 5 training images of a class no probe is fit and the shortcut is not judged."""
+    rng = np.random.default_rng(7)
+    k, d = 3, 12
+    label, bl, g, b = _design(k, rng)
+    means = rng.normal(size=(k, d)) * 3
+    ytr = np.repeat(np.arange(k), per_class)
+    n, ntr = g.size, ytr.size
+    with StoreWriter(tmp_path / "s.h5", mode="overwrite") as w:
+        w.add_split("stress", n_rows=n, has_label=True, fields=["label", "group", "background", "background_label"])
+        w.add_split("train", n_rows=ntr, has_label=True, fields=["label"])
+        w.add_model("student", role="student", source="planted")
+        for split, rows in (("stress", n), ("train", ntr)):
+            for layer in ("rep", "@output"):
+                w.add_layer("student", split, layer, feature_shape=(d,), dtype="float32", attrs={"pool": "none"})
+        rep = (means[label[g]] + rng.normal(size=(n, d))).astype(np.float32)
+        w.write_rows("stress", 0, samples={"index": np.arange(n), "label": label[g], "group": g, "background": b,
+                                           "background_label": bl[b]}, acts={"student": {"rep": rep, "@output": rep}})
+        rtr = (means[ytr] + rng.normal(size=(ntr, d))).astype(np.float32)
+        w.write_rows("train", 0, samples={"index": np.arange(ntr), "label": ytr},
+                     acts={"student": {"rep": rtr, "@output": rtr}})
+    rc, doc = _analyze(tmp_path / "s.h5", tmp_path, "--train", "train", "--fail-on-flag")
+    m = doc["models"]["student"]
+    if judged:
+        assert m["flagged"] is False and rc == 0
+        assert m["behaviour"]["predictions"].startswith("a linear probe on rep")
+    else:
+        assert m["flagged"] is None and rc == 3
+        assert "at least 5 training images" in m["verdict_reason"]  # the true reason, not a generic one
