@@ -997,7 +997,7 @@ def _background_flags(v: _View, names: Sequence[str], doc: dict[str, Any]) -> No
                 if init is not None:
                     # background over interaction: a figure a weaker foreground barely moves (the inits'
                     # units are not the model's, so "absolute" cannot compare them; docs/METRICS.md)
-                    ref = (init[0], "within_odds", f"initialisation ({init[1]})")
+                    ref = (init[0], "within_odds", f"at initialisation: {init[1]}")
             if ref is None:
                 v.skip("background flag", "no reference: a teacher at this layer (for a student), seeded "
                        f"initialisations '{m}@init<k>' or a recorded step 0", m, layer)
