@@ -89,7 +89,11 @@ def _child(args: argparse.Namespace) -> dict:
         return real_file_init(self, *a, **kw)
 
     h5py.File.__init__ = file_init
+    X = importlib.import_module("probekit.extractors")
+    # probekit.extraction holds its own reference (the code before the change calls it); the audit
+    # after it calls probekit.extractors' at call time: each path goes through one wrapper
     timed(E, "extract_models", lambda a, kw: f"extract {kw.get('split')}", count_extract)
+    timed(X, "extract_models", lambda a, kw: f"extract {kw.get('split')}", count_extract)
     timed(M, "load_model", "load model")
     timed(A, "audit", "analyses")
     timed(I.Counterfactuals, "__init__", "build splits")
@@ -98,12 +102,15 @@ def _child(args: argparse.Namespace) -> dict:
             timed(MA, name, name.strip("_").replace("_", " "))
     if hasattr(MA, "_predict"):
         def count_predict(a, kw):
-            passes["mask check"] += len(a[1])
+            nets = a[0] if isinstance(a[0], dict) else {"model": a[0]}  # after / before the change
+            passes["mask check"] += len(a[1]) * len(nets)
         timed(MA, "_predict", "mask check forward", count_predict)
     kwargs = dict(masks=None if args.foreground == "auto" else masks,
                   foreground="auto" if args.foreground == "auto" else None,
                   out=work / "audit", n_inits=args.inits, progress=False, image_size=args.image_size,
                   batch_size=args.batch_size, n_boot=args.n_boot, n_perm=args.n_perm)
+    if args.device != "cpu":
+        kwargs["device"] = args.device
     kwargs.update(json.loads(args.extra))
     t0 = time.perf_counter()
     result = MA.audit_model(args.model, images, **kwargs)
@@ -119,7 +126,8 @@ def _child(args: argparse.Namespace) -> dict:
 
     # the bare forward passes over the same composited images
     loaded = M.load_model(args.model)
-    net = loaded.module.eval()
+    dev = torch.device(MA.resolve_device(args.device) if hasattr(MA, "resolve_device") else args.device)
+    net = loaded.module.eval().to(dev)
     transform, _ = M.preprocessing_for(loaded, image_size=args.image_size)
     folder_kwargs = {"foreground": "auto"} if args.foreground == "auto" else {"masks": masks}
     cf = I.Counterfactuals(images, seed=0, transform=transform, **folder_kwargs)
@@ -132,11 +140,16 @@ def _child(args: argparse.Namespace) -> dict:
             if not per_split.get(sp):
                 continue
             ds = cf.split(sp)
-            xs = torch.stack([ds[k]["x"] for k in range(len(ds))])
+            xs = torch.stack([ds[k]["x"] for k in range(len(ds))]).to(dev)
             reps = per_split[sp] / len(ds)  # nets (and mask-check passes) that saw this split
+            net(xs[:args.batch_size])  # warm-up
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
             t1 = time.perf_counter()
             for start in range(0, len(xs), args.batch_size):
                 net(xs[start:start + args.batch_size])
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
             bare += (time.perf_counter() - t1) * reps
     known = sum(phases.values())
     return {"n_images": args.n, "model": args.model, "image_size": args.image_size,
@@ -145,8 +158,77 @@ def _child(args: argparse.Namespace) -> dict:
             "forward_passes_total": int(sum(passes.values())), "store_opens": opens["n"],
             "peak_rss_mb": rss_mb, "peak_rss_children_mb": rss_children_mb, "bare_forward_s": bare,
             "bare_over_audit": bare / wall, "verdict": verdict, "cost": doc.get("cost"),
-            "threads": args.threads, "load": os.getloadavg(), "src": args.src or "this tree",
+            "threads": args.threads, "device": str(dev), "load": os.getloadavg(), "src": args.src or "this tree",
             "probekit_file": A.__file__}
+
+
+def _flatten(doc, prefix=""):
+    """Every number and bool of a document, by its path (for comparing two audits' figures)."""
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            yield from _flatten(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(doc, list):
+        for i, v in enumerate(doc):
+            yield from _flatten(v, f"{prefix}[{i}]")
+    elif isinstance(doc, (bool, int, float)) or doc is None:
+        yield prefix, doc
+
+
+def _device_check(args: argparse.Namespace) -> dict:
+    """One audit of a small folder on the CPU and on ``args.device``: do the verdict and figures agree?"""
+    if args.src:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from _checkout import use_checkout
+
+        use_checkout(args.src)
+    import torch
+
+    from probekit.datasets._shapes import write_image_folder
+    from probekit.model_audit import audit_model
+
+    work = Path(tempfile.mkdtemp(prefix="bench-audit-dev-"))
+    images, masks = write_image_folder(work / "folder", split="test", background="class", seed=0, n=args.n,
+                                       size=args.size)
+    torch.manual_seed(0)
+    loaded = _build_model(args.model)
+    w = work / "w.pt"
+    torch.save(loaded.state_dict(), w)
+    docs = {}
+    for i, dev in enumerate(("cpu", args.device)):
+        r = audit_model(args.model, images, masks=masks, weights=w, out=work / f"{i}-{dev}", n_inits=args.inits,
+                        progress=False, image_size=args.image_size, device=dev, n_boot=args.n_boot,
+                        n_perm=args.n_perm)
+        docs[f"{i}-{dev}"] = {k: v for k, v in r.data.items() if k not in ("created", "cost", "store")}
+    a, b = (dict(_flatten(d)) for d in docs.values())
+    diffs = {k: (a.get(k), b.get(k)) for k in set(a) | set(b) if a.get(k) != b.get(k)}
+    num = [abs(x - y) for x, y in diffs.values() if isinstance(x, float) and isinstance(y, float)]
+    m = {d: docs[d]["models"]["model"] for d in docs}
+    return {"devices": list(docs), "n_images": args.n, "model": args.model, "flagged": [v["flagged"] for v in m.values()],
+            "verdicts_equal": len({v["verdict"] for v in m.values()}) == 1, "n_fields": len(a),
+            "n_fields_differing": len(diffs), "max_abs_difference": max(num, default=0.0),
+            "differing": sorted(diffs)[:20]}
+
+
+def _build_model(spec: str):
+    from probekit.models import load_model
+
+    return load_model(spec).module
+
+
+def _table(paths: list[str]) -> str:
+    """A markdown table of result files of this script."""
+    lines = ["| label | device | images | model | wall s | extraction s | analyses s | forward passes | "
+             "peak RSS MB | bare / audit | flagged |", "|" + "---|" * 11]
+    for p in paths:
+        d = json.loads(Path(p).read_text())
+        for r in d.get("rows", []):
+            ph = r["phases_s"]
+            ext = sum(v for k, v in ph.items() if k.startswith("extract"))
+            lines.append(f"| {d['label']} | {r.get('device', 'cpu')} | {r['n_images']} | {r['model']} | "
+                         f"{r['wall_s']:.1f} | {ext:.1f} | {ph.get('analyses', 0):.1f} | "
+                         f"{r['forward_passes_total']} | {r['peak_rss_mb']:.0f} | {r['bare_over_audit']:.2f} | "
+                         f"{r['verdict']['flagged']} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -163,10 +245,23 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--extra", default="{}", help="JSON of further audit_model keywords (e.g. workers)")
     p.add_argument("--label", default="run")
+    p.add_argument("--device", default="cpu", help="the audit's and the bare forward's device (cpu, cuda, auto)")
+    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"), help="folder of the JSON")
     p.add_argument("--src", default="", help="import probekit from this checkout (before/after runs)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--n", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--device-check", action="store_true",
+                   help="audit a small folder (--n images) on the CPU and on --device; print what differs")
+    p.add_argument("--table", nargs="+", metavar="JSON", help="print a markdown table of these result files")
     args = p.parse_args()
+    if args.table:
+        print(_table(args.table))
+        return
+    if args.device_check:
+        res = _device_check(args)
+        print(json.dumps(res, indent=1))
+        (Path(args.results) / f"bench_audit_scale_{args.label}.json").write_text(json.dumps(res, indent=1))
+        return
     if args.child:
         print(json.dumps(_child(args)))
         return
@@ -175,7 +270,7 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--child", "--n", str(n), "--model", args.model, "--image-size",
                str(args.image_size), "--size", str(args.size), "--foreground", args.foreground, "--inits",
                str(args.inits), "--batch-size", str(args.batch_size), "--n-boot", str(args.n_boot),
-               "--n-perm", str(args.n_perm), "--threads", str(args.threads), "--extra", args.extra, "--src", args.src]
+               "--n-perm", str(args.n_perm), "--threads", str(args.threads), "--extra", args.extra, "--src", args.src, "--device", args.device]
         out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         if out.returncode:
             sys.stderr.write(out.stderr[-4000:])
@@ -187,8 +282,8 @@ def main() -> None:
               f"{row['bare_over_audit']:.2f}; phases " +
               ", ".join(f"{k} {v:.1f}" for k, v in sorted(row["phases_s"].items(), key=lambda kv: -kv[1])),
               flush=True)
-    path = ROOT / "benchmarks" / "results" / f"bench_audit_scale_{args.label}.json"
-    path.write_text(json.dumps({"label": args.label, "argv": sys.argv[1:], "rows": rows}, indent=1))
+        path = Path(args.results) / f"bench_audit_scale_{args.label}.json"
+        path.write_text(json.dumps({"label": args.label, "argv": sys.argv[1:], "rows": rows}, indent=1))
     print(f"wrote {path}")
 
 

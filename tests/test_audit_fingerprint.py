@@ -59,7 +59,7 @@ def _refused(argv, capsys, needle):
 
 
 def test_identical_rerun_continues(case, capsys):
-    d, images, masks, w, out = case
+    _d, images, masks, w, out = case
     first = json.loads((out / "audit.json").read_text())
     assert main(_argv(images, masks, w, out)) == 0
     second = json.loads((out / "audit.json").read_text())
@@ -78,7 +78,7 @@ def test_identical_rerun_continues(case, capsys):
 
 
 def test_changed_image_is_refused_then_overwritten(case, capsys):
-    d, images, masks, w, out = case
+    _d, images, masks, w, out = case
     p = sorted(images.rglob("*.png"))[0]
     arr = np.asarray(Image.open(p)).copy()
     arr[0, 0] = 255 - arr[0, 0]  # one pixel: same name, same size, other bytes
@@ -91,7 +91,7 @@ def test_changed_image_is_refused_then_overwritten(case, capsys):
 
 
 def test_changed_mask_is_refused(case, capsys):
-    d, images, masks, w, out = case
+    _d, images, masks, w, out = case
     p = sorted(masks.rglob("*.png"))[-1]
     m = np.asarray(Image.open(p)).copy()
     ys, xs = np.nonzero(m)
@@ -101,7 +101,7 @@ def test_changed_mask_is_refused(case, capsys):
 
 
 def test_other_foreground_mode_is_refused(case, capsys):
-    d, images, masks, w, out = case
+    _d, images, masks, w, out = case
     rows = []
     for p in sorted(images.rglob("*.png")):
         m = np.asarray(Image.open(masks / p.relative_to(images))) > 0
@@ -120,12 +120,12 @@ def test_other_foreground_mode_is_refused(case, capsys):
                                           (["--inits", "2"], "the seeded initialisations"),
                                           (["--image-size", "24"], "the preprocessing")])
 def test_other_settings_are_refused(case, capsys, extra, needle):
-    d, images, masks, w, out = case
+    _d, images, masks, w, out = case
     _refused(_argv(images, masks, w, out, *extra), capsys, needle)
 
 
 def test_other_weights_are_refused(case, capsys):
-    d, images, masks, w, out = case
+    _d, images, masks, w, out = case
     sd = torch.load(w, weights_only=True)
     k = next(iter(sd))
     sd[k] = sd[k] + 1
@@ -136,7 +136,7 @@ def test_other_weights_are_refused(case, capsys):
 def test_store_without_fingerprint_is_refused(case, capsys):
     import h5py
 
-    d, images, masks, w, out = case
+    _d, images, masks, w, out = case
     with h5py.File(out / "acts.h5", "r+") as f:
         del f.attrs[FINGERPRINT_ATTR]
     _refused(_argv(images, masks, w, out), capsys, "no record of the inputs")
