@@ -35,7 +35,7 @@ from .errors import DataError, ProbekitError
 from .extractors import default_layers
 
 __all__ = ["AUTO_LOOKS", "accuracy_check", "accuracy_lines", "audit_model", "auto_rounds", "default_layers",
-           "default_workers", "pull_decided", "resolve_device"]
+           "default_workers", "reliance_decided", "resolve_device"]
 
 SPLITS = ("train", "test", "stress", "variants")
 
@@ -173,17 +173,21 @@ def _duration(s: float) -> str:
 Decide = Callable[..., bool]
 
 
-def pull_decided(pred: np.ndarray, group: np.ndarray, background: np.ndarray, label: np.ndarray | None,
-                 background_label: np.ndarray | None, *, ci_level: float, n_boot: int, n_perm: int,
-                 seed: int) -> bool:
-    """Stand-in decision of ``objects="auto"``: the background pull's interval (at ``ci_level``) lies
-    wholly above or wholly below its threshold (:func:`probekit.analyses.background_behaviour`)."""
-    from .analyses import background_behaviour
+def reliance_decided(pred: np.ndarray, group: np.ndarray, background: np.ndarray, label: np.ndarray | None,
+                     background_label: np.ndarray | None, *, ci_level: float, n_boot: int, seed: int) -> bool:
+    """Default decision of ``objects="auto"``: background reliance's interval (at ``ci_level``) lies
+    wholly above or wholly below its margin (:func:`probekit.analyses.background_reliance`); never
+    decided when reliance cannot be computed (no background classes)."""
+    from .analyses import background_reliance
 
-    r = background_behaviour(pred, group, background, label=label, background_label=background_label,
-                             n_boot=n_boot, n_perm=n_perm, ci_level=ci_level, random_state=seed)
-    lo, hi = r.pull_ci
-    return bool(lo > r.threshold or hi < r.threshold)
+    if label is None:
+        return False
+    r = background_reliance(pred, group, background, label=label, background_label=background_label,
+                            n_boot=n_boot, ci_level=ci_level, random_state=seed)
+    if r.reliance_ci is None:
+        return False
+    lo, hi = r.reliance_ci
+    return bool(lo > r.margin or hi < r.margin)
 
 
 AUTO_LOOKS = 3
@@ -272,7 +276,7 @@ def audit_model(
         order, or ``"auto"``: grown in up to :data:`AUTO_LOOKS` looks (:func:`auto_rounds`) until
         ``decide`` says the model's predictions decide the question
     decide : ``decide(pred, group, background, label, background_label) -> bool`` for ``objects="auto"``;
-        default: :func:`pull_decided` at level ``1 - 0.05 / AUTO_LOOKS`` (Bonferroni over the looks)
+        default: :func:`reliance_decided` at level ``1 - 0.05 / AUTO_LOOKS`` (Bonferroni over the looks)
     overwrite : replace a store computed from other inputs (default: refuse it in one line naming what
         differs; a store of the same inputs is continued)
     """
@@ -402,7 +406,7 @@ def audit_model(
                 n_used = n_obj
                 if r == len(looks) - 1:
                     break
-                decided = _decided(store, name, sp, n_obj * n_bg, decide, n_boot, n_perm, seed)
+                decided = _decided(store, name, sp, n_obj * n_bg, decide, n_boot, seed)
                 looks_done.append({"objects": n_obj, "decided": decided})
                 if decided:
                     break
@@ -414,7 +418,7 @@ def audit_model(
     try:
         t_extract = time.perf_counter() - t_start
         _say(progress, "auditing")
-        result = audit(store, train="train", test_id="test", test_ood="", stress="stress", variants="variants",
+        result = audit(store, train="train", test_id="test", test_ood="", crossed="stress", variants="variants",
                        n_boot=n_boot, n_perm=n_perm, random_state=seed, progress=progress)
         doc = result.data
         doc["preprocessing"] = pre
@@ -457,7 +461,7 @@ def _remove_if_empty(store: Path, out: Path) -> None:
             out.rmdir()
 
 
-def _decided(store: Path, name: str, split: str, n_rows: int, decide: Decide | None, n_boot: int, n_perm: int,
+def _decided(store: Path, name: str, split: str, n_rows: int, decide: Decide | None, n_boot: int,
              seed: int) -> bool:
     """Whether the model's predictions on the first ``n_rows`` rows of the crossed split decide."""
     from .store import open_store
@@ -467,8 +471,8 @@ def _decided(store: Path, name: str, split: str, n_rows: int, decide: Decide | N
         f = {k: np.asarray(s.sample_field(split, k))[:n_rows] if s.has_field(split, k) else None
              for k in ("group", "background", "label", "background_label")}
     if decide is None:
-        return pull_decided(pred, f["group"], f["background"], f["label"], f["background_label"],
-                            ci_level=1 - 0.05 / AUTO_LOOKS, n_boot=n_boot, n_perm=n_perm, seed=seed)
+        return reliance_decided(pred, f["group"], f["background"], f["label"], f["background_label"],
+                                ci_level=1 - 0.05 / AUTO_LOOKS, n_boot=n_boot, seed=seed)
     return bool(decide(pred, f["group"], f["background"], f["label"], f["background_label"]))
 
 
@@ -525,7 +529,7 @@ def _mask_sensitivity(heads: Mapping[str, nn.Module], data: Any, folder_kwargs: 
                       bar: _Progress) -> dict[str, Any]:
     """Behaviour figures of the models read from their own output, with every mask eroded / dilated by k
     px, on the crossed split's objects the audit used; intervals with the audit's n_boot / n_perm."""
-    from .analyses import background_behaviour
+    from .analyses import background_behaviour, background_reliance
     from .datasets import Counterfactuals
 
     out: dict[str, Any] = {"pixels": k, "models": {}, "n_objects": n_objects}
@@ -544,12 +548,15 @@ def _mask_sensitivity(heads: Mapping[str, nn.Module], data: Any, folder_kwargs: 
         labels = alt.folder.labels
         preds = _predict(heads, ds, batch_size, device, workers, bar)
         for m, pred in preds.items():
-            r = background_behaviour(pred, where[:, 0], where[:, 1], label=labels[where[:, 0]],
-                                     background_label=labels[where[:, 1]], n_boot=n_boot, n_perm=n_perm,
+            g, b, lab, blab = where[:, 0], where[:, 1], labels[where[:, 0]], labels[where[:, 1]]
+            r = background_behaviour(pred, g, b, label=lab, background_label=blab, n_boot=n_boot, n_perm=n_perm,
                                      random_state=seed)
+            rel = background_reliance(pred, g, b, label=lab, background_label=blab, n_boot=n_boot,
+                                      random_state=seed)
             out["models"].setdefault(m, {})[key] = {
                 "flip_rate": r.flip_rate, "pull": r.pull, "follows_background": r.follows_background,
-                "flagged": r.flagged}
+                "reliance": {"value": rel.reliance, "ci": None if rel.reliance_ci is None else list(rel.reliance_ci)},
+                "flagged": rel.shortcut}  # the shortcut finding's rule (schema 3): reliance above its margin
     return out
 
 

@@ -58,6 +58,7 @@ def _refused(argv, capsys, needle):
     assert file_sha256(store) == before  # refused before anything was written
 
 
+@pytest.mark.slow
 def test_identical_rerun_continues(case, capsys):
     _d, images, masks, w, out = case
     first = json.loads((out / "audit.json").read_text())
@@ -77,6 +78,7 @@ def test_identical_rerun_continues(case, capsys):
         assert json.loads(f.attrs[FINGERPRINT_ATTR]) == inp["fingerprint"]
 
 
+@pytest.mark.slow
 def test_changed_image_is_refused_then_overwritten(case, capsys):
     _d, images, masks, w, out = case
     p = sorted(images.rglob("*.png"))[0]

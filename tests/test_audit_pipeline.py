@@ -59,6 +59,7 @@ def _forward_counter(monkeypatch):
     return seen, handle
 
 
+@pytest.mark.slow
 def test_each_net_sees_each_image_once(folder, tmp_path, monkeypatch):
     images, masks = folder
     seen, handle = _forward_counter(monkeypatch)
@@ -113,6 +114,7 @@ def test_inits_are_seeded_fresh_copies():
     assert all(not torch.equal(sd[k], sdb[k]) and not torch.equal(sd[k], before[k]) for k in w)
 
 
+@pytest.mark.slow
 def test_objects_auto_stops_when_decided_and_grows_when_not(folder, weights, tmp_path):
     images, masks = folder
     calls = []
@@ -151,6 +153,7 @@ def test_auto_rounds():
     assert auto_rounds(5) == [5]
 
 
+@pytest.mark.slow
 def test_mask_check_uses_the_users_resampling_counts(folder, tmp_path, monkeypatch):
     import probekit.analyses as analyses
 
@@ -164,18 +167,22 @@ def test_mask_check_uses_the_users_resampling_counts(folder, tmp_path, monkeypat
         ys, xs = np.nonzero(m)
         rows.append(f"{p.relative_to(images).as_posix()},{xs.min()},{ys.min()},{xs.max() + 1},{ys.max() + 1}")
     csv.write_text("path,x0,y0,x1,y1\n" + "\n".join(rows) + "\n")
-    real = analyses.background_behaviour
     asked = []
 
-    def spy(*a, **kw):
-        asked.append((kw["n_boot"], kw["n_perm"]))
-        return real(*a, **kw)
+    def spy(real):
+        def f(*a, **kw):
+            asked.append((real.__name__, kw["n_boot"], kw.get("n_perm")))
+            return real(*a, **kw)
+        return f
 
-    monkeypatch.setattr(analyses, "background_behaviour", spy)
+    for fn in ("background_behaviour", "background_reliance"):
+        monkeypatch.setattr(analyses, fn, spy(getattr(analyses, fn)))
     doc = audit_model(MODEL, images, boxes=csv, out=tmp_path / "o", n_inits=0, mask_check=1, workers=0,
                       n_boot=37, n_perm=11, progress=False).data
     assert set(doc["mask_sensitivity"]["models"]["model"]) == {"eroded", "dilated"}
-    assert asked.count((37, 11)) == len(asked) >= 2
+    # every call (the audit's, and the mask check's two per mask: eroded and dilated) uses the user's counts
+    assert set(asked) == {("background_behaviour", 37, 11), ("background_reliance", 37, None)}
+    assert min(sum(a[0] == fn for a in asked) for fn in ("background_behaviour", "background_reliance")) >= 3
 
 
 def test_device_auto(monkeypatch):
