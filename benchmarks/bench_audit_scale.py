@@ -38,6 +38,11 @@ ROOT = Path(__file__).resolve().parent.parent
 def _child(args: argparse.Namespace) -> dict:
     import importlib
 
+    if args.src:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from _checkout import use_checkout
+
+        use_checkout(args.src)
     import h5py
     import torch
 

@@ -4,14 +4,36 @@
 ``package.module:callable``, or a module), builds the image splits of the folder with the model's own
 preprocessing (the counterfactuals of :class:`probekit.datasets.Counterfactuals`: ``train``,
 ``test``, ``variants`` and the crossed ``stress``), extracts the model's output and a few layers
-spread over its depth, the same layers of seeded initialisations (``<name>@init<k>``, the reference of
-the representation's background flag) and of an optional teacher, audits the store and writes
-``OUT/acts.h5``, ``OUT/audit.json`` and ``OUT/report.html``. A rerun continues an interrupted one: the
-extraction resumes at its last committed row. When the foreground is approximate (boxes or GrabCut),
-the behaviour figures are recomputed with every mask eroded and dilated by a few pixels, so the report
-shows how much the verdict moves with the masks.
-"""
+spread over its depth, the same layers (not the output) of seeded initialisations (``<name>@init<k>``,
+the reference of the representation's background flag) and of an optional teacher, audits the store
+and writes ``OUT/acts.h5``, ``OUT/audit.json`` and ``OUT/report.html``.
 
+**One pass per split.** Every net that sees a split (the model, its teacher, the inits on the crossed
+split) is fed the same batches, so each image is decoded and composited once per split, in
+``workers`` DataLoader processes beside the forward passes; the model is built once (the inits are
+re-initialised copies of it); GrabCut (``foreground="auto"``) runs once per image, its masks saved in
+``OUT/auto-masks/`` and read by every split and the mask check. One progress bar counts every forward
+pass of the audit; the plan (``cost`` in ``audit.json``) is printed before the work, with a time
+estimate from the first batches.
+
+**Reruns.** A rerun continues an interrupted one (the extraction resumes at its last committed row)
+only when its inputs are the stored run's: the store records a fingerprint of every input that shaped
+its rows (:mod:`probekit._inputs`), and a rerun whose inputs differ is refused in one line naming what
+differs (``overwrite=True`` recomputes). ``audit.json`` records what was audited under ``inputs``.
+
+**The crossed split's size.** ``objects=N`` audits the first N objects of a seeded order;
+``objects="auto"`` grows the split in up to :data:`AUTO_LOOKS` looks (a quarter, half, all of the
+cap; :func:`auto_rounds`) and stops at the first look where ``decide`` says the question is decided
+(default :func:`reliance_decided`: background reliance's interval at level ``1 - 0.05 / AUTO_LOOKS``
+excludes its margin). The verdict is then the audit's ordinary rule on the rows it has. That rule
+at a fixed size falsely flags with probability at most 2.5 % at the margin (one-sided); after
+optional stopping the bound is the union over looks, 2 x 0.83 % + 2.5 % = 4.2 %. The rule's measured
+error rates belong in the verdict's calibration (benchmarks/calibrate_*), not yet run.
+
+When the foreground is approximate (boxes or GrabCut), the behaviour figures are recomputed with every
+mask eroded and dilated by a few pixels (the model's and teacher's outputs only, on the objects the
+audit used, with the audit's ``n_boot`` / ``n_perm``), so the report shows how much the verdict moves.
+"""
 from __future__ import annotations
 
 import copy
@@ -113,17 +135,21 @@ class _MaskJob(Dataset):
         return i, np.ascontiguousarray(self.folder.mask(i))
 
 
+def _mask_path(dest: Path, rel: str) -> Path:
+    return dest / Path(rel).with_suffix(".png")  # a mask folder mirrors the images' paths, any extension
+
+
 def _auto_masks(folder: Any, dest: Path, workers: int) -> Path:
-    """GrabCut once per image, in ``workers`` processes, saved as ``dest/<image path>.png`` (255 =
-    foreground); masks already there (an interrupted run's) are kept. Every split and the mask check
+    """GrabCut once per image, in ``workers`` processes, saved as ``dest/<image path>`` with the
+    extension ``.png`` (255 = foreground); masks already there (an interrupted run's) are kept. Every split and the mask check
     then read these files instead of running GrabCut again."""
     from PIL import Image
 
-    todo = [i for i, rel in enumerate(folder.paths) if not (dest / f"{rel}.png").is_file()]
+    todo = [i for i, rel in enumerate(folder.paths) if not _mask_path(dest, rel).is_file()]
     if todo:
         loader = torch.utils.data.DataLoader(_MaskJob(folder, todo), batch_size=None, num_workers=workers)
         for i, m in loader:
-            path = dest / f"{folder.paths[int(i)]}.png"
+            path = _mask_path(dest, folder.paths[int(i)])
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(path.name + ".tmp")
             Image.fromarray(np.asarray(m, dtype=np.uint8) * 255).save(tmp, format="PNG")

@@ -213,3 +213,34 @@ def test_accuracy_near_chance_warns_with_the_preprocessing():
     assert lines[0] == "accuracy on the original images, good: 90 % [80, 96] (chance 33 %)"
     assert lines[2].startswith("WARNING: bad: accuracy on the original images 40 % is near chance (33 %)")
     assert "[3, 224, 224]" in lines[2] and "--image-size" in lines[2] and len(lines) == 3
+
+
+@pytest.mark.slow
+def test_grabcut_runs_once_per_image_and_its_masks_are_read_back(folder, weights, tmp_path, monkeypatch):
+    pytest.importorskip("cv2")
+    from PIL import Image
+
+    from probekit.datasets import ForegroundFolder
+
+    images, _ = folder
+    real = ForegroundFolder._auto_mask
+    calls = []
+
+    def counted(self, i):
+        calls.append(i)
+        return real(self, i)
+
+    monkeypatch.setattr(ForegroundFolder, "_auto_mask", counted)
+    kw = {"foreground": "auto", "weights": weights, "n_inits": 0, "mask_check": 1, "n_backgrounds": 3, "workers": 0}
+    doc = audit_model(MODEL, images, out=tmp_path / "o", **kw, **FAST).data
+    fresh = ForegroundFolder(images, foreground="auto")
+    assert sorted(calls) == list(range(len(fresh)))  # once per image: every split and the mask check read files
+    assert doc["cost"]["grabcut"] == len(fresh) and set(doc["mask_sensitivity"]["models"]["model"]) == {
+        "eroded", "dilated"}
+    calls.clear()
+    for i, rel in enumerate(fresh.paths):
+        saved = np.asarray(Image.open(tmp_path / "o" / "auto-masks" / rel)) > 0
+        assert np.array_equal(saved, fresh.mask(i))  # the saved mask is GrabCut's (after its fallback)
+    calls.clear()
+    again = audit_model(MODEL, images, out=tmp_path / "o", **kw, **FAST).data  # a rerun reads the saved masks
+    assert calls == [] and again["models"] == doc["models"]
