@@ -244,3 +244,14 @@ def test_grabcut_runs_once_per_image_and_its_masks_are_read_back(folder, weights
     calls.clear()
     again = audit_model(MODEL, images, out=tmp_path / "o", **kw, **FAST).data  # a rerun reads the saved masks
     assert calls == [] and again["models"] == doc["models"]
+
+
+def test_cli_objects_argument():
+    import argparse
+
+    from probekit.cli import _objects_arg
+
+    assert _objects_arg("auto") == "auto" and _objects_arg("40") == 40
+    for bad in ("0", "-3", "many", "2.5"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            _objects_arg(bad)
