@@ -117,6 +117,7 @@ def _child(args: argparse.Namespace) -> dict:
     if args.device != "cpu":
         kwargs["device"] = args.device
     kwargs.update(json.loads(args.extra))
+    torch.manual_seed(0)  # the random model: the same weights before and after the change
     t0 = time.perf_counter()
     result = MA.audit_model(args.model, images, **kwargs)
     wall = time.perf_counter() - t0

@@ -253,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: min(4, cores - 1), 0 on one core); the figures do not depend on it")
     p.add_argument("--objects", type=_objects_arg, default=None, metavar="N|auto",
                    help="objects of the crossed split: N (a seeded subset), or auto (grown in up to 3 looks "
-                   "until the background pull's interval decides; default: all)")
+                   "until background reliance's interval decides; default: all)")
     p.add_argument("--overwrite", action="store_true",
                    help="recompute a store computed from other inputs (default: refuse it, naming what differs; "
                    "a rerun with the same inputs continues)")
