@@ -109,12 +109,12 @@ def check_store(store: str | os.PathLike, fp: Mapping[str, str]) -> bool:
             return False
         raise DataError(f"The store {str(store)!r} holds activations but no record of the inputs they came from "
                         "(written by an older probekit or another command); rerun with --overwrite to "
-                        "recompute it, or give another -o.")
+                        "recompute it, or give another --out-dir.")
     differ = [k for k in sorted(set(stored) | set(fp)) if stored.get(k) != fp.get(k)]
     if differ:
         what = "; ".join(_WHAT.get(k, k) for k in differ)
         raise DataError(f"The store {str(store)!r} was computed from other inputs than this run's ({what} "
-                        "differ); rerun with --overwrite to recompute it, or give another -o.")
+                        "differ); rerun with --overwrite to recompute it, or give another --out-dir.")
     return True
 
 

@@ -38,7 +38,7 @@ def base(tmp_path_factory):
 
 
 def _argv(images, masks, w, out, *extra):
-    return ["audit", MODEL, "--weights", str(w), "--data", str(images), "--masks", str(masks), "-o", str(out),
+    return ["audit", MODEL, "--weights", str(w), "--data", str(images), "--masks", str(masks), "--out-dir", str(out),
             *FAST, *extra]
 
 
@@ -50,7 +50,7 @@ def case(base, tmp_path):
 
 
 def _refused(argv, capsys, needle):
-    store = argv[argv.index("-o") + 1] + "/acts.h5"
+    store = argv[argv.index("--out-dir") + 1] + "/acts.h5"
     before = file_sha256(store)
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
@@ -103,7 +103,7 @@ def test_changed_mask_is_refused(case, capsys):
 
 
 def test_other_foreground_mode_is_refused(case, capsys):
-    _d, images, masks, w, out = case
+    d, images, masks, w, out = case
     rows = []
     for p in sorted(images.rglob("*.png")):
         m = np.asarray(Image.open(masks / p.relative_to(images))) > 0
