@@ -1,8 +1,8 @@
 """``probekit audit`` at scale: one pass over the images, worker processes, any device, the cost model.
 
 Oracles: the forward passes each net makes are counted by a hook on the net itself and compared with
-the split sizes computed by hand from the folder (train + test + 7 variants per test image + objects x
-backgrounds; the inits on the crossed split only); the figures of an audit with worker processes or
+the split sizes computed by hand from the folder (train + test + each variant of each test image +
+objects x backgrounds; the inits on the crossed split only); the figures of an audit with worker processes or
 ``--device auto`` are compared with a plain single-process CPU audit's, field by field.
 """
 
@@ -69,14 +69,15 @@ def test_each_net_sees_each_image_once(folder, tmp_path, monkeypatch):
         handle.remove()
     cf = Counterfactuals(images, masks=masks)  # the audit's defaults: seed 0, 8 backgrounds, half test
     n_train, n_test, n_obj = len(cf.train_indices), len(cf.test_indices), len(cf.stress_indices)
-    model_rows = n_train + n_test + 7 * n_test + n_obj * 8
+    n_var = len(cf.variants)  # original, only_fg, no_fg, only_bg, mixed_same/rand/next, composite_self
+    model_rows = n_train + n_test + n_var * n_test + n_obj * 8
     # three nets: the model on every split, two inits on the crossed split only; no duplicate pass
     assert sorted(seen.values()) == sorted([model_rows, n_obj * 8, n_obj * 8])
     cost = doc["cost"]
     assert cost["forward_passes_total"] == model_rows + 2 * n_obj * 8 == cost["forward_passes_done"]
     assert cost["forward_passes"]["stress"] == {"model": n_obj * 8, "model@init0": n_obj * 8,
                                                 "model@init1": n_obj * 8}
-    assert cost["images_composited"] == {"variants": 6 * n_test, "stress": n_obj * 8}
+    assert cost["images_composited"] == {"variants": (n_var - 1) * n_test, "stress": n_obj * 8}
     assert cost["estimated_seconds"] is None or cost["estimated_seconds"] > 0
     # the inits store the crossed split's layers but not the output (their output is never compared)
     from probekit import open_store
