@@ -61,6 +61,11 @@ class ModelSpec:
     weights_layers : None, False, str, sequence of str, or callable
         Layers whose neuron weight rows are stored: None, the selected Linear / Conv layers; False,
         none; otherwise a layer selection resolved like ``layers``.
+    preprocessing : str
+        What turned the data into inputs (a JSON string, the ``info`` of
+        :func:`probekit.models.preprocessing_for`), stored as the model's ``preprocessing`` attribute
+        when it is declared; resuming a model stored with other preprocessing is refused before the
+        file is opened for writing. Empty: not recorded.
     """
 
     module: nn.Module
@@ -69,6 +74,7 @@ class ModelSpec:
     source: str = ""
     pool: PoolSpec | None = None
     weights_layers: Any = None
+    preprocessing: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -254,7 +260,8 @@ def _check_stored_pools(out: str | os.PathLike, split: str, caps: Mapping[str, C
                     )
 
 
-def _check_resume_fits(out: str | os.PathLike, split: str, samples: Any, shas: Mapping[str, str]) -> None:
+def _check_resume_fits(out: str | os.PathLike, split: str, samples: Any, shas: Mapping[str, str],
+                       pres: Mapping[str, str] | None = None) -> None:
     """The checks ``StoreWriter.add_split`` / ``add_model`` make, on a read-only handle, before the file is
     opened for writing (opening it for writing alone changes its bytes)."""
     from probekit.store import open_store
@@ -285,6 +292,16 @@ def _check_resume_fits(out: str | os.PathLike, split: str, samples: Any, shas: M
                         f"The model {name!r} in {str(out)!r} was extracted from other weights (sha256 "
                         f"{stored[:12]}..., now {sha[:12]}...). Give this model another name (--name) or "
                         "write to another store."
+                    )
+        for name, pre in (pres or {}).items():
+            if name in store.models and pre:
+                before = store.model_attrs(name).get("preprocessing", "")
+                before = before.decode() if isinstance(before, bytes) else str(before or "")
+                if before and before != pre:
+                    raise DataError(
+                        f"The model {name!r} in {str(out)!r} was extracted with other preprocessing (stored "
+                        f"{before[:200]}; now {pre[:200]}). Use the same --image-size/--mean/--std, give this "
+                        "model another name (--name), or write to another store."
                     )
 
 
@@ -336,6 +353,8 @@ def extract_models(
     compression: str | None = None,
     step: int | None = None,
     stop_early: bool = True,
+    progress_bar: Any = None,
+    open_ended: bool = False,
 ) -> Path:
     """Extract pooled activations of one or more models on the same batches into one store.
 
@@ -390,6 +409,13 @@ def extract_models(
         without stopping). Pass False for a model whose later modules have side effects that must happen
         (hooks of its own, statistics it updates). Not applied to ``DataParallel``,
         ``DistributedDataParallel`` and ``torch.compile``d models.
+    progress_bar : object with ``update(n)``, optional
+        A bar shared by several calls (the audit's one bar over all its forward passes): advanced by
+        each batch's forward passes (its samples x the models) instead of a bar of this call's own.
+    open_ended : bool, default False
+        Declare the split without a length, so that a later call may append rows: ``data`` then
+        starts with the rows already committed (the audit's ``objects="auto"`` grows the crossed split
+        in rounds this way). A split declared with a length stays that length.
 
     Returns
     -------
@@ -454,19 +480,20 @@ def extract_models(
     shas = {name: weights_sha256(spec.module) if step is None else "" for name, spec in models.items()}
     if mode == "resume" and Path(out).exists():
         _check_stored_pools(out, split, caps, step)
-        _check_resume_fits(out, split, samples, shas)  # read-only: a refused resume leaves the file as it was
+        # read-only: a refused resume leaves the file as it was
+        _check_resume_fits(out, split, samples, shas, {k: v.preprocessing for k, v in models.items()})
     new_file = not Path(out).exists() or mode == "overwrite"
     writer = StoreWriter(out, mode=mode, compression=compression)
     sink: _SyncSink | _ThreadSink | None = None
     failed = False
     remove_new_file = False  # set on a data error: a file this run created is removed if it holds no row
     try:
-        writer.add_split(split, n_rows=n, has_label=samples.has_label, factor_names=samples.factor_names,
+        writer.add_split(split, n_rows=None if open_ended else n, has_label=samples.has_label, factor_names=samples.factor_names,
                          fields=samples.fields, factor_periods=samples.factor_periods)
         for name, spec in models.items():
             writer.add_model(name, role=spec.role, source=spec.source,
                              weights_sha256=shas[name],
-                             param_count=param_count(spec.module))
+                             param_count=param_count(spec.module), preprocessing=spec.preprocessing)
         committed = {name: writer.committed(split, name, step) for name in models}
         if len(set(committed.values())) > 1:
             raise DataError(
@@ -606,8 +633,8 @@ def extract_models(
             from tqdm.auto import tqdm
 
             row = start
-            with tqdm(total=n, initial=start, disable=not progress, unit="sample", desc=f"extract {', '.join(models)}: {split}"[:60],
-                      leave=False) as bar:
+            with tqdm(total=n, initial=start, disable=not progress or progress_bar is not None, unit="sample",
+                      desc=f"extract {', '.join(models)}: {split}"[:60], leave=False) as bar:
                 for batch in loader:
                     b = len(batch["index"])
                     host_bufs = host_ring.take() if host_ring is not None else None
@@ -678,6 +705,8 @@ def extract_models(
                         sink.put((split, row, smp, acts), None, release)
                     row += b
                     bar.update(b)
+                    if progress_bar is not None:
+                        progress_bar.update(b * len(models))
     except BaseException as e:
         failed = True
         # a data error before any row of a file this run created: leave no empty store behind

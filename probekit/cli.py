@@ -246,7 +246,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask-check", type=int, default=3, metavar="PX",
                    help="erode / dilate approximate masks by PX pixels to show how the verdict moves (0: off)")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--device", default="auto",
+                   help="auto (default: CUDA, then MPS, else CPU; said on stderr), cpu, cuda, cuda:1, ...")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="processes decoding, running GrabCut and compositing beside the forward passes "
+                   "(default: min(4, cores - 1), 0 on one core); the figures do not depend on it")
+    p.add_argument("--objects", type=_objects_arg, default=None, metavar="N|auto",
+                   help="objects of the crossed split: N (a seeded subset), or auto (grown in up to 3 looks "
+                   "until background reliance's interval decides; default: all)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="recompute a store computed from other inputs (default: refuse it, naming what differs; "
+                   "a rerun with the same inputs continues)")
     p.add_argument("--seed", type=int, default=0, help="seed of the splits, backgrounds and every resampling")
     p.add_argument("--n-boot", type=int, default=500, help="bootstrap resamples for 95%% intervals")
     p.add_argument("--n-perm", type=int, default=200, help="permutations of the nulls")
@@ -985,8 +995,20 @@ def _audit_skip_hint(skip: dict[str, Any], args: argparse.Namespace) -> str | No
     return reason
 
 
+def _objects_arg(text: str) -> int | str:
+    if text == "auto":
+        return "auto"
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1 or 'auto', got {text!r}")
+    return n
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
-    from .model_audit import audit_model
+    from .model_audit import accuracy_lines, audit_model
     from .models import parse_model_args
 
     _check_gate(args)
@@ -1009,12 +1031,15 @@ def cmd_audit(args: argparse.Namespace) -> int:
         layers=_csv(args.layers), image_size=args.image_size, mean=args.mean, std=args.std, out=args.out,
         name=args.name, n_backgrounds=args.backgrounds, n_inits=args.inits, test_fraction=args.test_fraction,
         mask_check=args.mask_check, batch_size=args.batch_size, device=args.device, seed=args.seed,
-        n_boot=args.n_boot, n_perm=args.n_perm, progress=not args.no_progress)
+        n_boot=args.n_boot, n_perm=args.n_perm, progress=not args.no_progress, workers=args.workers,
+        objects=args.objects, overwrite=args.overwrite)
     _write_ci(args, result.data)
     if args.json:
         print(json.dumps(result.data, indent=1))
     else:
         _print_summary(result.data, audit_args=args)
+        for line in accuracy_lines(result.data):
+            print(line)
         print(f"\nstore:  {os.path.join(args.out, 'acts.h5')}\naudit:  {os.path.join(args.out, 'audit.json')}\n"
               f"report: {os.path.join(args.out, 'report.html')}  (open it in a browser)")
     return _gate(args, result.data, [])

@@ -187,17 +187,14 @@ def extract(
         specs = {name: ModelSpec(module, layers, role=role, source=src, weights_layers=weights_layers)}
     data = _dataset_of(data, "the data")
     pre = _preprocessing_json(preprocessing)
-    if pre and mode == "resume":
-        _check_preprocessing(out, list(specs), pre)
-    path = extract_models(
+    for spec in specs.values():
+        spec.preprocessing = pre  # recorded as each model is declared (checked read-only on resume)
+    return extract_models(
         specs, data, out=out, split=split, pool=pool, batch_size=batch_size, device=device, dtype=dtype,
         mode=mode, num_workers=num_workers, progress=progress, writer_thread=writer_thread,
         num_prefix_tokens=num_prefix_tokens, output_key=output_key, compression=compression, step=step,
         stop_early=stop_early,
     )
-    if pre:
-        record_preprocessing(path, {k: (v.role, v.source) for k, v in specs.items()}, pre)
-    return path
 
 
 def _preprocessing_json(preprocessing: Mapping[str, Any] | str | None) -> str:
@@ -213,28 +210,6 @@ def _preprocessing_json(preprocessing: Mapping[str, Any] | str | None) -> str:
         return json.dumps(dict(preprocessing), sort_keys=True)
     except (TypeError, ValueError) as e:
         raise DataError(f"The 'preprocessing' parameter must be JSON-able ({e}).") from e
-
-
-def _check_preprocessing(out: str | os.PathLike, names: Sequence[str], pre: str) -> None:
-    """Refuse, read-only and before extraction, to resume a model stored with other preprocessing."""
-    if not Path(out).is_file():
-        return
-    import h5py
-
-    try:
-        with h5py.File(out, "r") as f:
-            stored = {n: f["models"][n].attrs.get("preprocessing", "") for n in names
-                      if "models" in f and n in f["models"]}
-    except OSError:
-        return  # not readable as HDF5: the pipeline's own checks name the problem
-    for n, before in stored.items():
-        before = before.decode() if isinstance(before, bytes) else str(before)
-        if before and before != pre:
-            raise DataError(
-                f"The model {n!r} in {str(out)!r} was extracted with other preprocessing (stored "
-                f"{before[:200]}; now {pre[:200]}). Use the same --image-size/--mean/--std, give this model "
-                "another name (--name), or write to another store."
-            )
 
 
 def record_preprocessing(out: str | os.PathLike, models: Mapping[str, tuple[str, str]],
@@ -303,10 +278,6 @@ def extract_pair(
     for key, m, role, src in zip(names, (teacher, student), ("teacher", "student"), sources, strict=True):
         module, src = _module_and_source(m, src)
         lay = layers[key] if isinstance(layers, Mapping) else layers
-        specs[key] = ModelSpec(module, lay, role=role, source=src, weights_layers=weights_layers)
-    if pre and kwargs.get("mode") == "resume":
-        _check_preprocessing(out, list(specs), pre)
-    path = extract_models(specs, _dataset_of(data, "the data"), out=out, **kwargs)
-    if pre:
-        record_preprocessing(path, {k: (v.role, v.source) for k, v in specs.items()}, pre)
-    return path
+        specs[key] = ModelSpec(module, lay, role=role, source=src, weights_layers=weights_layers,
+                               preprocessing=pre)
+    return extract_models(specs, _dataset_of(data, "the data"), out=out, **kwargs)

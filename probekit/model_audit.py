@@ -4,30 +4,60 @@
 ``package.module:callable``, or a module), builds the image splits of the folder with the model's own
 preprocessing (the counterfactuals of :class:`probekit.datasets.Counterfactuals`: ``train``,
 ``test``, ``variants`` and the crossed ``stress``), extracts the model's output and a few layers
-spread over its depth, the same layers of seeded initialisations (``<name>@init<k>``, the reference of
-the representation's background flag) and of an optional teacher, audits the store and writes
-``OUT/acts.h5``, ``OUT/audit.json`` and ``OUT/report.html``. A rerun continues an interrupted one: the
-extraction resumes at its last committed row. When the foreground is approximate (boxes or GrabCut),
-the behaviour figures are recomputed with every mask eroded and dilated by a few pixels, so the report
-shows how much the verdict moves with the masks.
-"""
+spread over its depth, the same layers (not the output) of seeded initialisations (``<name>@init<k>``,
+the reference of the representation's background flag) and of an optional teacher, audits the store
+and writes ``OUT/acts.h5``, ``OUT/audit.json`` and ``OUT/report.html``.
 
+**One pass per split.** Every net that sees a split (the model, its teacher, the inits on the crossed
+split) is fed the same batches, so each image is decoded and composited once per split, in
+``workers`` DataLoader processes beside the forward passes; the model is built once (the inits are
+re-initialised copies of it); GrabCut (``foreground="auto"``) runs once per image, its masks saved in
+``OUT/auto-masks/`` and read by every split and the mask check. One progress bar counts every forward
+pass of the audit; the plan (``cost`` in ``audit.json``) is printed before the work, with a time
+estimate from the first batches.
+
+**Reruns.** A rerun continues an interrupted one (the extraction resumes at its last committed row)
+only when its inputs are the stored run's: the store records a fingerprint of every input that shaped
+its rows (:mod:`probekit._inputs`), and a rerun whose inputs differ is refused in one line naming what
+differs (``overwrite=True`` recomputes). ``audit.json`` records what was audited under ``inputs``.
+
+**The crossed split's size.** ``objects=N`` audits the first N objects of a seeded order;
+``objects="auto"`` grows the split in up to :data:`AUTO_LOOKS` looks (a quarter, half, all of the
+cap; :func:`auto_rounds`) and stops at the first look where ``decide`` says the question is decided
+(default :func:`reliance_decided`: background reliance's interval at level ``1 - 0.05 / AUTO_LOOKS``
+excludes its margin). The verdict is then the audit's ordinary rule on the rows it has. That rule
+at a fixed size falsely flags with probability at most 2.5 % at the margin (one-sided); after
+optional stopping the bound is the union over looks, 2 x 0.83 % + 2.5 % = 4.2 %. The rule's measured
+error rates belong in the verdict's calibration (benchmarks/calibrate_*), not yet run.
+
+When the foreground is approximate (boxes or GrabCut), the behaviour figures are recomputed with every
+mask eroded and dilated by a few pixels (the model's and teacher's outputs only, on the objects the
+audit used, with the audit's ``n_boot`` / ``n_perm``), so the report shows how much the verdict moves.
+"""
 from __future__ import annotations
 
+import copy
+import json
 import os
+import shutil
 import sys
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
-from .errors import DataError
+from . import _inputs
+from ._inputs import fingerprint
+from .errors import DataError, ProbekitError
 from .extractors import default_layers
 
-__all__ = ["audit_model", "default_layers"]
+__all__ = ["AUTO_LOOKS", "accuracy_check", "accuracy_lines", "audit_model", "auto_rounds", "default_layers",
+           "default_workers", "reliance_decided", "resolve_device"]
 
 SPLITS = ("train", "test", "stress", "variants")
 
@@ -37,29 +67,173 @@ def _say(progress: bool, text: str) -> None:
         print(f"probekit audit: {text}", file=sys.stderr, flush=True)
 
 
-def _seeded_init(spec: Any, loaded: Any, k: int) -> nn.Module:
-    """The same architecture freshly initialised with seed ``k`` (no weights loaded)."""
-    from .models import load_model
+def resolve_device(device: str) -> str:
+    """``"auto"``: CUDA when available, then Apple's MPS, else the CPU; any other name as given."""
+    if device != "auto":
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return "mps"
+    return "cpu"
 
+
+def default_workers() -> int:
+    """DataLoader worker processes for decoding, GrabCut and compositing: min(4, cores - 1), 0 on one core."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return 0 if cores <= 1 else min(4, cores - 1)
+
+
+def _init_net(module: nn.Module, k: int) -> nn.Module:
+    """The same architecture freshly initialised with seed ``10_000 + k``: a copy of the built model
+    (not loaded again) whose every module with ``reset_parameters`` is reset, then the model's own
+    ``init_weights()`` where it has one (timm's initialisation), so the copy starts as a fresh build
+    would."""
     torch.manual_seed(10_000 + k)
-    if isinstance(spec, nn.Module):
-        import copy
+    net = copy.deepcopy(module)
+    for m in net.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    init = getattr(net, "init_weights", None)
+    if callable(init):
+        try:
+            init()
+        except TypeError:  # an init_weights that needs arguments: the reset above stands
+            pass
+    return net.eval()
 
-        net = copy.deepcopy(spec)
-        for m in net.modules():
-            if hasattr(m, "reset_parameters"):
-                m.reset_parameters()
-        return net.eval()
-    return load_model(spec, model_args=loaded.model_args).module.eval()
+
+class _Rows(Dataset):
+    """Rows ``rows`` of a dataset, in that order (picklable, for DataLoader workers)."""
+
+    def __init__(self, data: Any, rows: np.ndarray) -> None:
+        self.data, self.rows = data, np.asarray(rows, dtype=np.int64)
+        self.factor_names = getattr(data, "factor_names", None)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, k: int) -> Any:
+        return self.data[int(self.rows[k])]
 
 
-def _predict(net: nn.Module, data: Any, batch_size: int, device: str) -> np.ndarray:
-    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False)
-    out = []
-    with torch.no_grad():
-        for batch in loader:
-            out.append(net(batch["x"].to(device)).argmax(dim=1).cpu().numpy())
-    return np.concatenate(out)
+class _MaskJob(Dataset):
+    """The foreground mask of each image of a folder (GrabCut runs here, in the DataLoader's workers)."""
+
+    def __init__(self, folder: Any, todo: Sequence[int]) -> None:
+        self.folder, self.todo = folder, list(todo)
+
+    def __len__(self) -> int:
+        return len(self.todo)
+
+    def __getitem__(self, k: int) -> tuple[int, np.ndarray]:
+        i = self.todo[k]
+        return i, np.ascontiguousarray(self.folder.mask(i))
+
+
+def _mask_path(dest: Path, rel: str) -> Path:
+    return dest / Path(rel).with_suffix(".png")  # a mask folder mirrors the images' paths, any extension
+
+
+def _auto_masks(folder: Any, dest: Path, workers: int) -> Path:
+    """GrabCut once per image, in ``workers`` processes, saved as ``dest/<image path>`` with the
+    extension ``.png`` (255 = foreground); masks already there (an interrupted run's) are kept. Every split and the mask check
+    then read these files instead of running GrabCut again."""
+    from PIL import Image
+
+    todo = [i for i, rel in enumerate(folder.paths) if not _mask_path(dest, rel).is_file()]
+    if todo:
+        loader = torch.utils.data.DataLoader(_MaskJob(folder, todo), batch_size=None, num_workers=workers)
+        for i, m in loader:
+            path = _mask_path(dest, folder.paths[int(i)])
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            Image.fromarray(np.asarray(m, dtype=np.uint8) * 255).save(tmp, format="PNG")
+            os.replace(tmp, path)
+    return dest
+
+
+class _Progress:
+    """One bar over every forward pass of the audit, and the time estimate from its first batches."""
+
+    def __init__(self, total: int, show: bool, batch_size: int) -> None:
+        from tqdm.auto import tqdm
+
+        self.total, self.show, self.batch_size = total, show, batch_size
+        self.bar = tqdm(total=total, disable=not show, unit="pass", desc="probekit audit", leave=False)
+        self.t0 = time.perf_counter()
+        self.done = 0
+        self._first: tuple[float, int] | None = None
+        self.estimate: float | None = None
+
+    def update(self, n: int) -> None:
+        self.done += n
+        self.bar.update(n)
+        now = time.perf_counter()
+        if self._first is None:  # the first batch pays for warm-up: the estimate starts after it
+            self._first = (now, self.done)
+        elif self.estimate is None and self.done - self._first[1] >= 2 * self.batch_size:
+            rate = (now - self._first[0]) / (self.done - self._first[1])
+            self.estimate = (now - self.t0) + rate * max(0, self.total - self.done)
+            if self.show:
+                self.bar.write(f"probekit audit: about {_duration(self.estimate)} for {self.total:,} forward "
+                               "passes (estimated from the first batches)")
+
+    def set_total(self, total: int) -> None:
+        """The passes left changed (``objects="auto"`` stopped early; the mask check's nets are known)."""
+        self.total = self.bar.total = total
+        self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _duration(s: float) -> str:
+    return f"{s:.0f} s" if s < 90 else f"{s / 60:.1f} min" if s < 5400 else f"{s / 3600:.1f} h"
+
+
+Decide = Callable[..., bool]
+
+
+def reliance_decided(pred: np.ndarray, group: np.ndarray, background: np.ndarray, label: np.ndarray | None,
+                     background_label: np.ndarray | None, *, ci_level: float, n_boot: int, seed: int) -> bool:
+    """Default decision of ``objects="auto"``: background reliance's interval (at ``ci_level``) lies
+    wholly above or wholly below its margin (:func:`probekit.analyses.background_reliance`); never
+    decided when reliance cannot be computed (no background classes)."""
+    from .analyses import background_reliance
+
+    if label is None:
+        return False
+    r = background_reliance(pred, group, background, label=label, background_label=background_label,
+                            n_boot=n_boot, ci_level=ci_level, random_state=seed)
+    if r.reliance_ci is None:
+        return False
+    lo, hi = r.reliance_ci
+    return bool(lo > r.margin or hi < r.margin)
+
+
+AUTO_LOOKS = 3
+"""Looks of ``objects="auto"``: at a quarter, half and all of the cap (at least ``AUTO_MIN_OBJECTS``)."""
+AUTO_MIN_OBJECTS = 10
+
+
+def auto_rounds(n_cap: int, looks: int = AUTO_LOOKS, first: int = AUTO_MIN_OBJECTS) -> list[int]:
+    """Object counts at each look of ``objects="auto"``: doubling up to ``n_cap``, at most ``looks``."""
+    sizes = sorted({min(n_cap, max(first, -(-n_cap // 2 ** (looks - 1 - r)))) for r in range(looks)})
+    return sizes
+
+
+def _object_order(n: int, seed: int) -> np.ndarray:
+    """The crossed split's objects in a seeded order: ``objects=N`` takes the first N, ``auto`` grows it."""
+    return np.random.default_rng([seed, 3]).permutation(n)
+
+
+def _stress_rows(order: np.ndarray, n_objects: int, n_bg: int) -> np.ndarray:
+    return (order[:n_objects, None] * n_bg + np.arange(n_bg)[None, :]).ravel()
 
 
 def audit_model(
@@ -88,13 +262,21 @@ def audit_model(
     test_fraction: float = 0.5,
     mask_check: int = 3,
     batch_size: int = 32,
-    device: str = "cpu",
+    device: str = "auto",
     seed: int = 0,
     n_boot: int = 500,
     n_perm: int = 200,
     progress: bool = True,
+    workers: int | None = None,
+    objects: int | str | None = None,
+    decide: Decide | None = None,
+    overwrite: bool = False,
 ) -> Any:
     """Audit a model on a folder of images with foregrounds; write the store, the JSON and the report.
+
+    Every net that sees a split (the model, its teacher, the seeded initialisations on the crossed
+    split) is fed the same batches in one pass over its images, so each image is decoded and
+    composited once per split; GrabCut (``foreground="auto"``) runs once per image.
 
     Parameters
     ----------
@@ -109,93 +291,350 @@ def audit_model(
     image_size, mean, std : override the model's preprocessing
     out : output folder: ``acts.h5``, ``audit.json``, ``report.html``
     n_backgrounds : backgrounds of the crossed stress split
-    n_inits : seeded initialisations extracted as the representation's reference (0: none)
+    n_inits : seeded initialisations extracted as the representation's reference (0: none); they see
+        the crossed split's layers only (their output is not compared)
     mask_check : erode and dilate approximate masks by this many pixels to show how the verdict moves
+    device : ``"cpu"``, ``"cuda"``, ... or ``"auto"`` (CUDA, then MPS, else CPU; said on stderr)
+    n_boot, n_perm : resamples of every interval and permutation null (the mask check's too)
+    workers : DataLoader worker processes decoding, running GrabCut and compositing beside the forward
+        passes (default :func:`default_workers`); the figures do not depend on it
+    objects : objects (foreground images) of the crossed split: all (None), the first N of a seeded
+        order, or ``"auto"``: grown in up to :data:`AUTO_LOOKS` looks (:func:`auto_rounds`) until
+        ``decide`` says the model's predictions decide the question
+    decide : ``decide(pred, group, background, label, background_label) -> bool`` for ``objects="auto"``;
+        default: :func:`reliance_decided` at level ``1 - 0.05 / AUTO_LOOKS`` (Bonferroni over the looks)
+    overwrite : replace a store computed from other inputs (default: refuse it in one line naming what
+        differs; a store of the same inputs is continued)
     """
     from .audit import audit
     from .datasets import Counterfactuals
-    from .extraction import extract
+    from .extractors import ModelSpec, extract_models
     from .models import load_model, preprocessing_for
 
     if isinstance(foreground, str) and foreground != "auto":
         raise DataError(f"--foreground must be 'auto' (GrabCut); got {foreground!r}. Give --masks or --boxes otherwise.")
+    if objects is not None and objects != "auto" and (not isinstance(objects, int) or objects < 1):
+        raise DataError(f"--objects must be a whole number >= 1 or 'auto'; got {objects!r}.")
+    for what, v in (("n_boot", n_boot), ("n_perm", n_perm)):
+        if not isinstance(v, int) or v < 1:
+            raise DataError(f"--{what.replace('_', '-')} must be a whole number >= 1; got {v!r}.")
+    workers = default_workers() if workers is None else int(workers)
+    if workers < 0:
+        raise DataError(f"--workers must be 0 or more; got {workers}.")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise DataError(f"The output {str(out)!r} is a file; give a folder for -o (acts.h5, audit.json, report.html).")
+    dev = resolve_device(device)
+    if device == "auto":
+        _say(progress, f"device: {dev}")
+    t_start = time.perf_counter()
     loaded = load_model(model, weights=weights, model_args=model_args, pretrained=pretrained,
                         allow_pickle=allow_pickle)
     transform, pre = preprocessing_for(loaded, image_size=image_size, mean=mean, std=std)
+    pre_json = json.dumps(pre, sort_keys=True)
     _say(progress, f"preprocessing: {pre.get('note') or ', '.join(pre.get('steps', []))}")
     folder_kwargs = {k: v for k, v in (("masks", masks), ("boxes", boxes), ("foreground", foreground),
                                        ("factors", factors)) if v is not None}
-    cf = Counterfactuals(data, seed=seed, n_backgrounds=n_backgrounds, test_fraction=test_fraction,
-                         transform=transform, **folder_kwargs)
-    if not cf.folder.has_labels:
+    cf_kwargs = {"seed": seed, "n_backgrounds": n_backgrounds, "test_fraction": test_fraction,
+                 "transform": transform}
+    cf = Counterfactuals(data, **cf_kwargs, **folder_kwargs)
+    folder = cf.folder
+    if not folder.has_labels:
         raise DataError(f"The image folder {str(data)!r} has no class folders; the audit needs each image's "
                         "class (DIR/<class>/<image>).")
-    splits = {sp: cf.split(sp) for sp in SPLITS if sp != "train" or len(cf.train_indices)}
+    t_model = None
+    if teacher is not None:
+        t_model = load_model(teacher, weights=teacher_weights, model_args=teacher_args, allow_pickle=allow_pickle)
     chosen = list(layers) if layers else default_layers(loaded.module)
     chosen = [la for la in chosen if la != "@output"] + ["@output"]
-    nets: dict[str, nn.Module] = {name: loaded.module}
-    roles = {name: "student" if teacher is not None else "model"}
-    sources = {name: loaded.source}
-    if teacher is not None:
-        t = load_model(teacher, weights=teacher_weights, model_args=teacher_args, allow_pickle=allow_pickle)
-        nets["teacher"], roles["teacher"], sources["teacher"] = t.module, "teacher", t.source
-    inits = {f"{name}@init{k}": _seeded_init(model, loaded, k) for k in range(n_inits)}
+    inputs = _inputs_record(data, folder, cf, model, loaded, weights, t_model, teacher, teacher_weights)
+    fp = fingerprint({
+        "images": inputs["images_sha256"], "classes": inputs["classes"],
+        "foreground": {k: v for k, v in inputs["foreground"].items() if k != "masks"},  # contents, not paths
+        "factors": inputs["factors"], "fill": inputs["fill"],
+        "splits": {"seed": seed, "test_fraction": test_fraction, "backgrounds": n_backgrounds,
+                   "variants": list(cf.variants), "objects": objects},
+        "model": _contents(inputs["model"]), "teacher": _contents(inputs["teacher"]),
+        "preprocessing": pre_json, "layers": chosen, "inits": n_inits})
+    inputs["fingerprint"] = fp
+
     out.mkdir(parents=True, exist_ok=True)
     store = out / "acts.h5"
-    mode = "resume" if store.exists() else "overwrite"
-    _say(progress, f"layers {chosen}; {len(cf.test_indices)} test images, {len(cf.stress_indices)} objects x "
-                   f"{n_backgrounds} backgrounds; store {store}" + (" (continuing)" if mode == "resume" else ""))
-    for i, (sp, ds) in enumerate(splits.items()):
-        _say(progress, f"[{i + 1}/{len(splits)}] extracting {sp} ({len(ds)} images): {', '.join(nets)}")
-        for nm, net in nets.items():
-            extract(net, ds, layers=chosen, out=store, split=sp, name=nm, role=roles[nm], source=sources[nm],
-                    batch_size=batch_size, device=device, mode=mode, progress=progress,
-                    preprocessing=pre)
-            mode = "resume"
-        if sp == "stress":  # the initialisations are the representation's reference: the crossed split only
-            for nm, net in inits.items():
-                extract(net, ds, layers=chosen, out=store, split=sp, name=nm, role="model",
-                        source=loaded.source, batch_size=batch_size, device=device, mode="resume",
-                        progress=progress, weights_layers=False, preprocessing=pre)
-    _say(progress, "auditing")
-    result = audit(store, train="train", test_id="test", test_ood="", stress="stress", variants="variants",
-                   n_boot=n_boot, n_perm=n_perm, random_state=seed, progress=progress)
-    doc = result.data
-    doc["preprocessing"] = pre
-    if cf.folder.mode != "masks" and mask_check > 0:
-        _say(progress, f"how the verdict moves with the masks (eroded / dilated by {mask_check} px)")
-        doc["mask_sensitivity"] = _mask_sensitivity(nets, doc, data, folder_kwargs, cf, transform, mask_check,
-                                                    batch_size, device, seed)
+    auto_dir = out / "auto-masks"
+    continuing = False if overwrite else _inputs.check_store(store, fp)
+    if not continuing:
+        if auto_dir.exists():
+            shutil.rmtree(auto_dir)
+        _inputs.write_store(store, fp)
+    if folder.mode == "auto":  # GrabCut once per image; every split and the mask check read the files
+        _say(progress, f"foreground: GrabCut on {len(folder):,} images ({workers} workers)")
+        folder_kwargs = {"masks": _auto_masks(folder, auto_dir, workers),
+                         **({"factors": factors} if factors is not None else {})}
+        cf = Counterfactuals(data, **cf_kwargs, verify="header", **folder_kwargs)
+
+    # the nets, built once: the model, its teacher, seeded inits as copies of the model re-initialised
+    nets: dict[str, ModelSpec] = {name: ModelSpec(loaded.module, chosen, role="student" if t_model else "model",
+                                                  source=loaded.source, preprocessing=pre_json)}
+    if t_model is not None:
+        nets["teacher"] = ModelSpec(t_model.module, chosen, role="teacher", source=t_model.source,
+                                    preprocessing=pre_json)
+    inner = [la for la in chosen if la != "@output"]
+    inits = {f"{name}@init{k}": ModelSpec(_init_net(loaded.module, k), inner, role="model", source=loaded.source,
+                                          weights_layers=False, preprocessing=pre_json)
+             for k in range(n_inits if inner else 0)}
+
+    splits = {sp: cf.split(sp) for sp in SPLITS if sp != "train" or len(cf.train_indices)}
+    n_bg = len(cf.backgrounds)
+    order = _object_order(len(cf.stress_indices), seed)
+    n_all = len(cf.stress_indices)
+    cap = n_all if objects in (None, "auto") else min(int(objects), n_all)
+    looks = auto_rounds(cap) if objects == "auto" else [cap]
+    stress_full = splits["stress"]
+    plan = {sp: {nm: len(ds) for nm in nets} for sp, ds in splits.items() if sp != "stress"}
+    plan["stress"] = {nm: cap * n_bg for nm in (*nets, *inits)}
+    heads = list(nets)  # the nets whose output the mask check reads (narrowed to those with one below)
+    check = folder.mode != "masks" and mask_check > 0
+    if check:
+        plan["mask check"] = {nm: 2 * cap * n_bg for nm in heads}
+    total = sum(sum(v.values()) for v in plan.values())
+    cost: dict[str, Any] = {
+        "device": dev, "workers": workers, "batch_size": batch_size,
+        "forward_passes": plan, "forward_passes_total": total,
+        "images": {sp: (cap * n_bg if sp == "stress" else len(ds)) for sp, ds in splits.items()},
+        "images_composited": {"variants": len(cf.test_indices) * sum(v != "original" for v in cf.variants),
+                              "stress": cap * n_bg, **({"mask check": 2 * cap * n_bg} if check else {})},
+        "grabcut": len(folder) if folder.mode == "auto" else 0,
+        "objects": {"requested": objects, "available": n_all, "looks": looks},
+    }
+    _say(progress, f"layers {chosen}; {len(cf.test_indices)} test images, {cap} of {n_all} objects x {n_bg} "
+                   f"backgrounds" + (f" (up to {len(looks)} looks: {looks})" if objects == "auto" else "")
+                   + f"; {total:,} forward passes on {dev}, {workers} workers; store {store}"
+                   + (" (continuing)" if continuing else ""))
+    bar = _Progress(total, progress, batch_size)
+    n_used = cap
+    # stop_early=False: every net but the inits needs its output anyway, and the early stop's check pass
+    # over two samples per split would be a duplicate forward pass
+    common = {"out": store, "batch_size": batch_size, "device": dev, "mode": "resume", "num_workers": workers,
+              "progress": False, "progress_bar": bar, "stop_early": False}
+    looks_done: list[dict[str, Any]] = []
+    try:
+        for sp, ds in splits.items():
+            if sp != "stress":
+                extract_models(nets, ds, split=sp, **common)
+                continue
+            specs = {**nets, **inits}
+            if objects is None:
+                extract_models(specs, ds, split=sp, **common)
+                continue
+            for r, n_obj in enumerate(looks):
+                rows = _Rows(stress_full, _stress_rows(order, n_obj, n_bg))
+                extract_models(specs, rows, split=sp, open_ended=True, **common)
+                n_used = n_obj
+                if r == len(looks) - 1:
+                    break
+                decided = _decided(store, name, sp, n_obj * n_bg, decide, n_boot, seed)
+                looks_done.append({"objects": n_obj, "decided": decided})
+                if decided:
+                    break
+    except ProbekitError:
+        bar.close()
+        if not continuing:  # a run that fails on its inputs before any row leaves nothing behind
+            _remove_if_empty(store, out)
+        raise
+    try:
+        t_extract = time.perf_counter() - t_start
+        _say(progress, "auditing")
+        result = audit(store, train="train", test_id="test", test_ood="", crossed="stress", variants="variants",
+                       n_boot=n_boot, n_perm=n_perm, random_state=seed, progress=progress)
+        doc = result.data
+        doc["preprocessing"] = pre
+        if check:
+            heads = [m for m in heads if (doc["models"].get(m, {}).get("behaviour") or {}).get("from_output")]
+            bar.set_total(bar.done + 2 * n_used * n_bg * len(heads))
+            _say(progress, f"how the verdict moves with the masks (eroded / dilated by {mask_check} px)")
+            doc["mask_sensitivity"] = _mask_sensitivity(
+                {m: nets[m].module for m in heads}, data, folder_kwargs, cf_kwargs, order, n_used, mask_check,
+                batch_size, dev, seed, n_boot, n_perm, workers, bar)
+        else:
+            bar.set_total(bar.done)
+    finally:
+        bar.close()
+    cost["objects"].update({"used": n_used, "looks_done": looks_done})
+    cost.update({"estimated_seconds": bar.estimate, "forward_passes_done": bar.done,
+                 "seconds_extraction": t_extract, "seconds": time.perf_counter() - t_start})
+    doc["cost"] = cost
+    doc["inputs"] = {k: v for k, v in inputs.items() if k != "images_sha256"}
+    doc["accuracy_check"] = accuracy_check(doc)
     result.to_json(out / "audit.json")
     result.to_html(out / "report.html")
     _say(progress, f"wrote {out / 'audit.json'} and {out / 'report.html'}")
     return result
 
 
-def _mask_sensitivity(nets: Mapping[str, nn.Module], doc: Mapping[str, Any], data: Any,
-                      folder_kwargs: Mapping[str, Any], cf: Any, transform: Any, k: int, batch_size: int,
-                      device: str, seed: int) -> dict[str, Any]:
-    """Behaviour figures of models read from their own output, with every mask eroded / dilated by k px."""
-    from .analyses import background_behaviour
+def _remove_if_empty(store: Path, out: Path) -> None:
+    """Remove a store this run created that holds no committed row, and ``out`` when that empties it."""
+    from .store import open_store
+
+    try:
+        with open_store(store) as s:
+            empty = all(s.n_rows(sp) == 0 for sp in s.splits)
+    except (OSError, ProbekitError):
+        return
+    if empty:
+        store.unlink(missing_ok=True)
+        shutil.rmtree(out / "auto-masks", ignore_errors=True)
+        if not any(out.iterdir()):
+            out.rmdir()
+
+
+def _decided(store: Path, name: str, split: str, n_rows: int, decide: Decide | None, n_boot: int,
+             seed: int) -> bool:
+    """Whether the model's predictions on the first ``n_rows`` rows of the crossed split decide."""
+    from .store import open_store
+
+    with open_store(store) as s:
+        pred = np.asarray(s.acts(name, split, "@output")[:n_rows]).argmax(axis=1)
+        f = {k: np.asarray(s.sample_field(split, k))[:n_rows] if s.has_field(split, k) else None
+             for k in ("group", "background", "label", "background_label")}
+    if decide is None:
+        return reliance_decided(pred, f["group"], f["background"], f["label"], f["background_label"],
+                                ci_level=1 - 0.05 / AUTO_LOOKS, n_boot=n_boot, seed=seed)
+    return bool(decide(pred, f["group"], f["background"], f["label"], f["background_label"]))
+
+
+def _contents(net: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """A net's record without the checkpoint's path (a moved file with the same bytes is the same input)."""
+    return None if net is None else {k: v for k, v in net.items() if k != "checkpoint"}
+
+
+def _inputs_record(data: Any, folder: Any, cf: Any, model: Any, loaded: Any, weights: Any, t_model: Any,
+                   teacher: Any, teacher_weights: Any) -> dict[str, Any]:
+    """What was audited (``audit.json`` ``inputs``), with the hashes the store's fingerprint is made of."""
+    try:
+        import cv2
+        opencv = str(cv2.__version__)
+    except ImportError:
+        opencv = None
+    counts = np.bincount(folder.labels, minlength=folder.num_classes)
+    fg: dict[str, Any] = {"mode": folder.mode, "mask_adjust": folder.mask_adjust}
+    if folder.mode == "masks":
+        fg["masks"] = str(Path(folder.masks_dir).resolve())
+        fg["masks_sha256"] = _inputs.files_sha256(folder.masks_dir, folder._mask_files)
+        fg["mask_threshold"] = folder.mask_threshold
+    if folder.boxes is not None:
+        fg["boxes_sha256"] = _inputs.fingerprint({"b": sorted(folder.boxes.items())})["b"]
+    if folder.mode == "auto":
+        fg["auto_box"] = folder.auto_box
+        fg["opencv"] = opencv  # GrabCut's masks may differ between OpenCV versions
+
+    def net(spec: Any, lm: Any, w: Any) -> dict[str, Any]:
+        from .extractors._weights import weights_sha256
+
+        return {"spec": lm.source if not isinstance(spec, nn.Module) else type(spec).__name__,
+                "checkpoint": None if w is None else str(Path(w).resolve()),
+                "checkpoint_sha256": None if w is None else _inputs.file_sha256(w),
+                "weights_sha256": weights_sha256(lm.module), "model_args": dict(lm.model_args)}
+
+    factors = folder.factors
+    return {
+        "folder": str(Path(data).resolve()), "n_images": len(folder),
+        "classes": {c: int(n) for c, n in zip(folder.classes, counts, strict=True)},
+        "images_sha256": _inputs.files_sha256(folder.root, folder.paths),
+        "foreground": fg,
+        "factors": None if factors is None else {"names": folder.factor_names,
+                                                 "sha256": _inputs.fingerprint({"f": factors.tolist()})["f"]},
+        "fill": {"method": cf.fill, "opencv": opencv},
+        "model": net(model, loaded, weights),
+        "teacher": None if t_model is None else net(teacher, t_model, teacher_weights),
+    }
+
+
+def _mask_sensitivity(heads: Mapping[str, nn.Module], data: Any, folder_kwargs: Mapping[str, Any],
+                      cf_kwargs: Mapping[str, Any], order: np.ndarray, n_objects: int, k: int, batch_size: int,
+                      device: str, seed: int, n_boot: int, n_perm: int, workers: int,
+                      bar: _Progress) -> dict[str, Any]:
+    """Behaviour figures of the models read from their own output, with every mask eroded / dilated by k
+    px, on the crossed split's objects the audit used; intervals with the audit's n_boot / n_perm."""
+    from .analyses import background_behaviour, background_reliance
     from .datasets import Counterfactuals
 
-    out: dict[str, Any] = {"pixels": k, "models": {}}
-    heads = [m for m in nets if (doc["models"].get(m, {}).get("behaviour") or {}).get("from_output")]
+    out: dict[str, Any] = {"pixels": k, "models": {}, "n_objects": n_objects}
     for adjust in (-k, k):
-        alt = Counterfactuals(data, seed=seed, n_backgrounds=cf.n_backgrounds, test_fraction=cf.test_fraction,
-                              transform=transform, mask_adjust=adjust, **folder_kwargs)
-        ds = alt.split("stress")
-        where = np.array([ds.locate(i)[::2] for i in range(len(ds))])  # (foreground image, background image)
+        key = "eroded" if adjust < 0 else "dilated"
+        try:
+            alt = Counterfactuals(data, **cf_kwargs, mask_adjust=adjust, verify="header", **folder_kwargs)
+        except DataError as e:  # e.g. a mask that erodes to nothing
+            out.setdefault("skipped", {})[key] = str(e)
+            continue
+        full = alt.split("stress")
+        rows = _stress_rows(order, n_objects, len(alt.backgrounds)) if n_objects < len(alt.stress_indices) \
+            else np.arange(len(full))
+        ds = _Rows(full, rows)
+        where = np.array([full.locate(int(i))[::2] for i in rows])  # (foreground image, background image)
         labels = alt.folder.labels
-        for m in heads:
-            pred = _predict(nets[m], ds, batch_size, device)
-            r = background_behaviour(pred, where[:, 0], where[:, 1], label=labels[where[:, 0]],
-                                     background_label=labels[where[:, 1]], n_boot=200, n_perm=100,
+        preds = _predict(heads, ds, batch_size, device, workers, bar)
+        for m, pred in preds.items():
+            g, b, lab, blab = where[:, 0], where[:, 1], labels[where[:, 0]], labels[where[:, 1]]
+            r = background_behaviour(pred, g, b, label=lab, background_label=blab, n_boot=n_boot, n_perm=n_perm,
                                      random_state=seed)
-            out["models"].setdefault(m, {})["eroded" if adjust < 0 else "dilated"] = {
+            rel = background_reliance(pred, g, b, label=lab, background_label=blab, n_boot=n_boot,
+                                      random_state=seed)
+            out["models"].setdefault(m, {})[key] = {
                 "flip_rate": r.flip_rate, "pull": r.pull, "follows_background": r.follows_background,
-                "flagged": r.flagged}
+                "reliance": {"value": rel.reliance, "ci": None if rel.reliance_ci is None else list(rel.reliance_ci)},
+                "flagged": rel.shortcut}  # the shortcut finding's rule (schema 3): reliance above its margin
     return out
+
+
+def _predict(nets: Mapping[str, nn.Module], data: Any, batch_size: int, device: str, workers: int,
+             bar: _Progress) -> dict[str, np.ndarray]:
+    """Each net's predicted classes on ``data``, every net fed the same batches."""
+    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=workers)
+    out: dict[str, list[np.ndarray]] = {m: [] for m in nets}
+    with torch.no_grad():
+        for batch in loader:
+            x = batch["x"].to(device)
+            for m, net in nets.items():
+                out[m].append(net(x).argmax(dim=1).cpu().numpy())
+            bar.update(len(x) * len(nets))
+    return {m: np.concatenate(v) for m, v in out.items()}
+
+
+def accuracy_check(doc: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each model's accuracy on the original images (``behaviour.accuracy.original``) beside chance.
+
+    ``near_chance`` when the 95 % interval's low end does not clear chance (1 / classes): the model
+    does not recognise these images as its own classes, most often because the preprocessing differs
+    from its training (image size, mean / std) or the folder's classes are not its outputs in order;
+    every other figure of the audit is then read from a model that is guessing.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    pre = doc.get("preprocessing") or {}
+    for m, info in (doc.get("models") or {}).items():
+        beh = info.get("behaviour") or {}
+        acc = (beh.get("accuracy") or {}).get("original")
+        chance = beh.get("chance")
+        if not acc or acc.get("value") is None or chance is None:
+            continue
+        ci = acc.get("ci") or [acc["value"], acc["value"]]
+        near = bool(ci[0] <= chance)
+        warning = None
+        if near:
+            warning = (f"{m}: accuracy on the original images {100 * acc['value']:.0f} % is near chance "
+                       f"({100 * chance:.0f} %): check that the preprocessing matches the model's training "
+                       f"(input size {pre.get('input_size')}, mean {pre.get('mean')}, std {pre.get('std')}; "
+                       "--image-size/--mean/--std) and that the folder's classes are the model's outputs in order")
+        out[m] = {"value": acc["value"], "ci": ci, "chance": chance, "near_chance": near, "warning": warning}
+    return out
+
+
+def accuracy_lines(doc: Mapping[str, Any]) -> list[str]:
+    """The CLI's lines: each model's accuracy on the original images, and a warning near chance."""
+    lines = []
+    for m, a in (doc.get("accuracy_check") or accuracy_check(doc)).items():
+        ci = a["ci"]
+        lines.append(f"accuracy on the original images, {m}: {100 * a['value']:.0f} % [{100 * ci[0]:.0f}, "
+                     f"{100 * ci[1]:.0f}] (chance {100 * a['chance']:.0f} %)")
+        if a["warning"]:
+            lines.append(f"WARNING: {a['warning']}")
+    return lines

@@ -36,7 +36,7 @@ def test_shortcut_model_flagged_robust_not(folder, tmp_path, capsys):
         torch.save(train_shapes_cnn(bg, seed=1).state_dict(), w)
         out = tmp_path / name
         rcs[name] = main(["audit", MODEL, "--weights", str(w), "--data", str(images), "--masks", str(masks),
-                          "-o", str(out), "--name", name, "--fail-on-flag", *FAST])
+                          "--out-dir", str(out), "--name", name, "--fail-on-flag", *FAST])
         docs[name] = json.loads((out / "audit.json").read_text())
         assert (out / "report.html").stat().st_size > 10_000 and (out / "acts.h5").exists()
     assert rcs == {"shortcut": 1, "robust": 0}
@@ -61,13 +61,14 @@ def test_a_rerun_continues_and_gives_the_same_verdict(folder, tmp_path):
     w = tmp_path / "m.pt"
     torch.save(train_shapes_cnn("class", seed=2, epochs=5).state_dict(), w)
     argv = ["audit", MODEL, "--weights", str(w), "--data", str(images), "--masks", str(masks),
-            "-o", str(tmp_path / "out"), *FAST]
+            "--out-dir", str(tmp_path / "out"), *FAST]
     main(argv)
     first = json.loads((tmp_path / "out" / "audit.json").read_text())
     main(argv)  # the store is complete: nothing is re-extracted, the audit is the same
     second = json.loads((tmp_path / "out" / "audit.json").read_text())
+    assert second["cost"]["forward_passes_done"] == 0  # nothing ran again
     for doc in (first, second):
-        doc.pop("created")
+        doc.pop("created"), doc.pop("cost")  # the cost record holds this run's seconds
     assert first == second
 
 
@@ -103,7 +104,7 @@ def test_bad_inputs_are_one_line_exit_2_nothing_written(folder, tmp_path, capsys
     if case == "auto without OpenCV":
         monkeypatch.setitem(sys.modules, "cv2", None)
     out = tmp_path / "out"
-    assert main(["audit", MODEL, "--data", str(images), "-o", str(out), "--no-progress", *extra]) == 2
+    assert main(["audit", MODEL, "--data", str(images), "--out-dir", str(out), "--no-progress", *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("probekit: error:") and needle in err, err
     assert not out.exists()
@@ -123,7 +124,7 @@ def test_boxes_give_the_mask_check_and_the_report_shows_it(folder, tmp_path):
     csv = tmp_path / "boxes.csv"
     csv.write_text("path,x0,y0,x1,y1\n" + "\n".join(rows) + "\n")
     out = tmp_path / "out"
-    assert main(["audit", MODEL, "--data", str(images), "--boxes", str(csv), "-o", str(out),
+    assert main(["audit", MODEL, "--data", str(images), "--boxes", str(csv), "--out-dir", str(out),
                  "--mask-check", "2", *FAST]) == 0  # a random CNN: its verdict is not gated here
     doc = json.loads((out / "audit.json").read_text())
     ms = doc["mask_sensitivity"]

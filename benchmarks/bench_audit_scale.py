@@ -1,0 +1,297 @@
+"""Where `probekit audit` spends its time, at several folder sizes (issues 21 item 5 and 22).
+
+Each configuration runs in a fresh child process (so its peak RSS is its own) on a generated folder of
+shapes with masks (probekit/datasets/_shapes.py), with a timm CNN at random initialisation. The child
+times the audit's phases by wrapping the functions it calls (model loading, building the splits,
+extraction per split, seeded initialisations, the analyses, the mask check), counts the forward passes
+per net and split (rows handed to the extraction pipeline and to the mask check's predictions), the
+opens of the store (``h5py.File``), peak RSS, and then times the **bare forward passes** the audit
+needs over the same composited images: every composited image pre-made as a tensor in memory (not
+timed), each net run over the rows it needs in the audit's batch size under ``no_grad``. ``bare /
+audit`` is the share of the audit's wall time that is forward passes (target >= 0.8x, issue 22).
+
+Usage::
+
+    python benchmarks/bench_audit_scale.py --images 100 1000 --label after
+    python benchmarks/bench_audit_scale.py --images 120 --model timm:resnet50 --image-size 224 \\
+        --foreground auto --label after-resnet50
+
+Writes ``benchmarks/results/bench_audit_scale_<label>.json`` and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _child(args: argparse.Namespace) -> dict:
+    import importlib
+
+    if args.src:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from _checkout import use_checkout
+
+        use_checkout(args.src)
+    import h5py
+    import torch
+
+    A = importlib.import_module("probekit.audit")  # the module (probekit.audit is also a function)
+    E = importlib.import_module("probekit.extraction")
+    MA = importlib.import_module("probekit.model_audit")
+    M = importlib.import_module("probekit.models")
+    from probekit.datasets import _images as I
+    from probekit.datasets._shapes import write_image_folder
+
+    torch.set_num_threads(args.threads)
+    work = Path(tempfile.mkdtemp(prefix="bench-audit-"))
+    images, masks = write_image_folder(work / "folder", split="test", background="random", seed=0,
+                                       n=args.n, size=args.size)
+    phases: dict[str, float] = collections.defaultdict(float)
+    passes: dict[str, int] = collections.Counter()
+    opens = {"n": 0}
+
+    stack: list[float] = []  # time spent in nested phases, per open phase: each phase is exclusive
+
+    def timed(mod, name, phase, count=None):
+        fn = getattr(mod, name)
+
+        def wrapper(*a, **kw):
+            t0 = time.perf_counter()
+            stack.append(0.0)
+            try:
+                return fn(*a, **kw)
+            finally:
+                took = time.perf_counter() - t0
+                inner = stack.pop()
+                if stack:
+                    stack[-1] += took
+                key = phase(a, kw) if callable(phase) else phase
+                phases[key] += took - inner
+                if count is not None:
+                    count(a, kw)
+        setattr(mod, name, wrapper)
+
+    def count_extract(a, kw):
+        models, data = a[0], a[1]
+        for nm in models:
+            passes[f"{nm}/{kw.get('split')}"] += len(data)
+
+    real_file_init = h5py.File.__init__
+
+    def file_init(self, *a, **kw):
+        opens["n"] += 1
+        return real_file_init(self, *a, **kw)
+
+    h5py.File.__init__ = file_init
+    X = importlib.import_module("probekit.extractors")
+    # probekit.extraction holds its own reference (the code before the change calls it); the audit
+    # after it calls probekit.extractors' at call time: each path goes through one wrapper
+    timed(E, "extract_models", lambda a, kw: f"extract {kw.get('split')}", count_extract)
+    timed(X, "extract_models", lambda a, kw: f"extract {kw.get('split')}", count_extract)
+    timed(M, "load_model", "load model")
+    timed(A, "audit", "analyses")
+    timed(I.Counterfactuals, "__init__", "build splits")
+    for name in ("_seeded_init", "_mask_sensitivity", "_init_net"):
+        if hasattr(MA, name):
+            timed(MA, name, name.strip("_").replace("_", " "))
+    if hasattr(MA, "_predict"):
+        def count_predict(a, kw):
+            nets = a[0] if isinstance(a[0], dict) else {"model": a[0]}  # after / before the change
+            passes["mask check"] += len(a[1]) * len(nets)
+        timed(MA, "_predict", "mask check forward", count_predict)
+    kwargs = dict(masks=None if args.foreground == "auto" else masks,
+                  foreground="auto" if args.foreground == "auto" else None,
+                  out=work / "audit", n_inits=args.inits, progress=False, image_size=args.image_size,
+                  batch_size=args.batch_size, n_boot=args.n_boot, n_perm=args.n_perm)
+    if args.device != "cpu":
+        kwargs["device"] = args.device
+    kwargs.update(json.loads(args.extra))
+    torch.manual_seed(0)  # the random model: the same weights before and after the change
+    t0 = time.perf_counter()
+    result = MA.audit_model(args.model, images, **kwargs)
+    wall = time.perf_counter() - t0
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_children_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    doc = result.data
+    m = doc["models"]["model"]
+    verdict = {"flagged": m.get("flagged"),
+               "flip_rate": (m.get("behaviour") or {}).get("flip_rate", {}).get("value"),
+               "accuracy_original": ((m.get("behaviour") or {}).get("accuracy") or {}).get("original", {}).get("value")}
+    h5py.File.__init__ = real_file_init
+
+    # the bare forward passes over the same composited images
+    loaded = M.load_model(args.model)
+    dev = torch.device(MA.resolve_device(args.device) if hasattr(MA, "resolve_device") else args.device)
+    net = loaded.module.eval().to(dev)
+    transform, _ = M.preprocessing_for(loaded, image_size=args.image_size)
+    folder_kwargs = {"foreground": "auto"} if args.foreground == "auto" else {"masks": masks}
+    cf = I.Counterfactuals(images, seed=0, transform=transform, **folder_kwargs)
+    per_split = collections.Counter()
+    for key, n in passes.items():
+        per_split[key.split("/")[-1] if "/" in key else "stress"] += n
+    bare = 0.0
+    with torch.no_grad():
+        for sp in ("train", "test", "variants", "stress"):
+            if not per_split.get(sp):
+                continue
+            ds = cf.split(sp)
+            xs = torch.stack([ds[k]["x"] for k in range(len(ds))]).to(dev)
+            reps = per_split[sp] / len(ds)  # nets (and mask-check passes) that saw this split
+            net(xs[:args.batch_size])  # warm-up
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            t1 = time.perf_counter()
+            for start in range(0, len(xs), args.batch_size):
+                net(xs[start:start + args.batch_size])
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            bare += (time.perf_counter() - t1) * reps
+    known = sum(phases.values())
+    return {"n_images": args.n, "model": args.model, "image_size": args.image_size,
+            "foreground": args.foreground, "wall_s": wall, "phases_s": dict(phases),
+            "other_s": wall - known, "forward_passes": dict(passes),
+            "forward_passes_total": int(sum(passes.values())), "store_opens": opens["n"],
+            "peak_rss_mb": rss_mb, "peak_rss_children_mb": rss_children_mb, "bare_forward_s": bare,
+            "bare_over_audit": bare / wall, "verdict": verdict, "cost": doc.get("cost"),
+            "threads": args.threads, "device": str(dev), "load": os.getloadavg(), "src": args.src or "this tree",
+            "probekit_file": A.__file__}
+
+
+def _flatten(doc, prefix=""):
+    """Every number and bool of a document, by its path (for comparing two audits' figures)."""
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            yield from _flatten(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(doc, list):
+        for i, v in enumerate(doc):
+            yield from _flatten(v, f"{prefix}[{i}]")
+    elif isinstance(doc, (bool, int, float)) or doc is None:
+        yield prefix, doc
+
+
+def _device_check(args: argparse.Namespace) -> dict:
+    """One audit of a small folder on the CPU and on ``args.device``: do the verdict and figures agree?"""
+    if args.src:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from _checkout import use_checkout
+
+        use_checkout(args.src)
+    import torch
+
+    from probekit.datasets._shapes import write_image_folder
+    from probekit.model_audit import audit_model
+
+    work = Path(tempfile.mkdtemp(prefix="bench-audit-dev-"))
+    images, masks = write_image_folder(work / "folder", split="test", background="class", seed=0, n=args.n,
+                                       size=args.size)
+    torch.manual_seed(0)
+    loaded = _build_model(args.model)
+    w = work / "w.pt"
+    torch.save(loaded.state_dict(), w)
+    docs = {}
+    for i, dev in enumerate(("cpu", args.device)):
+        r = audit_model(args.model, images, masks=masks, weights=w, out=work / f"{i}-{dev}", n_inits=args.inits,
+                        progress=False, image_size=args.image_size, device=dev, n_boot=args.n_boot,
+                        n_perm=args.n_perm)
+        docs[f"{i}-{dev}"] = {k: v for k, v in r.data.items() if k not in ("created", "cost", "store")}
+    a, b = (dict(_flatten(d)) for d in docs.values())
+    diffs = {k: (a.get(k), b.get(k)) for k in set(a) | set(b) if a.get(k) != b.get(k)}
+    num = [abs(x - y) for x, y in diffs.values() if isinstance(x, float) and isinstance(y, float)]
+    m = {d: docs[d]["models"]["model"] for d in docs}
+    return {"devices": list(docs), "n_images": args.n, "model": args.model, "flagged": [v["flagged"] for v in m.values()],
+            "verdicts_equal": len({v["verdict"] for v in m.values()}) == 1, "n_fields": len(a),
+            "n_fields_differing": len(diffs), "max_abs_difference": max(num, default=0.0),
+            "differing": sorted(diffs)[:20]}
+
+
+def _build_model(spec: str):
+    from probekit.models import load_model
+
+    return load_model(spec).module
+
+
+def _table(paths: list[str]) -> str:
+    """A markdown table of result files of this script."""
+    lines = ["| label | device | images | model | wall s | extraction s | analyses s | forward passes | "
+             "peak RSS MB | bare / audit | flagged |", "|" + "---|" * 11]
+    for p in paths:
+        d = json.loads(Path(p).read_text())
+        for r in d.get("rows", []):
+            ph = r["phases_s"]
+            ext = sum(v for k, v in ph.items() if k.startswith("extract"))
+            lines.append(f"| {d['label']} | {r.get('device', 'cpu')} | {r['n_images']} | {r['model']} | "
+                         f"{r['wall_s']:.1f} | {ext:.1f} | {ph.get('analyses', 0):.1f} | "
+                         f"{r['forward_passes_total']} | {r['peak_rss_mb']:.0f} | {r['bare_over_audit']:.2f} | "
+                         f"{r['verdict']['flagged']} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--images", type=int, nargs="+", default=[100])
+    p.add_argument("--model", default="timm:resnet18")
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--size", type=int, default=64, help="side of the generated images")
+    p.add_argument("--foreground", choices=["masks", "auto"], default="masks")
+    p.add_argument("--inits", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--n-boot", type=int, default=500)
+    p.add_argument("--n-perm", type=int, default=200)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--extra", default="{}", help="JSON of further audit_model keywords (e.g. workers)")
+    p.add_argument("--label", default="run")
+    p.add_argument("--device", default="cpu", help="the audit's and the bare forward's device (cpu, cuda, auto)")
+    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"), help="folder of the JSON")
+    p.add_argument("--src", default="", help="import probekit from this checkout (before/after runs)")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--n", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--device-check", action="store_true",
+                   help="audit a small folder (--n images) on the CPU and on --device; print what differs")
+    p.add_argument("--table", nargs="+", metavar="JSON", help="print a markdown table of these result files")
+    args = p.parse_args()
+    if args.table:
+        print(_table(args.table))
+        return
+    if args.device_check:
+        res = _device_check(args)
+        print(json.dumps(res, indent=1))
+        (Path(args.results) / f"bench_audit_scale_{args.label}.json").write_text(json.dumps(res, indent=1))
+        return
+    if args.child:
+        print(json.dumps(_child(args)))
+        return
+    rows = []
+    for n in args.images:
+        cmd = [sys.executable, __file__, "--child", "--n", str(n), "--model", args.model, "--image-size",
+               str(args.image_size), "--size", str(args.size), "--foreground", args.foreground, "--inits",
+               str(args.inits), "--batch-size", str(args.batch_size), "--n-boot", str(args.n_boot),
+               "--n-perm", str(args.n_perm), "--threads", str(args.threads), "--extra", args.extra, "--src", args.src, "--device", args.device]
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        if out.returncode:
+            sys.stderr.write(out.stderr[-4000:])
+            raise SystemExit(out.returncode)
+        row = json.loads(out.stdout.strip().splitlines()[-1])
+        rows.append(row)
+        print(f"n={n}: wall {row['wall_s']:.1f} s, forward passes {row['forward_passes_total']}, store opens "
+              f"{row['store_opens']}, peak RSS {row['peak_rss_mb']:.0f} MB, bare/audit "
+              f"{row['bare_over_audit']:.2f}; phases " +
+              ", ".join(f"{k} {v:.1f}" for k, v in sorted(row["phases_s"].items(), key=lambda kv: -kv[1])),
+              flush=True)
+        path = Path(args.results) / f"bench_audit_scale_{args.label}.json"
+        path.write_text(json.dumps({"label": args.label, "argv": sys.argv[1:], "rows": rows}, indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
