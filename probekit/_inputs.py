@@ -20,9 +20,13 @@ from typing import Any
 
 from .errors import DataError
 
-__all__ = ["FINGERPRINT_ATTR", "check_store", "file_sha256", "files_sha256", "fingerprint", "write_store"]
+__all__ = ["FINGERPRINT_ATTR", "SETTINGS_ATTR", "check_store", "file_sha256", "files_sha256", "fingerprint",
+           "write_settings", "write_store"]
 
 FINGERPRINT_ATTR = "inputs_fingerprint"
+#: the root attribute holding how the counterfactual images were made (JSON: fill, feather, deployment
+#: scenes and their photos, class names), read by the audit's deployment figures
+SETTINGS_ATTR = "counterfactuals"
 _BLOCK = 1 << 20
 
 # what each fingerprint entry means, for the one-line refusal
@@ -38,6 +42,9 @@ _WHAT = {
     "preprocessing": "the preprocessing (--image-size, --mean, --std)",
     "layers": "the layers (--layers)",
     "inits": "the seeded initialisations (--inits)",
+    "pools": "the layers' pooling (--pool)",
+    "teacher_layers": "the teacher's layers (--teacher-layers)",
+    "counterfactuals": "the composites (fill, soft edges, --deploy-backgrounds scenes)",
 }
 
 
@@ -127,3 +134,11 @@ def write_store(store: str | os.PathLike, fp: Mapping[str, str]) -> None:
     StoreWriter(store, mode="overwrite").close()
     with h5py.File(store, "r+") as f:
         f.attrs[FINGERPRINT_ATTR] = json.dumps(dict(fp), sort_keys=True)
+
+
+def write_settings(store: str | os.PathLike, settings: Mapping[str, Any]) -> None:
+    """Record how the counterfactual images were made as the store's root attribute ``counterfactuals``."""
+    import h5py
+
+    with h5py.File(store, "r+") as f:
+        f.attrs[SETTINGS_ATTR] = json.dumps(dict(settings), sort_keys=True, default=str)

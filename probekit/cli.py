@@ -233,6 +233,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", metavar="MODEL", help="a teacher: MODEL is then audited as its student")
     p.add_argument("--teacher-weights", metavar="FILE")
     p.add_argument("--teacher-arg", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--teacher-layers", metavar="L1,L2",
+                   help="the teacher's layers (default: the model's when the teacher has them all, else its own "
+                   "spread over its depth); the teacher also gets seeded initialisations as its reference")
+    p.add_argument("--pool", default=None, metavar="MODE|LAYER=MODE,...",
+                   help="pooling per layer: one mode for every layer (avg, max, cls, tokens_mean, last) or "
+                   "LAYER=MODE pairs (globs allowed); default: avg for maps, CLS for token layers of models whose "
+                   "head reads a class token, else the token mean; the output is never token-pooled")
+    p.add_argument("--class-map", metavar="CSV",
+                   help="how the model's outputs map to the folder's classes: rows folder_class,output_index (many "
+                   "outputs may name one class, as for ImageNet-9). Default: outputs are the folder's classes when "
+                   "the head has one unit per class (one logit for two), else read label-free")
+    p.add_argument("--deploy-backgrounds", nargs="+", metavar="DIR",
+                   help="folders of photos of empty scenes where the model will be deployed, one per site: every "
+                   "test object is composited on them and the audit predicts accuracy at each site")
+    p.add_argument("--deploy-scenes", type=int, default=16, metavar="N",
+                   help="scenes cut from each site's photos (cropped or tiled, never stretched)")
     p.add_argument("--layers", metavar="L1,L2", help="layers to extract besides the output (default: up to 4 "
                    "spread over the depth; timm: its feature_info stages)")
     _add_out_dir(p, default="probekit-audit", help="output folder: acts.h5, audit.json, report.html")
@@ -400,8 +416,8 @@ def _add_gate_args(p: argparse.ArgumentParser) -> None:
     from .verdict import RULES
 
     p.add_argument("--fail-on-flag", action="store_true",
-                   help="for CI: exit 1 when a model is flagged (shortcut: " + RULES["shortcut"].rule.replace("%", "%%")
-                   + "), 3 "
+                   help="for CI: exit 1 when a model is flagged (shortcut: "
+                   + RULES["shortcut"].rule.split(". ")[0].replace("%", "%%") + "), 3 "
                    "when the shortcut could not be judged (no verdict never passes a gate)")
     p.add_argument("--fail-on", metavar="FINDING,...", default=None,
                    help="for CI: exit 1 when any of these findings holds for a model (shortcut, "
@@ -986,7 +1002,7 @@ def _audit_skip_hint(skip: dict[str, Any], args: argparse.Namespace) -> str | No
     analyses that need a split the audit never builds (an out-of-distribution test split) never run
     in this mode. A skip this function does not know is shown with its own reason."""
     analysis, reason = skip.get("analysis", ""), skip.get("reason", "")
-    if "test_ood" in reason or "OOD split" in reason:
+    if skip.get("actionable") is False or "test_ood" in reason or "OOD split" in reason:
         return None
     if "background factors" in reason and not getattr(args, "factors", None):
         return "give --factors CSV (per-image background factors)"
@@ -1008,10 +1024,15 @@ def _objects_arg(text: str) -> int | str:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
+    from .extractors import parse_layer_pools
     from .model_audit import accuracy_lines, audit_model
-    from .models import parse_model_args
+    from .models import check_model_name, check_n_inits, parse_model_args
 
     _check_gate(args)
+    check_model_name(args.name)  # a reserved name fails before the work, not after the extraction
+    check_n_inits(args.inits)
+    if args.pool:
+        parse_layer_pools(args.pool)
     if args.input_shape:
         raise DataError("audit takes its inputs from the images; --input-shape is not used. Set the model's input "
                         "size with --image-size.")
@@ -1032,7 +1053,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
         name=args.name, n_backgrounds=args.backgrounds, n_inits=args.inits, test_fraction=args.test_fraction,
         mask_check=args.mask_check, batch_size=args.batch_size, device=args.device, seed=args.seed,
         n_boot=args.n_boot, n_perm=args.n_perm, progress=not args.no_progress, workers=args.workers,
-        objects=args.objects, overwrite=args.overwrite)
+        objects=args.objects, overwrite=args.overwrite, pool=args.pool, teacher_layers=_csv(args.teacher_layers),
+        class_map=args.class_map, deploy_backgrounds=args.deploy_backgrounds, n_deploy=args.deploy_scenes)
     _write_ci(args, result.data)
     if args.json:
         print(json.dumps(result.data, indent=1))

@@ -271,6 +271,11 @@ def audit_model(
     objects: int | str | None = None,
     decide: Decide | None = None,
     overwrite: bool = False,
+    pool: str | Mapping[str, str] | None = None,
+    teacher_layers: Sequence[str] | None = None,
+    class_map: str | os.PathLike | Mapping[int, int] | None = None,
+    deploy_backgrounds: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+    n_deploy: int = 16,
 ) -> Any:
     """Audit a model on a folder of images with foregrounds; write the store, the JSON and the report.
 
@@ -305,11 +310,24 @@ def audit_model(
         default: :func:`reliance_decided` at level ``1 - 0.05 / AUTO_LOOKS`` (Bonferroni over the looks)
     overwrite : replace a store computed from other inputs (default: refuse it in one line naming what
         differs; a store of the same inputs is continued)
+    pool : pooling per layer (``"cls"``, ``"LAYER=MODE,..."`` or a dict; default: each layer's own, CLS or
+        the token mean for token layers: :func:`probekit.extractors.resolve_pools`)
+    teacher_layers : the teacher's layers (default: the model's when the teacher has them all, else its
+        own spread over its depth); the teacher gets seeded initialisations of its own as its reference
+    class_map : a CSV (``folder_class,output_index`` rows) or a dict output index -> label id: how the
+        model's outputs map to the folder's classes (many-to-one allowed). Without one, a head of another
+        width is read label-free (see :class:`probekit.audit.AuditSpec`)
+    deploy_backgrounds : folders of photos of empty scenes, one per deployment site: every test object
+        is composited on ``n_deploy`` scenes of each, and the audit predicts accuracy there
     """
-    from .audit import audit
+    from .audit import audit, read_class_map
     from .datasets import Counterfactuals
-    from .extractors import ModelSpec, extract_models
-    from .models import load_model, preprocessing_for
+    from .extractors import ModelSpec, choose_layers, extract_models, resolve_pools
+    from .models import check_model_name, check_n_inits, load_model, preprocessing_for
+    from .report import build_gallery, predictions_from_store
+
+    check_model_name(name)
+    check_n_inits(n_inits)
 
     if isinstance(foreground, str) and foreground != "auto":
         raise DataError(f"--foreground must be 'auto' (GrabCut); got {foreground!r}. Give --masks or --boxes otherwise.")
@@ -337,6 +355,9 @@ def audit_model(
                                        ("factors", factors)) if v is not None}
     cf_kwargs = {"seed": seed, "n_backgrounds": n_backgrounds, "test_fraction": test_fraction,
                  "transform": transform}
+    if deploy_backgrounds is not None:
+        sites = [deploy_backgrounds] if isinstance(deploy_backgrounds, (str, os.PathLike)) else deploy_backgrounds
+        cf_kwargs.update(deploy_backgrounds=[str(d) for d in sites], n_deploy=n_deploy)
     cf = Counterfactuals(data, **cf_kwargs, **folder_kwargs)
     folder = cf.folder
     if not folder.has_labels:
@@ -345,8 +366,18 @@ def audit_model(
     t_model = None
     if teacher is not None:
         t_model = load_model(teacher, weights=teacher_weights, model_args=teacher_args, allow_pickle=allow_pickle)
-    chosen = list(layers) if layers else default_layers(loaded.module)
-    chosen = [la for la in chosen if la != "@output"] + ["@output"]
+    cmap = class_map
+    if isinstance(class_map, (str, os.PathLike)):
+        cmap = read_class_map(class_map, folder.classes)
+    # layers in depth order (one dry pass on a dummy input), each pooled its own way (tokens: CLS or mean)
+    example = cf.split("test")[0]["x"].unsqueeze(0)  # one of the user's images, the model's way
+    given = [la for la in layers or [] if la != "@output"]
+    chosen = [*choose_layers(loaded.module, given or None, example_input=example), "@output"]
+    pools = resolve_pools(loaded.module, chosen, pool, example)
+    t_chosen = t_pools = None
+    if t_model is not None:
+        t_chosen = [*choose_layers(t_model.module, teacher_layers, like=given or None, example_input=example, flag="--teacher-layers"), "@output"]
+        t_pools = resolve_pools(t_model.module, t_chosen, pool, example)
     inputs = _inputs_record(data, folder, cf, model, loaded, weights, t_model, teacher, teacher_weights)
     fp = fingerprint({
         "images": inputs["images_sha256"], "classes": inputs["classes"],
@@ -355,7 +386,8 @@ def audit_model(
         "splits": {"seed": seed, "test_fraction": test_fraction, "backgrounds": n_backgrounds,
                    "variants": list(cf.variants), "objects": objects},
         "model": _contents(inputs["model"]), "teacher": _contents(inputs["teacher"]),
-        "preprocessing": pre_json, "layers": chosen, "inits": n_inits})
+        "preprocessing": pre_json, "layers": chosen, "pools": pools, "teacher_layers": t_chosen,
+        "inits": n_inits, "counterfactuals": cf.settings})
     inputs["fingerprint"] = fp
 
     out.mkdir(parents=True, exist_ok=True)
@@ -374,16 +406,22 @@ def audit_model(
 
     # the nets, built once: the model, its teacher, seeded inits as copies of the model re-initialised
     nets: dict[str, ModelSpec] = {name: ModelSpec(loaded.module, chosen, role="student" if t_model else "model",
-                                                  source=loaded.source, preprocessing=pre_json)}
+                                                  source=loaded.source, pool=pools, preprocessing=pre_json)}
     if t_model is not None:
-        nets["teacher"] = ModelSpec(t_model.module, chosen, role="teacher", source=t_model.source,
+        nets["teacher"] = ModelSpec(t_model.module, t_chosen, role="teacher", source=t_model.source, pool=t_pools,
                                     preprocessing=pre_json)
     inner = [la for la in chosen if la != "@output"]
     inits = {f"{name}@init{k}": ModelSpec(_init_net(loaded.module, k), inner, role="model", source=loaded.source,
-                                          weights_layers=False, preprocessing=pre_json)
+                                          pool=pools, weights_layers=False, preprocessing=pre_json)
              for k in range(n_inits if inner else 0)}
+    if t_model is not None:  # the teacher's own reference: its architecture at initialisation
+        t_inner = [la for la in t_chosen if la != "@output"]
+        inits.update({f"teacher@init{k}": ModelSpec(_init_net(t_model.module, k), t_inner, role="model",
+                                                    source=t_model.source, pool=t_pools, weights_layers=False,
+                                                    preprocessing=pre_json)
+                      for k in range(n_inits if t_inner else 0)})
 
-    splits = {sp: cf.split(sp) for sp in SPLITS if sp != "train" or len(cf.train_indices)}
+    splits = {sp: cf.split(sp) for sp in (*SPLITS, *cf.deploy_splits) if sp != "train" or len(cf.train_indices)}
     n_bg = len(cf.backgrounds)
     order = _object_order(len(cf.stress_indices), seed)
     n_all = len(cf.stress_indices)
@@ -444,8 +482,9 @@ def audit_model(
     try:
         t_extract = time.perf_counter() - t_start
         _say(progress, "auditing")
+        _inputs.write_settings(store, {**cf.settings, "class_names": list(folder.classes)})
         result = audit(store, train="train", test_id="test", test_ood="", crossed="stress", variants="variants",
-                       n_boot=n_boot, n_perm=n_perm, random_state=seed, progress=progress)
+                       n_boot=n_boot, n_perm=n_perm, random_state=seed, class_map=cmap, progress=progress)
         doc = result.data
         doc["preprocessing"] = pre
         if check:
@@ -466,7 +505,9 @@ def audit_model(
     doc["inputs"] = {k: v for k, v in inputs.items() if k != "images_sha256"}
     doc["accuracy_check"] = accuracy_check(doc)
     result.to_json(out / "audit.json")
-    result.to_html(out / "report.html")
+    gallery = [build_gallery(cf, predictions_from_store(store, m, class_map=cmap), model=m)
+               for m in nets if (doc["models"].get(m, {}).get("behaviour") or {}).get("from_output")]
+    result.to_html(out / "report.html", gallery=gallery)
     _say(progress, f"wrote {out / 'audit.json'} and {out / 'report.html'}")
     return result
 
