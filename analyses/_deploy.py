@@ -112,7 +112,9 @@ def _interval(est: float, V: float, df: float, n_cells: int, level: float) -> tu
     q = float(t_dist.ppf((1 + level) / 2, max(df, 1.0)))
     e = float(np.clip(est, 0.5 / n_cells, 1 - 0.5 / n_cells))
     half = q * np.sqrt(V) / (e * (1 - e))
-    return float(expit(logit(e) - half)), float(expit(logit(e) + half))
+    lo, hi = float(expit(logit(e) - half)), float(expit(logit(e) + half))
+    # at 0 or 1 the estimate is clipped off the edge to form the interval; the interval still reaches it
+    return min(lo, float(est)), max(hi, float(est))
 
 
 def _corrected(est: float, V: float, df: float, gap: CompositeGapResult, *, chance: float,

@@ -324,7 +324,7 @@ def audit_model(
     from .datasets import Counterfactuals
     from .extractors import ModelSpec, choose_layers, extract_models, resolve_pools
     from .models import check_model_name, check_n_inits, load_model, preprocessing_for
-    from .report import build_gallery, predictions_from_store
+    from .report import build_gallery, deploy_examples, predictions_from_store
 
     check_model_name(name)
     check_n_inits(n_inits)
@@ -507,7 +507,7 @@ def audit_model(
     result.to_json(out / "audit.json")
     gallery = [build_gallery(cf, predictions_from_store(store, m, class_map=cmap), model=m)
                for m in nets if (doc["models"].get(m, {}).get("behaviour") or {}).get("from_output")]
-    result.to_html(out / "report.html", gallery=gallery)
+    result.to_html(out / "report.html", gallery=gallery, deploy_examples=deploy_examples(cf))
     _say(progress, f"wrote {out / 'audit.json'} and {out / 'report.html'}")
     return result
 

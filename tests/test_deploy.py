@@ -132,3 +132,16 @@ def test_rows_that_are_not_crossed_are_refused():
         predicted_accuracy(pred[1:], y[1:], g[1:], b[1:])
     with pytest.raises(DataError, match="at least 2 objects"):
         predicted_accuracy(pred[:3], y[:3], g[:3], b[:3])
+
+
+def test_interval_reaches_an_estimate_at_one():
+    """Every object right on every scene: the estimate is 1 and its interval reaches it (was [0.99, 0.99])."""
+    from probekit.analyses import predicted_accuracy
+
+    G, B = 30, 6
+    g, b = np.repeat(np.arange(G), B), np.tile(np.arange(B), G)
+    label = g % 3
+    r = predicted_accuracy(label, label, g, b)
+    assert r.value == 1.0 and r.ci[0] <= 1.0 <= r.ci[1]
+    for d in r.per_class.values():
+        assert d["ci"][0] <= d["value"] <= d["ci"][1]

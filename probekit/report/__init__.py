@@ -2,6 +2,7 @@
 JUnit XML (:func:`write_junit`) and a Markdown summary (:func:`write_summary`)."""
 
 from ._gallery import build_gallery as build_gallery
+from ._gallery import deploy_examples as deploy_examples
 from ._gallery import predictions_from_store as predictions_from_store
 from ._html import render_html as render_html
 from ._html import write_report as write_report
@@ -10,5 +11,5 @@ from ._junit import write_junit as write_junit
 from ._summary import summary_markdown as summary_markdown
 from ._summary import write_summary as write_summary
 
-__all__ = ["build_gallery", "junit_xml", "predictions_from_store", "render_html", "summary_markdown",
+__all__ = ["build_gallery", "deploy_examples", "junit_xml", "predictions_from_store", "render_html", "summary_markdown",
            "write_junit", "write_report", "write_summary"]

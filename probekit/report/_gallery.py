@@ -261,3 +261,22 @@ def build_gallery(
                       "changes on the most backgrounds of the crossed split first"),
         "objects": out_objects,
     }
+
+
+def deploy_examples(counterfactuals: Any, *, n: int = 6, thumb: int = 72) -> dict[str, list[dict[str, Any]]]:
+    """A few composites per deployment site (different objects on different scene slots), as thumbnails
+    for the report's "Where you deploy it"."""
+    cf = counterfactuals
+    out: dict[str, list[dict[str, Any]]] = {}
+    objects = list(cf.test_indices)
+    for k, split in enumerate(cf.deploy_splits):
+        site = split.split(":", 1)[1]
+        n_slots = len(cf.split(split)) // max(1, len(objects))
+        cells = []
+        for j in range(min(n, len(objects), max(n_slots, 1) * len(objects))):
+            i, slot = int(objects[j * max(1, len(objects) // n) % len(objects)]), j % max(n_slots, 1)
+            src, w, h = _encode(cf.render_deploy(i, k, slot), thumb)
+            cells.append({"src": src, "width": w, "height": h, "name": f"scene {slot}", "pred": None,
+                          "changed": False, "note": None})
+        out[site] = cells
+    return out

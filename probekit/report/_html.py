@@ -82,6 +82,47 @@ def _gallery_section(galleries: list[Mapping[str, Any]]) -> dict[str, Any] | Non
     return s
 
 
+def _deployment(models: Mapping[str, Any], examples: Mapping[str, list[Mapping[str, Any]]]) -> dict[str, Any] | None:
+    """Where you deploy it: accuracy predicted per site and class, the compositing control, example composites."""
+    sites = {m: info.get("predicted_accuracy") or {} for m, info in models.items()}
+    gaps = {m: (info.get("behaviour") or {}).get("composite_gap") for m, info in models.items()}
+    if not any(sites.values()) and not any(gaps.values()):
+        return None
+    s = _section("deployment", "Where you deploy it",
+                 "Every test object composited on the same photos of each site's empty scenes (cropped or tiled, "
+                 "never stretched): the accuracy the model can be expected to reach there, with a 95 % interval "
+                 "that counts both the objects and the scenes as samples. The compositing control pastes each "
+                 "object back on its own image's filled background: what the composites cost by themselves. When "
+                 "that cost is material, the counterfactual accuracies are pessimistic by about that much and "
+                 "the prediction is given corrected beside the raw figure (docs/METRICS.md).")
+    rows, per_class = [], []
+    classes = list(dict.fromkeys(c for ss in sites.values() for r in ss.values() for c in (r.get("per_class") or {})))
+    for m, ss in sites.items():
+        for site, r in ss.items():
+            rows.append([m, site, _cell(r, 2), _cell(r.get("corrected"), 2) if r.get("corrected") else "–",
+                         f"{r.get('n_objects')} x {r.get('n_backgrounds')}"])
+            pc = r.get("per_class") or {}
+            per_class.append([m, site, *[_cell(pc.get(c), 2) if c in pc else "–" for c in classes]])
+    if rows:
+        s["tables"].append({"title": "predicted accuracy per site", "left": 2, "rows": rows,
+                            "header": ["model", "site", "predicted accuracy", "corrected for the composites",
+                                       "objects x scenes"]})
+        s["tables"].append({"title": "per class", "left": 2, "rows": per_class,
+                            "header": ["model", "site", *classes]})
+    grows = [[m, _fmt(g.get("accuracy_original"), 3), _fmt(g.get("accuracy_composite"), 3), _cell(g, 3),
+              "yes" if g.get("material") else "no"] for m, g in gaps.items() if g]
+    if grows:
+        s["tables"].append({"title": "compositing control (the object pasted back on its own filled background)",
+                            "left": 1, "rows": grows,
+                            "header": ["model", "accuracy, originals", "accuracy, pasted back", "gap", "material"]})
+    shown = [{"model": f"at {site}", "n_shown": len(cells), "n_objects": len(cells),
+              "objects": [{"path": f"{len(cells)} example composites", "label": f"on {site}'s scenes", "changes": None,
+                           "n_backgrounds": 0, "cells": cells, "backgrounds": []}]}
+             for site, cells in examples.items() if cells]
+    s["galleries"] = shown
+    return s
+
+
 def _status_badge(status: str) -> str:
     return {"flagged": "bad", "not_flagged": "ok", "not_judged": "none"}[status]
 
@@ -121,11 +162,13 @@ def _verdict_lines(audit: Mapping[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def render_html(audit: Mapping[str, Any], gallery: Any = None) -> str:
+def render_html(audit: Mapping[str, Any], gallery: Any = None,
+                deploy_examples: Mapping[str, list[Mapping[str, Any]]] | None = None) -> str:
     """Render an audit dict into the report's HTML text.
 
     ``gallery``: one :func:`probekit.report.build_gallery` result, or a list of them (one per model): the
-    images that were audited, with the model's predictions.
+    images that were audited, with the model's predictions. ``deploy_examples``: per deployment site, a
+    few composites (``{"src", "width", "height", "name"}`` thumbnails) shown in "Where you deploy it".
     """
     models: Mapping[str, Any] = audit.get("models", {})
     roles = {m: info.get("role", "model") for m, info in models.items()}
@@ -133,6 +176,7 @@ def render_html(audit: Mapping[str, Any], gallery: Any = None) -> str:
     sections = [_section("summary", "Summary")]
     sections += [s for s in (
         _gallery_section(_galleries(gallery)),
+        _deployment(models, deploy_examples or {}),
         _behaviour(models, colors),
         _decomposition(models, colors),
         _probes(models, colors),
@@ -710,7 +754,7 @@ def _skipped(skipped: list[Mapping[str, Any]]) -> dict[str, Any] | None:
 
 
 def write_report(audit: Mapping[str, Any] | str | os.PathLike, out: str | os.PathLike,
-                 gallery: Any = None) -> Path:
+                 gallery: Any = None, deploy_examples: Mapping[str, list[Mapping[str, Any]]] | None = None) -> Path:
     """Write the HTML report of an audit (a dict, or the path of its JSON) to ``out``.
 
     ``gallery``: one :func:`probekit.report.build_gallery` result or a list of them (one per model), shown
@@ -718,4 +762,4 @@ def write_report(audit: Mapping[str, Any] | str | os.PathLike, out: str | os.Pat
     """
     if not isinstance(audit, Mapping):
         audit = json.loads(Path(audit).read_text())
-    return write_text(out, render_html(audit, gallery=gallery))  # whole or not at all: never a half-written report
+    return write_text(out, render_html(audit, gallery=gallery, deploy_examples=deploy_examples))  # whole or not at all: never a half-written report
