@@ -128,6 +128,26 @@ def _normalise_csv_path(text: str) -> str:
     return "/".join(parts)
 
 
+def to_rgb8(im: Image.Image) -> np.ndarray:
+    """An (H, W, 3) uint8 RGB array of a PIL image of any mode.
+
+    16-bit and 32-bit grayscale (PIL modes ``I;16*`` and ``I``, e.g. 16-bit PNGs) are scaled by their
+    bit depth (65535 -> 255); PIL's own RGB conversion clips them to 255, which turned a 16-bit image
+    almost white. Floating-point images (``F``) are taken as [0, 1] when they lie there, else clipped.
+    """
+    if im.mode.startswith("I;16") or im.mode == "I":
+        a = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or a.max(initial=0) <= 65535 else float(a.max())
+        g = np.clip(np.rint(a / top * 255.0), 0, 255).astype(np.uint8)
+        return np.repeat(g[:, :, None], 3, axis=2)
+    if im.mode == "F":
+        a = np.asarray(im, dtype=np.float64)
+        scale = 255.0 if a.max(initial=0) <= 1.0 else 1.0
+        g = np.clip(np.rint(a * scale), 0, 255).astype(np.uint8)
+        return np.repeat(g[:, :, None], 3, axis=2)
+    return np.asarray(im.convert("RGB"))
+
+
 class ForegroundFolder:
     """An image folder with a foreground mask per image (see the module docstring for the layout).
 
@@ -469,7 +489,7 @@ class ForegroundFolder:
         path = self.root / self.paths[i]
         try:
             with Image.open(path) as im:
-                arr = np.asarray(im.convert("RGB"))
+                arr = to_rgb8(im)
         except _READ_ERRORS as e:
             raise DataError(f"Cannot read the image {str(path)!r} ({type(e).__name__}: {_short(e)}); it may "
                             "have changed since the folder was opened; replace or remove it.") from e

@@ -85,6 +85,7 @@ from ._foreground import (
     adjust_mask,
     image_extensions,
     require_cv2,
+    to_rgb8,
 )
 
 __all__ = ["CounterfactualDataset", "Counterfactuals", "DeploymentScenes", "composite", "feather_sigma",
@@ -425,7 +426,7 @@ class DeploymentScenes:
         path = self.photos[site][p]
         try:
             with Image.open(path) as im:
-                arr = np.asarray(im.convert("RGB"))
+                arr = to_rgb8(im)
         except _READ_ERRORS as e:
             raise DataError(f"Cannot read the scene photo {path!r} ({type(e).__name__}); it may have changed "
                             "since the folder was opened.") from e
