@@ -297,8 +297,18 @@ class _View:
         return [self.field(split, f, n) if self.store.has_field(split, f) else None for f in names]
 
     def crossed(self, split: str | None) -> bool:
+        """Whether ``split`` shows objects on several backgrounds: fields 'group' and 'background', and some
+        object on two or more backgrounds (a split of original images records group = background = the
+        image: it is not crossed, and its factors vary from row to row)."""
         s = self.store
-        return bool(split and split in s.splits and s.has_field(split, "group") and s.has_field(split, "background"))
+        if not (split and split in s.splits and s.has_field(split, "group") and s.has_field(split, "background")):
+            return False
+        key = (split, "@crossed")
+        if key not in self._fields:
+            n = s.n_rows(split)
+            pairs = np.unique(np.stack([self.field(split, "group", n), self.field(split, "background", n)]), axis=1)
+            self._fields[key] = np.array(pairs.shape[1] > np.unique(pairs[0]).size)
+        return bool(self._fields[key])
 
     def inits(self, m: str) -> list[str]:
         """Seeded initialisations of ``m`` in the store (models named ``<m>@init<k>``)."""
