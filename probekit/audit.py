@@ -805,7 +805,7 @@ def _probe_predictions(v: _View, m: str, splits: Sequence[str]) -> _Predictions:
                         "the model's class output)")
     probe = LinearProbe(C="cv", random_state=sp.random_state).fit(Xtr, ytr)
     return _Predictions({x: np.asarray(probe.predict(v.x(m, x, layer))) for x in splits},
-                        f"a linear probe on {layer} fit on {tr!r} (the model has no class output)", False, "labels")
+                        f"a linear probe on {layer} fit on {tr!r}, the model having no class output", False, "labels")
 
 
 def _original_predictions(v: _View, m: str, reading: _Predictions) -> dict[int, int] | None:

@@ -982,13 +982,17 @@ def _print_summary(doc: dict[str, Any], audit_args: argparse.Namespace | None = 
         return
     reasons: dict[tuple[str, str], list[str]] = {}
     for sk in skipped:
-        reason = sk["reason"] if audit_args is None else _audit_skip_hint(sk, audit_args)
+        if audit_args is None:  # a skip the audit's mode never runs (the output is not decomposed) is counted only
+            reason = None if sk.get("actionable") is False else sk["reason"]
+        else:
+            reason = _audit_skip_hint(sk, audit_args)
         if reason is None:
             continue
         where = ".".join(x for x in (sk.get("model"), sk.get("layer")) if x) or "store"
         reasons.setdefault((sk["analysis"], reason), []).append(where)
     if audit_args is None:
-        print(f"\n{len(skipped)} analyses skipped:")
+        print(f"\n{len(skipped)} analyses skipped" + (" (the JSON lists each with its reason):" if reasons else
+                                                       "; none that more input would run."))
     else:
         print(f"\n{len(skipped)} analyses skipped (audit.json lists each with its reason)"
               + ("; these would run with more input:" if reasons else "; none needs more input."))

@@ -271,10 +271,21 @@ def test_audit_lists_only_the_skips_a_user_can_act_on():
     assert "decodability (m.l0, m.l1, m.l2 and 1 more): no split with background factors" in with_factors
 
 
-def test_analyze_still_lists_every_skip():
+def test_analyze_lists_every_skip_but_those_its_mode_never_runs():
     text = _summary(None)
-    assert text.strip().splitlines()[0] == "18 analyses skipped:"
+    assert text.strip().splitlines()[0] == "18 analyses skipped (the JSON lists each with its reason):"
     assert "no OOD split was named" in text
+    from contextlib import redirect_stdout
+    from io import StringIO
+
+    from probekit.cli import _print_summary
+
+    buf = StringIO()
+    never = [{"analysis": "crossed decomposition", "model": "m", "layer": "@output", "actionable": False,
+              "reason": "the model's output is judged by its behaviour, not decomposed"}]
+    with redirect_stdout(buf):
+        _print_summary({"models": {}, "skipped": never})
+    assert buf.getvalue().strip() == "1 analyses skipped; none that more input would run."
 
 
 # -- one meaning per flag -------------------------------------------------------------------------------------
