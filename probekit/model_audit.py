@@ -505,7 +505,11 @@ def audit_model(
     doc["inputs"] = {k: v for k, v in inputs.items() if k != "images_sha256"}
     doc["accuracy_check"] = accuracy_check(doc)
     result.to_json(out / "audit.json")
-    gallery = [build_gallery(cf, predictions_from_store(store, m, class_map=cmap), model=m)
+    def shown(m: str) -> dict[str, Any]:  # a split cut short (--objects) has fewer rows than its dataset
+        preds = predictions_from_store(store, m, class_map=cmap)
+        return {sp: p for sp, p in preds.items() if len(p) == len(cf.split(sp))}
+
+    gallery = [build_gallery(cf, shown(m), model=m)
                for m in nets if (doc["models"].get(m, {}).get("behaviour") or {}).get("from_output")]
     result.to_html(out / "report.html", gallery=gallery, deploy_examples=deploy_examples(cf))
     _say(progress, f"wrote {out / 'audit.json'} and {out / 'report.html'}")
@@ -578,7 +582,7 @@ def _inputs_record(data: Any, folder: Any, cf: Any, model: Any, loaded: Any, wei
 
     factors = folder.factors
     return {
-        "folder": str(Path(data).resolve()), "n_images": len(folder),
+        "folder": str(Path(folder.root).resolve()), "n_images": len(folder),
         "classes": {c: int(n) for c, n in zip(folder.classes, counts, strict=True)},
         "images_sha256": _inputs.files_sha256(folder.root, folder.paths),
         "foreground": fg,
