@@ -178,7 +178,7 @@ def test_a_student_without_a_head_is_read_through_a_probe(tmp_path, per_class, j
         w.add_split("stress", n_rows=n, has_label=True, fields=["label", "group", "background", "background_label"])
         w.add_split("train", n_rows=ntr, has_label=True, fields=["label"])
         w.add_model("student", role="student", source="planted")
-        for split, rows in (("stress", n), ("train", ntr)):
+        for split in ("stress", "train"):
             for layer in ("rep", "@output"):
                 w.add_layer("student", split, layer, feature_shape=(d,), dtype="float32", attrs={"pool": "none"})
         rep = (means[label[g]] + rng.normal(size=(n, d))).astype(np.float32)
