@@ -247,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deploy-backgrounds", nargs="+", metavar="DIR",
                    help="folders of photos of empty scenes where the model will be deployed, one per site: every "
                    "test object is composited on them and the audit predicts accuracy at each site")
+    p.add_argument("--expected-accuracy", type=float, default=None, metavar="FRACTION",
+                   help="the model's own accuracy on its test data (e.g. 0.94): a warning when its accuracy on your "
+                   "original images is far below it (often a preprocessing mismatch)")
     p.add_argument("--deploy-scenes", type=int, default=16, metavar="N",
                    help="scenes cut from each site's photos (cropped or tiled, never stretched)")
     p.add_argument("--layers", metavar="L1,L2", help="layers to extract besides the output (default: up to 4 "
@@ -1058,7 +1061,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
         mask_check=args.mask_check, batch_size=args.batch_size, device=args.device, seed=args.seed,
         n_boot=args.n_boot, n_perm=args.n_perm, progress=not args.no_progress, workers=args.workers,
         objects=args.objects, overwrite=args.overwrite, pool=args.pool, teacher_layers=_csv(args.teacher_layers),
-        class_map=args.class_map, deploy_backgrounds=args.deploy_backgrounds, n_deploy=args.deploy_scenes)
+        class_map=args.class_map, deploy_backgrounds=args.deploy_backgrounds, n_deploy=args.deploy_scenes,
+        expected_accuracy=args.expected_accuracy)
     _write_ci(args, result.data)
     if args.json:
         print(json.dumps(result.data, indent=1))

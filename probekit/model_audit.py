@@ -276,6 +276,7 @@ def audit_model(
     class_map: str | os.PathLike | Mapping[int, int] | None = None,
     deploy_backgrounds: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     n_deploy: int = 16,
+    expected_accuracy: float | None = None,
 ) -> Any:
     """Audit a model on a folder of images with foregrounds; write the store, the JSON and the report.
 
@@ -319,6 +320,8 @@ def audit_model(
         width is read label-free (see :class:`probekit.audit.AuditSpec`)
     deploy_backgrounds : folders of photos of empty scenes, one per deployment site: every test object
         is composited on ``n_deploy`` scenes of each, and the audit predicts accuracy there
+    expected_accuracy : the model's own accuracy on its test data (a fraction): a warning when its accuracy
+        on the folder's original images is far below it (:func:`accuracy_check`)
     """
     from .audit import audit, read_class_map
     from .datasets import Counterfactuals
@@ -328,6 +331,8 @@ def audit_model(
 
     check_model_name(name)
     check_n_inits(n_inits)
+    if expected_accuracy is not None and not 0 < float(expected_accuracy) <= 1:
+        raise DataError(f"--expected-accuracy must be a fraction in (0, 1]; got {expected_accuracy!r}.")
 
     if isinstance(foreground, str) and foreground != "auto":
         raise DataError(f"--foreground must be 'auto' (GrabCut); got {foreground!r}. Give --masks or --boxes otherwise.")
@@ -503,7 +508,7 @@ def audit_model(
                  "seconds_extraction": t_extract, "seconds": time.perf_counter() - t_start})
     doc["cost"] = cost
     doc["inputs"] = {k: v for k, v in inputs.items() if k != "images_sha256"}
-    doc["accuracy_check"] = accuracy_check(doc)
+    doc["accuracy_check"] = accuracy_check(doc, expected_accuracy)
     result.to_json(out / "audit.json")
     def shown(m: str) -> dict[str, Any]:  # a split cut short (--objects) has fewer rows than its dataset
         preds = predictions_from_store(store, m, class_map=cmap)
@@ -645,13 +650,21 @@ def _predict(nets: Mapping[str, nn.Module], data: Any, batch_size: int, device: 
     return {m: np.concatenate(v) for m, v in out.items()}
 
 
-def accuracy_check(doc: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+#: accuracy on the original images is called far below the model's own when the interval's high end is this
+#: many points under it
+FAR_BELOW = 0.10
+
+
+def accuracy_check(doc: Mapping[str, Any], expected: float | None = None) -> dict[str, dict[str, Any]]:
     """Each model's accuracy on the original images (``behaviour.accuracy.original``) beside chance.
 
     ``near_chance`` when the 95 % interval's low end does not clear chance (1 / classes): the model
     does not recognise these images as its own classes, most often because the preprocessing differs
     from its training (image size, mean / std) or the folder's classes are not its outputs in order;
-    every other figure of the audit is then read from a model that is guessing.
+    every other figure of the audit is then read from a model that is guessing. ``far_below`` when
+    ``expected`` (the model's own accuracy on its test data, ``--expected-accuracy``) is more than
+    :data:`FAR_BELOW` above the interval's high end: the same hint, for a model that is not guessing but
+    sees these images differently from its training data.
     """
     out: dict[str, dict[str, Any]] = {}
     pre = doc.get("preprocessing") or {}
@@ -663,13 +676,20 @@ def accuracy_check(doc: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
             continue
         ci = acc.get("ci") or [acc["value"], acc["value"]]
         near = bool(ci[0] <= chance)
+        far = bool(expected is not None and ci[1] < expected - FAR_BELOW)
         warning = None
+        if far and not near:
+            warning = (f"{m}: accuracy on the original images {100 * acc['value']:.0f} % is far below its own "
+                       f"{100 * expected:.0f} %: check that the preprocessing matches the model's training (input "
+                       f"size {pre.get('input_size')}, mean {pre.get('mean')}, std {pre.get('std')}; "
+                       "--image-size/--mean/--std) and that the folder's classes are the model's outputs in order")
         if near:
             warning = (f"{m}: accuracy on the original images {100 * acc['value']:.0f} % is near chance "
                        f"({100 * chance:.0f} %): check that the preprocessing matches the model's training "
                        f"(input size {pre.get('input_size')}, mean {pre.get('mean')}, std {pre.get('std')}; "
                        "--image-size/--mean/--std) and that the folder's classes are the model's outputs in order")
-        out[m] = {"value": acc["value"], "ci": ci, "chance": chance, "near_chance": near, "warning": warning}
+        out[m] = {"value": acc["value"], "ci": ci, "chance": chance, "near_chance": near, "expected": expected,
+                  "far_below": far, "warning": warning}
     return out
 
 

@@ -257,3 +257,13 @@ def test_cli_objects_argument():
     for bad in ("0", "-3", "many", "2.5"):
         with pytest.raises(argparse.ArgumentTypeError):
             _objects_arg(bad)
+
+
+def test_accuracy_far_below_the_models_own_warns():
+    """A ViT given the wrong mean/std fell from 0.94 to 0.67, not near chance: --expected-accuracy tells."""
+    doc = {"preprocessing": {"input_size": [3, 224, 224]}, "models": {
+        "vit": {"behaviour": {"chance": 1 / 3, "accuracy": {"original": {"value": 0.67, "ci": [0.60, 0.74]}}}}}}
+    assert accuracy_check(doc)["vit"]["warning"] is None  # without the model's own accuracy: nothing to say
+    chk = accuracy_check(doc, expected=0.94)["vit"]
+    assert chk["far_below"] and not chk["near_chance"] and "far below its own 94 %" in chk["warning"]
+    assert not accuracy_check(doc, expected=0.80)["vit"]["far_below"]  # within 10 points of the interval
