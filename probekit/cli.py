@@ -178,11 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="module names from `probekit layers`, comma-separated, globs allowed ('layer*'; "
                    "'encoder.layer.*' for direct children only, 'encoder.**' for every descendant); a module a "
                    "glob matched that never runs is left out with a warning")
-    p.add_argument("--pool", default="avg",
-                   choices=["avg", "max", "cls", "tokens_mean", "last", "flatten", "none"],
-                   help="how to reduce each layer's output per sample (default: avg). With an attention mask "
-                   "(token data) avg/max/tokens_mean use the real tokens only, cls the first, last the last "
-                   "real token; none also stores the mask (layer @attention_mask)")
+    p.add_argument("--pool", default="avg", metavar="MODE|LAYER=MODE,...",
+                   help="how to reduce each layer's output per sample: avg, max, cls, tokens_mean, last, flatten "
+                   "or none for every layer, or LAYER=MODE pairs (globs allowed) with an optional bare MODE for "
+                   "the rest, e.g. 'tokens_mean,blocks.11=cls,@output=avg' (default: avg). With an attention mask "
+                   "(token data) avg/max/tokens_mean use the real tokens only, cls the first, last the last real "
+                   "token; none also stores the mask (layer @attention_mask)")
     p.add_argument("--pad-id", type=int, metavar="ID",
                    help="token data: the id input_ids are padded with (default: the model's config.pad_token_id, "
                    "else 0)")
@@ -788,10 +789,27 @@ def _extract_data(args: argparse.Namespace, split: str, transform: Any) -> Any:
     return as_samples(data, **padding)
 
 
+def _per_layer_pools(args: argparse.Namespace, module: Any, layers: Any, data: Any) -> Any:
+    """``--pool`` as extract takes it: the mode itself, or per layer (``LAYER=MODE,...``) resolved on the
+    model with one of the data's inputs (every layer named, globs expanded)."""
+    from .extractors import parse_layer_pools, resolve_pools
+
+    pools = parse_layer_pools(args.pool)
+    if list(pools) == ["*"]:
+        return pools["*"]
+    first = data[0]
+    if not isinstance(first, dict) or "x" not in first:
+        raise DataError("A per-layer --pool needs tensor inputs (items with 'x'); give one mode for every layer.")
+    return resolve_pools(module, layers, args.pool, first["x"].unsqueeze(0))
+
+
 def cmd_extract(args: argparse.Namespace) -> int:
     from .datasets import builtin_datasets
     from .extraction import extract
+    from .extractors import parse_layer_pools
     from .models import describe_preprocessing
+
+    parse_layer_pools(args.pool)  # a misspelt mode fails before the work
 
     if args.input_shape is not None:
         raise DataError(
@@ -833,11 +851,13 @@ def cmd_extract(args: argparse.Namespace) -> int:
         return _extract_distributed(args, loaded, splits, layers, name, mode, transform, info)
     import warnings
 
+    pool = None
     for k, split in enumerate(splits):
         data = _extract_data(args, split, transform)
+        pool = pool or _per_layer_pools(args, loaded.module, layers, data)
         with warnings.catch_warnings(record=True) as caught:  # e.g. a glob-matched layer that never runs
             warnings.simplefilter("always", UserWarning)
-            extract(loaded.module, data, layers=layers, out=args.out, split=split, pool=args.pool, name=name,
+            extract(loaded.module, data, layers=layers, out=args.out, split=split, pool=pool, name=name,
                     role=args.role, source=loaded.source, batch_size=args.batch_size, device=args.device,
                     dtype=args.dtype, mode=mode if k == 0 else "resume", num_workers=args.num_workers,
                     progress=not args.no_progress, stop_early=not args.full_forward, preprocessing=info)
