@@ -289,6 +289,21 @@ def _inputs(audit: Mapping[str, Any]) -> dict[str, Any] | None:
     return s
 
 
+def _shortcut_figure(b: Mapping[str, Any]) -> dict[str, Any]:
+    """The figure the shortcut finding reads: reliance, or the background pull where it stands in
+    (backgrounds that carry no class), drawn with the low end its flag reads and the pull's margin."""
+    from ..vocab import PULL_MARGIN
+
+    rel = dict(b.get("reliance") or {})
+    pull = b.get("pull") or {}
+    if rel.get("value") is None and rel.get("stand_in") == "pull" and pull.get("value") is not None:
+        hi = (pull.get("ci") or [None, pull["value"]])[1]
+        low = b.get("pull_low", (pull.get("ci") or [pull["value"]])[0])
+        return {"value": pull["value"], "ci": [low, hi], "margin": PULL_MARGIN, "detectable": None,
+                "stand_in": "pull"}
+    return rel
+
+
 def _findings_table(audit: Mapping[str, Any]) -> dict[str, Any] | None:
     """The graded figures of each model beside its verdict (schema 3; absent figures read "–")."""
     models = audit.get("models", {})
@@ -299,7 +314,7 @@ def _findings_table(audit: Mapping[str, Any]) -> dict[str, Any] | None:
     rows = []
     for v in model_verdicts(audit):
         b = beh[v.model]
-        rel = b.get("reliance") or {}
+        rel = _shortcut_figure(b)
         margin = rel.get("margin")
         det = rel.get("detectable")
         eff = b.get("background_effect") or {}
@@ -308,7 +323,8 @@ def _findings_table(audit: Mapping[str, Any]) -> dict[str, Any] | None:
         above = [la for la in compared if layers[la].get("background_flag")]
         rows.append([
             v.model, v.badge,
-            pct(rel, 1) if rel.get("value") is not None else (rel.get("reason") or "–"),
+            (pct(rel, 1) + (" (background pull, standing in)" if rel.get("stand_in") else ""))
+            if rel.get("value") is not None else (rel.get("reason") or "–"),
             "–" if margin is None else f"{100 * float(margin):.0f} %",
             "–" if det is None or v.status != "not_flagged" else f"{100 * float(det):.0f} %",
             pct(b.get("accuracy_own_background"), 1), pct(b.get("accuracy_other_background"), 1),
@@ -364,14 +380,16 @@ def _graded_figure(beh: Mapping[str, Mapping[str, Any]], colors: Mapping[str, st
     groups = list(beh)
     panels, parts = [], []
     if any(b.get("reliance") for b in beh.values()):
-        rel = [b.get("reliance") for b in beh.values()]
+        rel = [_shortcut_figure(b) if b.get("reliance") else None for b in beh.values()]
+        standing = any(r and r.get("stand_in") for r in rel)
         marks = {i: (float(r["margin"]), "flagged above") for i, r in enumerate(rel)
                  if r and r.get("margin") is not None}
         notes = {i: "not computed" for i, r in enumerate(rel) if not r or r.get("value") is None}
         flagged = [models_flagged.get(m) for m in groups]
         dotted = {i: (float(r["detectable"]), "smallest detectable (80 % power)") for i, r in enumerate(rel)
                   if r and r.get("detectable") is not None and flagged[i] is False}
-        panels.append({"title": "reliance on the background", "ylabel": "share of predictions (1 = complete)",
+        panels.append({"title": "reliance on the background" + (" (pull standing in)" if standing else ""),
+                       "ylabel": "share of predictions (1 = complete)",
                        "groups": groups, "series": {"reliance": rel}, "marks": marks, "notes": notes,
                        "dotted": dotted, "ylim": (0, 1)})
         parts.append("reliance: the share of predictions that take the background's class beyond a within-object "
@@ -379,7 +397,10 @@ def _graded_figure(beh: Mapping[str, Mapping[str, Any]], colors: Mapping[str, st
                      "resampled), the one the flag reads"
                      + ("; a model is flagged when the whole interval lies above its black tick" if marks else "")
                      + ("; dotted grey: for a model not flagged, the smallest reliance this audit detects with 80 % "
-                        "power (a smaller one could go unseen)" if dotted else ""))
+                        "power (a smaller one could go unseen)" if dotted else "")
+                     + ("; where the backgrounds carry no class, the background pull stands in (the share of "
+                        "predictions backgrounds move towards the same classes beyond the within-object shuffle; "
+                        "its whisker's low end is the one its flag reads)" if standing else ""))
     if any(b.get("accuracy_own_background") or b.get("accuracy_other_background") for b in beh.values()):
         chance = next((b.get("chance") for b in beh.values() if b.get("chance") is not None), None)
         panels.append({"title": "accuracy by background", "ylabel": "accuracy (%)", "scale": 100, "groups": groups,
