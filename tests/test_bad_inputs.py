@@ -218,7 +218,7 @@ CLI_CASES = [
     ("missing-required", ["extract", "bad_inputs_helper:model", "-o", "{d}/o.h5"],
      ["the following arguments are required: --data, --layers"]),
     ("pool-unknown", [*E, "--data", "{d}/ok.npz", "--layers", "0", "-o", "{d}/o.h5", "--pool", "median"],
-     ["invalid choice: 'median'"]),
+     ["'median' is not a pool; use one of avg, max"]),
     ("resume-and-overwrite", [*E, "--data", "{d}/ok.npz", "--layers", "0", "-o", "{d}/o.h5", "--resume",
                               "--overwrite"], ["not allowed with argument"]),
 ]
