@@ -28,6 +28,8 @@ from .vocab import (
     RATIO_MARGIN,
     RELIANCE_EFFECT_MARGIN,
     RELIANCE_MARGIN,
+    pct,
+    points,
 )
 
 __all__ = [
@@ -109,11 +111,7 @@ def _pct(v: float | None, digits: int = 0) -> str:
 
 
 def _ci(e: Mapping[str, Any] | None, digits: int = 0) -> str:
-    if not e or e.get("value") is None:
-        return "–"
-    ci = e.get("ci")
-    text = _pct(e["value"], digits)
-    return f"{text} [{100 * ci[0]:.{digits}f}, {100 * ci[1]:.{digits}f}]" if ci else text
+    return pct(e, digits)
 
 
 def _share(e: Mapping[str, Any] | None) -> str:
@@ -123,11 +121,7 @@ def _share(e: Mapping[str, Any] | None) -> str:
 
 
 def _pts(e: Mapping[str, Any] | None) -> str:
-    if not e or e.get("value") is None:
-        return "–"
-    ci = e.get("ci")
-    text = f"{100 * e['value']:+.0f} points"
-    return f"{text} [{100 * ci[0]:+.0f}, {100 * ci[1]:+.0f}]" if ci else text
+    return points(e, 0, "points")
 
 
 def _holds(p_value: float) -> bool:

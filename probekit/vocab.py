@@ -41,6 +41,8 @@ __all__ = [
     "Padding",
     "import_callable",
     "init_name",
+    "pct",
+    "points",
 ]
 
 #: the optional per-sample fields of a store split besides ``index`` (docs/FORMAT.md)
@@ -73,6 +75,28 @@ PULL_MARGIN = 0.05
 PULL_MAX_IMBALANCE = 1.5
 #: materiality of the representation finding: a layer's background component over its reference's
 RATIO_MARGIN = 1.25
+
+
+def pct(e: Any, digits: int = 0) -> str:
+    """An estimate as a percentage with its interval, ``"12 % [8, 15]"``; "–" when absent."""
+    if not e or e.get("value") is None:
+        return "–"
+    ci = e.get("ci")
+    text = f"{100 * float(e['value']):.{digits}f} %"
+    if ci and ci[0] is not None and ci[1] is not None:
+        text += f" [{100 * float(ci[0]):.{digits}f}, {100 * float(ci[1]):.{digits}f}]"
+    return text
+
+
+def points(e: Any, digits: int = 1, unit: str = "pts") -> str:
+    """A difference of accuracies in points with its interval, ``"+12.0 pts [+8.1, +15.2]"``."""
+    if not e or e.get("value") is None:
+        return "–"
+    ci = e.get("ci")
+    text = f"{100 * float(e['value']):+.{digits}f} {unit}"
+    if ci and ci[0] is not None and ci[1] is not None:
+        text += f" [{100 * float(ci[0]):+.{digits}f}, {100 * float(ci[1]):+.{digits}f}]"
+    return text
 
 
 def init_name(model: str, k: int) -> str:

@@ -12,6 +12,9 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any, Literal
 
+from ..vocab import pct as pct  # the report's and the verdict's one formatting of estimates
+from ..vocab import points as points
+
 __all__ = ["FINDINGS", "ModelVerdict", "model_verdicts", "pct", "points"]
 
 #: the findings, in the order every output lists them
@@ -96,28 +99,6 @@ def model_verdicts(doc: Mapping[str, Any]) -> list[ModelVerdict]:
         else:
             out.append(_schema2(m, info))
     return out
-
-
-def pct(e: Mapping[str, Any] | None, digits: int = 0) -> str:
-    """An estimate as a percentage with its interval, ``"12 % [8, 15]"``; "–" when absent."""
-    if not e or e.get("value") is None:
-        return "–"
-    ci = e.get("ci")
-    text = f"{100 * float(e['value']):.{digits}f} %"
-    if ci and ci[0] is not None and ci[1] is not None:
-        text += f" [{100 * float(ci[0]):.{digits}f}, {100 * float(ci[1]):.{digits}f}]"
-    return text
-
-
-def points(e: Mapping[str, Any] | None, digits: int = 1) -> str:
-    """A difference of accuracies in points with its interval, ``"+12.0 pts [8.1, 15.2]"``."""
-    if not e or e.get("value") is None:
-        return "–"
-    ci = e.get("ci")
-    text = f"{100 * float(e['value']):+.{digits}f} pts"
-    if ci and ci[0] is not None and ci[1] is not None:
-        text += f" [{100 * float(ci[0]):+.{digits}f}, {100 * float(ci[1]):+.{digits}f}]"
-    return text
 
 
 def finding_message(doc: Mapping[str, Any], v: ModelVerdict, finding: str) -> str:
