@@ -38,7 +38,7 @@ def _analyze(store, *extra):
 
 def test_shortcut_is_flagged_and_robust_is_not(store, tmp_path, capsys):
     out = tmp_path / "a.json"
-    assert _analyze(store, "--json", str(out), "--fail-on-flag") == 1  # the shortcut model fails the gate
+    assert _analyze(store, "-o", str(out), "--fail-on-flag") == 1  # the shortcut model fails the gate
     doc = json.loads(out.read_text())
     assert doc["schema_version"] == 3
     short, robust = doc["models"]["shortcut"], doc["models"]["robust"]
@@ -66,7 +66,7 @@ def test_gate_passes_for_the_robust_model_alone(store):
 def test_variant_accuracies_tell_the_two_apart(store, tmp_path):
     """``--data shapes`` renders its test images on random colours: the shape alone tells the class."""
     out = tmp_path / "a.json"
-    _analyze(store, "--json", str(out))
+    _analyze(store, "-o", str(out))
     doc = json.loads(out.read_text())
     s, r = (doc["models"][m]["behaviour"] for m in ("shortcut", "robust"))
     for v in ("original", "only_fg", "mixed_same", "mixed_rand", "mixed_next"):

@@ -58,7 +58,7 @@ def _logits(pred: np.ndarray, width: int) -> np.ndarray:
 
 def _analyze(path, tmp_path, *extra):
     out = tmp_path / "a.json"
-    rc = main(["analyze", str(path), "--json", str(out), "--n-boot", "300", "--n-perm", "20", "--no-progress",
+    rc = main(["analyze", str(path), "-o", str(out), "--n-boot", "300", "--n-perm", "20", "--no-progress",
                "--train", "", "--test-id", "", "--test-ood", "", *extra])
     return rc, json.loads(out.read_text())
 

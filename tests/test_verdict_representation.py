@@ -43,7 +43,7 @@ def _write(path, students, seed=0):
 def test_background_flag_through_the_cli(tmp_path, students, flagged):
     store, out = tmp_path / "s.h5", tmp_path / "a.json"
     _write(store, students)
-    rc = main(["analyze", str(store), "--json", str(out), "--n-boot", "200", "--no-progress",
+    rc = main(["analyze", str(store), "-o", str(out), "--n-boot", "200", "--no-progress",
                "--fail-on", "representation"])
     doc = json.loads(out.read_text())
     for name, want in flagged.items():
