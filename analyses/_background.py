@@ -640,7 +640,7 @@ def normalized_mean_shift(X_a: Any, X_b: Any, *, paired: bool | str = "auto", n_
     refined at both ends), so it never goes below 0: a lower end of 0 means no shift is detected
     at ``ci_level``. When no :math:`\theta_0 \ge 0` is accepted (the means agree more closely than
     the noise allows, in about (1 - ``ci_level``)/2 of data sets without a shift) it is (0, 0).
-    Coverage in simulation (tests/test_nms_coverage.py: Gaussian rows, n = 400, 20 correlated
+    Coverage in simulation (tests/analyses/test_nms_coverage.py: Gaussian rows, n = 400, 20 correlated
     units, 200 replicates, 200 data sets per case): 0.91-0.97 at true NMS 0.0025 and 0.05, paired
     and not; at a true NMS of 0 the interval contains 0 in 0.96-0.98 of data sets. It needs
     ``n_boot`` >= 2; with ``n_boot=1`` ``ci`` is (nan, nan).

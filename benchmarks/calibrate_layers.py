@@ -16,7 +16,7 @@ with its own weights (A, C, E, mu). Population truths are exact: per unit, the p
 are independent Gaussians with variances s_a^2 = sum_j A_uj^2 etc., so the random-effects components
 (foreground Var_z E[x | z], background Var_w E[x | w], interaction = the rest) are closed form for
 the identity and one Gauss-Hermite integral of the ReLU's Gaussian moments for ReLU (checked against
-a 400 x 400 simulation in tests/test_representation_compare.py).
+a 400 x 400 simulation in tests/analyses/test_representation_compare.py).
 
 Against a teacher (``kind="absolute"``; the student fitted to the teacher, so in its units): a
 teacher with a = 2 (a learned foreground), a background response reading k = 2 of the 8 background

@@ -6,7 +6,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # built from parts, so this file does not match itself
 NAMES = ["." + "./" + "shared", "PILOT" + ".md", "PAPERS" + ".md", "DESIGN" + ".md", "STYLE" + ".md"]
 SUFFIXES = {".py", ".md", ".j2", ".toml", ".txt", ".cfg", ".yml", ".yaml", ".json", ".html", ".rst"}

@@ -1,6 +1,6 @@
 """Fault injection: an extraction is interrupted, then resumed; the store must equal an uninterrupted run's.
 
-Faults (tests/test_resume.py already covers SIGKILL through the API, at items and at random moments):
+Faults (tests/store/test_resume.py already covers SIGKILL through the API, at items and at random moments):
 
 - SIGINT (Ctrl-C) through the CLI: exit code 130, the committed rows kept, a message saying how to
   resume; ``--resume`` then completes the store.

@@ -15,7 +15,7 @@ pytest.importorskip("lightning")  # in the dev extra: runs in CI
 import probekit as pk
 from probekit.report import write_report
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_lightning.py"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "train_lightning.py"
 
 
 def _example():

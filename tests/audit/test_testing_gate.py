@@ -18,7 +18,7 @@ from probekit.datasets import Counterfactuals
 from probekit.report import build_gallery, predictions_from_store
 from probekit.testing import assert_no_background_shortcut
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 CLASSES = ("0_red", "1_green", "2_blue")  # folder order = colour channel order
 
 

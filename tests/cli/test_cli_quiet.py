@@ -21,7 +21,7 @@ import pytest
 from probekit.cli import build_parser, cli_message, main
 from probekit.store import StoreWriter
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 #: runs main(ARGV) 20 times in one interpreter, its stdout each time a fresh pipe to `head -c 1` (or,
 #: with CLOSED=1, a pipe whose reader is already gone), and prints the exit codes as JSON on stderr

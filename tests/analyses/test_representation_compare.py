@@ -17,7 +17,7 @@ import pytest
 from probekit.analyses import compare_background, crossed_decomposition
 from probekit.analyses._crossed import _jackknife
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LEVEL = 1 - 0.05 / 4  # Bonferroni over 4 layers, as the audit does
 
 

@@ -24,7 +24,7 @@ import probekit
 from probekit.cli import main
 from probekit.errors import DataError, ModelLoadError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 HOSTILE = {
     "model_a": "<img src=x onerror=alert(1)>",

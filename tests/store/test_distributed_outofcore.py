@@ -6,9 +6,9 @@ analyses on the array in memory and with independent oracles (scikit-learn, nump
 Two checks show that nothing is loaded whole: every read from the store is at most 256 KiB, and the
 peak of numpy allocations during a streamed analysis stays far below the data's size.
 
-Related tests of the streaming code paths on small in-memory stand-ins: tests/test_analyses_probes.py
-(test_streamed_probe_matches_in_memory), tests/test_analyses_similarity.py
-(test_cka_equals_numpy_streamed), tests/test_analyses_background.py
+Related tests of the streaming code paths on small in-memory stand-ins: tests/analyses/test_analyses_probes.py
+(test_streamed_probe_matches_in_memory), tests/analyses/test_analyses_similarity.py
+(test_cka_equals_numpy_streamed), tests/analyses/test_analyses_background.py
 (test_pearson_spearman_equal_scipy_whatever_the_chunk).
 """
 

@@ -42,7 +42,7 @@ from probekit.errors import WriteError
 from probekit.store import StoreWriter
 from probekit.store import _writer as writer_module
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 N, WIDTH, BATCH = 20000, 64, 1000
 
 HELPER = textwrap.dedent(
@@ -141,7 +141,7 @@ def full(work):
 
 # -- a disk that fills up during an extraction ---------------------------------------------------------------
 def test_disk_full_during_extraction_is_one_line_then_resume_equals_an_uninterrupted_run(work, full):
-    """The disk fills up in the middle (tests/_small_disk.py: HDF5 writes through a file that allocates
+    """The disk fills up in the middle (tests/cli/_small_disk.py: HDF5 writes through a file that allocates
     blocks as ext4 does, with half the finished store's blocks free): one line, exit 2 (not h5py's crash
     at exit), the committed rows readable, and --resume gives the uninterrupted store."""
     out = work / "filled.h5"

@@ -1,4 +1,4 @@
-"""``probekit.cli`` with the store written to a disk that has a few blocks left (tests/test_cli_filesystem.py)."""
+"""``probekit.cli`` with the store written to a disk that has a few blocks left (tests/cli/test_cli_filesystem.py)."""
 import errno
 import io
 import os

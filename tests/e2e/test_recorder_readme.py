@@ -14,7 +14,7 @@ import pytest
 
 from probekit.cli import main as cli
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 SCRIPT = '''
 import torch
