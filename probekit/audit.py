@@ -349,6 +349,8 @@ class Check:
     ``needs(view, model, layer)`` returns ``None`` when the check can run, else ``(reason,
     actionable)``: ``actionable`` is false where the audit's mode never runs it (no OOD split was
     named), so the CLI lists only skips a user can act on. ``run`` returns the JSON-safe entry.
+    ``report`` is the id of the report section that shows the entry: its title, glossary rows, the
+    keys it reads and its renderer are declared in ``probekit.report._layers.LAYER_SECTIONS``.
     """
 
     key: str
@@ -356,6 +358,7 @@ class Check:
     title: str
     needs: Callable[[_View, str, str], tuple[str, bool] | None]
     run: Callable[[_View, str, str], Any]
+    report: str = ""
 
 
 def _needs_probe(v: _View, m: str, layer: str) -> tuple[str, bool] | None:
@@ -526,16 +529,18 @@ def _run_nms(v: _View, m: str, layer: str) -> dict[str, Any]:
 
 #: The per-layer checks, in the order they run and appear in ``models.<m>.layers.<l>``.
 LAYER_CHECKS: tuple[Check, ...] = (
-    Check("probe", "probe", "linear-probe accuracy in and out of distribution", _needs_probe, _run_probe),
+    Check("probe", "probe", "linear-probe accuracy in and out of distribution", _needs_probe, _run_probe,
+          report="probes"),
     Check("decodability", "decodability", "background factors decoded from the layer, minus a shuffled control",
-          _needs_factors, _run_decodability),
+          _needs_factors, _run_decodability, report="decodability"),
     Check("correlation", "correlation", "units correlated with background factors, against a permutation null",
-          _needs_factors, _run_correlation),
+          _needs_factors, _run_correlation, report="correlation"),
     Check("crossed", "crossed decomposition", "foreground / background / interaction components",
-          _needs_crossed, _run_crossed),
+          _needs_crossed, _run_crossed, report="decomposition"),
     Check("sensitivity", "sensitivity", "share of variance from the background with the object fixed",
-          _needs_sensitivity, _run_sensitivity),
-    Check("nms", "nms", "normalised mean shift between two background families", _needs_nms, _run_nms),
+          _needs_sensitivity, _run_sensitivity, report="sensitivity"),
+    Check("nms", "nms", "normalised mean shift between two background families", _needs_nms, _run_nms,
+          report="sensitivity"),
 )
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,30 +16,11 @@ import jinja2
 
 from .._io import write_text
 from . import _plots as P
+from ._blocks import _cell, _fmt, _section
 from ._findings import model_verdicts, pct, points
+from ._layers import LAYER_SECTIONS
 
 __all__ = ["render_html", "write_report"]
-
-
-def _fmt(v: Any, digits: int = 3) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, float):
-        return f"{v:.{digits}f}"
-    return str(v)
-
-
-def _est(e: Mapping[str, Any] | None, digits: int = 3) -> tuple[str, str]:
-    if not e or e.get("value") is None:
-        return "–", ""
-    ci = e.get("ci")
-    ci_text = f"[{_fmt(ci[0], digits)}, {_fmt(ci[1], digits)}]" if ci else ""
-    return _fmt(float(e["value"]), digits), ci_text
-
-
-def _cell(e: Mapping[str, Any] | None, digits: int = 3) -> str:
-    v, ci = _est(e, digits)
-    return f"{v} {ci}".strip()
 
 
 def _env() -> jinja2.Environment:
@@ -50,10 +31,6 @@ def _env() -> jinja2.Environment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-
-
-def _section(sid: str, title: str, intro: str = "") -> dict[str, Any]:
-    return {"id": sid, "title": title, "intro": intro, "figures": [], "tables": [], "lines": [], "galleries": []}
 
 
 def _galleries(gallery: Any) -> list[Mapping[str, Any]]:
@@ -173,24 +150,22 @@ def render_html(audit: Mapping[str, Any], gallery: Any = None,
     models: Mapping[str, Any] = audit.get("models", {})
     roles = {m: info.get("role", "model") for m, info in models.items()}
     colors = P.model_colors(roles)
+    model_level: dict[str, Callable[[], dict[str, Any] | None]] = {
+        "gallery": lambda: _gallery_section(_galleries(gallery)),
+        "deployment": lambda: _deployment(models, deploy_examples or {}),
+        "behaviour": lambda: _behaviour(models, colors),
+        "directions": lambda: _directions(models, colors),
+        "teacher-student": lambda: _pairs(audit.get("pairs", []), colors),
+        "training": lambda: _series(audit.get("series", {})),
+        "attribution": lambda: _attribution(audit.get("attribution", {}), colors),
+        "inputs": lambda: _inputs(audit),
+        "skipped": lambda: _skipped(audit.get("skipped", [])),
+    }
     sections = [_section("summary", "Summary")]
-    sections += [s for s in (
-        _gallery_section(_galleries(gallery)),
-        _deployment(models, deploy_examples or {}),
-        _behaviour(models, colors),
-        _decomposition(models, colors),
-        _probes(models, colors),
-        _decodability(models, colors),
-        _sensitivity(models, colors, audit),
-        _correlation(models, colors, audit.get("config", {}).get("n_perm")),
-        _directions(models, colors),
-        _pairs(audit.get("pairs", []), colors),
-        _series(audit.get("series", {})),
-        _attribution(audit.get("attribution", {}), colors),
-        _inputs(audit),
-        _skipped(audit.get("skipped", [])),
-        _glossary(audit),
-    ) if s is not None]
+    for sid in SECTION_ORDER:
+        built = ([ls.build(audit, colors) for ls in LAYER_SECTIONS] if sid == LAYERS else [model_level[sid]()])
+        sections += [s for s in built if s is not None]
+    sections.append(_glossary(audit))
     verdicts = model_verdicts(audit)
     lines = _verdict_lines(audit)
     summary_class = ("bad" if any(v.status == "flagged" for v in verdicts) else
@@ -214,31 +189,52 @@ def render_html(audit: Mapping[str, Any], gallery: Any = None,
     )
 
 
-_GLOSSARY = [
-    ("flip rate", "share of objects whose predicted class is not the same on every background of the crossed split"),
-    ("background pull", "share of predictions that backgrounds move towards the same classes for every object, "
-                        "beyond a shuffle of the backgrounds within each object; a model is flagged when its "
-                        "interval lies above 0.05"),
-    ("follows background", "where a background came from an image of another class: how often the prediction is "
-                           "that class"),
-    ("crossed split", "every object (group) shown on the same set of backgrounds (the stress split)"),
-    ("only_fg / no_fg / only_bg", "the object on black / the object's pixels blacked out / the background alone"),
-    ("mixed_same / mixed_rand / mixed_next", "the object on the background of another image of the same / a random "
-                                             "/ the next class; BG-gap = acc(mixed_same) − acc(mixed_rand)"),
-    ("foreground / background / interaction", "the two-way decomposition of a layer on the crossed split, in the "
-                                              "layer's squared units per row, summed over units"),
-    ("background sensitivity", "share of a layer's variance from the background with the object held fixed"),
-    ("NMS", "normalised mean shift: squared shift of the mean activation between the ID and OOD background "
-            "families on the same objects, over the sum of unit variances (debiased)"),
-    ("decodability (excess)", "cross-validated R² (or balanced accuracy) of a linear probe predicting a background "
-                              "factor, minus the same probe on shuffled factors"),
-    ("units above null", "share of units whose correlation with a factor beats their own permutation null"),
-    ("CKA", "debiased linear centred kernel alignment between two representations (0 = unrelated, 1 = the same "
-            "up to rotation and scale)"),
-    ("relative MSE", "Σ‖student − teacher‖² / Σ‖teacher − mean‖²: the share of the teacher's variance the student "
-                     "misses (units aligned only at the layer the student was fitted to)"),
-    ("ID / OOD", "in distribution (the training backgrounds) / out of distribution (a disjoint background family)"),
-]
+LAYERS = "layers"
+
+#: The report's sections after the summary, in order: the model-level ones by id, and where
+#: :data:`LAYERS` stands the per-layer ones (:data:`LAYER_SECTIONS`, one per check of the audit). The
+#: glossary comes last.
+SECTION_ORDER = ("gallery", "deployment", "behaviour", LAYERS, "directions", "teacher-student", "training",
+                 "attribution", "inputs", "skipped")
+
+#: Glossary rows of the model-level sections by id (``""``: terms of the whole report, listed last). The
+#: per-layer sections carry their own (:attr:`probekit.report._layers.LayerSection.glossary`).
+MODEL_GLOSSARY: dict[str, tuple[tuple[str, str], ...]] = {
+    "behaviour": (
+        ("flip rate", "share of objects whose predicted class is not the same on every background of the crossed "
+                      "split"),
+        ("background pull", "share of predictions that backgrounds move towards the same classes for every object, "
+                            "beyond a shuffle of the backgrounds within each object; a model is flagged when its "
+                            "interval lies above 0.05"),
+        ("follows background", "where a background came from an image of another class: how often the prediction "
+                               "is that class"),
+        ("crossed split", "every object (group) shown on the same set of backgrounds (the stress split)"),
+        ("only_fg / no_fg / only_bg", "the object on black / the object's pixels blacked out / the background "
+                                      "alone"),
+        ("mixed_same / mixed_rand / mixed_next", "the object on the background of another image of the same / a "
+                                                 "random / the next class; BG-gap = acc(mixed_same) − "
+                                                 "acc(mixed_rand)"),
+    ),
+    "teacher-student": (
+        ("CKA", "debiased linear centred kernel alignment between two representations (0 = unrelated, 1 = the same "
+                "up to rotation and scale)"),
+        ("relative MSE", "Σ‖student − teacher‖² / Σ‖teacher − mean‖²: the share of the teacher's variance the "
+                         "student misses (units aligned only at the layer the student was fitted to)"),
+    ),
+    "": (
+        ("ID / OOD", "in distribution (the training backgrounds) / out of distribution (a disjoint background "
+                     "family)"),
+    ),
+}
+
+
+def glossary() -> list[tuple[str, str]]:
+    """Every term of the report, in the order of the sections that show it (terms of the whole report last)."""
+    layer = {ls.id: ls.glossary for ls in LAYER_SECTIONS}
+    ids = [x for sid in SECTION_ORDER for x in (list(layer) if sid == LAYERS else [sid])]
+    return [row for sid in [*ids, ""] for row in layer.get(sid, MODEL_GLOSSARY.get(sid, ()))]
+
+
 _FACTORS = {  # the built-in background digits' factors
     "hue": "background colour hue, 0-1, circular", "sat": "background colour saturation",
     "bright": "background brightness (HSV value)", "orient": "stripe orientation in degrees, circular (period 180)",
@@ -248,7 +244,7 @@ _FACTORS = {  # the built-in background digits' factors
 
 def _glossary(audit: Mapping[str, Any]) -> dict[str, Any]:
     s = _section("glossary", "Glossary")
-    rows = [[k, v] for k, v in _GLOSSARY]
+    rows = [[k, v] for k, v in glossary()]
     factors = dict.fromkeys(f for sp in (audit.get("splits") or {}).values() for f in sp.get("factor_names", []))
     rows += [[f"factor {f}", _FACTORS.get(f, "a background factor of your data (see where the data came from)")]
              for f in factors]
@@ -458,192 +454,6 @@ def _behaviour(models: Mapping[str, Any], colors: Mapping[str, str]) -> dict[str
             "rows": [[m, *[_cell((b.get("accuracy") or {}).get(v), 2) for v in variants],
                       _cell(b.get("bg_gap"), 2), _fmt(b.get("chance"), 2)] for m, b in beh.items()],
             "left": 1})
-    return s
-
-
-def _decomposition(models: Mapping[str, Any], colors: Mapping[str, str]) -> dict[str, Any] | None:
-    series: dict[str, list] = {}
-    table = {"title": "", "header": ["model", "layer", "foreground", "background", "interaction",
-                                     "background vs reference", "ratio (CI)", "flag"], "rows": [], "left": 2}
-    for m, info in models.items():
-        for layer, res in info.get("layers", {}).items():
-            c = res.get("crossed")
-            if not c:
-                continue
-            series.setdefault(f"{m} · background", []).append((layer, c.get("background_share")))
-            ref = res.get("background_vs_reference") or {}
-            table["rows"].append([m, layer, _cell(c.get("foreground"), 3), _cell(c.get("background"), 3),
-                                  _cell(c.get("interaction"), 3), ref.get("reference", "–"),
-                                  _cell(ref.get("ratio"), 2),
-                                  "FLAG" if res.get("background_flag") else ("–" if not ref else "no")])
-    if not series:
-        return None
-    s = _section("decomposition", "Foreground, background and interaction per layer",
-                 "On the crossed split every object is shown on the same backgrounds, so each layer splits "
-                 "into a foreground component (what all backgrounds of an object share), a background "
-                 "component (what all objects on a background share) and an interaction, in the layer's own "
-                 "squared units per row. A weaker foreground shrinks the first and leaves the second alone. "
-                 "A layer is flagged when its background component exceeds its reference's by 1.25x at the "
-                 "low end of a Bonferroni-corrected paired interval: the teacher's at the same layer for a "
-                 "student (same units), otherwise the same architecture at initialisation, compared as "
-                 "background / (foreground + interaction) since the units differ.")
-    s["figures"].append({"src": P.layer_lines(series, title="background share of each layer's variance",
-                                              ylabel="background / total", colors=colors, ylim=(0, 1)),
-                         "alt": "background share by layer",
-                         "caption": "The background component over the layer's total variance on the crossed "
-                                    "split (95% CI). A share is for orientation only: the flag compares the "
-                                    "component itself with the reference (table)."})
-    s["tables"].append(table)
-    clean = [m for m, info in models.items() if info.get("flagged") is not True
-             and any(r.get("background_flag") for r in (info.get("layers") or {}).values())]
-    if clean:
-        s["lines"].append(f"FLAG beside a model that is not flagged ({', '.join(clean)}): the layer carries more "
-                          "background than its reference (the representation finding), but the verdict on a "
-                          "shortcut reads the model's predictions, which do not follow the background beyond the "
-                          "threshold.")
-    return s
-
-
-def _probes(models: Mapping[str, Any], colors: Mapping[str, str]) -> dict[str, Any] | None:
-    series: dict[str, list] = {}
-    table = {"title": "", "header": ["model", "layer", "ID accuracy", "OOD accuracy", "gap (ID − OOD)"],
-             "rows": [], "left": 2}
-    for m, info in models.items():
-        for layer, res in info.get("layers", {}).items():
-            p = res.get("probe")
-            if not p:
-                continue
-            series.setdefault(f"{m} · ID", []).append((layer, p.get("id")))
-            if p.get("ood"):
-                series.setdefault(f"{m} · OOD", []).append((layer, p.get("ood")))
-            table["rows"].append([m, layer, _cell(p.get("id")), _cell(p.get("ood")), _cell(p.get("gap"))])
-    if not series:
-        return None
-    s = _section("probes", "Linear probes: ID vs OOD",
-                 "A linear probe fit on the training split, scored on the in-distribution and the shifted "
-                 "test split, with bootstrap 95% intervals. A large gap for the same foregrounds means the "
-                 "representation moved with the background.")
-    has_ood = any(k.endswith(" · OOD") for k in series)
-    s["figures"].append({"src": P.layer_lines(series, title="probe accuracy by layer", ylabel="accuracy",
-                                              colors=colors, styles={"ID": "-", "OOD": "--"}, ylim=(0, 1)),
-                         "alt": "probe accuracy ID and OOD by layer",
-                         "caption": "Solid: ID; dashed: OOD. 95% intervals." if has_ood else "ID accuracy, 95% intervals."})
-    s["tables"].append(table)
-    return s
-
-
-def _decodability(models: Mapping[str, Any], colors: Mapping[str, str]) -> dict[str, Any] | None:
-    series: dict[str, list] = {}
-    by_split: dict[str, dict[str, Any]] = {}  # split -> {"factors": [...], "rows": [...]}
-    for m, info in models.items():
-        for layer, res in info.get("layers", {}).items():
-            for split, d in (res.get("decodability") or {}).items():
-                series.setdefault(f"{m} · {split}", []).append((layer, d.get("mean_excess_r2")))
-                t = by_split.setdefault(split, {"factors": list(d.get("factors", {})), "rows": []})
-                t["rows"].append([m, layer, *[_cell((d["factors"].get(f) or {}).get("excess"), 2)
-                                              for f in t["factors"]]])
-    if not series:
-        return None
-    s = _section("decodability", "Background decodability",
-                 "How well a linear probe predicts each background factor from the layer (cross-validated R² "
-                 "or balanced accuracy), minus the same probe on shuffled targets. Within a split whose "
-                 "backgrounds vary widely it is informative; on in-distribution data it often is not "
-                 "(see docs/METRICS.md).")
-    splits = list(dict.fromkeys(k.partition(" · ")[2] for k in series))  # one line style per split
-    styles = dict(zip(splits, ["-", "--", "-.", (0, (5, 1, 1, 1))] * 4, strict=False))  # ":" is the control's
-    s["figures"].append({"src": P.layer_lines(series, title="mean excess R² over continuous factors, by layer",
-                                              ylabel="R² − shuffled-control R²", colors=colors, styles=styles,
-                                              hline=0.0, hline_label="shuffled control", ylim=(0, 1)),
-                         "alt": "background decodability by layer", "caption": "0 = the shuffled control."})
-    for split, t in by_split.items():
-        s["tables"].append({"title": f"excess over the shuffled control, within {split} (95% CI)",
-                            "header": ["model", "layer", *t["factors"]], "rows": t["rows"], "left": 2})
-    return s
-
-
-def _sensitivity(models: Mapping[str, Any], colors: Mapping[str, str], audit: Mapping[str, Any]) -> dict | None:
-    sens: dict[str, list] = {}
-    nms: dict[str, list] = {}
-    table = {"title": "", "header": ["model", "layer", "bg sensitivity", "at init", "NMS", "NMS at init"],
-             "rows": [], "left": 2}
-    for m, info in models.items():
-        for layer, res in info.get("layers", {}).items():
-            se, nm = res.get("sensitivity"), res.get("nms")
-            if se:
-                sens.setdefault(f"{m} · trained", []).append((layer, se.get("value")))
-                if (se.get("init") or {}).get("value") is not None:
-                    sens.setdefault(f"{m} · init", []).append((layer, se.get("init")))
-            if nm:
-                nms.setdefault(f"{m} · trained", []).append((layer, nm.get("value")))
-                if (nm.get("init") or {}).get("value") is not None:
-                    nms.setdefault(f"{m} · init", []).append((layer, nm.get("init")))
-            if se or nm:
-                table["rows"].append([m, layer, _cell((se or {}).get("value")), _cell((se or {}).get("init")),
-                                      _cell((nm or {}).get("value")), _cell((nm or {}).get("init"))])
-    if not sens and not nms:
-        return None
-    s = _section("sensitivity", "Background sensitivity under shift",
-                 "Background sensitivity: the share of a layer's variance that comes from the background "
-                 "with the foreground held fixed, on a split whose backgrounds reach beyond training. NMS: the "
-                 "squared shift of the mean activation between two background families on the same "
-                 "foregrounds, over the sum of unit variances. Both beside the same architecture at "
-                 "initialisation where known: the change from init separates learned sensitivity from "
-                 "features never removed.")
-    styles = {"trained": "-", "init": ":"}
-    for col in (5, 3):  # an "at init" column that is empty everywhere says nothing: left out
-        if all(row[col] == "–" for row in table["rows"]):
-            table["header"].pop(col)
-            for row in table["rows"]:
-                row.pop(col)
-    if sens:
-        split = next((r.get("sensitivity", {}).get("split") for info in models.values()
-                      for r in info.get("layers", {}).values() if r.get("sensitivity")), "")
-        s["figures"].append({"src": P.layer_lines(sens, title=f"background sensitivity on {split}",
-                                                  ylabel="share of variance", colors=colors, styles=styles,
-                                                  ylim=(0, 1)),
-                             "alt": "background sensitivity by layer", "caption": _init_caption(sens)})
-    if nms:
-        s["figures"].append({"src": P.layer_lines(nms, title="normalised mean shift (ID → OOD)", ylabel="NMS",
-                                                  colors=colors, styles=styles, ylim=(0, None)),
-                             "alt": "normalised mean shift by layer", "caption": _init_caption(nms)})
-    s["tables"].append(table)
-    return s
-
-
-def _init_caption(series: Mapping[str, Any]) -> str:
-    """Name the dotted lines only where they are drawn (a series at initialisation with a value)."""
-    drawn = any(k.endswith(" · init") and any((e or {}).get("value") is not None for _, e in pts)
-                for k, pts in series.items())
-    return "Solid: trained; dotted: at initialisation. 95% intervals." if drawn else "95% intervals."
-
-
-def _correlation(models: Mapping[str, Any], colors: Mapping[str, str],
-                 n_perm: int | None = None) -> dict[str, Any] | None:
-    panels = []
-    table = {"title": "", "header": ["model", "layer", "split", "mean |r|", "noise floor", "units above null (%)",
-                                     "var. share bg", "var. share label"], "rows": [], "left": 3}
-    for m, info in models.items():
-        for layer, res in info.get("layers", {}).items():
-            c = res.get("correlation")
-            if not c:
-                continue
-            if c.get("hist"):
-                panels.append((f"{m} · {layer}", {**c["hist"], "floor": c.get("threshold")}, colors.get(m, "#333")))
-            table["rows"].append([m, layer, c.get("split", ""), _fmt(c.get("mean_abs_r")),
-                                  _fmt(c.get("noise_floor")),
-                                  "–" if c.get("share_significant") is None else f"{100 * c['share_significant']:.1f}",
-                                  _fmt(c.get("variance_share_background")), _fmt(c.get("variance_share_label"))])
-    if not table["rows"]:
-        return None
-    null = ("Student-t null threshold (run with --n-perm 0)" if n_perm == 0 else "permutation-null threshold")
-    s = _section("correlation", "Unit–background correlation",
-                 "Per unit, the largest |Pearson r| with any background factor; the dashed line is the "
-                 f"{null}. 'Units above null' counts units significant after correction.")
-    if panels:
-        s["figures"].append({"src": P.histograms(panels[:16], xlabel="max |r| over factors",
-                                                 vline_key="floor", vline_label="null threshold"),
-                             "alt": "histograms of unit correlations", "caption": "", "wide": True})
-    s["tables"].append(table)
     return s
 
 
