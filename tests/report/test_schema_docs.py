@@ -54,3 +54,57 @@ def test_config_fields_are_the_audit_spec():
     fields = {f.name for f in dataclasses.fields(AuditSpec)}
     assert set(cfg["required"]) <= fields
     assert set(cfg["properties"]) <= fields
+
+
+def _rows(section: str) -> dict[str, str]:
+    """First-column key -> the words inside backticks in the rest of its row (``a``, ``{a, b}`` both count)."""
+    text = (ROOT / "docs" / "REPORT_SCHEMA.md").read_text()
+    start = text.index(section)
+    end = text.find("\n## ", start + 1)
+    out: dict[str, str] = {}
+    for line in text[start:end if end > 0 else None].splitlines():
+        if not line.startswith("| `"):
+            continue
+        cells = line.split("|")
+        for key in re.findall(r"`([^`]+)`", cells[1]):
+            out[key] = " ".join(re.findall(r"\w+", " ".join(re.findall(r"`([^`]+)`", "|".join(cells[2:])))))
+    return out
+
+
+def _props(node: dict, *path: str) -> set[str]:
+    defs = _schema()["$defs"]
+    for p in path:
+        node = node["additionalProperties"] if p == "*" else node["properties"][p]
+        while "$ref" in node:
+            node = defs[node["$ref"].rsplit("/", 1)[1]]
+    return set(node.get("properties", {}))
+
+
+def test_top_level_fields_documented_equal_schema():
+    assert set(_table_keys("## Top level")) == set(_schema()["properties"])
+
+
+def test_every_layer_field_is_named_in_its_row():
+    rows = _rows("## `models.<m>.layers.<layer>`")
+    layer = _schema()["$defs"]["layer"]
+    assert set(rows) == set(layer["properties"])
+    for key in rows:
+        named = set(rows[key].split())
+        nested = _props(layer, key, "*") | _props(layer, key, "*", "factors", "*") if key == "decodability" else set()
+        missing = (_props(layer, key) | nested) - named
+        assert not missing, f"layers.<l>.{key}: {sorted(missing)} not named in docs/REPORT_SCHEMA.md"
+
+
+def test_every_field_of_the_image_audits_records_is_named_in_its_row():
+    """``probekit audit``'s records (and the demo's attribution): each field in the top-level table's row."""
+    rows, top = _rows("## Top level"), _schema()
+    fields = {"preprocessing": _props(top, "preprocessing"), "inputs": _props(top, "inputs"),
+              "cost": _props(top, "cost") | _props(top, "cost", "objects"),
+              "accuracy_check": _props(top, "accuracy_check", "*"),
+              "mask_sensitivity": _props(top, "mask_sensitivity") | _props(top, "mask_sensitivity", "models", "*")
+              | _props(top, "mask_sensitivity", "models", "*", "eroded"),
+              "attribution": _props(top, "attribution", "*"), "headline": _props(top, "headline"),
+              "skipped": _props(top, "skipped") | set(top["properties"]["skipped"]["items"]["properties"])}
+    for key, want in fields.items():
+        missing = want - set(rows[key].split())
+        assert not missing, f"{key}: {sorted(missing)} not named in docs/REPORT_SCHEMA.md"
