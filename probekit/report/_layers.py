@@ -1,12 +1,13 @@
-"""The report's per-layer sections, one per check of :data:`probekit.audit.LAYER_CHECKS`.
+"""The report's per-layer sections: where the checks of :data:`probekit.audit.LAYER_CHECKS` are shown.
 
 Each :class:`LayerSection` declares its title, its introduction, the keys of
 ``models.<m>.layers.<l>`` it reads, its glossary rows and the function that lays out its figures and
-tables. A check names its section (``Check.report``); the report builds the per-layer sections by
-iterating over :data:`LAYER_SECTIONS`, in the order they appear. Adding an analysis: its
+tables; one section may show several checks (background sensitivity and NMS share one). A check names
+its section (``Check.report``); the report builds the per-layer sections by iterating over
+:data:`LAYER_SECTIONS`, in the order they appear. Adding an analysis: its
 :class:`~probekit.audit.Check` (with ``report=``) and its entry here. The report cannot import the
-audit (``Audit.to_html`` imports the report), so the two registries meet by section id; a test keeps
-them equal.
+audit (``Audit.to_html`` imports the report, and the package's rooms import without a cycle), so the
+two registries meet by section id; tests/test_report_sections.py keeps them equal.
 """
 
 from __future__ import annotations
