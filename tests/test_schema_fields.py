@@ -145,7 +145,6 @@ def test_a_field_the_schema_does_not_name_is_refused(planted, where):
 #: contents absent), and the condition they need.
 CONDITIONAL = {
     "attribution": "probekit demo only (integrated gradients of its two models)",
-    "inputs.teacher": "probekit audit --teacher",
     "models.*.predicted_accuracy.*.corrected": "a material compositing cost (behaviour.composite_gap.material)",
 }
 
