@@ -7,7 +7,7 @@ its section (``Check.report``); the report builds the per-layer sections by iter
 :data:`LAYER_SECTIONS`, in the order they appear. Adding an analysis: its
 :class:`~probekit.audit.Check` (with ``report=``) and its entry here. The report cannot import the
 audit (``Audit.to_html`` imports the report, and the package's rooms import without a cycle), so the
-two registries meet by section id; tests/test_report_sections.py keeps them equal.
+two registries meet by section id; tests/report/test_report_sections.py keeps them equal.
 """
 
 from __future__ import annotations

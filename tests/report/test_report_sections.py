@@ -17,7 +17,7 @@ import pytest
 from probekit.audit import LAYER_CHECKS
 from probekit.report import _html, _layers, render_html
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _est(v):
