@@ -15,6 +15,7 @@ from typing import Any
 import jinja2
 
 from .._io import write_text
+from ..vocab import PULL_MARGIN
 from . import _plots as P
 from ._blocks import _cell, _fmt, _section
 from ._findings import model_verdicts, pct, points
@@ -204,8 +205,9 @@ MODEL_GLOSSARY: dict[str, tuple[tuple[str, str], ...]] = {
         ("flip rate", "share of objects whose predicted class is not the same on every background of the crossed "
                       "split"),
         ("background pull", "share of predictions that backgrounds move towards the same classes for every object, "
-                            "beyond a shuffle of the backgrounds within each object; a model is flagged when its "
-                            "interval lies above 0.05"),
+                            "beyond a shuffle of the backgrounds within each object; it decides the shortcut finding "
+                            f"only where the backgrounds carry no class (standing in for reliance): the finding then "
+                            f"holds when its interval's low end lies above {PULL_MARGIN:g}"),
         ("follows background", "where a background came from an image of another class: how often the prediction "
                                "is that class"),
         ("crossed split", "every object (group) shown on the same set of backgrounds (the stress split)"),
@@ -288,8 +290,6 @@ def _inputs(audit: Mapping[str, Any]) -> dict[str, Any] | None:
 def _shortcut_figure(b: Mapping[str, Any]) -> dict[str, Any]:
     """The figure the shortcut finding reads: reliance, or the background pull where it stands in
     (backgrounds that carry no class), drawn with the low end its flag reads and the pull's margin."""
-    from ..vocab import PULL_MARGIN
-
     rel = dict(b.get("reliance") or {})
     pull = b.get("pull") or {}
     if rel.get("value") is None and rel.get("stand_in") == "pull" and pull.get("value") is not None:
@@ -465,21 +465,16 @@ def _directions(models: Mapping[str, Any], colors: Mapping[str, str]) -> dict[st
                 figs.append({"src": P.cluster_shares(f"{m} · {layer}", d["shares"], d.get("spreads"),
                                                      d.get("n_directions"), colors.get(m, "#333")),
                              "alt": f"direction clusters of {m} {layer}", "caption": ""})
-            proj = d.get("projections") or {}
             stab = d.get("stability") or {}
             rows.append([m, layer, _fmt(d.get("n_units")), _fmt(d.get("n_directions")),
                          " / ".join(str(v) for v in stab.values()) or "–",
-                         _fmt(max(d.get("shares") or [0.0])), _fmt(proj.get("core")), _fmt(proj.get("background"))])
+                         _fmt(max(d.get("shares") or [0.0]))])
     if not rows:
         return None
-    header = ["model", "layer", "units", "directions (90% mass)", "at tol 5 / 10 / 15 / 20 / 30°", "largest share",
-              "core proj.", "background proj."]
-    if all(r[-2] == "–" and r[-1] == "–" for r in rows):  # no known bases: no projection columns
-        header, rows = header[:-2], [r[:-2] for r in rows]
+    header = ["model", "layer", "units", "directions (90% mass)", "at tol 5 / 10 / 15 / 20 / 30°", "largest share"]
     s = _section("directions", "Neuron weight directions",
                  "Unit-normalised weight rows clustered on the sphere: how many distinct directions carry 90% "
-                 "of the squared weight norm. Projections on core / background bases appear when the bases are "
-                 "known (synthetic models, or estimated from image patches).")
+                 "of the squared weight norm.")
     s["figures"] += figs[:12]
     s["tables"].append({"title": "", "header": header, "rows": rows, "left": 2})
     s["lines"].append("A count is worth reading only when it holds over the clustering tolerance: the counts at "
