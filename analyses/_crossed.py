@@ -91,6 +91,16 @@ def _layout(group: Any, background: Any, n: int) -> tuple[np.ndarray, np.ndarray
     return new[gi], bi, rows, int(complete.sum()), B, int(G - complete.sum())
 
 
+def _keys(group: Any, background: Any, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The complete foregrounds' and the backgrounds' ids, in the order of :func:`_layout`'s tables."""
+    g = as_vector(group, "group", n, numeric=False)
+    b = as_vector(background, "background", n, numeric=False)
+    gids, gi = np.unique(g, return_inverse=True)
+    bids, bi = np.unique(b, return_inverse=True)
+    cells = np.bincount(gi.reshape(-1) * bids.size + bi.reshape(-1), minlength=gids.size * bids.size)
+    return gids[(cells.reshape(gids.size, bids.size) == 1).all(axis=1)], bids
+
+
 def _ss_components(ss_tot: Any, ss_fg: Any, ss_bg: Any, G: int, B: int) -> np.ndarray:
     """Unbiased variance components (foreground, background, interaction) from the sums of squares.
 
@@ -255,6 +265,9 @@ class BackgroundComparisonResult(ResultMixin):
     model: list[float]
     references: list[list[float]]
     reason: str | None
+    n_groups: int = 0
+    n_reference_groups: int = 0
+    n_shared_groups: int = 0
 
 
 #: the figure each kind compares, from components (..., 3) = (foreground, background, interaction)
@@ -266,24 +279,73 @@ _FIGURES = {
 }
 
 
+def _influence(loo: np.ndarray) -> np.ndarray:
+    """Jackknife influences (n - 1) (mean - loo_i) of a statistic from its n leave-one-out values."""
+    return (loo.size - 1) * (loo.mean() - loo)
+
+
+def _unpaired_parts(log: bool, S: float, T: float, S_g: np.ndarray, T_g: np.ndarray, S_b: np.ndarray,
+                    T_b: np.ndarray, shared: tuple[np.ndarray, np.ndarray]) -> list[tuple[float, int]]:
+    """Variance parts (with their df) of f(S / T) when the reference was measured on other foregrounds
+    than the model (a subsample of them, or partly other ones) over the same backgrounds.
+
+    Linearised jackknife: with u_i the influence of foreground i on f(S) (over the model's G
+    foregrounds) and v_j on f(T) (over the reference's G_T), f(S / T) - f(S / T)_true is about
+    sum_i u_i / G - sum_j v_j / G_T, a sum over the foregrounds of independent terms; a foreground both
+    tables hold contributes u_i / G - v_i / G_T (the two influences pair, as the two-way jackknife pairs
+    them), one only the model holds u_i / G, one only the reference holds -v_j / G_T. Each group of terms
+    is summed with its own n / (n - 1) factor, so that with the same foregrounds in both tables this is
+    the paired jackknife exactly (on the log scale). On the ratio's own scale, f(S / T) moves by
+    (dS - rho dT) / T (delta method). The backgrounds, shared, pair as before.
+    """
+    G, GT, B = S_g.size, T_g.size, S_b.size
+    if log:
+        uS, uT, bS, bT = (_influence(np.log(v)) for v in (S_g, T_g, S_b, T_b))
+    else:
+        rho = S / T
+        uS, uT = _influence(S_g) / T, rho * _influence(T_g) / T
+        bS, bT = _influence(S_b) / T, rho * _influence(T_b) / T
+    parts: list[tuple[float, int]] = []
+    iS, iT = shared
+    n_sh = iS.size
+    only_S, only_T = np.ones(G, bool), np.ones(GT, bool)
+    if n_sh >= 2:  # fewer than 2 shared foregrounds: their covariance is unknown, left out (conservative)
+        d = uS[iS] / G - uT[iT] / GT
+        parts.append((n_sh / (n_sh - 1) * float(d @ d), n_sh - 1))
+        only_S[iS], only_T[iT] = False, False
+    for u, n, keep in ((uS, G, only_S), (uT, GT, only_T)):
+        if keep.any():
+            w = u[keep] / n
+            parts.append((n / (n - 1) * float(w @ w), max(1, int(keep.sum()) - 1)))
+    db = (bS - bT) / B
+    parts.append((B / (B - 1) * float(db @ db), B - 1))
+    return parts
+
+
 def compare_background(X: Any, references: Sequence[Any], group: Any, background: Any, *,
                        kind: str = "absolute", n_boot: int = 500, ci_level: float = 0.95,
                        margin: float = FLAG_RATIO, max_dims: int = MAX_DIMS,
-                       random_state: int | None = 0) -> BackgroundComparisonResult:
+                       random_state: int | None = 0, reference_group: Any = None,
+                       reference_background: Any = None) -> BackgroundComparisonResult:
     r"""Compare a layer's background component with the same layer of one or more reference models.
 
-    All inputs are rows of the same crossed split (same foregrounds, same backgrounds, same order).
+    By default every reference holds the rows of X (same foregrounds, same backgrounds, same order).
+    With ``reference_group`` / ``reference_background`` (one entry per row of the references, every
+    reference the same rows), the references were measured on other foregrounds than X, over the same
+    backgrounds: typically a seeded subsample of X's foregrounds (the audit's ``init_objects``), which
+    costs forward passes of the references only.
 
     Figures (``kind``), from the components of :func:`crossed_decomposition`:
 
     - ``"absolute"``: :math:`\sigma^2_{bg}` itself, for a student against its teacher, whose
       representation the student was fitted to (the same units). A student that encodes the
       foreground more weakly with the same background response keeps ratio 1.
-    - ``"within"``: :math:`\sigma^2_{bg} / (\sigma^2_{bg} + \sigma^2_{int})`, the share of the
-      within-object variation (how the rows of one object differ across backgrounds) that every
-      object shares. Scale-free and without the foreground, so a weaker foreground cannot move it;
-      for references in other units (the same architecture at initialisation: seeded inits or a
-      recorded step 0). At most 1: the ratio cannot exceed 1 / the reference's figure.
+    - ``"within_odds"``: :math:`\sigma^2_{bg} / \sigma^2_{int}`, background relative to the
+      within-object variation it does not explain. Scale-free and without the foreground, so a weaker
+      foreground barely moves it; for references in other units (the same architecture at
+      initialisation: seeded inits or a recorded step 0).
+    - ``"within_share"``: :math:`\sigma^2_{bg} / (\sigma^2_{bg} + \sigma^2_{int})`, at most 1: the
+      ratio cannot exceed 1 / the reference's figure.
     - ``"odds"``: :math:`\sigma^2_{bg} / (\sigma^2_{fg} + \sigma^2_{int})`. Its denominator holds the
       foreground, so a model that learned less foreground reads as more background: kept for
       comparison only (benchmarks/calibrate_layers.py measures the false flags it gives).
@@ -294,7 +356,11 @@ def compare_background(X: Any, references: Sequence[Any], group: Any, background
     at once, then each background; the two variances add), plus, with 2 or more references, the
     spread of the references' figures divided by their number (initialisations vary, so the
     reference mean is uncertain too), with a t quantile at Welch-Satterthwaite's degrees of freedom
-    (``df``; G - 1, B - 1 and references - 1 for the three parts). ``scale="log"``: on the log ratio,
+    (``df``; G - 1, B - 1 and references - 1 for the three parts). When the references hold other
+    foregrounds than X, the foreground part is the linearised jackknife of :func:`_unpaired_parts`:
+    the reference's own sampling variance over its G_T foregrounds is added, and the covariance over
+    the foregrounds both hold is paired (benchmarks/calibrate_init_subsample.py measures its coverage).
+    ``scale="log"``: on the log ratio,
     used where the model's background is clearly there (its mean square over backgrounds at least
     twice the interaction's, i.e. G sigma2_bg >= sigma2_int, and its figure > 0 with any one
     foreground or background left out); ``"linear"`` (the ratio itself, whose interval can reach 0)
@@ -317,16 +383,37 @@ def compare_background(X: Any, references: Sequence[Any], group: Any, background
     refs = list(references)
     if not refs:
         raise DataError("compare_background needs at least one reference (the teacher, or inits).")
+    if (reference_group is None) != (reference_background is None):
+        raise DataError("compare_background: pass reference_group and reference_background together (the "
+                        "references' own rows), or neither (the references hold X's rows).")
     src = as_source(X, "X", min_rows=2)
     gi, bi, rows, G, B, _ = _layout(group, background, src.n_rows)
+    layout, n_ref_rows, GT = (gi, bi, rows, G, B), src.n_rows, G
+    paired, shared = True, (np.arange(G), np.arange(G))
+    if reference_group is not None:
+        n_ref_rows = as_source(refs[0], "references[0]", min_rows=2).n_rows
+        rgi, rbi, rrows, GT, BT, _ = _layout(reference_group, reference_background, n_ref_rows)
+        gk, bk = _keys(group, background, src.n_rows)
+        rgk, rbk = _keys(reference_group, reference_background, n_ref_rows)
+        if not np.array_equal(bk, rbk):
+            raise DataError(f"The references were measured on {BT} backgrounds and X on {B}, not the same ones; "
+                            "compare_background needs every table on the same backgrounds.")
+        layout = (rgi, rbi, rrows, GT, BT)
+        paired = bool(np.array_equal(gk, rgk))
+        _, iS, iT = np.intersect1d(gk, rgk, return_indices=True)
+        shared = (iS, iT)
     seed = 0 if random_state is None else int(random_state)
     jacks = []
     for i, Z in enumerate([X, *refs]):
         name = "X" if i == 0 else f"references[{i - 1}]"
         zsrc = as_source(Z, name, min_rows=2)
-        if zsrc.n_rows != src.n_rows:
-            raise DataError(f"{name} has {zsrc.n_rows} rows, X has {src.n_rows}; compare the same split's rows.")
-        jacks.append(_jackknife(_Table(Z, gi, bi, rows, G, B, _sketch(zsrc.n_features, max_dims, seed), name).Y))
+        want = src.n_rows if i == 0 else n_ref_rows
+        if zsrc.n_rows != want:
+            what = "X has" if reference_group is None else "reference_group has"
+            raise DataError(f"{name} has {zsrc.n_rows} rows, {what} {want}; compare the same split's rows "
+                            "(or label the references' own rows with reference_group / reference_background).")
+        lay = (gi, bi, rows, G, B) if i == 0 else layout
+        jacks.append(_jackknife(_Table(Z, *lay, _sketch(zsrc.n_features, max_dims, seed), name).Y))
     figure = _FIGURES[kind]
     with np.errstate(divide="ignore", invalid="ignore"):
         per_ref = np.array([figure(j[0]) for j in jacks[1:]])
@@ -336,7 +423,8 @@ def compare_background(X: Any, references: Sequence[Any], group: Any, background
         T_b = None if jacks[0][2] is None else np.mean([figure(j[2]) for j in jacks[1:]], axis=0)
     R = len(refs)
     base = dict(kind=kind, value=S, reference=T, ci_level=float(ci_level), margin=float(margin), n_references=R,
-                model=[float(x) for x in jacks[0][0]], references=[[float(x) for x in j[0]] for j in jacks[1:]])
+                model=[float(x) for x in jacks[0][0]], references=[[float(x) for x in j[0]] for j in jacks[1:]],
+                n_groups=G, n_reference_groups=GT, n_shared_groups=int(shared[0].size))
     what = {"absolute": "background component", "within_odds": "background-to-interaction odds",
             "within_share": "background share of the within-object variation", "odds": "background odds"}[kind]
 
@@ -355,7 +443,7 @@ def compare_background(X: Any, references: Sequence[Any], group: Any, background
                     "estimate only.", ratio=S / T)
     if not (np.isfinite(T_g).all() and np.isfinite(T_b).all() and T_g.min() > 0 and T_b.min() > 0):
         return none(f"the reference's {what} ({T:.3g}) is not distinguishable from 0: it comes out <= 0 when one "
-                    f"of the {G} foregrounds or {B} backgrounds is left out, so a ratio to it is not determined.")
+                    f"of the {GT} foregrounds or {B} backgrounds is left out, so a ratio to it is not determined.")
     if not (np.isfinite(S_g).all() and np.isfinite(S_b).all()):
         return none(f"the {what} of X is undefined when one foreground or background is left out: no interval.",
                     ratio=S / T)
@@ -363,8 +451,11 @@ def compare_background(X: Any, references: Sequence[Any], group: Any, background
 
     def spread(f: Any) -> tuple[list[tuple[float, int]], float]:
         """The variance parts (foregrounds, backgrounds, inits) of f(ratio) and their df."""
-        th_g, th_b = f(S_g / T_g), f(S_b / T_b)
-        parts = [(_jack_cov(th_g, th_g), G - 1), (_jack_cov(th_b, th_b), B - 1)]
+        if paired:
+            th_g, th_b = f(S_g / T_g), f(S_b / T_b)
+            parts = [(_jack_cov(th_g, th_g), G - 1), (_jack_cov(th_b, th_b), B - 1)]
+        else:
+            parts = _unpaired_parts(f is np.log, S, T, S_g, T_g, S_b, T_b, shared)
         if R > 1:  # initialisations vary: the variance of the references' mean, on the same scale
             d = 1.0 if f is np.log else rho ** 2
             parts.append((float(np.var(per_ref, ddof=1) / R) / T ** 2 * d, R - 1))

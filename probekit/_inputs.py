@@ -42,6 +42,7 @@ _WHAT = {
     "preprocessing": "the preprocessing (--image-size, --mean, --std)",
     "layers": "the layers (--layers)",
     "inits": "the seeded initialisations (--inits)",
+    "init_objects": "the objects the seeded initialisations see (--init-objects)",
     "pools": "the layers' pooling (--pool)",
     "teacher_layers": "the teacher's layers (--teacher-layers)",
     "counterfactuals": "the composites (fill, soft edges, --deploy-backgrounds scenes)",

@@ -1025,8 +1025,12 @@ def _background_flags(v: _View, names: Sequence[str], doc: dict[str, Any]) -> No
         def run(m: str = m, layer: str = layer, refs: list[Any] = refs, kind: str = kind) -> Any:
             X = v.x(m, st, layer)
             group, background = v.fields(st, len(X), "group", "background")
+            sub = {}
+            if len(refs[0]) < len(X):  # inits on the first of the split's objects (probekit audit's init_objects)
+                sub = dict(zip(("reference_group", "reference_background"),
+                               v.fields(st, len(refs[0]), "group", "background"), strict=True))
             return compare_background(X, refs, group, background, kind=kind, n_boot=sp.n_boot,
-                                      ci_level=level, margin=sp.ratio_margin, random_state=sp.random_state)
+                                      ci_level=level, margin=sp.ratio_margin, random_state=sp.random_state, **sub)
 
         r = _run(v, "background flag", m, layer, run)
         if r is None:
@@ -1037,6 +1041,7 @@ def _background_flags(v: _View, names: Sequence[str], doc: dict[str, Any]) -> No
             "reference": ref_name, "kind": r.kind, "value": r.value, "reference_value": r.reference,
             "ratio": _estimate(r.ratio, r.ratio_ci), "ci_level": r.ci_level, "margin": r.margin,
             "n_comparisons": len(plans), "reason": r.reason, "p_value": r.p_value, "scale": r.scale,
+            "n_objects": r.n_groups, "n_reference_objects": r.n_reference_groups,
         }
 
 

@@ -261,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="backgrounds of the crossed stress split (default: 8)")
     p.add_argument("--inits", type=int, default=3, metavar="K",
                    help="seeded initialisations extracted as the representation's reference (default: 3)")
+    p.add_argument("--init-objects", type=_init_objects_arg, default=None, metavar="N|all",
+                   help="objects of the crossed split the inits see (a seeded subsample, all backgrounds; their "
+                   "sampling variance is in the interval; default: 30, docs/METRICS.md), or all")
     p.add_argument("--test-fraction", type=float, default=0.5,
                    help="share of each class's images used as test objects (the rest fit the probes)")
     p.add_argument("--mask-check", type=int, default=3, metavar="PX",
@@ -598,7 +601,8 @@ def _old_analyze_json(args: argparse.Namespace, extra: list[str], argv: list[str
 #: Python parameter names that error messages of the library use, and the flag each verb has for them
 _FLAGS: dict[str, dict[str, str]] = {
     "audit": {"n_backgrounds": "--backgrounds", "n_inits": "--inits", "test_fraction": "--test-fraction",
-              "mask_check": "--mask-check", "masks": "--masks", "boxes": "--boxes", "foreground": "--foreground",
+              "mask_check": "--mask-check", "init_objects": "--init-objects", "masks": "--masks", "boxes": "--boxes",
+              "foreground": "--foreground",
               "factors": "--factors", "n_boot": "--n-boot", "n_perm": "--n-perm", "batch_size": "--batch-size",
               "random_state": "--seed", "image_size": "--image-size", "model_args": "--model-arg"},
     "extract": {"max_length": "--max-length", "pad_id": "--pad-id", "padding_side": "--padding-side",
@@ -1038,6 +1042,18 @@ def _audit_skip_hint(skip: dict[str, Any], args: argparse.Namespace) -> str | No
     return reason
 
 
+def _init_objects_arg(text: str) -> int | str:
+    if text == "all":
+        return "all"
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 3:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 3 or 'all', got {text!r}")
+    return n
+
+
 def _objects_arg(text: str) -> int | str:
     if text == "auto":
         return "auto"
@@ -1081,6 +1097,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
         mask_check=args.mask_check, batch_size=args.batch_size, device=args.device, seed=args.seed,
         n_boot=args.n_boot, n_perm=args.n_perm, progress=not args.no_progress, workers=args.workers,
         objects=args.objects, overwrite=args.overwrite, pool=args.pool, teacher_layers=_csv(args.teacher_layers),
+        **({} if args.init_objects is None else {"init_objects": args.init_objects}),
         class_map=args.class_map, deploy_backgrounds=args.deploy_backgrounds, n_deploy=args.deploy_scenes,
         expected_accuracy=args.expected_accuracy)
     _write_ci(args, result.data)

@@ -56,7 +56,7 @@ from ._inputs import fingerprint
 from .errors import DataError, ProbekitError
 from .extractors import default_layers
 
-__all__ = ["AUTO_LOOKS", "accuracy_check", "accuracy_lines", "audit_model", "auto_rounds", "default_layers",
+__all__ = ["AUTO_LOOKS", "INIT_OBJECTS", "accuracy_check", "accuracy_lines", "audit_model", "auto_rounds", "default_layers",
            "default_workers", "reliance_decided", "resolve_device"]
 
 SPLITS = ("train", "test", "stress", "variants")
@@ -236,6 +236,50 @@ def _stress_rows(order: np.ndarray, n_objects: int, n_bg: int) -> np.ndarray:
     return (order[:n_objects, None] * n_bg + np.arange(n_bg)[None, :]).ravel()
 
 
+INIT_OBJECTS = 30
+"""Objects of the crossed split the seeded initialisations see by default (``init_objects``): the first
+of the split's seeded order, all their backgrounds. Chosen by benchmarks/calibrate_init_subsample.py
+(docs/METRICS.md, "The init reference on a subsample of objects")."""
+
+
+def _check_init_objects(init_objects: int | str | None) -> int | None:
+    """``init_objects`` as a count, or None for all of the crossed split's objects."""
+    if init_objects is None or init_objects == "all":
+        return None
+    if isinstance(init_objects, bool) or not isinstance(init_objects, (int, np.integer)) or init_objects < 3:
+        raise DataError(f"--init-objects must be a whole number >= 3 or 'all'; got {init_objects!r} (the init "
+                        "reference needs at least 3 objects on every background).")
+    return int(init_objects)
+
+
+def _init_stages(done: int, n_obj: int, n_init: int) -> list[tuple[int, bool]]:
+    """How the crossed split grows from ``done`` to ``n_obj`` objects: (objects, with the inits) stages.
+    The inits see the first ``n_init`` objects only, so they are extracted with the other nets up to
+    ``n_init`` and left out after it."""
+    if done < n_init < n_obj:
+        return [(n_init, True), (n_obj, False)]
+    return [(n_obj, n_obj <= n_init)]
+
+
+def _extract_stage(extract: Callable[..., Any], store: Path, specs: Mapping[str, Any], rows: Any, split: str,
+                   common: Mapping[str, Any]) -> None:
+    """Extract ``specs`` on ``rows`` (the split's first rows, open-ended): each net from the rows it has
+    committed (an interrupted run's nets may stand at different rows), nets at the same row together."""
+    from .store import open_store
+
+    at: dict[int, dict[str, Any]] = {}
+    have = {}
+    if store.exists():
+        with open_store(store) as s:
+            have = {m: s.n_rows(split, m) if split in s.splits and m in s.models else 0 for m in specs}
+    for m, spec in specs.items():
+        n = have.get(m, 0)
+        if n < len(rows):
+            at.setdefault(n, {})[m] = spec
+    for group in at.values():
+        extract(group, rows, split=split, open_ended=True, **common)
+
+
 def audit_model(
     model: str | nn.Module,
     data: str | os.PathLike,
@@ -270,6 +314,7 @@ def audit_model(
     workers: int | None = None,
     objects: int | str | None = None,
     decide: Decide | None = None,
+    init_objects: int | str | None = INIT_OBJECTS,
     overwrite: bool = False,
     pool: str | Mapping[str, str] | None = None,
     teacher_layers: Sequence[str] | None = None,
@@ -309,6 +354,10 @@ def audit_model(
         ``decide`` says the model's predictions decide the question
     decide : ``decide(pred, group, background, label, background_label) -> bool`` for ``objects="auto"``;
         default: :func:`reliance_decided` at level ``1 - 0.05 / AUTO_LOOKS`` (Bonferroni over the looks)
+    init_objects : objects of the crossed split the seeded initialisations see (default
+        :data:`INIT_OBJECTS`; ``"all"`` or None: every object the model sees): the first of the split's
+        seeded order, on all its backgrounds. The representation's interval then adds the reference's
+        own sampling variance over those objects (:func:`probekit.analyses.compare_background`)
     overwrite : replace a store computed from other inputs (default: refuse it in one line naming what
         differs; a store of the same inputs is continued)
     pool : pooling per layer (``"cls"``, ``"LAYER=MODE,..."`` or a dict; default: each layer's own, CLS or
@@ -338,6 +387,7 @@ def audit_model(
         raise DataError(f"--foreground must be 'auto' (GrabCut); got {foreground!r}. Give --masks or --boxes otherwise.")
     if objects is not None and objects != "auto" and (not isinstance(objects, int) or objects < 1):
         raise DataError(f"--objects must be a whole number >= 1 or 'auto'; got {objects!r}.")
+    init_k = _check_init_objects(init_objects)
     for what, v in (("n_boot", n_boot), ("n_perm", n_perm)):
         if not isinstance(v, int) or v < 1:
             raise DataError(f"--{what.replace('_', '-')} must be a whole number >= 1; got {v!r}.")
@@ -384,6 +434,8 @@ def audit_model(
         t_chosen = [*choose_layers(t_model.module, teacher_layers, like=given or None, example_input=example, flag="--teacher-layers"), "@output"]
         t_pools = resolve_pools(t_model.module, t_chosen, pool, example)
     inputs = _inputs_record(data, folder, cf, model, loaded, weights, t_model, teacher, teacher_weights)
+    n_all = len(cf.stress_indices)
+    n_init = n_all if init_k is None else min(init_k, n_all)  # the inits' objects: the first of the seeded order
     fp = fingerprint({
         "images": inputs["images_sha256"], "classes": inputs["classes"],
         "foreground": {k: v for k, v in inputs["foreground"].items() if k != "masks"},  # contents, not paths
@@ -392,7 +444,8 @@ def audit_model(
                    "variants": list(cf.variants), "objects": objects},
         "model": _contents(inputs["model"]), "teacher": _contents(inputs["teacher"]),
         "preprocessing": pre_json, "layers": chosen, "pools": pools, "teacher_layers": t_chosen,
-        "inits": n_inits, "counterfactuals": cf.settings})
+        "inits": n_inits, "init_objects": n_init if n_inits and n_init < n_all else "all",
+        "counterfactuals": cf.settings})
     inputs["fingerprint"] = fp
 
     out.mkdir(parents=True, exist_ok=True)
@@ -429,12 +482,12 @@ def audit_model(
     splits = {sp: cf.split(sp) for sp in (*SPLITS, *cf.deploy_splits) if sp != "train" or len(cf.train_indices)}
     n_bg = len(cf.backgrounds)
     order = _object_order(len(cf.stress_indices), seed)
-    n_all = len(cf.stress_indices)
     cap = n_all if objects in (None, "auto") else min(int(objects), n_all)
     looks = auto_rounds(cap) if objects == "auto" else [cap]
     stress_full = splits["stress"]
+    seeded = not (objects is None and (n_init >= n_all or not inits))  # the crossed split in the seeded order
     plan = {sp: {nm: len(ds) for nm in nets} for sp, ds in splits.items() if sp != "stress"}
-    plan["stress"] = {nm: cap * n_bg for nm in (*nets, *inits)}
+    plan["stress"] = {**{nm: cap * n_bg for nm in nets}, **{nm: min(cap, n_init) * n_bg for nm in inits}}
     heads = list(nets)  # the nets whose output the mask check reads (narrowed to those with one below)
     check = folder.mode != "masks" and mask_check > 0
     if check:
@@ -448,6 +501,8 @@ def audit_model(
                               "stress": cap * n_bg, **({"mask check": 2 * cap * n_bg} if check else {})},
         "grabcut": len(folder) if folder.mode == "auto" else 0,
         "objects": {"requested": objects, "available": n_all, "looks": looks},
+        "init_objects": {"requested": "all" if init_k is None else init_k,
+                         "used": min(cap, n_init) if inits else 0},
     }
     _say(progress, f"layers {chosen}; {len(cf.test_indices)} test images, {cap} of {n_all} objects x {n_bg} "
                    f"backgrounds" + (f" (up to {len(looks)} looks: {looks})" if objects == "auto" else "")
@@ -466,12 +521,13 @@ def audit_model(
                 extract_models(nets, ds, split=sp, **common)
                 continue
             specs = {**nets, **inits}
-            if objects is None:
+            if not seeded:
                 extract_models(specs, ds, split=sp, **common)
                 continue
-            for r, n_obj in enumerate(looks):
-                rows = _Rows(stress_full, _stress_rows(order, n_obj, n_bg))
-                extract_models(specs, rows, split=sp, open_ended=True, **common)
+            for r, n_obj in enumerate(looks):  # the seeded order: --objects, auto's looks, the inits' subsample
+                for upto, with_inits in _init_stages(n_used if r else 0, n_obj, n_init):
+                    _extract_stage(extract_models, store, specs if with_inits else nets,
+                                   _Rows(stress_full, _stress_rows(order, upto, n_bg)), sp, common)
                 n_used = n_obj
                 if r == len(looks) - 1:
                     break
@@ -504,6 +560,7 @@ def audit_model(
     finally:
         bar.close()
     cost["objects"].update({"used": n_used, "looks_done": looks_done})
+    cost["init_objects"]["used"] = min(n_used, n_init) if inits else 0
     cost.update({"estimated_seconds": bar.estimate, "forward_passes_done": bar.done,
                  "seconds_extraction": t_extract, "seconds": time.perf_counter() - t_start})
     doc["cost"] = cost
@@ -512,6 +569,10 @@ def audit_model(
     result.to_json(out / "audit.json")
     def shown(m: str) -> dict[str, Any]:  # a split cut short (--objects) has fewer rows than its dataset
         preds = predictions_from_store(store, m, class_map=cmap)
+        if seeded and len(preds.get("stress", ())) == n_all * n_bg:  # all objects, in the seeded order
+            p = np.empty_like(preds["stress"])
+            p[_stress_rows(order, n_all, n_bg)] = preds["stress"]
+            preds["stress"] = p
         return {sp: p for sp, p in preds.items() if len(p) == len(cf.split(sp))}
 
     gallery = [build_gallery(cf, shown(m), model=m)
