@@ -268,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of each class's images used as test objects (the rest fit the probes)")
     p.add_argument("--mask-check", type=int, default=3, metavar="PX",
                    help="erode / dilate approximate masks by PX pixels to show how the verdict moves (0: off)")
+    p.add_argument("--mask-check-objects", choices=("near", "all"), default="near",
+                   help="near (default): the mask check reruns only the objects whose stored predictions differ "
+                   "across backgrounds or have a small top-2 margin, and keeps the others' predictions; all: every object")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="auto",
                    help="auto (default: CUDA, then MPS, else CPU; said on stderr), cpu, cuda, cuda:1, ...")
@@ -1094,7 +1097,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
         teacher_weights=args.teacher_weights, teacher_args=parse_model_args(args.teacher_arg),
         layers=_csv(args.layers), image_size=args.image_size, mean=args.mean, std=args.std, out=args.out,
         name=args.name, n_backgrounds=args.backgrounds, n_inits=args.inits, test_fraction=args.test_fraction,
-        mask_check=args.mask_check, batch_size=args.batch_size, device=args.device, seed=args.seed,
+        mask_check=args.mask_check, mask_check_objects=args.mask_check_objects, batch_size=args.batch_size,
+        device=args.device, seed=args.seed,
         n_boot=args.n_boot, n_perm=args.n_perm, progress=not args.no_progress, workers=args.workers,
         objects=args.objects, overwrite=args.overwrite, pool=args.pool, teacher_layers=_csv(args.teacher_layers),
         **({} if args.init_objects is None else {"init_objects": args.init_objects}),

@@ -56,8 +56,9 @@ from ._inputs import fingerprint
 from .errors import DataError, ProbekitError
 from .extractors import default_layers
 
-__all__ = ["AUTO_LOOKS", "INIT_OBJECTS", "accuracy_check", "accuracy_lines", "audit_model", "auto_rounds", "default_layers",
-           "default_workers", "reliance_decided", "resolve_device"]
+__all__ = ["AUTO_LOOKS", "INIT_OBJECTS", "MASK_CHECK_MARGIN", "accuracy_check", "accuracy_lines", "audit_model",
+           "auto_rounds", "default_layers", "default_workers", "near_decision", "reliance_decided", "resolve_device",
+           "sentinels"]
 
 SPLITS = ("train", "test", "stress", "variants")
 
@@ -315,6 +316,7 @@ def audit_model(
     objects: int | str | None = None,
     decide: Decide | None = None,
     init_objects: int | str | None = INIT_OBJECTS,
+    mask_check_objects: str = "near",
     overwrite: bool = False,
     pool: str | Mapping[str, str] | None = None,
     teacher_layers: Sequence[str] | None = None,
@@ -345,6 +347,11 @@ def audit_model(
     n_inits : seeded initialisations extracted as the representation's reference (0: none); they see
         the crossed split's layers only (their output is not compared)
     mask_check : erode and dilate approximate masks by this many pixels to show how the verdict moves
+    mask_check_objects : ``"near"`` (default): the mask check reruns the objects near the decision
+        (:func:`near_decision` on the stored outputs: predictions that differ across backgrounds, or a
+        top-2 margin below :data:`MASK_CHECK_MARGIN`) and a seeded sample of the rest (:func:`sentinels`);
+        the rest keep their stored predictions unless a sampled one moved with the mask, and then every
+        object is rerun. ``"all"``: every object
     device : ``"cpu"``, ``"cuda"``, ... or ``"auto"`` (CUDA, then MPS, else CPU; said on stderr)
     n_boot, n_perm : resamples of every interval and permutation null (the mask check's too)
     workers : DataLoader worker processes decoding, running GrabCut and compositing beside the forward
@@ -388,6 +395,8 @@ def audit_model(
     if objects is not None and objects != "auto" and (not isinstance(objects, int) or objects < 1):
         raise DataError(f"--objects must be a whole number >= 1 or 'auto'; got {objects!r}.")
     init_k = _check_init_objects(init_objects)
+    if mask_check_objects not in ("near", "all"):
+        raise DataError(f"--mask-check-objects must be 'near' or 'all'; got {mask_check_objects!r}.")
     for what, v in (("n_boot", n_boot), ("n_perm", n_perm)):
         if not isinstance(v, int) or v < 1:
             raise DataError(f"--{what.replace('_', '-')} must be a whole number >= 1; got {v!r}.")
@@ -550,11 +559,21 @@ def audit_model(
         doc["preprocessing"] = pre
         if check:
             heads = [m for m in heads if (doc["models"].get(m, {}).get("behaviour") or {}).get("from_output")]
-            bar.set_total(bar.done + 2 * n_used * n_bg * len(heads))
-            _say(progress, f"how the verdict moves with the masks (eroded / dilated by {mask_check} px)")
+            stored = _stored_outputs(store, heads) if heads and mask_check_objects == "near" else None
+            near = None if stored is None else np.unique(np.concatenate(
+                [near_decision(v["group"], v["pred"], v["margin"], MASK_CHECK_MARGIN) for v in stored.values()]))
+            n_first = n_used if near is None else near.size + sentinels(np.arange(n_used - near.size), seed).size
+            bar.set_total(bar.done + 2 * n_first * n_bg * len(heads))
+            _say(progress, f"how the verdict moves with the masks (eroded / dilated by {mask_check} px; "
+                           f"{n_first} of {n_used} objects first)")
+            start = bar.done
             doc["mask_sensitivity"] = _mask_sensitivity(
                 {m: nets[m].module for m in heads}, data, folder_kwargs, cf_kwargs, order, n_used, mask_check,
-                batch_size, dev, seed, n_boot, n_perm, workers, bar)
+                batch_size, dev, seed, n_boot, n_perm, workers, bar, stored, near)
+            doc["mask_sensitivity"].update({
+                "objects": mask_check_objects, "margin": MASK_CHECK_MARGIN if near is not None else None,
+                "n_objects_near": None if near is None else int(near.size),
+                "forward_passes": bar.done - start, "forward_passes_all_objects": 2 * n_used * n_bg * len(heads)})
         else:
             bar.set_total(bar.done)
     finally:
@@ -660,16 +679,82 @@ def _inputs_record(data: Any, folder: Any, cf: Any, model: Any, loaded: Any, wei
     }
 
 
+#: the mask check reruns an object when its stored predictions differ across backgrounds or its
+#: top-2 probability margin (softmax of the stored output) is below this on some background
+#: (benchmarks/bench_mask_check_subset.py; docs/BENCHMARKS.md, "The mask check on the objects near the decision")
+MASK_CHECK_MARGIN = 0.5
+
+
+def _softmax_margin(out: np.ndarray) -> np.ndarray:
+    """Top-1 minus top-2 probability of each row of a model's output (one logit: |2 sigmoid - 1|)."""
+    out = np.asarray(out, dtype=np.float64)
+    if out.shape[1] == 1:
+        return np.abs(2.0 / (1.0 + np.exp(-out[:, 0])) - 1.0)
+    z = np.exp(out - out.max(axis=1, keepdims=True))
+    p = np.sort(z / z.sum(axis=1, keepdims=True), axis=1)
+    return p[:, -1] - p[:, -2]
+
+
+def _stored_outputs(store: Path, models: Sequence[str], split: str = "stress") -> dict[str, dict[str, np.ndarray]]:
+    """Each model's stored output on the crossed split: ``group``, ``background``, ``pred`` (argmax, as the
+    mask check's own forward passes read it) and ``margin`` (:func:`_softmax_margin`), row by row."""
+    from .store import open_store
+
+    out: dict[str, dict[str, np.ndarray]] = {}
+    with open_store(store) as s:
+        for m in models:
+            n = s.n_rows(split, m)
+            o = np.asarray(s.acts(m, split, "@output")[:n])
+            o = o.reshape(len(o), -1)
+            out[m] = {"group": np.asarray(s.sample_field(split, "group"))[:n],
+                      "background": np.asarray(s.sample_field(split, "background"))[:n],
+                      "pred": o.argmax(axis=1), "margin": _softmax_margin(o)}
+    return out
+
+
+def near_decision(group: np.ndarray, pred: np.ndarray, margin: np.ndarray, threshold: float) -> np.ndarray:
+    """The objects whose prediction could move with the mask: those predicted differently on some of
+    their backgrounds, or with a top-2 margin below ``threshold`` on some background (sorted ids)."""
+    ids, gi = np.unique(np.asarray(group), return_inverse=True)
+    gi = gi.reshape(-1)
+    lo, hi = np.full(ids.size, np.iinfo(np.int64).max), np.full(ids.size, np.iinfo(np.int64).min)
+    np.minimum.at(lo, gi, pred)
+    np.maximum.at(hi, gi, pred)
+    weak = np.zeros(ids.size, bool)
+    np.logical_or.at(weak, gi, np.asarray(margin) < threshold)
+    return ids[(lo != hi) | weak]
+
+
+#: the mask check also reruns this share (at least :data:`MASK_CHECK_SENTINELS_MIN`) of the other objects,
+#: seeded: when any of their predictions moves with the mask, every object is rerun
+MASK_CHECK_SENTINELS = 0.25
+MASK_CHECK_SENTINELS_MIN = 8
+
+
+def sentinels(far: np.ndarray, seed: int) -> np.ndarray:
+    """A seeded sample of the objects not near the decision, rerun to check that they do not move:
+    :data:`MASK_CHECK_SENTINELS` of them, at least :data:`MASK_CHECK_SENTINELS_MIN` (all when fewer)."""
+    far = np.sort(np.asarray(far))
+    n = min(far.size, max(MASK_CHECK_SENTINELS_MIN, int(np.ceil(MASK_CHECK_SENTINELS * far.size))))
+    return np.sort(np.random.default_rng([seed, 11]).choice(far, n, replace=False)) if n else far
+
+
 def _mask_sensitivity(heads: Mapping[str, nn.Module], data: Any, folder_kwargs: Mapping[str, Any],
                       cf_kwargs: Mapping[str, Any], order: np.ndarray, n_objects: int, k: int, batch_size: int,
                       device: str, seed: int, n_boot: int, n_perm: int, workers: int,
-                      bar: _Progress) -> dict[str, Any]:
+                      bar: _Progress, stored: Mapping[str, Mapping[str, np.ndarray]] | None = None,
+                      near: np.ndarray | None = None) -> dict[str, Any]:
     """Behaviour figures of the models read from their own output, with every mask eroded / dilated by k
-    px, on the crossed split's objects the audit used; intervals with the audit's n_boot / n_perm."""
+    px, on the crossed split's objects the audit used; intervals with the audit's n_boot / n_perm.
+
+    With ``stored`` (:func:`_stored_outputs`) and ``near`` (object ids, :func:`near_decision`), the
+    models first see only the objects near the decision and a seeded sample of the others
+    (:func:`sentinels`); when none of the sample's predictions moved with the mask, the other objects keep
+    their stored predictions (those of the audit's own masks); when any moved, every object is rerun."""
     from .analyses import background_behaviour, background_reliance
     from .datasets import Counterfactuals
 
-    out: dict[str, Any] = {"pixels": k, "models": {}, "n_objects": n_objects}
+    out: dict[str, Any] = {"pixels": k, "models": {}, "n_objects": n_objects, "n_objects_rerun": {}}
     for adjust in (-k, k):
         key = "eroded" if adjust < 0 else "dilated"
         try:
@@ -680,10 +765,34 @@ def _mask_sensitivity(heads: Mapping[str, nn.Module], data: Any, folder_kwargs: 
         full = alt.split("stress")
         rows = _stress_rows(order, n_objects, len(alt.backgrounds)) if n_objects < len(alt.stress_indices) \
             else np.arange(len(full))
-        ds = _Rows(full, rows)
         where = np.array([full.locate(int(i))[::2] for i in rows])  # (foreground image, background image)
+        preds = {m: np.empty(len(rows), np.int64) for m in heads}
+        done = np.zeros(len(rows), bool)
+
+        def run(sel: np.ndarray) -> None:
+            for m, got in _predict(heads, _Rows(full, rows[sel]), batch_size, device, workers, bar).items():
+                preds[m][sel] = got
+            done[sel] = True
+
+        if near is None or stored is None:
+            run(np.ones(len(rows), bool))
+        else:
+            obj = np.unique(where[:, 0])
+            check = sentinels(np.setdiff1d(obj, near), seed)
+            first = np.isin(where[:, 0], np.union1d(near, check))
+            if first.any():
+                run(first)
+            pos = {m: {(int(g), int(b)): i for i, (g, b) in enumerate(zip(st["group"], st["background"], strict=True))}
+                   for m, st in stored.items()}
+            old = {m: stored[m]["pred"][[pos[m][(int(g), int(b))] for g, b in where]] for m in heads}
+            sent = np.isin(where[:, 0], check)
+            if any((preds[m][sent] != old[m][sent]).any() for m in heads):  # the far objects move too: all of them
+                bar.set_total(bar.total + int((~done).sum()) * len(heads))
+                run(~done)
+            for m in heads:
+                preds[m][~done] = old[m][~done]
+        out["n_objects_rerun"][key] = int(np.unique(where[done, 0]).size)
         labels = alt.folder.labels
-        preds = _predict(heads, ds, batch_size, device, workers, bar)
         for m, pred in preds.items():
             g, b, lab, blab = where[:, 0], where[:, 1], labels[where[:, 0]], labels[where[:, 1]]
             r = background_behaviour(pred, g, b, label=lab, background_label=blab, n_boot=n_boot, n_perm=n_perm,

@@ -1,0 +1,172 @@
+"""The init reference on a subsample of objects (issue 22): ``compare_background`` with references on
+other rows than the model, and ``probekit audit --init-objects``.
+
+Oracles: the paired two-way jackknife (the references on the model's own rows must give the same
+interval through the new path), the delete-one jackknife recomputed from scratch with
+``crossed_decomposition`` on every leave-one-out table (disjoint objects: the variances add),
+coverage of the population ratio by simulation (benchmarks/calibrate_layers.py's generator, exact
+truths), and planted shortcut / robust CNNs audited end to end.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from probekit.analyses import compare_background, crossed_decomposition
+from probekit.analyses._crossed import _unpaired_parts
+from probekit.errors import DataError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+cl = _load("calibrate_layers")
+
+
+def _data(G=40, B=6, seed=0, act="linear", n_inits=3):
+    rng = np.random.default_rng(seed)
+    z, wb, e = rng.normal(size=(G, 8)), rng.normal(size=(B, 8)), rng.normal(size=(G, B, 8))
+    g, b = np.repeat(np.arange(G), B), np.tile(np.arange(B), G)
+    X = cl.rows(cl.weights(rng, a=3.0), act, z, wb, e)
+    inits = [cl.rows(cl.weights(rng), act, z, wb, e) for _ in range(n_inits)]
+    return X, inits, g, b
+
+
+def test_references_on_the_models_rows_through_the_new_arguments_change_nothing():
+    X, inits, g, b = _data()
+    a = compare_background(X, inits, g, b, kind="within_odds")
+    # the same rows, labelled and shuffled: the same tables, so the same figures and interval
+    perm = np.random.default_rng(1).permutation(len(g))
+    r = compare_background(X, [z[perm] for z in inits], g, b, kind="within_odds", reference_group=g[perm],
+                           reference_background=b[perm])
+    assert r.ratio == pytest.approx(a.ratio) and r.ratio_ci == pytest.approx(a.ratio_ci) and r.df == pytest.approx(a.df)
+    assert (r.n_groups, r.n_reference_groups, r.n_shared_groups) == (40, 40, 40)
+
+
+def _log_figure_loo(Z, g, b, keep):
+    """log(bg / int) with each object of ``keep`` left out, recomputed from scratch."""
+    out = []
+    for o in keep:
+        sel = np.isin(g, keep) & (g != o)
+        r = crossed_decomposition(Z[sel], g[sel], b[sel])
+        out.append(np.log(r.background / r.interaction))
+    return np.array(out)
+
+
+def _jack_var(loo):
+    n = loo.size
+    return (n - 1) / n * ((loo - loo.mean()) ** 2).sum()
+
+
+def test_unpaired_parts_equal_the_jackknife_recomputed_from_scratch():
+    X, inits, g, b = _data(G=24, B=5, seed=3, n_inits=1)
+    Z = inits[0]
+    S_g, T_g = (np.exp(_log_figure_loo(M, g, b, np.arange(24))) for M in (X, Z))
+    S, T = (crossed_decomposition(M, g, b) for M in (X, Z))
+    S, T = S.background / S.interaction, T.background / T.interaction
+    S_b = np.array([(lambda r: r.background / r.interaction)(crossed_decomposition(X[b != k], g[b != k], b[b != k]))
+                    for k in range(5)])
+    T_b = np.array([(lambda r: r.background / r.interaction)(crossed_decomposition(Z[b != k], g[b != k], b[b != k]))
+                    for k in range(5)])
+    # every object shared: the paired two-way jackknife of log(S / T)
+    parts = _unpaired_parts(True, S, T, S_g, T_g, S_b, T_b, (np.arange(24), np.arange(24)))
+    want_g = _jack_var(np.log(S_g) - np.log(T_g))
+    want_b = _jack_var(np.log(S_b) - np.log(T_b))
+    assert [p for p, _ in parts] == pytest.approx([want_g, want_b])
+    assert [d for _, d in parts] == [23, 4]
+    # no object shared: the two tables' own object jackknife variances add (independent samples)
+    parts = _unpaired_parts(True, S, T, S_g, T_g, S_b, T_b, (np.zeros(0, int), np.zeros(0, int)))
+    assert [p for p, _ in parts[:2]] == pytest.approx([_jack_var(np.log(S_g)), _jack_var(np.log(T_g))])
+
+
+def test_a_subsample_adds_the_references_sampling_variance():
+    X, inits, g, b = _data(G=60, B=6, seed=5)
+    full = compare_background(X, inits, g, b, kind="within_odds")
+    sel = g < 12
+    sub = compare_background(X, [z[sel] for z in inits], g, b, kind="within_odds", reference_group=g[sel],
+                             reference_background=b[sel])
+    assert (sub.n_groups, sub.n_reference_groups, sub.n_shared_groups) == (60, 12, 12)
+    # the model's figure is the same; the reference is estimated from fewer objects
+    assert sub.value == pytest.approx(full.value)
+    assert sub.reference != pytest.approx(full.reference, rel=1e-9)
+    assert sub.ratio_ci is not None and sub.ratio_ci[0] < sub.ratio < sub.ratio_ci[1]
+
+
+def test_bad_reference_rows_fail_in_one_line():
+    X, inits, g, b = _data(G=20, B=5)
+    sel = g < 8
+    with pytest.raises(DataError, match="together"):
+        compare_background(X, [z[sel] for z in inits], g, b, kind="within_odds", reference_group=g[sel])
+    other = b < 4  # the references on 4 of the 5 backgrounds
+    with pytest.raises(DataError, match="same backgrounds"):
+        compare_background(X, [z[other] for z in inits], g, b, kind="within_odds", reference_group=g[other],
+                           reference_background=b[other])
+    with pytest.raises(DataError, match="rows"):
+        compare_background(X, [z[sel] for z in inits], g, b, kind="within_odds")
+
+
+@pytest.mark.parametrize("act", ["linear", "relu"])
+def test_subsample_interval_covers_and_flags_as_calibrated(act):
+    """A small seeded version of benchmarks/calibrate_init_subsample.py: G = 100 objects, inits on 15."""
+    ci = _load("calibrate_init_subsample")
+    ref = cl.init_reference(act, n=1_000)
+    hits = {"at_1": [], "at_margin": [], "bg_3x": []}
+    for s in range(25):
+        for name, by_k in ci.run(100, 8, act, s, ref, [15]).items():
+            if name in hits:
+                hits[name].append(by_k["15"])
+    for name in ("at_1", "at_margin"):  # false flags at ratio 1 and at the margin 1.25
+        assert sum(r["flag"] for r in hits[name]) <= 1
+    cover = [r["covered"] for rs in hits.values() for r in rs]
+    assert np.mean(cover) >= 0.9
+    if act == "linear":  # power at a 3x background is still there (72 % with all objects at G = 100)
+        assert sum(r["flag"] for r in hits["bg_3x"]) >= 8
+
+
+@pytest.mark.slow
+def test_audit_with_inits_on_a_subsample_gives_the_same_verdict(tmp_path, capsys):
+    """Planted shortcut and robust CNNs through the CLI: the same findings with the inits on 5 of the 30
+    objects as on all; the inits hold 5 objects' rows; a rerun with another --init-objects is refused."""
+    import torch
+
+    from probekit.cli import main
+    from probekit.datasets._shapes import write_image_folder
+    from probekit.experiments.shortcut import train_shapes_cnn
+
+    images, masks = write_image_folder(tmp_path / "data", split="test", background="class", n=60)
+    fast = ["--n-boot", "100", "--n-perm", "50", "--no-progress", "--inits", "2", "--mask-check", "0"]
+    docs = {}
+    for name, bg in (("shortcut", "class"), ("robust", "random")):
+        w = tmp_path / f"{name}.pt"
+        torch.save(train_shapes_cnn(bg, seed=1, epochs=8, n_train=600).state_dict(), w)
+        for io in ("all", "5"):
+            out = tmp_path / f"{name}-{io}"
+            main(["audit", "probekit.experiments.shortcut:ShapesCNN", "--weights", str(w), "--data", str(images),
+                  "--masks", str(masks), "--out-dir", str(out), "--name", name, "--init-objects", io, *fast])
+            docs[name, io] = json.loads((out / "audit.json").read_text())
+    for name in ("shortcut", "robust"):
+        a, s = docs[name, "all"]["models"][name], docs[name, "5"]["models"][name]
+        assert a["flagged"] == s["flagged"] == (name == "shortcut")
+        assert sorted(a["findings"]) == sorted(s["findings"])
+        refs = [la["background_vs_reference"] for la in s["layers"].values() if "background_vs_reference" in la]
+        assert refs and all(r["n_reference_objects"] == 5 and r["n_objects"] == 30 for r in refs)
+        cost = docs[name, "5"]["cost"]
+        assert cost["init_objects"] == {"requested": 5, "used": 5}
+        assert cost["forward_passes"]["stress"][f"{name}@init0"] == 5 * 8
+        assert docs[name, "all"]["cost"]["forward_passes"]["stress"][f"{name}@init0"] == 30 * 8
+    capsys.readouterr()
+    rc = main(["audit", "probekit.experiments.shortcut:ShapesCNN", "--weights", str(tmp_path / "robust.pt"), "--data",
+               str(images), "--masks", str(masks), "--out-dir", str(tmp_path / "robust-5"), "--name", "robust",
+               "--init-objects", "7", *fast])
+    assert rc == 2 and "--init-objects" in capsys.readouterr().err
