@@ -170,3 +170,64 @@ def test_audit_with_inits_on_a_subsample_gives_the_same_verdict(tmp_path, capsys
                str(images), "--masks", str(masks), "--out-dir", str(tmp_path / "robust-5"), "--name", "robust",
                "--init-objects", "7", *fast])
     assert rc == 2 and "--init-objects" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_inits_see_the_first_objects_of_the_seeded_order_and_the_behaviour_is_unchanged(tmp_path):
+    """Forward passes counted by a hook on the nets (oracle: the split sizes by hand); the inits' rows are
+    the first k objects of the seeded order; the behaviour figures do not depend on the order of the rows."""
+    import torch
+
+    from probekit import open_store
+    from probekit.datasets import Counterfactuals
+    from probekit.datasets._shapes import write_image_folder
+    from probekit.experiments.shortcut import ShapesCNN
+    from probekit.model_audit import _object_order, audit_model
+
+    images, masks = write_image_folder(tmp_path / "d", split="test", background="class", n=24)
+    torch.manual_seed(5)
+    w = tmp_path / "m.pt"
+    torch.save(ShapesCNN().state_dict(), w)
+    seen: dict[int, int] = {}
+
+    def hook(module, args, output):
+        if isinstance(module, ShapesCNN):
+            seen[id(module)] = seen.get(id(module), 0) + int(args[0].shape[0])
+
+    fast = {"n_boot": 40, "n_perm": 20, "progress": False, "workers": 0, "n_inits": 2}
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        sub = audit_model("probekit.experiments.shortcut:ShapesCNN", images, masks=masks, weights=w,
+                          out=tmp_path / "sub", init_objects=4, **fast).data
+    finally:
+        handle.remove()
+    full = audit_model("probekit.experiments.shortcut:ShapesCNN", images, masks=masks, weights=w,
+                       out=tmp_path / "full", init_objects="all", **fast).data
+    cf = Counterfactuals(images, masks=masks)
+    n_obj = len(cf.stress_indices)
+    model_rows = len(cf.train_indices) + len(cf.test_indices) * (1 + len(cf.variants)) + n_obj * 8
+    assert sorted(seen.values()) == sorted([model_rows + 2, 4 * 8, 4 * 8])
+    assert sub["cost"]["forward_passes_done"] == model_rows + 2 * 4 * 8
+    stress = cf.split("stress")
+    first = {stress.locate(int(o) * 8)[0] for o in _object_order(n_obj, 0)[:4]}
+    with open_store(tmp_path / "sub" / "acts.h5") as s:
+        assert s.n_rows("stress", "model@init0") == 32 and s.n_rows("stress", "model") == n_obj * 8
+        assert set(np.asarray(s.sample_field("stress", "group"))[:32].tolist()) == first
+    assert sub["models"]["model"]["behaviour"] == full["models"]["model"]["behaviour"]
+    # the report's gallery puts the seeded order's rows back in the split's order (as audit_model does)
+    from probekit.model_audit import _stress_rows
+    from probekit.report import predictions_from_store
+
+    rows = _stress_rows(_object_order(n_obj, 0), n_obj, 8)
+    for d, shown in (("sub", lambda v: _back(v, rows)), ("full", lambda v: v)):
+        with open_store(tmp_path / d / "acts.h5") as s:
+            cells = np.stack([shown(np.asarray(s.sample_field("stress", f))) for f in ("group", "background")], 1)
+        assert np.array_equal(cells, [stress.locate(i)[::2] for i in range(len(stress))])  # the split's own order
+        p = predictions_from_store(tmp_path / d / "acts.h5", "model")["stress"]
+        assert np.array_equal(shown(p), predictions_from_store(tmp_path / "full" / "acts.h5", "model")["stress"])
+
+
+def _back(values, rows):
+    out = np.empty_like(values)
+    out[rows] = values
+    return out
