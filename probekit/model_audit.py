@@ -27,8 +27,15 @@ cap; :func:`auto_rounds`) and stops at the first look where ``decide`` says the 
 (default :func:`reliance_decided`: background reliance's interval at level ``1 - 0.05 / AUTO_LOOKS``
 excludes its margin). The verdict is then the audit's ordinary rule on the rows it has. That rule
 at a fixed size falsely flags with probability at most 2.5 % at the margin (one-sided); after
-optional stopping the bound is the union over looks, 2 x 0.83 % + 2.5 % = 4.2 %. The rule's measured
-error rates belong in the verdict's calibration (benchmarks/calibrate_*), not yet run.
+optional stopping the union bound over looks is 2 x 0.83 % + 2.5 % = 4.2 %. Measured
+(benchmarks/calibrate_objects_auto.py, docs/METRICS.md): 0 % false flags without reliance, 0.5-3.5 %
+at the margin with a cap of 300 objects but 6.0 % with a cap of 100 (early looks of 25-50 objects);
+clear shortcuts stop at the first look, clean models almost never stop early.
+
+**Forward passes where the verdict needs them.** The seeded initialisations see only the first
+``init_objects`` (:data:`INIT_OBJECTS`) objects of the crossed split's seeded order, on all its
+backgrounds (the representation's interval adds their sampling variance); the mask check reruns the
+objects near the decision and a seeded sample of the others (:func:`near_decision`, :func:`sentinels`).
 
 When the foreground is approximate (boxes or GrabCut), the behaviour figures are recomputed with every
 mask eroded and dilated by a few pixels (the model's and teacher's outputs only, on the objects the
