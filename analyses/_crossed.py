@@ -268,6 +268,7 @@ class BackgroundComparisonResult(ResultMixin):
     n_groups: int = 0
     n_reference_groups: int = 0
     n_shared_groups: int = 0
+    subsample_weight: float | None = None
 
 
 #: the figure each kind compares, from components (..., 3) = (foreground, background, interaction)
@@ -322,6 +323,44 @@ def _unpaired_parts(log: bool, S: float, T: float, S_g: np.ndarray, T_g: np.ndar
     return parts
 
 
+def _subsample_estimate(log: bool, S: float, T: float, S_sub: float, S_g: np.ndarray, T_g: np.ndarray,
+                        Ssub_g: np.ndarray, S_b: np.ndarray, T_b: np.ndarray, Ssub_b: np.ndarray,
+                        shared: np.ndarray) -> tuple[float, float, list[tuple[float, int]]]:
+    """The ratio when the reference holds a subsample of the model's foregrounds: f(ratio) estimated as
+    A + c D, with A = f(S_sub) - f(T) (both on the subsample: fully paired) and D = f(S) - f(S_sub)
+    (the model's other foregrounds, mean 0 to first order), c in [0, 1] the weight that minimises the
+    linearised jackknife variance (a control variate). c = 1 is f(S / T), every foreground of the model
+    used unpaired (best when the model and its reference vary independently across foregrounds); c = 0
+    is the paired ratio on the subsample (best when they vary together, as a first conv layer and its
+    init do). Returns (f(ratio), c, variance parts with their df)."""
+    G, GT, B = S_g.size, T_g.size, S_b.size
+    if log:
+        uS, uSub, uT = _influence(np.log(S_g)), _influence(np.log(Ssub_g)), _influence(np.log(T_g))
+        bS, bSub, bT = _influence(np.log(S_b)), _influence(np.log(Ssub_b)), _influence(np.log(T_b))
+        A, D = math.log(S_sub) - math.log(T), math.log(S) - math.log(S_sub)
+    else:
+        r_sub = S_sub / T
+        uS, uSub, uT = _influence(S_g) / T, _influence(Ssub_g) / T, r_sub * _influence(T_g) / T
+        bS, bSub, bT = _influence(S_b) / T, _influence(Ssub_b) / T, r_sub * _influence(T_b) / T
+        A, D = r_sub, (S - S_sub) / T
+    d = (uSub - uT) / GT  # A's foreground terms (the subsample, in the reference's order)
+    e = uS / G  # D's: every foreground of the model, less the subsample's own term on the shared ones
+    e_sh = e[shared] - uSub / GT
+    others = np.ones(G, bool)
+    others[shared] = False
+    hA, hD = (bSub - bT) / B, (bS - bSub) / B
+    fs, fo, fb = GT / (GT - 1), G / (G - 1), B / (B - 1)
+    Q = fs * float(d @ e_sh) + fb * float(hA @ hD)
+    R = fs * float(e_sh @ e_sh) + fo * float(e[others] @ e[others]) + fb * float(hD @ hD)
+    c = 1.0 if R <= 0 else float(np.clip(-Q / R, 0.0, 1.0))
+    w_sh, h = d + c * e_sh, hA + c * hD
+    parts = [(fs * float(w_sh @ w_sh), GT - 1)]
+    if others.any():
+        parts.append((fo * c * c * float(e[others] @ e[others]), max(1, int(others.sum()) - 1)))
+    parts.append((fb * float(h @ h), B - 1))
+    return A + c * D, c, parts
+
+
 def compare_background(X: Any, references: Sequence[Any], group: Any, background: Any, *,
                        kind: str = "absolute", n_boot: int = 500, ci_level: float = 0.95,
                        margin: float = FLAG_RATIO, max_dims: int = MAX_DIMS,
@@ -356,10 +395,15 @@ def compare_background(X: Any, references: Sequence[Any], group: Any, background
     at once, then each background; the two variances add), plus, with 2 or more references, the
     spread of the references' figures divided by their number (initialisations vary, so the
     reference mean is uncertain too), with a t quantile at Welch-Satterthwaite's degrees of freedom
-    (``df``; G - 1, B - 1 and references - 1 for the three parts). When the references hold other
-    foregrounds than X, the foreground part is the linearised jackknife of :func:`_unpaired_parts`:
-    the reference's own sampling variance over its G_T foregrounds is added, and the covariance over
-    the foregrounds both hold is paired (benchmarks/calibrate_init_subsample.py measures its coverage).
+    (``df``; G - 1, B - 1 and references - 1 for the three parts). When the references hold a
+    subsample of X's foregrounds, f(ratio) = f(S_sub / T) + c (f(S) - f(S_sub)) with S_sub X's figure on
+    the subsample and c in [0, 1] the weight of X's other foregrounds that minimises the linearised
+    jackknife variance (:func:`_subsample_estimate`, a control variate; ``subsample_weight``): near 1
+    where X and its references vary independently across foregrounds, near 0 where they vary together
+    (a first conv layer and its inits); the reference's own sampling variance over its G_T foregrounds
+    is in the interval. When they hold partly other foregrounds, the foreground part is the linearised
+    jackknife of :func:`_unpaired_parts` (paired over the foregrounds both hold).
+    benchmarks/calibrate_init_subsample.py measures coverage, width and power.
     ``scale="log"``: on the log ratio,
     used where the model's background is clearly there (its mean square over backgrounds at least
     twice the interaction's, i.e. G sigma2_bg >= sigma2_int, and its figure > 0 with any one
@@ -415,6 +459,14 @@ def compare_background(X: Any, references: Sequence[Any], group: Any, background
         lay = (gi, bi, rows, G, B) if i == 0 else layout
         jacks.append(_jackknife(_Table(Z, *lay, _sketch(zsrc.n_features, max_dims, seed), name).Y))
     figure = _FIGURES[kind]
+    sub = None  # X on the references' foregrounds, when they are a subsample of X's (the audit's init_objects)
+    if not paired and shared[1].size == GT and GT >= 3:
+        to_sub = np.full(G, -1, dtype=np.int64)
+        to_sub[shared[0]] = shared[1]
+        gi_sub = np.where(gi >= 0, to_sub[np.maximum(gi, 0)], -1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            sub = [figure(v) for v in _jackknife(_Table(X, gi_sub, bi, rows[gi_sub[rows] >= 0], GT, B, _sketch(
+                src.n_features, max_dims, seed), "X").Y)]
     with np.errstate(divide="ignore", invalid="ignore"):
         per_ref = np.array([figure(j[0]) for j in jacks[1:]])
         S, T = float(figure(jacks[0][0])), float(per_ref.mean())
@@ -424,7 +476,7 @@ def compare_background(X: Any, references: Sequence[Any], group: Any, background
     R = len(refs)
     base = dict(kind=kind, value=S, reference=T, ci_level=float(ci_level), margin=float(margin), n_references=R,
                 model=[float(x) for x in jacks[0][0]], references=[[float(x) for x in j[0]] for j in jacks[1:]],
-                n_groups=G, n_reference_groups=GT, n_shared_groups=int(shared[0].size))
+                n_groups=G, n_reference_groups=GT, n_shared_groups=int(shared[0].size), subsample_weight=None)
     what = {"absolute": "background component", "within_odds": "background-to-interaction odds",
             "within_share": "background share of the within-object variation", "odds": "background odds"}[kind]
 
@@ -449,17 +501,23 @@ def compare_background(X: Any, references: Sequence[Any], group: Any, background
                     ratio=S / T)
     rho = S / T
 
-    def spread(f: Any) -> tuple[list[tuple[float, int]], float]:
-        """The variance parts (foregrounds, backgrounds, inits) of f(ratio) and their df."""
+    def spread(f: Any) -> tuple[float, list[tuple[float, int]], float]:
+        """f(ratio), the variance parts (foregrounds, backgrounds, inits) and their df."""
+        nonlocal rho
+        est = float(f(rho))
         if paired:
             th_g, th_b = f(S_g / T_g), f(S_b / T_b)
             parts = [(_jack_cov(th_g, th_g), G - 1), (_jack_cov(th_b, th_b), B - 1)]
+        elif sub is not None:
+            est, base["subsample_weight"], parts = _subsample_estimate(f is np.log, S, T, float(sub[0]), S_g, T_g,
+                                                                       sub[1], S_b, T_b, sub[2], shared[0])
+            rho = float(np.exp(est)) if f is np.log else est
         else:
             parts = _unpaired_parts(f is np.log, S, T, S_g, T_g, S_b, T_b, shared)
         if R > 1:  # initialisations vary: the variance of the references' mean, on the same scale
             d = 1.0 if f is np.log else rho ** 2
             parts.append((float(np.var(per_ref, ddof=1) / R) / T ** 2 * d, R - 1))
-        return parts, _satterthwaite(parts)
+        return est, parts, _satterthwaite(parts)
 
     # the log ratio, whose sampling distribution is far less skewed, where the model's background is
     # clearly there: its mean square over backgrounds at least twice the interaction's
@@ -467,10 +525,14 @@ def compare_background(X: Any, references: Sequence[Any], group: Any, background
     # interval can reach 0 (a component that is 0 comes out <= 0 half the time).
     fg_bg_int = jacks[0][0]
     log = bool(S > 0 and S_g.min() > 0 and S_b.min() > 0 and G * fg_bg_int[1] >= fg_bg_int[2])
+    if sub is not None and not (np.isfinite(sub[1]).all() and np.isfinite(sub[2]).all()):
+        sub = None  # X's figure on the subsample is undefined with one foreground or background left out
+    if log and sub is not None and not (sub[0] > 0 and sub[1].min() > 0 and sub[2].min() > 0):
+        sub = None
     f: Any = np.log if log else (lambda v: v)
-    parts, df = spread(f)
+    est, parts, df = spread(f)
     se = float(np.sqrt(sum(v for v, _ in parts)))
-    q, est, at = _t_quantile(ci_level, df), float(f(rho)), float(f(margin))
+    q, at = _t_quantile(ci_level, df), float(f(margin))
     lo, hi = est - q * se, est + q * se
     ci = (float(np.exp(lo)), float(np.exp(hi))) if log else (float(lo), float(hi))
     p = _t_sf((est - at) / se if se > 0 else math.copysign(math.inf, est - at), df)

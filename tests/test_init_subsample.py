@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from probekit.analyses import compare_background, crossed_decomposition
-from probekit.analyses._crossed import _unpaired_parts
+from probekit.analyses._crossed import _subsample_estimate, _unpaired_parts
 from probekit.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,6 +88,37 @@ def test_unpaired_parts_equal_the_jackknife_recomputed_from_scratch():
     # no object shared: the two tables' own object jackknife variances add (independent samples)
     parts = _unpaired_parts(True, S, T, S_g, T_g, S_b, T_b, (np.zeros(0, int), np.zeros(0, int)))
     assert [p for p, _ in parts[:2]] == pytest.approx([_jack_var(np.log(S_g)), _jack_var(np.log(T_g))])
+
+
+def test_subsample_estimate_on_every_object_is_the_paired_jackknife():
+    X, inits, g, b = _data(G=24, B=5, seed=4, n_inits=1)
+    Z = inits[0]
+    S_g, T_g = (np.exp(_log_figure_loo(M, g, b, np.arange(24))) for M in (X, Z))
+    fig = [crossed_decomposition(M, g, b) for M in (X, Z)]
+    S, T = (r.background / r.interaction for r in fig)
+    S_b, T_b = (np.array([(lambda r: r.background / r.interaction)(crossed_decomposition(M[b != k], g[b != k],
+                                                                                         b[b != k])) for k in range(5)])
+                for M in (X, Z))
+    # the "subsample" is every object: D = 0 and its terms vanish, whatever the weight
+    est, c, parts = _subsample_estimate(True, S, T, S, S_g, T_g, S_g, S_b, T_b, S_b, np.arange(24))
+    assert est == pytest.approx(np.log(S / T))
+    assert [p for p, _ in parts] == pytest.approx([_jack_var(np.log(S_g) - np.log(T_g)),
+                                                   _jack_var(np.log(S_b) - np.log(T_b))])
+
+
+def test_inits_that_vary_with_the_model_lean_on_the_shared_objects_and_cover():
+    """Inits = the model's rows + noise (a first conv layer and its inits see the same pixels): the weight
+    on the model's other objects is small (the ratio is read mostly where the inits were measured), and the
+    interval covers the exact truth."""
+    ci = _load("calibrate_init_subsample")
+    cover = [ci.run_correlated(100, 8, 15, s)["15"]["covered"] for s in range(30)]
+    assert np.mean(cover) >= 0.9
+    X, _, g, b = _data(G=100, B=8, seed=2)
+    sel = g < 15
+    noisy = [X + 0.7 * np.random.default_rng(k).normal(size=X.shape) for k in range(3)]
+    r = compare_background(X, [z[sel] for z in noisy], g, b, kind="within_odds", reference_group=g[sel],
+                           reference_background=b[sel])
+    assert r.subsample_weight < 0.5
 
 
 def test_a_subsample_adds_the_references_sampling_variance():
@@ -218,6 +249,14 @@ def test_inits_see_the_first_objects_of_the_seeded_order_and_the_behaviour_is_un
     from probekit.model_audit import _stress_rows
     from probekit.report import predictions_from_store
 
+    # --objects auto grows the split in looks; the inits stop at their 4 objects, the model goes on
+    auto = audit_model("probekit.experiments.shortcut:ShapesCNN", images, masks=masks, weights=w,
+                       out=tmp_path / "auto", init_objects=4, objects="auto", decide=lambda *a: False, **fast).data
+    assert auto["cost"]["init_objects"] == {"requested": 4, "used": 4}
+    assert auto["cost"]["objects"]["used"] == n_obj and len(auto["cost"]["objects"]["looks"]) >= 2
+    with open_store(tmp_path / "auto" / "acts.h5") as s:
+        assert s.n_rows("stress", "model@init1") == 32 and s.n_rows("stress", "model") == n_obj * 8
+    assert auto["models"]["model"]["behaviour"] == full["models"]["model"]["behaviour"]
     rows = _stress_rows(_object_order(n_obj, 0), n_obj, 8)
     for d, shown in (("sub", lambda v: _back(v, rows)), ("full", lambda v: v)):
         with open_store(tmp_path / d / "acts.h5") as s:
