@@ -21,7 +21,7 @@ from probekit.analyses import compare_background, crossed_decomposition
 from probekit.analyses._crossed import _subsample_estimate, _unpaired_parts
 from probekit.errors import DataError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _load(name):
