@@ -16,9 +16,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_mask_check_subset import boxes_csv
+
 from probekit.datasets._shapes import write_image_folder
 from probekit.experiments.shortcut import train_shapes_cnn
 from probekit.model_audit import audit_model
+
 d = Path(tempfile.mkdtemp(prefix='audit-budget-'))
 images, masks = write_image_folder(d, split="test", background="class", n=120)
 csv = boxes_csv(images, masks, d / 'boxes.csv')
@@ -37,6 +39,6 @@ for name, bg in (("robust", "random"), ("shortcut", "class")):
                 "findings": doc["models"]["model"]["findings"],
                 "mask_check": {k: v for k, v in doc["mask_sensitivity"].items() if k != "models"},
                 "mask_flags": {k: v["flagged"] for k, v in doc["mask_sensitivity"]["models"]["model"].items()},
-                "layers": {l: (v.get("background_vs_reference") or {}).get("ratio") for l, v in doc["models"]["model"]["layers"].items()}}
+                "layers": {la: (v.get("background_vs_reference") or {}).get("ratio") for la, v in doc["models"]["model"]["layers"].items()}}
             print(name, io, mco, c["forward_passes_done"], doc["models"]["model"]["flagged"], flush=True)
 (Path(__file__).resolve().parent / 'results' / 'audit_passes_budget.json').write_text(json.dumps(res, indent=1))

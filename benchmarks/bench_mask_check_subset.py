@@ -110,7 +110,7 @@ def one(model: nn.Module, images: Path, csv: Path, k: int, seed: int, n_boot: in
         old = stored["pred"][[pos[(int(g), int(b))] for g, b in where]]
         labels = alt.folder.labels
         truth = figures(new, where, labels, n_boot, seed)
-        per: dict = {"full": truth, "changed_rows": int((new != old).sum()), "rows": int(len(where)), "thresholds": {}}
+        per: dict = {"full": truth, "changed_rows": int((new != old).sum()), "rows": len(where), "thresholds": {}}
         for t in THRESHOLDS:
             near = near_decision(stored["group"], stored["pred"], stored["margin"], t)
             check = sentinels(np.setdiff1d(objects, near), seed)

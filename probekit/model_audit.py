@@ -776,7 +776,8 @@ def _mask_sensitivity(heads: Mapping[str, nn.Module], data: Any, folder_kwargs: 
         preds = {m: np.empty(len(rows), np.int64) for m in heads}
         done = np.zeros(len(rows), bool)
 
-        def run(sel: np.ndarray) -> None:
+        def run(sel: np.ndarray, full: Any = full, rows: np.ndarray = rows, preds: dict[str, np.ndarray] = preds,
+                done: np.ndarray = done) -> None:
             for m, got in _predict(heads, _Rows(full, rows[sel]), batch_size, device, workers, bar).items():
                 preds[m][sel] = got
             done[sel] = True

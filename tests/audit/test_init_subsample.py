@@ -100,7 +100,7 @@ def test_subsample_estimate_on_every_object_is_the_paired_jackknife():
                                                                                          b[b != k])) for k in range(5)])
                 for M in (X, Z))
     # the "subsample" is every object: D = 0 and its terms vanish, whatever the weight
-    est, c, parts = _subsample_estimate(True, S, T, S, S_g, T_g, S_g, S_b, T_b, S_b, np.arange(24))
+    est, _, parts = _subsample_estimate(True, S, T, S, S_g, T_g, S_g, S_b, T_b, S_b, np.arange(24))
     assert est == pytest.approx(np.log(S / T))
     assert [p for p, _ in parts] == pytest.approx([_jack_var(np.log(S_g) - np.log(T_g)),
                                                    _jack_var(np.log(S_b) - np.log(T_b))])

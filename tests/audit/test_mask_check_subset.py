@@ -13,11 +13,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from scipy.special import softmax, expit
+from scipy.special import expit, softmax
 from torch import nn
 
-from probekit.model_audit import (MASK_CHECK_SENTINELS_MIN, _mask_sensitivity, _object_order, _Progress,
-                                  _softmax_margin, near_decision, sentinels)
+from probekit.model_audit import (
+    MASK_CHECK_SENTINELS_MIN,
+    _mask_sensitivity,
+    _object_order,
+    _Progress,
+    _softmax_margin,
+    near_decision,
+    sentinels,
+)
 
 
 def test_near_decision_by_hand():
@@ -60,11 +67,12 @@ class Constant(nn.Module):
 
 @pytest.mark.slow
 def test_near_gives_the_full_reruns_answer(tmp_path):
+    from PIL import Image
+
     from probekit.datasets import Counterfactuals
     from probekit.datasets._shapes import write_image_folder
     from probekit.experiments.shortcut import train_shapes_cnn
-    from probekit.model_audit import _predict, _Rows
-    from PIL import Image
+    from probekit.model_audit import _Rows
 
     images, masks = write_image_folder(tmp_path, split="test", background="class", n=60)
     rows = []
