@@ -299,8 +299,12 @@ SERIALISED = (
         "reference": (L + "background_vs_reference.reference_value",),
         "ratio": (L + "background_vs_reference.ratio",), "ratio_ci": (L + "background_vs_reference.ratio",),
         "flagged": (L + "background_flag",),
-        "df": None, "n_references": None, "model": None, "references": None},
-        why="the references' own figures and the t interval's degrees of freedom are the comparison's working",
+        "n_groups": (L + "background_vs_reference.n_objects",),
+        "n_reference_groups": (L + "background_vs_reference.n_reference_objects",),
+        "df": None, "n_references": None, "model": None, "references": None, "n_shared_groups": None,
+        "subsample_weight": None},
+        why="the references' own figures, the t interval's degrees of freedom and the subsample estimate's "
+            "weight are the comparison's working",
         context=("reference", "n_comparisons")),
     Serialised(A.BackgroundBehaviourResult, (B.rstrip("."),), {
         **{k: (B + k,) for k in ("n_groups", "n_backgrounds", "pull_raw", "pull_null", "pull_p_value",
