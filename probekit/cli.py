@@ -893,9 +893,12 @@ def _extract_distributed(args: argparse.Namespace, loaded: Any, splits: list[str
     dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     try:
         spec = {name: ModelSpec(loaded.module, layers, role=args.role, source=loaded.source)}
+        pool = None
         for k, split in enumerate(splits):
             data = _extract_data(args, split, transform)
-            extract_distributed(spec, data, out=args.out, split=split, pool=args.pool,
+            # the text of --pool resolved on the model as a single process does (every rank alike)
+            pool = pool or _per_layer_pools(args, loaded.module, layers, data)
+            extract_distributed(spec, data, out=args.out, split=split, pool=pool,
                                 batch_size=args.batch_size, device=device, dtype=args.dtype,
                                 num_workers=args.num_workers, mode=mode if k == 0 else "resume",
                                 progress=not args.no_progress and dist.get_rank() == 0,
