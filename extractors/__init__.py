@@ -8,7 +8,8 @@
   layer's pooling (``cls`` / ``tokens_mean`` for tokens, ``avg`` for maps), per layer (``cls,@output=avg``).
 - :func:`pool`, :data:`POOLS`: avg, max, cls, tokens_mean, last, flatten, none (mask-aware on tokens).
 - :class:`Padding`: how keyword-input items (``input_ids``, ``attention_mask``, ...) are padded per batch.
-- :func:`capture`: the one hook context manager (hooks removed and train/eval restored on exit).
+- :func:`capture`: the one hook context manager (hooks removed and train/eval restored on exit);
+  :func:`forward_precision`: its forward passes under autocast (bf16 / fp16).
 - :func:`weight_rows`, :func:`weights_sha256`, :func:`param_count`: neuron weight rows and a fingerprint.
 - :func:`extract_models`, :class:`ModelSpec`: the streaming pipeline (several models, one pass, one store).
 """
@@ -18,6 +19,7 @@ from ._distributed import shard_bounds as shard_bounds
 from ._distributed import shard_path as shard_path
 from ._hooks import Capture as Capture
 from ._hooks import capture as capture
+from ._hooks import forward_precision as forward_precision
 from ._layers import OUTPUT_LAYER as OUTPUT_LAYER
 from ._layers import LayerInfo as LayerInfo
 from ._layers import choose_layers as choose_layers
@@ -72,6 +74,7 @@ __all__ = [
     "extract_distributed",
     "extract_models",
     "first_tensor",
+    "forward_precision",
     "glob_match",
     "list_layers",
     "param_count",

@@ -10,13 +10,19 @@ With ``stop_when_done`` set, the hook that completes the set of requested output
 there (a private exception, caught by :meth:`Capture.run`), so the modules after the last requested
 layer never run: extracting ``layer1`` of a ResNet costs the stem and ``layer1``, not the whole
 network.
+
+Inside :func:`forward_precision` (``torch.bfloat16`` or ``torch.float16``), :meth:`Capture.run` runs the
+forward pass under ``torch.autocast`` on the model's device, and each captured output in that dtype is
+pooled in float32; outside it (the default) nothing changes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -27,7 +33,41 @@ from probekit.errors import DataError
 from ._layers import OUTPUT_LAYER, LayerSpec, first_tensor, parse_selector, resolve_layers_matched
 from ._pooling import PoolSpec, pool, pool_for
 
-__all__ = ["Capture", "OutputKey", "capture"]
+__all__ = ["Capture", "OutputKey", "capture", "forward_precision"]
+
+_REDUCED = (torch.bfloat16, torch.float16)
+_AUTOCAST: ContextVar[torch.dtype | None] = ContextVar("probekit_autocast", default=None)
+
+
+@contextmanager
+def forward_precision(dtype: torch.dtype | None) -> Iterator[None]:
+    """Run every :meth:`Capture.run` in this block (this thread) under ``torch.autocast(dtype)``.
+
+    Parameters
+    ----------
+    dtype : torch.bfloat16, torch.float16 or None
+        The autocast dtype; None (or float32) runs the forward passes as they are.
+    """
+    if dtype is not None and dtype != torch.float32 and dtype not in _REDUCED:
+        raise DataError(f"forward_precision takes torch.bfloat16, torch.float16 or None; got {dtype!r}.")
+    token = _AUTOCAST.set(None if dtype == torch.float32 else dtype)
+    try:
+        yield
+    finally:
+        _AUTOCAST.reset(token)
+
+
+def _autocast(model: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
+    """``torch.autocast`` on the device of the forward pass's first tensor (else the model's), or a null
+    context outside :func:`forward_precision`."""
+    dtype = _AUTOCAST.get()
+    if dtype is None:
+        return contextlib.nullcontext()
+    first = next((v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)), None)
+    if first is None:
+        first = next(iter(model.parameters()), None)
+    device_type = first.device.type if first is not None else "cpu"
+    return torch.autocast(device_type=device_type, dtype=dtype)
 
 OutputKey = int | str | None | Mapping[str, int | str]
 
@@ -181,6 +221,8 @@ class Capture:
                     "Choose another layer, or pick the output element with output_key."
                 )
             t = t.detach()
+            if t.dtype in _REDUCED and _AUTOCAST.get() is not None:  # autocast's output, pooled in float32
+                t = t.float()
             self.raw_shapes[sel] = tuple(t.shape[1:])
             completes = sel not in self._results and len(self._results) == len(self.layers) - 1
             keep = completes and self.stop_when_done and self.elide_final_copy
@@ -297,7 +339,7 @@ class Capture:
             raise DataError("Capture.run needs the hooks in place: use it inside `with capture(...)`.")
         self.reset()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), _autocast(self.model, args, kwargs):
                 try:
                     self.model(*args, **kwargs)
                 except _LayersDone:

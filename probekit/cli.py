@@ -274,6 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="auto",
                    help="auto (default: CUDA, then MPS, else CPU; said on stderr), cpu, cuda, cuda:1, ...")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="the forward passes' precision: auto (default: fp32 on the CPU; on CUDA bf16, or fp16 without "
+                   "bf16, kept only if the first batch's top-1 predictions and activations match fp32, else fp32, "
+                   "said on stderr), fp32, or bf16 / fp16 behind the same check; recorded in audit.json cost")
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="processes decoding, running GrabCut and compositing beside the forward passes "
                    "(default: min(4, cores - 1), 0 on one core); the figures do not depend on it")
@@ -1093,7 +1097,14 @@ def cmd_audit(args: argparse.Namespace) -> int:
                         "--boxes seeds); --masks was given with --boxes.")
     _check_out_dir(args.out)
     _check_ci_paths(args)
-    result = audit_model(
+    run: Any = audit_model
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: rank 0 audits, every rank runs forward passes
+        from functools import partial
+
+        from ._distributed_audit import run_distributed
+
+        run = partial(run_distributed, audit_model)
+    result = run(
         args.model, args.data, masks=args.masks, boxes=args.boxes, foreground=args.foreground,
         factors=args.factors, weights=args.weights, model_args=parse_model_args(args.model_arg),
         pretrained=args.pretrained, allow_pickle=args.allow_pickle, teacher=args.teacher,
@@ -1106,7 +1117,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
         objects=args.objects, overwrite=args.overwrite, pool=args.pool, teacher_layers=_csv(args.teacher_layers),
         **({} if args.init_objects is None else {"init_objects": args.init_objects}),
         class_map=args.class_map, deploy_backgrounds=args.deploy_backgrounds, n_deploy=args.deploy_scenes,
-        expected_accuracy=args.expected_accuracy)
+        expected_accuracy=args.expected_accuracy, precision=args.precision)
+    if result is None:  # a rank other than 0 of a torchrun job: rank 0 reports
+        return 0
     _write_ci(args, result.data)
     if args.json:
         print(json.dumps(result.data, indent=1))

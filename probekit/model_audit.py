@@ -331,6 +331,7 @@ def audit_model(
     deploy_backgrounds: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     n_deploy: int = 16,
     expected_accuracy: float | None = None,
+    precision: str = "auto",
 ) -> Any:
     """Audit a model on a folder of images with foregrounds; write the store, the JSON and the report.
 
@@ -385,6 +386,10 @@ def audit_model(
         is composited on ``n_deploy`` scenes of each, and the audit predicts accuracy there
     expected_accuracy : the model's own accuracy on its test data (a fraction): a warning when its accuracy
         on the folder's original images is far below it (:func:`accuracy_check`)
+    precision : ``"auto"`` (float32 on the CPU; on CUDA bf16 after a guard on the first batch), ``"fp32"``,
+        ``"bf16"`` or ``"fp16"``: the forward passes' precision (:mod:`probekit._precision`), recorded in
+        ``cost.precision``. Under ``torchrun`` the forward passes are split across the ranks
+        (:func:`probekit._distributed_audit.run_distributed`)
     """
     from .audit import audit, read_class_map
     from .datasets import Counterfactuals
@@ -416,6 +421,10 @@ def audit_model(
     dev = resolve_device(device)
     if device == "auto":
         _say(progress, f"device: {dev}")
+    from ._distributed_audit import forward_runner  # precision and torchrun: the one hook on the forward passes
+
+    runner = extract_models = forward_runner(extract_models, precision=precision, device=dev,
+                                             say=lambda text: _say(progress, text))
     t_start = time.perf_counter()
     loaded = load_model(model, weights=weights, model_args=model_args, pretrained=pretrained,
                         allow_pickle=allow_pickle)
@@ -588,7 +597,7 @@ def audit_model(
     cost["objects"].update({"used": n_used, "looks_done": looks_done})
     cost["init_objects"]["used"] = min(n_used, n_init) if inits else 0
     cost.update({"estimated_seconds": bar.estimate, "forward_passes_done": bar.done,
-                 "seconds_extraction": t_extract, "seconds": time.perf_counter() - t_start})
+                 "seconds_extraction": t_extract, "seconds": time.perf_counter() - t_start, **runner.record()})
     doc["cost"] = cost
     doc["inputs"] = {k: v for k, v in inputs.items() if k != "images_sha256"}
     doc["accuracy_check"] = accuracy_check(doc, expected_accuracy)

@@ -1,0 +1,367 @@
+"""The audit's forward passes: in the chosen precision, and split across the ranks of a ``torchrun`` job.
+
+:func:`forward_runner` wraps the extraction function :func:`probekit.model_audit.audit_model` calls (one
+call per split, every net of the split fed the same batches). On its own it runs that function under
+:func:`probekit.extractors.forward_precision`, after the precision guard (:mod:`probekit._precision`)
+on the first batch of each net it has not seen.
+
+Under :func:`run_distributed` (``torchrun --nproc-per-node K -m probekit.cli audit ...``) rank 0 runs
+the whole audit and ranks 1..K-1 serve its forward passes. Each extraction call is split as the
+``extract`` path splits a dataset (:func:`probekit.extractors.shard_bounds`: contiguous blocks of the
+rows still to do, every row once): rank 0 sends the call (the nets, once each, and the dataset, pickled
+over the process group), every rank extracts its block into its own shard store
+``<store>.part<c>.rank<r>-of-<K>.h5``, the ranks meet (a failure on any rank is raised on rank 0 with
+its message), and rank 0 appends the shards' rows in rank order to the audit's store, so that the store
+holds the rows a single process writes, in its order. Everything else (GrabCut, the analyses, the mask
+check, the report) runs on rank 0. The process group is gloo's (objects only: the activations travel
+through the shared file system); each rank runs its nets on ``cuda:<LOCAL_RANK>`` when the audit's
+device is CUDA. See docs/SCALING.md.
+
+The ranks of one job trust one another: the nets and datasets travel pickled, as in every
+``torch.distributed`` object collective.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ._precision import PrecisionChoice, check_precision, choose_precision, guard
+from .errors import ProbekitError
+
+__all__ = ["ForwardRunner", "forward_runner", "run_distributed", "world"]
+
+_LEADER: _Leader | None = None  # set on rank 0 while run_distributed runs the audit
+_COPY_BYTES = 16 << 20  # bytes of rows appended at a time
+
+
+def world() -> int:
+    """Processes of the running :func:`run_distributed` job (1 outside one)."""
+    return 1 if _LEADER is None else _LEADER.world
+
+
+class ForwardRunner:
+    """The audit's extraction function, in the chosen precision, split across ranks under torchrun.
+
+    Call it as the wrapped ``extract_models`` (same arguments). Attributes: ``precision`` (a
+    :class:`probekit._precision.PrecisionChoice`, final once every net has been seen).
+    """
+
+    def __init__(self, extract: Callable[..., Any], *, precision: str, device: str,
+                 say: Callable[[str], None] | None = None) -> None:
+        self._extract = extract
+        self._device = device
+        self._say = say
+        self._seen: set[str] = set()
+        self.precision: PrecisionChoice = choose_precision(check_precision(precision), device)
+        self._announced = False
+
+    def __call__(self, models: Mapping[str, Any], data: Any, **kwargs: Any) -> Any:
+        from .extractors import forward_precision
+
+        new = {k: v for k, v in models.items() if k not in self._seen}
+        if new and self.precision.used != "fp32":
+            before = self.precision.used
+            guard(self.precision, self._device, new, data, int(kwargs.get("batch_size", 64)))
+            if self._say is not None and self.precision.used != before:
+                self._say(self.precision.describe())
+        self._seen.update(models)
+        if self._say is not None and not self._announced:
+            self._announced = True
+            self._say(self.precision.describe())
+        with forward_precision(self.precision.dtype):
+            if _LEADER is None:
+                return self._extract(models, data, **kwargs)
+            return _LEADER.extract(self._extract, models, data, self.precision.used, **kwargs)
+
+    def record(self) -> dict[str, Any]:
+        """``cost`` fields of ``audit.json``: ``precision`` and ``processes``."""
+        return {"precision": self.precision.record(), "processes": world()}
+
+
+def forward_runner(extract: Callable[..., Any], *, precision: str = "auto", device: str = "cpu",
+                   say: Callable[[str], None] | None = None) -> ForwardRunner:
+    """Wrap ``extract`` (``extract_models``) for the audit: see :class:`ForwardRunner`."""
+    return ForwardRunner(extract, precision=precision, device=device, say=say)
+
+
+# -- torchrun ------------------------------------------------------------------------------------------
+def _worker_device(device: str) -> str:
+    kind = torch.device(device).type
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if kind == "cuda" else device
+
+
+def _part(out: Path, call: int, rank: int, world: int) -> Path:
+    return Path(f"{os.fspath(out)}.part{call}.rank{rank}-of-{world}.h5")
+
+
+def _on_cpu(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` itself when its tensors are on the CPU, else a CPU copy (what travels to the ranks)."""
+    tensors = [*module.parameters(), *module.buffers()]
+    return module if all(t.device.type == "cpu" for t in tensors) else copy.deepcopy(module).cpu()
+
+
+def _extract_block(extract: Callable[..., Any], models: Mapping[str, Any], samples: Any, lo: int, hi: int,
+                   part: Path, split: str, device: str, kwargs: Mapping[str, Any], bar: Any) -> None:
+    """Rows ``[lo, hi)`` of ``samples`` (keeping their positions as ``index``) into the shard ``part``."""
+    from .extractors._distributed import _ShardSamples
+
+    if hi <= lo:
+        return
+    extract(models, _ShardSamples(samples, lo, hi), out=part, split=split, mode="overwrite", device=device,
+            progress=False, progress_bar=bar, **kwargs)
+
+
+class _ScaledBar:
+    """Rank 0's progress stands for every rank's: each of its passes counts ``world`` (capped at the call's
+    total; the exact remainder is added when every rank is done)."""
+
+    def __init__(self, bar: Any, world: int, total: int) -> None:
+        self.bar, self.world, self.total, self.counted = bar, world, total, 0
+
+    def update(self, n: int) -> None:
+        add = min(n * self.world, self.total - self.counted)
+        self.counted += add
+        self.bar.update(add)
+
+    def finish(self) -> None:
+        self.bar.update(self.total - self.counted)
+        self.counted = self.total
+
+
+class _Leader:
+    """Rank 0: sends each extraction call to the ranks, extracts its own block, appends the shards."""
+
+    def __init__(self, dist: Any, world: int) -> None:
+        self.dist, self.world = dist, world
+        self._keys: dict[int, str] = {}
+        self._keep: list[torch.nn.Module] = []  # the nets sent (their ids stay theirs)
+        self._calls = 0
+
+    def _nets(self, models: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, torch.nn.Module]]:
+        """The specs with each module replaced by its key, and the modules the ranks have not got yet."""
+        specs, new = {}, {}
+        for name, spec in models.items():
+            key = self._keys.get(id(spec.module))
+            if key is None:
+                key = self._keys[id(spec.module)] = f"net{len(self._keys)}"
+                self._keep.append(spec.module)
+                new[key] = _on_cpu(spec.module)
+            specs[name] = (key, dataclasses.replace(spec, module=None))
+        return specs, new
+
+    def _meet(self, error: str | None) -> list[tuple[int, str]]:
+        """Gather every rank's error (a collective)."""
+        errors: list[Any] = [None] * self.world
+        self.dist.gather_object(error, errors, dst=0)
+        return [(r, e) for r, e in enumerate(errors) if e]
+
+    def extract(self, extract: Callable[..., Any], models: Mapping[str, Any], data: Any, precision: str,
+                **kwargs: Any) -> Any:
+        from .datasets import as_samples
+        from .extractors import shard_bounds
+
+        out = Path(kwargs["out"])
+        split = kwargs.get("split", "data")
+        samples = as_samples(data)
+        n = len(samples)
+        start = _committed(out, split, list(models))
+        if start is None or start >= n or kwargs.get("step") is not None:
+            # nothing to split (a complete split is still checked against the nets), or a state the
+            # single-process extraction refuses with its own message
+            return extract(models, data, **kwargs)
+        local = {k: v for k, v in kwargs.items()
+                 if k not in ("out", "split", "mode", "device", "progress", "progress_bar", "open_ended")}
+        call = self._calls
+        self._calls += 1
+        specs, new = self._nets(models)
+        job = {"kind": "extract", "call": call, "nets": new, "specs": specs, "data": samples, "split": split,
+               "start": start, "out": os.fspath(out), "device": str(kwargs.get("device", "cpu")),
+               "precision": precision, "kwargs": local}
+        self.dist.broadcast_object_list([job], src=0)
+        todo = n - start
+        bar = kwargs.get("progress_bar")
+        scaled = _ScaledBar(bar, self.world, todo * len(models)) if bar is not None else None
+        lo, hi = (start + b for b in shard_bounds(todo, self.world, 0))
+        error = None
+        try:
+            _extract_block(extract, models, samples, lo, hi, _part(out, call, 0, self.world), split,
+                           str(kwargs.get("device", "cpu")), local, scaled)
+        except Exception as e:
+            error = f"{type(e).__name__}: {e}"
+            mine: BaseException | None = e
+        else:
+            mine = None
+        failed = self._meet(error)
+        parts = [_part(out, call, r, self.world) for r in range(self.world)
+                 if (lambda b: b[1] > b[0])(shard_bounds(todo, self.world, r))]
+        try:
+            if mine is not None:
+                raise mine
+            if failed:
+                r, e = failed[0]
+                raise ProbekitError(f"Rank {r} of {self.world} failed extracting split {split!r}: {e}")
+            _append(parts, out, split, None if kwargs.get("open_ended") else n, start, samples,
+                    kwargs.get("compression"))
+        finally:
+            for p in parts:
+                p.unlink(missing_ok=True)
+        if scaled is not None:
+            scaled.finish()
+        return out
+
+
+def _committed(out: Path, split: str, names: list[str]) -> int | None:
+    """Rows of ``split`` every net has committed in the store (0 when new); None when they differ."""
+    from .store import open_store
+
+    if not out.exists():
+        return 0
+    with open_store(out) as s:
+        if split not in s.splits:
+            return 0
+        rows = {s.n_rows(split, m) if m in s.models else 0 for m in names}
+    return rows.pop() if len(rows) == 1 else None
+
+
+def _append(parts: list[Path], out: Path, split: str, n_rows: int | None, start: int, samples: Any,
+            compression: str | None) -> None:
+    """Append the shards' rows of ``split`` (in this order) to the store ``out`` at row ``start``,
+    declaring the split, nets and layers as the single-process extraction does."""
+    from .errors import DataError
+    from .store import StoreWriter, open_store
+
+    if parts:
+        with open_store(parts[0]) as p:
+            pools = {(m, la): p.acts(m, split, la).attrs.get("pool") for m in p.models for la in p.layers(m, split)}
+        _check_pools(out, split, pools)  # before the store is opened for writing (HDF5 opens a file once)
+    with StoreWriter(out, mode="resume", compression=compression) as w:
+        at = start
+        for k, path in enumerate(parts):
+            with open_store(path) as p:
+                models = p.models
+                if k == 0:
+                    got = w.add_split(split, n_rows=n_rows, has_label=samples.has_label,
+                                      factor_names=samples.factor_names, fields=samples.fields,
+                                      factor_periods=samples.factor_periods)
+                    if got != start:
+                        raise DataError(f"The split {split!r} of {str(out)!r} has {got} rows committed, not {start}: "
+                                        "another process wrote to it. Rerun the audit.")
+                    for m in models:
+                        a = p.model_attrs(m)
+                        w.add_model(m, role=str(a.get("role", "model")), source=str(a.get("source", "")),
+                                    weights_sha256=str(a.get("weights_sha256", "")),
+                                    param_count=int(a.get("param_count", -1)),
+                                    preprocessing=str(a.get("preprocessing", "")))
+                        for layer in p.weight_layers(m):
+                            w.write_weights(m, layer, p.weights(m, layer), attrs=_own(p.weight_attrs(m, layer)))
+                        for layer in p.layers(m, split):
+                            acts = p.acts(m, split, layer)
+                            w.add_layer(m, split, layer, feature_shape=acts.shape[1:], dtype=str(acts.dtype),
+                                        attrs=_own(acts.attrs))
+                fields = ["index", *[f for f in samples.fields]] + (["factors"] if samples.factor_names else [])
+                layers = {m: p.layers(m, split) for m in models}
+                n = p.n_rows(split)
+                row_bytes = sum(p.acts(m, split, la).row_nbytes for m in models for la in layers[m]) or 1
+                block = max(1, _COPY_BYTES // row_bytes)
+                values = {f: np.asarray(p.sample_field(split, f)) for f in fields}
+                for s in range(0, n, block):
+                    e = min(n, s + block)
+                    w.write_rows(split, at + s, {f: v[s:e] for f, v in values.items()},
+                                 {m: {la: np.asarray(p.acts(m, split, la)[s:e]) for la in layers[m]} for m in models})
+                at += n
+
+
+def _own(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """A dataset's attributes the writer does not set itself."""
+    return {k: v for k, v in attrs.items() if k not in ("layer", "encoding-type", "encoding-version")}
+
+
+def _check_pools(out: Path, split: str, pools: Mapping[tuple[str, str], Any]) -> None:
+    """Refuse to append a layer pooled otherwise than the rows the store already holds."""
+    from .errors import DataError
+    from .store import open_store
+
+    if not out.exists():
+        return
+    with open_store(out) as s:
+        for (model, layer), pool in pools.items():
+            if model not in s.models or split not in s.acts_splits(model) or layer not in s.layers(model, split):
+                continue
+            was = s.acts(model, split, layer).attrs.get("pool")
+            if was is not None and pool is not None and was != pool:
+                raise DataError(
+                    f"Layer {layer!r} of model {model!r} on split {split!r} in {str(out)!r} was stored with pool "
+                    f"{was!r}, but this run asks for {pool!r}. Resume with the same pool, or write elsewhere.")
+
+
+def _serve(dist: Any, rank: int, world: int) -> None:
+    """Ranks 1..K-1: extract the block of each call rank 0 sends, until it says stop."""
+    from .extractors import extract_models, forward_precision, shard_bounds
+
+    nets: dict[str, torch.nn.Module] = {}
+    dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    while True:
+        box: list[Any] = [None]
+        dist.broadcast_object_list(box, src=0)
+        job = box[0]
+        if job["kind"] == "stop":
+            return
+        error = None
+        try:
+            nets.update(job["nets"])
+            models = {name: dataclasses.replace(spec, module=nets[key]) for name, (key, spec) in job["specs"].items()}
+            todo = len(job["data"]) - job["start"]
+            lo, hi = (job["start"] + b for b in shard_bounds(todo, world, rank))
+            with forward_precision(dtypes[job["precision"]]):
+                _extract_block(extract_models, models, job["data"], lo, hi,
+                               _part(Path(job["out"]), job["call"], rank, world), job["split"],
+                               _worker_device(job["device"]), job["kwargs"], None)
+        except Exception as e:  # reported to rank 0, which raises it; this rank waits for the next call
+            error = f"{type(e).__name__}: {e}"
+        dist.gather_object(error, None, dst=0)
+
+
+def run_distributed(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+    """Run ``fn(*args, **kwargs)`` (the audit) on rank 0 with every rank's forward passes.
+
+    Call it on every rank of a ``torchrun`` job (the environment gives ``RANK``, ``WORLD_SIZE``,
+    ``MASTER_ADDR``, ...). It starts a gloo process group unless one is running (and then ends it),
+    and returns ``fn``'s result on rank 0 and None on the other ranks, which serve rank 0's extraction
+    calls until it is done.
+
+    Raises
+    ------
+    ProbekitError
+        On rank 0, when another rank fails (with its message); ``fn``'s own errors on rank 0.
+    """
+    global _LEADER
+    dist = torch.distributed
+    own = not dist.is_initialized()
+    if own:
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        # rank 0 may spend hours between two calls (GrabCut, the analyses) while the others wait
+        dist.init_process_group("gloo", timeout=datetime.timedelta(days=1))
+    try:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if rank != 0:
+            _serve(dist, rank, world)
+            return None
+        _LEADER = _Leader(dist, world)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _LEADER = None
+            dist.broadcast_object_list([{"kind": "stop"}], src=0)
+    finally:
+        if own:
+            dist.destroy_process_group()
