@@ -37,9 +37,10 @@ import torch
 from ._precision import PrecisionChoice, check_precision, choose_precision, guard
 from .errors import ProbekitError
 
-__all__ = ["ForwardRunner", "forward_runner", "run_distributed", "world"]
+__all__ = ["ForwardRunner", "forward_runner", "predict_split", "run_distributed", "world"]
 
 _LEADER: _Leader | None = None  # set on rank 0 while run_distributed runs the audit
+_AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 _COPY_BYTES = 16 << 20  # bytes of rows appended at a time
 
 
@@ -219,6 +220,84 @@ class _Leader:
         return out
 
 
+    def predict(self, nets: Mapping[str, torch.nn.Module], data: Any, batch_size: int, device: str, workers: int,
+                bar: Any) -> dict[str, np.ndarray]:
+        """The mask check's predictions with the rows split across the ranks."""
+        from .extractors import shard_bounds
+
+        n = len(data)
+        keys, new = {}, {}
+        for name, module in nets.items():
+            key = self._keys.get(id(module))
+            if key is None:
+                key = self._keys[id(module)] = f"net{len(self._keys)}"
+                self._keep.append(module)
+                new[key] = _on_cpu(module)
+            keys[name] = key
+        self.dist.broadcast_object_list([{"kind": "predict", "nets": new, "keys": keys, "data": data,
+                                          "batch_size": batch_size, "device": device, "workers": workers}], src=0)
+        lo, hi = shard_bounds(n, self.world, 0)
+        scaled = _ScaledBar(bar, self.world, n * len(nets))
+        mine: Any
+        try:
+            mine = _predict_block(nets, _Block(data, lo, hi), batch_size, device, workers, scaled) if hi > lo else None
+        except Exception as e:
+            mine = e
+        everyone: list[Any] = [None] * self.world
+        self.dist.gather_object(None if isinstance(mine, Exception) else mine, everyone, dst=0)
+        if isinstance(mine, Exception):
+            raise mine
+        failed = [(r, v) for r, v in enumerate(everyone) if isinstance(v, str)]
+        if failed:
+            r, e = failed[0]
+            raise ProbekitError(f"Rank {r} of {self.world} failed predicting the mask check's images: {e}")
+        scaled.finish()
+        parts = [v for v in everyone if v is not None]
+        return {m: np.concatenate([p[m] for p in parts]) for m in nets}
+
+
+class _Block(torch.utils.data.Dataset):
+    """Rows ``[lo, hi)`` of a dataset."""
+
+    def __init__(self, data: Any, lo: int, hi: int) -> None:
+        self.data, self.lo, self.n = data, lo, hi - lo
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, k: int) -> Any:
+        if not 0 <= k < self.n:
+            raise IndexError(k)
+        return self.data[self.lo + k]
+
+
+def _predict_block(nets: Mapping[str, torch.nn.Module], data: Any, batch_size: int, device: str, workers: int,
+                   bar: Any = None) -> dict[str, np.ndarray]:
+    """Each net's predicted classes on ``data`` (a rank's block of the mask check's rows), as
+    ``probekit.model_audit._predict`` computes them."""
+    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=workers)
+    out: dict[str, list[np.ndarray]] = {m: [] for m in nets}
+    for net in nets.values():
+        net.to(device).eval()
+    with torch.no_grad():
+        for batch in loader:
+            x = batch["x"].to(device)
+            for m, net in nets.items():
+                out[m].append(net(x).argmax(dim=1).cpu().numpy())
+            if bar is not None:
+                bar.update(len(x) * len(nets))
+    return {m: np.concatenate(v) for m, v in out.items()}
+
+
+def predict_split(nets: Mapping[str, torch.nn.Module], data: Any, batch_size: int, device: str, workers: int,
+                  bar: Any) -> dict[str, np.ndarray]:
+    """Each net's predicted classes on ``data`` (the mask check's rows), the rows split across the ranks of
+    the running :func:`run_distributed` job; call it only where :func:`world` > 1."""
+    if _LEADER is None:
+        raise ProbekitError("predict_split runs under run_distributed only (world() > 1).")
+    return _LEADER.predict(nets, data, batch_size, device, workers, bar)
+
+
 def _committed(out: Path, split: str, names: list[str]) -> int | None:
     """Rows of ``split`` every net has committed in the store (0 when new); None when they differ."""
     from .store import open_store
@@ -304,30 +383,39 @@ def _check_pools(out: Path, split: str, pools: Mapping[tuple[str, str], Any]) ->
 
 
 def _serve(dist: Any, rank: int, world: int) -> None:
-    """Ranks 1..K-1: extract the block of each call rank 0 sends, until it says stop."""
-    from .extractors import extract_models, forward_precision, shard_bounds
-
+    """Ranks 1..K-1: run each call rank 0 sends on this rank's block, until it says stop."""
     nets: dict[str, torch.nn.Module] = {}
-    dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
     while True:
         box: list[Any] = [None]
         dist.broadcast_object_list(box, src=0)
         job = box[0]
         if job["kind"] == "stop":
             return
-        error = None
-        try:
-            nets.update(job["nets"])
-            models = {name: dataclasses.replace(spec, module=nets[key]) for name, (key, spec) in job["specs"].items()}
-            todo = len(job["data"]) - job["start"]
-            lo, hi = (job["start"] + b for b in shard_bounds(todo, world, rank))
-            with forward_precision(dtypes[job["precision"]]):
-                _extract_block(extract_models, models, job["data"], lo, hi,
-                               _part(Path(job["out"]), job["call"], rank, world), job["split"],
-                               _worker_device(job["device"]), job["kwargs"], None)
-        except Exception as e:  # reported to rank 0, which raises it; this rank waits for the next call
-            error = f"{type(e).__name__}: {e}"
-        dist.gather_object(error, None, dst=0)
+        dist.gather_object(_run_job(job, rank, world, nets), None, dst=0)
+
+
+def _run_job(job: Mapping[str, Any], rank: int, world: int, nets: dict[str, torch.nn.Module]) -> Any:
+    """One call of rank 0 on rank ``rank``'s block: what it gathers to rank 0. An extraction: None, or its
+    error's text. The mask check's predictions: this block's (None when it is empty), or the error's text."""
+    from .extractors import extract_models, forward_precision, shard_bounds
+
+    try:
+        nets.update(job["nets"])
+        if job["kind"] == "predict":
+            lo, hi = shard_bounds(len(job["data"]), world, rank)
+            if hi <= lo:
+                return None
+            return _predict_block({m: nets[k] for m, k in job["keys"].items()}, _Block(job["data"], lo, hi),
+                                  job["batch_size"], _worker_device(job["device"]), job["workers"])
+        models = {name: dataclasses.replace(spec, module=nets[key]) for name, (key, spec) in job["specs"].items()}
+        todo = len(job["data"]) - job["start"]
+        lo, hi = (job["start"] + b for b in shard_bounds(todo, world, rank))
+        with forward_precision(_AUTOCAST_DTYPES[job["precision"]]):
+            _extract_block(extract_models, models, job["data"], lo, hi, _part(Path(job["out"]), job["call"], rank, world),
+                           job["split"], _worker_device(job["device"]), job["kwargs"], None)
+        return None
+    except Exception as e:  # reported to rank 0, which raises it; this rank waits for the next call
+        return f"{type(e).__name__}: {e}"
 
 
 def run_distributed(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:

@@ -51,8 +51,9 @@ class PrecisionChoice:
     reason : str or None
         Why the reduced precision was not used (the guard's finding, or the device), else None.
     checked : dict
-        The guard's figures on the first batch (empty when it did not run): ``tried``, ``samples``,
-        ``top1_differ`` (per net with an output), ``max_rel_error`` (per net), ``tolerance``.
+        The guard's figures on the first batch (empty when it did not run): ``tried``, ``tolerance``,
+        ``max`` (the largest relative error), and per net ``samples`` (its batch), ``top1_differ`` (nets
+        with an output) and ``max_rel_error``.
     """
 
     requested: str
@@ -73,8 +74,8 @@ class PrecisionChoice:
         """One line for stderr."""
         if self.used != "fp32":
             c = self.checked
-            return (f"precision {self.used} (checked on the first batch of {c.get('samples')}: no top-1 prediction "
-                    f"moved, activations within {100 * c.get('max', 0.0):.2g} % <= {100 * TOLERANCE:.0f} %)")
+            return (f"precision {self.used} (checked on a first batch of each net: no top-1 prediction moved, "
+                    f"activations within {100 * c.get('max', 0.0):.2g} % <= {100 * c.get('tolerance', TOLERANCE):.0f} %)")
         return "precision fp32" + (f" ({self.reason})" if self.reason else "")
 
 
@@ -153,7 +154,8 @@ def guard(choice: PrecisionChoice, device: str, models: Mapping[str, Any], data:
         return choice
     x = x.to(device)
     c = choice.checked
-    c.update({"tried": tried, "samples": int(len(x)), "tolerance": tolerance})
+    c.update({"tried": tried, "tolerance": tolerance})
+    n: dict[str, int] = c.setdefault("samples", {})
     top1: dict[str, int] = c.setdefault("top1_differ", {})
     rel: dict[str, float] = c.setdefault("max_rel_error", {})
     for name, spec in models.items():
@@ -170,7 +172,7 @@ def guard(choice: PrecisionChoice, device: str, models: Mapping[str, Any], data:
             err = float(torch.linalg.vector_norm(b64 - a64))
             e = err / denom if denom > 0 else (0.0 if err == 0 else float("inf"))
             worst = max(worst, e if e == e else float("inf"))  # NaN (an overflow) counts as too far
-        rel[name] = worst
+        rel[name], n[name] = worst, len(x)
         out = ref.get("@output")
         if out is not None and out.ndim == 2 and out.shape[1] > 1:
             top1[name] = int((out.argmax(1) != low["@output"].argmax(1)).sum())

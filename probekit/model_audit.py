@@ -391,6 +391,7 @@ def audit_model(
         ``cost.precision``. Under ``torchrun`` the forward passes are split across the ranks
         (:func:`probekit._distributed_audit.run_distributed`)
     """
+    from ._distributed_audit import forward_runner
     from .audit import audit, read_class_map
     from .datasets import Counterfactuals
     from .extractors import ModelSpec, choose_layers, extract_models, resolve_pools
@@ -421,8 +422,7 @@ def audit_model(
     dev = resolve_device(device)
     if device == "auto":
         _say(progress, f"device: {dev}")
-    from ._distributed_audit import forward_runner  # precision and torchrun: the one hook on the forward passes
-
+    # the one hook on the forward passes: their precision, and under torchrun their split across the ranks
     runner = extract_models = forward_runner(extract_models, precision=precision, device=dev,
                                              say=lambda text: _say(progress, text))
     t_start = time.perf_counter()
@@ -826,6 +826,10 @@ def _mask_sensitivity(heads: Mapping[str, nn.Module], data: Any, folder_kwargs: 
 def _predict(nets: Mapping[str, nn.Module], data: Any, batch_size: int, device: str, workers: int,
              bar: _Progress) -> dict[str, np.ndarray]:
     """Each net's predicted classes on ``data``, every net fed the same batches."""
+    from . import _distributed_audit as da
+
+    if da.world() > 1:  # under torchrun the ranks share the rows
+        return da.predict_split(nets, data, batch_size, device, workers, bar)
     loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=workers)
     out: dict[str, list[np.ndarray]] = {m: [] for m in nets}
     with torch.no_grad():

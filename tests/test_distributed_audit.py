@@ -3,16 +3,18 @@
 Oracle: a single-process audit of the same folder and model. The torchrun audit (2 gloo processes on
 the CPU) must write the same audit.json (every figure, the verdict, the fingerprint under ``inputs``,
 the forward passes counted) apart from the run's own record (``created``, ``store``, seconds and the
-process count). The in-process tests run rank 0's split-and-append path with one rank (a stand-in
-process group), against the same oracle, on the paths a 2-process run of a small folder may not take
-(``objects="auto"`` growing the crossed split in two looks), and check that a failure on another rank
-is raised on rank 0 with its message.
+process count). The in-process tests run rank 0's split-and-append path with two ranks (a stand-in
+process group whose other rank runs in the same process, on pickled copies of the calls), against the
+same oracle, on paths the subprocess test does not take (``objects="auto"`` growing the crossed split in
+two looks, GrabCut and the mask check's predictions), and check that a failure on another rank is
+raised on rank 0 with its message.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 
@@ -88,56 +90,64 @@ def test_torchrun_audit_equals_a_single_process(folder, shortcut, tmp_path, monk
                     np.testing.assert_allclose(a.acts(m, sp, la)[:], b.acts(m, sp, la)[:], rtol=1e-5, atol=1e-6)
 
 
-class _OneRank:
-    """A stand-in process group of one rank; ``errors`` are what other ranks would report."""
+class _Ranks:
+    """A stand-in process group of ``world`` ranks: ranks 1..K-1 run each call of rank 0 in this process,
+    on a pickled copy of it (as a torchrun rank receives it), through the code a real rank runs; or
+    report ``fail`` instead."""
 
-    def __init__(self, errors=()):
-        self.errors, self.jobs = list(errors), []
+    def __init__(self, world, fail=None):
+        self.world, self.fail, self.jobs = world, fail, []
+        self.nets = [{} for _ in range(world)]
 
     def broadcast_object_list(self, box, src=0):
         self.jobs.append(box[0])
 
     def gather_object(self, obj, out, dst=0):
-        out[:] = [obj, *self.errors][:len(out)]
+        job = pickle.loads(pickle.dumps(self.jobs[-1]))
+        out[:] = [obj] + [self.fail or da._run_job(job, r, self.world, self.nets[r]) for r in range(1, self.world)]
 
 
-def _leader(monkeypatch, world=1, errors=()):
-    group = _OneRank(errors)
-    leader = da._Leader(group, world)
-    monkeypatch.setattr(da, "_LEADER", leader)
+def _ranks(monkeypatch, world=2, fail=None):
+    group = _Ranks(world, fail)
+    monkeypatch.setattr(da, "_LEADER", da._Leader(group, world))
     return group
 
 
 @pytest.mark.slow
-def test_split_and_append_equals_one_process_over_looks(folder, shortcut, tmp_path, monkeypatch):
-    """``objects="auto"`` growing the crossed split in two looks (an open-ended split appended twice)."""
-    images, masks = folder
-    kw = {"masks": masks, "weights": shortcut, "n_inits": 1, "workers": 0, "n_boot": 40, "n_perm": 20, "progress": False,
-          "objects": "auto", "decide": lambda *a: False}  # never decided: every look runs
+def test_split_across_ranks_equals_one_process_over_looks_and_mask_check(folder, shortcut, tmp_path, monkeypatch):
+    """Two ranks (in this process): ``objects="auto"`` growing the crossed split in two looks (an open-ended
+    split appended twice) and GrabCut's masks with the mask check's predictions split too."""
+    images, _ = folder
+    kw = {"foreground": "auto", "mask_check": 1, "weights": shortcut, "n_inits": 1, "n_backgrounds": 4,
+          "workers": 0, "n_boot": 40, "n_perm": 20, "progress": False, "objects": "auto",
+          "decide": lambda *a: False}  # never decided: every look runs
     plain = audit_model(MODEL, images, out=tmp_path / "plain", **kw).data
-    group = _leader(monkeypatch)
+    group = _ranks(monkeypatch)
     split = audit_model(MODEL, images, out=tmp_path / "split", **kw).data
     assert [j["split"] for j in group.jobs if j["kind"] == "extract"] == ["train", "test", "stress", "stress",
                                                                            "variants"]
-    stress = [j for j in group.jobs if j["split"] == "stress"]
-    assert [j["start"] for j in stress] == [0, 10 * 8]  # the second look appends after the first's rows
+    stress = [j for j in group.jobs if j.get("split") == "stress"]
+    assert [j["start"] for j in stress] == [0, 10 * 4]  # the second look appends after the first's rows
     assert stress[1]["nets"] == {}  # every net travels once
+    assert [j["kind"] for j in group.jobs].count("predict") == 2  # the mask check: eroded, dilated
     assert len(plain["cost"]["objects"]["looks_done"]) == 1 and plain["cost"]["objects"]["used"] == 12
+    assert "eroded" in plain["mask_sensitivity"]["models"]["model"]
+    assert split["cost"]["forward_passes_done"] == plain["cost"]["forward_passes_done"]
     _same_audit(split, plain)
     with pk.open_store(tmp_path / "split" / "acts.h5") as a, pk.open_store(tmp_path / "plain" / "acts.h5") as b:
-        assert a.n_expected("stress") is None and a.n_rows("stress") == b.n_rows("stress") == 12 * 8
-        np.testing.assert_array_equal(a.sample_field("stress", "index"), b.sample_field("stress", "index"))
-        for m in b.models:
-            for la in b.layers(m, "stress"):
-                np.testing.assert_array_equal(a.acts(m, "stress", la)[:], b.acts(m, "stress", la)[:])
+        assert a.n_expected("stress") is None and a.n_rows("stress") == b.n_rows("stress") == 12 * 4
+        for sp in b.splits:
+            np.testing.assert_array_equal(a.sample_field(sp, "index"), b.sample_field(sp, "index"))
+            for m in b.models:
+                for la in b.layers(m, sp):
+                    np.testing.assert_allclose(a.acts(m, sp, la)[:], b.acts(m, sp, la)[:], rtol=1e-5, atol=1e-6)
     assert not list((tmp_path / "split").glob("*.part*"))
 
 
-def test_a_failure_on_another_rank_is_raised_on_rank_0(folder, tmp_path, monkeypatch):
+def test_a_failure_on_another_rank_is_raised_on_rank_0(tmp_path, monkeypatch):
     from probekit.extractors import ModelSpec, extract_models
 
-    images, masks = folder
-    _leader(monkeypatch, world=2, errors=["DataError: the disk of rank 1 is full"])
+    _ranks(monkeypatch, fail="DataError: the disk of rank 1 is full")
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 2))
     data = torch.utils.data.TensorDataset(torch.randn(9, 12), torch.arange(9) % 2)
     run = da.forward_runner(extract_models, precision="fp32", device="cpu")
