@@ -23,11 +23,12 @@ The ranks of one job trust one another: the nets and datasets travel pickled, as
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import datetime
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -170,11 +171,12 @@ class _Leader:
         from .datasets import as_samples
         from .extractors import shard_bounds
 
-        out = Path(kwargs["out"])
+        target = kwargs["out"]  # the store's path, or an open StoreWriter (a session of several calls)
+        out = Path(getattr(target, "path", target))
         split = kwargs.get("split", "data")
         samples = as_samples(data)
         n = len(samples)
-        start = _committed(out, split, list(models))
+        start = _committed(target, split, list(models))
         if start is None or start >= n or kwargs.get("step") is not None:
             # nothing to split (a complete split is still checked against the nets), or a state the
             # single-process extraction refuses with its own message
@@ -210,7 +212,7 @@ class _Leader:
             if failed:
                 r, e = failed[0]
                 raise ProbekitError(f"Rank {r} of {self.world} failed extracting split {split!r}: {e}")
-            _append(parts, out, split, None if kwargs.get("open_ended") else n, start, samples,
+            _append(parts, target, split, None if kwargs.get("open_ended") else n, start, samples,
                     kwargs.get("compression"))
         finally:
             for p in parts:
@@ -298,31 +300,55 @@ def predict_split(nets: Mapping[str, torch.nn.Module], data: Any, batch_size: in
     return _LEADER.predict(nets, data, batch_size, device, workers, bar)
 
 
-def _committed(out: Path, split: str, names: list[str]) -> int | None:
-    """Rows of ``split`` every net has committed in the store (0 when new); None when they differ."""
+@contextlib.contextmanager
+def _view(target: Any) -> Iterator[Any]:
+    """A read-only view of the store: an open writer's own (no second handle), else the file's (None when
+    it does not exist yet)."""
     from .store import open_store
 
-    if not out.exists():
-        return 0
-    with open_store(out) as s:
-        if split not in s.splits:
+    if hasattr(target, "view"):
+        yield target.view()
+    elif not Path(target).exists():
+        yield None
+    else:
+        with open_store(target) as s:
+            yield s
+
+
+@contextlib.contextmanager
+def _writer(target: Any, compression: str | None) -> Iterator[Any]:
+    """The open writer itself (its caller closes it), else one opened on the file for this append."""
+    from .store import StoreWriter
+
+    if hasattr(target, "write_rows"):
+        yield target
+    else:
+        with StoreWriter(target, mode="resume", compression=compression) as w:
+            yield w
+
+
+def _committed(target: Any, split: str, names: list[str]) -> int | None:
+    """Rows of ``split`` every net has committed in the store (0 when new); None when they differ."""
+    with _view(target) as s:
+        if s is None or split not in s.splits:
             return 0
         rows = {s.n_rows(split, m) if m in s.models else 0 for m in names}
     return rows.pop() if len(rows) == 1 else None
 
 
-def _append(parts: list[Path], out: Path, split: str, n_rows: int | None, start: int, samples: Any,
+def _append(parts: list[Path], target: Any, split: str, n_rows: int | None, start: int, samples: Any,
             compression: str | None) -> None:
-    """Append the shards' rows of ``split`` (in this order) to the store ``out`` at row ``start``,
-    declaring the split, nets and layers as the single-process extraction does."""
+    """Append the shards' rows of ``split`` (in this order) to the store ``target`` (a path or an open
+    writer) at row ``start``, declaring the split, nets and layers as the single-process extraction does."""
     from .errors import DataError
-    from .store import StoreWriter, open_store
+    from .store import open_store
 
     if parts:
         with open_store(parts[0]) as p:
             pools = {(m, la): p.acts(m, split, la).attrs.get("pool") for m in p.models for la in p.layers(m, split)}
-        _check_pools(out, split, pools)  # before the store is opened for writing (HDF5 opens a file once)
-    with StoreWriter(out, mode="resume", compression=compression) as w:
+        with _view(target) as s:  # before a file is opened for writing (HDF5 opens a file once)
+            _check_pools(s, split, pools)
+    with _writer(target, compression) as w:
         at = start
         for k, path in enumerate(parts):
             with open_store(path) as p:
@@ -332,8 +358,8 @@ def _append(parts: list[Path], out: Path, split: str, n_rows: int | None, start:
                                       factor_names=samples.factor_names, fields=samples.fields,
                                       factor_periods=samples.factor_periods)
                     if got != start:
-                        raise DataError(f"The split {split!r} of {str(out)!r} has {got} rows committed, not {start}: "
-                                        "another process wrote to it. Rerun the audit.")
+                        raise DataError(f"The split {split!r} of {str(w.path)!r} has {got} rows committed, not "
+                                        f"{start}: another process wrote to it. Rerun the audit.")
                     for m in models:
                         a = p.model_attrs(m)
                         w.add_model(m, role=str(a.get("role", "model")), source=str(a.get("source", "")),
@@ -346,16 +372,16 @@ def _append(parts: list[Path], out: Path, split: str, n_rows: int | None, start:
                             acts = p.acts(m, split, layer)
                             w.add_layer(m, split, layer, feature_shape=acts.shape[1:], dtype=str(acts.dtype),
                                         attrs=_own(acts.attrs))
-                fields = ["index", *[f for f in samples.fields]] + (["factors"] if samples.factor_names else [])
+                fields = ["index", *samples.fields] + (["factors"] if samples.factor_names else [])
                 layers = {m: p.layers(m, split) for m in models}
                 n = p.n_rows(split)
                 row_bytes = sum(p.acts(m, split, la).row_nbytes for m in models for la in layers[m]) or 1
                 block = max(1, _COPY_BYTES // row_bytes)
                 values = {f: np.asarray(p.sample_field(split, f)) for f in fields}
-                for s in range(0, n, block):
-                    e = min(n, s + block)
-                    w.write_rows(split, at + s, {f: v[s:e] for f, v in values.items()},
-                                 {m: {la: np.asarray(p.acts(m, split, la)[s:e]) for la in layers[m]} for m in models})
+                for s0 in range(0, n, block):
+                    e = min(n, s0 + block)
+                    w.write_rows(split, at + s0, {f: v[s0:e] for f, v in values.items()},
+                                 {m: {la: np.asarray(p.acts(m, split, la)[s0:e]) for la in layers[m]} for m in models})
                 at += n
 
 
@@ -364,22 +390,20 @@ def _own(attrs: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in attrs.items() if k not in ("layer", "encoding-type", "encoding-version")}
 
 
-def _check_pools(out: Path, split: str, pools: Mapping[tuple[str, str], Any]) -> None:
-    """Refuse to append a layer pooled otherwise than the rows the store already holds."""
+def _check_pools(s: Any, split: str, pools: Mapping[tuple[str, str], Any]) -> None:
+    """Refuse to append a layer pooled otherwise than the rows the store (view ``s``) already holds."""
     from .errors import DataError
-    from .store import open_store
 
-    if not out.exists():
+    if s is None:
         return
-    with open_store(out) as s:
-        for (model, layer), pool in pools.items():
-            if model not in s.models or split not in s.acts_splits(model) or layer not in s.layers(model, split):
-                continue
-            was = s.acts(model, split, layer).attrs.get("pool")
-            if was is not None and pool is not None and was != pool:
-                raise DataError(
-                    f"Layer {layer!r} of model {model!r} on split {split!r} in {str(out)!r} was stored with pool "
-                    f"{was!r}, but this run asks for {pool!r}. Resume with the same pool, or write elsewhere.")
+    for (model, layer), pool in pools.items():
+        if model not in s.models or split not in s.acts_splits(model) or layer not in s.layers(model, split):
+            continue
+        was = s.acts(model, split, layer).attrs.get("pool")
+        if was is not None and pool is not None and was != pool:
+            raise DataError(
+                f"Layer {layer!r} of model {model!r} on split {split!r} in {str(s.path)!r} was stored with pool "
+                f"{was!r}, but this run asks for {pool!r}. Resume with the same pool, or write elsewhere.")
 
 
 def _serve(dist: Any, rank: int, world: int) -> None:
