@@ -17,6 +17,7 @@
 from ._distributed import extract_distributed as extract_distributed
 from ._distributed import shard_bounds as shard_bounds
 from ._distributed import shard_path as shard_path
+from ._distributed import shard_samples as shard_samples
 from ._hooks import Capture as Capture
 from ._hooks import capture as capture
 from ._hooks import forward_precision as forward_precision
@@ -88,6 +89,7 @@ __all__ = [
     "resolve_pools",
     "shard_bounds",
     "shard_path",
+    "shard_samples",
     "takes_token_ids",
     "token_example",
     "weight_rows",

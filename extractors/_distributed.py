@@ -23,7 +23,7 @@ from probekit.store import merge_shards
 from ._pipeline import ModelSpec, extract_models
 from ._weights import weights_sha256
 
-__all__ = ["extract_distributed", "shard_bounds", "shard_path"]
+__all__ = ["extract_distributed", "shard_bounds", "shard_path", "shard_samples"]
 
 
 def shard_bounds(n: int, world_size: int, rank: int) -> tuple[int, int]:
@@ -65,6 +65,18 @@ class _ShardSamples(SampleDataset):
         if not 0 <= int(i) < self._n:
             raise IndexError(f"row {i} out of range for a shard of {self._n} rows")
         return self._base[self._start + int(i)]
+
+
+def shard_samples(data: Any, start: int, stop: int) -> SampleDataset:
+    """Rows ``[start, stop)`` of a dataset, each keeping its position in the whole dataset as its ``index``.
+
+    What one rank extracts (``start, stop = shard_bounds(len(data), K, rank)``): a shard written from it
+    holds the dataset indices that :func:`probekit.store.merge_shards` orders the shards by.
+    """
+    samples = as_samples(data)
+    if not 0 <= start <= stop <= len(samples):
+        raise ProbekitError(f"A shard must be rows [start, stop) within [0, {len(samples)}]; got [{start}, {stop}).")
+    return _ShardSamples(samples, start, stop)
 
 
 def _dist() -> tuple[Any, int, int]:

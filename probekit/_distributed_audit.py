@@ -114,11 +114,11 @@ def _on_cpu(module: torch.nn.Module) -> torch.nn.Module:
 def _extract_block(extract: Callable[..., Any], models: Mapping[str, Any], samples: Any, lo: int, hi: int,
                    part: Path, split: str, device: str, kwargs: Mapping[str, Any], bar: Any) -> None:
     """Rows ``[lo, hi)`` of ``samples`` (keeping their positions as ``index``) into the shard ``part``."""
-    from .extractors._distributed import _ShardSamples
+    from .extractors import shard_samples
 
     if hi <= lo:
         return
-    extract(models, _ShardSamples(samples, lo, hi), out=part, split=split, mode="overwrite", device=device,
+    extract(models, shard_samples(samples, lo, hi), out=part, split=split, mode="overwrite", device=device,
             progress=False, progress_bar=bar, **kwargs)
 
 

@@ -154,3 +154,15 @@ def test_a_failure_on_another_rank_is_raised_on_rank_0(tmp_path, monkeypatch):
     with pytest.raises(ProbekitError, match=r"Rank 1 of 2 failed extracting split 'data': DataError: the disk"):
         run({"m": ModelSpec(net, ["1"])}, data, out=tmp_path / "s.h5", split="data", mode="create")
     assert not list(tmp_path.glob("s.h5.part*"))  # rank 0's shard is not left behind
+
+
+def test_shard_samples_keep_their_dataset_index():
+    from probekit.extractors import shard_bounds, shard_samples
+
+    data = torch.utils.data.TensorDataset(torch.arange(11.0).unsqueeze(1), torch.arange(11) % 2)
+    blocks = [shard_samples(data, *shard_bounds(11, 3, r)) for r in range(3)]
+    got = [int(b[i]["index"]) for b in blocks for i in range(len(b))]
+    assert got == list(range(11)) and [len(b) for b in blocks] == [3, 4, 4]
+    assert [float(b[0]["x"][0]) for b in blocks] == [0.0, 3.0, 7.0]  # each row is the dataset's own
+    with pytest.raises(ProbekitError, match=r"within \[0, 11\]; got \[5, 12\)"):
+        shard_samples(data, 5, 12)
