@@ -97,6 +97,9 @@ def main() -> None:
            "processes": [d["cost"].get("processes") for d in docs.values()],
            "precision": [d["cost"].get("precision") for d in docs.values()],
            "forward_passes_done": [d["cost"]["forward_passes_done"] for d in docs.values()],
+           "seconds_extraction": [d["cost"]["seconds_extraction"] for d in docs.values()],
+           "seconds_audit": [d["cost"]["seconds"] for d in docs.values()],
+           "load": os.getloadavg(),
            "flagged": [x["flagged"] for x in m], "verdicts_equal": m[0]["verdict"] == m[1]["verdict"],
            "n_fields": len(a), "n_fields_differing": len(diffs), "max_abs_difference": max(num, default=0.0),
            "differing": sorted(diffs)[:20]}

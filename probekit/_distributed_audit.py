@@ -101,6 +101,13 @@ def _worker_device(device: str) -> str:
     return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if kind == "cuda" else device
 
 
+def _size(n: int, world: int, rank: int) -> int:
+    from .extractors import shard_bounds
+
+    lo, hi = shard_bounds(n, world, rank)
+    return hi - lo
+
+
 def _part(out: Path, call: int, rank: int, world: int) -> Path:
     return Path(f"{os.fspath(out)}.part{call}.rank{rank}-of-{world}.h5")
 
@@ -148,17 +155,14 @@ class _Leader:
         self._keep: list[torch.nn.Module] = []  # the nets sent (their ids stay theirs)
         self._calls = 0
 
-    def _nets(self, models: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, torch.nn.Module]]:
-        """The specs with each module replaced by its key, and the modules the ranks have not got yet."""
-        specs, new = {}, {}
-        for name, spec in models.items():
-            key = self._keys.get(id(spec.module))
-            if key is None:
-                key = self._keys[id(spec.module)] = f"net{len(self._keys)}"
-                self._keep.append(spec.module)
-                new[key] = _on_cpu(spec.module)
-            specs[name] = (key, dataclasses.replace(spec, module=None))
-        return specs, new
+    def _key(self, module: torch.nn.Module, new: dict[str, torch.nn.Module]) -> str:
+        """The key the ranks know ``module`` by; a module they have not got yet is added to ``new``."""
+        key = self._keys.get(id(module))
+        if key is None:
+            key = self._keys[id(module)] = f"net{len(self._keys)}"
+            self._keep.append(module)
+            new[key] = _on_cpu(module)
+        return key
 
     def _meet(self, error: str | None) -> list[tuple[int, str]]:
         """Gather every rank's error (a collective)."""
@@ -185,7 +189,9 @@ class _Leader:
                  if k not in ("out", "split", "mode", "device", "progress", "progress_bar", "open_ended")}
         call = self._calls
         self._calls += 1
-        specs, new = self._nets(models)
+        new: dict[str, torch.nn.Module] = {}
+        specs = {name: (self._key(spec.module, new), dataclasses.replace(spec, module=None))
+                 for name, spec in models.items()}
         job = {"kind": "extract", "call": call, "nets": new, "specs": specs, "data": samples, "split": split,
                "start": start, "out": os.fspath(out), "device": str(kwargs.get("device", "cpu")),
                "precision": precision, "kwargs": local}
@@ -194,18 +200,14 @@ class _Leader:
         bar = kwargs.get("progress_bar")
         scaled = _ScaledBar(bar, self.world, todo * len(models)) if bar is not None else None
         lo, hi = (start + b for b in shard_bounds(todo, self.world, 0))
-        error = None
+        mine: Exception | None = None
         try:
             _extract_block(extract, models, samples, lo, hi, _part(out, call, 0, self.world), split,
                            str(kwargs.get("device", "cpu")), local, scaled)
-        except Exception as e:
-            error = f"{type(e).__name__}: {e}"
-            mine: BaseException | None = e
-        else:
-            mine = None
-        failed = self._meet(error)
-        parts = [_part(out, call, r, self.world) for r in range(self.world)
-                 if (lambda b: b[1] > b[0])(shard_bounds(todo, self.world, r))]
+        except Exception as e:  # raised below, once every rank has met
+            mine = e
+        failed = self._meet(None if mine is None else f"{type(mine).__name__}: {mine}")
+        parts = [_part(out, call, r, self.world) for r in range(self.world) if _size(todo, self.world, r)]
         try:
             if mine is not None:
                 raise mine
@@ -221,21 +223,14 @@ class _Leader:
             scaled.finish()
         return out
 
-
     def predict(self, nets: Mapping[str, torch.nn.Module], data: Any, batch_size: int, device: str, workers: int,
                 bar: Any) -> dict[str, np.ndarray]:
         """The mask check's predictions with the rows split across the ranks."""
         from .extractors import shard_bounds
 
         n = len(data)
-        keys, new = {}, {}
-        for name, module in nets.items():
-            key = self._keys.get(id(module))
-            if key is None:
-                key = self._keys[id(module)] = f"net{len(self._keys)}"
-                self._keep.append(module)
-                new[key] = _on_cpu(module)
-            keys[name] = key
+        new: dict[str, torch.nn.Module] = {}
+        keys = {name: self._key(module, new) for name, module in nets.items()}
         self.dist.broadcast_object_list([{"kind": "predict", "nets": new, "keys": keys, "data": data,
                                           "batch_size": batch_size, "device": device, "workers": workers}], src=0)
         lo, hi = shard_bounds(n, self.world, 0)
@@ -470,10 +465,14 @@ def run_distributed(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any
             return None
         _LEADER = _Leader(dist, world)
         try:
-            return fn(*args, **kwargs)
-        finally:
-            _LEADER = None
+            result = fn(*args, **kwargs)
+        except Exception:  # raised between two calls: the other ranks wait for the next one, and stop
             dist.broadcast_object_list([{"kind": "stop"}], src=0)
+            raise
+        finally:  # an interrupt (KeyboardInterrupt) leaves the others to torchrun, which ends them
+            _LEADER = None
+        dist.broadcast_object_list([{"kind": "stop"}], src=0)
+        return result
     finally:
         if own:
             dist.destroy_process_group()
