@@ -100,7 +100,7 @@ def test_forward_precision_autocasts_capture_and_pools_in_fp32():
 
 
 @pytest.mark.slow
-def test_bf16_audit_gives_the_fp32_verdict_on_a_planted_shortcut(tmp_path):
+def test_bf16_audit_gives_the_fp32_verdict_on_a_planted_shortcut(tmp_path, capsys):
     from probekit.datasets._shapes import write_image_folder
     from probekit.experiments.shortcut import train_shapes_cnn
     from probekit.model_audit import audit_model
@@ -110,9 +110,14 @@ def test_bf16_audit_gives_the_fp32_verdict_on_a_planted_shortcut(tmp_path):
     torch.save(train_shapes_cnn("class", seed=1, epochs=3).state_dict(), w)
     kw = {"weights": w, "masks": masks, "n_inits": 1, "n_backgrounds": 4, "workers": 0, "n_boot": 40, "n_perm": 20,
           "progress": False}
-    docs = {p: audit_model("probekit.experiments.shortcut:ShapesCNN", images, out=tmp_path / p, precision=p, **kw).data
+    docs = {p: audit_model("probekit.experiments.shortcut:ShapesCNN", images, out=tmp_path / p, precision=p,
+                           device="auto" if p == "bf16" else "cpu", **{**kw, "progress": p == "bf16"}).data
             for p in ("fp32", "bf16")}
+    err = capsys.readouterr().err
+    assert "probekit audit: device: cpu" in err  # --device auto says what it picked
+    assert "probekit audit: precision bf16 (checked on a first batch of each net" in err
     assert docs["bf16"]["cost"]["precision"]["used"] == "bf16"  # the guard kept it
+    assert set(docs["bf16"]["cost"]["precision"]["checked"]["samples"]) == {"model", "model@init0"}
     assert docs["fp32"]["cost"]["precision"] == {"requested": "fp32", "used": "fp32", "reason": None, "checked": {}}
     a, b = docs["fp32"]["models"]["model"], docs["bf16"]["models"]["model"]
     assert a["flagged"] and b["flagged"]
