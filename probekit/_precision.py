@@ -10,7 +10,7 @@ reduces. The choice is recorded in ``audit.json`` ``cost.precision``.
 
 The guard samples the first batch only: a near-tie elsewhere in the folder can still flip a
 prediction. What it bounds is the systematic error of the reduced precision on these nets and images;
-tests/test_precision.py checks that a planted near-tie net falls back and that a planted shortcut
+tests/audit/test_precision.py checks that a planted near-tie net falls back and that a planted shortcut
 model gets the same verdict in bfloat16 as in float32.
 """
 
