@@ -38,7 +38,7 @@ import torch
 from ._precision import PrecisionChoice, check_precision, choose_precision, guard
 from .errors import ProbekitError
 
-__all__ = ["ForwardRunner", "forward_runner", "predict_split", "run_distributed", "world"]
+__all__ = ["ForwardRunner", "forward_runner", "map_split", "predict_split", "run_distributed", "world"]
 
 _LEADER: _Leader | None = None  # set on rank 0 while run_distributed runs the audit
 _AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -253,6 +253,35 @@ class _Leader:
         return {m: np.concatenate([p[m] for p in parts]) for m in nets}
 
 
+    def map(self, fn: Callable[[list[Any]], None], items: list[Any]) -> None:
+        """``fn(block)`` on every rank, each on its block of ``items``; raises a rank's failure."""
+        from .extractors import shard_bounds
+
+        self.dist.broadcast_object_list([{"kind": "map", "nets": {}, "fn": fn, "items": items}], src=0)
+        lo, hi = shard_bounds(len(items), self.world, 0)
+        mine: Exception | None = None
+        try:
+            if hi > lo:
+                fn(items[lo:hi])
+        except Exception as e:  # raised below, once every rank has met
+            mine = e
+        failed = self._meet(None if mine is None else f"{type(mine).__name__}: {mine}")
+        if mine is not None:
+            raise mine
+        if failed:
+            r, e = failed[0]
+            raise ProbekitError(f"Rank {r} of {self.world} failed: {e}")
+
+
+def map_split(fn: Callable[[list[Any]], None], items: list[Any]) -> None:
+    """``fn(block)`` on every rank of the running :func:`run_distributed` job, each on a contiguous block of
+    ``items`` (``fn`` pickled: a module-level function or a ``functools.partial`` of one; GrabCut's masks of
+    ``--foreground auto``); call it only where :func:`world` > 1."""
+    if _LEADER is None:
+        raise ProbekitError("map_split runs under run_distributed only (world() > 1).")
+    _LEADER.map(fn, items)
+
+
 class _Block(torch.utils.data.Dataset):
     """Rows ``[lo, hi)`` of a dataset."""
 
@@ -420,6 +449,11 @@ def _run_job(job: Mapping[str, Any], rank: int, world: int, nets: dict[str, torc
 
     try:
         nets.update(job["nets"])
+        if job["kind"] == "map":
+            lo, hi = shard_bounds(len(job["items"]), world, rank)
+            if hi > lo:
+                job["fn"](job["items"][lo:hi])
+            return None
         if job["kind"] == "predict":
             lo, hi = shard_bounds(len(job["data"]), world, rank)
             if hi <= lo:

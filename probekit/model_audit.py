@@ -44,6 +44,7 @@ audit used, with the audit's ``n_boot`` / ``n_perm``), so the report shows how m
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import shutil
@@ -151,18 +152,27 @@ def _auto_masks(folder: Any, dest: Path, workers: int) -> Path:
     """GrabCut once per image, in ``workers`` processes, saved as ``dest/<image path>`` with the
     extension ``.png`` (255 = foreground); masks already there (an interrupted run's) are kept. Every split and the mask check
     then read these files instead of running GrabCut again."""
-    from PIL import Image
+    from . import _distributed_audit as da
 
     todo = [i for i, rel in enumerate(folder.paths) if not _mask_path(dest, rel).is_file()]
-    if todo:
-        loader = torch.utils.data.DataLoader(_MaskJob(folder, todo), batch_size=None, num_workers=workers)
-        for i, m in loader:
-            path = _mask_path(dest, folder.paths[int(i)])
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            Image.fromarray(np.asarray(m, dtype=np.uint8) * 255).save(tmp, format="PNG")
-            os.replace(tmp, path)
+    if todo and da.world() > 1:  # under torchrun every rank runs GrabCut on a block of the images
+        da.map_split(functools.partial(_grabcut, folder, dest, workers), todo)
+    elif todo:
+        _grabcut(folder, dest, workers, todo)
     return dest
+
+
+def _grabcut(folder: Any, dest: Path, workers: int, todo: Sequence[int]) -> None:
+    """The masks of the images ``todo`` of ``folder`` (GrabCut, in ``workers`` processes) into ``dest``."""
+    from PIL import Image
+
+    loader = torch.utils.data.DataLoader(_MaskJob(folder, todo), batch_size=None, num_workers=workers)
+    for i, m in loader:
+        path = _mask_path(dest, folder.paths[int(i)])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        Image.fromarray(np.asarray(m, dtype=np.uint8) * 255).save(tmp, format="PNG")
+        os.replace(tmp, path)
 
 
 class _Progress:

@@ -129,7 +129,9 @@ def test_split_across_ranks_equals_one_process_over_looks_and_mask_check(folder,
     stress = [j for j in group.jobs if j.get("split") == "stress"]
     assert [j["start"] for j in stress] == [0, 10 * 4]  # the second look appends after the first's rows
     assert stress[1]["nets"] == {}  # every net travels once
-    assert [j["kind"] for j in group.jobs].count("predict") == 2  # the mask check: eroded, dilated
+    kinds = [j["kind"] for j in group.jobs]
+    assert kinds[0] == "map" and kinds.count("map") == 1  # GrabCut's masks, each rank a block of the images
+    assert kinds.count("predict") == 2  # the mask check: eroded, dilated
     assert len(plain["cost"]["objects"]["looks_done"]) == 1 and plain["cost"]["objects"]["used"] == 12
     assert "eroded" in plain["mask_sensitivity"]["models"]["model"]
     assert split["cost"]["forward_passes_done"] == plain["cost"]["forward_passes_done"]
