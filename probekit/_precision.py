@@ -161,10 +161,15 @@ def guard(choice: PrecisionChoice, device: str, models: Mapping[str, Any], data:
     for name, spec in models.items():
         module = spec.module.to(device)
         pool = spec.pool if spec.pool is not None else "avg"
-        with capture(module, spec.layers, pool=pool) as cap:
-            ref = cap.run(x.clone())
-            with forward_precision(_DTYPES[tried]):
-                low = cap.run(x.clone())
+        try:
+            with capture(module, spec.layers, pool=pool) as cap:
+                ref = cap.run(x.clone())
+                with forward_precision(_DTYPES[tried]):
+                    low = cap.run(x.clone())
+        except Exception as e:  # the extraction raises it again, in its own words (what to fix)
+            choice.used = "fp32"
+            choice.reason = f"the guard's first batch raised {type(e).__name__} in {name}"
+            return choice
         worst = 0.0
         for layer, a in ref.items():
             a64, b64 = a.double(), low[layer].double()

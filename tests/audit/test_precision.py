@@ -74,6 +74,13 @@ def test_wide_margins_keep_bf16():
     assert 0 < choice.checked["max_rel_error"]["m"] <= TOLERANCE  # bf16 did run: not exactly fp32
 
 
+def test_a_net_that_cannot_take_the_batch_leaves_the_error_to_the_extraction():
+    net, _ = _clustered()
+    data = TensorDataset(torch.randn(4, 7))  # 7 features for a net of 4
+    choice = guard(choose_precision("bf16", "cpu"), "cpu", {"m": ModelSpec(net, ["0"])}, data, 4)
+    assert choice.used == "fp32" and choice.reason == "the guard's first batch raised RuntimeError in m"
+
+
 def test_auto_is_fp32_off_cuda_and_bad_values_refused():
     c = choose_precision("auto", "cpu")
     assert c.used == "fp32" and "cpu" in c.reason
