@@ -116,19 +116,22 @@ def _ranks(monkeypatch, world=2, fail=None):
 @pytest.mark.slow
 def test_split_across_ranks_equals_one_process_over_looks_and_mask_check(folder, shortcut, tmp_path, monkeypatch):
     """Two ranks (in this process): ``objects="auto"`` growing the crossed split in two looks (an open-ended
-    split appended twice) and GrabCut's masks with the mask check's predictions split too."""
+    split appended three times: the inits on a subsample of 5 objects stop before the model), and GrabCut's
+    masks with the mask check's predictions split too."""
     images, _ = folder
-    kw = {"foreground": "auto", "mask_check": 1, "weights": shortcut, "n_inits": 1, "n_backgrounds": 4,
+    kw = {"foreground": "auto", "mask_check": 1, "weights": shortcut, "n_inits": 1, "n_backgrounds": 4, "init_objects": 5,
           "workers": 0, "n_boot": 40, "n_perm": 20, "progress": False, "objects": "auto",
           "decide": lambda *a: False}  # never decided: every look runs
     plain = audit_model(MODEL, images, out=tmp_path / "plain", **kw).data
     group = _ranks(monkeypatch)
     split = audit_model(MODEL, images, out=tmp_path / "split", **kw).data
     assert [j["split"] for j in group.jobs if j["kind"] == "extract"] == ["train", "test", "stress", "stress",
-                                                                           "variants"]
+                                                                           "stress", "variants"]
     stress = [j for j in group.jobs if j.get("split") == "stress"]
-    assert [j["start"] for j in stress] == [0, 10 * 4]  # the second look appends after the first's rows
-    assert stress[1]["nets"] == {}  # every net travels once
+    # the inits on the first 5 objects with the model, the model alone to 10 (look 1), then to 12 (look 2)
+    assert [(j["start"], sorted(j["specs"])) for j in stress] == [(0, ["model", "model@init0"]), (5 * 4, ["model"]),
+                                                                   (10 * 4, ["model"])]
+    assert stress[1]["nets"] == stress[2]["nets"] == {}  # every net travels once
     kinds = [j["kind"] for j in group.jobs]
     assert kinds[0] == "map" and kinds.count("map") == 1  # GrabCut's masks, each rank a block of the images
     assert kinds.count("predict") == 2  # the mask check: eroded, dilated
@@ -138,6 +141,7 @@ def test_split_across_ranks_equals_one_process_over_looks_and_mask_check(folder,
     _same_audit(split, plain)
     with pk.open_store(tmp_path / "split" / "acts.h5") as a, pk.open_store(tmp_path / "plain" / "acts.h5") as b:
         assert a.n_expected("stress") is None and a.n_rows("stress") == b.n_rows("stress") == 12 * 4
+        assert a.n_rows("stress", "model@init0") == b.n_rows("stress", "model@init0") == 5 * 4
         for sp in b.splits:
             np.testing.assert_array_equal(a.sample_field(sp, "index"), b.sample_field(sp, "index"))
             for m in b.models:
