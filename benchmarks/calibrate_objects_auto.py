@@ -38,7 +38,7 @@ for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 import numpy as np  # noqa: E402
 
 from probekit.analyses import background_reliance  # noqa: E402
-from probekit.model_audit import AUTO_LOOKS, auto_rounds, reliance_decided  # noqa: E402
+from probekit.model_audit import AUTO_LOOKS, AUTO_MIN_OBJECTS, auto_rounds, reliance_decided  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 N_BOOT = 500  # the audit's default --n-boot
@@ -113,14 +113,18 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sims-null", type=int, default=200)
     ap.add_argument("--sims-power", type=int, default=60)
+    ap.add_argument("--only", default="", help="run only the designs whose name contains this text")
+    ap.add_argument("--nulls-only", action="store_true", help="only the no-reliance and boundary rows")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "calibrate_objects_auto.json"))
     args = ap.parse_args(argv)
     n_null, n_pow = (10, 5) if args.quick else (args.sims_null, args.sims_power)
     t0 = time.perf_counter()
-    res: dict = {"config": {"looks": AUTO_LOOKS, "decide_level": 1 - 0.05 / AUTO_LOOKS, "n_boot": N_BOOT,
+    res: dict = {"config": {"looks": AUTO_LOOKS, "min_objects": AUTO_MIN_OBJECTS, "decide_level": 1 - 0.05 / AUTO_LOOKS, "n_boot": N_BOOT,
                             "sims_null": n_null, "sims_power": n_pow}, "settings": []}
     for d, (name, params) in enumerate(DESIGNS):
-        grid = NULLS + (POWER if d < 2 or name.startswith("unsure") else [])
+        if args.only not in name:
+            continue
+        grid = NULLS + ([] if args.nulls_only else POWER if d < 2 or name.startswith("unsure") else [])
         for k, rel in enumerate(grid):
             # a share rel of the objects follows the background's class always (s = 1), or with the design's s
             s = params.get("s", 1.0)

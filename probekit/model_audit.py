@@ -236,11 +236,16 @@ def reliance_decided(pred: np.ndarray, group: np.ndarray, background: np.ndarray
 
 AUTO_LOOKS = 3
 """Looks of ``objects="auto"``: at a quarter, half and all of the cap (at least ``AUTO_MIN_OBJECTS``)."""
-AUTO_MIN_OBJECTS = 10
+AUTO_MIN_OBJECTS = 50
+"""No look before this many objects: on 25 objects the reliance interval covers a little less than its
+level, and early looks at 25 / 50 of 100 objects flagged 5.8 % of models at the materiality boundary
+(above the 4.2 % union bound); from 50 on, 3.8 % (docs/METRICS.md, benchmarks/calibrate_objects_auto.py)."""
 
 
-def auto_rounds(n_cap: int, looks: int = AUTO_LOOKS, first: int = AUTO_MIN_OBJECTS) -> list[int]:
-    """Object counts at each look of ``objects="auto"``: doubling up to ``n_cap``, at most ``looks``."""
+def auto_rounds(n_cap: int, looks: int = AUTO_LOOKS, first: int | None = None) -> list[int]:
+    """Object counts at each look of ``objects="auto"``: doubling up to ``n_cap``, at most ``looks``, none
+    before ``first`` objects (default :data:`AUTO_MIN_OBJECTS`)."""
+    first = AUTO_MIN_OBJECTS if first is None else first
     sizes = sorted({min(n_cap, max(first, -(-n_cap // 2 ** (looks - 1 - r)))) for r in range(looks)})
     return sizes
 

@@ -117,8 +117,9 @@ def test_inits_are_seeded_fresh_copies():
 
 
 @pytest.mark.slow
-def test_objects_auto_stops_when_decided_and_grows_when_not(folder, weights, tmp_path):
+def test_objects_auto_stops_when_decided_and_grows_when_not(folder, weights, tmp_path, monkeypatch):
     images, masks = folder
+    monkeypatch.setattr("probekit.model_audit.AUTO_MIN_OBJECTS", 10)  # looks on this small folder too
     calls = []
 
     def decide(pred, group, background, label, background_label):
@@ -150,9 +151,11 @@ def test_objects_auto_stops_when_decided_and_grows_when_not(folder, weights, tmp
 
 def test_auto_rounds():
     assert auto_rounds(200) == [50, 100, 200]
-    assert auto_rounds(30) == [10, 15, 30]
-    assert auto_rounds(12) == [10, 12]
-    assert auto_rounds(5) == [5]
+    assert auto_rounds(100) == [50, 100]  # no look before AUTO_MIN_OBJECTS = 50
+    assert auto_rounds(30) == [30]
+    assert auto_rounds(30, first=10) == [10, 15, 30]
+    assert auto_rounds(12, first=10) == [10, 12]
+    assert auto_rounds(5, first=10) == [5]
 
 
 @pytest.mark.slow

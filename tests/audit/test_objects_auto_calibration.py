@@ -4,7 +4,7 @@ A small seeded version of benchmarks/calibrate_objects_auto.py (the generator of
 benchmarks/calibrate_reliance.py: objects and backgrounds drawn from their populations, a share of the
 objects following the background's class). Planted truths: a model without reliance is not flagged
 and uses the whole cap (its interval rarely lies below the margin early); a strong shortcut is
-flagged from the first look, on a quarter of the objects; at the cap the sequential verdict is the
+flagged from the first look, on half of the objects (no look before 50); at the cap the sequential verdict is the
 fixed-N rule's.
 """
 
@@ -48,4 +48,4 @@ def test_a_strong_shortcut_is_flagged_at_the_first_look():
     runs = _runs(0.3, 20, seed=8)
     assert all(r["auto"] for r in runs) and all(r["fixed"] for r in runs)
     assert np.mean([r["look"] == 0 for r in runs]) >= 0.8
-    assert np.mean([r["objects"] for r in runs]) <= 40
+    assert np.mean([r["objects"] for r in runs]) <= 55  # the first look, at 50 of 100 objects
