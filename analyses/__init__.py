@@ -40,8 +40,8 @@ from ._directions import projection_series as projection_series
 from ._directions import weight_projections as weight_projections
 from ._probes import LinearProbe as LinearProbe
 from ._probes import ProbeIdOodResult as ProbeIdOodResult
-from ._probes import RidgeProbe as RidgeProbe
 from ._probes import probe_id_ood as probe_id_ood
+from ._ridge import RidgeProbe as RidgeProbe
 from ._similarity import RelativeMSEResult as RelativeMSEResult
 from ._similarity import cka_matrix as cka_matrix
 from ._similarity import difference as difference

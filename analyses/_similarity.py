@@ -11,6 +11,7 @@ import numpy as np
 from probekit.errors import DataError
 
 from ._common import ResultMixin, Source, as_source, check_number, compute_dtype, from_torch, jsonable
+from ._ridge import ridge_solve, ridge_stats
 
 __all__ = ["RelativeMSEResult", "cka_matrix", "difference", "linear_cka", "relative_mse"]
 
@@ -198,8 +199,6 @@ def relative_mse(student: Any, teacher: Any, *, student_fit: Any = None, teacher
     mapped = None
     m_rows = None
     if student_fit is not None:
-        from ._probes import ridge_solve, ridge_stats
-
         Sf, Tf = _pair(student_fit, teacher_fit, chunk_rows, ("student_fit", "teacher_fit"))
         if Sf.n_features != S.n_features or Tf.n_features != T.n_features:
             raise DataError("student_fit/teacher_fit must have the same widths as student/teacher.")
