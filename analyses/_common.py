@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 from sklearn.exceptions import NotFittedError as _SklearnNotFitted
 
-from probekit._json import jsonable as jsonable
 from probekit.errors import DataError, NotFittedError
+from probekit.vocab import jsonable as jsonable
 
 
 class FitFirstError(NotFittedError, _SklearnNotFitted):

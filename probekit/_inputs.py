@@ -18,7 +18,10 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import h5py
+
 from .errors import DataError
+from .store import StoreWriter
 
 __all__ = ["FINGERPRINT_ATTR", "SETTINGS_ATTR", "check_store", "file_sha256", "files_sha256", "fingerprint",
            "write_settings", "write_store"]
@@ -128,10 +131,6 @@ def check_store(store: str | os.PathLike, fp: Mapping[str, str]) -> bool:
 
 def write_store(store: str | os.PathLike, fp: Mapping[str, str]) -> None:
     """Create an empty store at ``store`` (replacing any) recording ``fp`` as its ``inputs_fingerprint``."""
-    import h5py
-
-    from .store import StoreWriter
-
     StoreWriter(store, mode="overwrite").close()
     with h5py.File(store, "r+") as f:
         f.attrs[FINGERPRINT_ATTR] = json.dumps(dict(fp), sort_keys=True)

@@ -850,7 +850,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
         if info["input_size"] is None:  # images at their own size: they must all have one
             from torchvision.datasets import ImageFolder
 
-            from .datasets._loading import check_image_sizes
+            from .datasets import check_image_sizes
 
             try:
                 check_image_sizes(ImageFolder(args.data), args.data)
