@@ -88,8 +88,6 @@ def fingerprint(entries: Mapping[str, Any]) -> dict[str, str]:
 
 def _stored(store: Path) -> tuple[dict[str, str] | None, bool]:
     """The stored fingerprint (None when absent) and whether the store holds any model."""
-    import h5py
-
     try:
         with h5py.File(store, "r") as f:
             raw = f.attrs.get(FINGERPRINT_ATTR)
@@ -138,7 +136,5 @@ def write_store(store: str | os.PathLike, fp: Mapping[str, str]) -> None:
 
 def write_settings(store: str | os.PathLike, settings: Mapping[str, Any]) -> None:
     """Record how the counterfactual images were made as the store's root attribute ``counterfactuals``."""
-    import h5py
-
     with h5py.File(store, "r+") as f:
         f.attrs[SETTINGS_ATTR] = json.dumps(dict(settings), sort_keys=True, default=str)
