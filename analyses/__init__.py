@@ -22,7 +22,6 @@ from ._crossed import BackgroundComparisonResult as BackgroundComparisonResult
 from ._crossed import CrossedDecompositionResult as CrossedDecompositionResult
 from ._crossed import compare_background as compare_background
 from ._crossed import crossed_decomposition as crossed_decomposition
-from ._decodability import BackgroundDecodability as BackgroundDecodability
 from ._decodability import DecodabilityResult as DecodabilityResult
 from ._decodability import background_decodability as background_decodability
 from ._deploy import CompositeGapResult as CompositeGapResult
@@ -40,11 +39,9 @@ from ._directions import projection_series as projection_series
 from ._directions import weight_projections as weight_projections
 from ._probes import LinearProbe as LinearProbe
 from ._probes import ProbeIdOodResult as ProbeIdOodResult
-from ._probes import RidgeProbe as RidgeProbe
 from ._probes import probe_id_ood as probe_id_ood
+from ._ridge import RidgeProbe as RidgeProbe
 from ._similarity import RelativeMSEResult as RelativeMSEResult
-from ._similarity import cka_matrix as cka_matrix
-from ._similarity import difference as difference
 from ._similarity import linear_cka as linear_cka
 from ._similarity import relative_mse as relative_mse
 
@@ -54,7 +51,6 @@ __all__ = [
     "BackgroundComparisonResult",
     "BackgroundCorrelation",
     "BackgroundCorrelationResult",
-    "BackgroundDecodability",
     "BackgroundSensitivityResult",
     "CompositeGapResult",
     "CrossedDecompositionResult",
@@ -77,11 +73,9 @@ __all__ = [
     "background_decodability",
     "background_reliance",
     "background_sensitivity",
-    "cka_matrix",
     "compare_background",
     "composite_gap",
     "crossed_decomposition",
-    "difference",
     "direction_series",
     "linear_cka",
     "normalized_mean_shift",

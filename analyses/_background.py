@@ -143,9 +143,8 @@ class BackgroundCorrelation(BaseEstimator):
     ``threshold`` is the |r| with two-sided p = alpha, ``fwer_threshold`` the Sidak-corrected one
     over the live units x factors (conservative where units correlate, where the permutation
     max-statistic is not), and ``null_abs_r_`` is empty. Its small p-values are too small when
-    both the unit and the factor are heavy-tailed: with log-normal / Student-t(3) units and factors
-    (N = 100, 30 units x 2 factors, no association) the Sidak threshold was exceeded in 25% of 400
-    data sets at alpha = 0.05, the permutation family-wise threshold in 6%.
+    both the unit and the factor are heavy-tailed, where the permutation family-wise threshold holds
+    its level (docs/METRICS.md, "Unit–background correlation").
 
     **Spearman** is the Pearson correlation of ranks (average ranks for ties). Ranks need the whole
     column: it is exact when the layer fits ``max_memory``; otherwise it is computed on a seeded
@@ -640,10 +639,8 @@ def normalized_mean_shift(X_a: Any, X_b: Any, *, paired: bool | str = "auto", n_
     refined at both ends), so it never goes below 0: a lower end of 0 means no shift is detected
     at ``ci_level``. When no :math:`\theta_0 \ge 0` is accepted (the means agree more closely than
     the noise allows, in about (1 - ``ci_level``)/2 of data sets without a shift) it is (0, 0).
-    Coverage in simulation (tests/analyses/test_nms_coverage.py: Gaussian rows, n = 400, 20 correlated
-    units, 200 replicates, 200 data sets per case): 0.91-0.97 at true NMS 0.0025 and 0.05, paired
-    and not; at a true NMS of 0 the interval contains 0 in 0.96-0.98 of data sets. It needs
-    ``n_boot`` >= 2; with ``n_boot=1`` ``ci`` is (nan, nan).
+    Its coverage in simulation: docs/METRICS.md ("Normalised mean shift"), tests/analyses/test_nms_coverage.py.
+    It needs ``n_boot`` >= 2; with ``n_boot=1`` ``ci`` is (nan, nan).
 
     Parameters
     ----------

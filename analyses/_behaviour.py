@@ -114,8 +114,8 @@ def background_behaviour(pred: Any, group: Any, background: Any, *, label: Any =
     (``2 TV - mean TV*``), which covers the truth where each alone does not. ``flagged`` when the
     low end of the interval about ``pull`` exceeds ``threshold`` (materiality, default 5 % of
     predictions) *and* the permutation p-value is below ``1 - ci_level``: in effect the threshold is
-    0.05 plus the noise floor, so the flag errs towards caution (0 false flags in 2,100 null and
-    unsure-foreground datasets; power 100 % from a true pull of 0.13 at 100 foregrounds).
+    0.05 plus the noise floor, so the flag errs towards caution (its measured false-flag rate and
+    power: docs/METRICS.md, "The verdict").
 
     Parameters
     ----------
@@ -203,11 +203,10 @@ def background_behaviour(pred: Any, group: Any, background: Any, *, label: Any =
     pull = pull_raw - null_mean
     # The replicates' spread about their own mean gives the interval's width. Its centre: the estimate
     # subtracts the no-signal noise floor whatever the signal, although TV's noise bias shrinks as the
-    # pull grows, so a real pull reads low (a complete shortcut over 8 backgrounds and 100 foregrounds:
-    # 0.770 for a true 0.875). The reported interval is the hull of the interval about the estimate and
-    # the one about the bootstrap bias-corrected TV (2 TV - mean TV*): 89-100 % coverage over 44
-    # simulated settings, where either alone fell to 0-54 % or 2-47 % (benchmarks/calibrate_verdict.py,
-    # docs/METRICS.md). The flag reads the low end about the estimate: conservative.
+    # pull grows, so a real pull reads low. The reported interval is the hull of the interval about the
+    # estimate and the one about the bootstrap bias-corrected TV (2 TV - mean TV*), which covers the
+    # truth where either alone does not (coverage: docs/METRICS.md, "The verdict", measured by
+    # benchmarks/calibrate_verdict.py). The flag reads the low end about the estimate: conservative.
     spread = np.asarray(percentile_ci(boot_pull - boot_pull.mean(), ci_level))
     low_at_estimate = float(pull + spread[0])
     bias_corrected = 2 * pull_raw - float(boot_pull.mean())

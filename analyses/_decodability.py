@@ -8,23 +8,23 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from sklearn.base import BaseEstimator
 
 from probekit.errors import DataError
 
 from ._common import (
     DEFAULT_MAX_MEMORY,
-    FitFirstError,
     ResultMixin,
     as_factors,
     as_source,
     as_vector,
     check_number,
     percentile_ci,
+    safe_scale,
 )
-from ._probes import LinearProbe, centred_fold_stats, ridge_stats, safe_scale
+from ._probes import LinearProbe
+from ._ridge import centred_fold_stats, ridge_stats
 
-__all__ = ["BackgroundDecodability", "DecodabilityResult", "background_decodability"]
+__all__ = ["DecodabilityResult", "background_decodability"]
 
 #: Default ridge grid, in units of the average eigenvalue of the standardised Gram matrix
 #: (trace(Z^T Z) / d = n for standardised columns): ``alphas = n * 10**linspace(-3, 4, 15)``.
@@ -213,22 +213,11 @@ def _ridge_predict(src: Any, tsrc: Any, Y: np.ndarray, col_target: np.ndarray, f
     ymu = Y.mean(axis=0)
     Yc = Y - ymu  # R^2 and the ridge minimiser do not depend on the targets' offset
     st = ridge_stats(src, Yc, fold, cv)
-    syy = np.stack([(Yc[fold == j] ** 2).sum(axis=0) for j in range(cv)])
     allf = np.arange(cv)
     outer: list[int | None] = [None] if tsrc is not None else list(range(cv))
-    inner_sse = np.zeros((len(outer), alphas.size, t))  # inner CV errors of each outer training set
-    if select and tsrc is None:
-        # a fit without folds {k, j} is the inner fit of outer fold k scored on j, and of outer
-        # fold j scored on k: cv (cv - 1) / 2 decompositions serve all cv (cv - 1) inner fits
-        for k in range(cv):
-            for j in range(k + 1, cv):
-                coef, c = _ridge_path(st, (allf != k) & (allf != j), alphas)
-                inner_sse[k] += _heldout_sse(st, j, coef, c, syy[j])
-                inner_sse[j] += _heldout_sse(st, k, coef, c, syy[k])
-    elif select:
-        for j in range(cv):
-            coef, c = _ridge_path(st, allf != j, alphas)
-            inner_sse[0] += _heldout_sse(st, j, coef, c, syy[j])
+    if select:
+        syy = np.stack([(Yc[fold == j] ** 2).sum(axis=0) for j in range(cv)])
+        inner_sse = _inner_cv_sse(st, syy, cv, alphas, transfer=tsrc is not None)
     models, chosen = [], []
     for o, k in enumerate(outer):
         keep_outer = allf != k if k is not None else np.ones(cv, dtype=bool)
@@ -256,6 +245,28 @@ def _ridge_predict(src: Any, tsrc: Any, Y: np.ndarray, col_target: np.ndarray, f
                 m = fc == f
                 pred[start + np.flatnonzero(m)] = a[m] @ models[f][0] + models[f][1]
     return pred, np.array(chosen)
+
+
+def _inner_cv_sse(st: dict[str, np.ndarray], syy: np.ndarray, cv: int, alphas: np.ndarray, *,
+                  transfer: bool) -> np.ndarray:
+    """Held-out squared errors ``(n_outer, n_alphas, t)`` of every penalty, pooled over the inner folds
+    of each outer training set (CV mode: ``cv`` outer folds; transfer: one, all folds inner)."""
+    allf = np.arange(cv)
+    t = syy.shape[1]
+    inner_sse = np.zeros((1 if transfer else cv, alphas.size, t))
+    if not transfer:
+        # a fit without folds {k, j} is the inner fit of outer fold k scored on j, and of outer
+        # fold j scored on k: cv (cv - 1) / 2 decompositions serve all cv (cv - 1) inner fits
+        for k in range(cv):
+            for j in range(k + 1, cv):
+                coef, c = _ridge_path(st, (allf != k) & (allf != j), alphas)
+                inner_sse[k] += _heldout_sse(st, j, coef, c, syy[j])
+                inner_sse[j] += _heldout_sse(st, k, coef, c, syy[k])
+    else:
+        for j in range(cv):
+            coef, c = _ridge_path(st, allf != j, alphas)
+            inner_sse[0] += _heldout_sse(st, j, coef, c, syy[j])
+    return inner_sse
 
 
 # -- scores and their bootstrap --------------------------------------------------------------------
@@ -407,6 +418,58 @@ def background_decodability(
     -------
     DecodabilityResult
     """
+    inp = _check_inputs(
+        X, factors, factor_names=factor_names, use=use, categorical=categorical, periods=periods,
+        groups=groups, X_test=X_test, factors_test=factors_test, groups_test=groups_test, cv=cv,
+        n_shuffles=n_shuffles, alpha=alpha, alphas=alphas, C=C, n_boot=n_boot, ci_level=ci_level,
+        chunk_rows=chunk_rows,
+    )
+    rng = np.random.default_rng(random_state)
+    fold = _folds(inp.n, cv, inp.gid, rng) if (not inp.transfer or inp.select) else None
+    shuffles = [_shuffle(inp.n, inp.gid, rng) for _ in range(n_shuffles)]
+    cont = [j for j in range(inp.F.shape[1]) if not inp.is_cat[j]]
+    cat = [j for j in range(inp.F.shape[1]) if inp.is_cat[j]]
+    ridge = _continuous_predictions(inp, cont, fold, shuffles, cv) if cont else None
+    cat_pairs = _categorical_predictions(inp, cat, fold, shuffles, cv, C, max_memory, random_state) if cat else {}
+    return _summarise(inp, cont, cat, ridge, cat_pairs, n_boot, ci_level, rng, cv, n_shuffles)
+
+
+@dataclasses.dataclass
+class _Inputs:
+    """The checked inputs of :func:`background_decodability`: sources, factors, groups, the penalty grid."""
+
+    src: Any
+    tsrc: Any
+    n: int
+    F: np.ndarray
+    Ft: np.ndarray | None
+    names: list[str]
+    per: dict[str, float | None]
+    is_cat: list[bool]
+    gid: np.ndarray | None
+    tgid: np.ndarray | None
+    grid: np.ndarray
+    select: bool
+
+    @property
+    def transfer(self) -> bool:
+        return self.tsrc is not None
+
+    @property
+    def n_score(self) -> int:
+        return self.tsrc.n_rows if self.tsrc is not None else self.n
+
+    @property
+    def score_gid(self) -> np.ndarray | None:
+        """Groups of the scored rows (the bootstrap's units), None when rows are the units."""
+        return self.tgid if self.transfer else self.gid
+
+
+def _check_inputs(X: Any, factors: Any, *, factor_names: Sequence[str] | None, use: Sequence[str] | None,
+                  categorical: str | Sequence[str], periods: Any, groups: Any, X_test: Any, factors_test: Any,
+                  groups_test: Any, cv: int, n_shuffles: int, alpha: float | str, alphas: Sequence[float] | None,
+                  C: float, n_boot: int, ci_level: float, chunk_rows: int | None) -> _Inputs:
+    """Validate every argument of :func:`background_decodability` before any fit."""
     own = "background_decodability"
     check_number(own, "cv", cv, low=2, integer=True)
     check_number(own, "n_shuffles", n_shuffles, low=1, integer=True)
@@ -437,7 +500,7 @@ def background_decodability(
     gid = _group_index(groups, n, "groups") if groups is not None else None
     n_units = n if gid is None else int(gid.max()) + 1
     unit = "rows" if gid is None else "groups"
-    tsrc = None
+    tsrc, Ft = None, None
     if transfer:
         tsrc = as_source(X_test, "X_test", chunk_rows=chunk_rows, min_rows=2)
         if tsrc.n_features != src.n_features:
@@ -474,70 +537,96 @@ def background_decodability(
         if both:
             raise DataError(f"Factor(s) {both} are declared both categorical and circular (periods); pick one.")
         is_cat = [nm in cats for nm in names]
-    rng = np.random.default_rng(random_state)
-    fold = _folds(n, cv, gid, rng) if (not transfer or select) else None
-    shuffles = [_shuffle(n, gid, rng) for _ in range(n_shuffles)]
-    n_score = tsrc.n_rows if tsrc is not None else n
-    score_gid = (tgid if transfer else gid)
-    bgid = np.arange(n_score) if score_gid is None else score_gid
+    return _Inputs(src=src, tsrc=tsrc, n=n, F=F, Ft=Ft, names=names, per=per, is_cat=is_cat, gid=gid, tgid=tgid,
+                   grid=grid, select=select)
+
+
+@dataclasses.dataclass
+class _RidgeScores:
+    """Every continuous target (real factors, then each shuffled copy) in one ridge problem."""
+
+    target: np.ndarray  # (n_score, t): what the predictions are scored against
+    pred: np.ndarray  # (n_score, t)
+    onehot: np.ndarray  # (t, S1 * K): column -> target (a circular factor's two columns pool)
+    r2: np.ndarray  # (S1 * K,): the unweighted score of each target
+    chosen: np.ndarray  # (n_outer, S1 * K): the penalty of each target in each outer fold
+    K: int  # continuous factors
+
+
+def _continuous_predictions(inp: _Inputs, cont: list[int], fold: np.ndarray | None, shuffles: list[np.ndarray],
+                            cv: int) -> _RidgeScores:
+    """Ridge predictions and R² of the continuous factors ``cont`` and of their shuffled copies."""
+    K = len(cont)
+    S1 = 1 + len(shuffles)
+    blocks = [_encode(inp.F[:, j], inp.per[inp.names[j]]) for j in cont]
+    col_factor = np.concatenate([np.full(b.shape[1], i) for i, b in enumerate(blocks)])
+    Yb = np.column_stack(blocks)
+    Y = np.column_stack([Yb] + [Yb[p] for p in shuffles])
+    col_target = np.concatenate([col_factor + s * K for s in range(S1)])
+    onehot = np.zeros((col_target.size, S1 * K))
+    onehot[np.arange(col_target.size), col_target] = 1.0
+    fold_fit = fold if fold is not None else np.zeros(inp.n, dtype=np.int64)
+    pred, chosen = _ridge_predict(inp.src, inp.tsrc, Y, col_target, fold_fit, cv if fold is not None else 1,
+                                  inp.grid, inp.select)
+    if inp.transfer:
+        target = np.tile(np.column_stack([_encode(inp.Ft[:, j], inp.per[inp.names[j]])  # type: ignore[index]
+                                          for j in cont]), (1, S1))
+    else:
+        target = Y
+    r2 = _r2_weighted(np.ones((1, inp.n_score)), target, pred, onehot)[0]
+    return _RidgeScores(target=target, pred=pred, onehot=onehot, r2=r2, chosen=chosen, K=K)
+
+
+def _categorical_predictions(inp: _Inputs, cat: list[int], fold: np.ndarray | None, shuffles: list[np.ndarray],
+                             cv: int, C: float, max_memory: int | None, random_state: int | None
+                             ) -> dict[int, list[tuple[np.ndarray, np.ndarray]]]:
+    """Per categorical factor ``j``: ``(labels, predictions)`` of the logistic probe for the factor,
+    then for each shuffled copy, out of fold (CV mode) or on the test split (transfer mode)."""
+    Xa = inp.src.load_within(max_memory, "a categorical factor's logistic probe")
+    Xt = inp.tsrc.load_within(max_memory, "a categorical factor's logistic probe") if inp.transfer else None
+    pairs: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
+    for j in cat:
+        name = inp.names[j]
+        y = inp.F[:, j].astype(np.int64)
+        _, counts = np.unique(y, return_counts=True)
+        if not inp.transfer and counts.min() < cv:
+            raise DataError(
+                f"Factor {name!r} (categorical) has a level with {counts.min()} row(s), fewer than "
+                f"cv={cv}. Lower cv, merge rare levels, or declare it continuous (categorical=[...])."
+            )
+
+        def run(target: np.ndarray, j: int = j, name: str = name) -> tuple[np.ndarray, np.ndarray]:
+            probe = LinearProbe(C=C, max_memory=max_memory, random_state=random_state)
+            if inp.transfer:
+                probe.fit(Xa, target)
+                return inp.Ft[:, j].astype(np.int64), probe.predict(Xt)  # type: ignore[index]
+            p = np.empty(inp.n, dtype=np.int64)
+            for f in range(cv):
+                tr = fold != f
+                if np.unique(target[tr]).size < 2:
+                    raise DataError(
+                        f"Factor {name!r}: a training fold holds a single level; lower cv or pass more groups."
+                    )
+                p[~tr] = probe.fit(Xa[tr], target[tr]).predict(Xa[~tr])
+            return target, p
+
+        pairs[j] = [run(y)] + [run(y[s]) for s in shuffles]
+    return pairs
+
+
+def _summarise(inp: _Inputs, cont: list[int], cat: list[int], ridge: _RidgeScores | None,
+               cat_pairs: dict[int, list[tuple[np.ndarray, np.ndarray]]], n_boot: int, ci_level: float,
+               rng: np.random.Generator, cv: int, n_shuffles: int) -> DecodabilityResult:
+    """Scores, controls, excess and their bootstrap intervals (one set of replicates for every factor)."""
+    names = inp.names
+    score_gid = inp.score_gid
+    bgid = np.arange(inp.n_score) if score_gid is None else score_gid
     S1 = 1 + n_shuffles
     out: dict[str, dict[str, Any]] = {k: {} for k in ("metric", "score", "ci", "cm", "cs", "ex", "exci", "alpha")}
-
-    # continuous factors: one ridge problem with every target (real and shuffled copies) as columns
-    cont = [j for j in range(F.shape[1]) if not is_cat[j]]
-    K = len(cont)
-    if cont:
-        blocks = [_encode(F[:, j], per[names[j]]) for j in cont]
-        col_factor = np.concatenate([np.full(b.shape[1], i) for i, b in enumerate(blocks)])
-        Yb = np.column_stack(blocks)
-        Y = np.column_stack([Yb] + [Yb[p] for p in shuffles])
-        col_target = np.concatenate([col_factor + s * K for s in range(S1)])
-        onehot = np.zeros((col_target.size, S1 * K))
-        onehot[np.arange(col_target.size), col_target] = 1.0
-        fold_fit = fold if fold is not None else np.zeros(n, dtype=np.int64)
-        pred, chosen = _ridge_predict(src, tsrc, Y, col_target, fold_fit, cv if fold is not None else 1,
-                                      grid, select)
-        if transfer:
-            target = np.tile(np.column_stack([_encode(Ft[:, j], per[names[j]]) for j in cont]), (1, S1))
-        else:
-            target = Y
-        r2 = _r2_weighted(np.ones((1, n_score)), target, pred, onehot)[0]
-    cat = [j for j in range(F.shape[1]) if is_cat[j]]
-    cat_pairs: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
-    if cat:
-        Xa = src.load_within(max_memory, "a categorical factor's logistic probe")
-        Xt = tsrc.load_within(max_memory, "a categorical factor's logistic probe") if tsrc is not None else None
-        for j in cat:
-            y = F[:, j].astype(np.int64)
-            _, counts = np.unique(y, return_counts=True)
-            if not transfer and counts.min() < cv:
-                raise DataError(
-                    f"Factor {names[j]!r} (categorical) has a level with {counts.min()} row(s), fewer than "
-                    f"cv={cv}. Lower cv, merge rare levels, or declare it continuous (categorical=[...])."
-                )
-
-            def run(target: np.ndarray, j: int = j) -> tuple[np.ndarray, np.ndarray]:
-                probe = LinearProbe(C=C, max_memory=max_memory, random_state=random_state)
-                if transfer:
-                    probe.fit(Xa, target)
-                    return Ft[:, j].astype(np.int64), probe.predict(Xt)
-                p = np.empty(n, dtype=np.int64)
-                for f in range(cv):
-                    tr = fold != f
-                    if np.unique(target[tr]).size < 2:
-                        raise DataError(
-                            f"Factor {names[j]!r}: a training fold holds a single level; lower cv or pass more groups."
-                        )
-                    p[~tr] = probe.fit(Xa[tr], target[tr]).predict(Xa[~tr])
-                return target, p
-
-            cat_pairs[j] = [run(y)] + [run(y[s]) for s in shuffles]
-
-    # bootstrap: one set of replicates (rows or whole groups) for every factor
     boot_r2, boot_ba = [], {j: [] for j in cat}  # type: ignore[var-annotated]
     for w in _boot_weights(bgid, n_boot, rng):
-        if cont:
-            boot_r2.append(_r2_weighted(w, target, pred, onehot))
+        if ridge is not None:
+            boot_r2.append(_r2_weighted(w, ridge.target, ridge.pred, ridge.onehot))
         for j in cat:
             boot_ba[j].append(np.column_stack([_bacc_weighted(w, yt, p) for yt, p in cat_pairs[j]]))
 
@@ -551,12 +640,13 @@ def background_decodability(
         out["ex"][name] = float(score) - cm
         out["exci"][name] = percentile_ci(sb - cb.mean(axis=1), ci_level)
 
-    if cont:
+    if ridge is not None:
         R = np.concatenate(boot_r2)  # (n_boot, S1 * K)
+        K = ridge.K
         for i, j in enumerate(cont):
             idx = [s * K + i for s in range(S1)]
-            record(names[j], "r2", r2[i], r2[idx[1:]], R[:, i], R[:, idx[1:]])
-            out["alpha"][names[j]] = [float(a) for a in chosen[:, i]]
+            record(names[j], "r2", ridge.r2[i], ridge.r2[idx[1:]], R[:, i], R[:, idx[1:]])
+            out["alpha"][names[j]] = [float(a) for a in ridge.chosen[:, i]]
     for j in cat:
         Bm = np.concatenate(boot_ba[j])  # (n_boot, S1)
         sc = np.array([_bacc_weighted(np.ones((1, yt.size)), yt, p)[0] for yt, p in cat_pairs[j]])
@@ -566,63 +656,10 @@ def background_decodability(
         return float(np.mean([out["ex"][names[j]] for j in js])) if js else None
 
     return DecodabilityResult(
-        mode="transfer" if transfer else "cv", factor_names=names, metric=out["metric"],
-        period={nm: per[nm] for nm in names}, score=out["score"], score_ci=out["ci"], control_mean=out["cm"],
+        mode="transfer" if inp.transfer else "cv", factor_names=names, metric=out["metric"],
+        period={nm: inp.per[nm] for nm in names}, score=out["score"], score_ci=out["ci"], control_mean=out["cm"],
         control_sd=out["cs"], excess=out["ex"], excess_ci=out["exci"], alpha=out["alpha"],
         mean_excess_r2=mean_of(cont), mean_excess_balanced_accuracy=mean_of(cat),
-        n_fit=n, n_score=n_score, n_groups=None if score_gid is None else int(score_gid.max()) + 1,
-        cv=None if transfer and not select else cv, n_shuffles=n_shuffles, ci_level=float(ci_level),
+        n_fit=inp.n, n_score=inp.n_score, n_groups=None if score_gid is None else int(score_gid.max()) + 1,
+        cv=None if inp.transfer and not inp.select else cv, n_shuffles=n_shuffles, ci_level=float(ci_level),
     )
-
-
-class BackgroundDecodability(BaseEstimator):
-    r"""Estimator form of :func:`background_decodability` (same parameters and formulas).
-
-    Per factor: cross-validated :math:`R^2` (continuous; a circular factor's (sin, cos) target
-    pooled) or balanced accuracy (categorical) of a linear probe predicting the factor from the
-    layer, the ridge penalty chosen by nested CV, minus the mean score of the same procedure on
-    shuffled targets. ``fit(X, factors, groups=...)`` scores within ``X`` by group-aware CV;
-    ``fit(X, factors, X_test=..., factors_test=...)`` fits on ``X`` and scores on the other split.
-
-    Attributes
-    ----------
-    result_ : DecodabilityResult
-    score_, excess_ : dict of float
-    """
-
-    def __init__(self, *, categorical: str | Sequence[str] = "auto", periods: Any = None, cv: int = 5,
-                 n_shuffles: int = 5, alpha: float | str = "cv", alphas: Sequence[float] | None = None,
-                 C: float = 1.0, n_boot: int = 200, ci_level: float = 0.95,
-                 max_memory: int | None = DEFAULT_MAX_MEMORY, chunk_rows: int | None = None,
-                 random_state: int | None = 0) -> None:
-        self.categorical = categorical
-        self.periods = periods
-        self.cv = cv
-        self.n_shuffles = n_shuffles
-        self.alpha = alpha
-        self.alphas = alphas
-        self.C = C
-        self.n_boot = n_boot
-        self.ci_level = ci_level
-        self.max_memory = max_memory
-        self.chunk_rows = chunk_rows
-        self.random_state = random_state
-
-    def fit(self, X: Any, factors: Any, *, factor_names: Sequence[str] | None = None,
-            use: Sequence[str] | None = None, groups: Any = None, X_test: Any = None, factors_test: Any = None,
-            groups_test: Any = None) -> BackgroundDecodability:
-        self.result_ = background_decodability(
-            X, factors, factor_names=factor_names, use=use, categorical=self.categorical, periods=self.periods,
-            groups=groups, X_test=X_test, factors_test=factors_test, groups_test=groups_test, cv=self.cv,
-            n_shuffles=self.n_shuffles, alpha=self.alpha, alphas=self.alphas, C=self.C, n_boot=self.n_boot,
-            ci_level=self.ci_level, max_memory=self.max_memory, chunk_rows=self.chunk_rows,
-            random_state=self.random_state,
-        )
-        self.score_ = self.result_.score
-        self.excess_ = self.result_.excess
-        return self
-
-    def to_dict(self) -> dict[str, Any]:
-        if not hasattr(self, "result_"):
-            raise FitFirstError("This BackgroundDecodability instance is not fitted yet. Call 'fit' first.")
-        return self.result_.to_dict()

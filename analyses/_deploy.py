@@ -151,10 +151,9 @@ def predicted_accuracy(pred: Any, label: Any, group: Any, background: Any, *, sc
     with the unbiased moment (two-way random-effects ANOVA) estimates of the object, scene and residual
     variance components of the 0/1 correctness, a t quantile with Satterthwaite's degrees of freedom,
     on the logit scale (delta method) and transformed back. (The pigeonhole bootstrap, objects and
-    scenes resampled independently, counts the residual twice: 99.8 % coverage where the residual
-    dominates, 92 % with 16 scenes; this interval held 92-96 % over 12 simulated settings,
-    benchmarks/calibrate_deploy.py, docs/METRICS.md.) ``per_class``: the same on the objects of each
-    class, keyed by ``str(label)``.
+    scenes resampled independently, counts the residual twice; the coverage of both in simulation:
+    docs/METRICS.md, "Where you deploy it", benchmarks/calibrate_deploy.py.) ``per_class``: the same
+    on the objects of each class, keyed by ``str(label)``.
 
     ``scene_unit`` (one id per row, e.g. the photo each scene slot was cropped from): the scene
     component is then estimated over these units (cell = the mean over a unit's slots), so crops of
@@ -225,9 +224,9 @@ def composite_gap(pred_original: Any, pred_composite: Any, label: Any, group: An
     (2005) adjusted Wald interval for a difference of paired proportions, on the per-object differences
     ``d_g`` (the mean over an object's pairs): two pseudo-objects of ``d = +-1`` at weight 1/2 and one
     of ``d = 0`` are added, ``est' = sum d / (G + 2)``, ``var' = (sum d^2 + 1 - (G + 2) est'^2) / (G + 2)^2``,
-    ``est' +- z sqrt(var')`` (93-97 % coverage on planted gaps of 4.5-9 points, 90 % at 1.9 points on
-    200 objects; docs/METRICS.md). ``material`` when ``|gap| > threshold`` (2 points) and the
-    interval excludes 0; :func:`predicted_accuracy` then reports a corrected figure.
+    ``est' +- z sqrt(var')`` (its coverage on planted gaps: docs/METRICS.md, "Where you deploy it").
+    ``material`` when ``|gap| > threshold`` (2 points) and the interval excludes 0;
+    :func:`predicted_accuracy` then reports a corrected figure.
     """
     check_number("composite_gap", "ci_level", ci_level, low=0, high=0.9999, low_open=True)
     check_number("composite_gap", "threshold", threshold, low=0, high=1)

@@ -1,18 +1,18 @@
-"""Teacher-student similarity: linear CKA (exact or streamed), relative MSE, metric differences."""
+"""Teacher-student similarity: linear CKA (exact or streamed) and relative MSE."""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from probekit.errors import DataError
 
-from ._common import ResultMixin, Source, as_source, check_number, compute_dtype, from_torch, jsonable
+from ._common import ResultMixin, Source, as_source, check_number, compute_dtype, from_torch
+from ._ridge import ridge_solve, ridge_stats
 
-__all__ = ["RelativeMSEResult", "cka_matrix", "difference", "linear_cka", "relative_mse"]
+__all__ = ["RelativeMSEResult", "linear_cka", "relative_mse"]
 
 
 def _pair(X: Any, Y: Any, chunk_rows: int | None, names: tuple[str, str] = ("X", "Y"),
@@ -142,11 +142,6 @@ def linear_cka(X: Any, Y: Any, *, debiased: bool = False, chunk_rows: int | None
     return float(h_xy / np.sqrt(h_xx * h_yy))
 
 
-def cka_matrix(Xs: Mapping[str, Any], Ys: Mapping[str, Any], **kwargs: Any) -> dict[str, dict[str, float]]:
-    """:func:`linear_cka` for every layer pair: ``{x_layer: {y_layer: cka}}``."""
-    return {kx: {ky: linear_cka(X, Y, **kwargs) for ky, Y in Ys.items()} for kx, X in Xs.items()}
-
-
 @dataclasses.dataclass(repr=False)
 class RelativeMSEResult(ResultMixin):
     """Relative MSE of student vs teacher features, raw and after a fitted linear map."""
@@ -198,8 +193,6 @@ def relative_mse(student: Any, teacher: Any, *, student_fit: Any = None, teacher
     mapped = None
     m_rows = None
     if student_fit is not None:
-        from ._probes import ridge_solve, ridge_stats
-
         Sf, Tf = _pair(student_fit, teacher_fit, chunk_rows, ("student_fit", "teacher_fit"))
         if Sf.n_features != S.n_features or Tf.n_features != T.n_features:
             raise DataError("student_fit/teacher_fit must have the same widths as student/teacher.")
@@ -212,36 +205,3 @@ def relative_mse(student: Any, teacher: Any, *, student_fit: Any = None, teacher
         mapped = num / den
         m_rows = Sf.n_rows
     return RelativeMSEResult(raw=raw, mapped=mapped, n_rows=n, map_fit_rows=m_rows, alpha=float(alpha))
-
-
-def difference(student_result: Any, teacher_result: Any) -> dict[str, Any]:
-    """Student-minus-teacher difference of two results (or their ``to_dict()``) of the same metric.
-
-    Numbers are subtracted, lists element by element, dicts key by key. Confidence intervals
-    (keys ending in ``ci``) become ``None``: the difference of two intervals is not an interval of
-    the difference. Strings and other values are kept when equal, else given as
-    ``{"student": ..., "teacher": ...}``. Keys present on one side only raise :class:`DataError`.
-    """
-    a = jsonable(student_result.to_dict() if hasattr(student_result, "to_dict") else student_result)
-    b = jsonable(teacher_result.to_dict() if hasattr(teacher_result, "to_dict") else teacher_result)
-    return _diff(a, b, "")
-
-
-def _diff(a: Any, b: Any, path: str) -> Any:
-    if isinstance(a, dict) and isinstance(b, dict):
-        if set(a) != set(b):
-            raise DataError(
-                f"The results differ in keys at {path or 'top level'}: only student {sorted(set(a) - set(b))}, "
-                f"only teacher {sorted(set(b) - set(a))}. Compare results of the same metric."
-            )
-        return {k: (None if k.endswith("ci") else _diff(a[k], b[k], f"{path}.{k}")) for k in a}
-    if isinstance(a, list) and isinstance(b, list):
-        if len(a) != len(b):
-            raise DataError(f"Lists of different lengths at {path}: {len(a)} vs {len(b)}.")
-        return [_diff(x, y, f"{path}[{i}]") for i, (x, y) in enumerate(zip(a, b, strict=True))]
-    num = (int, float)
-    if isinstance(a, num) and isinstance(b, num) and not isinstance(a, bool) and not isinstance(b, bool):
-        return a - b
-    if a is None or b is None:
-        return None
-    return a if a == b else {"student": a, "teacher": b}

@@ -220,7 +220,7 @@ def main() -> None:
     # time is about (evaluations) x this. float32: two thin GEMMs; the bfloat16 stage's evaluation
     # (on CPUs with bfloat16 instructions): the step's logits and the gradient in bfloat16, exact
     # float32 logits every 8th call (the median is of the other calls)
-    from probekit.analyses import _probes
+    from probekit.analyses import _logistic
 
     Z = torch.from_numpy(StandardScaler().fit_transform(Xtr).astype(np.float32)).to(args.device)
     Y = torch.nn.functional.one_hot(torch.from_numpy(ytr.astype(np.int64)), args.k).float().to(args.device)
@@ -238,9 +238,9 @@ def main() -> None:
             ev.append(time.perf_counter() - t)
         return 1000 * statistics.median(ev)
 
-    ev32 = eval_ms(lambda: LinearProbe._loss_grad(torch, Z, Y, W, b, args.k, args.n))
-    bf16 = _probes._bf16_matmul_fast(torch, torch.device(args.device))
-    ev16 = eval_ms(_probes._Bf16Evaluator(torch, Z, Y, W, b, args.k, args.n)) if bf16 else float("nan")
+    ev32 = eval_ms(lambda: _logistic.loss_grad(torch, Z, Y, W, b, args.k, args.n))
+    bf16 = _logistic.bf16_matmul_fast(torch, torch.device(args.device))
+    ev16 = eval_ms(_logistic.Bf16Evaluator(torch, Z, Y, W, b, args.k, args.n)) if bf16 else float("nan")
     print(f"torch   : median {t_torch:.3f} s, accuracy {100 * acc_torch:.2f} %, L-BFGS iterations {it_t}, "
           f"one evaluation {ev32:.1f} ms float32 / {ev16:.1f} ms bfloat16 stage "
           f"({'used' if bf16 else 'not used: no bfloat16 instructions'})")

@@ -25,7 +25,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from probekit.datasets import as_samples
 from probekit.errors import ProbekitError
+from probekit.store import open_store
 
 from ._layers import LayerSpec, resolve_layers
 from ._pipeline import PARALLEL_WRAPPERS, ModelSpec, extract_models
@@ -80,8 +82,6 @@ class _InMemory:
     """A probe split's normalised items, rendered once and kept in memory (the probe set is small)."""
 
     def __init__(self, data: Any) -> None:
-        from probekit.datasets import as_samples
-
         samples = as_samples(data)
         self.factor_names = samples.factor_names
         self.padding = samples.padding  # how keyword-input items are padded (kept for extract_models)
@@ -218,8 +218,6 @@ class Recorder:
         """Steps whose every probe split is fully committed in ``out``."""
         if not self.out.exists():
             return []
-        from probekit.store import open_store
-
         with open_store(self.out) as s:
             if self.name not in s.models:
                 return []

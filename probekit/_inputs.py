@@ -18,7 +18,10 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import h5py
+
 from .errors import DataError
+from .store import StoreWriter
 
 __all__ = ["FINGERPRINT_ATTR", "SETTINGS_ATTR", "check_store", "file_sha256", "files_sha256", "fingerprint",
            "write_settings", "write_store"]
@@ -85,8 +88,6 @@ def fingerprint(entries: Mapping[str, Any]) -> dict[str, str]:
 
 def _stored(store: Path) -> tuple[dict[str, str] | None, bool]:
     """The stored fingerprint (None when absent) and whether the store holds any model."""
-    import h5py
-
     try:
         with h5py.File(store, "r") as f:
             raw = f.attrs.get(FINGERPRINT_ATTR)
@@ -128,10 +129,6 @@ def check_store(store: str | os.PathLike, fp: Mapping[str, str]) -> bool:
 
 def write_store(store: str | os.PathLike, fp: Mapping[str, str]) -> None:
     """Create an empty store at ``store`` (replacing any) recording ``fp`` as its ``inputs_fingerprint``."""
-    import h5py
-
-    from .store import StoreWriter
-
     StoreWriter(store, mode="overwrite").close()
     with h5py.File(store, "r+") as f:
         f.attrs[FINGERPRINT_ATTR] = json.dumps(dict(fp), sort_keys=True)
@@ -139,7 +136,5 @@ def write_store(store: str | os.PathLike, fp: Mapping[str, str]) -> None:
 
 def write_settings(store: str | os.PathLike, settings: Mapping[str, Any]) -> None:
     """Record how the counterfactual images were made as the store's root attribute ``counterfactuals``."""
-    import h5py
-
     with h5py.File(store, "r+") as f:
         f.attrs[SETTINGS_ATTR] = json.dumps(dict(settings), sort_keys=True, default=str)

@@ -25,6 +25,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from ._version import __version__
+from .audit import audit, parse_threshold
 from .errors import (
     NO_SPACE,
     NOT_ALLOWED,
@@ -35,6 +37,8 @@ from .errors import (
     os_error_reason,
     short_path,
 )
+from .store import open_store
+from .verdict import RULES, exit_status, parse_findings
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
@@ -142,8 +146,6 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run `probekit VERB --help` for the options of each verb. Docs: README.md, docs/.",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
-    from ._version import __version__
-
     parser.add_argument("--version", action="version", version=f"probekit {__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
 
@@ -427,8 +429,6 @@ def _add_audit_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_gate_args(p: argparse.ArgumentParser) -> None:
-    from .verdict import RULES
-
     p.add_argument("--fail-on-flag", action="store_true",
                    help="for CI: exit 1 when a model is flagged (shortcut: "
                    + RULES["shortcut"].rule.split(". ")[0].replace("%", "%%") + "), 3 "
@@ -439,16 +439,12 @@ def _add_gate_args(p: argparse.ArgumentParser) -> None:
 
 
 def _check_gate(args: argparse.Namespace) -> None:
-    from .verdict import parse_findings
-
     if args.fail_on:
         parse_findings(args.fail_on)  # a misspelt finding fails before the work
 
 
 def _gate(args: argparse.Namespace, doc: dict[str, Any], failures: list[str]) -> int:
     """Print the gate's failures; the exit status (1: a gated finding or figure; 3: not judged)."""
-    from .verdict import exit_status, parse_findings
-
     fail_on = parse_findings(args.fail_on) if args.fail_on else []
     code, lines = exit_status(doc["models"], fail_on_flag=args.fail_on_flag, fail_on=fail_on)
     for line in failures:
@@ -490,8 +486,6 @@ def _csv(text: str | None) -> list[str] | None:
 
 
 def _audit(args: argparse.Namespace) -> Any:
-    from .audit import audit
-
     if args.label not in ("label", "none"):
         raise DataError(f"--label must be 'label' (the store's label field) or 'none'; got {args.label!r}.")
     return audit(args.store, train=args.train if args.label != "none" else "",
@@ -703,8 +697,6 @@ def _interrupted_message(args: argparse.Namespace, argv: list[str]) -> str:
 def _committed_rows(args: argparse.Namespace) -> int:
     """Rows of the extracted model committed in ``args.out`` over all splits (0 when unreadable)."""
     try:
-        from .store import open_store
-
         with open_store(args.out) as store:
             name = args.name or (args.role if args.role != "model" else "model")
             return sum(store.n_rows(s, name) for s in store.splits) if name in store.models else 0
@@ -850,7 +842,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
         if info["input_size"] is None:  # images at their own size: they must all have one
             from torchvision.datasets import ImageFolder
 
-            from .datasets._loading import check_image_sizes
+            from .datasets import check_image_sizes
 
             try:
                 check_image_sizes(ImageFolder(args.data), args.data)
@@ -920,8 +912,6 @@ def _extract_distributed(args: argparse.Namespace, loaded: Any, splits: list[str
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .store import open_store
-
     with open_store(args.store) as store:
         desc = store.describe()
     if args.json:
@@ -967,8 +957,6 @@ def cmd_datasets(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from .audit import parse_threshold
-
     thresholds = [parse_threshold(t) for t in args.fail_above]  # bad syntax fails before the work
     _check_gate(args)
     if args.out:

@@ -35,7 +35,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy.stats import norm
 
+from .analyses import background_reliance
 from .errors import DataError
 
 __all__ = ["CompareResult", "compare_checkpoints", "compare_rows", "expand_checkpoints", "step_of"]
@@ -116,7 +118,7 @@ class CompareResult:
 
     def to_html(self, path: str | os.PathLike, gallery: Mapping[str, Any] | None = None) -> Path:
         """The report; ``gallery``: a :func:`probekit.report.build_gallery` result shown in it."""
-        from .report._compare import write_compare_report
+        from .report import write_compare_report
 
         return write_compare_report(self.data, path, gallery=gallery)
 
@@ -162,10 +164,6 @@ def compare_rows(preds: Mapping[str, np.ndarray], label: np.ndarray, background_
         ``differences`` ([{checkpoint, reference, reliance_difference {value, ci}, excludes_zero}]),
         ``has_steps``, ``n_objects``, ``n_backgrounds``, ``n_boot``, ``seed`` and the definitions.
     """
-    from scipy.stats import norm
-
-    from .analyses import background_reliance
-
     names = list(preds)
     if len(names) < 2:
         raise DataError("compare needs two or more checkpoints.")

@@ -28,7 +28,18 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
+
+from .analyses import LinearProbe, background_attribution_share
+from .audit import audit
+from .datasets import get_dataset, write_image_folder
+from .errors import DataError
+from .experiments import DigitCNN, torch_threads, train_student, train_teacher
+from .experiments.shortcut import train_shapes_cnn
+from .extraction import extract
+from .model_audit import audit_model
+from .store import open_store
 
 __all__ = ["DemoResult", "run_demo"]
 
@@ -64,13 +75,6 @@ def run_demo(
     Writes ``out_dir/acts.h5``, ``out_dir/audit.json``, ``out_dir/report.html`` and, for the images
     part, ``out_dir/own-images/{images,masks,shortcut,robust}``.
     """
-    from .audit import audit
-    from .datasets import get_dataset
-    from .errors import DataError
-    from .experiments._common import torch_threads
-    from .experiments._digitnets import DigitCNN, train_student, train_teacher
-    from .extraction import extract
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     store = out / "acts.h5"
@@ -124,12 +128,6 @@ def run_demo(
 
 def _own_images(out: Path, seed: int, epochs: int, progress: bool, times: dict[str, float]) -> dict[str, Path]:
     """Part one: a shortcut-prone and a robust CNN, saved and audited on a folder of images with masks."""
-    from safetensors.torch import save_file
-
-    from .datasets._shapes import write_image_folder
-    from .experiments.shortcut import train_shapes_cnn
-    from .model_audit import audit_model
-
     t0 = time.perf_counter()
     images, masks = write_image_folder(out, split="test", background="class", seed=seed, n=120)
     weights = {}
@@ -160,10 +158,6 @@ def _attribution(models: dict[str, torch.nn.Module], store: Path, seed: int, n: 
     The probe (fit on the train split's ``rep`` activations) turns both networks into classifiers the
     same way, so their attributions are comparable. Images: the first ``n`` OOD test digits.
     """
-    from .analyses import LinearProbe, background_attribution_share
-    from .datasets import get_dataset
-    from .store import open_store
-
     data = get_dataset("bgdigits", "test_ood", seed=seed).arrays(np.arange(max(n, 64)))
     x = torch.from_numpy(data["x"])
     out: dict[str, Any] = {}

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from .errors import DataError, ModelLoadError
+from .extractors import takes_token_ids, token_example
 from .vocab import import_callable
 
 __all__ = [
@@ -235,8 +236,6 @@ def dummy_input(loaded: LoadedModel, preprocessing: Mapping[str, Any] | None = N
     size (``preprocessing["input_size"]`` from :func:`preprocessing_for`), else ``loaded.input_size``.
     None when neither is known (callers then fall back to registration order).
     """
-    from .extractors import takes_token_ids, token_example
-
     if takes_token_ids(loaded.module):
         cfg = getattr(loaded.module, "config", None)
         longest = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)

@@ -20,6 +20,7 @@ It returns a plain JSON-safe dict with one aligned list per metric (``steps[i]``
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -27,7 +28,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sklearn.model_selection import StratifiedKFold
 
+from .analyses import (
+    BackgroundCorrelation,
+    LinearProbe,
+    background_sensitivity,
+    direction_series,
+    linear_cka,
+    projection_series,
+)
 from .errors import DataError
 from .store import open_store
 
@@ -50,10 +60,6 @@ def _cv_folds(y: np.ndarray, n_folds: int) -> int:
 
 def _cv_accuracy(X: np.ndarray, y: np.ndarray, k: int, C: float, seed: int) -> float | None:
     """Mean held-out accuracy of a LinearProbe over ``k`` stratified folds (pooled over rows)."""
-    from sklearn.model_selection import StratifiedKFold
-
-    from .analyses import LinearProbe
-
     correct = 0
     for tr, te in StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(X, y):
         p = LinearProbe(C=C, backend="sklearn").fit(X[tr], y[tr])
@@ -139,185 +145,248 @@ def series(
         When the model has no recorded steps, or a named layer / step is not in the store. A named split
         that is not recorded at every step skips its analysis (an entry in ``skipped``).
     """
-    from .analyses import (
-        BackgroundCorrelation,
-        LinearProbe,
-        background_sensitivity,
-        direction_series,
-        linear_cka,
-        projection_series,
-    )
-
-    out: dict[str, Any] = {"model": model}
-    skipped: list[dict[str, str]] = []
     with open_store(store_path) as s:
-        if model not in s.models:
-            raise DataError(f"The store {str(store_path)!r} has no model {model!r}; it has {s.models}.")
-        all_steps = s.steps(model)
-        if not all_steps:
-            raise DataError(
-                f"The model {model!r} in {str(store_path)!r} has no recorded steps; record a run with "
-                "probekit.Recorder first."
-            )
-        if steps is not None:
-            missing = sorted(set(int(t) for t in steps) - set(all_steps))
-            if missing:
-                raise DataError(f"Steps {missing} are not recorded for {model!r}; it has {all_steps}.")
-            all_steps = sorted(set(int(t) for t in steps))
-        out["steps"] = all_steps
-        recorded = [sp for sp in s.acts_splits(model, all_steps[0])
-                    if all(sp in s.acts_splits(model, st) for st in all_steps)]
-        out["splits"] = recorded
-        absent = {name: sp for name, sp in (("train", train), ("test", test), ("test_id", test_id),
-                                             ("grouped", grouped), ("factored", factored))
-                  if sp is not None and sp not in recorded}
-        for name, sp in absent.items():
-            analysis = {"grouped": "background sensitivity over training",
-                        "factored": "background share over training"}.get(name, "probe accuracy")
-            skipped.append({"analysis": analysis, "reason": f"the split {sp!r} ({name}) is not recorded at "
-                            f"every step; the recorded splits are {recorded}"})
-        labelled = [sp for sp in recorded if s.has_field(sp, "label")]
-        fit = train if train in recorded else ("train" if "train" in labelled else next(iter(labelled), None))
-        lay_split = fit if fit is not None else next(iter(recorded), None)
-        if layers is not None:
-            lay = list(layers)
-            have = s.layers(model, lay_split, all_steps[0]) if lay_split is not None else []
-            missing_l = [la for la in lay if la not in have]
-            if missing_l:
-                raise DataError(f"The model {model!r} has no recorded layers {missing_l}; it has {have}.")
-        else:
-            lay = s.layers(model, lay_split, all_steps[0]) if lay_split is not None else []
-        out["layers"] = lay
-        score = score_layer if score_layer is not None else (lay[-1] if lay else None)
-        out["score_layer"] = score
-
-        # -- probe accuracy: fit on one split, score on the others (or cross-validate within it) -----
-        probe: dict[str, Any] = {}
-        others = [sp for sp in labelled if sp != fit]
-        primary = test if test is not None else ("test_ood" if "test_ood" in others else next(iter(others), None))
-        id_split = test_id if test_id is not None else (
-            "test_id" if "test_id" in others and primary != "test_id" else None)
-        if absent.keys() & {"train", "test", "test_id"}:
-            pass  # named above
-        elif fit is None or fit not in labelled:
-            skipped.append({"analysis": "probe accuracy", "reason": (
-                "no recorded probe split has labels" if fit is None else f"the split {fit!r} has no labels")})
-        elif primary is not None and primary not in labelled:
-            skipped.append({"analysis": "probe accuracy", "reason": f"the split {primary!r} has no labels"})
-        else:
-            y_fit = np.asarray(s.sample_field(fit, "label"))
-            folds = _cv_folds(y_fit, cv_folds) if primary is None else 0
-            if primary is None and folds == 0:
-                skipped.append({"analysis": "probe accuracy", "reason": (
-                    f"one labelled split ({fit!r}) and too few rows per class in it to cross-validate "
-                    "(a class with fewer than 2 rows, or a single class)")})
-            else:
-                ys = {sp: np.asarray(s.sample_field(sp, "label")) for sp in others}
-                for layer in lay:
-                    scores: dict[str, list[float | None]] = {sp: [] for sp in others}
-                    cv: list[float | None] = []
-                    for st in all_steps:
-                        X = np.asarray(s.acts(model, fit, layer, st)[:])
-                        if primary is None:
-                            cv.append(_cv_accuracy(X, y_fit, folds, probe_C, random_state))
-                        if others:
-                            p = LinearProbe(C=probe_C, backend="sklearn").fit(X, y_fit)
-                            for sp in others:
-                                scores[sp].append(_num(p.score(s.acts(model, sp, layer, st)[:], ys[sp])))
-                    probe[layer] = {
-                        "method": "cv" if primary is None else "holdout", "train": fit,
-                        "test": primary if primary is not None else fit,
-                        "accuracy": cv if primary is None else scores[primary],
-                        "id_accuracy": scores[id_split] if id_split is not None else None,
-                        "scores": scores, "folds": folds or None,
-                    }
-        out["probe"] = probe
-
-        # -- CKA of each step's representation to the last step's ------------------------------------
-        cka: dict[str, Any] = {}
-        if lay_split is not None and len(all_steps) >= 2:
-            n = s.n_rows(lay_split, model, all_steps[-1])
-            if n < 4:
-                skipped.append({"analysis": "CKA to the last step",
-                                "reason": f"the split {lay_split!r} has {n} rows; debiased CKA needs 4"})
-            else:
-                for layer in lay:
-                    last = np.asarray(s.acts(model, lay_split, layer, all_steps[-1])[:])
-                    vals = [_num(linear_cka(np.asarray(s.acts(model, lay_split, layer, st)[:]), last,
-                                            debiased=True)) for st in all_steps]
-                    cka[layer] = {"split": lay_split, "values": vals}
-        out["cka_to_last"] = cka
-
-        # -- background figures: sensitivity on a grouped split, factor share on a factored split ------
-        if "grouped" in absent:
-            grouped = None
-        elif grouped is None:
-            grouped = next((sp for sp in recorded if s.has_field(sp, "group")), None)
-        sens: dict[str, Any] = {}
-        if grouped is not None:
-            g = s.sample_field(grouped, "group")
-            for layer in lay:
-                vals = [_num(background_sensitivity(s.acts(model, grouped, layer, st), g, n_boot=1).layer)
-                        for st in all_steps]
-                sens[layer] = {"split": grouped, "values": vals}
-        if "factored" in absent:
-            factored = None
-        elif factored is None:
-            factored = next((sp for sp in recorded if s.factor_names(sp)), None)
-        share: dict[str, Any] = {}
-        if factored is not None:
-            F = np.asarray(s.sample_field(factored, "factors"), dtype=float)
-            names = s.factor_names(factored)
-            for layer in lay:
-                vals, null = [], []
-                for st in all_steps:
-                    r = BackgroundCorrelation(n_permutations=0, random_state=random_state).fit(
-                        s.acts(model, factored, layer, st), F, factor_names=names).result_
-                    vals.append(_num(r.mean_factor_r2))
-                    null.append(_num(r.null_factor_r2))
-                share[layer] = {"split": factored, "values": vals, "null": null}
-        if grouped is None and factored is None and not absent.keys() & {"grouped", "factored"}:
-            skipped.append({"analysis": "background over training", "reason": (
-                "no recorded probe split has a group field (the same foreground on several backgrounds) "
-                "or background factors")})
-        out["background_sensitivity"] = sens
-        out["background_share"] = share
-
-        # -- weight directions and projections ---------------------------------------------------------
-        wl = list(weight_layers) if weight_layers is not None else s.weight_layers(model, all_steps[0])
-        wl = [la for la in wl if all(la in s.weight_layers(model, st) for st in all_steps)]
-        if not wl:
-            skipped.append({"analysis": "directions over training",
-                            "reason": "no weight rows are stored at every recorded step"})
-        dirs: dict[str, Any] = {}
-        for layer in wl:
-            ws = {st: s.weights(model, layer, st) for st in all_steps}
-            r = direction_series(ws, tol=direction_tol, mass=direction_mass)
-            dirs[layer] = {
-                "n_directions": [int(v) for v in r.series("n_directions")],
-                "n_clusters": [int(v) for v in r.series("n_clusters")],
-                "shares": [[float(x) for x in np.asarray(res.shares)[: int(res.n_directions)]] for res in r.results],
-            }
-        out["directions"] = dirs
-        proj: dict[str, Any] = {}
-        for layer, (core, bg) in (bases or {}).items():
-            ws = {st: s.weights(model, layer, st) for st in all_steps}
-            r = projection_series(ws, core, bg)
-            proj[layer] = {k: [None if v is None else _num(v) for v in r.series(k)]
-                           for k in ("core", "background", "core_ratio", "background_ratio")}
-        out["projections"] = proj
-
-    # -- best step: the step of best probe accuracy on the score layer -------------------------------------
-    out["best_step"] = out["best_accuracy"] = None
-    if score in probe:
-        acc = np.array([-np.inf if a is None else a for a in probe[score]["accuracy"]])
-        if np.isfinite(acc).any():
-            i = int(np.argmax(acc))  # first step on ties
-            out["best_step"], out["best_accuracy"] = int(all_steps[i]), float(acc[i])
+        all_steps = _recorded_steps(s, store_path, model, steps)
+        plan = _plan(s, model, all_steps, train=train, test=test, test_id=test_id, layers=layers,
+                     score_layer=score_layer, grouped=grouped, factored=factored)
+        skipped = plan.skipped
+        probe = _probe_accuracy(s, plan, probe_C, cv_folds, random_state)
+        cka = _cka_to_last(s, plan)
+        sens, share = _background_figures(s, plan, random_state)
+        dirs = _directions(s, plan, weight_layers, direction_tol, direction_mass)
+        proj = _projections(s, plan, bases)
+    out: dict[str, Any] = {
+        "model": model, "steps": all_steps, "splits": plan.recorded, "layers": plan.layers,
+        "score_layer": plan.score_layer, "probe": probe, "cka_to_last": cka, "background_sensitivity": sens,
+        "background_share": share, "directions": dirs, "projections": proj,
+    }
+    out["best_step"], out["best_accuracy"] = _best_step(probe, plan.score_layer, all_steps)
     out["skipped"] = skipped
+    out["by_step"] = _by_step(all_steps, probe, cka, sens, share, dirs, proj)
+    return out
 
+
+def _recorded_steps(s: Any, store_path: str | os.PathLike, model: str, steps: Sequence[int] | None) -> list[int]:
+    """The recorded steps of ``model`` to analyse (all, or the ``steps`` asked for, each recorded)."""
+    if model not in s.models:
+        raise DataError(f"The store {str(store_path)!r} has no model {model!r}; it has {s.models}.")
+    all_steps = s.steps(model)
+    if not all_steps:
+        raise DataError(
+            f"The model {model!r} in {str(store_path)!r} has no recorded steps; record a run with "
+            "probekit.Recorder first."
+        )
+    if steps is not None:
+        missing = sorted(set(int(t) for t in steps) - set(all_steps))
+        if missing:
+            raise DataError(f"Steps {missing} are not recorded for {model!r}; it has {all_steps}.")
+        all_steps = sorted(set(int(t) for t in steps))
+    return all_steps
+
+
+@dataclasses.dataclass
+class _Plan:
+    """Which splits and layers each analysis of :func:`series` reads, and what it skips (and why)."""
+
+    model: str
+    steps: list[int]
+    recorded: list[str]  # splits recorded at every step
+    absent: dict[str, str]  # argument name -> a named split that is not recorded at every step
+    labelled: list[str]
+    fit: str | None  # the probe's training split
+    primary: str | None  # the scoring split (None: cross-validate within ``fit``)
+    id_split: str | None
+    lay_split: str | None  # the split whose layers are read (and CKA is computed on)
+    layers: list[str]
+    score_layer: str | None
+    grouped: str | None
+    factored: str | None
+    skipped: list[dict[str, str]]
+
+
+def _plan(s: Any, model: str, all_steps: list[int], *, train: str | None, test: str | None, test_id: str | None,
+          layers: Sequence[str] | None, score_layer: str | None, grouped: str | None,
+          factored: str | None) -> _Plan:
+    """Resolve the split and layer arguments against the store; record the named splits that are absent."""
+    recorded = [sp for sp in s.acts_splits(model, all_steps[0])
+                if all(sp in s.acts_splits(model, st) for st in all_steps)]
+    absent = {name: sp for name, sp in (("train", train), ("test", test), ("test_id", test_id),
+                                         ("grouped", grouped), ("factored", factored))
+              if sp is not None and sp not in recorded}
+    skipped: list[dict[str, str]] = []
+    for name, sp in absent.items():
+        analysis = {"grouped": "background sensitivity over training",
+                    "factored": "background share over training"}.get(name, "probe accuracy")
+        skipped.append({"analysis": analysis, "reason": f"the split {sp!r} ({name}) is not recorded at "
+                        f"every step; the recorded splits are {recorded}"})
+    labelled = [sp for sp in recorded if s.has_field(sp, "label")]
+    fit = train if train in recorded else ("train" if "train" in labelled else next(iter(labelled), None))
+    lay_split = fit if fit is not None else next(iter(recorded), None)
+    if layers is not None:
+        lay = list(layers)
+        have = s.layers(model, lay_split, all_steps[0]) if lay_split is not None else []
+        missing_l = [la for la in lay if la not in have]
+        if missing_l:
+            raise DataError(f"The model {model!r} has no recorded layers {missing_l}; it has {have}.")
+    else:
+        lay = s.layers(model, lay_split, all_steps[0]) if lay_split is not None else []
+    score = score_layer if score_layer is not None else (lay[-1] if lay else None)
+    others = [sp for sp in labelled if sp != fit]
+    primary = test if test is not None else ("test_ood" if "test_ood" in others else next(iter(others), None))
+    id_split = test_id if test_id is not None else (
+        "test_id" if "test_id" in others and primary != "test_id" else None)
+    if "grouped" in absent:
+        grouped = None
+    elif grouped is None:
+        grouped = next((sp for sp in recorded if s.has_field(sp, "group")), None)
+    if "factored" in absent:
+        factored = None
+    elif factored is None:
+        factored = next((sp for sp in recorded if s.factor_names(sp)), None)
+    return _Plan(model=model, steps=all_steps, recorded=recorded, absent=absent, labelled=labelled, fit=fit,
+                 primary=primary, id_split=id_split, lay_split=lay_split, layers=lay, score_layer=score,
+                 grouped=grouped, factored=factored, skipped=skipped)
+
+
+def _probe_accuracy(s: Any, plan: _Plan, probe_C: float, cv_folds: int, random_state: int) -> dict[str, Any]:
+    """Per layer: a probe fit on one split and scored on the others (or cross-validated within it)."""
+    fit, primary, id_split, model = plan.fit, plan.primary, plan.id_split, plan.model
+    probe: dict[str, Any] = {}
+    if plan.absent.keys() & {"train", "test", "test_id"}:
+        return probe  # the absent split is in skipped already
+    if fit is None or fit not in plan.labelled:
+        plan.skipped.append({"analysis": "probe accuracy", "reason": (
+            "no recorded probe split has labels" if fit is None else f"the split {fit!r} has no labels")})
+        return probe
+    if primary is not None and primary not in plan.labelled:
+        plan.skipped.append({"analysis": "probe accuracy", "reason": f"the split {primary!r} has no labels"})
+        return probe
+    y_fit = np.asarray(s.sample_field(fit, "label"))
+    folds = _cv_folds(y_fit, cv_folds) if primary is None else 0
+    if primary is None and folds == 0:
+        plan.skipped.append({"analysis": "probe accuracy", "reason": (
+            f"one labelled split ({fit!r}) and too few rows per class in it to cross-validate "
+            "(a class with fewer than 2 rows, or a single class)")})
+        return probe
+    others = [sp for sp in plan.labelled if sp != fit]
+    ys = {sp: np.asarray(s.sample_field(sp, "label")) for sp in others}
+    for layer in plan.layers:
+        scores: dict[str, list[float | None]] = {sp: [] for sp in others}
+        cv: list[float | None] = []
+        for st in plan.steps:
+            X = np.asarray(s.acts(model, fit, layer, st)[:])
+            if primary is None:
+                cv.append(_cv_accuracy(X, y_fit, folds, probe_C, random_state))
+            if others:
+                p = LinearProbe(C=probe_C, backend="sklearn").fit(X, y_fit)
+                for sp in others:
+                    scores[sp].append(_num(p.score(s.acts(model, sp, layer, st)[:], ys[sp])))
+        probe[layer] = {
+            "method": "cv" if primary is None else "holdout", "train": fit,
+            "test": primary if primary is not None else fit,
+            "accuracy": cv if primary is None else scores[primary],
+            "id_accuracy": scores[id_split] if id_split is not None else None,
+            "scores": scores, "folds": folds or None,
+        }
+    return probe
+
+
+def _cka_to_last(s: Any, plan: _Plan) -> dict[str, Any]:
+    """Debiased linear CKA of each step's representation of the layer split to the last step's."""
+    cka: dict[str, Any] = {}
+    sp, steps = plan.lay_split, plan.steps
+    if sp is None or len(steps) < 2:
+        return cka
+    n = s.n_rows(sp, plan.model, steps[-1])
+    if n < 4:
+        plan.skipped.append({"analysis": "CKA to the last step",
+                             "reason": f"the split {sp!r} has {n} rows; debiased CKA needs 4"})
+        return cka
+    for layer in plan.layers:
+        last = np.asarray(s.acts(plan.model, sp, layer, steps[-1])[:])
+        vals = [_num(linear_cka(np.asarray(s.acts(plan.model, sp, layer, st)[:]), last, debiased=True))
+                for st in steps]
+        cka[layer] = {"split": sp, "values": vals}
+    return cka
+
+
+def _background_figures(s: Any, plan: _Plan, random_state: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Background sensitivity on the grouped split, the factors' share of unit variance on the factored one."""
+    grouped, factored, model = plan.grouped, plan.factored, plan.model
+    sens: dict[str, Any] = {}
+    if grouped is not None:
+        g = s.sample_field(grouped, "group")
+        for layer in plan.layers:
+            vals = [_num(background_sensitivity(s.acts(model, grouped, layer, st), g, n_boot=1).layer)
+                    for st in plan.steps]
+            sens[layer] = {"split": grouped, "values": vals}
+    share: dict[str, Any] = {}
+    if factored is not None:
+        F = np.asarray(s.sample_field(factored, "factors"), dtype=float)
+        names = s.factor_names(factored)
+        for layer in plan.layers:
+            vals, null = [], []
+            for st in plan.steps:
+                r = BackgroundCorrelation(n_permutations=0, random_state=random_state).fit(
+                    s.acts(model, factored, layer, st), F, factor_names=names).result_
+                vals.append(_num(r.mean_factor_r2))
+                null.append(_num(r.null_factor_r2))
+            share[layer] = {"split": factored, "values": vals, "null": null}
+    if grouped is None and factored is None and not plan.absent.keys() & {"grouped", "factored"}:
+        plan.skipped.append({"analysis": "background over training", "reason": (
+            "no recorded probe split has a group field (the same foreground on several backgrounds) "
+            "or background factors")})
+    return sens, share
+
+
+def _directions(s: Any, plan: _Plan, weight_layers: Sequence[str] | None, tol: float,
+                mass: float) -> dict[str, Any]:
+    """Direction counts and cluster shares of the stored weight rows, per layer stored at every step."""
+    model, steps = plan.model, plan.steps
+    wl = list(weight_layers) if weight_layers is not None else s.weight_layers(model, steps[0])
+    wl = [la for la in wl if all(la in s.weight_layers(model, st) for st in steps)]
+    if not wl:
+        plan.skipped.append({"analysis": "directions over training",
+                             "reason": "no weight rows are stored at every recorded step"})
+    dirs: dict[str, Any] = {}
+    for layer in wl:
+        ws = {st: s.weights(model, layer, st) for st in steps}
+        r = direction_series(ws, tol=tol, mass=mass)
+        dirs[layer] = {
+            "n_directions": [int(v) for v in r.series("n_directions")],
+            "n_clusters": [int(v) for v in r.series("n_clusters")],
+            "shares": [[float(x) for x in np.asarray(res.shares)[: int(res.n_directions)]] for res in r.results],
+        }
+    return dirs
+
+
+def _projections(s: Any, plan: _Plan, bases: Mapping[str, tuple[Any, Any]] | None) -> dict[str, Any]:
+    """Norms of the weights' projections on the given core / background bases, per step."""
+    proj: dict[str, Any] = {}
+    for layer, (core, bg) in (bases or {}).items():
+        ws = {st: s.weights(plan.model, layer, st) for st in plan.steps}
+        r = projection_series(ws, core, bg)
+        proj[layer] = {k: [None if v is None else _num(v) for v in r.series(k)]
+                       for k in ("core", "background", "core_ratio", "background_ratio")}
+    return proj
+
+
+def _best_step(probe: Mapping[str, Any], score: str | None, steps: list[int]) -> tuple[int | None, float | None]:
+    """The step of best probe accuracy on the score layer (the first on ties), and that accuracy."""
+    if score not in probe:
+        return None, None
+    acc = np.array([-np.inf if a is None else a for a in probe[score]["accuracy"]])
+    if not np.isfinite(acc).any():
+        return None, None
+    i = int(np.argmax(acc))
+    return int(steps[i]), float(acc[i])
+
+
+def _by_step(steps: list[int], probe: Mapping[str, Any], cka: Mapping[str, Any], sens: Mapping[str, Any],
+             share: Mapping[str, Any], dirs: Mapping[str, Any], proj: Mapping[str, Any]) -> dict[str, Any]:
+    """The per-metric lists regrouped by step: ``{str(step): {metric: {layer: value}}}``."""
     by_step: dict[str, Any] = {}
-    for i, st in enumerate(all_steps):
+    for i, st in enumerate(steps):
         by_step[str(st)] = {
             "probe_ood": {k: v["accuracy"][i] for k, v in probe.items()},
             "probe_id": {k: v["id_accuracy"][i] for k, v in probe.items() if v["id_accuracy"] is not None},
@@ -327,8 +396,7 @@ def series(
             "n_directions": {k: v["n_directions"][i] for k, v in dirs.items()},
             "projections": {k: {m: v[m][i] for m in v} for k, v in proj.items()},
         }
-    out["by_step"] = by_step
-    return out
+    return by_step
 
 
 _STYLES = ("-", "--", ":", "-.")

@@ -71,7 +71,7 @@ def assert_no_background_shortcut(
     """
     from .datasets import Counterfactuals
     from .model_audit import audit_model
-    from .report._findings import model_verdicts
+    from .report import model_verdicts
 
     if isinstance(data, Counterfactuals):
         if masks is not None or boxes is not None or foreground is not None:

@@ -21,6 +21,7 @@ import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from .errors import ProbekitError
 from .vocab import (
     ALPHA,
     PULL_MARGIN,
@@ -238,8 +239,6 @@ def parse_findings(text: str | Sequence[str]) -> list[str]:
     items = [t.strip() for t in (text.split(",") if isinstance(text, str) else text) if t.strip()]
     bad = [t for t in items if t not in FINDINGS and t != "any"]
     if bad or not items:
-        from .errors import ProbekitError
-
         raise ProbekitError(f"--fail-on takes findings from {', '.join(FINDINGS)} (or 'any'); got {text!r}.")
     return list(FINDINGS) if "any" in items else items
 

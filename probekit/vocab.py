@@ -8,6 +8,7 @@ and the front door import these names from here.
 - :class:`Estimate`, the ``{"value", "ci"}`` pair every figure of the audit document is;
 - :class:`Padding`, how keyword-input items of different lengths are batched (datasets and extractors);
 - :func:`import_callable`, how a ``package.module:callable`` the user names is imported (models, data);
+- :func:`jsonable`, the one conversion of results to JSON-safe Python (analyses, audit, experiments);
 - the materiality margins of the verdict's findings (:mod:`probekit.verdict` owns the rules that read
   them; the analyses take them as their defaults, so both read one definition).
 """
@@ -24,6 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ._json import jsonable as jsonable
 from .errors import DataError
 
 __all__ = [
@@ -41,6 +43,7 @@ __all__ = [
     "Padding",
     "import_callable",
     "init_name",
+    "jsonable",
     "pct",
     "points",
 ]

@@ -26,7 +26,9 @@ __all__ = [
     "register_dataset",
 ]
 
-# image folders with foregrounds and their counterfactuals (Xiao et al. 2020 variants, crossed stress)
+# the built-in datasets' own classes and generators, for runs that set their options (experiments,
+# demo); image folders with foregrounds and their counterfactuals (Xiao et al. 2020 variants, crossed stress)
+from ._bgdigits import BackgroundDigits as BackgroundDigits
 from ._foreground import ForegroundFolder as ForegroundFolder
 from ._foreground import adjust_mask as adjust_mask
 from ._images import CounterfactualDataset as CounterfactualDataset
@@ -35,20 +37,35 @@ from ._images import DeploymentScenes as DeploymentScenes
 from ._images import composite as composite
 from ._images import feather_sigma as feather_sigma
 from ._images import fill_foreground as fill_foreground
-from ._images import image_counterfactuals as image_counterfactuals
 from ._images import mirror_crop as mirror_crop
 from ._images import soft_mask as soft_mask
+from ._loading import check_image_sizes as check_image_sizes
+from ._shapes import Shapes as Shapes
+from ._shapes import write_image_folder as write_image_folder
+from ._synthetic import StructuredFeatures as StructuredFeatures
+from ._synthetic import gen_skew_data as gen_skew_data
+from ._synthetic import gen_sym_data as gen_sym_data
+from ._synthetic import make_structured as make_structured
+from ._synthetic import xor_axes as xor_axes
 
 __all__ += [
+    "BackgroundDigits",
     "CounterfactualDataset",
     "Counterfactuals",
     "DeploymentScenes",
     "ForegroundFolder",
+    "Shapes",
+    "StructuredFeatures",
     "adjust_mask",
+    "check_image_sizes",
     "composite",
     "feather_sigma",
     "fill_foreground",
-    "image_counterfactuals",
+    "gen_skew_data",
+    "gen_sym_data",
+    "make_structured",
     "mirror_crop",
     "soft_mask",
+    "write_image_folder",
+    "xor_axes",
 ]

@@ -89,7 +89,7 @@ from ._foreground import (
 )
 
 __all__ = ["CounterfactualDataset", "Counterfactuals", "DeploymentScenes", "composite", "feather_sigma",
-           "fill_foreground", "image_counterfactuals", "mirror_crop", "soft_mask"]
+           "fill_foreground", "mirror_crop", "soft_mask"]
 
 SPLITS = ("train", "test", "variants", "stress")
 #: the fill methods of a background's own object region (see :func:`fill_foreground`, ``"borrow"``:
@@ -794,11 +794,6 @@ class Counterfactuals:
                             f"{str(self.folder.root)!r}; lower test_fraction.")
         return CounterfactualDataset(self, name)
 
-    def splits(self) -> dict[str, CounterfactualDataset]:
-        """Every split that has items."""
-        return {s: self.split(s) for s in (*SPLITS, *self.deploy_splits)
-                if (s != "train" or len(self.train_indices)) and (s != "stress" or self._stress_error is None)}
-
 
 class CounterfactualDataset(Dataset):
     """One split of :class:`Counterfactuals` (a map-style dataset of dict items).
@@ -881,8 +876,3 @@ class CounterfactualDataset(Dataset):
         if factors is not None and self.factor_names is not None:
             item["factors"] = factors[j].copy()
         return item
-
-
-def image_counterfactuals(root: str | os.PathLike, split: str, **kwargs: Any) -> CounterfactualDataset:
-    """One split of ``Counterfactuals(root, **kwargs)`` (``train``, ``test``, ``variants``, ``stress``)."""
-    return Counterfactuals(root, **kwargs).split(split)

@@ -4,7 +4,8 @@ Each experiment is a module with ``run(seeds=..., out_dir=..., quick=False) -> d
 its models, writes a store (first-layer weights over steps, and for distillation representations),
 a JSON of its figures with the seeds, and PNG plots. ``EXPERIMENTS`` maps names to the ``run``
 functions (``probekit experiment NAME``); modules load on first use, so importing this package is
-cheap.
+cheap. The digit networks and their training (``DigitCNN``, ``train_teacher``, ``train_student``) and
+``torch_threads`` are public for the demo and for runs of one's own; they load on first use too.
 """
 
 from __future__ import annotations
@@ -13,7 +14,16 @@ from collections.abc import Callable
 from importlib import import_module
 from typing import Any
 
-__all__ = ["EXPERIMENTS", "get_experiment"]
+from ..errors import ProbekitError
+
+__all__ = ["EXPERIMENTS", "DigitCNN", "get_experiment", "torch_threads", "train_student", "train_teacher"]
+
+_LAZY = {
+    "DigitCNN": "probekit.experiments._digitnets",
+    "train_student": "probekit.experiments._digitnets",
+    "train_teacher": "probekit.experiments._digitnets",
+    "torch_threads": "probekit.experiments._common",
+}
 
 _MODULES = {
     "contamination": "probekit.experiments.contamination",
@@ -28,8 +38,6 @@ class _LazyRegistry(dict):
 
     def __getitem__(self, name: str) -> Callable[..., dict[str, Any]]:
         if name not in _MODULES:
-            from ..errors import ProbekitError
-
             raise ProbekitError(
                 f"There is no experiment {name!r}; the experiments are {sorted(_MODULES)}."
             )
@@ -51,3 +59,11 @@ EXPERIMENTS: dict[str, Callable[..., dict[str, Any]]] = _LazyRegistry.fromkeys(_
 def get_experiment(name: str) -> Callable[..., dict[str, Any]]:
     """The ``run`` function of experiment ``name``."""
     return EXPERIMENTS[name]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'probekit.experiments' has no attribute {name!r}")

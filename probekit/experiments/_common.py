@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from probekit._json import jsonable
+from probekit.vocab import jsonable
 
 
 def out_path(out_dir: str | os.PathLike | None, name: str) -> Path:

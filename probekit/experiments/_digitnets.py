@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..datasets._bgdigits import BackgroundDigits
+from ..datasets import BackgroundDigits
 
 __all__ = [
     "DigitCNN",

@@ -27,7 +27,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..datasets._synthetic import StructuredFeatures, make_structured
+from ..analyses import weight_projections
+from ..datasets import StructuredFeatures, make_structured
+from ..store import StoreWriter
 from ._common import fmt, mean_sd, out_path, pyplot, seeds_list, torch_threads, write_json
 
 __all__ = ["TwoLayerNet", "run", "train_two_layer"]
@@ -80,8 +82,6 @@ def _loss(name: str, f: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def _projections(W: np.ndarray, data: StructuredFeatures) -> tuple[float, float]:
     """Mean core and background projections (``probekit.analyses.weight_projections``)."""
-    from probekit.analyses import weight_projections
-
     r = weight_projections(W, data.core_basis, data.bg_basis)
     return r.core, r.background
 
@@ -171,8 +171,6 @@ def run(
     their gap ``ood_loss - id_loss``, and the OOD accuracy. With ``verbose``, prints the headline
     numbers (:func:`headline`).
     """
-    from probekit.store import StoreWriter
-
     t0 = time.time()
     seeds = seeds_list(seeds)
     steps = steps if steps is not None else (300 if quick else 1500)

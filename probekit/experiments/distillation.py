@@ -29,7 +29,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..datasets._bgdigits import BackgroundDigits
+from ..analyses import (
+    LinearProbe,
+    background_behaviour,
+    background_decodability,
+    background_sensitivity,
+    normalized_mean_shift,
+    probe_id_ood,
+    relative_mse,
+    weight_projections,
+)
+from ..datasets import BackgroundDigits
+from ..store import StoreWriter
 from ._common import mean_sd, out_path, pyplot, seeds_list, torch_threads, write_json
 from ._digitnets import (
     DigitCNN,
@@ -62,37 +73,27 @@ MODELS = ("teacher", "student", "s_aug", "erm_id", "s_rf")
 
 def background_sensitivity_share(X: np.ndarray, group: np.ndarray) -> float:
     """Layer background sensitivity (``probekit.analyses.background_sensitivity``, no bootstrap)."""
-    from probekit.analyses import background_sensitivity
-
     return float(background_sensitivity(X, group, n_boot=1).layer)
 
 
 def normalized_mean_shift_share(X_a: np.ndarray, X_b: np.ndarray) -> float:
     """NMS between two background families (``probekit.analyses.normalized_mean_shift``, no bootstrap)."""
-    from probekit.analyses import normalized_mean_shift
-
     return float(normalized_mean_shift(X_a, X_b, n_boot=1).nms)
 
 
 def _rel_mse(S: np.ndarray, T: np.ndarray) -> float:
     """Relative MSE ``sum ||s - t||^2 / sum ||t - mean t||^2`` (``probekit.analyses.relative_mse``, raw)."""
-    from probekit.analyses import relative_mse
-
     return float(relative_mse(S, T).raw)
 
 
 def _decodability_within(X: np.ndarray, factors: np.ndarray, seed: int) -> float:
     """Mean excess R² (over a shuffled control) of ridge probes for the factors, 5-fold CV within X."""
-    from probekit.analyses import background_decodability
-
     r = background_decodability(X, factors, categorical=(), n_shuffles=2, n_boot=1, random_state=seed)
     return float(r.mean_excess_r2)
 
 
 def _probe(Xtr: np.ndarray, ytr: np.ndarray, Xid: np.ndarray, yid: np.ndarray, Xood: np.ndarray, yood: np.ndarray) -> tuple[float, float]:
     """Standardised logistic-regression probe (C = 1) fitted on ID training renders."""
-    from probekit.analyses import LinearProbe, probe_id_ood
-
     r = probe_id_ood(Xtr, ytr, Xid, yid, Xood, yood, probe=LinearProbe(C=1.0, max_iter=2000), n_boot=1)
     return float(r.id_accuracy), float(r.ood_accuracy)
 
@@ -134,8 +135,6 @@ def filter_subspaces(seed: int = 0, k: int = 4) -> dict[str, np.ndarray]:
 
 def _proj_norm(W: np.ndarray, B: np.ndarray) -> float:
     """Mean over filters of ``||B w_j||`` (``probekit.analyses.weight_projections``)."""
-    from probekit.analyses import weight_projections
-
     return float(weight_projections(W, B, B).core)
 
 
@@ -172,8 +171,6 @@ def _eval_data(seed: int, n_stress: int, composite: str) -> dict[str, dict[str, 
 
 
 def _evaluate(models: dict[str, DigitCNN], inits: dict[str, DigitCNN], data, seed: int, subspaces) -> dict[str, Any]:
-    from probekit.analyses import LinearProbe, background_behaviour
-
     reps: dict[str, dict[str, np.ndarray]] = {}
     res: dict[str, Any] = {}
     for name, model in models.items():
@@ -235,8 +232,6 @@ def run(
     ``quick=True`` trains 15 teacher / 40 student epochs (instead of 60 / 150, the pilot's). With
     ``verbose``, prints the headline numbers (:func:`headline`).
     """
-    from probekit.store import StoreWriter
-
     t0 = time.time()
     seeds = seeds_list(seeds)
     te = teacher_epochs if teacher_epochs is not None else (15 if quick else 60)

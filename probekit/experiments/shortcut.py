@@ -18,6 +18,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..audit import audit
+from ..datasets import Shapes
+from ..extraction import extract
 from ._common import out_path, seeds_list, torch_threads, write_json
 
 __all__ = ["ShapesCNN", "run", "train_shapes_cnn"]
@@ -45,8 +48,6 @@ class ShapesCNN(nn.Module):
 def train_shapes_cnn(background: str = "random", *, seed: int = 0, epochs: int = 20, n_train: int = 1500,
                      lr: float = 3e-3) -> ShapesCNN:
     """Train :class:`ShapesCNN` on ``shapes`` ``train`` with the given background colouring (Adam, batch 32)."""
-    from ..datasets._shapes import Shapes
-
     data = Shapes("train", seed=seed, background=background, n_train=n_train)
     x = torch.from_numpy(np.stack([data.item(i)["x"] for i in range(len(data))]))
     y = torch.tensor([data.item(i)["label"] for i in range(len(data))])
@@ -69,10 +70,6 @@ def run(seeds: Any = 1, out_dir: str | os.PathLike | None = None, quick: bool = 
 
     With ``verbose``, prints the two verdicts of every seed (:func:`headline`).
     """
-    from ..audit import audit
-    from ..datasets._shapes import Shapes
-    from ..extraction import extract
-
     out = out_path(out_dir, "shortcut")
     results: dict[str, Any] = {"seeds": {}}
     for seed in seeds_list(seeds):

@@ -26,7 +26,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..datasets._synthetic import gen_skew_data, gen_sym_data, xor_axes
+from ..analyses import DirectionClusters
+from ..datasets import gen_skew_data, gen_sym_data, xor_axes
+from ..store import StoreWriter
 from ._common import fmt, mean_sd, out_path, pyplot, seeds_list, torch_threads, write_json
 
 __all__ = ["alignment_quantile", "cluster_directions", "run", "train_xor"]
@@ -101,8 +103,6 @@ def cluster_directions(W: np.ndarray, *, mass: float = 0.9, tol_deg: float = 10.
     ``probekit.analyses.DirectionClusters(tol=tol_deg, mass=mass)``; returns ``n_directions``, the
     unit ``centers`` (k, d) and ``shares`` of those directions (largest first).
     """
-    from probekit.analyses import DirectionClusters
-
     dc = DirectionClusters(mass=mass, tol=tol_deg).fit(W)
     k = int(dc.n_directions_)
     return {"n_directions": k, "centers": np.asarray(dc.centers_)[:k], "shares": np.asarray(dc.shares_)[:k],
@@ -140,8 +140,6 @@ def run(
     neurons, degrees), and across widths the largest angle between matched cluster centres. With
     ``verbose``, prints the headline numbers (:func:`headline`).
     """
-    from probekit.store import StoreWriter
-
     t0 = time.time()
     seeds = seeds_list(seeds)
     epochs = epochs if epochs is not None else (2**11 if quick else 2**13)

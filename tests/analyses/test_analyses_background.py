@@ -13,7 +13,6 @@ from sklearn.preprocessing import StandardScaler
 
 from probekit.analyses import (
     BackgroundCorrelation,
-    BackgroundDecodability,
     background_decodability,
     background_sensitivity,
     normalized_mean_shift,
@@ -157,9 +156,8 @@ def test_decodability_transfer_and_categorical():
     X = rng.normal(size=(n, 10))
     X[:, 0] += F[:, 0]
     X[:, 1] += 2 * F[:, 1]
-    est = BackgroundDecodability(cv=3, n_shuffles=3, alpha=1.0).fit(X[:200], F[:200], factor_names=["c", "k"],
-                                                            X_test=X[200:], factors_test=F[200:])
-    res = est.result_
+    res = background_decodability(X[:200], F[:200], factor_names=["c", "k"], X_test=X[200:],
+                                  factors_test=F[200:], cv=3, n_shuffles=3, alpha=1.0)
     assert res.mode == "transfer" and res.metric == {"c": "r2", "k": "balanced_accuracy"}
     ref = make_pipeline(StandardScaler(), Ridge(alpha=1.0)).fit(X[:200], F[:200, 0])
     assert res.score["c"] == pytest.approx(ref.score(X[200:], F[200:, 0]), abs=1e-9)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from probekit.analyses import cka_matrix, difference, linear_cka, relative_mse
+from probekit.analyses import linear_cka, relative_mse
 from probekit.errors import DataError
 from probekit.testing import ArrayActivations as _FakeActs
 
@@ -59,8 +59,6 @@ def test_cka_invariances(xy):
     assert linear_cka(X @ Q, Y) == pytest.approx(base, abs=1e-12)
     assert linear_cka(7.5 * X, 0.1 * Y) == pytest.approx(base, abs=1e-12)
     assert linear_cka(X, Y, debiased=True) < base  # the debiased estimator removes upward bias
-    m = cka_matrix({"a": X}, {"b": Y, "c": X})
-    assert m["a"]["c"] == pytest.approx(1.0)
     with pytest.raises(DataError, match="rows"):
         linear_cka(X, Y[:-1])
 
@@ -81,12 +79,3 @@ def test_relative_mse_raw_and_mapped():
     ref = ((pred - T[200:]) ** 2).sum() / ((T[200:] - T[200:].mean(0)) ** 2).sum()
     assert res2.mapped == pytest.approx(ref, rel=1e-8)
     assert res2.raw > 1.0 and res2.mapped < 0.05
-
-
-def test_difference():
-    s = {"acc": 0.7, "ci": [0.6, 0.8], "per": [1.0, 2.0], "name": "layer4"}
-    t = {"acc": 0.9, "ci": [0.85, 0.95], "per": [0.5, 0.5], "name": "layer4"}
-    d = difference(s, t)
-    assert d == {"acc": pytest.approx(-0.2), "ci": None, "per": [0.5, 1.5], "name": "layer4"}
-    with pytest.raises(DataError, match="keys"):
-        difference(s, {"acc": 1.0})

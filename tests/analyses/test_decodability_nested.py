@@ -13,7 +13,7 @@ from sklearn.model_selection import GridSearchCV, LeaveOneGroupOut, PredefinedSp
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from probekit.analyses import BackgroundDecodability, background_decodability
+from probekit.analyses import background_decodability
 from probekit.analyses._decodability import (
     DEFAULT_ALPHA_GRID,
     _boot_weights,
@@ -218,8 +218,7 @@ def test_summaries_never_mix_r2_and_balanced_accuracy():
     X = rng.normal(size=(n, 6))
     X[:, 0] += F[:, 0]
     X[:, 1] += 2 * F[:, 2]
-    est = BackgroundDecodability(n_shuffles=2, n_boot=10).fit(X, F, factor_names=["a", "b", "k"])
-    r = est.result_
+    r = background_decodability(X, F, factor_names=["a", "b", "k"], n_shuffles=2, n_boot=10)
     assert r.metric == {"a": "r2", "b": "r2", "k": "balanced_accuracy"}
     assert r.mean_excess_r2 == pytest.approx((r.excess["a"] + r.excess["b"]) / 2)
     assert r.mean_excess_balanced_accuracy == pytest.approx(r.excess["k"])

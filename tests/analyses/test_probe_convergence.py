@@ -15,7 +15,7 @@ from sklearn.datasets import load_digits
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 
-from probekit.analyses import LinearProbe
+from probekit.analyses import LinearProbe, _logistic
 from probekit.errors import DataError
 from probekit.testing import ArrayActivations, probe_objective_gradient
 
@@ -86,13 +86,13 @@ def test_C_cv_warns_once_for_its_fits(digits):
 def test_torch_fit_runs_on_n_threads_and_restores(digits, monkeypatch):
     X, y = digits
     seen = []
-    real = LinearProbe._loss_grad
+    real = _logistic.loss_grad
 
     def spy(*args, **kwargs):
         seen.append(torch.get_num_threads())
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(LinearProbe, "_loss_grad", staticmethod(spy))
+    monkeypatch.setattr(_logistic, "loss_grad", spy)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
@@ -110,7 +110,7 @@ def test_torch_fit_runs_on_n_threads_and_restores(digits, monkeypatch):
         def boom(*args, **kwargs):
             raise RuntimeError("planted failure")
 
-        monkeypatch.setattr(LinearProbe, "_loss_grad", staticmethod(boom))
+        monkeypatch.setattr(_logistic, "loss_grad", boom)
         with pytest.raises(RuntimeError, match="planted"):
             LinearProbe(C=1.0, backend="torch").fit(X, y)
         assert torch.get_num_threads() == 2  # restored on error too

@@ -16,8 +16,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from probekit.analyses import LinearProbe
-from probekit.analyses import _probes as probes
+from probekit.analyses import LinearProbe, _logistic
 from probekit.testing import ArrayActivations, probe_objective_gradient
 
 
@@ -37,15 +36,15 @@ DATA = list(_data())
 def bf16_stage(monkeypatch):
     """Force the bfloat16 stage on and count its evaluations."""
     calls = []
-    monkeypatch.setattr(probes, "_MIXED_MIN_WORK", 0)
-    monkeypatch.setattr(probes, "_bf16_matmul_fast", lambda torch, dev: True)
-    real = probes._Bf16Evaluator.__call__
+    monkeypatch.setattr(_logistic, "MIXED_MIN_WORK", 0)
+    monkeypatch.setattr(_logistic, "bf16_matmul_fast", lambda torch, dev: True)
+    real = _logistic.Bf16Evaluator.__call__
 
     def counted(self):
         calls.append(1)
         return real(self)
 
-    monkeypatch.setattr(probes._Bf16Evaluator, "__call__", counted)
+    monkeypatch.setattr(_logistic.Bf16Evaluator, "__call__", counted)
     return calls
 
 
@@ -69,7 +68,7 @@ def test_float32_stage_finishes_what_the_bf16_stage_left(bf16_stage, monkeypatch
     _, Xtr, ytr, _, _ = DATA[0]
     stopped = LinearProbe(C=1.0, backend="torch", tol=0.05).fit(Xtr, ytr)
     assert np.abs(probe_objective_gradient(stopped, Xtr, ytr)).max() > 1e-4  # 0.05 is far from converged
-    monkeypatch.setattr(probes, "_BF16_MIN_TOL", 0.05)
+    monkeypatch.setattr(_logistic, "BF16_MIN_TOL", 0.05)
     n_bf16 = len(bf16_stage)
     probe = LinearProbe(C=1.0, backend="torch", tol=1e-4, precision="bf16").fit(Xtr, ytr)
     assert len(bf16_stage) > n_bf16
@@ -99,8 +98,8 @@ def test_default_precision_never_runs_the_bf16_stage(bf16_stage):
 
 def test_stage_is_skipped_below_the_work_threshold(monkeypatch):
     calls = []
-    monkeypatch.setattr(probes, "_bf16_matmul_fast", lambda torch, dev: True)
-    monkeypatch.setattr(probes._Bf16Evaluator, "__init__", lambda *a: calls.append(1))
+    monkeypatch.setattr(_logistic, "bf16_matmul_fast", lambda torch, dev: True)
+    monkeypatch.setattr(_logistic.Bf16Evaluator, "__init__", lambda *a: calls.append(1))
     _, Xtr, ytr, _, _ = DATA[0]  # 1200 x 64 x 10 < 2e7
     LinearProbe(C=1.0, backend="torch", precision="bf16").fit(Xtr, ytr)
     assert calls == []
@@ -136,7 +135,7 @@ def test_softmax_loss_keeps_float32_precision():
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(16000, 10)) * 30
     y = rng.integers(0, 10, 16000)
-    got, _ = LinearProbe._loss_P(torch, torch.from_numpy(logits.astype(np.float32)),
+    got, _ = _logistic.loss_P(torch, torch.from_numpy(logits.astype(np.float32)),
                                  torch.from_numpy(y), 10, 16000)
     # float32 logits themselves are rounded (~1e-6 relative of 30); compare with the loss of those
     l32 = logits.astype(np.float32).astype(np.float64)
@@ -146,11 +145,10 @@ def test_softmax_loss_keeps_float32_precision():
 
 
 def test_lbfgs_reports_the_final_gradient():
-    """When _lbfgs reports max|gradient| at its final point, it equals the objective's gradient there."""
+    """When lbfgs reports max|gradient| at its final point, it equals the objective's gradient there."""
     import torch
 
     _, Xtr, ytr, _, _ = DATA[0]
-    probe = LinearProbe(C=1.0, tol=1e-4, max_iter=200)
     Z = (Xtr - Xtr.mean(0)) / np.where(Xtr.std(0) > 0, Xtr.std(0), 1.0)
     classes, idx = np.unique(ytr, return_inverse=True)
     n, K = Z.shape[0], classes.size
@@ -158,7 +156,8 @@ def test_lbfgs_reports_the_final_gradient():
     Yt = torch.nn.functional.one_hot(torch.from_numpy(idx), K).float()
     W, b = torch.zeros(K, Z.shape[1]), torch.zeros(K)
     lam = 1.0 / n
-    _, gmax = probe._lbfgs(torch, W, b, lambda: LinearProbe._loss_grad(torch, Zt, Yt, W, b, K, n), lam)
+    _, gmax = _logistic.lbfgs(torch, W, b, lambda: _logistic.loss_grad(torch, Zt, Yt, W, b, K, n), lam,
+                              max_iter=200, tol=1e-4)
     assert gmax is not None  # digits: the last line search accepts its last trial
     Wn, bn = W.double().numpy(), b.double().numpy()
     lg = Z @ Wn.T + bn
