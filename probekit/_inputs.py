@@ -18,18 +18,11 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import h5py
-
 from .errors import DataError
-from .store import StoreWriter
+from .store import FINGERPRINT_ATTR, SETTINGS_ATTR, stored_fingerprint
 
-__all__ = ["FINGERPRINT_ATTR", "SETTINGS_ATTR", "check_store", "file_sha256", "files_sha256", "fingerprint",
-           "write_settings", "write_store"]
+__all__ = ["FINGERPRINT_ATTR", "SETTINGS_ATTR", "check_store", "file_sha256", "files_sha256", "fingerprint"]
 
-FINGERPRINT_ATTR = "inputs_fingerprint"
-#: the root attribute holding how the counterfactual images were made (JSON: fill, feather, deployment
-#: scenes and their photos, class names), read by the audit's deployment figures
-SETTINGS_ATTR = "counterfactuals"
 _BLOCK = 1 << 20
 
 # what each fingerprint entry means, for the one-line refusal
@@ -86,21 +79,6 @@ def fingerprint(entries: Mapping[str, Any]) -> dict[str, str]:
     return out
 
 
-def _stored(store: Path) -> tuple[dict[str, str] | None, bool]:
-    """The stored fingerprint (None when absent) and whether the store holds any model."""
-    try:
-        with h5py.File(store, "r") as f:
-            raw = f.attrs.get(FINGERPRINT_ATTR)
-            has_models = "models" in f and len(f["models"]) > 0
-    except OSError as e:
-        raise DataError(f"Cannot read the store {str(store)!r} ({e}); rerun with --overwrite to replace it, or "
-                        "give another -o.") from e
-    if raw is None:
-        return None, has_models
-    raw = raw.decode() if isinstance(raw, bytes) else str(raw)
-    return dict(json.loads(raw)), has_models
-
-
 def check_store(store: str | os.PathLike, fp: Mapping[str, str]) -> bool:
     """Whether ``store`` may be continued with inputs of fingerprint ``fp`` (read-only).
 
@@ -112,7 +90,7 @@ def check_store(store: str | os.PathLike, fp: Mapping[str, str]) -> bool:
     store = Path(store)
     if not store.exists():
         return False
-    stored, has_models = _stored(store)
+    stored, has_models = stored_fingerprint(store)
     if stored is None:
         if not has_models:
             return False
@@ -125,16 +103,3 @@ def check_store(store: str | os.PathLike, fp: Mapping[str, str]) -> bool:
         raise DataError(f"The store {str(store)!r} was computed from other inputs than this run's ({what} "
                         "differ); rerun with --overwrite to recompute it, or give another --out-dir.")
     return True
-
-
-def write_store(store: str | os.PathLike, fp: Mapping[str, str]) -> None:
-    """Create an empty store at ``store`` (replacing any) recording ``fp`` as its ``inputs_fingerprint``."""
-    StoreWriter(store, mode="overwrite").close()
-    with h5py.File(store, "r+") as f:
-        f.attrs[FINGERPRINT_ATTR] = json.dumps(dict(fp), sort_keys=True)
-
-
-def write_settings(store: str | os.PathLike, settings: Mapping[str, Any]) -> None:
-    """Record how the counterfactual images were made as the store's root attribute ``counterfactuals``."""
-    with h5py.File(store, "r+") as f:
-        f.attrs[SETTINGS_ATTR] = json.dumps(dict(settings), sort_keys=True, default=str)

@@ -20,7 +20,11 @@ _DEFAULT_CHUNK_BYTES = 64 << 20  # iter_chunks reads ~64 MiB at a time unless to
 
 def check_format(path: str | os.PathLike) -> None:
     """Raise :class:`StoreFormatError` unless ``path`` is a store this probekit can read."""
-    path = Path(path)
+    _open_checked(Path(path)).close()
+
+
+def _open_checked(path: Path) -> h5py.File:
+    """A read handle (no file lock) on ``path`` once it is known to be a store this probekit reads."""
     if not path.exists():
         raise StoreFormatError(f"The store {str(path)!r} does not exist. Check the path.")
     try:
@@ -40,8 +44,12 @@ def check_format(path: str | os.PathLike) -> None:
             f"{str(path)!r} is not a readable HDF5 file ({_short(e)}). It may be truncated or another "
             "kind of file; re-run the extraction to produce it."
         ) from e
-    with f:
+    try:
         _check_root(f, path)
+    except BaseException:
+        f.close()
+        raise
+    return f
 
 
 def _check_root(f: h5py.File, path: Path) -> None:
@@ -65,19 +73,25 @@ def _check_root(f: h5py.File, path: Path) -> None:
         )
 
 
+def _counters_of(f: h5py.File) -> dict[str, int]:
+    """``rows_committed`` of every group of an open file, by HDF5 path."""
+    out: dict[str, int] = {}
+
+    def visit(name: str, obj: Any) -> None:
+        if isinstance(obj, h5py.Group) and F.ROWS_ATTR in obj.attrs:
+            out[obj.name] = int(obj.attrs[F.ROWS_ATTR])
+
+    f.visititems(visit)
+    return out
+
+
 def _read_counters(path: Path, tries: int = 5) -> dict[str, int]:
-    """``rows_committed`` of every group, by HDF5 path (retried if a concurrent flush tears a read)."""
+    """Check that ``path`` is a readable store, and read ``rows_committed`` of every group by HDF5 path,
+    through one handle of their own (retried if a concurrent flush tears a read)."""
     for attempt in range(tries):
-        out: dict[str, int] = {}
-
-        def visit(name: str, obj: Any, out: dict[str, int] = out) -> None:
-            if isinstance(obj, h5py.Group) and F.ROWS_ATTR in obj.attrs:
-                out[obj.name] = int(obj.attrs[F.ROWS_ATTR])
-
         try:
-            with _open_read(path) as f:
-                f.visititems(visit)
-            return out
+            with _open_checked(path) as f:
+                return _counters_of(f)
         except (OSError, KeyError, RuntimeError):
             if attempt == tries - 1:
                 raise
@@ -226,7 +240,7 @@ class Store:
 
     def __init__(self, path: str | os.PathLike, *, swmr: bool = False) -> None:
         self.path = Path(path)
-        check_format(self.path)
+        self._owns = True
         # Readers do not take HDF5's file lock: with it, a store could not be read while an extraction
         # appends to it (HDF5 refuses the open), and a reader would block a resuming writer. Reading
         # is bounded by the committed counters, which move only after their rows are written and
@@ -234,10 +248,22 @@ class Store:
         # The counters are read first, through a handle of their own, and kept: the handle used for
         # reading is opened after them, so its view of the file (end of allocation, chunk index) is at
         # least as new as the rows they count, even while another process appends (docs/RELIABILITY.md).
-        # A Store therefore shows the rows committed when it was opened.
+        # A Store therefore shows the rows committed when it was opened. The first handle also checks
+        # the format, so a Store opens the file twice.
         self._counters = _read_counters(self.path)
         self._f = _open_read(self.path, swmr)
         self.format_version = int(self._f.attrs["format_version"])
+
+    @classmethod
+    def _over(cls, f: h5py.File, path: Path) -> Store:
+        """A view through a handle this process holds open for writing (:meth:`StoreWriter.view`): no
+        file is opened, the counters are the handle's own (exact: no other process writes a file this
+        one has open for writing), and :meth:`close` leaves the handle open."""
+        self = cls.__new__(cls)
+        self.path, self._owns, self._f = Path(path), False, f
+        self._counters = _counters_of(f)
+        self.format_version = int(f.attrs["format_version"])
+        return self
 
     def _committed(self, g: h5py.Group) -> int:
         return int(self._counters.get(g.name, 0))
@@ -249,7 +275,8 @@ class Store:
         self.close()
 
     def close(self) -> None:
-        if self._f.id.valid:
+        """Close the file (a view of a writer's handle, :meth:`StoreWriter.view`, leaves it open)."""
+        if self._owns and self._f.id.valid:
             self._f.close()
 
     def __repr__(self) -> str:

@@ -43,7 +43,7 @@ from ..errors import (
     short_path,
 )
 from . import _format as F
-from ._reader import check_format, read_str_list
+from ._reader import Store, check_format, read_str_list
 
 WriteMode = Literal["create", "resume", "overwrite"]
 _CHUNK_BYTES = 1 << 20  # aim for ~1 MiB chunks: large enough for fast I/O, small enough to stay lazy
@@ -201,6 +201,22 @@ class StoreWriter:
 
     @_translate_io_errors
     def flush(self) -> None:
+        self._f.flush()
+
+    def view(self) -> Store:
+        """A read-only :class:`Store` through this writer's own handle, showing the rows committed now.
+
+        No file is opened: a session that writes several splits (the audit) reads what it wrote (a
+        resume's checks, a look of ``objects="auto"``) without opening the store again. The view is valid
+        while the writer is open; closing it leaves the writer open.
+        """
+        return Store._over(self._f, self.path)
+
+    @_translate_io_errors
+    def set_attrs(self, attrs: Mapping[str, str | int | float]) -> None:
+        """Set root attributes of the store (e.g. the audit's ``inputs_fingerprint``) and flush."""
+        for k, v in attrs.items():
+            self._f.attrs[k] = v
         self._f.flush()
 
     def _write_error(self, e: BaseException) -> WriteError | None:
