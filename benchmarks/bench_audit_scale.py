@@ -5,13 +5,23 @@ shapes with masks (probekit/datasets/_shapes.py), with a timm CNN at random init
 times the audit's phases by wrapping the functions it calls (model loading, building the splits,
 extraction per split, seeded initialisations, the analyses, the mask check), counts the forward passes
 per net and split (rows handed to the extraction pipeline and to the mask check's predictions), the
-opens of the store (``h5py.File``), peak RSS, and then times the **bare forward passes** the audit
+opens of the store ``acts.h5`` (``h5py.File`` given a path; other HDF5 files counted apart, and
+``h5py_file_objects`` counts every ``h5py.File`` made, including the wrappers h5py builds around a file
+already open, which the first version of this script reported as opens), peak RSS, and then times the **bare forward passes** the audit
 needs over the same composited images: every composited image pre-made as a tensor in memory (not
 timed), each net run over the rows it needs in the audit's batch size under ``no_grad``. ``bare /
 audit`` is the share of the audit's wall time that is forward passes (target >= 0.8x, issue 22).
 
+The audit's wall (``wall_s``) is the first audit of a fresh process: it includes the imports the audit
+makes on its way (timm, the report's); ``--warm`` audits the folder a second time in the same process
+(another output folder, so nothing is resumed) and reports that wall as ``wall_warm_s`` (imports and
+first-call costs paid). ``--pairs N --before DIR`` runs N interleaved pairs, the checkout DIR (e.g. the
+code before a change: ``git archive fe1784a | tar -x -C DIR``) then this tree, each in a fresh child, and
+prints the ratio per pair and the medians.
+
 Usage::
 
+    python benchmarks/bench_audit_scale.py --images 30 --pairs 3 --before /tmp/before --warm --label spine
     python benchmarks/bench_audit_scale.py --images 100 1000 --label after
     python benchmarks/bench_audit_scale.py --images 120 --model timm:resnet50 --image-size 224 \\
         --foreground auto --label after-resnet50
@@ -59,7 +69,7 @@ def _child(args: argparse.Namespace) -> dict:
                                        n=args.n, size=args.size)
     phases: dict[str, float] = collections.defaultdict(float)
     passes: dict[str, int] = collections.Counter()
-    opens = {"n": 0}
+    opens: dict[str, int] = collections.Counter()  # file name -> opens; "(open file)" -> wrappers of open ones
 
     stack: list[float] = []  # time spent in nested phases, per open phase: each phase is exclusive
 
@@ -89,9 +99,9 @@ def _child(args: argparse.Namespace) -> dict:
 
     real_file_init = h5py.File.__init__
 
-    def file_init(self, *a, **kw):
-        opens["n"] += 1
-        return real_file_init(self, *a, **kw)
+    def file_init(self, name, *a, **kw):
+        opens[Path(os.fsdecode(name)).name if isinstance(name, (str, bytes, os.PathLike)) else "(open file)"] += 1
+        return real_file_init(self, name, *a, **kw)
 
     h5py.File.__init__ = file_init
     X = importlib.import_module("probekit.extractors")
@@ -121,6 +131,13 @@ def _child(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     result = MA.audit_model(args.model, images, **kwargs)
     wall = time.perf_counter() - t0
+    counted = dict(opens)
+    wall_warm = None
+    if args.warm:  # the same audit again in this process: imports and first calls already paid
+        torch.manual_seed(0)
+        t0 = time.perf_counter()
+        MA.audit_model(args.model, images, **{**kwargs, "out": work / "audit-warm"})
+        wall_warm = time.perf_counter() - t0
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     rss_children_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     doc = result.data
@@ -161,7 +178,9 @@ def _child(args: argparse.Namespace) -> dict:
     return {"n_images": args.n, "model": args.model, "image_size": args.image_size,
             "foreground": args.foreground, "wall_s": wall, "phases_s": dict(phases),
             "other_s": wall - known, "forward_passes": dict(passes),
-            "forward_passes_total": int(sum(passes.values())), "store_opens": opens["n"],
+            "forward_passes_total": int(sum(passes.values())), "store_opens": counted.get("acts.h5", 0),
+            "h5_opens_other": {k: v for k, v in counted.items() if k not in ("acts.h5", "(open file)")},
+            "h5py_file_objects": sum(counted.values()), "wall_warm_s": wall_warm,
             "peak_rss_mb": rss_mb, "peak_rss_children_mb": rss_children_mb, "bare_forward_s": bare,
             "bare_over_audit": bare / wall, "verdict": verdict, "cost": doc.get("cost"),
             "threads": args.threads, "device": str(dev), "load": os.getloadavg(), "src": args.src or "this tree",
@@ -237,6 +256,54 @@ def _table(paths: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _run_child(args: argparse.Namespace, n: int, src: str) -> dict:
+    """One configuration in a fresh child process; its row, with the child's whole wall (``process_s``:
+    interpreter start, imports, the folder, the audit, the bare forward passes)."""
+    cmd = [sys.executable, __file__, "--child", "--n", str(n), "--model", args.model, "--image-size",
+           str(args.image_size), "--size", str(args.size), "--foreground", args.foreground, "--inits",
+           str(args.inits), "--batch-size", str(args.batch_size), "--n-boot", str(args.n_boot),
+           "--n-perm", str(args.n_perm), "--threads", str(args.threads), "--extra", args.extra, "--src", src,
+           "--device", args.device, *(["--warm"] if args.warm else [])]
+    t0 = time.perf_counter()
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if out.returncode:
+        sys.stderr.write(out.stderr[-4000:])
+        raise SystemExit(out.returncode)
+    row = json.loads(out.stdout.strip().splitlines()[-1])
+    row["process_s"] = time.perf_counter() - t0
+    return row
+
+
+def _pairs(args: argparse.Namespace) -> None:
+    """``--pairs N``: N interleaved pairs (``--before`` checkout, then this tree) per folder size."""
+    import statistics
+
+    if not args.before:
+        raise SystemExit("--pairs needs --before DIR (a checkout of the code before)")
+    out = {"label": args.label, "argv": sys.argv[1:], "before": str(Path(args.before).resolve()), "pairs": []}
+    path = Path(args.results) / f"bench_audit_scale_{args.label}.json"
+    for n in args.images:
+        for i in range(args.pairs):
+            pair = {"n_images": n, "before": _run_child(args, n, args.before), "after": _run_child(args, n, "")}
+            out["pairs"].append(pair)
+            b, a = pair["before"], pair["after"]
+            warm = (f", warm {b['wall_warm_s']:.2f} -> {a['wall_warm_s']:.2f} s" if args.warm else "")
+            print(f"n={n} pair {i + 1}: audit wall {b['wall_s']:.2f} -> {a['wall_s']:.2f} s "
+                  f"(x{b['wall_s'] / a['wall_s']:.2f}){warm}; store opens {b['store_opens']} -> {a['store_opens']}; "
+                  f"verdict {b['verdict']} -> {a['verdict']}", flush=True)
+            path.write_text(json.dumps(out, indent=1))
+        rows = [p for p in out["pairs"] if p["n_images"] == n]
+        for key in ("wall_s", "process_s", *(["wall_warm_s"] if args.warm else [])):
+            before = statistics.median(p["before"][key] for p in rows)
+            after = statistics.median(p["after"][key] for p in rows)
+            ratio = statistics.median(p["before"][key] / p["after"][key] for p in rows)
+            out.setdefault("medians", {}).setdefault(str(n), {})[key] = {"before": before, "after": after,
+                                                                         "ratio_median": ratio}
+            print(f"n={n} {key}: median before {before:.2f} s, after {after:.2f} s, median ratio x{ratio:.2f}")
+    path.write_text(json.dumps(out, indent=1))
+    print(f"wrote {path}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, nargs="+", default=[100])
@@ -254,6 +321,9 @@ def main() -> None:
     p.add_argument("--device", default="cpu", help="the audit's and the bare forward's device (cpu, cuda, auto)")
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"), help="folder of the JSON")
     p.add_argument("--src", default="", help="import probekit from this checkout (before/after runs)")
+    p.add_argument("--warm", action="store_true", help="also time a second audit in the same process")
+    p.add_argument("--pairs", type=int, default=0, help="interleaved before/after pairs (with --before)")
+    p.add_argument("--before", default="", help="the checkout of the code before, for --pairs")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--n", type=int, help=argparse.SUPPRESS)
     p.add_argument("--device-check", action="store_true",
@@ -271,17 +341,12 @@ def main() -> None:
     if args.child:
         print(json.dumps(_child(args)))
         return
+    if args.pairs:
+        _pairs(args)
+        return
     rows = []
     for n in args.images:
-        cmd = [sys.executable, __file__, "--child", "--n", str(n), "--model", args.model, "--image-size",
-               str(args.image_size), "--size", str(args.size), "--foreground", args.foreground, "--inits",
-               str(args.inits), "--batch-size", str(args.batch_size), "--n-boot", str(args.n_boot),
-               "--n-perm", str(args.n_perm), "--threads", str(args.threads), "--extra", args.extra, "--src", args.src, "--device", args.device]
-        out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-        if out.returncode:
-            sys.stderr.write(out.stderr[-4000:])
-            raise SystemExit(out.returncode)
-        row = json.loads(out.stdout.strip().splitlines()[-1])
+        row = _run_child(args, n, args.src)
         rows.append(row)
         print(f"n={n}: wall {row['wall_s']:.1f} s, forward passes {row['forward_passes_total']}, store opens "
               f"{row['store_opens']}, peak RSS {row['peak_rss_mb']:.0f} MB, bare/audit "

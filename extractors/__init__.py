@@ -19,10 +19,12 @@ from ._distributed import shard_bounds as shard_bounds
 from ._distributed import shard_path as shard_path
 from ._distributed import shard_samples as shard_samples
 from ._hooks import Capture as Capture
+from ._hooks import OutputKey as OutputKey
 from ._hooks import capture as capture
 from ._hooks import forward_precision as forward_precision
 from ._layers import OUTPUT_LAYER as OUTPUT_LAYER
 from ._layers import LayerInfo as LayerInfo
+from ._layers import LayerSpec as LayerSpec
 from ._layers import choose_layers as choose_layers
 from ._layers import class_token_head as class_token_head
 from ._layers import default_layers as default_layers
@@ -44,6 +46,7 @@ from ._pipeline import ModelSpec as ModelSpec
 from ._pipeline import extract_models as extract_models
 from ._pooling import MASK_LAYER as MASK_LAYER
 from ._pooling import POOLS as POOLS
+from ._pooling import PoolSpec as PoolSpec
 from ._pooling import pool as pool
 from ._pooling import pool_for as pool_for
 from ._pooling import pools_for_rank as pools_for_rank
@@ -60,8 +63,11 @@ __all__ = [
     "POOLS",
     "Capture",
     "LayerInfo",
+    "LayerSpec",
     "ModelSpec",
+    "OutputKey",
     "Padding",
+    "PoolSpec",
     "Recorder",
     "RecorderCallback",
     "capture",

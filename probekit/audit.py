@@ -18,6 +18,7 @@ Calibration of every interval and flag: docs/METRICS.md.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import json
@@ -39,7 +40,7 @@ from .store import Store, open_store
 from .verdict import judge
 from .vocab import INIT_RE, OUTPUT_LAYER, RATIO_MARGIN, RELIANCE_EFFECT_MARGIN, RELIANCE_MARGIN, Estimate
 
-__all__ = ["LAYER_CHECKS", "Audit", "AuditSpec", "Check", "audit", "parse_threshold"]
+__all__ = ["LAYER_CHECKS", "Audit", "AuditSpec", "Check", "Extra", "audit", "parse_threshold"]
 
 SCHEMA = "probekit.audit"
 SCHEMA_VERSION = 3
@@ -225,6 +226,58 @@ class AuditSpec:
         if self.class_map is not None:
             d["class_map"] = {str(k): int(v) for k, v in self.class_map.items()}
         return d
+
+
+@dataclasses.dataclass(frozen=True)
+class Extra:
+    """One top-level entry of the audit document that the store does not hold, handed to :func:`audit`.
+
+    ``probekit audit`` (:func:`probekit.model_audit.audit_model`) records what was audited and how
+    (``preprocessing``, ``inputs``, ``cost``) and runs checks outside the store (``mask_sensitivity``,
+    ``accuracy_check``); ``probekit demo`` adds ``attribution``. Each is an Extra, so :func:`audit`
+    assembles the whole document once and checks it against the JSON schema; no entry is added after.
+
+    Parameters
+    ----------
+    key : the document's top-level key (one of :data:`EXTRA_KEYS`; docs/REPORT_SCHEMA.md).
+    value : the entry, when it is known before the audit runs.
+    compute : ``compute(doc) -> entry``, called on the document once its figures and verdict are in,
+        extras in the order given (an entry computed earlier is in ``doc``); ``None`` leaves the key out.
+    """
+
+    key: str
+    value: Any = None
+    compute: Callable[[Mapping[str, Any]], Any] | None = None
+
+
+#: the top-level keys of the document an :class:`Extra` may write (the rest are the audit's own)
+EXTRA_KEYS = ("attribution", "preprocessing", "mask_sensitivity", "cost", "inputs", "accuracy_check")
+
+
+def _add_extras(doc: dict[str, Any], extras: Sequence[Extra]) -> None:
+    for e in extras:
+        if e.key not in EXTRA_KEYS or e.key in doc:
+            raise ProbekitError(f"audit(extras=...): {e.key!r} is not a key an extra may write; they are "
+                                f"{list(EXTRA_KEYS)}, each once.")
+        value = e.compute(doc) if e.compute is not None else e.value
+        if value is not None:
+            doc[e.key] = value
+
+
+def _check_schema(doc: Mapping[str, Any]) -> None:
+    """Check the finished document against the shipped JSON schema (probekit/report/audit.schema.json)
+    when ``jsonschema`` is installed (it is a development dependency; without it nothing is checked)."""
+    try:
+        import jsonschema
+    except ImportError:
+        return
+    schema = json.loads((Path(__file__).parent / "report" / "audit.schema.json").read_text())
+    try:
+        jsonschema.validate(doc, schema)
+    except jsonschema.ValidationError as e:
+        where = "/".join(str(k) for k in e.absolute_path) or "(root)"
+        raise ProbekitError(f"The audit document does not fit its schema at {where}: {e.message[:300]}. This is a "
+                            "bug of probekit; please report it with the command that produced it.") from e
 
 
 def read_class_map(path: str | os.PathLike, class_names: Sequence[str]) -> dict[int, int]:
@@ -572,7 +625,7 @@ def _layer(v: _View, m: str, layer: str) -> dict[str, Any]:
 
 
 def audit(
-    store: str | os.PathLike,
+    store: str | os.PathLike | Store,
     *,
     train: str = "train",
     test_id: str = "test_id",
@@ -592,10 +645,15 @@ def audit(
     spec: AuditSpec | None = None,
     stress: str | None = None,
     pull_threshold: float | None = None,
+    extras: Sequence[Extra] = (),
 ) -> Audit:
     """Run every check the store allows; see the module docstring and docs/REPORT_SCHEMA.md.
 
-    The keyword arguments are those of :class:`AuditSpec` (or pass ``spec`` itself). ``stress`` is the
+    ``store`` is the store's path, or an open :class:`~probekit.store.Store` (read through and left
+    open: ``probekit audit`` shares one read-only view between the audit and its report). ``extras``
+    are the document's entries the store does not hold (:class:`Extra`), added once its figures and
+    verdict are in; the finished document is checked against the JSON schema (when ``jsonschema`` is
+    installed). The keyword arguments are those of :class:`AuditSpec` (or pass ``spec`` itself). ``stress`` is the
     old name of ``crossed`` and ``pull_threshold`` no longer decides anything (the pull is evidence
     since schema 3; the shortcut finding reads reliance): both are accepted with a FutureWarning for
     one release.
@@ -615,8 +673,8 @@ def audit(
                          factors=None if factors is None else tuple(factors),
                          n_boot=int(n_boot), n_perm=int(n_perm), random_state=int(random_state), head=head,
                          behaviour_layer=behaviour_layer, class_map=class_map)
-    path = Path(store)
-    with open_store(path) as s:
+    path = store.path if isinstance(store, Store) else Path(store)
+    with contextlib.nullcontext(store) if isinstance(store, Store) else open_store(path) as s:
         v = _View(s, spec)
         names = list(spec.models) if spec.models is not None else [m for m in s.models if not INIT_RE.match(m)]
         for m in names:
@@ -700,7 +758,10 @@ def audit(
                     k["reason"] = ("weight rows are stored only at recorded steps"
                                    + ("; direction counts per step are in the figures over training"
                                       if m in drawn and doc["series"][m].get("directions") else ""))
-    return Audit(jsonable(doc))
+    _add_extras(doc, extras)
+    doc = jsonable(doc)
+    _check_schema(doc)
+    return Audit(doc)
 
 
 def _series_inputs(s: Store, m: str) -> dict[str, list[str]]:

@@ -16,13 +16,10 @@ from typing import Any, Literal
 
 from torch import nn
 
-from .datasets._loading import _dataset_of
+from .datasets import dataset_of
 from .errors import DataError
-from .extractors import ModelSpec, extract_models
-from .extractors._hooks import OutputKey
-from .extractors._layers import LayerSpec
-from .extractors._pooling import PoolSpec
-from .store._format import ROLES
+from .extractors import LayerSpec, ModelSpec, OutputKey, PoolSpec, extract_models
+from .store import ROLES
 
 __all__ = ["extract", "extract_pair", "record_preprocessing"]
 
@@ -185,7 +182,7 @@ def extract(
             raise DataError("A dict of layers needs a dict of models; pass one layer selection for one model.")
         module, src = _module_and_source(model, source)
         specs = {name: ModelSpec(module, layers, role=role, source=src, weights_layers=weights_layers)}
-    data = _dataset_of(data, "the data")
+    data = dataset_of(data, "the data")
     pre = _preprocessing_json(preprocessing)
     for spec in specs.values():
         spec.preprocessing = pre  # recorded as each model is declared (checked read-only on resume)
@@ -280,4 +277,4 @@ def extract_pair(
         lay = layers[key] if isinstance(layers, Mapping) else layers
         specs[key] = ModelSpec(module, lay, role=role, source=src, weights_layers=weights_layers,
                                preprocessing=pre)
-    return extract_models(specs, _dataset_of(data, "the data"), out=out, **kwargs)
+    return extract_models(specs, dataset_of(data, "the data"), out=out, **kwargs)

@@ -61,8 +61,10 @@ from torch.utils.data import Dataset
 
 from . import _inputs
 from ._inputs import fingerprint
+from .audit import Extra
 from .errors import DataError, ProbekitError
-from .extractors import default_layers
+from .extractors import default_layers, weights_sha256
+from .store import FINGERPRINT_ATTR, SETTINGS_ATTR, StoreWriter, open_store
 
 __all__ = ["AUTO_LOOKS", "INIT_OBJECTS", "MASK_CHECK_MARGIN", "accuracy_check", "accuracy_lines", "audit_model",
            "auto_rounds", "default_layers", "default_workers", "near_decision", "reliance_decided", "resolve_device",
@@ -95,6 +97,19 @@ def default_workers() -> int:
     except AttributeError:  # not on Linux
         cores = os.cpu_count() or 1
     return 0 if cores <= 1 else min(4, cores - 1)
+
+
+#: batches each DataLoader worker process should have before the audit starts one for a split
+BATCHES_PER_WORKER = 4
+
+
+def _workers_for(n_images: int, workers: int, batch_size: int) -> int:
+    """Worker processes for a split of ``n_images``: at most ``workers``, one per
+    :data:`BATCHES_PER_WORKER` batches, so that a split of a few batches is loaded in the main process
+    (starting a worker costs more than decoding a few small batches). The rows are the same either way:
+    the loader keeps their order."""
+    n_batches = -(-n_images // batch_size)
+    return min(workers, n_batches // BATCHES_PER_WORKER)
 
 
 def _init_net(module: nn.Module, k: int) -> nn.Module:
@@ -284,17 +299,13 @@ def _init_stages(done: int, n_obj: int, n_init: int) -> list[tuple[int, bool]]:
     return [(n_obj, n_obj <= n_init)]
 
 
-def _extract_stage(extract: Callable[..., Any], store: Path, specs: Mapping[str, Any], rows: Any, split: str,
+def _extract_stage(extract: Callable[..., Any], store: Any, specs: Mapping[str, Any], rows: Any, split: str,
                    common: Mapping[str, Any]) -> None:
     """Extract ``specs`` on ``rows`` (the split's first rows, open-ended): each net from the rows it has
-    committed (an interrupted run's nets may stand at different rows), nets at the same row together."""
-    from .store import open_store
-
+    committed (an interrupted run's nets may stand at different rows), nets at the same row together.
+    ``store``: the writer session's view of what it has committed."""
     at: dict[int, dict[str, Any]] = {}
-    have = {}
-    if store.exists():
-        with open_store(store) as s:
-            have = {m: s.n_rows(split, m) if split in s.splits and m in s.models else 0 for m in specs}
+    have = {m: store.n_rows(split, m) if split in store.splits and m in store.models else 0 for m in specs}
     for m, spec in specs.items():
         n = have.get(m, 0)
         if n < len(rows):
@@ -491,16 +502,9 @@ def audit_model(
     out.mkdir(parents=True, exist_ok=True)
     store = out / "acts.h5"
     auto_dir = out / "auto-masks"
-    continuing = False if overwrite else _inputs.check_store(store, fp)
-    if not continuing:
-        if auto_dir.exists():
-            shutil.rmtree(auto_dir)
-        _inputs.write_store(store, fp)
-    if folder.mode == "auto":  # GrabCut once per image; every split and the mask check read the files
-        _say(progress, f"foreground: GrabCut on {len(folder):,} images ({workers} workers)")
-        folder_kwargs = {"masks": _auto_masks(folder, auto_dir, workers),
-                         **({"factors": factors} if factors is not None else {})}
-        cf = Counterfactuals(data, **cf_kwargs, verify="header", **folder_kwargs)
+    continuing = False if overwrite else _inputs.check_store(store, fp)  # read-only: a refusal changes nothing
+    if not continuing and auto_dir.exists():
+        shutil.rmtree(auto_dir)
 
     # the nets, built once: the model, its teacher, seeded inits as copies of the model re-initialised
     nets: dict[str, ModelSpec] = {name: ModelSpec(loaded.module, chosen, role="student" if t_model else "model",
@@ -519,44 +523,58 @@ def audit_model(
                                                     preprocessing=pre_json)
                       for k in range(n_inits if t_inner else 0)})
 
-    splits = {sp: cf.split(sp) for sp in (*SPLITS, *cf.deploy_splits) if sp != "train" or len(cf.train_indices)}
-    n_bg = len(cf.backgrounds)
-    order = _object_order(len(cf.stress_indices), seed)
-    cap = n_all if objects in (None, "auto") else min(int(objects), n_all)
-    looks = auto_rounds(cap) if objects == "auto" else [cap]
-    stress_full = splits["stress"]
-    seeded = not (objects is None and (n_init >= n_all or not inits))  # the crossed split in the seeded order
-    plan = {sp: {nm: len(ds) for nm in nets} for sp, ds in splits.items() if sp != "stress"}
-    plan["stress"] = {**{nm: cap * n_bg for nm in nets}, **{nm: min(cap, n_init) * n_bg for nm in inits}}
-    heads = list(nets)  # the nets whose output the mask check reads (narrowed to those with one below)
-    check = folder.mode != "masks" and mask_check > 0
-    if check:
-        plan["mask check"] = {nm: 2 * cap * n_bg for nm in heads}
-    total = sum(sum(v.values()) for v in plan.values())
-    cost: dict[str, Any] = {
-        "device": dev, "workers": workers, "batch_size": batch_size,
-        "forward_passes": plan, "forward_passes_total": total,
-        "images": {sp: (cap * n_bg if sp == "stress" else len(ds)) for sp, ds in splits.items()},
-        "images_composited": {"variants": len(cf.test_indices) * sum(v != "original" for v in cf.variants),
-                              "stress": cap * n_bg, **({"mask check": 2 * cap * n_bg} if check else {})},
-        "grabcut": len(folder) if folder.mode == "auto" else 0,
-        "objects": {"requested": objects, "available": n_all, "looks": looks},
-        "init_objects": {"requested": "all" if init_k is None else init_k,
-                         "used": min(cap, n_init) if inits else 0},
-    }
-    _say(progress, f"layers {chosen}; {len(cf.test_indices)} test images, {cap} of {n_all} objects x {n_bg} "
-                   f"backgrounds" + (f" (up to {len(looks)} looks: {looks})" if objects == "auto" else "")
-                   + f"; {total:,} forward passes on {dev}, {workers} workers; store {store}"
-                   + (" (continuing)" if continuing else ""))
-    bar = _Progress(total, progress, batch_size)
-    n_used = cap
-    # stop_early=False: every net but the inits needs its output anyway, and the early stop's check pass
-    # over two samples per split would be a duplicate forward pass
-    common = {"out": store, "batch_size": batch_size, "device": dev, "mode": "resume", "num_workers": workers,
-              "progress": False, "progress_bar": bar, "stop_early": False}
-    looks_done: list[dict[str, Any]] = []
+    # one writer session for every split (the store is opened for writing once); a new store records the
+    # inputs' fingerprint first, so that a run interrupted even during GrabCut is continued by its rerun
+    writer = StoreWriter(store, mode="resume" if continuing else "overwrite")
+    bar: _Progress | None = None
     try:
+        if not continuing:
+            writer.set_attrs({FINGERPRINT_ATTR: json.dumps(dict(fp), sort_keys=True)})
+        if folder.mode == "auto":  # GrabCut once per image; every split and the mask check read the files
+            _say(progress, f"foreground: GrabCut on {len(folder):,} images ({workers} workers)")
+            folder_kwargs = {"masks": _auto_masks(folder, auto_dir, workers),
+                             **({"factors": factors} if factors is not None else {})}
+            cf = Counterfactuals(data, **cf_kwargs, verify="header", **folder_kwargs)
+
+        splits = {sp: cf.split(sp) for sp in (*SPLITS, *cf.deploy_splits) if sp != "train" or len(cf.train_indices)}
+        n_bg = len(cf.backgrounds)
+        order = _object_order(len(cf.stress_indices), seed)
+        cap = n_all if objects in (None, "auto") else min(int(objects), n_all)
+        looks = auto_rounds(cap) if objects == "auto" else [cap]
+        stress_full = splits["stress"]
+        seeded = not (objects is None and (n_init >= n_all or not inits))  # the crossed split in the seeded order
+        plan = {sp: {nm: len(ds) for nm in nets} for sp, ds in splits.items() if sp != "stress"}
+        plan["stress"] = {**{nm: cap * n_bg for nm in nets}, **{nm: min(cap, n_init) * n_bg for nm in inits}}
+        heads = list(nets)  # the nets whose output the mask check reads (narrowed to those with one below)
+        check = folder.mode != "masks" and mask_check > 0
+        if check:
+            plan["mask check"] = {nm: 2 * cap * n_bg for nm in heads}
+        total = sum(sum(v.values()) for v in plan.values())
+        cost: dict[str, Any] = {
+            "device": dev, "workers": workers, "batch_size": batch_size,
+            "forward_passes": plan, "forward_passes_total": total,
+            "images": {sp: (cap * n_bg if sp == "stress" else len(ds)) for sp, ds in splits.items()},
+            "images_composited": {"variants": len(cf.test_indices) * sum(v != "original" for v in cf.variants),
+                                  "stress": cap * n_bg, **({"mask check": 2 * cap * n_bg} if check else {})},
+            "grabcut": len(folder) if folder.mode == "auto" else 0,
+            "objects": {"requested": objects, "available": n_all, "looks": looks},
+            "init_objects": {"requested": "all" if init_k is None else init_k,
+                             "used": min(cap, n_init) if inits else 0},
+        }
+        _say(progress, f"layers {chosen}; {len(cf.test_indices)} test images, {cap} of {n_all} objects x {n_bg} "
+                       f"backgrounds" + (f" (up to {len(looks)} looks: {looks})" if objects == "auto" else "")
+                       + f"; {total:,} forward passes on {dev}, {workers} workers; store {store}"
+                       + (" (continuing)" if continuing else ""))
+        bar = _Progress(total, progress, batch_size)
+        n_used = cap
+        # stop_early=False: every net but the inits needs its output anyway, and the early stop's check pass
+        # over two samples per split would be a duplicate forward pass
+        common = {"out": writer, "batch_size": batch_size, "device": dev, "progress": False, "progress_bar": bar,
+                  "stop_early": False}
+        looks_done: list[dict[str, Any]] = []
         for sp, ds in splits.items():
+            # DataLoader workers only where a split has the images to keep them busy (see _workers_for)
+            common["num_workers"] = _workers_for(len(ds) if sp != "stress" else cap * n_bg, workers, batch_size)
             if sp != "stress":
                 extract_models(nets, ds, split=sp, **common)
                 continue
@@ -566,97 +584,110 @@ def audit_model(
                 continue
             for r, n_obj in enumerate(looks):  # the seeded order: --objects, auto's looks, the inits' subsample
                 for upto, with_inits in _init_stages(n_used if r else 0, n_obj, n_init):
-                    _extract_stage(extract_models, store, specs if with_inits else nets,
+                    _extract_stage(extract_models, writer.view(), specs if with_inits else nets,
                                    _Rows(stress_full, _stress_rows(order, upto, n_bg)), sp, common)
                 n_used = n_obj
                 if r == len(looks) - 1:
                     break
-                decided = _decided(store, name, sp, n_obj * n_bg, decide, n_boot, seed)
+                decided = _decided(writer.view(), name, sp, n_obj * n_bg, decide, n_boot, seed)
                 looks_done.append({"objects": n_obj, "decided": decided})
                 if decided:
                     break
-    except ProbekitError:
-        bar.close()
-        if not continuing:  # a run that fails on its inputs before any row leaves nothing behind
-            _remove_if_empty(store, out)
+        writer.set_attrs({SETTINGS_ATTR: json.dumps({**cf.settings, "class_names": list(folder.classes)},
+                                                    sort_keys=True, default=str)})
+    except BaseException as e:
+        if bar is not None:
+            bar.close()
+        # a run that fails on its inputs before any row leaves nothing behind
+        remove = isinstance(e, ProbekitError) and not continuing and _empty(writer)
+        writer.close()
+        if remove:
+            store.unlink(missing_ok=True)
+            shutil.rmtree(auto_dir, ignore_errors=True)
+            if not any(out.iterdir()):
+                out.rmdir()
         raise
-    try:
-        t_extract = time.perf_counter() - t_start
-        _say(progress, "auditing")
-        _inputs.write_settings(store, {**cf.settings, "class_names": list(folder.classes)})
-        result = audit(store, train="train", test_id="test", test_ood="", crossed="stress", variants="variants",
-                       n_boot=n_boot, n_perm=n_perm, random_state=seed, class_map=cmap, progress=progress)
-        doc = result.data
-        doc["preprocessing"] = pre
-        if check:
-            heads = [m for m in heads if (doc["models"].get(m, {}).get("behaviour") or {}).get("from_output")]
-            stored = _stored_outputs(store, heads) if heads and mask_check_objects == "near" else None
-            near = None if stored is None else np.unique(np.concatenate(
-                [near_decision(v["group"], v["pred"], v["margin"], MASK_CHECK_MARGIN) for v in stored.values()]))
-            n_first = n_used if near is None else near.size + sentinels(np.arange(n_used - near.size), seed).size
-            bar.set_total(bar.done + 2 * n_first * n_bg * len(heads))
-            _say(progress, f"how the verdict moves with the masks (eroded / dilated by {mask_check} px; "
-                           f"{n_first} of {n_used} objects first)")
-            start = bar.done
-            doc["mask_sensitivity"] = _mask_sensitivity(
-                {m: nets[m].module for m in heads}, data, folder_kwargs, cf_kwargs, order, n_used, mask_check,
-                batch_size, dev, seed, n_boot, n_perm, workers, bar, stored, near)
-            doc["mask_sensitivity"].update({
-                "objects": mask_check_objects, "margin": MASK_CHECK_MARGIN if near is not None else None,
-                "n_objects_near": None if near is None else int(near.size),
-                "forward_passes": bar.done - start, "forward_passes_all_objects": 2 * n_used * n_bg * len(heads)})
-        else:
-            bar.set_total(bar.done)
-    finally:
-        bar.close()
-    cost["objects"].update({"used": n_used, "looks_done": looks_done})
-    cost["init_objects"]["used"] = min(n_used, n_init) if inits else 0
-    cost.update({"estimated_seconds": bar.estimate, "forward_passes_done": bar.done,
-                 "seconds_extraction": t_extract, "seconds": time.perf_counter() - t_start, **runner.record()})
-    doc["cost"] = cost
-    doc["inputs"] = {k: v for k, v in inputs.items() if k != "images_sha256"}
-    doc["accuracy_check"] = accuracy_check(doc, expected_accuracy)
-    result.to_json(out / "audit.json")
-    def shown(m: str) -> dict[str, Any]:  # a split cut short (--objects) has fewer rows than its dataset
-        preds = predictions_from_store(store, m, class_map=cmap)
-        if seeded and len(preds.get("stress", ())) == n_all * n_bg:  # all objects, in the seeded order
-            p = np.empty_like(preds["stress"])
-            p[_stress_rows(order, n_all, n_bg)] = preds["stress"]
-            preds["stress"] = p
-        return {sp: p for sp, p in preds.items() if len(p) == len(cf.split(sp))}
+    writer.close()
+    t_extract = time.perf_counter() - t_start
 
-    gallery = [build_gallery(cf, shown(m), model=m)
-               for m in nets if (doc["models"].get(m, {}).get("behaviour") or {}).get("from_output")]
+    def mask_sensitivity(doc: Mapping[str, Any]) -> dict[str, Any]:
+        assert bar is not None
+        nm = [m for m in heads if (doc["models"].get(m, {}).get("behaviour") or {}).get("from_output")]
+        # the stored outputs, through the audit's read-only view (opened below, open while audit() runs this)
+        stored = _stored_outputs(view, nm) if nm and mask_check_objects == "near" else None
+        near = None if stored is None else np.unique(np.concatenate(
+            [near_decision(v["group"], v["pred"], v["margin"], MASK_CHECK_MARGIN) for v in stored.values()]))
+        n_first = n_used if near is None else near.size + sentinels(np.arange(n_used - near.size), seed).size
+        bar.set_total(bar.done + 2 * n_first * n_bg * len(nm))
+        _say(progress, f"how the verdict moves with the masks (eroded / dilated by {mask_check} px; "
+                       f"{n_first} of {n_used} objects first)")
+        start = bar.done
+        entry = _mask_sensitivity({m: nets[m].module for m in nm}, data, folder_kwargs, cf_kwargs, order, n_used,
+                                  mask_check, batch_size, dev, seed, n_boot, n_perm, workers, bar, stored, near)
+        entry.update({
+            "objects": mask_check_objects, "margin": MASK_CHECK_MARGIN if near is not None else None,
+            "n_objects_near": None if near is None else int(near.size),
+            "forward_passes": bar.done - start, "forward_passes_all_objects": 2 * n_used * n_bg * len(nm)})
+        return entry
+
+    def cost_record(doc: Mapping[str, Any]) -> dict[str, Any]:  # after the mask check: its seconds count
+        assert bar is not None
+        bar.close()
+        cost["objects"].update({"used": n_used, "looks_done": looks_done})
+        cost["init_objects"]["used"] = min(n_used, n_init) if inits else 0
+        cost.update({"estimated_seconds": bar.estimate, "forward_passes_done": bar.done,
+                     "seconds_extraction": t_extract, "seconds": time.perf_counter() - t_start, **runner.record()})
+        return cost
+
+    if not check:
+        bar.set_total(bar.done)
+    extras = [Extra("preprocessing", pre), *([Extra("mask_sensitivity", compute=mask_sensitivity)] if check else []),
+              Extra("cost", compute=cost_record),
+              Extra("inputs", {k: v for k, v in inputs.items() if k != "images_sha256"}),
+              Extra("accuracy_check", compute=lambda doc: accuracy_check(doc, expected_accuracy))]
+    _say(progress, "auditing")
+    # one read-only view of the store for the audit, its JSON and its report
+    with open_store(store) as view:
+        try:
+            result = audit(view, train="train", test_id="test", test_ood="", crossed="stress", variants="variants",
+                           n_boot=n_boot, n_perm=n_perm, random_state=seed, class_map=cmap, progress=progress,
+                           extras=extras)
+        finally:
+            bar.close()
+        doc = result.data
+        result.to_json(out / "audit.json")
+
+        def shown(m: str) -> dict[str, Any]:  # a split cut short (--objects) has fewer rows than its dataset
+            preds = predictions_from_store(view, m, class_map=cmap)
+            if seeded and len(preds.get("stress", ())) == n_all * n_bg:  # all objects, in the seeded order
+                p = np.empty_like(preds["stress"])
+                p[_stress_rows(order, n_all, n_bg)] = preds["stress"]
+                preds["stress"] = p
+            return {sp: p for sp, p in preds.items() if len(p) == len(cf.split(sp))}
+
+        gallery = [build_gallery(cf, shown(m), model=m)
+                   for m in nets if (doc["models"].get(m, {}).get("behaviour") or {}).get("from_output")]
     result.to_html(out / "report.html", gallery=gallery, deploy_examples=deploy_examples(cf))
     _say(progress, f"wrote {out / 'audit.json'} and {out / 'report.html'}")
     return result
 
 
-def _remove_if_empty(store: Path, out: Path) -> None:
-    """Remove a store this run created that holds no committed row, and ``out`` when that empties it."""
-    from .store import open_store
-
+def _empty(writer: Any) -> bool:
+    """Whether a writer's store holds no committed row (a run that failed before its first)."""
     try:
-        with open_store(store) as s:
-            empty = all(s.n_rows(sp) == 0 for sp in s.splits)
-    except (OSError, ProbekitError):
-        return
-    if empty:
-        store.unlink(missing_ok=True)
-        shutil.rmtree(out / "auto-masks", ignore_errors=True)
-        if not any(out.iterdir()):
-            out.rmdir()
+        view = writer.view()
+        return all(view.n_rows(sp) == 0 for sp in view.splits)
+    except (OSError, RuntimeError, ProbekitError):
+        return False
 
 
-def _decided(store: Path, name: str, split: str, n_rows: int, decide: Decide | None, n_boot: int,
+def _decided(store: Any, name: str, split: str, n_rows: int, decide: Decide | None, n_boot: int,
              seed: int) -> bool:
-    """Whether the model's predictions on the first ``n_rows`` rows of the crossed split decide."""
-    from .store import open_store
-
-    with open_store(store) as s:
-        pred = np.asarray(s.acts(name, split, "@output")[:n_rows]).argmax(axis=1)
-        f = {k: np.asarray(s.sample_field(split, k))[:n_rows] if s.has_field(split, k) else None
-             for k in ("group", "background", "label", "background_label")}
+    """Whether the model's predictions on the first ``n_rows`` rows of the crossed split decide (``store``:
+    the writer session's view of what it has written)."""
+    pred = np.asarray(store.acts(name, split, "@output")[:n_rows]).argmax(axis=1)
+    f = {k: np.asarray(store.sample_field(split, k))[:n_rows] if store.has_field(split, k) else None
+         for k in ("group", "background", "label", "background_label")}
     if decide is None:
         return reliance_decided(pred, f["group"], f["background"], f["label"], f["background_label"],
                                 ci_level=1 - 0.05 / AUTO_LOOKS, n_boot=n_boot, seed=seed)
@@ -689,8 +720,6 @@ def _inputs_record(data: Any, folder: Any, cf: Any, model: Any, loaded: Any, wei
         fg["opencv"] = opencv  # GrabCut's masks may differ between OpenCV versions
 
     def net(spec: Any, lm: Any, w: Any) -> dict[str, Any]:
-        from .extractors._weights import weights_sha256
-
         return {"spec": lm.source if not isinstance(spec, nn.Module) else type(spec).__name__,
                 "checkpoint": None if w is None else str(Path(w).resolve()),
                 "checkpoint_sha256": None if w is None else _inputs.file_sha256(w),
@@ -726,20 +755,18 @@ def _softmax_margin(out: np.ndarray) -> np.ndarray:
     return p[:, -1] - p[:, -2]
 
 
-def _stored_outputs(store: Path, models: Sequence[str], split: str = "stress") -> dict[str, dict[str, np.ndarray]]:
+def _stored_outputs(s: Any, models: Sequence[str], split: str = "stress") -> dict[str, dict[str, np.ndarray]]:
     """Each model's stored output on the crossed split: ``group``, ``background``, ``pred`` (argmax, as the
-    mask check's own forward passes read it) and ``margin`` (:func:`_softmax_margin`), row by row."""
-    from .store import open_store
-
+    mask check's own forward passes read it) and ``margin`` (:func:`_softmax_margin`), row by row. ``s``:
+    the audit's read-only view of the store."""
     out: dict[str, dict[str, np.ndarray]] = {}
-    with open_store(store) as s:
-        for m in models:
-            n = s.n_rows(split, m)
-            o = np.asarray(s.acts(m, split, "@output")[:n])
-            o = o.reshape(len(o), -1)
-            out[m] = {"group": np.asarray(s.sample_field(split, "group"))[:n],
-                      "background": np.asarray(s.sample_field(split, "background"))[:n],
-                      "pred": o.argmax(axis=1), "margin": _softmax_margin(o)}
+    for m in models:
+        n = s.n_rows(split, m)
+        o = np.asarray(s.acts(m, split, "@output")[:n])
+        o = o.reshape(len(o), -1)
+        out[m] = {"group": np.asarray(s.sample_field(split, "group"))[:n],
+                  "background": np.asarray(s.sample_field(split, "background"))[:n],
+                  "pred": o.argmax(axis=1), "margin": _softmax_margin(o)}
     return out
 
 

@@ -8,6 +8,7 @@ from ..vocab import import_callable as import_callable
 from ._loading import NpzDataset as NpzDataset
 from ._loading import SampleDataset as SampleDataset
 from ._loading import as_samples as as_samples
+from ._loading import dataset_of as dataset_of
 from ._loading import load_data as load_data
 from ._registry import BuiltinDataset as BuiltinDataset
 from ._registry import builtin_datasets as builtin_datasets
@@ -20,6 +21,7 @@ __all__ = [
     "SampleDataset",
     "as_samples",
     "builtin_datasets",
+    "dataset_of",
     "get_dataset",
     "import_callable",
     "load_data",

@@ -25,7 +25,7 @@ from ..errors import DataError
 from ..vocab import VARIANTS, Padding, import_callable
 from ._registry import builtin_datasets, get_dataset
 
-__all__ = ["NpzDataset", "SampleDataset", "as_samples", "import_callable", "load_data"]
+__all__ = ["NpzDataset", "SampleDataset", "as_samples", "dataset_of", "import_callable", "load_data"]
 
 _FIELDS = ("label", "factors", "group", "background", "background_label", "variant")
 #: keys of a dict item that are never model inputs
@@ -325,7 +325,7 @@ def load_data(
     own size (all images must then have one size).
     """
     if not isinstance(spec, (str, os.PathLike)):
-        return as_samples(_dataset_of(spec, "the data"))
+        return as_samples(dataset_of(spec, "the data"))
     text = os.fspath(spec)
     builtins = builtin_datasets()
     if text in builtins:
@@ -367,7 +367,7 @@ def load_data(
             data = fn(**kwargs)
         except Exception as e:
             raise DataError(f"{text} raised {type(e).__name__} building the data: {_first_line(e)}") from e
-        return as_samples(_dataset_of(data, f"{text} returned a DataLoader that"))
+        return as_samples(dataset_of(data, f"{text} returned a DataLoader that"))
     raise DataError(
         f"Cannot interpret the data {text!r}: it is not a built-in dataset ({sorted(builtins)}), an existing "
         ".npz file, an image folder, or 'package.module:callable'."
@@ -399,7 +399,7 @@ def check_image_sizes(folder: Any, where: str) -> None:
             )
 
 
-def _dataset_of(data: Any, where: str = "the data") -> Any:
+def dataset_of(data: Any, where: str = "the data") -> Any:
     """A DataLoader's dataset (probekit batches and reads rows in order itself); anything else as it is.
 
     A loader whose sampler takes other rows than all of them in some order, or whose collate_fn is its

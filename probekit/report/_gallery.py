@@ -16,6 +16,7 @@ The result is a JSON-safe dict that :func:`probekit.report.write_report` takes a
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import os
 from collections.abc import Mapping, Sequence
@@ -25,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import DataError
+from ..store import Store, open_store
 
 __all__ = ["build_gallery", "predictions_from_store"]
 
@@ -69,19 +71,18 @@ def _outline(image: np.ndarray, mask: np.ndarray, thumb: int) -> np.ndarray:
     return out
 
 
-def predictions_from_store(store: str | os.PathLike, model: str,
+def predictions_from_store(store: str | os.PathLike | Store, model: str,
                            splits: Sequence[str] = ("variants", "stress"),
                            class_map: Mapping[int, int] | None = None) -> dict[str, np.ndarray]:
     """The model's predicted class per item of ``splits``: the argmax of its stored ``@output``.
 
     ``class_map`` (output index -> the folder's class id, as the audit's ``class_map``) maps the argmax;
     an output it does not name becomes -1 (no class of the folder). Splits the model has no stored output
-    on are left out (a representation without a head has no predictions of its own).
+    on are left out (a representation without a head has no predictions of its own). ``store``: its path,
+    or an open :class:`~probekit.store.Store` (read through and left open).
     """
-    from ..store import open_store
-
     out: dict[str, np.ndarray] = {}
-    with open_store(store) as s:
+    with contextlib.nullcontext(store) if isinstance(store, Store) else open_store(store) as s:
         for sp in splits:
             if sp in s.splits and "@output" in s.layers(model, sp):
                 n = s.n_rows(sp, model)
