@@ -66,6 +66,9 @@ class ModelSpec:
         :func:`probekit.models.preprocessing_for`), stored as the model's ``preprocessing`` attribute
         when it is declared; resuming a model stored with other preprocessing is refused before the
         file is opened for writing. Empty: not recorded.
+    weights_sha256 : str
+        :func:`weights_sha256` of ``module`` as it is now, when the caller has it already (the audit hashes
+        its model once for every split); empty: computed by each extraction.
     """
 
     module: nn.Module
@@ -76,6 +79,7 @@ class ModelSpec:
     weights_layers: Any = None
     preprocessing: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    weights_sha256: str = ""
 
 
 # -- sinks: where host batches go ----------------------------------------------------------------------
@@ -350,7 +354,8 @@ def _plan(models: Mapping[str, ModelSpec], data: Any, *, split: str, pool: PoolS
         params=params, collate=collate,
         # a checkpoint (step) has other weights than the model by design: only the model's own extraction
         # records and checks the weights hash
-        shas={name: weights_sha256(spec.module) if step is None else "" for name, spec in models.items()},
+        shas={name: (spec.weights_sha256 or weights_sha256(spec.module)) if step is None else ""
+              for name, spec in models.items()},
     )
 
 

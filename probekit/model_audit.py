@@ -507,11 +507,13 @@ def audit_model(
         shutil.rmtree(auto_dir)
 
     # the nets, built once: the model, its teacher, seeded inits as copies of the model re-initialised
+    # (their weights hashed once, in the inputs record, for every split)
     nets: dict[str, ModelSpec] = {name: ModelSpec(loaded.module, chosen, role="student" if t_model else "model",
-                                                  source=loaded.source, pool=pools, preprocessing=pre_json)}
+                                                  source=loaded.source, pool=pools, preprocessing=pre_json,
+                                                  weights_sha256=inputs["model"]["weights_sha256"])}
     if t_model is not None:
         nets["teacher"] = ModelSpec(t_model.module, t_chosen, role="teacher", source=t_model.source, pool=t_pools,
-                                    preprocessing=pre_json)
+                                    preprocessing=pre_json, weights_sha256=inputs["teacher"]["weights_sha256"])
     inner = [la for la in chosen if la != "@output"]
     inits = {f"{name}@init{k}": ModelSpec(_init_net(loaded.module, k), inner, role="model", source=loaded.source,
                                           pool=pools, weights_layers=False, preprocessing=pre_json)
