@@ -45,6 +45,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _cpu() -> float:
+    """CPU seconds of this process and of its finished children (DataLoader workers): on a shared machine
+    less moved by the other work than the wall time."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def _child(args: argparse.Namespace) -> dict:
     import importlib
 
@@ -128,16 +135,16 @@ def _child(args: argparse.Namespace) -> dict:
         kwargs["device"] = args.device
     kwargs.update(json.loads(args.extra))
     torch.manual_seed(0)  # the random model: the same weights before and after the change
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu()
     result = MA.audit_model(args.model, images, **kwargs)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, _cpu() - c0
     counted = dict(opens)
-    wall_warm = None
+    wall_warm = cpu_warm = None
     if args.warm:  # the same audit again in this process: imports and first calls already paid
         torch.manual_seed(0)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), _cpu()
         MA.audit_model(args.model, images, **{**kwargs, "out": work / "audit-warm"})
-        wall_warm = time.perf_counter() - t0
+        wall_warm, cpu_warm = time.perf_counter() - t0, _cpu() - c0
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     rss_children_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     doc = result.data
@@ -180,7 +187,8 @@ def _child(args: argparse.Namespace) -> dict:
             "other_s": wall - known, "forward_passes": dict(passes),
             "forward_passes_total": int(sum(passes.values())), "store_opens": counted.get("acts.h5", 0),
             "h5_opens_other": {k: v for k, v in counted.items() if k not in ("acts.h5", "(open file)")},
-            "h5py_file_objects": sum(counted.values()), "wall_warm_s": wall_warm,
+            "h5py_file_objects": sum(counted.values()), "wall_warm_s": wall_warm, "cpu_s": cpu,
+            "cpu_warm_s": cpu_warm,
             "peak_rss_mb": rss_mb, "peak_rss_children_mb": rss_children_mb, "bare_forward_s": bare,
             "bare_over_audit": bare / wall, "verdict": verdict, "cost": doc.get("cost"),
             "threads": args.threads, "device": str(dev), "load": os.getloadavg(), "src": args.src or "this tree",
@@ -287,13 +295,15 @@ def _pairs(args: argparse.Namespace) -> None:
             pair = {"n_images": n, "before": _run_child(args, n, args.before), "after": _run_child(args, n, "")}
             out["pairs"].append(pair)
             b, a = pair["before"], pair["after"]
-            warm = (f", warm {b['wall_warm_s']:.2f} -> {a['wall_warm_s']:.2f} s" if args.warm else "")
-            print(f"n={n} pair {i + 1}: audit wall {b['wall_s']:.2f} -> {a['wall_s']:.2f} s "
+            warm = (f", warm {b['wall_warm_s']:.2f} -> {a['wall_warm_s']:.2f} s (CPU {b['cpu_warm_s']:.2f} -> "
+                    f"{a['cpu_warm_s']:.2f} s)" if args.warm else "")
+            print(f"n={n} pair {i + 1}: audit wall {b['wall_s']:.2f} -> {a['wall_s']:.2f} s, CPU {b['cpu_s']:.2f} -> "
+                  f"{a['cpu_s']:.2f} s "
                   f"(x{b['wall_s'] / a['wall_s']:.2f}){warm}; store opens {b['store_opens']} -> {a['store_opens']}; "
                   f"verdict {b['verdict']} -> {a['verdict']}", flush=True)
             path.write_text(json.dumps(out, indent=1))
         rows = [p for p in out["pairs"] if p["n_images"] == n]
-        for key in ("wall_s", "process_s", *(["wall_warm_s"] if args.warm else [])):
+        for key in ("wall_s", "cpu_s", "process_s", *(["wall_warm_s", "cpu_warm_s"] if args.warm else [])):
             before = statistics.median(p["before"][key] for p in rows)
             after = statistics.median(p["after"][key] for p in rows)
             ratio = statistics.median(p["before"][key] / p["after"][key] for p in rows)

@@ -16,6 +16,12 @@ re-initialised copies of it); GrabCut (``foreground="auto"``) runs once per imag
 pass of the audit; the plan (``cost`` in ``audit.json``) is printed before the work, with a time
 estimate from the first batches.
 
+**One store session, one view.** ``OUT/acts.h5`` is opened for writing once, for every split (and the
+looks of ``objects="auto"`` read what it wrote through the same handle), then once for reading: one
+read-only view serves the audit, its JSON and its report's gallery. The document is assembled once, by
+:func:`probekit.audit.audit`: what the store does not hold (``preprocessing``, ``mask_sensitivity``,
+``cost``, ``inputs``, ``accuracy_check``) is handed to it as :class:`probekit.audit.Extra` entries.
+
 **Reruns.** A rerun continues an interrupted one (the extraction resumes at its last committed row)
 only when its inputs are the stored run's: the store records a fingerprint of every input that shaped
 its rows (:mod:`probekit._inputs`), and a rerun whose inputs differ is refused in one line naming what
