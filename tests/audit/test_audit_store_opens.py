@@ -21,7 +21,7 @@ from probekit.store import open_store
 
 MODEL = "probekit.experiments.shortcut:ShapesCNN"
 FAST = {"n_boot": 40, "n_perm": 20, "progress": False, "workers": 0, "n_inits": 1}
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
