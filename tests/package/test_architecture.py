@@ -84,28 +84,6 @@ def test_foundation_never_imports_the_wings_or_the_front_door():
 
 # private modules of the core that every package may use: the foundation's own helpers
 FOUNDATION_HELPERS = {"probekit._version", "probekit._io", "probekit._json"}
-# imports of private names across packages that another change of issue 21 removes (helper "split": the
-# CLI, compare, demo, testing and experiments); the lead empties this set once that change is merged
-PENDING = {
-    "probekit.cli -> probekit.datasets._loading.check_image_sizes",
-    "probekit.compare -> probekit.report._compare.write_compare_report",
-    "probekit.demo -> probekit.experiments._common.torch_threads",
-    "probekit.demo -> probekit.experiments._digitnets.DigitCNN",
-    "probekit.demo -> probekit.experiments._digitnets.train_student",
-    "probekit.demo -> probekit.experiments._digitnets.train_teacher",
-    "probekit.demo -> probekit.datasets._shapes.write_image_folder",
-    "probekit.testing -> probekit.report._findings.model_verdicts",
-    "probekit.experiments.shortcut -> probekit.datasets._shapes.Shapes",
-    "probekit.experiments.distillation -> probekit.datasets._bgdigits.BackgroundDigits",
-    "probekit.experiments.simplicity -> probekit.datasets._synthetic.gen_skew_data",
-    "probekit.experiments.simplicity -> probekit.datasets._synthetic.gen_sym_data",
-    "probekit.experiments.simplicity -> probekit.datasets._synthetic.xor_axes",
-    "probekit.experiments._digitnets -> probekit.datasets._bgdigits.BackgroundDigits",
-    "probekit.experiments.contamination -> probekit.datasets._synthetic.StructuredFeatures",
-    "probekit.experiments.contamination -> probekit.datasets._synthetic.make_structured",
-}
-
-
 def _package(m: str, mods: dict[str, Path]) -> str:
     """The package a module belongs to: a subpackage of probekit (store, datasets, report, extractors,
     analyses, ...) or the core (the modules directly under probekit/)."""
@@ -142,7 +120,7 @@ def _private_imports(mods: dict[str, Path]) -> set[str]:
 def test_no_private_name_imported_across_packages():
     mods = _modules()
     found = _private_imports(mods)
-    assert not found - PENDING, f"private names imported across packages: {sorted(found - PENDING)}"
+    assert not found, f"private names imported across packages: {sorted(found)}"
 
 
 def test_the_private_import_check_sees_one(tmp_path):
