@@ -119,6 +119,7 @@ def test_split_across_ranks_equals_one_process_over_looks_and_mask_check(folder,
     split appended three times: the inits on a subsample of 5 objects stop before the model), and GrabCut's
     masks with the mask check's predictions split too."""
     images, _ = folder
+    monkeypatch.setattr("probekit.model_audit.AUTO_MIN_OBJECTS", 10)  # looks on this 12-object folder too
     kw = {"foreground": "auto", "mask_check": 1, "weights": shortcut, "n_inits": 1, "n_backgrounds": 4, "init_objects": 5,
           "workers": 0, "n_boot": 40, "n_perm": 20, "progress": False, "objects": "auto",
           "decide": lambda *a: False}  # never decided: every look runs
