@@ -17,6 +17,7 @@ from ._behaviour import RelianceResult as RelianceResult
 from ._behaviour import VariantBehaviourResult as VariantBehaviourResult
 from ._behaviour import background_behaviour as background_behaviour
 from ._behaviour import background_reliance as background_reliance
+from ._behaviour import output_predictions as output_predictions
 from ._behaviour import variant_behaviour as variant_behaviour
 from ._crossed import BackgroundComparisonResult as BackgroundComparisonResult
 from ._crossed import CrossedDecompositionResult as CrossedDecompositionResult
@@ -79,6 +80,7 @@ __all__ = [
     "direction_series",
     "linear_cka",
     "normalized_mean_shift",
+    "output_predictions",
     "patch_bases",
     "predicted_accuracy",
     "probe_id_ood",

@@ -24,6 +24,7 @@ __all__ = [
     "VariantBehaviourResult",
     "background_behaviour",
     "background_reliance",
+    "output_predictions",
     "permutation_variance",
     "shuffle_expectation",
     "variant_behaviour",
@@ -57,6 +58,35 @@ class BackgroundBehaviourResult(ResultMixin):
     flagged: bool
     pull_low: float
     per_background_pull: np.ndarray
+
+
+def output_predictions(output: Any, class_map: Any = None) -> np.ndarray:
+    """The class a model's own output predicts, row by row, read as the audit reads a head.
+
+    Parameters
+    ----------
+    output : array-like or torch.Tensor of shape (n, ...) : the model's output (flattened per row)
+    class_map : mapping output index -> label id, optional : many-to-one allowed; an output index it does
+        not name predicts -1 (no class of the folder)
+
+    Returns
+    -------
+    ndarray of int64, shape (n,) : through ``class_map`` when given; else, for one logit, class 1 where it
+    is above 0; else the argmax (the output's index).
+    """
+    if hasattr(output, "detach"):  # a torch tensor
+        output = output.detach().float().cpu().numpy()
+    out = np.asarray(output)
+    out = out.reshape(len(out), -1)
+    if class_map is not None:
+        lut = np.full(out.shape[1], -1, dtype=np.int64)
+        for k, c in class_map.items():
+            if 0 <= int(k) < out.shape[1]:
+                lut[int(k)] = int(c)
+        return lut[out.argmax(axis=1)]
+    if out.shape[1] == 1:
+        return (out[:, 0] > 0).astype(np.int64)
+    return out.argmax(axis=1).astype(np.int64)
 
 
 def _codes(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -224,7 +224,7 @@ class _Leader:
         return out
 
     def predict(self, nets: Mapping[str, torch.nn.Module], data: Any, batch_size: int, device: str, workers: int,
-                bar: Any) -> dict[str, np.ndarray]:
+                bar: Any, class_map: Mapping[int, int] | None = None) -> dict[str, np.ndarray]:
         """The mask check's predictions with the rows split across the ranks."""
         from .extractors import shard_bounds
 
@@ -232,12 +232,14 @@ class _Leader:
         new: dict[str, torch.nn.Module] = {}
         keys = {name: self._key(module, new) for name, module in nets.items()}
         self.dist.broadcast_object_list([{"kind": "predict", "nets": new, "keys": keys, "data": data,
-                                          "batch_size": batch_size, "device": device, "workers": workers}], src=0)
+                                          "batch_size": batch_size, "device": device, "workers": workers,
+                                          "class_map": class_map}], src=0)
         lo, hi = shard_bounds(n, self.world, 0)
         scaled = _ScaledBar(bar, self.world, n * len(nets))
         mine: Any
         try:
-            mine = _predict_block(nets, _Block(data, lo, hi), batch_size, device, workers, scaled) if hi > lo else None
+            mine = _predict_block(nets, _Block(data, lo, hi), batch_size, device, workers, scaled,
+                                  class_map) if hi > lo else None
         except Exception as e:
             mine = e
         everyone: list[Any] = [None] * self.world
@@ -298,9 +300,11 @@ class _Block(torch.utils.data.Dataset):
 
 
 def _predict_block(nets: Mapping[str, torch.nn.Module], data: Any, batch_size: int, device: str, workers: int,
-                   bar: Any = None) -> dict[str, np.ndarray]:
+                   bar: Any = None, class_map: Mapping[int, int] | None = None) -> dict[str, np.ndarray]:
     """Each net's predicted classes on ``data`` (a rank's block of the mask check's rows), as
-    ``probekit.model_audit._predict`` computes them."""
+    ``probekit.model_audit._predict`` computes them (the head read as the audit reads it)."""
+    from .analyses import output_predictions
+
     loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=workers)
     out: dict[str, list[np.ndarray]] = {m: [] for m in nets}
     for net in nets.values():
@@ -309,19 +313,19 @@ def _predict_block(nets: Mapping[str, torch.nn.Module], data: Any, batch_size: i
         for batch in loader:
             x = batch["x"].to(device)
             for m, net in nets.items():
-                out[m].append(net(x).argmax(dim=1).cpu().numpy())
+                out[m].append(output_predictions(net(x), class_map))
             if bar is not None:
                 bar.update(len(x) * len(nets))
     return {m: np.concatenate(v) for m, v in out.items()}
 
 
 def predict_split(nets: Mapping[str, torch.nn.Module], data: Any, batch_size: int, device: str, workers: int,
-                  bar: Any) -> dict[str, np.ndarray]:
+                  bar: Any, class_map: Mapping[int, int] | None = None) -> dict[str, np.ndarray]:
     """Each net's predicted classes on ``data`` (the mask check's rows), the rows split across the ranks of
     the running :func:`run_distributed` job; call it only where :func:`world` > 1."""
     if _LEADER is None:
         raise ProbekitError("predict_split runs under run_distributed only (world() > 1).")
-    return _LEADER.predict(nets, data, batch_size, device, workers, bar)
+    return _LEADER.predict(nets, data, batch_size, device, workers, bar, class_map)
 
 
 @contextlib.contextmanager
@@ -459,7 +463,8 @@ def _run_job(job: Mapping[str, Any], rank: int, world: int, nets: dict[str, torc
             if hi <= lo:
                 return None
             return _predict_block({m: nets[k] for m, k in job["keys"].items()}, _Block(job["data"], lo, hi),
-                                  job["batch_size"], _worker_device(job["device"]), job["workers"])
+                                  job["batch_size"], _worker_device(job["device"]), job["workers"],
+                                  class_map=job.get("class_map"))
         models = {name: dataclasses.replace(spec, module=nets[key]) for name, (key, spec) in job["specs"].items()}
         todo = len(job["data"]) - job["start"]
         lo, hi = (job["start"] + b for b in shard_bounds(todo, world, rank))

@@ -855,6 +855,8 @@ def _output_rows(v: _View, m: str, split: str) -> np.ndarray:
 
 def _predictions(v: _View, m: str, splits: Sequence[str]) -> _Predictions:
     """Read the model's predictions in its own output space whenever it has one (see AuditSpec.head)."""
+    from .analyses import output_predictions  # analyses load lazily: `import probekit` loads this module
+
     s, sp = v.store, v.spec
     reading = sp.head
     has_output = all(OUTPUT_LAYER in s.layers(m, x) for x in splits)
@@ -864,20 +866,18 @@ def _predictions(v: _View, m: str, splits: Sequence[str]) -> _Predictions:
         width = int(np.prod(v.x(m, splits[0], OUTPUT_LAYER).shape[1:]))
         k = _label_count(v, m, splits)
         if sp.class_map is not None and reading != "label_free":
-            lut = np.full(width, -1, dtype=np.int64)
-            for out_idx, lab in sp.class_map.items():
+            for out_idx in sp.class_map:
                 if not 0 <= int(out_idx) < width:
                     raise DataError(f"The class map names output {out_idx}, but the model's output has {width} "
                                     "units; fix the map (output indices count from 0).")
-                lut[int(out_idx)] = int(lab)
-            preds = {x: lut[_output_rows(v, m, x).argmax(axis=1)] for x in splits}
+            preds = {x: output_predictions(_output_rows(v, m, x), sp.class_map) for x in splits}
             return _Predictions(preds, f"the model's own output through the class map ({len(sp.class_map)} "
                                 "outputs named; any other output predicts no class of the folder)", True, "labels")
         if reading != "label_free" and width == k and width > 1:
             return _Predictions({x: _output_rows(v, m, x).argmax(axis=1) for x in splits},
                                 "the model's own output (argmax of @output)", True, "labels")
         if reading != "label_free" and width == 1 and k == 2:
-            return _Predictions({x: (_output_rows(v, m, x)[:, 0] > 0).astype(np.int64) for x in splits},
+            return _Predictions({x: output_predictions(_output_rows(v, m, x)) for x in splits},
                                 "the model's own output (one logit: class 1 where it is above 0)", True, "labels")
         if reading != "label_free" and s.role(m) == "student" and reading == "auto":
             pass  # a student's output is the representation it was fitted to: read through a probe below

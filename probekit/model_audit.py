@@ -620,9 +620,12 @@ def audit_model(
 
     def mask_sensitivity(doc: Mapping[str, Any]) -> dict[str, Any]:
         assert bar is not None
-        nm = [m for m in heads if (doc["models"].get(m, {}).get("behaviour") or {}).get("from_output")]
+        # the models whose behaviour was read from their own output in the folder's classes (a label-free
+        # reading compares with predictions on the backgrounds' source images, which the check does not rerun)
+        nm = [m for m in heads if (b := doc["models"].get(m, {}).get("behaviour") or {}).get("from_output")
+              and b.get("space", "labels") == "labels"]
         # the stored outputs, through the audit's read-only view (opened below, open while audit() runs this)
-        stored = _stored_outputs(view, nm) if nm and mask_check_objects == "near" else None
+        stored = _stored_outputs(view, nm, class_map=cmap) if nm and mask_check_objects == "near" else None
         near = None if stored is None else np.unique(np.concatenate(
             [near_decision(v["group"], v["pred"], v["margin"], MASK_CHECK_MARGIN) for v in stored.values()]))
         n_first = n_used if near is None else near.size + sentinels(np.arange(n_used - near.size), seed).size
@@ -631,7 +634,8 @@ def audit_model(
                        f"{n_first} of {n_used} objects first)")
         start = bar.done
         entry = _mask_sensitivity({m: nets[m].module for m in nm}, data, folder_kwargs, cf_kwargs, order, n_used,
-                                  mask_check, batch_size, dev, seed, n_boot, n_perm, workers, bar, stored, near)
+                                  mask_check, batch_size, dev, seed, n_boot, n_perm, workers, bar, stored, near,
+                                  class_map=cmap)
         entry.update({
             "objects": mask_check_objects, "margin": MASK_CHECK_MARGIN if near is not None else None,
             "n_objects_near": None if near is None else int(near.size),
@@ -763,10 +767,14 @@ def _softmax_margin(out: np.ndarray) -> np.ndarray:
     return p[:, -1] - p[:, -2]
 
 
-def _stored_outputs(s: Any, models: Sequence[str], split: str = "stress") -> dict[str, dict[str, np.ndarray]]:
-    """Each model's stored output on the crossed split: ``group``, ``background``, ``pred`` (argmax, as the
-    mask check's own forward passes read it) and ``margin`` (:func:`_softmax_margin`), row by row. ``s``:
-    the audit's read-only view of the store."""
+def _stored_outputs(s: Any, models: Sequence[str], split: str = "stress",
+                    class_map: Mapping[int, int] | None = None) -> dict[str, dict[str, np.ndarray]]:
+    """Each model's stored output on the crossed split: ``group``, ``background``, ``pred`` (the class its
+    head predicts, :func:`probekit.analyses.output_predictions`, as the mask check's own forward passes
+    read it) and ``margin`` (:func:`_softmax_margin`), row by row. ``s``: the audit's read-only view of the
+    store."""
+    from .analyses import output_predictions
+
     out: dict[str, dict[str, np.ndarray]] = {}
     for m in models:
         n = s.n_rows(split, m)
@@ -774,7 +782,7 @@ def _stored_outputs(s: Any, models: Sequence[str], split: str = "stress") -> dic
         o = o.reshape(len(o), -1)
         out[m] = {"group": np.asarray(s.sample_field(split, "group"))[:n],
                   "background": np.asarray(s.sample_field(split, "background"))[:n],
-                  "pred": o.argmax(axis=1), "margin": _softmax_margin(o)}
+                  "pred": output_predictions(o, class_map), "margin": _softmax_margin(o)}
     return out
 
 
@@ -809,7 +817,7 @@ def _mask_sensitivity(heads: Mapping[str, nn.Module], data: Any, folder_kwargs: 
                       cf_kwargs: Mapping[str, Any], order: np.ndarray, n_objects: int, k: int, batch_size: int,
                       device: str, seed: int, n_boot: int, n_perm: int, workers: int,
                       bar: _Progress, stored: Mapping[str, Mapping[str, np.ndarray]] | None = None,
-                      near: np.ndarray | None = None) -> dict[str, Any]:
+                      near: np.ndarray | None = None, class_map: Mapping[int, int] | None = None) -> dict[str, Any]:
     """Behaviour figures of the models read from their own output, with every mask eroded / dilated by k
     px, on the crossed split's objects the audit used; intervals with the audit's n_boot / n_perm.
 
@@ -837,7 +845,8 @@ def _mask_sensitivity(heads: Mapping[str, nn.Module], data: Any, folder_kwargs: 
 
         def run(sel: np.ndarray, full: Any = full, rows: np.ndarray = rows, preds: dict[str, np.ndarray] = preds,
                 done: np.ndarray = done) -> None:
-            for m, got in _predict(heads, _Rows(full, rows[sel]), batch_size, device, workers, bar).items():
+            for m, got in _predict(heads, _Rows(full, rows[sel]), batch_size, device, workers, bar,
+                                   class_map).items():
                 preds[m][sel] = got
             done[sel] = True
 
@@ -874,19 +883,22 @@ def _mask_sensitivity(heads: Mapping[str, nn.Module], data: Any, folder_kwargs: 
 
 
 def _predict(nets: Mapping[str, nn.Module], data: Any, batch_size: int, device: str, workers: int,
-             bar: _Progress) -> dict[str, np.ndarray]:
-    """Each net's predicted classes on ``data``, every net fed the same batches."""
+             bar: _Progress, class_map: Mapping[int, int] | None = None) -> dict[str, np.ndarray]:
+    """Each net's predicted classes on ``data``, every net fed the same batches, its head read as the audit
+    reads it (:func:`probekit.analyses.output_predictions`: through ``class_map``, one logit's sign, or the
+    argmax)."""
     from . import _distributed_audit as da
+    from .analyses import output_predictions
 
     if da.world() > 1:  # under torchrun the ranks share the rows
-        return da.predict_split(nets, data, batch_size, device, workers, bar)
+        return da.predict_split(nets, data, batch_size, device, workers, bar, class_map)
     loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=workers)
     out: dict[str, list[np.ndarray]] = {m: [] for m in nets}
     with torch.no_grad():
         for batch in loader:
             x = batch["x"].to(device)
             for m, net in nets.items():
-                out[m].append(net(x).argmax(dim=1).cpu().numpy())
+                out[m].append(output_predictions(net(x), class_map))
             bar.update(len(x) * len(nets))
     return {m: np.concatenate(v) for m, v in out.items()}
 

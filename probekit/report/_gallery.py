@@ -74,27 +74,23 @@ def _outline(image: np.ndarray, mask: np.ndarray, thumb: int) -> np.ndarray:
 def predictions_from_store(store: str | os.PathLike | Store, model: str,
                            splits: Sequence[str] = ("variants", "stress"),
                            class_map: Mapping[int, int] | None = None) -> dict[str, np.ndarray]:
-    """The model's predicted class per item of ``splits``: the argmax of its stored ``@output``.
+    """The model's predicted class per item of ``splits``, read from its stored ``@output`` as the audit
+    reads a head (:func:`probekit.analyses.output_predictions`: the argmax, or one logit's sign).
 
     ``class_map`` (output index -> the folder's class id, as the audit's ``class_map``) maps the argmax;
     an output it does not name becomes -1 (no class of the folder). Splits the model has no stored output
     on are left out (a representation without a head has no predictions of its own). ``store``: its path,
     or an open :class:`~probekit.store.Store` (read through and left open).
     """
+    from ..analyses import output_predictions  # the analyses (torch, scikit-learn) load only when needed
+
     out: dict[str, np.ndarray] = {}
     with contextlib.nullcontext(store) if isinstance(store, Store) else open_store(store) as s:
         for sp in splits:
             if sp in s.splits and "@output" in s.layers(model, sp):
                 n = s.n_rows(sp, model)
                 x = np.asarray(s.acts(model, sp, "@output")[:n]).reshape(n, -1)
-                pred = x.argmax(axis=1)
-                if class_map is not None:
-                    lut = np.full(x.shape[1], -1, dtype=np.int64)
-                    for k, c in class_map.items():
-                        if 0 <= int(k) < x.shape[1]:
-                            lut[int(k)] = int(c)
-                    pred = lut[pred]
-                out[sp] = pred
+                out[sp] = output_predictions(x, class_map)
     return out
 
 

@@ -1,0 +1,74 @@
+"""The mask check reads a model's head as the audit does: one logit, or a class map of many outputs.
+
+Planted models that read only the background's colour (the mean of G - R over the image's corners,
+far from the object), on a two-class shape folder whose backgrounds are red for circles and green for
+squares: a complete shortcut by construction. The audit reads them as flagged; the mask check, which
+reruns them on the crossed split with eroded / dilated boxes, must read them the same way. Before the
+fix it took the argmax of the raw output: always 0 for one logit (no flip, not flagged), and output
+indices compared with folder classes for a class map.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from probekit.datasets import write_image_folder
+from probekit.model_audit import audit_model
+
+
+class _CornerColour(torch.nn.Module):
+    """``s`` = mean over the 4x4 corners of G - R (> 0 on green backgrounds): one logit ``s``, or the four
+    outputs ``(-s, -s - 1, s - 1, s)`` whose argmax is 3 where s > 0 and 0 where s < 0."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.width = width
+        self.body = torch.nn.Conv2d(3, 3, 1)  # the identity: a hidden layer the audit can hook
+        with torch.no_grad():
+            self.body.weight.copy_(torch.eye(3)[:, :, None, None])
+            self.body.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.body(x)
+        c = torch.cat([x[:, :, :4, :4], x[:, :, :4, -4:], x[:, :, -4:, :4], x[:, :, -4:, -4:]], dim=2)
+        s = (c[:, 1] - c[:, 0]).mean(dim=(1, 2)) * 10
+        if self.width == 1:
+            return s[:, None]
+        return torch.stack([-s, -s - 1, s - 1, s], dim=1)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    d = tmp_path_factory.mktemp("two-shapes")
+    images, masks = write_image_folder(d, split="test", background="class", n=36, size=32)
+    for root in (images, masks):
+        shutil.rmtree(root / "triangle")  # two classes: circle (red backgrounds), square (green)
+    rows = []
+    for p in sorted(images.rglob("*.png")):
+        ys, xs = np.nonzero(np.asarray(Image.open(masks / p.relative_to(images))) > 0)
+        rows.append(f"{p.relative_to(images).as_posix()},{xs.min()},{ys.min()},{xs.max() + 1},{ys.max() + 1}")
+    boxes = d / "boxes.csv"
+    boxes.write_text("path,x0,y0,x1,y1\n" + "\n".join(rows) + "\n")
+    return images, boxes
+
+
+@pytest.mark.parametrize("width,class_map", [(1, None), (4, {0: 0, 1: 0, 2: 1, 3: 1})],
+                         ids=["one-logit", "class-map"])
+def test_mask_check_reads_the_head_as_the_audit_does(folder, tmp_path, width, class_map):
+    images, boxes = folder
+    doc = audit_model(_CornerColour(width), images, boxes=boxes, out=tmp_path / "a", n_inits=0, n_backgrounds=4, layers=["body"],
+                      mask_check=1, mean=[0, 0, 0], std=[1, 1, 1], image_size=32, n_boot=100, n_perm=20,
+                      progress=False, workers=0, class_map=class_map, mask_check_objects="all").data
+    b = doc["models"]["model"]["behaviour"]
+    assert doc["models"]["model"]["flagged"] is True  # the audit's own reading: a complete shortcut
+    assert b["flip_rate"]["value"] > 0.5
+    checked = doc["mask_sensitivity"]["models"]["model"]
+    assert set(checked) == {"eroded", "dilated"}
+    for r in checked.values():  # the corners do not move with the boxes: the same reading, the same figures
+        assert r["flagged"] is True
+        assert r["flip_rate"] == pytest.approx(b["flip_rate"]["value"], abs=0.05)
