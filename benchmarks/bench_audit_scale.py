@@ -162,8 +162,16 @@ def _child(args: argparse.Namespace) -> dict:
     folder_kwargs = {"foreground": "auto"} if args.foreground == "auto" else {"masks": masks}
     cf = I.Counterfactuals(images, seed=0, transform=transform, **folder_kwargs)
     per_split = collections.Counter()
-    for key, n in passes.items():
-        per_split[key.split("/")[-1] if "/" in key else "stress"] += n
+    done = (doc.get("cost") or {}).get("forward_passes_done")
+    if done is not None:  # the audit's own count: rows a staged or resumed call skips are not passes
+        plan = {sp: nets for sp, nets in doc["cost"]["forward_passes"].items() if sp != "mask check"}
+        passes = collections.Counter({f"{nm}/{sp}": n for sp, nets in plan.items() for nm, n in nets.items()})
+        passes["mask check"] = (doc.get("mask_sensitivity") or {}).get("forward_passes", 0)  # near objects only
+        for key, n in passes.items():
+            per_split[key.split("/")[-1] if "/" in key else "stress"] += n
+    else:  # the code before the change: the wrapper's count of rows handed to the pipeline
+        for key, n in passes.items():
+            per_split[key.split("/")[-1] if "/" in key else "stress"] += n
     bare = 0.0
     with torch.no_grad():
         for sp in ("train", "test", "variants", "stress"):
@@ -185,7 +193,7 @@ def _child(args: argparse.Namespace) -> dict:
     return {"n_images": args.n, "model": args.model, "image_size": args.image_size,
             "foreground": args.foreground, "wall_s": wall, "phases_s": dict(phases),
             "other_s": wall - known, "forward_passes": dict(passes),
-            "forward_passes_total": int(sum(passes.values())), "store_opens": counted.get("acts.h5", 0),
+            "forward_passes_total": int(done if done is not None else sum(passes.values())), "store_opens": counted.get("acts.h5", 0),
             "h5_opens_other": {k: v for k, v in counted.items() if k not in ("acts.h5", "(open file)")},
             "h5py_file_objects": sum(counted.values()), "wall_warm_s": wall_warm, "cpu_s": cpu,
             "cpu_warm_s": cpu_warm,
