@@ -204,7 +204,7 @@ def test_audit_with_inits_on_a_subsample_gives_the_same_verdict(tmp_path, capsys
 
 
 @pytest.mark.slow
-def test_inits_see_the_first_objects_of_the_seeded_order_and_the_behaviour_is_unchanged(tmp_path):
+def test_inits_see_the_first_objects_of_the_seeded_order_and_the_behaviour_is_unchanged(tmp_path, monkeypatch):
     """Forward passes counted by a hook on the nets (oracle: the split sizes by hand); the inits' rows are
     the first k objects of the seeded order; the behaviour figures do not depend on the order of the rows."""
     import torch
@@ -250,6 +250,7 @@ def test_inits_see_the_first_objects_of_the_seeded_order_and_the_behaviour_is_un
     from probekit.report import predictions_from_store
 
     # --objects auto grows the split in looks; the inits stop at their 4 objects, the model goes on
+    monkeypatch.setattr("probekit.model_audit.AUTO_MIN_OBJECTS", 4)  # looks on this 12-object folder too
     auto = audit_model("probekit.experiments.shortcut:ShapesCNN", images, masks=masks, weights=w,
                        out=tmp_path / "auto", init_objects=4, objects="auto", decide=lambda *a: False, **fast).data
     assert auto["cost"]["init_objects"] == {"requested": 4, "used": 4}
