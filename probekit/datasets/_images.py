@@ -558,6 +558,9 @@ class Counterfactuals:
         self.cache_size = max(0, int(cache_size))
         self._bg_cache: OrderedDict[tuple[int, int, int], np.ndarray] = OrderedDict()
         self._alpha_cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        # each image's donor, once: choosing one reads 9 fill regions (a distance transform each), and the
+        # filled backgrounds' small LRU cache misses often when a split reads backgrounds in random order
+        self._donors: dict[int, int] = {}
         tf = float(test_fraction)
         if not 0.0 < tf <= 1.0:
             raise DataError(f"test_fraction={test_fraction!r} must lie in (0, 1].")
@@ -665,6 +668,9 @@ class Counterfactuals:
         Of up to 8 other images of ``j``'s class (any class without labels; drawn per ``(seed, j)``),
         the one whose own fill region, cropped at ``j``'s size, overlaps ``j``'s region least.
         """
+        j = int(j)
+        if j in self._donors:
+            return self._donors[j]
         pool = self._by_class[int(self._labels[j])]
         pool = pool[pool != j]
         if pool.size == 0:
@@ -674,7 +680,8 @@ class Counterfactuals:
         region = self.fill_region(j)
         h, w = region.shape
         overlap = [int((mirror_crop(self.fill_region(int(k)), (w, h)) & region).sum()) for k in cand]
-        return int(cand[int(np.argmin(overlap))])
+        self._donors[j] = int(cand[int(np.argmin(overlap))])
+        return self._donors[j]
 
     def _filled(self, j: int) -> np.ndarray:
         img, region = self.folder.image(j), self.fill_region(j)
