@@ -22,7 +22,7 @@ import os
 import re
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ._version import __version__
@@ -1040,28 +1040,25 @@ def _audit_skip_hint(skip: dict[str, Any], args: argparse.Namespace) -> str | No
     return reason
 
 
-def _init_objects_arg(text: str) -> int | str:
-    if text == "all":
-        return "all"
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 3:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 3 or 'all', got {text!r}")
-    return n
+def _count_or(word: str, minimum: int) -> Callable[[str], int | str]:
+    """An argparse type: a whole number >= ``minimum``, or ``word``."""
+
+    def parse(text: str) -> int | str:
+        if text == word:
+            return word
+        try:
+            n = int(text)
+        except ValueError:
+            n = minimum - 1
+        if n < minimum:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum} or {word!r}, got {text!r}")
+        return n
+
+    return parse
 
 
-def _objects_arg(text: str) -> int | str:
-    if text == "auto":
-        return "auto"
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1 or 'auto', got {text!r}")
-    return n
+_init_objects_arg = _count_or("all", 3)
+_objects_arg = _count_or("auto", 1)
 
 
 def cmd_audit(args: argparse.Namespace) -> int:

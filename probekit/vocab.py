@@ -80,26 +80,25 @@ PULL_MAX_IMBALANCE = 1.5
 RATIO_MARGIN = 1.25
 
 
-def pct(e: Any, digits: int = 0) -> str:
-    """An estimate as a percentage with its interval, ``"12 % [8, 15]"``; "–" when absent."""
+def _with_ci(e: Any, spec: str, suffix: str) -> str:
+    """``100 * value`` formatted by ``spec``, then ``suffix``, then the interval in the same format."""
     if not e or e.get("value") is None:
         return "–"
     ci = e.get("ci")
-    text = f"{100 * float(e['value']):.{digits}f} %"
+    text = f"{100 * float(e['value']):{spec}}{suffix}"
     if ci and ci[0] is not None and ci[1] is not None:
-        text += f" [{100 * float(ci[0]):.{digits}f}, {100 * float(ci[1]):.{digits}f}]"
+        text += f" [{100 * float(ci[0]):{spec}}, {100 * float(ci[1]):{spec}}]"
     return text
+
+
+def pct(e: Any, digits: int = 0) -> str:
+    """An estimate as a percentage with its interval, ``"12 % [8, 15]"``; "–" when absent."""
+    return _with_ci(e, f".{digits}f", " %")
 
 
 def points(e: Any, digits: int = 1, unit: str = "pts") -> str:
     """A difference of accuracies in points with its interval, ``"+12.0 pts [+8.1, +15.2]"``."""
-    if not e or e.get("value") is None:
-        return "–"
-    ci = e.get("ci")
-    text = f"{100 * float(e['value']):+.{digits}f} {unit}"
-    if ci and ci[0] is not None and ci[1] is not None:
-        text += f" [{100 * float(ci[0]):+.{digits}f}, {100 * float(ci[1]):+.{digits}f}]"
-    return text
+    return _with_ci(e, f"+.{digits}f", f" {unit}")
 
 
 def init_name(model: str, k: int) -> str:
