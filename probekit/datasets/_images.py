@@ -55,16 +55,16 @@ deployment scenes) for the store.
 image's own size; images of several sizes then need a resizing transform before extraction).
 
 Streaming: only paths, labels, sizes and the split indices are held; images and masks are read per
-item, with small least-recently-used caches of decoded images, masks and filled, resized
-backgrounds (``cache_size``), so a stress split, read in order, decodes each foreground once and
-each of its ``B`` backgrounds once. Items depend only on ``(seed, options, item index)``.
+item, with least-recently-used caches of decoded images, masks, fill regions, feathered masks and
+filled, resized backgrounds, each bounded in bytes (``cache_bytes``, 64 MiB by default), so a folder
+of small images is decoded and filled once per process however a split orders its rows, and a large
+one keeps its most recent images. Items depend only on ``(seed, options, item index)``.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from hashlib import sha256
 from pathlib import Path
@@ -78,10 +78,10 @@ from torch.utils.data import Dataset
 from ..errors import DataError
 from ..vocab import VARIANTS
 from ._foreground import (
+    _LRU,
     _READ_ERRORS,
+    CACHE_BYTES,
     ForegroundFolder,
-    _cache_get,
-    _cache_put,
     adjust_mask,
     image_extensions,
     require_cv2,
@@ -328,6 +328,8 @@ class DeploymentScenes:
         Site names (default: the folders' names, made unique with ``-2``, ``-3``, ...).
     cache_size : int, default 8
         Decoded photos kept (the scenes cut from them are kept apart, see :meth:`scene`).
+    cache_bytes : int, default 64 MiB
+        Bytes of decoded photos, and apart of scenes, kept at most.
 
     Attributes
     ----------
@@ -340,7 +342,8 @@ class DeploymentScenes:
 
     def __init__(self, dirs: str | os.PathLike | Sequence[str | os.PathLike], *, n_scenes: int = 16,
                  fit: Literal["crop", "cover"] = "crop", position: Literal["random", "center"] = "random",
-                 seed: int = 0, names: Sequence[str] | None = None, cache_size: int = 8) -> None:
+                 seed: int = 0, names: Sequence[str] | None = None, cache_size: int = 8,
+                 cache_bytes: int = CACHE_BYTES) -> None:
         if isinstance(dirs, (str, os.PathLike)):
             dirs = [dirs]
         self.dirs = [Path(d) for d in dirs]
@@ -354,8 +357,8 @@ class DeploymentScenes:
             raise DataError(f"n_scenes={n_scenes!r} must be at least 2 (scenes are resampled for the interval).")
         self.fit, self.position, self.seed = fit, position, int(seed)
         self.cache_size = max(0, int(cache_size))
-        self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
-        self._scenes: OrderedDict[tuple[int, int, int, int], np.ndarray] = OrderedDict()
+        self._cache = _LRU(cache_bytes, self.cache_size)
+        self._scenes = _LRU(cache_bytes)
         if names is None:
             names, seen = [], {}
             for d in self.dirs:
@@ -420,7 +423,7 @@ class DeploymentScenes:
 
     def _photo(self, site: int, p: int) -> np.ndarray:
         key = (site, p)
-        hit = _cache_get(self._cache, key)
+        hit = self._cache.get(key)
         if hit is not None:
             return hit
         path = self.photos[site][p]
@@ -430,18 +433,18 @@ class DeploymentScenes:
         except _READ_ERRORS as e:
             raise DataError(f"Cannot read the scene photo {path!r} ({type(e).__name__}); it may have changed "
                             "since the folder was opened.") from e
-        _cache_put(self._cache, key, arr, self.cache_size)
+        self._cache.put(key, arr)
         return arr
 
     def scene(self, site: int, s: int, size: tuple[int, int]) -> np.ndarray:
         """Scene slot ``s`` of ``site`` at ``size = (width, height)``: (H, W, 3) uint8, never stretched.
 
-        The scenes made are kept (least recently used, at least twice the slots of a site), so a
+        The scenes made are kept (least recently used, up to ``cache_bytes``), so a
         deployment split read object by object decodes each photo about once.
         """
         w, h = int(size[0]), int(size[1])
         key = (int(site), int(s), w, h)
-        hit = _cache_get(self._scenes, key)
+        hit = self._scenes.get(key)
         if hit is not None:
             return hit
         p, u, v = self.slots[site][int(s)]
@@ -454,7 +457,7 @@ class DeploymentScenes:
                 photo = np.asarray(Image.fromarray(photo).resize((nw, nh), Image.LANCZOS))
         out = mirror_crop(photo, (w, h), float(u), float(v))
         out.setflags(write=False)
-        _cache_put(self._scenes, key, out, max(64, 2 * max(len(sl) for sl in self.slots)))
+        self._scenes.put(key, out)
         return out
 
     @property
@@ -507,9 +510,12 @@ class Counterfactuals:
         How a scene photo meets an object image's size (see :class:`DeploymentScenes`).
     transform : callable, optional
         PIL RGB image -> tensor (default: float32 (3, H, W) in [0, 1] at the image's size).
-    cache_size : int, default 16
-        Filled, resized backgrounds kept (least recently used); the folder keeps its own small cache of
-        decoded images and masks.
+    cache_size : int, optional
+        Filled, resized backgrounds (and apart feathered masks and fill regions) kept at most, least
+        recently used; by default bounded by ``cache_bytes`` only.
+    cache_bytes : int, default 64 MiB
+        Bytes each of those caches holds at most; the folder keeps its own caches of decoded images and
+        masks (``ForegroundFolder(cache_bytes=...)``).
     """
 
     def __init__(
@@ -527,7 +533,8 @@ class Counterfactuals:
         n_deploy: int = 16,
         deploy_fit: Literal["crop", "cover"] = "crop",
         transform: Callable[[Image.Image], Any] | None = None,
-        cache_size: int = 16,
+        cache_size: int | None = None,
+        cache_bytes: int = CACHE_BYTES,
         **folder_kwargs: Any,
     ) -> None:
         if not isinstance(folder, ForegroundFolder):
@@ -555,9 +562,11 @@ class Counterfactuals:
         else:
             self.scenes = DeploymentScenes(deploy_backgrounds, n_scenes=n_deploy, fit=deploy_fit, seed=seed)
         self.transform = transform
-        self.cache_size = max(0, int(cache_size))
-        self._bg_cache: OrderedDict[tuple[int, int, int], np.ndarray] = OrderedDict()
-        self._alpha_cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self.cache_size = None if cache_size is None else max(0, int(cache_size))
+        self.cache_bytes = max(0, int(cache_bytes))
+        self._bg_cache = _LRU(self.cache_bytes, self.cache_size)
+        self._alpha_cache = _LRU(self.cache_bytes, self.cache_size)
+        self._region_cache = _LRU(self.cache_bytes, self.cache_size)
         # each image's donor, once: choosing one reads 9 fill regions (a distance transform each), and the
         # filled backgrounds' small LRU cache misses often when a split reads backgrounds in random order
         self._donors: dict[int, int] = {}
@@ -647,7 +656,13 @@ class Counterfactuals:
 
     def fill_region(self, j: int) -> np.ndarray:
         """The region of image ``j`` that its filled background replaces: the mask grown by the clear margin."""
-        return adjust_mask(self.folder.mask(j), clear_margin(self.sigma(j), self.clear))
+        j = int(j)
+        hit = self._region_cache.get(j)
+        if hit is None:  # a distance transform: read 9 times per image when choosing donors
+            hit = adjust_mask(self.folder.mask(j), clear_margin(self.sigma(j), self.clear))
+            hit.setflags(write=False)
+            self._region_cache.put(j, hit)
+        return hit
 
     def alpha(self, i: int) -> np.ndarray:
         """Image ``i``'s foreground as pasted: its mask feathered by :meth:`sigma` (bool when hard)."""
@@ -655,11 +670,11 @@ class Counterfactuals:
         m = self.folder.mask(i)
         if s <= 0:
             return m
-        hit = _cache_get(self._alpha_cache, int(i))
+        hit = self._alpha_cache.get(int(i))
         if hit is None:
             hit = soft_mask(m, s)
             hit.setflags(write=False)
-            _cache_put(self._alpha_cache, int(i), hit, self.cache_size)
+            self._alpha_cache.put(int(i), hit)
         return hit
 
     def donor(self, j: int) -> int:
@@ -702,19 +717,19 @@ class Counterfactuals:
         w, h = (int(v) for v in self.folder.sizes[j])
         size = (w, h) if size is None else (int(size[0]), int(size[1]))
         key = (int(j), *size)
-        hit = _cache_get(self._bg_cache, key)
+        hit = self._bg_cache.get(key)
         if hit is not None:
             return hit
         own = (int(j), w, h)
-        filled = _cache_get(self._bg_cache, own)
+        filled = self._bg_cache.get(own)
         if filled is None:
             filled = self._filled(j)
             filled.setflags(write=False)
-            _cache_put(self._bg_cache, own, filled, self.cache_size)
+            self._bg_cache.put(own, filled)
         if key == own:
             return filled
         out = np.asarray(Image.fromarray(filled).resize(size, Image.BILINEAR))
-        _cache_put(self._bg_cache, key, out, self.cache_size)
+        self._bg_cache.put(key, out)
         return out
 
     def render(self, i: int, variant: str, j: int | None = None) -> np.ndarray:

@@ -292,7 +292,7 @@ def test_stress_streams_each_image_once(tmp_path, monkeypatch):
     n_fg = len(cf.stress_indices)
     assert len(images) == n_fg + 8 and len(set(images)) == n_fg + 8  # each foreground and background once
     assert len(masks) == n_fg + 8
-    assert len(folder._images) <= folder.cache_size and len(cf._bg_cache) <= cf.cache_size
+    assert folder._images.nbytes <= folder.cache_bytes and cf._bg_cache.nbytes <= cf.cache_bytes
 
 
 def test_extract_writes_the_crossed_fields(tmp_path):
