@@ -412,6 +412,10 @@ class BackgroundSensitivityResult(ResultMixin):
     per_unit: np.ndarray
 
 
+#: bootstrap replicates computed together (their counts and sums held at once: 256 x units floats)
+_BOOT_BLOCK = 256
+
+
 def background_sensitivity(X: Any, group: Any, *, n_boot: int = 200, ci_level: float = 0.95,
                            chunk_rows: int | None = None, random_state: int | None = 0) -> BackgroundSensitivityResult:
     r"""Counterfactual background sensitivity of a layer.
@@ -476,12 +480,15 @@ def background_sensitivity(X: Any, group: Any, *, n_boot: int = 200, ci_level: f
     layer = float(within[~dead].sum() / total[~dead].sum()) if (~dead).any() else float("nan")
     rng = np.random.default_rng(random_state)
     boots = np.empty(n_boot)
-    wg = within_g[:, ~dead].sum(axis=1)
-    for b in range(n_boot):
-        mcount = np.bincount(rng.integers(0, G, G), minlength=G).astype(np.float64)
-        nb = mcount @ ng
-        tot = (mcount @ Q[:, ~dead]) - (mcount @ S[:, ~dead]) ** 2 / nb
-        boots[b] = (mcount @ wg) / tot.sum()
+    live = ~dead
+    wg, q, S_live = within_g[:, live].sum(axis=1), Q[:, live].sum(axis=1), S[:, live]
+    # replicates in blocks, each a matrix product over groups: one replicate at a time copied the (G, d)
+    # sums twice per replicate (10 of 18 s of audit() at 1,000 images with a 1,000-wide output layer)
+    for lo in range(0, n_boot, _BOOT_BLOCK):
+        counts = np.stack([np.bincount(rng.integers(0, G, G), minlength=G)
+                           for _ in range(min(_BOOT_BLOCK, n_boot - lo))]).astype(np.float64)
+        tot = counts @ q - ((counts @ S_live) ** 2).sum(axis=1) / (counts @ ng)
+        boots[lo:lo + len(counts)] = (counts @ wg) / tot
     return BackgroundSensitivityResult(
         layer=layer, layer_ci=percentile_ci(boots, ci_level), mean_unit=float(np.nanmean(per_unit)),
         n_rows=int(n), n_groups=int(G), min_group_size=int(ng.min()), n_dead_units=int(dead.sum()),
