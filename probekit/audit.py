@@ -37,7 +37,7 @@ from ._json import jsonable
 from ._version import __version__
 from .errors import DataError, ProbekitError
 from .store import Store, open_store
-from .verdict import judge
+from .verdict import LEVEL, MARKS, headline_mark, interval_level, judge, layer_above_reference
 from .vocab import INIT_RE, OUTPUT_LAYER, RATIO_MARGIN, RELIANCE_EFFECT_MARGIN, RELIANCE_MARGIN, Estimate
 
 __all__ = ["LAYER_CHECKS", "Audit", "AuditSpec", "Check", "Extra", "audit", "parse_threshold"]
@@ -585,7 +585,7 @@ def _run_sensitivity(v: _View, m: str, layer: str) -> dict[str, Any]:
 
     def one(step: int | None) -> dict[str, Any]:
         X = v.x(m, st, layer, step)
-        r = background_sensitivity(X, v.field(st, "group", len(X)), n_boot=v.spec.n_boot,
+        r = background_sensitivity(X, v.field(st, "group", len(X)), n_boot=v.spec.n_boot, ci_level=LEVEL,
                                    random_state=v.spec.random_state)
         return _estimate(r.layer, r.layer_ci)
 
@@ -611,7 +611,7 @@ def _run_nms(v: _View, m: str, layer: str) -> dict[str, Any]:
 
     def one(step: int | None) -> dict[str, Any]:
         r = normalized_mean_shift(v.x(m, a, layer, step), v.x(m, b, layer, step), n_boot=v.spec.n_boot,
-                                  random_state=v.spec.random_state)
+                                  ci_level=LEVEL, random_state=v.spec.random_state)
         return _estimate(r.nms_debiased, r.ci)  # the interval is for the true NMS, which this estimates
 
     out = {"from": a, "to": b, "value": one(None)}
@@ -988,8 +988,8 @@ def _behaviour(v: _View, m: str) -> dict[str, Any]:
                 out["class_imbalance"] = float(counts.max() / counts.mean())
         else:
             r = background_reliance(preds[st], group, background, label=label, background_label=bl, basis=basis,
-                                    n_boot=sp.n_boot, margin=sp.reliance_margin, effect_margin=sp.effect_margin,
-                                    random_state=sp.random_state)
+                                    n_boot=sp.n_boot, ci_level=LEVEL, margin=sp.reliance_margin,
+                                    effect_margin=sp.effect_margin, random_state=sp.random_state)
             out["reliance"] = {**_estimate(r.reliance, r.reliance_ci), "p_value": r.p_value, "margin": r.margin,
                                "detectable": r.detectable, "basis": r.basis, "reason": r.reason,
                                "n_background_classes": r.n_background_classes, "n_swapped": r.n_swapped}
@@ -1121,7 +1121,7 @@ def _background_flags(v: _View, names: Sequence[str], doc: dict[str, Any]) -> No
             plans.append((m, layer, ref))
     if not plans:
         return
-    level = 1 - 0.05 / len(plans)  # Bonferroni over layers x models (two-sided intervals)
+    level = interval_level(len(plans))  # Bonferroni over layers x models (two-sided intervals)
     for m, layer, (refs, kind, ref_name) in plans:
         def run(m: str = m, layer: str = layer, refs: list[Any] = refs, kind: str = kind) -> Any:
             X = v.x(m, st, layer)
@@ -1137,7 +1137,7 @@ def _background_flags(v: _View, names: Sequence[str], doc: dict[str, Any]) -> No
         if r is None:
             continue
         res = doc["models"][m]["layers"][layer]
-        res["background_flag"] = bool(r.flagged)
+        res["background_flag"] = layer_above_reference(r.ratio_ci, r.margin)
         res["background_vs_reference"] = {
             "reference": ref_name, "kind": r.kind, "value": r.value, "reference_value": r.reference,
             "ratio": _estimate(r.ratio, r.ratio_ci), "ci_level": r.ci_level, "margin": r.margin,
@@ -1148,20 +1148,22 @@ def _background_flags(v: _View, names: Sequence[str], doc: dict[str, Any]) -> No
 
 # -- evidence lines -------------------------------------------------------------------------------
 
+#: the headline figures: (name, definition); ``{split}`` and ``{margin:g}`` are filled in, and the
+#: definition states the mark's rule in the words of :data:`probekit.verdict.MARKS` ``["headline"]``
 HEADLINE_DEFINITIONS = {
     "sensitivity": (
         "background sensitivity",
         "Share of the layer's variance that comes from the background with the foreground held fixed, on "
         "the grouped split with broad backgrounds ({split}): Σ_u Σ_i (x_iu − x̄_g(i)u)² / Σ_u Σ_i (x_iu − x̄_u)². "
         "0 = ignores the background. Reference: the teacher at the same layer for a student, else the same "
-        "network at initialisation. Marked when the 95% CI's low end exceeds {margin:g} × the reference "
+        f"network at initialisation. Marked when {MARKS['headline'].when} "
         "(evidence: the verdict reads behaviour and the two-way decomposition).",
     ),
     "nms": (
         "normalised mean shift",
         "Σ_u (mean OOD − mean ID)² / Σ_u var_ID on the same foregrounds ({split}); 0 = the background "
         "family does not move the layer. Reference: the teacher at the same layer for a student, else the "
-        "same network at initialisation. Marked when the 95% CI's low end exceeds {margin:g} × the reference "
+        f"same network at initialisation. Marked when {MARKS['headline'].when} "
         "(evidence: the verdict reads behaviour and the two-way decomposition).",
     ),
 }
@@ -1195,8 +1197,7 @@ def _headline(doc: dict[str, Any], margin: float) -> dict[str, Any]:
             if ref_value is None and init_value is not None:
                 ref_name, ref_value = "at initialisation", init_value
             ratio = est["value"] / ref_value if ref_value and est["value"] is not None else None
-            low = (est.get("ci") or [None])[0]
-            flag = bool(ref_value is not None and low is not None and low > margin * ref_value)
+            flag = headline_mark((est.get("ci") or [None])[0], ref_value, margin)
             rows.append({"model": m, "layer": layer, "estimate": est, "reference": ref_name,
                          "reference_value": ref_value, "init_value": init_value, "ratio": ratio, "flag": flag})
     name, definition = HEADLINE_DEFINITIONS[metric]

@@ -38,7 +38,7 @@ from .errors import (
     short_path,
 )
 from .store import open_store
-from .verdict import RULES, exit_status, parse_findings
+from .verdict import MARKS, RULES, exit_status, level_pct, parse_findings
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
@@ -995,12 +995,12 @@ def _print_summary(doc: dict[str, Any], audit_args: argparse.Namespace | None = 
         print(f"- {line}")
     head = doc.get("headline", {})
     if head.get("rows") and not verdicts - {None}:  # evidence only where no model has a verdict
-        print(f"\n{head['name']} per layer (95% CI; reference):")
+        print(f"\n{head['name']} per layer ({level_pct()}% CI; reference):")
         for r in head["rows"]:
             e = r["estimate"]
             ci = e.get("ci") or [float("nan")] * 2
             ref = f"; {r['reference']} {r['reference_value']:.3f}" if r.get("reference_value") is not None else ""
-            flag = "  <-- above reference" if r.get("flag") else ""
+            flag = f"  <-- {MARKS['headline'].title}" if r.get("flag") else ""
             print(f"  {r['model']:<12} {r['layer']:<16} {e['value']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]{ref}{flag}")
     skipped = doc.get("skipped") or []
     if not skipped:

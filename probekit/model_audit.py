@@ -30,8 +30,8 @@ differs (``overwrite=True`` recomputes). ``audit.json`` records what was audited
 **The crossed split's size.** ``objects=N`` audits the first N objects of a seeded order;
 ``objects="auto"`` grows the split in up to :data:`AUTO_LOOKS` looks (a quarter, half, all of the
 cap; :func:`auto_rounds`) and stops at the first look where ``decide`` says the question is decided
-(default :func:`reliance_decided`: background reliance's interval at level ``1 - 0.05 / AUTO_LOOKS``
-excludes its margin). The verdict is then the audit's ordinary rule on the rows it has. That rule
+(default :func:`reliance_decided`: background reliance's interval at level ``1 - ALPHA / AUTO_LOOKS``,
+:func:`probekit.verdict.interval_level`, excludes its margin). The verdict is then the audit's ordinary rule on the rows it has. That rule
 at a fixed size falsely flags with probability at most 2.5 % at the margin (one-sided); after
 optional stopping the union bound over looks is 2 x 0.83 % + 2.5 % = 4.2 %. Measured
 (benchmarks/calibrate_objects_auto.py, docs/METRICS.md): 0 % false flags without reliance, 0.5-3.5 %
@@ -71,6 +71,7 @@ from .audit import Extra
 from .errors import DataError, ProbekitError
 from .extractors import default_layers, weights_sha256
 from .store import FINGERPRINT_ATTR, SETTINGS_ATTR, StoreWriter, open_store
+from .verdict import interval_decides, interval_level, reliance_holds
 
 __all__ = ["AUTO_LOOKS", "INIT_OBJECTS", "MASK_CHECK_MARGIN", "accuracy_check", "accuracy_lines", "audit_model",
            "auto_rounds", "default_layers", "default_workers", "near_decision", "reliance_decided", "resolve_device",
@@ -249,10 +250,7 @@ def reliance_decided(pred: np.ndarray, group: np.ndarray, background: np.ndarray
         return False
     r = background_reliance(pred, group, background, label=label, background_label=background_label,
                             n_boot=n_boot, ci_level=ci_level, random_state=seed)
-    if r.reliance_ci is None:
-        return False
-    lo, hi = r.reliance_ci
-    return bool(lo > r.margin or hi < r.margin)
+    return interval_decides(r.reliance_ci, r.margin)
 
 
 AUTO_LOOKS = 3
@@ -400,7 +398,8 @@ def audit_model(
         order, or ``"auto"``: grown in up to :data:`AUTO_LOOKS` looks (:func:`auto_rounds`) until
         ``decide`` says the model's predictions decide the question
     decide : ``decide(pred, group, background, label, background_label) -> bool`` for ``objects="auto"``;
-        default: :func:`reliance_decided` at level ``1 - 0.05 / AUTO_LOOKS`` (Bonferroni over the looks)
+        default: :func:`reliance_decided` at level ``1 - ALPHA / AUTO_LOOKS`` (Bonferroni over the looks,
+        :func:`probekit.verdict.interval_level`)
     init_objects : objects of the crossed split the seeded initialisations see (default
         :data:`INIT_OBJECTS`; ``"all"`` or None: every object the model sees): the first of the split's
         seeded order, on all its backgrounds. The representation's interval then adds the reference's
@@ -702,7 +701,7 @@ def _decided(store: Any, name: str, split: str, n_rows: int, decide: Decide | No
          for k in ("group", "background", "label", "background_label")}
     if decide is None:
         return reliance_decided(pred, f["group"], f["background"], f["label"], f["background_label"],
-                                ci_level=1 - 0.05 / AUTO_LOOKS, n_boot=n_boot, seed=seed)
+                                ci_level=interval_level(AUTO_LOOKS), n_boot=n_boot, seed=seed)
     return bool(decide(pred, f["group"], f["background"], f["label"], f["background_label"]))
 
 
@@ -878,7 +877,7 @@ def _mask_sensitivity(heads: Mapping[str, nn.Module], data: Any, folder_kwargs: 
             out["models"].setdefault(m, {})[key] = {
                 "flip_rate": r.flip_rate, "pull": r.pull, "follows_background": r.follows_background,
                 "reliance": {"value": rel.reliance, "ci": None if rel.reliance_ci is None else list(rel.reliance_ci)},
-                "flagged": rel.shortcut}  # the shortcut finding's rule (schema 3): reliance above its margin
+                "flagged": reliance_holds(rel.p_value)}  # the shortcut finding's rule (probekit.verdict)
     return out
 
 

@@ -11,8 +11,14 @@ p-values; this module decides what they show, in three findings:
 - ``representation``: a layer's background component is above its reference (the teacher for a
   student, else the same architecture at initialisation).
 
-The CLI's ``--fail-on-flag`` / ``--fail-on``, the report's captions and glossary, and the audit's
-sentences all read :data:`RULES` and :func:`judge`, so prose cannot drift from the code.
+Beside the findings, :data:`MARKS` holds the rules that mark one figure: the background pull where it
+stands in for reliance, and the headline table's mark (a layer's figure above its reference).
+
+The CLI's ``--fail-on-flag`` / ``--fail-on`` and printed verdict, the report's captions and glossary,
+the JUnit and Markdown outputs, the headline's definition and the audit's sentences all read
+:data:`RULES`, :data:`MARKS` and the functions here (:func:`judge`, :func:`headline_mark`,
+:func:`interval_level`), so prose cannot drift from the code. No other module compares a figure with
+a margin (tests/audit/test_verdict_prose.py checks both).
 """
 
 from __future__ import annotations
@@ -38,12 +44,20 @@ __all__ = [
     "EXIT_FINDING",
     "EXIT_NOT_JUDGED",
     "FINDINGS",
+    "LEVEL",
+    "MARKS",
     "RULES",
     "ModelVerdict",
     "Rule",
     "exit_status",
+    "headline_mark",
+    "interval_decides",
+    "interval_level",
     "judge",
+    "layer_above_reference",
+    "level_pct",
     "parse_findings",
+    "reliance_holds",
 ]
 
 #: exit status of ``--fail-on-flag`` / ``--fail-on`` when a gated finding holds, and when it could not be judged
@@ -53,43 +67,128 @@ EXIT_NOT_JUDGED = 3
 FINDINGS = ("shortcut", "background_sensitive", "representation")
 
 
+#: the level of every interval a rule reads (two-sided; the rule reads its low end)
+LEVEL = 1 - ALPHA
+
+
+def interval_level(n_comparisons: int = 1) -> float:
+    """The two-sided level of the intervals a rule reads, Bonferroni-corrected over ``n_comparisons``."""
+    return 1 - ALPHA / max(int(n_comparisons), 1)
+
+
+def level_pct(level: float = LEVEL) -> str:
+    """An interval's level as the prose writes it: ``"95"`` (the caller adds the per-cent sign)."""
+    return f"{100 * level:g}"
+
+
 @dataclasses.dataclass(frozen=True)
 class Rule:
-    """One finding: what it means, the figure it reads and when it holds."""
+    """One rule: what it means, the figure it reads and when it holds.
+
+    Attributes
+    ----------
+    finding : str
+        The finding it decides (a key of :data:`RULES`), or the mark's name (a key of :data:`MARKS`).
+    title : str
+        A few words for what holds (the CLI's gate lines, the headline table's mark).
+    heading : str
+        The finding named for a reader of the report, JUnit and the Markdown summary.
+    figure : str
+        Where the figure it reads lives in the audit document.
+    rule : str
+        The whole rule in one sentence, with the default margins.
+    margin : float
+        The default margin it compares the figure with (``probekit.vocab``); the audit's own is recorded
+        beside each figure (``margin``) or in ``config``.
+    when : str
+        The rule as a clause on one figure, ``{margin:g}`` standing for the margin used, for the prose
+        that states it beside a number (:meth:`holds_when` fills it in).
+    """
 
     finding: str
     title: str
+    heading: str
     figure: str
     rule: str
+    margin: float
+    when: str
+
+    def holds_when(self, margin: float | None = None) -> str:
+        """:attr:`when` with ``margin`` (default :attr:`margin`) filled in."""
+        return self.when.format(margin=self.margin if margin is None else margin)
 
 
 RULES: dict[str, Rule] = {
     "shortcut": Rule(
-        "shortcut", "takes the background's class",
+        "shortcut", "takes the background's class", "relies on the background (shortcut)",
         "behaviour.reliance",
         f"reliance (the share of predictions that take the background's class beyond the same object's "
         f"predictions shuffled over its backgrounds; 1 = a complete shortcut) is above "
-        f"{100 * RELIANCE_MARGIN:.0f} % at the low end of its {100 * (1 - ALPHA):.0f} % interval, with objects and "
+        f"{100 * RELIANCE_MARGIN:.0f} % at the low end of its {100 * LEVEL:.0f} % interval, with objects and "
         "backgrounds both resampled. Where the backgrounds carry no class (synthetic backgrounds), the background pull stands "
         f"in: the share of predictions backgrounds move towards the same classes, beyond the within-object "
         f"shuffle, above {100 * PULL_MARGIN:.0f} % at the low end of its interval (it cannot tell noise from a "
         f"shortcut when classes are imbalanced, so it stands in only while no class holds more than "
         f"{PULL_MAX_IMBALANCE:g}x its balanced share)",
+        RELIANCE_MARGIN, "its interval's low end lies above {margin:g}",
     ),
     "background_sensitive": Rule(
         "background_sensitive", "backgrounds change its accuracy",
+        "background-sensitive (noisier on some backgrounds)",
         "behaviour.background_effect",
         f"the accuracy points that backgrounds move without favouring a class are above "
-        f"{100 * RELIANCE_EFFECT_MARGIN:.0f} points at the low end of its {100 * (1 - ALPHA):.0f} % interval",
+        f"{100 * RELIANCE_EFFECT_MARGIN:.0f} points at the low end of its {100 * LEVEL:.0f} % interval",
+        RELIANCE_EFFECT_MARGIN, "its interval's low end lies above {margin:g}",
     ),
     "representation": Rule(
         "representation", "background component above its reference",
+        "representation's background component above its reference",
         "layers.<l>.background_vs_reference",
         f"at some layer, the background component's ratio to its reference (the teacher for a student, else "
         f"the same architecture at initialisation) has its interval above {RATIO_MARGIN:g} (Bonferroni over "
         "layers x models)",
+        RATIO_MARGIN, "its background component exceeds its reference's by {margin:g}x at the low end of a "
+        "Bonferroni-corrected paired interval",
     ),
 }
+
+#: rules that mark one figure beside the findings: ``pull``, the background pull where it stands in for
+#: reliance (it then decides the shortcut finding, see :func:`judge`); ``headline``, a row of the headline
+#: table (a layer's background sensitivity or normalised mean shift against its reference: evidence,
+#: never a finding)
+MARKS: dict[str, Rule] = {
+    "pull": Rule(
+        "pull", "backgrounds pull its predictions together", "background pull (standing in for reliance)",
+        "behaviour.pull",
+        f"the background pull is above {100 * PULL_MARGIN:.0f} % at the low end of its {100 * LEVEL:.0f} % "
+        f"interval and its permutation test rejects at {ALPHA:g}, while no class holds more than "
+        f"{PULL_MAX_IMBALANCE:g}x its balanced share of the objects",
+        PULL_MARGIN, "its interval's low end lies above {margin:g}",
+    ),
+    "headline": Rule(
+        "headline", "above reference", "above its reference", "headline.rows[]",
+        f"the figure's {level_pct()}% interval has its low end above {RATIO_MARGIN:g} x its reference's value",
+        RATIO_MARGIN, f"the {level_pct()}% CI's low end exceeds {{margin:g}} × the reference",
+    ),
+}
+
+
+def headline_mark(low: float | None, reference: float | None, margin: float = RATIO_MARGIN) -> bool:
+    """The headline table's mark (:data:`MARKS` ``["headline"]``): the figure's interval has its low end
+    ``low`` above ``margin`` times its reference's value; ``False`` when either is missing."""
+    return bool(reference is not None and low is not None and low > margin * reference)
+
+
+def layer_above_reference(ratio_ci: Sequence[float] | None, margin: float = RATIO_MARGIN) -> bool:
+    """A layer's part of the representation finding (``layers.<l>.background_flag``): its background
+    component's ratio to its reference has its (Bonferroni-corrected, :func:`interval_level`) interval
+    ``ratio_ci`` above ``margin``; ``False`` when no interval could be drawn."""
+    return bool(ratio_ci is not None and ratio_ci[0] is not None and ratio_ci[0] > margin)
+
+
+def _pull_holds(low: float, p_value: float | None, margin: float = PULL_MARGIN) -> bool:
+    """The pull's rule (:data:`MARKS` ``["pull"]``): its low end above ``margin`` and its test rejecting."""
+    return low > margin and (p_value if p_value is not None else 1.0) < ALPHA
 
 
 @dataclasses.dataclass
@@ -130,6 +229,18 @@ def _holds(p_value: float) -> bool:
     return p_value < ALPHA / 2
 
 
+def reliance_holds(p_value: float | None) -> bool | None:
+    """The shortcut finding on a reliance's p-value against its margin (:data:`RULES` ``["shortcut"]``):
+    its :data:`LEVEL` interval's low end is above the margin; ``None`` when there is no p-value."""
+    return None if p_value is None else _holds(p_value)
+
+
+def interval_decides(ci: Sequence[float] | None, margin: float) -> bool:
+    """Whether an interval decides a rule either way: it lies wholly above or wholly below ``margin``
+    (``objects="auto"`` stops growing the split once reliance's does)."""
+    return bool(ci is not None and (ci[0] > margin or ci[1] < margin))
+
+
 def _shortcut(m: str, beh: Mapping[str, Any]) -> tuple[bool | None, str, str | None]:
     """(finding or None, sentence, reason when not judged)."""
     rel = beh.get("reliance") or {}
@@ -144,7 +255,7 @@ def _shortcut(m: str, beh: Mapping[str, Any]) -> tuple[bool | None, str, str | N
                 reason += (f"; the background pull cannot stand in with classes this imbalanced (one class holds "
                            f"{beh['class_imbalance']:.1f}x its balanced share of the objects)")
                 return None, f"{m}: shortcut not judged: {reason}.", reason
-            found = beh["pull_low"] > PULL_MARGIN and (beh.get("pull_p_value") or 1.0) < ALPHA
+            found = _pull_holds(beh["pull_low"], beh.get("pull_p_value"))
             stand = ("the background pull stands in for reliance: these backgrounds carry no class")
             if found:
                 return True, (f"{m} relies on the background: backgrounds move {_ci(pull)} of its predictions "

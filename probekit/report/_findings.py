@@ -12,18 +12,15 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any, Literal
 
+from ..verdict import FINDINGS as FINDINGS
+from ..verdict import RULES
 from ..vocab import pct as pct  # the report's and the verdict's one formatting of estimates
 from ..vocab import points as points
 
 __all__ = ["FINDINGS", "ModelVerdict", "model_verdicts", "pct", "points"]
 
-#: the findings, in the order every output lists them
-FINDINGS = ("shortcut", "background_sensitive", "representation")
-FINDING_TITLES = {
-    "shortcut": "relies on the background (shortcut)",
-    "background_sensitive": "background-sensitive (noisier on some backgrounds)",
-    "representation": "representation's background component above its reference",
-}
+#: each finding named for a reader (:attr:`probekit.verdict.Rule.heading`), in the order every output lists them
+FINDING_TITLES = {f: RULES[f].heading for f in FINDINGS}
 
 Status = Literal["flagged", "not_flagged", "not_judged"]
 

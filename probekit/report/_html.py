@@ -15,7 +15,7 @@ from typing import Any
 import jinja2
 
 from .._io import write_text
-from ..vocab import PULL_MARGIN
+from ..verdict import MARKS, level_pct
 from . import _plots as P
 from ._blocks import _cell, _fmt, _section
 from ._findings import model_verdicts, pct, points
@@ -206,8 +206,8 @@ MODEL_GLOSSARY: dict[str, tuple[tuple[str, str], ...]] = {
                       "split"),
         ("background pull", "share of predictions that backgrounds move towards the same classes for every object, "
                             "beyond a shuffle of the backgrounds within each object; it decides the shortcut finding "
-                            f"only where the backgrounds carry no class (standing in for reliance): the finding then "
-                            f"holds when its interval's low end lies above {PULL_MARGIN:g}"),
+                            "only where the backgrounds carry no class (standing in for reliance): the finding then "
+                            f"holds when {MARKS['pull'].holds_when()}"),
         ("follows background", "where a background came from an image of another class: how often the prediction "
                                "is that class"),
         ("crossed split", "every object (group) shown on the same set of backgrounds (the stress split)"),
@@ -295,7 +295,7 @@ def _shortcut_figure(b: Mapping[str, Any]) -> dict[str, Any]:
     if rel.get("value") is None and rel.get("stand_in") == "pull" and pull.get("value") is not None:
         hi = (pull.get("ci") or [None, pull["value"]])[1]
         low = b.get("pull_low", (pull.get("ci") or [pull["value"]])[0])
-        return {"value": pull["value"], "ci": [low, hi], "margin": PULL_MARGIN, "detectable": None,
+        return {"value": pull["value"], "ci": [low, hi], "margin": MARKS["pull"].margin, "detectable": None,
                 "stand_in": "pull"}
     return rel
 
@@ -328,7 +328,8 @@ def _findings_table(audit: Mapping[str, Any]) -> dict[str, Any] | None:
             pct(eff, 1) + ("" if eff.get("margin") is None else f" (material above {100 * float(eff['margin']):.0f} %)"),
             f"{len(above)} of {len(compared)} layers above reference" if compared else "–",
         ])
-    return {"title": "the findings' figures (95 % intervals over objects and backgrounds)", "left": 2, "rows": rows,
+    return {"title": f"the findings' figures ({level_pct()} % intervals over objects and backgrounds)", "left": 2,
+            "rows": rows,
             "header": ["model", "shortcut", "reliance", "flagged above", "smallest detectable", "accuracy, own-class "
                        "backgrounds", "accuracy, other-class backgrounds", "own − other", "background effect",
                        "representation"]}
@@ -389,7 +390,7 @@ def _graded_figure(beh: Mapping[str, Mapping[str, Any]], colors: Mapping[str, st
                        "groups": groups, "series": {"reliance": rel}, "marks": marks, "notes": notes,
                        "dotted": dotted, "ylim": (0, 1)})
         parts.append("reliance: the share of predictions that take the background's class beyond a within-object "
-                     "shuffle (1 = a complete shortcut); the whisker is its 95 % interval (objects and backgrounds "
+                     f"shuffle (1 = a complete shortcut); the whisker is its {level_pct()} % interval (objects and backgrounds "
                      "resampled), the one the flag reads"
                      + ("; a model is flagged when the whole interval lies above its black tick" if marks else "")
                      + ("; dotted grey: for a model not flagged, the smallest reliance this audit detects with 80 % "

@@ -16,7 +16,7 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from ..vocab import RATIO_MARGIN
+from ..verdict import RULES
 from . import _plots as P
 from ._blocks import _cell, _fmt, _section
 
@@ -72,7 +72,7 @@ def _decomposition(s: dict[str, Any], audit: Mapping[str, Any], colors: Mapping[
                                   "FLAG" if res.get("background_flag") else ("–" if not ref else "no")])
     if not series:
         return None
-    s["intro"] = s["intro"].format(margin=(audit.get("config") or {}).get("ratio_margin", RATIO_MARGIN))
+    s["intro"] = s["intro"].format(margin=(audit.get("config") or {}).get("ratio_margin", RULES["representation"].margin))
     s["figures"].append({"src": P.layer_lines(series, title="background share of each layer's variance",
                                               ylabel="background / total", colors=colors, ylim=(0, 1)),
                          "alt": "background share by layer",
@@ -228,8 +228,8 @@ LAYER_SECTIONS: tuple[LayerSection, ...] = (
         "On the crossed split every object is shown on the same backgrounds, so each layer splits into a foreground "
         "component (what all backgrounds of an object share), a background component (what all objects on a "
         "background share) and an interaction, in the layer's own squared units per row. A weaker foreground "
-        "shrinks the first and leaves the second alone. A layer is flagged when its background component exceeds "
-        "its reference's by {margin:g}x at the low end of a Bonferroni-corrected paired interval: the teacher's at "
+        "shrinks the first and leaves the second alone. A layer is flagged when "
+        + RULES["representation"].when + ": the teacher's at "
         "the same layer for a student (same units), otherwise the same architecture at initialisation, compared "
         "as background / (foreground + interaction) since the units differ.",
         reads=("crossed", "background_flag", "background_vs_reference"),

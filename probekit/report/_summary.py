@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from ..verdict import level_pct
 from ._findings import FINDINGS, model_verdicts, pct, points
 
 __all__ = ["summary_markdown", "write_summary"]
@@ -55,13 +56,13 @@ def _own_other(b: Mapping[str, Any]) -> str:
 
 _COLUMNS: list[tuple[str, Callable[[Mapping[str, Any]], str], str]] = [
     # (header, cell from behaviour, the behaviour key whose presence shows the column)
-    ("reliance [95 % CI]", lambda b: pct(b.get("reliance"), 1), "reliance"),
+    (f"reliance [{level_pct()} % CI]", lambda b: pct(b.get("reliance"), 1), "reliance"),
     ("flagged above", _reliance_threshold, "reliance"),
     ("smallest detectable reliance (where none was found)", _detectable, "reliance"),
     ("accuracy, own-class / other-class backgrounds", _own_other, "accuracy_own_background"),
     ("own − other", lambda b: points(b.get("bg_gap_crossed")), "bg_gap_crossed"),
     ("background effect", lambda b: pct(b.get("background_effect"), 1), "background_effect"),
-    ("background pull [95 % CI]", lambda b: pct(b.get("pull"), 1), "pull"),
+    (f"background pull [{level_pct()} % CI]", lambda b: pct(b.get("pull"), 1), "pull"),
     ("prediction changes", lambda b: pct(b.get("flip_rate")), "flip_rate"),
 ]
 
@@ -89,7 +90,7 @@ def summary_markdown(doc: Mapping[str, Any], *, title: str | None = None) -> str
         badge = {"flagged": "**FLAGGED**", "not_flagged": "not flagged", "not_judged": "*not judged*"}[v.status]
         row = [_md(v.model), badge, *[fn(beh[v.model]) for _, fn in cols], _layers(models[v.model])]
         lines.append("| " + " | ".join(row) + " |")
-    lines += ["", "Intervals: 95 %, resampling objects and backgrounds. Reliance: the share of predictions that "
+    lines += ["", f"Intervals: {level_pct()} %, resampling objects and backgrounds. Reliance: the share of predictions that "
               "take the background's class beyond a within-object shuffle (1 = a complete shortcut).", ""]
     for v in verdicts:
         lines.append(f"- **{_md(v.model)}** ({v.badge}): {_md(v.verdict)}")
