@@ -290,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recompute a store computed from other inputs (default: refuse it, naming what differs; "
                    "a rerun with the same inputs continues)")
     p.add_argument("--seed", type=int, default=0, help="seed of the splits, backgrounds and every resampling")
-    p.add_argument("--n-boot", type=int, default=500, help="bootstrap resamples for 95%% intervals")
+    p.add_argument("--n-boot", type=int, default=500, help=f"bootstrap resamples for {level_pct()}%% intervals")
     p.add_argument("--n-perm", type=int, default=200, help="permutations of the nulls")
     _add_gate_args(p)
     p.add_argument("--json", action="store_true", help="print the audit (audit.json) on stdout instead of text")
@@ -420,7 +420,7 @@ def _add_audit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variants", default="variants", metavar="SPLIT",
                    help="split of image variants (original, only_fg, no_fg, only_bg, mixed_*): accuracy per "
                    "variant, BG-gap, only-background accuracy")
-    p.add_argument("--n-boot", type=int, default=500, help="bootstrap resamples for 95%% intervals")
+    p.add_argument("--n-boot", type=int, default=500, help=f"bootstrap resamples for {level_pct()}%% intervals")
     p.add_argument("--n-perm", type=int, default=200,
                    help="permutations for the correlation null (0: Student-t null, no permutation "
                         "products; much faster on large stores, see docs/METRICS.md)")

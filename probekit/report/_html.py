@@ -423,7 +423,7 @@ def _graded_figure(beh: Mapping[str, Mapping[str, Any]], colors: Mapping[str, st
     if not panels:
         return None
     return {"src": P.finding_panels(panels, colors), "alt": "reliance, accuracy by background and background effect",
-            "caption": "From left to right: " + "; ".join(parts) + ". Whiskers: 95 % intervals."}
+            "caption": "From left to right: " + "; ".join(parts) + f". Whiskers: {level_pct()} % intervals."}
 
 
 def _behaviour(models: Mapping[str, Any], colors: Mapping[str, str]) -> dict[str, Any] | None:

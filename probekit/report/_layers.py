@@ -16,7 +16,7 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from ..verdict import RULES
+from ..verdict import RULES, level_pct
 from . import _plots as P
 from ._blocks import _cell, _fmt, _section
 
@@ -184,10 +184,12 @@ def _sensitivity(s: dict[str, Any], audit: Mapping[str, Any], colors: Mapping[st
 
 
 def _init_caption(series: Mapping[str, Any]) -> str:
-    """Name the dotted lines only where they are drawn (a series at initialisation with a value)."""
+    """Name the dotted lines only where they are drawn (a series at initialisation with a value); the
+    intervals are the headline mark's (:data:`probekit.verdict.MARKS`)."""
     drawn = any(k.endswith(" · init") and any((e or {}).get("value") is not None for _, e in pts)
                 for k, pts in series.items())
-    return "Solid: trained; dotted: at initialisation. 95% intervals." if drawn else "95% intervals."
+    level = f"{level_pct()}% intervals."
+    return f"Solid: trained; dotted: at initialisation. {level}" if drawn else level
 
 
 def _correlation(s: dict[str, Any], audit: Mapping[str, Any], colors: Mapping[str, str]) -> dict[str, Any] | None:
