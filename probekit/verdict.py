@@ -95,23 +95,37 @@ class Rule:
         The finding named for a reader of the report, JUnit and the Markdown summary.
     figure : str
         Where the figure it reads lives in the audit document.
-    rule : str
-        The whole rule in one sentence, with the default margins.
+    template : str
+        The whole rule in one sentence, ``{margin:g}`` / ``{margin_pct:.0f}`` (in per cent) standing for
+        the margin used (:meth:`describe` fills it in; :attr:`rule` with the default).
     margin : float
-        The default margin it compares the figure with (``probekit.vocab``); the audit's own is recorded
-        beside each figure (``margin``) or in ``config``.
+        The default margin it compares the figure with (``probekit.vocab``).
+    setting : str or None
+        The audit's setting of the margin (a field of :class:`probekit.audit.AuditSpec`, recorded in the
+        document's ``config``), None where the margin is fixed.
     when : str
         The rule as a clause on one figure, ``{margin:g}`` standing for the margin used, for the prose
-        that states it beside a number (:meth:`holds_when` fills it in).
+        that states it beside a number (:meth:`holds_when` fills it in); empty where no prose does.
     """
 
     finding: str
     title: str
     heading: str
     figure: str
-    rule: str
+    template: str
     margin: float
-    when: str
+    setting: str | None = None
+    when: str = ""
+
+    def describe(self, margin: float | None = None) -> str:
+        """The rule with ``margin`` (default :attr:`margin`) filled in."""
+        m = self.margin if margin is None else float(margin)
+        return self.template.format(margin=m, margin_pct=100 * m)
+
+    @property
+    def rule(self) -> str:
+        """The rule with its default margin."""
+        return self.describe()
 
     def holds_when(self, margin: float | None = None) -> str:
         """:attr:`when` with ``margin`` (default :attr:`margin`) filled in."""
@@ -124,30 +138,30 @@ RULES: dict[str, Rule] = {
         "behaviour.reliance",
         f"reliance (the share of predictions that take the background's class beyond the same object's "
         f"predictions shuffled over its backgrounds; 1 = a complete shortcut) is above "
-        f"{100 * RELIANCE_MARGIN:.0f} % at the low end of its {100 * LEVEL:.0f} % interval, with objects and "
+        f"{{margin_pct:.0f}} % at the low end of its {100 * LEVEL:.0f} % interval, with objects and "
         "backgrounds both resampled. Where the backgrounds carry no class (synthetic backgrounds), the background pull stands "
         f"in: the share of predictions backgrounds move towards the same classes, beyond the within-object "
         f"shuffle, above {100 * PULL_MARGIN:.0f} % at the low end of its interval (it cannot tell noise from a "
         f"shortcut when classes are imbalanced, so it stands in only while no class holds more than "
         f"{PULL_MAX_IMBALANCE:g}x its balanced share)",
-        RELIANCE_MARGIN, "its interval's low end lies above {margin:g}",
+        RELIANCE_MARGIN, "reliance_margin",
     ),
     "background_sensitive": Rule(
         "background_sensitive", "backgrounds change its accuracy",
         "background-sensitive (noisier on some backgrounds)",
         "behaviour.background_effect",
         f"the accuracy points that backgrounds move without favouring a class are above "
-        f"{100 * RELIANCE_EFFECT_MARGIN:.0f} points at the low end of its {100 * LEVEL:.0f} % interval",
-        RELIANCE_EFFECT_MARGIN, "its interval's low end lies above {margin:g}",
+        f"{{margin_pct:.0f}} points at the low end of its {100 * LEVEL:.0f} % interval",
+        RELIANCE_EFFECT_MARGIN, "effect_margin",
     ),
     "representation": Rule(
         "representation", "background component above its reference",
         "representation's background component above its reference",
         "layers.<l>.background_vs_reference",
-        f"at some layer, the background component's ratio to its reference (the teacher for a student, else "
-        f"the same architecture at initialisation) has its interval above {RATIO_MARGIN:g} (Bonferroni over "
+        "at some layer, the background component's ratio to its reference (the teacher for a student, else "
+        "the same architecture at initialisation) has its interval above {margin:g} (Bonferroni over "
         "layers x models)",
-        RATIO_MARGIN, "its background component exceeds its reference's by {margin:g}x at the low end of a "
+        RATIO_MARGIN, "ratio_margin", "its background component exceeds its reference's by {margin:g}x at the low end of a "
         "Bonferroni-corrected paired interval",
     ),
 }
@@ -160,15 +174,15 @@ MARKS: dict[str, Rule] = {
     "pull": Rule(
         "pull", "backgrounds pull its predictions together", "background pull (standing in for reliance)",
         "behaviour.pull",
-        f"the background pull is above {100 * PULL_MARGIN:.0f} % at the low end of its {100 * LEVEL:.0f} % "
+        f"the background pull is above {{margin_pct:.0f}} % at the low end of its {100 * LEVEL:.0f} % "
         f"interval and its permutation test rejects at {ALPHA:g}, while no class holds more than "
         f"{PULL_MAX_IMBALANCE:g}x its balanced share of the objects",
-        PULL_MARGIN, "its interval's low end lies above {margin:g}",
+        PULL_MARGIN, None, "its interval's low end lies above {margin:g}",
     ),
     "headline": Rule(
         "headline", "above reference", "above its reference", "headline.rows[]",
-        f"the figure's {level_pct()}% interval has its low end above {RATIO_MARGIN:g} x its reference's value",
-        RATIO_MARGIN, f"the {level_pct()}% CI's low end exceeds {{margin:g}} × the reference",
+        f"the figure's {level_pct()}% interval has its low end above {{margin:g}} x its reference's value",
+        RATIO_MARGIN, "ratio_margin", f"the {level_pct()}% CI's low end exceeds {{margin:g}} × the reference",
     ),
 }
 

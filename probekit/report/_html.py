@@ -15,7 +15,7 @@ from typing import Any
 import jinja2
 
 from .._io import write_text
-from ..verdict import MARKS, level_pct
+from ..verdict import FINDINGS, MARKS, RULES, level_pct
 from . import _plots as P
 from ._blocks import _cell, _fmt, _section
 from ._findings import model_verdicts, pct, points
@@ -224,6 +224,7 @@ MODEL_GLOSSARY: dict[str, tuple[tuple[str, str], ...]] = {
                          "student misses (units aligned only at the layer the student was fitted to)"),
     ),
     "": (
+        *((f"{f} (finding)", f"{RULES[f].title}: holds when {RULES[f].rule}") for f in FINDINGS),
         ("ID / OOD", "in distribution (the training backgrounds) / out of distribution (a disjoint background "
                      "family)"),
     ),
@@ -246,7 +247,11 @@ _FACTORS = {  # the built-in background digits' factors
 
 def _glossary(audit: Mapping[str, Any]) -> dict[str, Any]:
     s = _section("glossary", "Glossary")
-    rows = [[k, v] for k, v in glossary()]
+    config = audit.get("config") or {}
+    # each finding's rule with the margin this audit used (the glossary's own rows state the defaults)
+    used = {f"{f} (finding)": f"{r.title}: holds when {r.describe(config.get(r.setting) if r.setting else None)}"
+            for f, r in RULES.items()}
+    rows = [[k, used.get(k, v)] for k, v in glossary()]
     factors = dict.fromkeys(f for sp in (audit.get("splits") or {}).values() for f in sp.get("factor_names", []))
     rows += [[f"factor {f}", _FACTORS.get(f, "a background factor of your data (see where the data came from)")]
              for f in factors]

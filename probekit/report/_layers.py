@@ -72,7 +72,8 @@ def _decomposition(s: dict[str, Any], audit: Mapping[str, Any], colors: Mapping[
                                   "FLAG" if res.get("background_flag") else ("–" if not ref else "no")])
     if not series:
         return None
-    s["intro"] = s["intro"].format(margin=(audit.get("config") or {}).get("ratio_margin", RULES["representation"].margin))
+    rule = RULES["representation"]
+    s["intro"] = s["intro"].format(margin=(audit.get("config") or {}).get(rule.setting, rule.margin))
     s["figures"].append({"src": P.layer_lines(series, title="background share of each layer's variance",
                                               ylabel="background / total", colors=colors, ylim=(0, 1)),
                          "alt": "background share by layer",

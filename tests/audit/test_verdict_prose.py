@@ -222,3 +222,17 @@ def test_the_prose_says_the_constants_vocab_holds(tmp_path):
                 text = " ".join(re.findall(r"(?:flagged|holds|Marked|materiality|flag reads)[^<]*", text))
             assert not re.search(pattern, text), f"{where} still says {re.search(pattern, text)[0]!r}"
     assert "1.7" in everything
+
+
+def test_the_report_states_the_margins_the_audit_used():
+    """An audit run with other margins (``AuditSpec``) gets its own numbers in the glossary's rules."""
+    from probekit.report import render_html
+
+    doc = {"store": "s.h5", "splits": {}, "verdict": [], "skipped": [], "models": {},
+           "config": {"reliance_margin": 0.08, "effect_margin": 0.1, "ratio_margin": 2.0}}
+    text = re.sub(r"\s+", " ", html.unescape(render_html(doc)))
+    glossary = text[text.index('id="glossary"'):]
+    assert "shortcut (finding)" in glossary and "is above 8 % at the low end of its 95 % interval" in glossary
+    assert "are above 10 points at the low end" in glossary
+    assert "has its interval above 2 (Bonferroni" in glossary
+    assert not re.search(r"(?<![\d.])3 % at the low end|above 1\.25|above 5 points", glossary)
