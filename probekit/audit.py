@@ -965,8 +965,8 @@ def _behaviour(v: _View, m: str) -> dict[str, Any]:
             else:
                 label = np.array([orig[int(g)] for g in group])
                 bl = np.array([orig[int(b)] for b in background])
-        beh = background_behaviour(preds[st], group, background, label=label, background_label=bl,
-                                   n_boot=sp.n_boot, n_perm=max(sp.n_perm, 1), random_state=sp.random_state)
+        beh = background_behaviour(preds[st], group, background, label=label, background_label=bl, n_boot=sp.n_boot,
+                                   n_perm=max(sp.n_perm, 1), ci_level=LEVEL, random_state=sp.random_state)
         out.update({
             "split": st, "n_groups": beh.n_groups, "n_backgrounds": beh.n_backgrounds,
             "flip_rate": _estimate(beh.flip_rate, beh.flip_rate_ci),

@@ -31,9 +31,9 @@ differs (``overwrite=True`` recomputes). ``audit.json`` records what was audited
 ``objects="auto"`` grows the split in up to :data:`AUTO_LOOKS` looks (a quarter, half, all of the
 cap; :func:`auto_rounds`) and stops at the first look where ``decide`` says the question is decided
 (default :func:`reliance_decided`: background reliance's interval at level ``1 - ALPHA / AUTO_LOOKS``,
-:func:`probekit.verdict.interval_level`, excludes its margin). The verdict is then the audit's ordinary rule on the rows it has. That rule
-at a fixed size falsely flags with probability at most 2.5 % at the margin (one-sided); after
-optional stopping the union bound over looks is 2 x 0.83 % + 2.5 % = 4.2 %. Measured
+:func:`probekit.verdict.interval_level`, excludes its margin). The verdict is then the audit's ordinary
+rule on the rows it has. That rule at a fixed size falsely flags with probability at most 2.5 % at
+the margin (one-sided); after optional stopping the union bound over looks is 2 x 0.83 % + 2.5 % = 4.2 %. Measured
 (benchmarks/calibrate_objects_auto.py, docs/METRICS.md): 0 % false flags without reliance, 0.5-3.5 %
 at the margin with a cap of 300 objects but 6.0 % with a cap of 100 (early looks of 25-50 objects);
 clear shortcuts stop at the first look, clean models almost never stop early.
