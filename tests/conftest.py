@@ -1,7 +1,10 @@
-"""Shared fixtures: a seeded RNG, and headless Chromium for rendering HTML reports."""
+"""Shared fixtures: a seeded RNG, headless Chromium for rendering HTML reports, and trained shapes CNNs
+shared across tests."""
 
 from __future__ import annotations
 
+import copy
+import functools
 import shutil
 import subprocess
 from pathlib import Path
@@ -9,6 +12,28 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+import probekit.experiments.shortcut as _shortcut
+
+# Several tests (and `probekit demo`'s own-images part) train the same shapes CNN: the same background
+# colouring, seed, epochs and data. Training is deterministic (one torch thread, seeded), so each
+# configuration is trained once per test session and every caller gets its own copy. Patched here,
+# before any test module or probekit.demo imports the name.
+_train_shapes_cnn = _shortcut.train_shapes_cnn
+
+
+@functools.cache
+def _trained_shapes_cnn(background: str, seed: int, epochs: int, n_train: int, lr: float):
+    return _train_shapes_cnn(background, seed=seed, epochs=epochs, n_train=n_train, lr=lr)
+
+
+@functools.wraps(_train_shapes_cnn)
+def _shared_train_shapes_cnn(background: str = "random", *, seed: int = 0, epochs: int = 20, n_train: int = 1500,
+                             lr: float = 3e-3):
+    return copy.deepcopy(_trained_shapes_cnn(background, seed, epochs, n_train, lr))
+
+
+_shortcut.train_shapes_cnn = _shared_train_shapes_cnn
 
 
 @pytest.fixture(autouse=True)
