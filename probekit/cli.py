@@ -39,6 +39,7 @@ from .errors import (
 )
 from .store import open_store
 from .verdict import MARKS, RULES, exit_status, level_pct, parse_findings
+from .vocab import CROSSED_SPLIT, crossed_split_name
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
@@ -90,6 +91,19 @@ class _OldOutDir(argparse.Action):
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
                  option_string: str | None = None) -> None:
         _renamed(f"`{option_string} DIR`", "`--out-dir DIR`", "-o names a file in every verb")
+        setattr(namespace, self.dest, values)
+
+
+class _OldCrossedFlag(argparse.Action):
+    """``--stress SPLIT``, the old spelling of ``--crossed SPLIT``: sets it and says so."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        kwargs.update(default=argparse.SUPPRESS, help=argparse.SUPPRESS, metavar="SPLIT")
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        _renamed(f"`{option_string} SPLIT`", "`--crossed SPLIT`", "one name for the crossed split")
         setattr(namespace, self.dest, values)
 
 
@@ -216,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "(one command; for a store you extracted yourself, use analyze)",
                        description="Audit MODEL on a folder of your images (DIR/<class>/<image>) whose foreground "
                        "you give as masks, boxes or automatically. Builds the image variants (original, "
-                       "only_fg, no_fg, only_bg, mixed_same/rand/next) and a crossed stress split (every object "
+                       "only_fg, no_fg, only_bg, mixed_same/rand/next) and a crossed split (every object "
                        "on the same backgrounds, taken from other images) with the model's own preprocessing, "
                        "extracts the model's output and a few layers (and seeded initialisations as the "
                        "reference), audits them and writes OUT/acts.h5, OUT/audit.json and OUT/report.html. "
@@ -260,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_out_dir(p, default="probekit-audit", help="output folder: acts.h5, audit.json, report.html")
     p.add_argument("--name", default="model", help="the model's name in the store and report (default: model)")
     p.add_argument("--backgrounds", type=int, default=8, metavar="B",
-                   help="backgrounds of the crossed stress split (default: 8)")
+                   help="backgrounds of the crossed split (default: 8)")
     p.add_argument("--inits", type=int, default=3, metavar="K",
                    help="seeded initialisations extracted as the representation's reference (default: 3)")
     p.add_argument("--init-objects", type=_init_objects_arg, default=None, metavar="N|all",
@@ -409,10 +423,11 @@ def _add_audit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test-id", default="test_id", metavar="SPLIT", help="in-distribution test split")
     p.add_argument("--test-ood", default="test_ood", metavar="SPLIT",
                    help="out-of-distribution test split (ID/OOD gaps, NMS)")
-    p.add_argument("--crossed", "--stress", dest="crossed", default="stress", metavar="SPLIT",
+    p.add_argument("--crossed", dest="crossed", default=CROSSED_SPLIT, metavar="SPLIT",
                    help="the crossed split (every object 'group' on the same 'background' ids): behaviour, "
-                   "the verdict, the two-way decomposition and background sensitivity (default: stress; "
-                   "--stress is the old spelling)")
+                   f"the verdict, the two-way decomposition and background sensitivity (default: {CROSSED_SPLIT}; "
+                   "an older store without one is read from its 'stress' split, with a warning)")
+    p.add_argument("--stress", dest="crossed", action=_OldCrossedFlag)
     p.add_argument("--head", default="auto", choices=["auto", "output", "probe", "label_free"],
                    help="how predictions are read: auto = the stored output as class scores when it has one "
                    "unit per class (or one logit for two), else label-free in its own output space; a linear "
@@ -828,7 +843,9 @@ def cmd_extract(args: argparse.Namespace) -> int:
         )
     loaded = _load(args)
     if args.data in builtins:
-        splits = args.split or list(builtins[args.data].default_splits)
+        # the crossed split's old name, written under the new one (one warning)
+        splits = [crossed_split_name(sp, "probekit extract --split") for sp in args.split or []] \
+            or list(builtins[args.data].default_splits)
     else:
         splits = args.split or ["data"]
         if len(splits) > 1:

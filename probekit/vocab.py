@@ -5,6 +5,8 @@ and the front door import these names from here.
 
 - the store's sample fields and the image variants of Xiao et al. 2020 (the ``variant`` codes);
 - the reserved layer name of a model's own output and the naming of seeded initialisations;
+- the name of the crossed counterfactual split probekit writes (:data:`CROSSED_SPLIT`), and how its
+  old name is still read (:func:`crossed_split_name`);
 - :class:`Estimate`, the ``{"value", "ci"}`` pair every figure of the audit document is;
 - :class:`Padding`, how keyword-input items of different lengths are batched (datasets and extractors);
 - :func:`import_callable`, how a ``package.module:callable`` the user names is imported (models, data);
@@ -21,6 +23,7 @@ import math
 import os
 import re
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +33,9 @@ from .errors import DataError
 
 __all__ = [
     "ALPHA",
+    "CROSSED_SPLIT",
     "INIT_RE",
+    "OLD_CROSSED_SPLIT",
     "OUTPUT_LAYER",
     "PULL_MARGIN",
     "PULL_MAX_IMBALANCE",
@@ -41,6 +46,7 @@ __all__ = [
     "VARIANTS",
     "Estimate",
     "Padding",
+    "crossed_split_name",
     "import_callable",
     "init_name",
     "jsonable",
@@ -59,7 +65,12 @@ VARIANTS = ("original", "only_fg", "no_fg", "only_bg", "mixed_same", "mixed_rand
 OUTPUT_LAYER = "@output"
 #: seeded initialisations of model ``<base>`` are stored as models ``<base>@init<k>``
 INIT_RE = re.compile(r"^(?P<base>.+)@init(?P<k>\d+)$")
-
+#: the crossed counterfactual split (every object ``group`` on the same set of ``background`` ids) as
+#: probekit's datasets, ``probekit audit`` and ``probekit analyze`` name it
+CROSSED_SPLIT = "crossed"
+#: its name in earlier releases (stores, ``audit.json``, the datasets' split names): still read, with a
+#: FutureWarning, for one release
+OLD_CROSSED_SPLIT = "stress"
 #: every interval of the verdict is two-sided at level 1 - ALPHA; a finding holds when the low end of the
 #: interval drawn is above its margin, i.e. its one-sided test of "at or below the margin" rejects at
 #: ALPHA / 2 (so the whisker in the report and the threshold tick can never disagree)
@@ -78,6 +89,20 @@ PULL_MARGIN = 0.05
 PULL_MAX_IMBALANCE = 1.5
 #: materiality of the representation finding: a layer's background component over its reference's
 RATIO_MARGIN = 1.25
+
+
+def crossed_split_name(name: str, where: str) -> str:
+    """``name`` with the crossed split's old name (:data:`OLD_CROSSED_SPLIT`) read as the new one.
+
+    ``"stress"`` becomes :data:`CROSSED_SPLIT` with one FutureWarning naming ``where`` it was given (the
+    old name goes in the next release); any other name is returned as given.
+    """
+    if name != OLD_CROSSED_SPLIT:
+        return name
+    warnings.warn(f"{where}: the split {OLD_CROSSED_SPLIT!r} is now {CROSSED_SPLIT!r} (one name for the crossed "
+                  f"split everywhere); the old name goes in the next release. Write {CROSSED_SPLIT!r}.",
+                  FutureWarning, stacklevel=3)
+    return CROSSED_SPLIT
 
 
 def _with_ci(e: Any, spec: str, suffix: str) -> str:

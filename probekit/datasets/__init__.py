@@ -29,7 +29,7 @@ __all__ = [
 ]
 
 # the built-in datasets' own classes and generators, for runs that set their options (experiments,
-# demo); image folders with foregrounds and their counterfactuals (Xiao et al. 2020 variants, crossed stress)
+# demo); image folders with foregrounds and their counterfactuals (Xiao et al. 2020 variants, the crossed split)
 from ._bgdigits import BackgroundDigits as BackgroundDigits
 from ._foreground import ForegroundFolder as ForegroundFolder
 from ._foreground import adjust_mask as adjust_mask

@@ -21,9 +21,10 @@ digit split of ``seed``), so it is the same every time it is read, in any order,
 The foreground (which digit and where) of item ``i`` is shared by ``test_id``, ``test_ood`` and the
 single-factor OOD splits, so those rows differ only in background.
 
-``stress`` is a crossed counterfactual design: every test digit, at its ``test_id`` render-0
-position, on the *same* ``n_stress`` union backgrounds (``group`` = the digit's index in
-``load_digits``, ``background`` = the background's id 0..n_stress-1, variant ``mixed_rand``).
+``crossed`` is a crossed counterfactual design: every test digit, at its ``test_id`` render-0
+position, on the *same* ``n_backgrounds`` union backgrounds (``group`` = the digit's index in
+``load_digits``, ``background`` = the background's id 0..n_backgrounds-1, variant ``mixed_rand``).
+Its old name ``stress`` (and ``n_stress`` for ``n_backgrounds``) is still read, with a FutureWarning.
 ``variants`` shows each test digit in the variants of Xiao et al. 2020 that apply here, exactly,
 through the digit's mask: ``original`` (its ``test_id`` render 0), ``only_fg`` (the digit on black),
 ``no_fg`` (that background with the digit's pixels black), ``only_bg`` (the background alone) and
@@ -42,7 +43,8 @@ from typing import Any, Literal
 import numpy as np
 
 from ..errors import DataError
-from ..vocab import VARIANTS
+from ..vocab import CROSSED_SPLIT, VARIANTS, crossed_split_name
+from ._registry import old_n_stress
 
 __all__ = [
     "FACTOR_NAMES",
@@ -102,7 +104,7 @@ _SPLITS: dict[str, tuple[str, str, int]] = {
     "test_id": ("test", "id", 4),
     "test_ood": ("test", "ood", 5),
     "test_union": ("test", "union", 6),
-    "stress": ("test", "union", 7),
+    CROSSED_SPLIT: ("test", "union", 7),
     "variants": ("test", "id", 4),  # the test_id renders, taken apart by the digit's mask
     "test_ood_hue": ("test", "ood_hue", 8),
     "test_ood_bright": ("test", "ood_bright", 9),
@@ -219,9 +221,9 @@ class BackgroundDigits:
     split : str
         ``train`` (training digits, ID backgrounds), ``train_union`` (training digits, union
         backgrounds: the teacher's family), ``train_ood``, ``test_id``, ``test_ood``,
-        ``test_union``, ``stress`` (every test digit on the same ``n_stress`` union backgrounds:
-        crossed), ``variants`` (each test digit in five image variants), ``test_ood_hue``,
-        ``test_ood_bright``, ``test_ood_texture`` (single-factor shifts).
+        ``test_union``, ``crossed`` (every test digit on the same ``n_backgrounds`` union
+        backgrounds; ``stress`` is its old name), ``variants`` (each test digit in five image
+        variants), ``test_ood_hue``, ``test_ood_bright``, ``test_ood_texture`` (single-factor shifts).
     seed : int
         Seeds the stratified 1197/600 digit split and every draw.
     renders : int
@@ -229,8 +231,10 @@ class BackgroundDigits:
         ``i // n_digits``. Each render has its own placement and background.
     epoch : int
         A training loop passes its epoch to get fresh backgrounds and placements each epoch.
-    n_stress : int
-        Backgrounds on ``stress`` (shared by every digit).
+    n_backgrounds : int
+        Backgrounds on ``crossed`` (shared by every digit).
+    n_stress : int, optional
+        Deprecated: the old name of ``n_backgrounds`` (a FutureWarning).
     composite : {"additive", "alpha"}
     family : str, optional
         Override the split's background family (one of ``FAMILIES``).
@@ -239,7 +243,7 @@ class BackgroundDigits:
 
     Items are ``{"x": float32 tensor (3, 24, 24), "label": int, "mask": bool tensor (24, 24)}``
     plus ``"factors"`` (float32 tensor (6,)) on every split but ``variants``, and ``"group"``,
-    ``"background"``, ``"variant"`` on ``stress`` and ``variants``. :meth:`arrays` renders many
+    ``"background"``, ``"variant"`` on ``crossed`` and ``variants``. :meth:`arrays` renders many
     items at once as numpy arrays.
     """
 
@@ -253,18 +257,21 @@ class BackgroundDigits:
         seed: int = 0,
         renders: int = 1,
         epoch: int = 0,
-        n_stress: int = 8,
+        n_backgrounds: int = 8,
         composite: Literal["additive", "alpha"] = "additive",
         family: str | None = None,
         mask_threshold: float = 0.05,
+        n_stress: int | None = None,
     ) -> None:
+        split = crossed_split_name(split, "BackgroundDigits")
+        n_backgrounds = old_n_stress(n_stress, n_backgrounds, "BackgroundDigits")
         if split not in _SPLITS:
             raise DataError(f"The bgdigits dataset has no split {split!r}; its splits are {list(SPLITS)}.")
         if composite not in ("additive", "alpha"):
             raise DataError(
                 f"The 'composite' parameter of bgdigits must be one of {{'additive', 'alpha'}}. Got {composite!r} instead."
             )
-        for name, value in (("renders", renders), ("n_stress", n_stress)):
+        for name, value in (("renders", renders), ("n_backgrounds", n_backgrounds)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise DataError(f"The {name!r} parameter of bgdigits must be an int >= 1. Got {value!r} instead.")
         subset, fam, code = _SPLITS[split]
@@ -285,12 +292,12 @@ class BackgroundDigits:
         train_idx, test_idx = digit_split(seed)
         self.digit_indices = train_idx if subset == "train" else test_idx
         self.n_digits = len(self.digit_indices)
-        self.renders = 1 if split in ("stress", "variants") else int(renders)
-        # items per digit on the grouped splits: backgrounds (stress) or variants
-        self._per_digit = {"stress": int(n_stress), "variants": len(VARIANTS_OFFERED)}.get(split, 1)
-        self.n_stress = int(n_stress) if split == "stress" else 1
+        self.renders = 1 if split in (CROSSED_SPLIT, "variants") else int(renders)
+        # items per digit on the grouped splits: backgrounds (crossed) or variants
+        self._per_digit = {CROSSED_SPLIT: int(n_backgrounds), "variants": len(VARIANTS_OFFERED)}.get(split, 1)
+        self.n_backgrounds = int(n_backgrounds) if split == CROSSED_SPLIT else 1
         self.has_label = True
-        self.has_group = split in ("stress", "variants")
+        self.has_group = split in (CROSSED_SPLIT, "variants")
         if split == "variants":
             self.factor_names = None  # type: ignore[assignment]  # only_fg rows have no background
             self.factor_periods = None  # type: ignore[assignment]
@@ -319,7 +326,7 @@ class BackgroundDigits:
 
     def _background_key(self, idx: np.ndarray) -> np.ndarray:
         """The item whose background each item shows (its own, but for the grouped splits)."""
-        if self.split == "stress":
+        if self.split == CROSSED_SPLIT:
             return idx % self._per_digit  # background b is the same for every digit
         if self.split == "variants":
             pos = self._digit_pos(idx)
@@ -352,7 +359,7 @@ class BackgroundDigits:
 
         Returns a dict of numpy arrays: ``x`` (n, 3, 24, 24) float32, ``label`` (n,), ``factors``
         (n, 6) float32 (not on ``variants``), ``mask`` (n, 24, 24) bool, ``background``
-        (n, 3, 24, 24), ``digit`` (n, 24, 24), ``index`` (n,), and on ``stress`` / ``variants``
+        (n, 3, 24, 24), ``digit`` (n, 24, 24), ``index`` (n,), and on ``crossed`` / ``variants``
         ``group`` (n,), ``background_id`` (n,) and ``variant`` (n,) codes of ``VARIANTS``.
         """
 
@@ -364,7 +371,7 @@ class BackgroundDigits:
         mask = digit > self.mask_threshold
         out = {"x": x, "label": self.labels[idx], "factors": factors.astype(np.float32), "mask": mask,
                "background": background, "digit": digit, "index": idx}
-        if self.split == "stress":
+        if self.split == CROSSED_SPLIT:
             out["group"] = digit_ids.astype(np.int64)
             out["background_id"] = self._background_key(idx)
             out["variant"] = np.full(len(idx), VARIANTS.index("mixed_rand"), dtype=np.int64)

@@ -1,5 +1,5 @@
 """Counterfactual image datasets from a folder with foregrounds: the variants of Xiao et al. 2020 and a
-crossed stress split (every foreground on the same backgrounds).
+crossed split (every foreground on the same backgrounds).
 
 ``Counterfactuals(folder_or_root, ...)`` splits the images of a :class:`ForegroundFolder` into
 ``train`` / ``test`` (per class, deterministic per seed) and builds four map-style datasets with
@@ -19,9 +19,10 @@ stated), ``variant`` an index into :data:`probekit.store._format.VARIANTS`:
     ``(seed, i, variant)``); ``composite_self`` (the foreground pasted back on its own image's filled
     background, exactly as a mixed composite is made: the compositing control of
     :func:`probekit.analyses.composite_gap`). No ``factors`` (``only_fg`` has no background).
-``stress``
-    The crossed design: every test image's foreground on the same ``n_backgrounds`` backgrounds
-    (item ``k``: foreground ``k // B``, background slot ``k % B``). The background images are chosen
+``crossed``
+    The crossed design (its old name ``stress`` is still read, with a FutureWarning): every test
+    image's foreground on the same ``n_backgrounds`` backgrounds (item ``k``: foreground ``k // B``,
+    background slot ``k % B``). The background images are chosen
     per seed, spread over the classes (classes in a seeded order, one image each round, drawn from
     the train images of the class while there are any, else from its test images). A test image chosen
     as a background is left out as a foreground (so no foreground is ever pasted on its own
@@ -65,6 +66,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from hashlib import sha256
 from pathlib import Path
@@ -76,7 +78,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..errors import DataError
-from ..vocab import VARIANTS
+from ..vocab import CROSSED_SPLIT, VARIANTS, crossed_split_name
 from ._foreground import (
     _LRU,
     _READ_ERRORS,
@@ -91,7 +93,7 @@ from ._foreground import (
 __all__ = ["CounterfactualDataset", "Counterfactuals", "DeploymentScenes", "composite", "feather_sigma",
            "fill_foreground", "mirror_crop", "soft_mask"]
 
-SPLITS = ("train", "test", "variants", "stress")
+SPLITS = ("train", "test", "variants", CROSSED_SPLIT)
 #: the fill methods of a background's own object region (see :func:`fill_foreground`, ``"borrow"``:
 #: :meth:`Counterfactuals.background`)
 FILLS = ("telea", "ns", "mean", "shift", "borrow")
@@ -472,7 +474,7 @@ class DeploymentScenes:
 
 
 class Counterfactuals:
-    """The ``train``, ``test``, ``variants`` and ``stress`` splits of an image folder with foregrounds.
+    """The ``train``, ``test``, ``variants`` and ``crossed`` splits of an image folder with foregrounds.
 
     Parameters
     ----------
@@ -483,9 +485,9 @@ class Counterfactuals:
         Share of each class's images in ``test`` (rounded per class; 1.0 puts every image in ``test``
         and leaves ``train`` empty).
     seed : int, default 0
-        Fixes the train/test split, the stress backgrounds and the mixed variants' backgrounds.
+        Fixes the train/test split, the crossed split's backgrounds and the mixed variants' backgrounds.
     n_backgrounds : int, default 8
-        Backgrounds per foreground on ``stress``.
+        Backgrounds per foreground on ``crossed``.
     variants : sequence of str, default all of ``VARIANTS``
         The variants of the ``variants`` split, in item order.
     fill : {"auto", "telea", "ns", "mean", "shift", "borrow"}, default "auto"
@@ -607,21 +609,28 @@ class Counterfactuals:
                                 "'mixed_same' from variants=.")
         if n < 2:
             raise DataError(f"The folder {str(folder.root)!r} has one image; counterfactuals need two or more.")
-        # the stress design; an impossible one is reported when the stress split is asked for
-        self._stress_error: DataError | None = None
+        # the crossed design; an impossible one is reported when the crossed split is asked for
+        self._crossed_error: DataError | None = None
         self.backgrounds = np.zeros(0, dtype=np.int64)
-        self.stress_indices = np.zeros(0, dtype=np.int64)
+        self.crossed_indices = np.zeros(0, dtype=np.int64)
         try:
             self.backgrounds = self._choose_backgrounds()
         except DataError as e:
-            self._stress_error = e
+            self._crossed_error = e
         chosen = set(self.backgrounds.tolist())
-        self.stress_indices = np.asarray([i for i in self.test_indices.tolist() if i not in chosen],
-                                         dtype=np.int64)
-        if self._stress_error is None and len(self.stress_indices) == 0:
-            self._stress_error = DataError(
-                f"Every test image of {str(folder.root)!r} is a stress background; lower n_backgrounds= "
-                "or add images.")
+        self.crossed_indices = np.asarray([i for i in self.test_indices.tolist() if i not in chosen],
+                                          dtype=np.int64)
+        if self._crossed_error is None and len(self.crossed_indices) == 0:
+            self._crossed_error = DataError(
+                f"Every test image of {str(folder.root)!r} is a background of the crossed split; lower "
+                "n_backgrounds= or add images.")
+
+    @property
+    def stress_indices(self) -> np.ndarray:
+        """Deprecated: :attr:`crossed_indices` (the crossed split's objects; ``stress`` was its old name)."""
+        warnings.warn("Counterfactuals.stress_indices is now Counterfactuals.crossed_indices (the split 'stress' "
+                      "is 'crossed'); the old name goes in the next release.", FutureWarning, stacklevel=2)
+        return self.crossed_indices
 
     def _choose_backgrounds(self) -> np.ndarray:
         b = self.n_backgrounds
@@ -795,7 +804,7 @@ class Counterfactuals:
         return int(pool[rng.integers(len(pool))])
 
     def relation(self, i: int, j: int) -> str:
-        """The variant name of foreground ``i`` on background ``j`` in the stress split."""
+        """The variant name of foreground ``i`` on background ``j`` in the crossed split."""
         if self.folder.has_labels:
             ci, cj = int(self._labels[i]), int(self._labels[j])
             if cj == ci:
@@ -805,12 +814,14 @@ class Counterfactuals:
         return "mixed_rand"
 
     def split(self, name: str) -> CounterfactualDataset:
-        """The dataset of split ``name`` (``train``, ``test``, ``variants``, ``stress`` or ``deploy:<site>``)."""
+        """The dataset of split ``name`` (``train``, ``test``, ``variants``, ``crossed`` or ``deploy:<site>``;
+        ``stress``, the crossed split's old name, is read as ``crossed`` with a FutureWarning)."""
+        name = crossed_split_name(name, "Counterfactuals.split")
         if name not in SPLITS and name not in self.deploy_splits:
             raise DataError(f"Unknown split {name!r} of an image folder's counterfactuals; choose from "
                             f"{list(SPLITS) + self.deploy_splits}.")
-        if name == "stress" and self._stress_error is not None:
-            raise self._stress_error
+        if name == CROSSED_SPLIT and self._crossed_error is not None:
+            raise self._crossed_error
         if name == "train" and len(self.train_indices) == 0:
             raise DataError(f"test_fraction={self.test_fraction} leaves no train images in "
                             f"{str(self.folder.root)!r}; lower test_fraction.")
@@ -842,12 +853,12 @@ class CounterfactualDataset(Dataset):
             self._images = parent.test_indices
         elif split == "variants":
             self._images = parent.test_indices
-        elif split == "stress":
-            self._images = parent.stress_indices
+        elif split == CROSSED_SPLIT:
+            self._images = parent.crossed_indices
         else:
             self._images = parent.test_indices
         self.site = parent.deploy_splits.index(split) if split.startswith(_DEPLOY_PREFIX) else -1
-        self._per = {"variants": len(parent.variants), "stress": len(parent.backgrounds)}.get(split, 1)
+        self._per = {"variants": len(parent.variants), CROSSED_SPLIT: len(parent.backgrounds)}.get(split, 1)
         if self.site >= 0:
             assert parent.scenes is not None
             self._per = parent.scenes.n_slots(self.site)
@@ -871,7 +882,7 @@ class CounterfactualDataset(Dataset):
             return i, "original", i
         if self.site >= 0:
             return i, "mixed_rand", k % self._per
-        if self.split == "stress":
+        if self.split == CROSSED_SPLIT:
             j = int(p.backgrounds[k % self._per])
             return i, p.relation(i, j), j
         v = p.variants[k % self._per]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import DataError
+from ..vocab import crossed_split_name
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,7 @@ def builtin_datasets() -> dict[str, BuiltinDataset]:
 def get_dataset(name: str, split: str, **kwargs: Any) -> Any:
     """Instantiate one split of a built-in dataset."""
     _load_builtins()
+    split = crossed_split_name(split, f"The built-in dataset {name!r}")
     if name not in _REGISTRY:
         raise DataError(
             f"There is no built-in dataset {name!r}; built-in datasets are {sorted(_REGISTRY)}."
@@ -56,6 +59,15 @@ def get_dataset(name: str, split: str, **kwargs: Any) -> Any:
             f"The built-in dataset {name!r} has no split {split!r}; its splits are {list(entry.splits)}."
         )
     return entry.factory(split, **kwargs)
+
+
+def old_n_stress(n_stress: int | None, n_backgrounds: int, owner: str) -> int:
+    """``n_backgrounds``, or ``n_stress`` (its old name, with a FutureWarning) when that is given."""
+    if n_stress is None:
+        return n_backgrounds
+    warnings.warn(f"{owner}(n_stress=...) is now {owner}(n_backgrounds=...) (the split 'stress' is 'crossed'); "
+                  "the old name goes in the next release.", FutureWarning, stacklevel=3)
+    return n_stress
 
 
 def _load_builtins() -> None:

@@ -6,13 +6,14 @@ training background by its class (red, green, blue hues, jittered): a network ca
 the background colour alone, the shortcut the audit must catch. ``background="random"`` draws the
 hue uniformly, so only the shape tells the class.
 
-Splits: ``train`` and ``test`` (plain images), ``stress`` (crossed: every test shape on the same
+Splits: ``train`` and ``test`` (plain images), ``crossed`` (every test shape on the same
 ``n_backgrounds`` backgrounds, ``n_backgrounds / 3`` drawn from each class's colour range, so
 ``background_label`` is the class whose training colour the background has; ``variant`` is
 ``mixed_same`` where that is the shape's own class, else ``mixed_rand``), and ``variants`` (each test
 image as ``original``, ``only_fg``, ``no_fg``, ``only_bg``, ``mixed_same``, ``mixed_rand``,
 ``mixed_next``; mixed backgrounds come from other test images of the same / a random other / the
-next class). Item ``i`` depends only on ``(seed, split, i)``.
+next class). Item ``i`` depends only on ``(seed, split, i)``. ``stress``, the crossed split's old
+name, is still read, with a FutureWarning.
 
 :func:`write_image_folder` writes a split as PNG files in class folders with a mirrored mask folder:
 the layout ``probekit audit --data DIR --masks DIR`` reads.
@@ -28,12 +29,13 @@ from typing import Any, Literal
 import numpy as np
 
 from ..errors import DataError
+from ..vocab import CROSSED_SPLIT, crossed_split_name
 
 __all__ = ["CLASSES", "Shapes", "write_image_folder"]
 
 CLASSES = ("circle", "square", "triangle")
 CLASS_HUES = (0.0, 1 / 3, 2 / 3)  # red, green, blue: the "class" backgrounds
-_SPLITS = {"train": 1, "test": 2, "stress": 3, "variants": 4}
+_SPLITS = {"train": 1, "test": 2, CROSSED_SPLIT: 3, "variants": 4}
 _MIXED = ("mixed_same", "mixed_rand", "mixed_next")
 VARIANTS_OFFERED = ("original", "only_fg", "no_fg", "only_bg", *_MIXED)
 
@@ -69,24 +71,25 @@ class Shapes:
 
     Parameters
     ----------
-    split : {"train", "test", "stress", "variants"}
+    split : {"train", "test", "crossed", "variants"}
     seed : int
     background : {"random", "class"}
-        How ``train`` and ``test`` backgrounds are coloured (``stress`` and ``variants`` are the same
+        How ``train`` and ``test`` backgrounds are coloured (``crossed`` and ``variants`` are the same
         for both, so two models trained either way are audited on the same images).
     n_train, n_test : int
         Images in ``train`` and ``test`` (classes cycle 0, 1, 2, ...).
     n_backgrounds : int
-        Backgrounds of ``stress`` (a multiple of 3: as many from each class's colour).
+        Backgrounds of ``crossed`` (a multiple of 3: as many from each class's colour).
     size : int
         Image side in pixels.
 
     Items: ``{"x": float32 tensor (3, size, size) in [0, 1], "label", "mask": bool tensor}`` plus
-    ``group``, ``background``, ``background_label``, ``variant`` on ``stress`` and ``variants``.
+    ``group``, ``background``, ``background_label``, ``variant`` on ``crossed`` and ``variants``.
     """
 
     def __init__(self, split: str = "train", *, seed: int = 0, background: Literal["random", "class"] = "random",
                  n_train: int = 600, n_test: int = 150, n_backgrounds: int = 9, size: int = 32) -> None:
+        split = crossed_split_name(split, "Shapes")
         if split not in _SPLITS:
             raise DataError(f"The shapes dataset has no split {split!r}; its splits are {list(_SPLITS)}.")
         if background not in ("random", "class"):
@@ -95,7 +98,7 @@ class Shapes:
             raise DataError(f"n_backgrounds must be a positive multiple of 3 (one third per class). Got {n_backgrounds}.")
         self.split, self.seed, self.background, self.size = split, int(seed), background, int(size)
         self.n_train, self.n_test, self.n_backgrounds = int(n_train), int(n_test), int(n_backgrounds)
-        self._per = {"stress": self.n_backgrounds, "variants": len(VARIANTS_OFFERED)}.get(split, 1)
+        self._per = {CROSSED_SPLIT: self.n_backgrounds, "variants": len(VARIANTS_OFFERED)}.get(split, 1)
 
     def __len__(self) -> int:
         if self.split == "train":
@@ -111,7 +114,7 @@ class Shapes:
         hue = CLASS_HUES[label] + rng.uniform(-0.06, 0.06) if self.background == "class" else rng.uniform()
         return label, mask, _background(hue, self.size, rng)
 
-    def _stress_background(self, b: int) -> tuple[int, np.ndarray]:
+    def _crossed_background(self, b: int) -> tuple[int, np.ndarray]:
         rng = np.random.default_rng([self.seed, 90, b])
         cls = b % len(CLASSES)
         return cls, _background(CLASS_HUES[cls] + rng.uniform(-0.06, 0.06), self.size, rng)
@@ -141,8 +144,8 @@ class Shapes:
         j, k = divmod(i, self._per)
         label, mask, bg = self._image("test", j)
         out: dict[str, Any] = {"label": label, "mask": mask, "group": j}
-        if self.split == "stress":
-            bl, bgb = self._stress_background(k)
+        if self.split == CROSSED_SPLIT:
+            bl, bgb = self._crossed_background(k)
             out.update(x=self._compose(mask, bgb), background=k, background_label=bl,
                        variant="mixed_same" if bl == label else "mixed_rand")
             return out

@@ -21,6 +21,8 @@ from typing import Any, Literal
 import numpy as np
 
 from ..errors import DataError
+from ..vocab import CROSSED_SPLIT, crossed_split_name
+from ._registry import old_n_stress
 
 __all__ = [
     "StructuredDataset",
@@ -34,7 +36,7 @@ __all__ = [
 ]
 
 # Stream ids: each purpose draws from its own seeded stream, so adding a split never changes another.
-_STREAM_BASIS, _STREAM_TRAIN, _STREAM_TEST, _STREAM_STRESS = 0, 1, 2, 3
+_STREAM_BASIS, _STREAM_TRAIN, _STREAM_TEST, _STREAM_CROSSED = 0, 1, 2, 3
 
 
 def _check_positive_int(name: str, value: Any, where: str, minimum: int = 1) -> int:
@@ -193,15 +195,18 @@ class StructuredDataset:
 
     Splits: ``train`` (ID), ``train_ood`` (the training cores and labels with flipped backgrounds:
     the paper's OOD set), ``test_id`` (a fresh ID draw), ``test_ood`` (``test_id``'s cores with
-    flipped backgrounds; row i of both shares the core), ``stress`` (each ``test_id`` core on
-    ``n_stress`` backgrounds from ``U[-1,1]^d_bg``, ``group`` = the core's row).
+    flipped backgrounds; row i of both shares the core), ``crossed`` (each ``test_id`` core on
+    ``n_backgrounds`` backgrounds from ``U[-1,1]^d_bg``, ``group`` = the core's row; the backgrounds
+    are drawn per row, so the split is grouped but not fully crossed: the audit reads its background
+    sensitivity, not the two-way decomposition). ``stress``, the split's old name, and ``n_stress``
+    are still read, with a FutureWarning.
 
     Items are ``{"x": float32 tensor (d,), "label": 0 | 1, "factors": float32 tensor (d_bg,)}`` (plus
-    ``"group"`` on ``stress``); the factors are the background coordinates ``x_bg``. Attributes
+    ``"group"`` on ``crossed``); the factors are the background coordinates ``x_bg``. Attributes
     ``V``, ``core_basis``, ``bg_basis`` give the ground-truth subspaces.
     """
 
-    splits = ("train", "train_ood", "test_id", "test_ood", "stress")
+    splits = ("train", "train_ood", "test_id", "test_ood", CROSSED_SPLIT)
 
     def __init__(
         self,
@@ -213,8 +218,11 @@ class StructuredDataset:
         d: int = 256,
         nonlinear: bool = True,
         seed: int = 0,
-        n_stress: int = 8,
+        n_backgrounds: int = 8,
+        n_stress: int | None = None,
     ) -> None:
+        split = crossed_split_name(split, "StructuredDataset")
+        n_backgrounds = old_n_stress(n_stress, n_backgrounds, "StructuredDataset")
         if split not in self.splits:
             raise DataError(
                 f"The structured dataset has no split {split!r}; its splits are {list(self.splits)}."
@@ -225,7 +233,7 @@ class StructuredDataset:
         self.bg_basis = self.V[d_core:]
         self.factor_names = [f"bg{i}" for i in range(d_bg)]
         self.has_label = True
-        self.has_group = split == "stress"
+        self.has_group = split == CROSSED_SPLIT
         stream = _STREAM_TRAIN if split in ("train", "train_ood") else _STREAM_TEST
         data = make_structured(
             n, d_core=d_core, d_bg=d_bg, d=d, nonlinear=nonlinear, seed=seed, stream=stream, V=self.V
@@ -236,8 +244,8 @@ class StructuredDataset:
         elif split in ("train_ood", "test_ood"):
             X, bg, y = data.X_ood, data.x_bg_ood, data.y
         else:
-            k = _check_positive_int("n_stress", n_stress, "StructuredDataset")
-            rng = np.random.default_rng([seed, _STREAM_STRESS])
+            k = _check_positive_int("n_backgrounds", n_backgrounds, "StructuredDataset")
+            rng = np.random.default_rng([seed, _STREAM_CROSSED])
             core = np.repeat(data.x_core, k, axis=0)
             bg = rng.uniform(-1.0, 1.0, size=(len(core), d_bg))
             X = np.concatenate([core, bg], axis=1) @ self.V
