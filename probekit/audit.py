@@ -38,7 +38,16 @@ from ._version import __version__
 from .errors import DataError, ProbekitError
 from .store import Store, open_store
 from .verdict import LEVEL, MARKS, headline_mark, interval_level, judge, layer_above_reference
-from .vocab import INIT_RE, OUTPUT_LAYER, RATIO_MARGIN, RELIANCE_EFFECT_MARGIN, RELIANCE_MARGIN, Estimate
+from .vocab import (
+    CROSSED_SPLIT,
+    INIT_RE,
+    OLD_CROSSED_SPLIT,
+    OUTPUT_LAYER,
+    RATIO_MARGIN,
+    RELIANCE_EFFECT_MARGIN,
+    RELIANCE_MARGIN,
+    Estimate,
+)
 
 __all__ = ["LAYER_CHECKS", "Audit", "AuditSpec", "Check", "Extra", "audit", "parse_threshold"]
 
@@ -170,7 +179,9 @@ class AuditSpec:
     train, test_id, test_ood : split names of the probe protocol (fit on train; score ID and OOD);
         ``""`` for none.
     crossed : the crossed split (every object ``group`` on the same ``background`` ids): behaviour, the
-        verdict, the two-way decomposition and background sensitivity (``""`` or None: none).
+        verdict, the two-way decomposition and background sensitivity (``""`` or None: none). A store
+        without a split of the default name that has one named ``stress`` (the name probekit wrote
+        before) is read from that one, with a FutureWarning (see :func:`audit`).
     variants : the split of image variants (``variant`` field): accuracy per variant (None: none).
     models, layers, factors : restrict to these (default: all in the store).
     n_boot, n_perm : resamples for every interval; permutations for the correlation null. Used as
@@ -190,7 +201,7 @@ class AuditSpec:
     train: str = "train"
     test_id: str = "test_id"
     test_ood: str = "test_ood"
-    crossed: str | None = "stress"
+    crossed: str | None = CROSSED_SPLIT
     variants: str | None = "variants"
     models: tuple[str, ...] | None = None
     layers: tuple[str, ...] | None = None
@@ -664,13 +675,25 @@ def _layer(v: _View, m: str, layer: str) -> dict[str, Any]:
 # -- the audit ------------------------------------------------------------------------------------
 
 
+def _old_crossed_split(splits: Sequence[str], spec: AuditSpec, path: Path) -> AuditSpec:
+    """``spec`` reading a store of an earlier release, whose crossed split is ``stress``, from that split
+    (one FutureWarning that names the fix), when ``spec`` asks for the default name and the store lacks it."""
+    if spec.crossed != CROSSED_SPLIT or CROSSED_SPLIT in splits or OLD_CROSSED_SPLIT not in splits:
+        return spec
+    warnings.warn(f"The store {str(path)!r} has no split {CROSSED_SPLIT!r} but one named {OLD_CROSSED_SPLIT!r}, the "
+                  "crossed split's name in earlier releases: reading it as the crossed split. Pass "
+                  f"crossed={OLD_CROSSED_SPLIT!r} (--crossed {OLD_CROSSED_SPLIT}) to read it without this warning; "
+                  "the fallback goes in the next release.", FutureWarning, stacklevel=3)
+    return dataclasses.replace(spec, crossed=OLD_CROSSED_SPLIT)
+
+
 def audit(
     store: str | os.PathLike | Store,
     *,
     train: str = "train",
     test_id: str = "test_id",
     test_ood: str = "test_ood",
-    crossed: str | None = "stress",
+    crossed: str | None = CROSSED_SPLIT,
     variants: str | None = "variants",
     models: Sequence[str] | None = None,
     layers: Sequence[str] | None = None,
@@ -696,7 +719,9 @@ def audit(
     installed). The keyword arguments are those of :class:`AuditSpec` (or pass ``spec`` itself). ``stress`` is the
     old name of ``crossed`` and ``pull_threshold`` no longer decides anything (the pull is evidence
     since schema 3; the shortcut finding reads reliance): both are accepted with a FutureWarning for
-    one release.
+    one release. So is a store written before the crossed split was named ``crossed``: with the default
+    ``crossed``, a store that has no such split but one named ``stress`` is read from that one (one
+    FutureWarning; ``config.crossed`` records ``"stress"``).
     """
     if stress is not None:
         warnings.warn("audit(stress=...) is now audit(crossed=...); the old name goes in the next release.",
@@ -715,6 +740,7 @@ def audit(
                          behaviour_layer=behaviour_layer, class_map=class_map)
     path = store.path if isinstance(store, Store) else Path(store)
     with contextlib.nullcontext(store) if isinstance(store, Store) else open_store(path) as s:
+        spec = _old_crossed_split(s.splits, spec, path)
         v = _View(_Layout(s), spec)  # type: ignore[arg-type]  # a Store with its layout read once
         names = list(spec.models) if spec.models is not None else [m for m in s.models if not INIT_RE.match(m)]
         for m in names:

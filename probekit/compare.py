@@ -1,6 +1,6 @@
 """Compare checkpoints of one architecture on background reliance: ``probekit compare``.
 
-:func:`compare_checkpoints` builds the counterfactuals of an image folder once (the crossed stress split:
+:func:`compare_checkpoints` builds the counterfactuals of an image folder once (the crossed split:
 every test object on the same backgrounds; the same seed gives the same composites for every
 checkpoint), runs every checkpoint on each batch of composites in one pass over the images, and reports
 per checkpoint how its predictions follow the background:
@@ -39,6 +39,7 @@ from scipy.stats import norm
 
 from .analyses import background_reliance
 from .errors import DataError
+from .vocab import CROSSED_SPLIT
 
 __all__ = ["CompareResult", "compare_checkpoints", "compare_rows", "expand_checkpoints", "step_of"]
 
@@ -287,18 +288,18 @@ def compare_checkpoints(
     if not cf.folder.has_labels:
         raise DataError(f"The image folder {str(data)!r} has no class folders; compare needs each image's class "
                         "(DIR/<class>/<image>).")
-    stress = cf.split("stress")
-    G, B = len(cf.stress_indices), len(cf.backgrounds)
+    crossed = cf.split(CROSSED_SPLIT)
+    G, B = len(cf.crossed_indices), len(cf.backgrounds)
     if progress:
         print(f"probekit compare: {len(nets)} checkpoints on {G} objects x {B} backgrounds", flush=True)
-    P = _predict_all(nets, stress, batch_size, device, progress)
+    P = _predict_all(nets, crossed, batch_size, device, progress)
     P_test = _predict_all(nets, cf.split("test"), batch_size, device, False)  # the originals, for the gallery
     labels = cf.folder.labels
-    label = np.repeat(labels[cf.stress_indices], B).reshape(G, B)
+    label = np.repeat(labels[cf.crossed_indices], B).reshape(G, B)
     bl = np.tile(labels[cf.backgrounds], G).reshape(G, B)
     steps = {n: step_of(str(f)) for n, f in zip(names, files, strict=True)}
     doc = compare_rows({n: P[i].reshape(G, B) for i, n in enumerate(names)}, label, bl,
-                       group=np.repeat(cf.stress_indices, B), background=np.tile(cf.backgrounds, G), steps=steps,
+                       group=np.repeat(cf.crossed_indices, B), background=np.tile(cf.backgrounds, G), steps=steps,
                        reference=reference, n_boot=n_boot, seed=seed)
     doc.update({"model": loaded.source, "data": str(data), "preprocessing": pre,
                 "files": {n: str(f) for n, f in zip(names, files, strict=True)},
@@ -309,7 +310,7 @@ def compare_checkpoints(
 
         worst = doc["ranking"][-1]  # what was audited, as the most reliant checkpoint saw it
         k = names.index(worst)
-        gallery = build_gallery(cf, {"stress": P[k], "test": P_test[k]}, model=worst, per_class=1, max_objects=12)
+        gallery = build_gallery(cf, {CROSSED_SPLIT: P[k], "test": P_test[k]}, model=worst, per_class=1, max_objects=12)
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         result.to_json(out / "compare.json")

@@ -44,7 +44,7 @@ from .store import open_store
 __all__ = ["DemoResult", "run_demo"]
 
 LAYERS = ["block1", "block2", "block3", "rep", "@output"]
-SPLITS = ["train", "test_id", "test_ood", "stress", "variants"]
+SPLITS = ["train", "test_id", "test_ood", "crossed", "variants"]
 
 
 @dataclass

@@ -94,7 +94,7 @@ def extract(
     out : str or PathLike
         The store file (``.h5``).
     split : str, default "data"
-        Split name of these rows (``train``, ``test_id``, ``test_ood``, ``stress``, ...).
+        Split name of these rows (``train``, ``test_id``, ``test_ood``, ``crossed``, ...).
     pool : str or dict of str to str, default "avg"
         ``avg``, ``max``, ``cls``, ``tokens_mean``, ``last``, ``flatten`` or ``none``, or a dict layer ->
         mode. With an attention mask the token pools use the real tokens only.

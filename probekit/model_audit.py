@@ -3,7 +3,7 @@
 :func:`audit_model` loads the model the way the user names it (``timm:NAME``, ``torchvision:NAME``,
 ``package.module:callable``, or a module), builds the image splits of the folder with the model's own
 preprocessing (the counterfactuals of :class:`probekit.datasets.Counterfactuals`: ``train``,
-``test``, ``variants`` and the crossed ``stress``), extracts the model's output and a few layers
+``test``, ``variants`` and ``crossed``), extracts the model's output and a few layers
 spread over its depth, the same layers (not the output) of seeded initialisations (``<name>@init<k>``,
 the reference of the representation's background flag) and of an optional teacher, audits the store
 and writes ``OUT/acts.h5``, ``OUT/audit.json`` and ``OUT/report.html``.
@@ -25,7 +25,10 @@ read-only view serves the audit, its JSON and its report's gallery. The document
 **Reruns.** A rerun continues an interrupted one (the extraction resumes at its last committed row)
 only when its inputs are the stored run's: the store records a fingerprint of every input that shaped
 its rows (:mod:`probekit._inputs`), and a rerun whose inputs differ is refused in one line naming what
-differs (``overwrite=True`` recomputes). ``audit.json`` records what was audited under ``inputs``.
+differs (``overwrite=True`` recomputes). ``audit.json`` records what was audited under ``inputs``. A
+store written before the crossed split was named ``crossed`` (its split is ``stress``) is continued
+under that name, with one FutureWarning: its rows stay valid, and its document then names the split as
+the store does (``overwrite=True`` rewrites it under the new name).
 
 **The crossed split's size.** ``objects=N`` audits the first N objects of a seeded order;
 ``objects="auto"`` grows the split in up to :data:`AUTO_LOOKS` looks (a quarter, half, all of the
@@ -56,6 +59,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -72,12 +76,13 @@ from .errors import DataError, ProbekitError
 from .extractors import default_layers, weights_sha256
 from .store import FINGERPRINT_ATTR, SETTINGS_ATTR, StoreWriter, open_store
 from .verdict import interval_decides, interval_level, reliance_holds
+from .vocab import CROSSED_SPLIT, OLD_CROSSED_SPLIT
 
 __all__ = ["AUTO_LOOKS", "INIT_OBJECTS", "MASK_CHECK_MARGIN", "accuracy_check", "accuracy_lines", "audit_model",
            "auto_rounds", "default_layers", "default_workers", "near_decision", "reliance_decided", "resolve_device",
            "sentinels"]
 
-SPLITS = ("train", "test", "stress", "variants")
+SPLITS = ("train", "test", CROSSED_SPLIT, "variants")
 
 
 def _say(progress: bool, text: str) -> None:
@@ -274,7 +279,8 @@ def _object_order(n: int, seed: int) -> np.ndarray:
     return np.random.default_rng([seed, 3]).permutation(n)
 
 
-def _stress_rows(order: np.ndarray, n_objects: int, n_bg: int) -> np.ndarray:
+def _crossed_rows(order: np.ndarray, n_objects: int, n_bg: int) -> np.ndarray:
+    """Rows of the crossed split (object-major, ``n_bg`` per object) of the first ``n_objects`` of ``order``."""
     return (order[:n_objects, None] * n_bg + np.arange(n_bg)[None, :]).ravel()
 
 
@@ -381,7 +387,7 @@ def audit_model(
     layers : module names (default: :func:`default_layers`); ``@output`` is always added
     image_size, mean, std : override the model's preprocessing
     out : output folder: ``acts.h5``, ``audit.json``, ``report.html``
-    n_backgrounds : backgrounds of the crossed stress split
+    n_backgrounds : backgrounds of the crossed split
     n_inits : seeded initialisations extracted as the representation's reference (0: none); they see
         the crossed split's layers only (their output is not compared)
     mask_check : erode and dilate approximate masks by this many pixels to show how the verdict moves
@@ -490,7 +496,7 @@ def audit_model(
         t_chosen = [*choose_layers(t_model.module, teacher_layers, like=given or None, example_input=example, flag="--teacher-layers"), "@output"]
         t_pools = resolve_pools(t_model.module, t_chosen, pool, example)
     inputs = _inputs_record(data, folder, cf, model, loaded, weights, t_model, teacher, teacher_weights)
-    n_all = len(cf.stress_indices)
+    n_all = len(cf.crossed_indices)
     n_init = n_all if init_k is None else min(init_k, n_all)  # the inits' objects: the first of the seeded order
     fp = fingerprint({
         "images": inputs["images_sha256"], "classes": inputs["classes"],
@@ -543,15 +549,18 @@ def audit_model(
                              **({"factors": factors} if factors is not None else {})}
             cf = Counterfactuals(data, **cf_kwargs, verify="header", **folder_kwargs)
 
-        splits = {sp: cf.split(sp) for sp in (*SPLITS, *cf.deploy_splits) if sp != "train" or len(cf.train_indices)}
+        # the crossed split's name in the store: an earlier release's store, continued, keeps its own
+        crossed = _stored_crossed_name(writer.view(), store) if continuing else CROSSED_SPLIT
+        splits = {(crossed if sp == CROSSED_SPLIT else sp): cf.split(sp)
+                  for sp in (*SPLITS, *cf.deploy_splits) if sp != "train" or len(cf.train_indices)}
         n_bg = len(cf.backgrounds)
-        order = _object_order(len(cf.stress_indices), seed)
+        order = _object_order(n_all, seed)
         cap = n_all if objects in (None, "auto") else min(int(objects), n_all)
         looks = auto_rounds(cap) if objects == "auto" else [cap]
-        stress_full = splits["stress"]
+        crossed_full = splits[crossed]
         seeded = not (objects is None and (n_init >= n_all or not inits))  # the crossed split in the seeded order
-        plan = {sp: {nm: len(ds) for nm in nets} for sp, ds in splits.items() if sp != "stress"}
-        plan["stress"] = {**{nm: cap * n_bg for nm in nets}, **{nm: min(cap, n_init) * n_bg for nm in inits}}
+        plan = {sp: {nm: len(ds) for nm in nets} for sp, ds in splits.items() if sp != crossed}
+        plan[crossed] = {**{nm: cap * n_bg for nm in nets}, **{nm: min(cap, n_init) * n_bg for nm in inits}}
         heads = list(nets)  # the nets whose output the mask check reads (narrowed to those with one below)
         check = folder.mode != "masks" and mask_check > 0
         if check:
@@ -560,9 +569,9 @@ def audit_model(
         cost: dict[str, Any] = {
             "device": dev, "workers": workers, "batch_size": batch_size,
             "forward_passes": plan, "forward_passes_total": total,
-            "images": {sp: (cap * n_bg if sp == "stress" else len(ds)) for sp, ds in splits.items()},
+            "images": {sp: (cap * n_bg if sp == crossed else len(ds)) for sp, ds in splits.items()},
             "images_composited": {"variants": len(cf.test_indices) * sum(v != "original" for v in cf.variants),
-                                  "stress": cap * n_bg, **({"mask check": 2 * cap * n_bg} if check else {})},
+                                  crossed: cap * n_bg, **({"mask check": 2 * cap * n_bg} if check else {})},
             "grabcut": len(folder) if folder.mode == "auto" else 0,
             "objects": {"requested": objects, "available": n_all, "looks": looks},
             "init_objects": {"requested": "all" if init_k is None else init_k,
@@ -581,8 +590,8 @@ def audit_model(
         looks_done: list[dict[str, Any]] = []
         for sp, ds in splits.items():
             # DataLoader workers only where a split has the images to keep them busy (see _workers_for)
-            common["num_workers"] = _workers_for(len(ds) if sp != "stress" else cap * n_bg, workers, batch_size)
-            if sp != "stress":
+            common["num_workers"] = _workers_for(len(ds) if sp != crossed else cap * n_bg, workers, batch_size)
+            if sp != crossed:
                 extract_models(nets, ds, split=sp, **common)
                 continue
             specs = {**nets, **inits}
@@ -592,7 +601,7 @@ def audit_model(
             for r, n_obj in enumerate(looks):  # the seeded order: --objects, auto's looks, the inits' subsample
                 for upto, with_inits in _init_stages(n_used if r else 0, n_obj, n_init):
                     _extract_stage(extract_models, writer.view(), specs if with_inits else nets,
-                                   _Rows(stress_full, _stress_rows(order, upto, n_bg)), sp, common)
+                                   _Rows(crossed_full, _crossed_rows(order, upto, n_bg)), sp, common)
                 n_used = n_obj
                 if r == len(looks) - 1:
                     break
@@ -624,7 +633,7 @@ def audit_model(
         nm = [m for m in heads if (b := doc["models"].get(m, {}).get("behaviour") or {}).get("from_output")
               and b.get("space", "labels") == "labels"]
         # the stored outputs, through the audit's read-only view (opened below, open while audit() runs this)
-        stored = _stored_outputs(view, nm, class_map=cmap) if nm and mask_check_objects == "near" else None
+        stored = _stored_outputs(view, nm, crossed, class_map=cmap) if nm and mask_check_objects == "near" else None
         near = None if stored is None else np.unique(np.concatenate(
             [near_decision(v["group"], v["pred"], v["margin"], MASK_CHECK_MARGIN) for v in stored.values()]))
         n_first = n_used if near is None else near.size + sentinels(np.arange(n_used - near.size), seed).size
@@ -660,7 +669,7 @@ def audit_model(
     # one read-only view of the store for the audit, its JSON and its report
     with open_store(store) as view:
         try:
-            result = audit(view, train="train", test_id="test", test_ood="", crossed="stress", variants="variants",
+            result = audit(view, train="train", test_id="test", test_ood="", crossed=crossed, variants="variants",
                            n_boot=n_boot, n_perm=n_perm, random_state=seed, class_map=cmap, progress=progress,
                            extras=extras)
         finally:
@@ -669,11 +678,13 @@ def audit_model(
         result.to_json(out / "audit.json")
 
         def shown(m: str) -> dict[str, Any]:  # a split cut short (--objects) has fewer rows than its dataset
-            preds = predictions_from_store(view, m, class_map=cmap)
-            if seeded and len(preds.get("stress", ())) == n_all * n_bg:  # all objects, in the seeded order
-                p = np.empty_like(preds["stress"])
-                p[_stress_rows(order, n_all, n_bg)] = preds["stress"]
-                preds["stress"] = p
+            preds = predictions_from_store(view, m, splits=("variants", crossed), class_map=cmap)
+            if crossed in preds:  # the gallery's word for the split, whatever the store calls it
+                preds[CROSSED_SPLIT] = preds.pop(crossed)
+            if seeded and len(preds.get(CROSSED_SPLIT, ())) == n_all * n_bg:  # all objects, in the seeded order
+                p = np.empty_like(preds[CROSSED_SPLIT])
+                p[_crossed_rows(order, n_all, n_bg)] = preds[CROSSED_SPLIT]
+                preds[CROSSED_SPLIT] = p
             return {sp: p for sp, p in preds.items() if len(p) == len(cf.split(sp))}
 
         gallery = [build_gallery(cf, shown(m), model=m)
@@ -681,6 +692,19 @@ def audit_model(
     result.to_html(out / "report.html", gallery=gallery, deploy_examples=deploy_examples(cf))
     _say(progress, f"wrote {out / 'audit.json'} and {out / 'report.html'}")
     return result
+
+
+def _stored_crossed_name(view: Any, store: Path) -> str:
+    """The crossed split's name in a store being continued: ``stress`` (one FutureWarning) when an earlier
+    release wrote it so, else :data:`~probekit.vocab.CROSSED_SPLIT`. ``view``: the writer session's view."""
+    splits = view.splits
+    if OLD_CROSSED_SPLIT not in splits or CROSSED_SPLIT in splits:
+        return CROSSED_SPLIT
+    warnings.warn(f"The store {str(store)!r} was written by an earlier probekit, whose crossed split is named "
+                  f"{OLD_CROSSED_SPLIT!r}; continuing it under that name (its audit.json names the split as the "
+                  f"store does). Rerun with --overwrite (overwrite=True) to recompute it under {CROSSED_SPLIT!r}; "
+                  "continuing under the old name goes in the next release.", FutureWarning, stacklevel=3)
+    return OLD_CROSSED_SPLIT
 
 
 def _empty(writer: Any) -> bool:
@@ -766,7 +790,7 @@ def _softmax_margin(out: np.ndarray) -> np.ndarray:
     return p[:, -1] - p[:, -2]
 
 
-def _stored_outputs(s: Any, models: Sequence[str], split: str = "stress",
+def _stored_outputs(s: Any, models: Sequence[str], split: str = CROSSED_SPLIT,
                     class_map: Mapping[int, int] | None = None) -> dict[str, dict[str, np.ndarray]]:
     """Each model's stored output on the crossed split: ``group``, ``background``, ``pred`` (the class its
     head predicts, :func:`probekit.analyses.output_predictions`, as the mask check's own forward passes
@@ -835,8 +859,8 @@ def _mask_sensitivity(heads: Mapping[str, nn.Module], data: Any, folder_kwargs: 
         except DataError as e:  # e.g. a mask that erodes to nothing
             out.setdefault("skipped", {})[key] = str(e)
             continue
-        full = alt.split("stress")
-        rows = _stress_rows(order, n_objects, len(alt.backgrounds)) if n_objects < len(alt.stress_indices) \
+        full = alt.split(CROSSED_SPLIT)
+        rows = _crossed_rows(order, n_objects, len(alt.backgrounds)) if n_objects < len(alt.crossed_indices) \
             else np.arange(len(full))
         where = np.array([full.locate(int(i))[::2] for i in rows])  # (foreground image, background image)
         preds = {m: np.empty(len(rows), np.int64) for m in heads}

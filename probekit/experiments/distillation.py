@@ -9,7 +9,7 @@ to the teacher by ridge: no feature learning).
 
 Measured per model and seed: linear-probe accuracy ID / OOD (probe fitted on ID training renders),
 relative MSE to the teacher ID / OOD, background sensitivity (share of representation variance from
-the background with the digit fixed) on ID, OOD and union (stress) backgrounds, the normalised mean
+the background with the digit fixed) on ID, OOD and union (the crossed split's) backgrounds, the normalised mean
 shift (NMS) per layer between ID and OOD backgrounds on the same foregrounds, beside the same network
 at initialisation, background decodability within OOD (ridge R² minus a shuffled control) and the
 mechanism attempt: the first-layer filters' weight in the chroma-DC subspace (per-channel constants
@@ -22,6 +22,7 @@ Run: ``python -m probekit.experiments.distillation --out DIR`` (``--quick`` for 
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -154,15 +155,15 @@ def _layer_acts(model: DigitCNN, x: torch.Tensor, batch_size: int = 600) -> dict
     return {k: np.concatenate(v) for k, v in outs.items()}
 
 
-def _eval_data(seed: int, n_stress: int, composite: str) -> dict[str, dict[str, np.ndarray]]:
+def _eval_data(seed: int, n_backgrounds: int, composite: str) -> dict[str, dict[str, np.ndarray]]:
     kw = dict(seed=seed, composite=composite)
     data = {
         "train": BackgroundDigits("train", renders=2, epoch=50_000, **kw).arrays(),
         "test_id": BackgroundDigits("test_id", renders=2, **kw).arrays(),
         "test_ood": BackgroundDigits("test_ood", renders=2, **kw).arrays(),
-        "stress": BackgroundDigits("stress", n_stress=n_stress, **kw).arrays(),
-        "stress_id": BackgroundDigits("stress", n_stress=n_stress, family="id", **kw).arrays(),
-        "stress_ood": BackgroundDigits("stress", n_stress=n_stress, family="ood", **kw).arrays(),
+        "crossed": BackgroundDigits("crossed", n_backgrounds=n_backgrounds, **kw).arrays(),
+        "crossed_id": BackgroundDigits("crossed", n_backgrounds=n_backgrounds, family="id", **kw).arrays(),
+        "crossed_ood": BackgroundDigits("crossed", n_backgrounds=n_backgrounds, family="ood", **kw).arrays(),
     }
     for d in data.values():
         for k in ("background", "digit", "mask"):
@@ -183,16 +184,16 @@ def _evaluate(models: dict[str, DigitCNN], inits: dict[str, DigitCNN], data, see
                                            R["test_ood"], data["test_ood"]["label"])
         r["drop"] = r["id_acc"] - r["ood_acc"]
         # the audit's verdict without OOD labels: a probe fit on ID train, its predictions on the
-        # crossed stress split (every test digit on the same broad backgrounds)
-        st = data["stress"]
+        # crossed split (every test digit on the same broad backgrounds)
+        st = data["crossed"]
         probe = LinearProbe(C=1.0, max_iter=2000).fit(R["train"], data["train"]["label"])
-        b = background_behaviour(probe.predict(R["stress"]), st["group"], st["background_id"], label=st["label"],
+        b = background_behaviour(probe.predict(R["crossed"]), st["group"], st["background_id"], label=st["label"],
                                  n_boot=200, n_perm=100, random_state=seed)
         r["verdict_flagged"], r["pull"], r["flip_rate"] = bool(b.flagged), b.pull, b.flip_rate
         if name != "teacher" and name != "erm_id":
             r["rel_mse_id"] = _rel_mse(R["test_id"], T["test_id"])
             r["rel_mse_ood"] = _rel_mse(R["test_ood"], T["test_ood"])
-        for s in ("stress", "stress_id", "stress_ood"):
+        for s in ("crossed", "crossed_id", "crossed_ood"):
             r[f"bg_sens_{s}"] = background_sensitivity_share(R[s], data[s]["group"])
         r["bg_r2_within_ood"] = _decodability_within(R["test_ood"], data["test_ood"]["factors"], seed)
         # NMS per layer, trained vs the same network at initialisation (same foregrounds, ID vs OOD backgrounds)
@@ -222,22 +223,28 @@ def run(
     teacher_epochs: int | None = None,
     student_epochs: int | None = None,
     composite: str = "additive",
-    n_stress: int = 8,
+    n_backgrounds: int = 8,
     threads: int | None = 1,
     controls: bool = True,
     verbose: bool = True,
+    n_stress: int | None = None,
 ) -> dict[str, Any]:
     """Train teacher, student and controls per seed; evaluate; write store, JSON and plots.
 
     ``quick=True`` trains 15 teacher / 40 student epochs (instead of 60 / 150, the pilot's). With
-    ``verbose``, prints the headline numbers (:func:`headline`).
+    ``verbose``, prints the headline numbers (:func:`headline`). ``n_backgrounds``: backgrounds of the
+    crossed split (``n_stress``, its old name, is read with a FutureWarning).
     """
+    if n_stress is not None:
+        warnings.warn("distillation.run(n_stress=...) is now run(n_backgrounds=...) (the split 'stress' is "
+                      "'crossed'); the old name goes in the next release.", FutureWarning, stacklevel=2)
+        n_backgrounds = n_stress
     t0 = time.time()
     seeds = seeds_list(seeds)
     te = teacher_epochs if teacher_epochs is not None else (15 if quick else 60)
     se = student_epochs if student_epochs is not None else (40 if quick else 150)
     out = out_path(out_dir, "distillation")
-    config = dict(seeds=seeds, teacher_epochs=te, student_epochs=se, composite=composite, n_stress=n_stress,
+    config = dict(seeds=seeds, teacher_epochs=te, student_epochs=se, composite=composite, n_backgrounds=n_backgrounds,
                   quick=quick, controls=controls, optimizer="adam lr 2e-3 cosine, batch 64")
     per_seed: list[dict[str, Any]] = []
     store = out / "distillation.h5"
@@ -262,7 +269,7 @@ def run(
                 models["s_rf"] = fit_random_features_student(teacher, seed=seed, init=s_init, composite=composite)
                 inits["s_rf"] = s_init
             train_s = time.time() - ts
-            data = _eval_data(seed, n_stress, composite)
+            data = _eval_data(seed, n_backgrounds, composite)
             res, reps = _evaluate(models, inits, data, seed, filter_subspaces(seed))
             for name, model in models.items():
                 mname = f"{name}_seed{seed}"
@@ -274,16 +281,16 @@ def run(
                 for lname, mod in (("block1.0", model.block1[0]), ("rep.1", model.rep[1])):
                     w.write_weights(mname, lname, mod.weight.detach().reshape(mod.weight.shape[0], -1).numpy())
             if seed == seeds[0]:  # representations of the first seed, so the store can be audited
-                for split in ("train", "test_id", "test_ood", "stress"):
+                for split in ("train", "test_id", "test_ood", "crossed"):
                     d = data[split]
-                    crossed = ["group", "background", "variant"] if split == "stress" else []
+                    crossed = ["group", "background", "variant"] if split == "crossed" else []
                     w.add_split(split, n_rows=len(d["x"]), has_label=True, factor_names=BackgroundDigits.factor_names,
                                 fields=["label", *crossed], factor_periods=BackgroundDigits.factor_periods)
                     for name in models:
                         w.add_layer(f"{name}_seed{seed}", split, "rep", feature_shape=(128,), dtype="float32",
                                     attrs={"pool": "none", "module_type": "Linear", "raw_shape": [128]})
                     samples = {"index": d["index"], "label": d["label"], "factors": d["factors"]}
-                    if split == "stress":
+                    if split == "crossed":
                         samples.update(group=d["group"], background=d["background_id"], variant=d["variant"])
                     w.write_rows(split, 0, samples=samples,
                                  acts={f"{n}_seed{seed}": {"rep": reps[n][split]} for n in models})

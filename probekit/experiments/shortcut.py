@@ -3,7 +3,7 @@
 The same small CNN is trained twice on the built-in ``shapes`` (three shape classes): once where
 the background colour equals the class (``background="class"``: a network can classify by colour
 alone, and does) and once on random background colours (only the shape tells the class). Both are
-audited on the same crossed stress split (every test shape on the same 9 backgrounds, three of each
+audited on the same crossed split (every test shape on the same 9 backgrounds, three of each
 class colour): the first must be flagged, the second must not. ``probekit experiment shortcut``
 trains both, extracts them into one store, audits it and prints the two verdicts.
 """
@@ -25,7 +25,7 @@ from ._common import out_path, seeds_list, torch_threads, write_json
 
 __all__ = ["ShapesCNN", "run", "train_shapes_cnn"]
 
-SPLITS = ("train", "test", "stress", "variants")
+SPLITS = ("train", "test", "crossed", "variants")
 LAYERS = ["features.0", "features.3", "features.6", "@output"]
 
 
@@ -100,7 +100,7 @@ def run(seeds: Any = 1, out_dir: str | os.PathLike | None = None, quick: bool = 
 def headline(results: dict[str, Any]) -> list[str]:
     """The two verdicts per seed: the shortcut model must be flagged, the robust one must not."""
     lines = ["shortcut: a CNN trained where the background colour gives the class (shortcut) and one trained on "
-             "random background colours (robust), audited on the same crossed stress split"]
+             "random background colours (robust), audited on the same crossed split"]
     for seed, r in results["seeds"].items():
         ok = r["shortcut"]["flagged"] and not r["robust"]["flagged"]
         lines.append(f"  seed {seed}: " + ("as expected" if ok else "NOT as expected")

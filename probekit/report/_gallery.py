@@ -1,7 +1,7 @@
 """A gallery of what was audited: the composited images of a few objects, with the model's predictions.
 
 :func:`build_gallery` takes the :class:`probekit.datasets.Counterfactuals` the audit built and the model's
-predicted class on its ``variants`` and ``stress`` splits (item order), and picks a few objects per class,
+predicted class on its ``variants`` and ``crossed`` splits (item order), and picks a few objects per class,
 those whose prediction changes on the most backgrounds first. Per object it renders (at the image's own
 resolution, before the model's preprocessing) the original, its mask (outlined over the image), every
 image variant of the audit (only_fg, no_fg, only_bg, mixed_same, mixed_rand, mixed_next: those the
@@ -19,6 +19,7 @@ import base64
 import contextlib
 import io
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -27,6 +28,7 @@ from PIL import Image
 
 from ..errors import DataError
 from ..store import Store, open_store
+from ..vocab import CROSSED_SPLIT, OLD_CROSSED_SPLIT
 
 __all__ = ["build_gallery", "predictions_from_store"]
 
@@ -72,7 +74,7 @@ def _outline(image: np.ndarray, mask: np.ndarray, thumb: int) -> np.ndarray:
 
 
 def predictions_from_store(store: str | os.PathLike | Store, model: str,
-                           splits: Sequence[str] = ("variants", "stress"),
+                           splits: Sequence[str] = ("variants", CROSSED_SPLIT),
                            class_map: Mapping[int, int] | None = None) -> dict[str, np.ndarray]:
     """The model's predicted class per item of ``splits``, read from its stored ``@output`` as the audit
     reads a head (:func:`probekit.analyses.output_predictions`: the argmax, or one logit's sign).
@@ -80,17 +82,26 @@ def predictions_from_store(store: str | os.PathLike | Store, model: str,
     ``class_map`` (output index -> the folder's class id, as the audit's ``class_map``) maps the argmax;
     an output it does not name becomes -1 (no class of the folder). Splits the model has no stored output
     on are left out (a representation without a head has no predictions of its own). ``store``: its path,
-    or an open :class:`~probekit.store.Store` (read through and left open).
+    or an open :class:`~probekit.store.Store` (read through and left open). A store of an earlier release,
+    whose crossed split is ``stress``, is read from that split under the key ``crossed`` when ``crossed``
+    is asked for (one FutureWarning).
     """
     from ..analyses import output_predictions  # the analyses (torch, scikit-learn) load only when needed
 
     out: dict[str, np.ndarray] = {}
     with contextlib.nullcontext(store) if isinstance(store, Store) else open_store(store) as s:
-        for sp in splits:
+        for key in splits:
+            sp = key
+            if key == CROSSED_SPLIT and key not in s.splits and OLD_CROSSED_SPLIT in s.splits:
+                warnings.warn(f"The store {str(s.path)!r} names its crossed split {OLD_CROSSED_SPLIT!r} (an earlier "
+                              f"release's name): its predictions are read as {CROSSED_SPLIT!r}. Pass "
+                              f"splits=('variants', {OLD_CROSSED_SPLIT!r}) to read it under its own name without "
+                              "this warning; the fallback goes in the next release.", FutureWarning, stacklevel=2)
+                sp = OLD_CROSSED_SPLIT
             if sp in s.splits and "@output" in s.layers(model, sp):
                 n = s.n_rows(sp, model)
                 x = np.asarray(s.acts(model, sp, "@output")[:n]).reshape(n, -1)
-                out[sp] = output_predictions(x, class_map)
+                out[key] = output_predictions(x, class_map)
     return out
 
 
@@ -122,9 +133,10 @@ def build_gallery(
     counterfactuals : probekit.datasets.Counterfactuals
         The counterfactuals the audit extracted (same seed and options).
     predictions_by_split : mapping
-        ``{"variants": array, "stress": array}``: the model's predicted class id per item of
+        ``{"variants": array, "crossed": array}``: the model's predicted class id per item of
         ``counterfactuals.split(name)``, in item order (:func:`predictions_from_store` reads them from
-        the store). Either may be missing; at least one must be given. Without ``variants``, a ``test``
+        the store); ``"stress"``, the crossed split's old name, is read as ``"crossed"`` (one
+        FutureWarning). Either may be missing; at least one must be given. Without ``variants``, a ``test``
         array (the originals) gives the prediction the others are compared with, else the object's most
         common prediction on the crossed split does.
     model : str
@@ -150,6 +162,11 @@ def build_gallery(
         from the prediction on the original image.
     """
     cf = counterfactuals
+    if OLD_CROSSED_SPLIT in predictions_by_split and CROSSED_SPLIT not in predictions_by_split:
+        warnings.warn(f"build_gallery: the predictions' key {OLD_CROSSED_SPLIT!r} is now {CROSSED_SPLIT!r} (the "
+                      "crossed split's one name); the old key goes in the next release.", FutureWarning, stacklevel=2)
+        predictions_by_split = {(CROSSED_SPLIT if k == OLD_CROSSED_SPLIT else k): p
+                                for k, p in predictions_by_split.items()}
     if per_class < 1 or max_objects < 1 or thumb < 8:
         raise DataError(f"build_gallery: per_class={per_class}, max_objects={max_objects} and thumb={thumb} must be "
                         "at least 1, 1 and 8.")
@@ -172,16 +189,16 @@ def build_gallery(
     test = np.asarray(cf.test_indices)
     pv = _check(predictions_by_split, "variants", len(test) * V)
     try:
-        stress_n = len(cf.split("stress"))
+        crossed_n = len(cf.split(CROSSED_SPLIT))
     except DataError:
-        stress_n = 0
-    B = len(cf.backgrounds) if stress_n else 0
-    stress_objects = np.asarray(cf.stress_indices) if stress_n else np.zeros(0, dtype=np.int64)
-    ps = _check(predictions_by_split, "stress", stress_n) if stress_n else None
+        crossed_n = 0
+    B = len(cf.backgrounds) if crossed_n else 0
+    crossed_objects = np.asarray(cf.crossed_indices) if crossed_n else np.zeros(0, dtype=np.int64)
+    ps = _check(predictions_by_split, CROSSED_SPLIT, crossed_n) if crossed_n else None
     pt = _check(predictions_by_split, "test", len(test))
     if pv is None and ps is None:
-        raise DataError("build_gallery needs the model's predictions on the 'variants' or the 'stress' split "
-                        "(predictions_by_split={'variants': ..., 'stress': ...}).")
+        raise DataError("build_gallery needs the model's predictions on the 'variants' or the 'crossed' split "
+                        "(predictions_by_split={'variants': ..., 'crossed': ...}).")
 
     # per object: the prediction on the original image, and how many of its images are predicted otherwise
     ref: dict[int, int] = {}
@@ -196,8 +213,8 @@ def build_gallery(
                 ref[i] = int(grid[pos, variants.index("original")])
     spred: dict[int, np.ndarray] = {}
     if ps is not None:
-        grid = ps.reshape(len(stress_objects), B)
-        for pos, i in enumerate(stress_objects.tolist()):
+        grid = ps.reshape(len(crossed_objects), B)
+        for pos, i in enumerate(crossed_objects.tolist()):
             spred[i] = grid[pos]
             if i not in ref:  # no original predicted: the object's most common prediction
                 vals, counts = np.unique(grid[pos], return_counts=True)
@@ -213,7 +230,7 @@ def build_gallery(
         keep = set(sorted(picked, key=lambda i: (-changes[i], -vchanges[i], i))[:max_objects])
         picked = [i for i in picked if i in keep]
 
-    stress = cf.split("stress") if stress_n else None
+    crossed = cf.split(CROSSED_SPLIT) if crossed_n else None
     shown_bg = list(range(min(B, max_backgrounds)))
     out_objects = []
     for i in picked:
@@ -237,10 +254,10 @@ def build_gallery(
                                                                        thumb), strict=True),
                                   name=v, pred=name(p), changed=r is not None and p != r, note=note))
         bgs = []
-        if i in spred and stress is not None:
-            pos = int(np.searchsorted(stress_objects, i))
+        if i in spred and crossed is not None:
+            pos = int(np.searchsorted(crossed_objects, i))
             for slot in shown_bg:
-                _, rel, j = stress.locate(pos * B + slot)
+                _, rel, j = crossed.locate(pos * B + slot)
                 p = int(spred[i][slot])
                 bgs.append(dict(zip(("src", "width", "height"), _encode(cf.render(i, rel, j), thumb), strict=True),
                                 name=f"background {slot + 1}", pred=name(p), changed=r is not None and p != r,

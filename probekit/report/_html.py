@@ -210,7 +210,7 @@ MODEL_GLOSSARY: dict[str, tuple[tuple[str, str], ...]] = {
                             f"holds when {MARKS['pull'].holds_when()}"),
         ("follows background", "where a background came from an image of another class: how often the prediction "
                                "is that class"),
-        ("crossed split", "every object (group) shown on the same set of backgrounds (the stress split)"),
+        ("crossed split", "every object (group) shown on the same set of backgrounds (the split named crossed)"),
         ("only_fg / no_fg / only_bg", "the object on black / the object's pixels blacked out / the background "
                                       "alone"),
         ("mixed_same / mixed_rand / mixed_next", "the object on the background of another image of the same / a "
