@@ -54,11 +54,11 @@ def main(argv: list[str] | None = None) -> None:
     opt = torch.optim.SGD(model.parameters(), lr=a.lr, momentum=0.9)
     loader = DataLoader(get_dataset("bgdigits", "train"), batch_size=a.batch_size, shuffle=True)
     n = a.probe_size
-    probe = {  # a small fixed probe set: training digits, unseen digits on OOD backgrounds, grouped stress
+    probe = {  # a small fixed probe set: training digits, unseen digits on OOD backgrounds, the crossed split
         "train": Subset(get_dataset("bgdigits", "train"), range(n)),
         "test_id": Subset(get_dataset("bgdigits", "test_id"), range(n)),
         "test_ood": Subset(get_dataset("bgdigits", "test_ood"), range(n)),
-        "stress": Subset(get_dataset("bgdigits", "stress"), range(n)),
+        "crossed": Subset(get_dataset("bgdigits", "crossed"), range(n)),
     }
 
     rec = pk.Recorder(model, ["conv2", "conv3"], probe, out=a.out, every=a.every) if a.every else None  # probekit

@@ -4,7 +4,7 @@ The one line marked ``# probekit`` is all a Lightning script needs: pass
 ``probekit.RecorderCallback(layers, probe_set, out=..., every=...)`` to the ``Trainer``. It records the
 LightningModule at step 0, after every ``every``-th optimizer step and at the end of training, without
 changing training (same final weights, bit for bit). The probe set here is one split (the Recorder's
-default name, ``probe``) of the crossed "stress" images: every digit on the same backgrounds, so the
+default name, ``probe``) of the "crossed" images: every digit on the same backgrounds, so the
 report draws cross-validated probe accuracy, background sensitivity and the background factors' share
 over training, next to CKA to the last step and the direction counts.
 
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict[str, torch.Tensor]:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--every", type=int, default=10, help="record every N optimizer steps (0: callback off)")
-    p.add_argument("--probe-size", type=int, default=160, help="stress images in the probe set (16 per backgrounds' round)")
+    p.add_argument("--probe-size", type=int, default=160, help="crossed images in the probe set (16 per backgrounds' round)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
 
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict[str, torch.Tensor]:
     if a.train_size:
         train = Subset(train, range(a.train_size))
     loader = DataLoader(train, batch_size=a.batch_size, shuffle=True)
-    probe_set = Subset(get_dataset("bgdigits", "stress"), range(a.probe_size))  # digits x the same backgrounds
+    probe_set = Subset(get_dataset("bgdigits", "crossed"), range(a.probe_size))  # digits x the same backgrounds
 
     callbacks = [pk.RecorderCallback(["net.conv2", "net.conv3"], probe_set, out=a.out, every=a.every)] if a.every else []  # probekit
     trainer = L.Trainer(max_epochs=a.epochs, callbacks=callbacks, accelerator="cpu", devices=1, logger=False,

@@ -213,7 +213,7 @@ def test_robust_cnn_first_layer_not_flagged_against_its_inits():
     for k in range(3):
         torch.manual_seed(10_000 + k)
         inits.append(ShapesCNN().eval())
-    data = Shapes("stress", seed=0, n_test=30, n_backgrounds=9)
+    data = Shapes("crossed", seed=0, n_test=30, n_backgrounds=9)
     items = [data.item(i) for i in range(len(data))]
     x = torch.from_numpy(np.stack([it["x"] for it in items]))
     g, b = np.array([it["group"] for it in items]), np.array([it["background"] for it in items])

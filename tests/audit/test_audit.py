@@ -42,12 +42,12 @@ def _write_store(path, levels, *, with_init=False):
         "train": _rows(rng, 3, 1.0),
         "test_id": _rows(rng, 1, 1.0),
         "test_ood": _rows(rng, 1, 3.0),  # backgrounds beyond the training range
-        "stress": _rows(rng, K_BG, 3.0),
+        "crossed": _rows(rng, K_BG, 3.0),
     }
     with pk.StoreWriter(path, mode="overwrite") as w:
         for split, (g, _) in splits.items():
             w.add_split(split, n_rows=len(g), has_label=True, factor_names=["hue", "bright", "freq"],
-                        has_group=split == "stress")
+                        has_group=split == "crossed")
         for name, p in levels.items():
             role = name if name in ("teacher", "student") else "model"
             w.add_model(name, role=role, source="planted")
@@ -56,7 +56,7 @@ def _write_store(path, levels, *, with_init=False):
                 for step in steps:
                     w.add_layer(name, split, "layer", feature_shape=(D,), step=step)
                     samples = {"index": np.arange(len(g)), "label": g % 5, "factors": fac}
-                    if split == "stress":
+                    if split == "crossed":
                         samples["group"] = g
                     # at initialisation every model reads the background at level 0.2
                     w.write_rows(split, 0, samples, {name: {"layer": _acts(g, fac, 0.2 if step == 0 else p)}},
@@ -107,7 +107,7 @@ def test_correlation_and_decodability_follow_the_planted_level(planted):
     levels, doc = planted
     shares = [doc["models"][m]["layers"]["layer"]["correlation"]["share_significant"] for m in levels]
     assert shares[0] <= 0.2 and shares[-1] == 1.0
-    excess = [doc["models"][m]["layers"]["layer"]["decodability"]["stress"]["mean_excess_r2"]["value"]
+    excess = [doc["models"][m]["layers"]["layer"]["decodability"]["crossed"]["mean_excess_r2"]["value"]
               for m in levels]
     assert excess[-1] > 0.5 and abs(excess[0]) < 0.1
 

@@ -68,7 +68,7 @@ def test_each_net_sees_each_image_once(folder, tmp_path, monkeypatch):
     finally:
         handle.remove()
     cf = Counterfactuals(images, masks=masks)  # the audit's defaults: seed 0, 8 backgrounds, half test
-    n_train, n_test, n_obj = len(cf.train_indices), len(cf.test_indices), len(cf.stress_indices)
+    n_train, n_test, n_obj = len(cf.train_indices), len(cf.test_indices), len(cf.crossed_indices)
     n_var = len(cf.variants)  # original, only_fg, no_fg, only_bg, mixed_same/rand/next, composite_self
     model_rows = n_train + n_test + n_var * n_test + n_obj * 8
     # three nets: the model on every split (and one dry pass each on one image to order its layers by depth
@@ -76,16 +76,16 @@ def test_each_net_sees_each_image_once(folder, tmp_path, monkeypatch):
     assert sorted(seen.values()) == sorted([model_rows + 2, n_obj * 8, n_obj * 8])
     cost = doc["cost"]
     assert cost["forward_passes_total"] == model_rows + 2 * n_obj * 8 == cost["forward_passes_done"]
-    assert cost["forward_passes"]["stress"] == {"model": n_obj * 8, "model@init0": n_obj * 8,
+    assert cost["forward_passes"]["crossed"] == {"model": n_obj * 8, "model@init0": n_obj * 8,
                                                 "model@init1": n_obj * 8}
-    assert cost["images_composited"] == {"variants": (n_var - 1) * n_test, "stress": n_obj * 8}
+    assert cost["images_composited"] == {"variants": (n_var - 1) * n_test, "crossed": n_obj * 8}
     assert cost["estimated_seconds"] is None or cost["estimated_seconds"] > 0
     # the inits store the crossed split's layers but not the output (their output is never compared)
     from probekit import open_store
 
     with open_store(tmp_path / "o" / "acts.h5") as s:
-        assert "@output" not in s.layers("model@init0", "stress") and s.layers("model@init0", "stress")
-        assert s.acts_splits("model@init0") == ["stress"]
+        assert "@output" not in s.layers("model@init0", "crossed") and s.layers("model@init0", "crossed")
+        assert s.acts_splits("model@init0") == ["crossed"]
 
 
 @pytest.mark.slow
@@ -137,7 +137,7 @@ def test_objects_auto_stops_when_decided_and_grows_when_not(folder, weights, tmp
     from probekit import open_store
 
     with open_store(tmp_path / "a" / "acts.h5") as s:
-        assert s.n_rows("stress", "model") == s.n_rows("stress", "model@init0") == looks[0] * 8
+        assert s.n_rows("crossed", "model") == s.n_rows("crossed", "model@init0") == looks[0] * 8
     calls.clear()
     stop = False
     doc = audit_model(MODEL, images, masks=masks, weights=weights, out=tmp_path / "b", n_inits=1, objects="auto",

@@ -126,13 +126,13 @@ def test_split_across_ranks_equals_one_process_over_looks_and_mask_check(folder,
     plain = audit_model(MODEL, images, out=tmp_path / "plain", **kw).data
     group = _ranks(monkeypatch)
     split = audit_model(MODEL, images, out=tmp_path / "split", **kw).data
-    assert [j["split"] for j in group.jobs if j["kind"] == "extract"] == ["train", "test", "stress", "stress",
-                                                                           "stress", "variants"]
-    stress = [j for j in group.jobs if j.get("split") == "stress"]
+    assert [j["split"] for j in group.jobs if j["kind"] == "extract"] == ["train", "test", "crossed", "crossed",
+                                                                           "crossed", "variants"]
+    crossed = [j for j in group.jobs if j.get("split") == "crossed"]
     # the inits on the first 5 objects with the model, the model alone to 10 (look 1), then to 12 (look 2)
-    assert [(j["start"], sorted(j["specs"])) for j in stress] == [(0, ["model", "model@init0"]), (5 * 4, ["model"]),
+    assert [(j["start"], sorted(j["specs"])) for j in crossed] == [(0, ["model", "model@init0"]), (5 * 4, ["model"]),
                                                                    (10 * 4, ["model"])]
-    assert stress[1]["nets"] == stress[2]["nets"] == {}  # every net travels once
+    assert crossed[1]["nets"] == crossed[2]["nets"] == {}  # every net travels once
     kinds = [j["kind"] for j in group.jobs]
     assert kinds[0] == "map" and kinds.count("map") == 1  # GrabCut's masks, each rank a block of the images
     assert kinds.count("predict") == 2  # the mask check: eroded, dilated
@@ -141,8 +141,8 @@ def test_split_across_ranks_equals_one_process_over_looks_and_mask_check(folder,
     assert split["cost"]["forward_passes_done"] == plain["cost"]["forward_passes_done"]
     _same_audit(split, plain)
     with pk.open_store(tmp_path / "split" / "acts.h5") as a, pk.open_store(tmp_path / "plain" / "acts.h5") as b:
-        assert a.n_expected("stress") is None and a.n_rows("stress") == b.n_rows("stress") == 12 * 4
-        assert a.n_rows("stress", "model@init0") == b.n_rows("stress", "model@init0") == 5 * 4
+        assert a.n_expected("crossed") is None and a.n_rows("crossed") == b.n_rows("crossed") == 12 * 4
+        assert a.n_rows("crossed", "model@init0") == b.n_rows("crossed", "model@init0") == 5 * 4
         for sp in b.splits:
             np.testing.assert_array_equal(a.sample_field(sp, "index"), b.sample_field(sp, "index"))
             for m in b.models:

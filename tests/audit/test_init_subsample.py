@@ -194,8 +194,8 @@ def test_audit_with_inits_on_a_subsample_gives_the_same_verdict(tmp_path, capsys
         assert refs and all(r["n_reference_objects"] == 5 and r["n_objects"] == 30 for r in refs)
         cost = docs[name, "5"]["cost"]
         assert cost["init_objects"] == {"requested": 5, "used": 5}
-        assert cost["forward_passes"]["stress"][f"{name}@init0"] == 5 * 8
-        assert docs[name, "all"]["cost"]["forward_passes"]["stress"][f"{name}@init0"] == 30 * 8
+        assert cost["forward_passes"]["crossed"][f"{name}@init0"] == 5 * 8
+        assert docs[name, "all"]["cost"]["forward_passes"]["crossed"][f"{name}@init0"] == 30 * 8
     capsys.readouterr()
     rc = main(["audit", "probekit.experiments.shortcut:ShapesCNN", "--weights", str(tmp_path / "robust.pt"), "--data",
                str(images), "--masks", str(masks), "--out-dir", str(tmp_path / "robust-5"), "--name", "robust",
@@ -235,18 +235,18 @@ def test_inits_see_the_first_objects_of_the_seeded_order_and_the_behaviour_is_un
     full = audit_model("probekit.experiments.shortcut:ShapesCNN", images, masks=masks, weights=w,
                        out=tmp_path / "full", init_objects="all", **fast).data
     cf = Counterfactuals(images, masks=masks)
-    n_obj = len(cf.stress_indices)
+    n_obj = len(cf.crossed_indices)
     model_rows = len(cf.train_indices) + len(cf.test_indices) * (1 + len(cf.variants)) + n_obj * 8
     assert sorted(seen.values()) == sorted([model_rows + 2, 4 * 8, 4 * 8])
     assert sub["cost"]["forward_passes_done"] == model_rows + 2 * 4 * 8
-    stress = cf.split("stress")
-    first = {stress.locate(int(o) * 8)[0] for o in _object_order(n_obj, 0)[:4]}
+    crossed = cf.split("crossed")
+    first = {crossed.locate(int(o) * 8)[0] for o in _object_order(n_obj, 0)[:4]}
     with open_store(tmp_path / "sub" / "acts.h5") as s:
-        assert s.n_rows("stress", "model@init0") == 32 and s.n_rows("stress", "model") == n_obj * 8
-        assert set(np.asarray(s.sample_field("stress", "group"))[:32].tolist()) == first
+        assert s.n_rows("crossed", "model@init0") == 32 and s.n_rows("crossed", "model") == n_obj * 8
+        assert set(np.asarray(s.sample_field("crossed", "group"))[:32].tolist()) == first
     assert sub["models"]["model"]["behaviour"] == full["models"]["model"]["behaviour"]
     # the report's gallery puts the seeded order's rows back in the split's order (as audit_model does)
-    from probekit.model_audit import _stress_rows
+    from probekit.model_audit import _crossed_rows
     from probekit.report import predictions_from_store
 
     # --objects auto grows the split in looks; the inits stop at their 4 objects, the model goes on
@@ -256,15 +256,15 @@ def test_inits_see_the_first_objects_of_the_seeded_order_and_the_behaviour_is_un
     assert auto["cost"]["init_objects"] == {"requested": 4, "used": 4}
     assert auto["cost"]["objects"]["used"] == n_obj and len(auto["cost"]["objects"]["looks"]) >= 2
     with open_store(tmp_path / "auto" / "acts.h5") as s:
-        assert s.n_rows("stress", "model@init1") == 32 and s.n_rows("stress", "model") == n_obj * 8
+        assert s.n_rows("crossed", "model@init1") == 32 and s.n_rows("crossed", "model") == n_obj * 8
     assert auto["models"]["model"]["behaviour"] == full["models"]["model"]["behaviour"]
-    rows = _stress_rows(_object_order(n_obj, 0), n_obj, 8)
+    rows = _crossed_rows(_object_order(n_obj, 0), n_obj, 8)
     for d, shown in (("sub", lambda v: _back(v, rows)), ("full", lambda v: v)):
         with open_store(tmp_path / d / "acts.h5") as s:
-            cells = np.stack([shown(np.asarray(s.sample_field("stress", f))) for f in ("group", "background")], 1)
-        assert np.array_equal(cells, [stress.locate(i)[::2] for i in range(len(stress))])  # the split's own order
-        p = predictions_from_store(tmp_path / d / "acts.h5", "model")["stress"]
-        assert np.array_equal(shown(p), predictions_from_store(tmp_path / "full" / "acts.h5", "model")["stress"])
+            cells = np.stack([shown(np.asarray(s.sample_field("crossed", f))) for f in ("group", "background")], 1)
+        assert np.array_equal(cells, [crossed.locate(i)[::2] for i in range(len(crossed))])  # the split's own order
+        p = predictions_from_store(tmp_path / d / "acts.h5", "model")["crossed"]
+        assert np.array_equal(shown(p), predictions_from_store(tmp_path / "full" / "acts.h5", "model")["crossed"])
 
 
 def _back(values, rows):

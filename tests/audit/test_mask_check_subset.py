@@ -87,14 +87,14 @@ def test_near_gives_the_full_reruns_answer(tmp_path):
               "robust": train_shapes_cnn("random", seed=1, epochs=8, n_train=600)}
     cf_kwargs = {"seed": 0, "n_backgrounds": 8, "test_fraction": 0.5, "transform": None}
     cf = Counterfactuals(images, boxes=csv, **cf_kwargs)
-    stress = cf.split("stress")
-    n_obj = len(cf.stress_indices)
+    crossed = cf.split("crossed")
+    n_obj = len(cf.crossed_indices)
     order = _object_order(n_obj, 0)
-    where = np.array([stress.locate(i)[::2] for i in range(len(stress))])
+    where = np.array([crossed.locate(i)[::2] for i in range(len(crossed))])
     passes = {}
     for name, net in models.items():
         net.eval()
-        loader = torch.utils.data.DataLoader(_Rows(stress, np.arange(len(stress))), batch_size=64)
+        loader = torch.utils.data.DataLoader(_Rows(crossed, np.arange(len(crossed))), batch_size=64)
         with torch.no_grad():
             o = np.concatenate([net(b["x"]).numpy() for b in loader])
         stored = {name: {"group": where[:, 0], "background": where[:, 1], "pred": o.argmax(1),

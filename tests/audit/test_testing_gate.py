@@ -104,7 +104,7 @@ def test_passing_model_returns_the_document_and_leaves_no_temporary_folder(folde
     # the gallery reads the same predictions back from the store: the centre model never changes its mind
     preds = predictions_from_store(tmp_path / "a" / "acts.h5", "model")
     cf = Counterfactuals(folder[0], masks=folder[1])
-    assert {k: len(v) for k, v in preds.items()} == {sp: len(cf.split(sp)) for sp in ("variants", "stress")}
+    assert {k: len(v) for k, v in preds.items()} == {sp: len(cf.split(sp)) for sp in ("variants", "crossed")}
     mapped = predictions_from_store(tmp_path / "a" / "acts.h5", "model", class_map={0: 2, 1: 1})
     lut = np.array([2, 1, -1])  # output 2 is named by no entry: no folder class
     assert all((mapped[sp] == lut[preds[sp]]).all() for sp in preds)

@@ -31,16 +31,16 @@ def _design(k: int, rng: np.random.Generator, *, bg_classes=None, label_p=None):
 def _write(path, preds: dict[str, np.ndarray], label, bl, g, b, width: int, originals=None) -> None:
     n = g.size
     with StoreWriter(path, mode="overwrite") as w:
-        w.add_split("stress", n_rows=n, has_label=True, fields=["label", "group", "background", "background_label"])
+        w.add_split("crossed", n_rows=n, has_label=True, fields=["label", "group", "background", "background_label"])
         if originals is not None:
             w.add_split("test", n_rows=len(originals["group"]), has_label=True, fields=["label", "group"])
         for name in preds:
             w.add_model(name, role="model", source="planted")
-            w.add_layer(name, "stress", "@output", feature_shape=(width,), dtype="float32", attrs={"pool": "none"})
+            w.add_layer(name, "crossed", "@output", feature_shape=(width,), dtype="float32", attrs={"pool": "none"})
             if originals is not None:
                 w.add_layer(name, "test", "@output", feature_shape=(width,), dtype="float32", attrs={"pool": "none"})
         acts = {m: {"@output": _logits(p, width)} for m, p in preds.items()}
-        w.write_rows("stress", 0, samples={"index": np.arange(n), "label": label[g], "group": g + 1000,
+        w.write_rows("crossed", 0, samples={"index": np.arange(n), "label": label[g], "group": g + 1000,
                                            "background": b, "background_label": bl[b]}, acts=acts)
         if originals is not None:
             acts = {m: {"@output": _logits(originals["pred"][m], width)} for m in preds}
@@ -175,14 +175,14 @@ def test_a_student_without_a_head_is_read_through_a_probe(tmp_path, per_class, j
     ytr = np.repeat(np.arange(k), per_class)
     n, ntr = g.size, ytr.size
     with StoreWriter(tmp_path / "s.h5", mode="overwrite") as w:
-        w.add_split("stress", n_rows=n, has_label=True, fields=["label", "group", "background", "background_label"])
+        w.add_split("crossed", n_rows=n, has_label=True, fields=["label", "group", "background", "background_label"])
         w.add_split("train", n_rows=ntr, has_label=True, fields=["label"])
         w.add_model("student", role="student", source="planted")
-        for split in ("stress", "train"):
+        for split in ("crossed", "train"):
             for layer in ("rep", "@output"):
                 w.add_layer("student", split, layer, feature_shape=(d,), dtype="float32", attrs={"pool": "none"})
         rep = (means[label[g]] + rng.normal(size=(n, d))).astype(np.float32)
-        w.write_rows("stress", 0, samples={"index": np.arange(n), "label": label[g], "group": g, "background": b,
+        w.write_rows("crossed", 0, samples={"index": np.arange(n), "label": label[g], "group": g, "background": b,
                                            "background_label": bl[b]}, acts={"student": {"rep": rep, "@output": rep}})
         rtr = (means[ytr] + rng.normal(size=(ntr, d))).astype(np.float32)
         w.write_rows("train", 0, samples={"index": np.arange(ntr), "label": ytr},

@@ -24,13 +24,13 @@ def _write(path, students, seed=0):
     n = G * B
     layers = {"teacher": (1.0, 0.3), **students}
     with StoreWriter(path, mode="overwrite") as w:
-        w.add_split("stress", n_rows=n, has_label=True, fields=["label", "group", "background"])
+        w.add_split("crossed", n_rows=n, has_label=True, fields=["label", "group", "background"])
         for name, _ in layers.items():
             w.add_model(name, role="teacher" if name == "teacher" else "student", source="test")
-            w.add_layer(name, "stress", "rep", feature_shape=(D,), dtype="float32", attrs={"pool": "none"})
+            w.add_layer(name, "crossed", "rep", feature_shape=(D,), dtype="float32", attrs={"pool": "none"})
         acts = {name: {"rep": (a * fg[g] + c * bg[b] + 0.1 * rng.normal(size=(n, D))).astype(np.float32)}
                 for name, (a, c) in layers.items()}
-        w.write_rows("stress", 0, samples={"index": np.arange(n), "label": g % 3, "group": g, "background": b},
+        w.write_rows("crossed", 0, samples={"index": np.arange(n), "label": g % 3, "group": g, "background": b},
                      acts=acts)
 
 

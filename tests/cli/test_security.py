@@ -35,12 +35,12 @@ HOSTILE = {
     "train": "<svg onload=alert(4)>",
     "test_id": "{{7*7}}",
     "test_ood": "$\\x$ ${7*7}",
-    "stress": "\"'><iframe src=javascript:alert(5)>",
+    "crossed": "\"'><iframe src=javascript:alert(5)>",
     "source": "<script>alert(6)</script>",
 }
 BENIGN = {"model_a": "alpha", "model_b": "beta", "layer_a": "conv", "layer_b": "fc",
           "factors": ["hue", "bright", "freq"], "train": "train", "test_id": "test_id", "test_ood": "test_ood",
-          "stress": "stress", "source": "planted"}
+          "crossed": "crossed", "source": "planted"}
 
 
 def write_store(path: Path, names: dict) -> Path:
@@ -49,9 +49,9 @@ def write_store(path: Path, names: dict) -> Path:
     n_fg, d = 30, 8
     code, mix = rng.normal(size=(n_fg, d)), rng.normal(size=(3, d))
     splits = {}
-    for key, per, scale in (("train", 3, 1.0), ("test_id", 1, 1.0), ("test_ood", 1, 3.0), ("stress", 4, 3.0)):
+    for key, per, scale in (("train", 3, 1.0), ("test_id", 1, 1.0), ("test_ood", 1, 3.0), ("crossed", 4, 3.0)):
         g = np.repeat(np.arange(n_fg), per)
-        splits[names[key]] = (g, rng.uniform(-1, 1, size=(len(g), 3)) * scale, key == "stress")
+        splits[names[key]] = (g, rng.uniform(-1, 1, size=(len(g), 3)) * scale, key == "crossed")
     with probekit.StoreWriter(path) as w:
         for split, (g, _, grouped) in splits.items():
             w.add_split(split, n_rows=len(g), has_label=True, factor_names=names["factors"], has_group=grouped)
@@ -93,7 +93,7 @@ def report(tmp_path: Path, names: dict, tag: str) -> tuple[Collect, str]:
     store = write_store(tmp_path / f"{tag}.h5", names)
     out = tmp_path / f"{tag}.html"
     rc = main(["report", str(store), "-o", str(out), "--train", names["train"], "--test-id", names["test_id"],
-               "--test-ood", names["test_ood"], "--stress", names["stress"], "--n-boot", "20", "--n-perm", "20",
+               "--test-ood", names["test_ood"], "--crossed", names["crossed"], "--n-boot", "20", "--n-perm", "20",
                "--no-progress"])
     assert rc == 0
     html = out.read_text()
@@ -133,7 +133,7 @@ def test_hostile_names_survive_into_audit_json(tmp_path):
     store = write_store(tmp_path / "h.h5", HOSTILE)
     out = tmp_path / "a.json"
     assert main(["analyze", str(store), "--json", str(out), "--train", HOSTILE["train"], "--test-id",
-                 HOSTILE["test_id"], "--test-ood", HOSTILE["test_ood"], "--stress", HOSTILE["stress"],
+                 HOSTILE["test_id"], "--test-ood", HOSTILE["test_ood"], "--crossed", HOSTILE["crossed"],
                  "--n-boot", "20", "--n-perm", "20", "--no-progress"]) == 0
     doc = json.loads(out.read_text())
     models = {r["model"] for r in doc["headline"]["rows"]}

@@ -83,19 +83,19 @@ def test_structured_background_is_independent_of_label() -> None:
 def test_structured_dataset_splits_share_cores() -> None:
     tid = StructuredDataset("test_id", n=200, seed=5)
     tood = StructuredDataset("test_ood", n=200, seed=5)
-    stress = StructuredDataset("stress", n=200, seed=5, n_stress=4)
+    crossed = StructuredDataset("crossed", n=200, seed=5, n_backgrounds=4)
     train = StructuredDataset("train", n=200, seed=5)
     C = tid.core_basis
     np.testing.assert_allclose(tid.X @ C.T, tood.X @ C.T, atol=1e-5)
     np.testing.assert_array_equal(tid.labels, tood.labels)
     assert not np.allclose(train.X @ C.T, tid.X @ C.T)  # independent draws
-    # stress: 4 rows per test core, same core, same label, different backgrounds
-    assert len(stress) == 800 and stress.has_group
-    core = stress.X @ C.T
-    np.testing.assert_allclose(core[stress.group == 7], np.repeat(tid.X[7:8] @ C.T, 4, 0), atol=1e-5)
-    assert np.all(stress.labels[stress.group == 7] == tid.labels[7])
-    np.testing.assert_allclose(stress.X @ stress.bg_basis.T, stress.factors, atol=1e-5)
-    item = stress[3]
+    # crossed: 4 rows per test core, same core, same label, different backgrounds
+    assert len(crossed) == 800 and crossed.has_group
+    core = crossed.X @ C.T
+    np.testing.assert_allclose(core[crossed.group == 7], np.repeat(tid.X[7:8] @ C.T, 4, 0), atol=1e-5)
+    assert np.all(crossed.labels[crossed.group == 7] == tid.labels[7])
+    np.testing.assert_allclose(crossed.X @ crossed.bg_basis.T, crossed.factors, atol=1e-5)
+    item = crossed[3]
     assert set(item) == {"x", "label", "factors", "group"} and item["x"].dtype == torch.float32
     assert item["label"] in (0, 1) and tuple(item["factors"].shape) == (32,)
 
@@ -259,22 +259,22 @@ def test_bgdigits_factors_are_independent_of_label() -> None:
         assert stats.f_oneway(*groups).pvalue > 1e-4
 
 
-def test_bgdigits_test_splits_and_stress_groups_share_the_foreground() -> None:
+def test_bgdigits_test_splits_and_crossed_groups_share_the_foreground() -> None:
     tid = BackgroundDigits("test_id", seed=1).arrays(range(30))
     tood = BackgroundDigits("test_ood", seed=1).arrays(range(30))
     np.testing.assert_array_equal(tid["digit"], tood["digit"])
     np.testing.assert_array_equal(tid["label"], tood["label"])
     assert not np.allclose(tid["background"], tood["background"])
-    stress = BackgroundDigits("stress", seed=1, n_stress=5)
-    assert len(stress) == 3000 and stress.has_group
-    s = stress.arrays(range(15))
+    crossed = BackgroundDigits("crossed", seed=1, n_backgrounds=5)
+    assert len(crossed) == 3000 and crossed.has_group
+    s = crossed.arrays(range(15))
     for g in np.unique(s["group"]):
         rows = np.flatnonzero(s["group"] == g)
         assert len(rows) == 5
         assert np.all(s["digit"][rows] == s["digit"][rows[0]])
         assert len(set(s["label"][rows])) == 1
         assert len({tuple(f) for f in s["factors"][rows]}) == 5
-    # group is the load_digits index of the digit, and stress shows it where test_id render 0 does
+    # group is the load_digits index of the digit, and crossed shows it where test_id render 0 does
     _, te = digit_split(1)
     assert s["group"][0] == te[0]
     np.testing.assert_array_equal(s["digit"][0], tid["digit"][0])
@@ -303,7 +303,7 @@ def test_bgdigits_errors() -> None:
 def test_registered_builtin_datasets() -> None:
     from probekit.datasets import get_dataset
 
-    ds = get_dataset("bgdigits", "stress", n_stress=2)
+    ds = get_dataset("bgdigits", "crossed", n_backgrounds=2)
     assert len(ds) == 1200 and ds.factor_names == FACTOR_NAMES
     assert "group" in ds[0]
     assert len(get_dataset("structured", "test_ood", n=100)) == 100
@@ -313,9 +313,9 @@ def test_registered_builtin_datasets() -> None:
 def test_builtin_items_pass_through_as_samples() -> None:
     from probekit.datasets import as_samples, get_dataset
 
-    ds = as_samples(get_dataset("bgdigits", "stress", n_stress=2))
+    ds = as_samples(get_dataset("bgdigits", "crossed", n_backgrounds=2))
     assert ds.has_label and ds.has_group and list(ds.factor_names) == FACTOR_NAMES
     item = ds[3]
-    assert item["group"] == get_dataset("bgdigits", "stress", n_stress=2)[2]["group"]  # rows 2, 3: one digit
+    assert item["group"] == get_dataset("bgdigits", "crossed", n_backgrounds=2)[2]["group"]  # rows 2, 3: one digit
     s = as_samples(get_dataset("structured", "test_id", n=50))
     assert s.has_label and not s.has_group and len(s[0]["factors"]) == 32

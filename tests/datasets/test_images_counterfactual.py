@@ -1,4 +1,4 @@
-"""Counterfactuals of an image folder: hand-computed composites on tiny images, the crossed stress design,
+"""Counterfactuals of an image folder: hand-computed composites on tiny images, the crossed design,
 determinism, streaming, and the rows a store receives."""
 
 from __future__ import annotations
@@ -156,8 +156,8 @@ def test_custom_transform_gets_the_pil_image(tmp_path):
         return torch.zeros(2)
 
     cf = Counterfactuals(img, boxes=tmp_path / "boxes.csv", fill="mean", n_backgrounds=2, transform=tf)
-    for k in range(len(cf.split("stress"))):
-        assert cf.split("stress")[k]["x"].shape == (2,)
+    for k in range(len(cf.split("crossed"))):
+        assert cf.split("crossed")[k]["x"].shape == (2,)
     assert seen and all(mode == "RGB" for mode, _ in seen)
     assert {size for _, size in seen} <= {(W, H), (12, 8)}  # each at its own foreground's size
 
@@ -202,17 +202,17 @@ def test_train_test_split_per_class(tmp_path):
                                                       -int(cf.folder.paths[idx[1]][-6:-4])], rtol=1e-6)
 
 
-def test_stress_is_a_crossed_design(tmp_path):
+def test_crossed_is_a_crossed_design(tmp_path):
     _random_folder(tmp_path)
     cf = _cf(tmp_path, n_backgrounds=8, test_fraction=0.4)
     labels = cf.folder.labels
-    ds = cf.split("stress")
+    ds = cf.split("crossed")
     bgs = cf.backgrounds.tolist()
     assert len(bgs) == 8 and len(set(bgs)) == 8
     assert set(bgs) <= set(cf.train_indices.tolist())  # 9 train images: all backgrounds come from train
     counts = np.bincount(labels[bgs], minlength=3)
     assert counts.max() - counts.min() <= 1  # spread over the classes
-    assert cf.stress_indices.tolist() == cf.test_indices.tolist()  # nothing skipped
+    assert cf.crossed_indices.tolist() == cf.test_indices.tolist()  # nothing skipped
     assert len(ds) == 8 * len(cf.test_indices)
     by_group: dict[int, list[int]] = {}
     for k in range(len(ds)):
@@ -230,12 +230,12 @@ def test_stress_is_a_crossed_design(tmp_path):
     assert all(v == bgs for v in by_group.values())  # every foreground on the same backgrounds, in order
 
 
-def test_stress_skips_foregrounds_chosen_as_backgrounds(tmp_path):
+def test_crossed_skips_foregrounds_chosen_as_backgrounds(tmp_path):
     _random_folder(tmp_path)
     cf = _cf(tmp_path, n_backgrounds=5, test_fraction=1.0)  # no train images: backgrounds are test images
     assert set(cf.backgrounds.tolist()) <= set(cf.test_indices.tolist())
-    assert sorted([*cf.stress_indices.tolist(), *cf.backgrounds.tolist()]) == list(range(15))
-    ds = cf.split("stress")
+    assert sorted([*cf.crossed_indices.tolist(), *cf.backgrounds.tolist()]) == list(range(15))
+    ds = cf.split("crossed")
     assert len(ds) == 5 * 10
     assert not {ds[k]["group"] for k in range(len(ds))} & set(cf.backgrounds.tolist())
 
@@ -243,7 +243,7 @@ def test_stress_skips_foregrounds_chosen_as_backgrounds(tmp_path):
 def test_deterministic_per_seed(tmp_path):
     _random_folder(tmp_path)
     a, b, c = _cf(tmp_path, seed=3), _cf(tmp_path, seed=3), _cf(tmp_path, seed=4)
-    for split in ("train", "test", "variants", "stress"):
+    for split in ("train", "test", "variants", "crossed"):
         da, db = a.split(split), b.split(split)
         assert len(da) == len(db)
         for k in range(0, len(da), 3):
@@ -267,12 +267,12 @@ def test_flat_folder_counterfactuals(tmp_path):
         _save(tmp_path / "m" / f"{k}.png", m)
     cf = Counterfactuals(tmp_path / "img", masks=tmp_path / "m", fill="mean", n_backgrounds=2,
                          variants=["original", "only_bg", "mixed_rand"])
-    item = cf.split("stress")[0]
+    item = cf.split("crossed")[0]
     assert "label" not in item and "background_label" not in item and item["variant"] == CODE["mixed_rand"]
     assert set(cf.split("variants")[2]) == {"x", "group", "background", "variant"}
 
 
-def test_stress_streams_each_image_once(tmp_path, monkeypatch):
+def test_crossed_streams_each_image_once(tmp_path, monkeypatch):
     _random_folder(tmp_path, n_per_class=(12, 12, 12))
     cf = _cf(tmp_path, n_backgrounds=8)
     folder: ForegroundFolder = cf.folder
@@ -284,12 +284,12 @@ def test_stress_streams_each_image_once(tmp_path, monkeypatch):
         return real_open(fp, *a, **kw)
 
     monkeypatch.setattr(Image, "open", counting_open)
-    ds = cf.split("stress")
+    ds = cf.split("crossed")
     for k in range(len(ds)):
         ds[k]
     images = [p for p in opened if "/img/" in p]
     masks = [p for p in opened if "/masks/" in p]
-    n_fg = len(cf.stress_indices)
+    n_fg = len(cf.crossed_indices)
     assert len(images) == n_fg + 8 and len(set(images)) == n_fg + 8  # each foreground and background once
     assert len(masks) == n_fg + 8
     assert folder._images.nbytes <= folder.cache_bytes and cf._bg_cache.nbytes <= cf.cache_bytes
@@ -301,15 +301,15 @@ def test_extract_writes_the_crossed_fields(tmp_path):
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
                               torch.nn.Flatten())
     out = tmp_path / "acts.h5"
-    for i, split in enumerate(("train", "stress")):
+    for i, split in enumerate(("train", "crossed")):
         pk.extract(net, cf.split(split), layers=["3"], out=out, split=split, progress=False,
                    mode="create" if i == 0 else "resume")
-    ds = cf.split("stress")
+    ds = cf.split("crossed")
     with pk.open_store(out) as s:
-        assert s.n_rows("stress") == len(ds) == 4 * len(cf.test_indices)
+        assert s.n_rows("crossed") == len(ds) == 4 * len(cf.test_indices)
         for field in ("label", "group", "background", "background_label", "variant"):
-            np.testing.assert_array_equal(s.sample_field("stress", field), [ds[k][field] for k in range(len(ds))])
-        acts = np.asarray(s.acts("model", "stress", "3")[:])
+            np.testing.assert_array_equal(s.sample_field("crossed", field), [ds[k][field] for k in range(len(ds))])
+        acts = np.asarray(s.acts("model", "crossed", "3")[:])
     with torch.no_grad():
         want = net(torch.stack([ds[k]["x"] for k in range(len(ds))])).numpy()
     np.testing.assert_allclose(acts, want, rtol=1e-5, atol=1e-6)

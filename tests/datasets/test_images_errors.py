@@ -191,11 +191,11 @@ def test_unknown_variant_and_split(tmp_path):
     cf = Counterfactuals(img, masks=masks, n_backgrounds=2)
     with pytest.raises(DataError) as exc:
         cf.split("val")
-    _check(exc, "'val'", "stress")
+    _check(exc, "'val'", "crossed")
     big = Counterfactuals(img, masks=masks, n_backgrounds=6)  # the other splits stay usable
     assert len(big.split("variants")) == len(VARIANTS) * len(big.test_indices)  # every variant by default
     with pytest.raises(DataError) as exc:
-        big.split("stress")
+        big.split("crossed")
     _check(exc, "n_backgrounds=6", "1..5", "lower n_backgrounds")
 
 

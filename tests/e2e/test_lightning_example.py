@@ -53,7 +53,7 @@ def test_lightning_example_is_bit_identical_and_reports_over_training(tmp_path):
     audit = pk.audit(tmp_path / "run.h5", n_boot=20, n_perm=20, progress=False)
     r = audit.data["series"]["model"]
     assert r["probe"]["net.conv3"]["method"] == "cv"
-    # the probe split is the crossed stress set: groups and background factors give the background figures
+    # the probe split is the crossed set: groups and background factors give the background figures
     assert set(r["background_sensitivity"]) == set(r["background_share"]) == {"net.conv2", "net.conv3"}
     assert set(r["directions"]) == {"net.conv2", "net.conv3"}
     assert any("recorded steps" in line for line in audit.data["verdict"])

@@ -104,7 +104,7 @@ def test_bgdigits_run_reports_best_step_and_bg_sensitivity(tmp_path):
     train = get_dataset("bgdigits", "train")
     loader = torch.utils.data.DataLoader(train, batch_size=64, shuffle=True)
     probe = {"train": Subset(train, range(120)), "test_ood": Subset(get_dataset("bgdigits", "test_ood"), range(120)),
-             "stress": Subset(get_dataset("bgdigits", "stress"), range(80))}
+             "crossed": Subset(get_dataset("bgdigits", "crossed"), range(80))}
     rec = pk.Recorder(model, ["3", "7"], probe, tmp_path / "run.h5", every=6)
     for step, batch in enumerate(loader):
         rec.step(step)
@@ -117,12 +117,12 @@ def test_bgdigits_run_reports_best_step_and_bg_sensitivity(tmp_path):
     assert r["steps"] == list(range(0, 19, 6))
     assert r["best_step"] == r["steps"][int(np.argmax(acc))] and r["best_accuracy"] == max(acc)
     assert r["by_step"][str(r["best_step"])]["probe_ood"]["3"] == max(acc)
-    assert r["background_sensitivity"]["3"]["split"] == "stress"
+    assert r["background_sensitivity"]["3"]["split"] == "crossed"
     with pk.open_store(tmp_path / "run.h5") as s:
-        g = s.sample_field("stress", "group")
+        g = s.sample_field("crossed", "group")
         assert len(np.unique(g)) == 10  # 80 rows = 10 digits x 8 backgrounds
         for i, st in enumerate(r["steps"]):
-            X = s.acts("model", "stress", "3", st)[:].astype(np.float64)
+            X = s.acts("model", "crossed", "3", st)[:].astype(np.float64)
             means = np.stack([X[g == k].mean(0) for k in np.unique(g)])
             within = sum(((X[g == k] - means[j]) ** 2).sum() for j, k in enumerate(np.unique(g)))
             total = ((X - X.mean(0)) ** 2).sum()

@@ -19,7 +19,7 @@ def est(v, w=0.03):
 
 
 def behaviour(rel, own, other, eff, detectable=0.12):
-    return {"predictions": "the model's own output", "from_output": True, "split": "stress", "n_groups": 60,
+    return {"predictions": "the model's own output", "from_output": True, "split": "crossed", "n_groups": 60,
             "n_backgrounds": 8, "flip_rate": est(0.4), "pull": est(rel * 0.6), "pull_threshold": 0.05,
             "reliance": {**est(rel), "p_value": 0.001, "margin": 0.05, "detectable": detectable,
                          "basis": "background_label", "reason": None},
@@ -37,7 +37,7 @@ def layers(flags, init=None):
                    "background_vs_reference": {"reference": "initialisation", "kind": "odds", "value": 0.3,
                                                "reference_value": 0.1, "ratio": est(3.0), "ci_level": 0.99,
                                                "margin": 1.25},
-                   "sensitivity": {"split": "stress", "value": est(0.98, 0.005),
+                   "sensitivity": {"split": "crossed", "value": est(0.98, 0.005),
                                    "init": est(init) if init is not None else {"value": None, "ci": None}}}
     return out
 
@@ -47,7 +47,7 @@ def doc3(bad="shortcut", ok="robust", none="recorded", init=None):
     return {
         "schema": "probekit.audit", "schema_version": 3, "probekit_version": "0",
         "created": "2026-01-01T00:00:00+00:00", "store": "/tmp/x/acts.h5", "config": {},
-        "splits": {"stress": {}, "variants": {}},
+        "splits": {"crossed": {}, "variants": {}},
         "models": {
             bad: {"role": "model", "findings": ["shortcut", "representation"],
                   "judged": {"shortcut": True, "background_sensitive": True, "representation": True},

@@ -54,15 +54,15 @@ def _planted(cf, changes):
     labels = cf.folder.labels
     V, B = len(cf.variants), len(cf.backgrounds)
     pv = np.repeat(labels[cf.test_indices], V)
-    ps = np.repeat(labels[cf.stress_indices], B).reshape(-1, B)
-    for pos, i in enumerate(cf.stress_indices):
+    ps = np.repeat(labels[cf.crossed_indices], B).reshape(-1, B)
+    for pos, i in enumerate(cf.crossed_indices):
         k = changes.get(int(i), 0)
         ps[pos, :k] = (labels[i] + 1) % cf.num_classes
-    return {"variants": pv, "stress": ps.reshape(-1)}
+    return {"variants": pv, "crossed": ps.reshape(-1)}
 
 
 def test_most_changed_objects_first_and_changes_marked(cf):
-    objs = [int(i) for i in cf.stress_indices]
+    objs = [int(i) for i in cf.crossed_indices]
     by_class = {}
     for i in objs:
         by_class.setdefault(int(cf.folder.labels[i]), []).append(i)
@@ -105,9 +105,9 @@ def test_mask_outline_is_drawn_on_the_masks_edge(cf):
 def test_originals_predictions_are_the_reference_without_variants(cf):
     labels = cf.folder.labels
     B = len(cf.backgrounds)
-    stress = np.repeat(labels[cf.stress_indices], B)  # right on every background
+    crossed = np.repeat(labels[cf.crossed_indices], B)  # right on every background
     test = (labels[cf.test_indices] + 1) % cf.num_classes  # wrong on every original
-    g = build_gallery(cf, {"stress": stress, "test": test}, per_class=1)
+    g = build_gallery(cf, {"crossed": crossed, "test": test}, per_class=1)
     for o in g["objects"]:
         assert [c["name"] for c in o["cells"]] == ["original", "mask"]
         assert o["cells"][0]["pred"] != o["label"]
@@ -117,20 +117,20 @@ def test_originals_predictions_are_the_reference_without_variants(cf):
 def test_prediction_names_and_no_folder_class(cf):
     labels = cf.folder.labels
     B = len(cf.backgrounds)
-    stress = np.repeat(labels[cf.stress_indices], B).reshape(-1, B)
-    stress[:, 0] = -1  # an output the class map does not name
-    g = build_gallery(cf, {"stress": stress.reshape(-1)}, per_class=1)
+    crossed = np.repeat(labels[cf.crossed_indices], B).reshape(-1, B)
+    crossed[:, 0] = -1  # an output the class map does not name
+    g = build_gallery(cf, {"crossed": crossed.reshape(-1)}, per_class=1)
     assert all(o["backgrounds"][0]["pred"] == "no folder class" and o["backgrounds"][0]["changed"]
                for o in g["objects"])
-    g = build_gallery(cf, {"stress": np.full(len(cf.split("stress")), 2)}, per_class=1,
+    g = build_gallery(cf, {"crossed": np.full(len(cf.split("crossed")), 2)}, per_class=1,
                       prediction_names=["cat", "dog", "tench"])
     assert {c["pred"] for o in g["objects"] for c in o["backgrounds"]} == {"tench"}
     assert all(o["label"].startswith("class") for o in g["objects"])  # the objects keep the folder's names
 
 
 def test_wrong_number_of_predictions_is_refused(cf):
-    with pytest.raises(DataError, match="predictions for the 'stress' split"):
-        build_gallery(cf, {"stress": np.zeros(3, dtype=int)})
+    with pytest.raises(DataError, match="predictions for the 'crossed' split"):
+        build_gallery(cf, {"crossed": np.zeros(3, dtype=int)})
     with pytest.raises(DataError, match="needs the model's predictions"):
         build_gallery(cf, {})
 
@@ -140,7 +140,7 @@ def test_report_of_a_thousand_image_audit_stays_small(tmp_path):
     images, masks = _folder(tmp_path, classes=10, per_class=100, size=96, noise=True)
     big = Counterfactuals(images, masks=masks)
     rng = np.random.default_rng(0)
-    preds = {sp: rng.integers(0, 10, len(big.split(sp))) for sp in ("variants", "stress")}
+    preds = {sp: rng.integers(0, 10, len(big.split(sp))) for sp in ("variants", "crossed")}
     g = build_gallery(big, preds, model="m")
     out = write_report(_doc(), tmp_path / "report.html", gallery=g)
     assert g["n_shown"] == 20 and g["n_objects"] == 500

@@ -71,7 +71,7 @@ def test_the_report_iterates_over_the_registry(monkeypatch):
 
 
 def test_a_section_without_data_is_left_out_and_order_follows_the_registry():
-    html = render_html(_doc(sensitivity={"split": "stress", "value": _est(0.2)},
+    html = render_html(_doc(sensitivity={"split": "crossed", "value": _est(0.2)},
                             probe={"id": _est(0.9), "ood": _est(0.7), "gap": _est(0.2)}))
     ids = _section_ids(html)
     assert [i for i in ids if i in {s.id for s in _layers.LAYER_SECTIONS}] == ["probes", "sensitivity"]

@@ -60,7 +60,7 @@ def _planted_store(path: Path) -> Path:
         return g, rng.uniform(-1, 1, size=(len(g), 3)) * scale, None
 
     splits = {"train": rows(3, 1.0), "test_id": rows(1, 1.0), "test_ood": rows(1, 3.0),
-              "stress": rows(n_bg, 3.0, crossed=True)}
+              "crossed": rows(n_bg, 3.0, crossed=True)}
     with pk.StoreWriter(path, mode="overwrite") as wr:
         for sp, (g, _, b) in splits.items():
             wr.add_split(sp, n_rows=len(g), factor_names=["hue", "bright", "freq"], has_label=True,

@@ -27,20 +27,20 @@ class Crossed(torch.utils.data.Dataset):
 
 def test_crossed_fields_round_trip(tmp_path):
     out = tmp_path / "s.h5"
-    pk.extract(torch.nn.Sequential(torch.nn.Identity()), Crossed(), layers=["0"], out=out, split="stress", progress=False)
+    pk.extract(torch.nn.Sequential(torch.nn.Identity()), Crossed(), layers=["0"], out=out, split="crossed", progress=False)
     with open_store(out) as s:
         assert s.attrs["format_version"] == 2
         i = np.arange(12)
-        np.testing.assert_array_equal(s.sample_field("stress", "group"), i // 4)
-        np.testing.assert_array_equal(s.sample_field("stress", "background"), i % 4)
-        np.testing.assert_array_equal(s.sample_field("stress", "background_label"), (i % 4 + 1) % 2)
+        np.testing.assert_array_equal(s.sample_field("crossed", "group"), i // 4)
+        np.testing.assert_array_equal(s.sample_field("crossed", "background"), i % 4)
+        np.testing.assert_array_equal(s.sample_field("crossed", "background_label"), (i % 4 + 1) % 2)
         expect = np.where(i % 4 == 0, "original", "mixed_rand")
-        np.testing.assert_array_equal(s.variants("stress"), expect)
-        np.testing.assert_array_equal(s.sample_field("stress", "variant"),
+        np.testing.assert_array_equal(s.variants("crossed"), expect)
+        np.testing.assert_array_equal(s.sample_field("crossed", "variant"),
                                       [VARIANTS.index(v) for v in expect])
-        assert s.factor_periods("stress") == [1.0, 0.0]
+        assert s.factor_periods("crossed") == [1.0, 0.0]
     with h5py.File(out) as f:
-        assert list(f["samples/stress/variant"].attrs["names"]) == list(VARIANTS)
+        assert list(f["samples/crossed/variant"].attrs["names"]) == list(VARIANTS)
 
 
 def test_unknown_variant_is_refused(tmp_path):
@@ -55,9 +55,9 @@ def test_unknown_variant_is_refused(tmp_path):
 def test_version_1_store_has_no_periods(tmp_path):
     """A version-1 store (no periods attribute) reads every factor as linear."""
     out = tmp_path / "s.h5"
-    pk.extract(torch.nn.Sequential(torch.nn.Identity()), Crossed(), layers=["0"], out=out, split="stress", progress=False)
+    pk.extract(torch.nn.Sequential(torch.nn.Identity()), Crossed(), layers=["0"], out=out, split="crossed", progress=False)
     with h5py.File(out, "r+") as f:
         f.attrs["format_version"] = 1
-        del f["samples/stress/factors"].attrs["periods"]
+        del f["samples/crossed/factors"].attrs["periods"]
     with open_store(out) as s:
-        assert s.factor_periods("stress") == [0.0, 0.0]
+        assert s.factor_periods("crossed") == [0.0, 0.0]
