@@ -39,7 +39,7 @@ from .errors import (
 )
 from .store import open_store
 from .verdict import MARKS, RULES, exit_status, level_pct, parse_findings
-from .vocab import CROSSED_SPLIT, crossed_split_name
+from .vocab import CROSSED_SPLIT, OLD_CROSSED_SPLIT
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
@@ -843,9 +843,10 @@ def cmd_extract(args: argparse.Namespace) -> int:
         )
     loaded = _load(args)
     if args.data in builtins:
-        # the crossed split's old name, written under the new one (one warning)
-        splits = [crossed_split_name(sp, "probekit extract --split") for sp in args.split or []] \
-            or list(builtins[args.data].default_splits)
+        splits = list(args.split or builtins[args.data].default_splits)
+        if OLD_CROSSED_SPLIT in splits:  # the crossed split's old name, written under the new one
+            _renamed(f"`--split {OLD_CROSSED_SPLIT}`", f"`--split {CROSSED_SPLIT}`", "one name for the crossed split")
+            splits = [CROSSED_SPLIT if sp == OLD_CROSSED_SPLIT else sp for sp in splits]
     else:
         splits = args.split or ["data"]
         if len(splits) > 1:
