@@ -128,6 +128,21 @@ def test_prediction_names_and_no_folder_class(cf):
     assert all(o["label"].startswith("class") for o in g["objects"])  # the objects keep the folder's names
 
 
+def test_the_old_key_stress_gives_the_same_gallery_with_one_warning(cf):
+    """``{"stress": ...}`` (the crossed split's name in earlier releases) is read as ``"crossed"``."""
+    import warnings
+
+    preds = _planted(cf, {int(cf.crossed_indices[0]): 2})
+    want = build_gallery(cf, preds, per_class=1)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        got = build_gallery(cf, {"variants": preds["variants"], "stress": preds["crossed"]}, per_class=1)
+    assert [str(w.message) for w in rec if issubclass(w.category, FutureWarning)] == [
+        "build_gallery: the predictions' key 'stress' is now 'crossed' (the crossed split's one name); the old key "
+        "goes in the next release."]
+    assert got == want and any(o["changes"] for o in got["objects"])
+
+
 def test_wrong_number_of_predictions_is_refused(cf):
     with pytest.raises(DataError, match="predictions for the 'crossed' split"):
         build_gallery(cf, {"crossed": np.zeros(3, dtype=int)})
