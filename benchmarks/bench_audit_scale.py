@@ -52,6 +52,14 @@ def _cpu() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
+def _split_of(key: str) -> str:
+    """The image split a forward-pass count belongs to: ``net/split`` keys, the mask check's on the crossed
+    split; ``stress`` (the crossed split's name before it was ``crossed``: the code before a change) as
+    ``crossed``."""
+    sp = key.split("/")[-1] if "/" in key else "crossed"
+    return "crossed" if sp == "stress" else sp
+
+
 def _child(args: argparse.Namespace) -> dict:
     import importlib
 
@@ -168,13 +176,13 @@ def _child(args: argparse.Namespace) -> dict:
         passes = collections.Counter({f"{nm}/{sp}": n for sp, nets in plan.items() for nm, n in nets.items()})
         passes["mask check"] = (doc.get("mask_sensitivity") or {}).get("forward_passes", 0)  # near objects only
         for key, n in passes.items():
-            per_split[key.split("/")[-1] if "/" in key else "stress"] += n
+            per_split[_split_of(key)] += n
     else:  # the code before the change: the wrapper's count of rows handed to the pipeline
         for key, n in passes.items():
-            per_split[key.split("/")[-1] if "/" in key else "stress"] += n
+            per_split[_split_of(key)] += n
     bare = 0.0
     with torch.no_grad():
-        for sp in ("train", "test", "variants", "stress"):
+        for sp in ("train", "test", "variants", "crossed"):
             if not per_split.get(sp):
                 continue
             ds = cf.split(sp)

@@ -1,4 +1,4 @@
-"""The crossed stress split of an image folder vs plain images: extraction throughput and peak memory (CPU).
+"""The crossed split of an image folder vs plain images: extraction throughput and peak memory (CPU).
 
 A folder of generated images (``--size`` px JPEGs, 10 classes: a random shape of a class-dependent kind
 and hue on a random two-colour gradient with noise; the shape's exact mask as a PNG) is written to a
@@ -106,11 +106,11 @@ def subsets(cf, n: int):
 
     b = len(cf.backgrounds)
     test = cf.split("test")
-    stress = cf.split("stress")
+    stress = cf.split("crossed")
     # the plain rows are the stress foregrounds' own images, cycled to as many rows as the stress split
     # (so fixed per-call costs weigh the same); n > 8 defeats the folder's 8-image cache, so every plain
     # row decodes its JPEG
-    fg = cf.stress_indices[:n]
+    fg = cf.crossed_indices[:n]
     pos = {int(i): k for k, i in enumerate(cf.test_indices.tolist())}
     rows = min(len(stress), len(fg) * b)
     plain = Subset(test, [pos[int(fg[r % len(fg)])] for r in range(rows)])

@@ -311,7 +311,7 @@ def main() -> None:
                              n_deploy=args.n_deploy)
         res: dict = {"settings": cf.settings}
         xv, mv = rows(cf.split("variants"))
-        xs, ms = rows(cf.split("stress"))
+        xs, ms = rows(cf.split("crossed"))
         deploy = {sp: rows(cf.split(sp)) for sp in cf.deploy_splits}
         orig, comp = mv[:, 3] == 0, mv[:, 3] == 7
         for m, net in models.items():

@@ -93,7 +93,7 @@ def one(model: nn.Module, images: Path, csv: Path, k: int, seed: int, n_boot: in
     transform, _ = preprocessing_for(load_model(model))
     cf_kwargs = {"seed": seed, "n_backgrounds": 8, "test_fraction": 0.5, "transform": transform}
     cf0 = Counterfactuals(images, **cf_kwargs, boxes=csv)
-    base = cf0.split("stress")
+    base = cf0.split("crossed")
     o = _outputs(model, base)
     bw = np.array([base.locate(i)[::2] for i in range(len(base))])
     stored = {"group": bw[:, 0], "pred": o.argmax(1), "margin": _softmax_margin(o)}
@@ -104,7 +104,7 @@ def one(model: nn.Module, images: Path, csv: Path, k: int, seed: int, n_boot: in
     for adjust in (-k, k):
         key = "eroded" if adjust < 0 else "dilated"
         alt = Counterfactuals(images, **cf_kwargs, mask_adjust=adjust, verify="header", boxes=csv)
-        full = alt.split("stress")
+        full = alt.split("crossed")
         where = np.array([full.locate(i)[::2] for i in range(len(full))])
         new = _outputs(model, full).argmax(1)
         old = stored["pred"][[pos[(int(g), int(b))] for g, b in where]]

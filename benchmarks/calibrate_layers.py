@@ -51,7 +51,7 @@ components (the teacher-like layer above, each setting's data sets).
 Part ``cnn``: the demo's CNNs (``ShapesCNN`` trained on shapes with random background colours,
 "robust", and class-coloured ones, "shortcut", seed 0, 20 epochs as the demo) against 3 seeded
 inits (``torch.manual_seed(10_000 + k)``, as ``probekit.experiments.shortcut``) at its 3 conv layers
-(average-pooled), on the 150 x 9 crossed stress split: every kind's ratio, interval and flag.
+(average-pooled), on the 150 x 9 crossed split: every kind's ratio, interval and flag.
 """
 
 from __future__ import annotations
@@ -307,7 +307,7 @@ def run_cnn(epochs: int = 20, seed: int = 0) -> dict:
     for k in range(3):
         torch.manual_seed(10_000 + k)
         nets[f"init{k}"] = ShapesCNN().eval()
-    data = Shapes("stress", seed=seed, n_backgrounds=9)
+    data = Shapes("crossed", seed=seed, n_backgrounds=9)
     items = [data.item(i) for i in range(len(data))]
     x = torch.from_numpy(np.stack([it["x"] for it in items]))
     g, b = np.array([it["group"] for it in items]), np.array([it["background"] for it in items])
