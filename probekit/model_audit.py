@@ -554,7 +554,7 @@ def audit_model(
         splits = {(crossed if sp == CROSSED_SPLIT else sp): cf.split(sp)
                   for sp in (*SPLITS, *cf.deploy_splits) if sp != "train" or len(cf.train_indices)}
         n_bg = len(cf.backgrounds)
-        order = _object_order(n_all, seed)
+        order = _object_order(len(cf.crossed_indices), seed)
         cap = n_all if objects in (None, "auto") else min(int(objects), n_all)
         looks = auto_rounds(cap) if objects == "auto" else [cap]
         crossed_full = splits[crossed]
