@@ -429,7 +429,7 @@ def background_sensitivity(X: Any, group: Any, *, n_boot: int = 200, ci_level: f
     i.e. within-group (background) variance over total variance, per unit and for the layer. 0: the
     representation ignores the background; :math:`(N-G)/(N-1) \approx 1`: it ignores the foreground.
     One streamed pass of per-group sums. The layer interval resamples whole groups (bootstrap).
-    Measure it on a split whose backgrounds reach beyond training (``stress``) and next to the same
+    Measure it on a split whose backgrounds reach beyond training (``crossed``) and next to the same
     architecture at initialisation (docs/METRICS.md).
 
     Parameters

@@ -372,7 +372,7 @@ def background_decodability(
     the same resample).
 
     Modes: without ``X_test``, ``cv``-fold cross-validation within ``X`` (e.g. *within* the OOD or
-    stress split: the pilot shows decodability within a wide-background split is what separates a
+    crossed split: the pilot shows decodability within a wide-background split is what separates a
     contaminated student from its teacher, docs/METRICS.md). With ``X_test``/``factors_test``: the
     penalty is chosen by ``cv``-fold CV on ``X``, the probe fitted on all of ``X`` and scored on
     ``X_test`` (the controls fit shuffled training factors and are scored on the real test factors).

@@ -85,7 +85,7 @@ def test_crossed_and_variants_read_and_fill_each_image_once(tmp_path, monkeypatc
 
     monkeypatch.setattr(Image, "open", counting_open)
     monkeypatch.setattr(Counterfactuals, "_filled", counting_filled)
-    for split in ("variants", "stress"):
+    for split in ("variants", "crossed"):
         ds = cf.split(split)
         for k in np.random.default_rng(0).permutation(len(ds)):  # rows in random order
             ds[int(k)]
@@ -100,7 +100,7 @@ def test_items_do_not_depend_on_the_cache(tmp_path):
     root = _folder(tmp_path, n_per_class=(6, 6, 6))
     cached, bare = _cf(root), _cf(root, cache_bytes=0)
     assert bare.folder.cache_bytes == 64 * 2**20  # the folder keeps its own default; only the fills are off
-    for split in ("variants", "stress"):
+    for split in ("variants", "crossed"):
         a, b = cached.split(split), bare.split(split)
         order = np.random.default_rng(1).permutation(len(a))
         for k in order:
