@@ -149,19 +149,19 @@ def store(path, with_background_classes):
     preds = {"teacher": label[g], "student": np.where(rng.random(n) < 0.4, bl[b], label[g])}
     fields = ["label", "group", "background"] + (["background_label"] if with_background_classes else [])
     with StoreWriter(path, mode="overwrite") as w:
-        w.add_split("stress", n_rows=n, has_label=True, fields=fields)
+        w.add_split("crossed", n_rows=n, has_label=True, fields=fields)
         acts = {}
         for m, p in preds.items():
             w.add_model(m, role=m, source="planted")
-            w.add_layer(m, "stress", "@output", feature_shape=(K,), dtype="float32", attrs={"pool": "none"})
-            w.add_layer(m, "stress", "rep", feature_shape=(D,), dtype="float32", attrs={"pool": "none"})
+            w.add_layer(m, "crossed", "@output", feature_shape=(K,), dtype="float32", attrs={"pool": "none"})
+            w.add_layer(m, "crossed", "rep", feature_shape=(D,), dtype="float32", attrs={"pool": "none"})
             logits = np.zeros((n, K), np.float32)
             logits[np.arange(n), p] = 3.0
             acts[m] = {"@output": logits, "rep": reps[m].astype(np.float32)}
         samples = {"index": np.arange(n), "label": label[g], "group": g, "background": b}
         if with_background_classes:
             samples["background_label"] = bl[b]
-        w.write_rows("stress", 0, samples=samples, acts=acts)
+        w.write_rows("crossed", 0, samples=samples, acts=acts)
 
 
 for name, labelled in (("full", True), ("pull", False)):
