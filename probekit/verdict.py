@@ -58,6 +58,7 @@ __all__ = [
     "level_pct",
     "parse_findings",
     "reliance_holds",
+    "shortcut_estimate",
     "shortcut_figure",
 ]
 
@@ -283,6 +284,25 @@ def shortcut_figure(beh: Mapping[str, Any]) -> str | None:
         return "reliance"
     if _pull_offered(beh) and not _too_imbalanced(beh):
         return "pull"
+    return None
+
+
+def shortcut_estimate(beh: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The estimate the shortcut finding reads, as its rule reads it (:func:`shortcut_figure` says which).
+
+    Reliance as the document records it (``value``, ``ci``, ``margin``, ``detectable``, ...), or the
+    background pull where it stands in: its ``value``, the interval whose low end the pull's rule reads
+    (``pull_low``, up to the pull's upper end), the pull's margin and ``stand_in: "pull"``. None where the
+    finding could not be judged.
+    """
+    which = shortcut_figure(beh)
+    if which == "reliance":
+        return dict(beh["reliance"])
+    if which == "pull":
+        pull = beh["pull"]
+        high = (pull.get("ci") or [None, pull["value"]])[1]
+        return {"value": pull["value"], "ci": [beh["pull_low"], high], "margin": MARKS["pull"].margin,
+                "detectable": None, "stand_in": "pull"}
     return None
 
 

@@ -6,8 +6,9 @@ and other-class backgrounds and their difference in points, the background effec
 the verdict sentences, and the findings per model (holds / does not hold / not judged).
 
 The shortcut finding reads reliance, or the background pull where the backgrounds carry no class and the
-pull stands in (:func:`probekit.verdict.shortcut_figure`): each model's figure sits under the heading that
-names it, "–" under the other, and "flagged above" is the margin of the rule that read it. Columns in
+pull stands in (:func:`probekit.verdict.shortcut_estimate`): each model's figure sits under the heading
+that names it, "–" under the other, with the interval whose low end its rule reads, and "flagged above"
+is that rule's margin. Columns in
 which no model has a figure are left out; a schema-2 document (no reliance yet) shows its background pull.
 """
 
@@ -18,7 +19,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from ..verdict import MARKS, level_pct, shortcut_figure
+from ..verdict import MARKS, level_pct, shortcut_estimate
 from ._findings import FINDINGS, model_verdicts, pct, points
 
 __all__ = ["summary_markdown", "write_summary"]
@@ -38,23 +39,31 @@ def _layers(info: Mapping[str, Any]) -> str:
     return f"above its reference at {len(above)} of {len(compared)} layers"
 
 
-def _read(b: Mapping[str, Any]) -> str | None:
-    """The figure the model's shortcut finding read: ``"reliance"``, ``"pull"`` or None (not judged); a
-    schema-2 document (no reliance) has only its pull."""
-    return shortcut_figure(b) or ("pull" if "reliance" not in b else None)
+def _read(b: Mapping[str, Any]) -> tuple[str | None, Mapping[str, Any] | None]:
+    """Which figure the model's shortcut finding read (``"reliance"``, ``"pull"``, or None: not judged) and
+    that figure as its rule reads it (:func:`probekit.verdict.shortcut_estimate`); a schema-2 document (no
+    reliance) has only its pull, with no margin recorded."""
+    est = shortcut_estimate(b)
+    if est is not None:
+        return ("pull" if est.get("stand_in") == "pull" else "reliance"), est
+    if "reliance" not in b and (b.get("pull") or {}).get("value") is not None:
+        return "pull", {**b["pull"], "margin": None}
+    return None, b.get("reliance")
 
 
 def _reliance(b: Mapping[str, Any]) -> str:
-    return pct(b.get("reliance"), 1) if _read(b) != "pull" else "–"
+    which, est = _read(b)
+    return "–" if which == "pull" else pct(est, 1)
 
 
 def _pull(b: Mapping[str, Any]) -> str:
-    return pct(b.get("pull"), 1) if _read(b) == "pull" else "–"
+    which, est = _read(b)
+    return pct(est, 1) if which == "pull" else "–"
 
 
 def _threshold(b: Mapping[str, Any]) -> str:
     """The margin of the rule that judged the shortcut: the pull's where it stood in, else reliance's."""
-    margin = MARKS["pull"].margin if _read(b) == "pull" else (b.get("reliance") or {}).get("margin")
+    margin = (_read(b)[1] or {}).get("margin")
     return "–" if margin is None else f"{100 * float(margin):.0f} %"
 
 

@@ -3,8 +3,9 @@
 End to end on planted stores: the same predictions (a model that answers the background's class on half
 of the rows, and one that ignores it) once on backgrounds that carry a class (reliance decides) and once
 on synthetic backgrounds without one (the background pull stands in). The oracle is audit.json: its
-figures printed to one decimal per cent with their interval, as the summary prints them, and the margin
-the verdict's own sentence states.
+figures printed to one decimal per cent with their interval, as the summary prints them (for the pull, the
+interval whose low end its rule reads: ``pull_low`` up to the pull's upper end), and the margin the
+verdict's own sentence states.
 """
 
 from __future__ import annotations
@@ -83,6 +84,11 @@ def _printed(e) -> str:
     return f"{100 * e['value']:.1f} % [{100 * lo:.1f}, {100 * hi:.1f}]"
 
 
+def _pull_read(beh) -> str:
+    """The pull as its rule reads it: the low end about the estimate (``pull_low``), the hull's upper end."""
+    return _printed({"value": beh["pull"]["value"], "ci": [beh["pull_low"], beh["pull"]["ci"][1]]})
+
+
 def _stated_margin(verdict: str) -> str:
     """The margin a verdict sentence of a model that was not flagged says its figure was judged against."""
     found = re.search(r"not shown to be above (\d+ %)", verdict)
@@ -97,7 +103,7 @@ def test_synthetic_backgrounds_show_the_pull_that_stood_in(audits):
     for m, row in table.items():
         beh = doc["models"][m]["behaviour"]
         assert beh["reliance"]["value"] is None and beh["reliance"]["stand_in"] == "pull"
-        assert row[PULL] == _printed(beh["pull"]), (m, row)
+        assert row[PULL] == _pull_read(beh), (m, row)
     assert doc["models"]["follower"]["flagged"] is True and table["follower"]["verdict"] == "**FLAGGED**"
     # the margin the pull was judged against, as the verdict's sentence states it (not reliance's 3 %)
     margin = _stated_margin(doc["models"]["robust"]["verdict"])
@@ -131,7 +137,7 @@ def test_a_mixed_document_puts_each_models_figure_in_its_own_column(audits):
         if m.startswith("labelled"):
             assert (row[RELIANCE], row[PULL], row["flagged above"]) == (_printed(beh["reliance"]), "–", "3 %")
         else:
-            assert (row[RELIANCE], row[PULL], row["flagged above"]) == ("–", _printed(beh["pull"]), "5 %")
+            assert (row[RELIANCE], row[PULL], row["flagged above"]) == ("–", _pull_read(beh), "5 %")
 
 
 def test_a_pull_that_cannot_stand_in_is_not_shown_as_read(audits):
@@ -147,4 +153,17 @@ def test_a_pull_that_cannot_stand_in_is_not_shown_as_read(audits):
     assert shortcut_figure(doc["models"]["follower"]["behaviour"]) == "pull"
     table = _table(summary_markdown({**doc, "models": {**doc["models"], "skewed": info}}))
     assert table["skewed"]["verdict"] == "*not judged*" and table["skewed"][PULL] == "–"
-    assert table["follower"][PULL] == _printed(doc["models"]["follower"]["behaviour"]["pull"])
+    assert table["follower"][PULL] == _pull_read(doc["models"]["follower"]["behaviour"])
+
+
+def test_the_pull_is_printed_with_the_low_end_its_rule_reads(audits):
+    """The pull's interval in audit.json is a hull whose low end may lie below ``pull_low``, the low end the
+    rule compares with its margin: the summary prints the latter, so a flagged row never shows a low end
+    below its "flagged above"."""
+    doc, _ = audits["synthetic"]
+    info = json.loads(json.dumps(doc["models"]["follower"]))
+    beh = info["behaviour"]
+    beh["pull"]["ci"][0], beh["pull_low"] = 0.031, 0.062  # hull below the 5 % margin, the rule's low end above
+    table = _table(summary_markdown({**doc, "models": {"follower": info}}))
+    hi = 100 * beh["pull"]["ci"][1]
+    assert table["follower"][PULL] == f"{100 * beh['pull']['value']:.1f} % [6.2, {hi:.1f}]"
