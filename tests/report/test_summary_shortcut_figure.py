@@ -154,6 +154,12 @@ def test_a_pull_that_cannot_stand_in_is_not_shown_as_read(audits):
     table = _table(summary_markdown({**doc, "models": {**doc["models"], "skewed": info}}))
     assert table["skewed"]["verdict"] == "*not judged*" and table["skewed"][PULL] == "–"
     assert table["follower"][PULL] == _pull_read(doc["models"]["follower"]["behaviour"])
+    # the report's findings table reads the same function: the pull is shown as read for follower only
+    from probekit.report import render_html
+
+    for name, standing in (("skewed", False), ("follower", True)):
+        page = render_html({**doc, "models": {name: info if name == "skewed" else doc["models"][name]}})
+        assert ("(background pull, standing in)" in page) is standing, name
 
 
 def test_the_pull_is_printed_with_the_low_end_its_rule_reads(audits):
