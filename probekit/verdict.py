@@ -17,7 +17,8 @@ stands in for reliance, and the headline table's mark (a layer's figure above it
 The CLI's ``--fail-on-flag`` / ``--fail-on`` and printed verdict, the report's captions and glossary,
 the JUnit and Markdown outputs, the headline's definition and the audit's sentences all read
 :data:`RULES`, :data:`MARKS` and the functions here (:func:`judge`, :func:`headline_mark`,
-:func:`interval_level`), so prose cannot drift from the code. No other module compares a figure with
+:func:`interval_level`, :func:`shortcut_estimate`), as does ``probekit compare``, so prose cannot drift
+from the code. No other module compares a figure with
 a margin (tests/audit/test_verdict_prose.py checks both).
 """
 
