@@ -38,7 +38,7 @@ from .errors import (
     short_path,
 )
 from .store import open_store
-from .verdict import MARKS, RULES, exit_status, level_pct, parse_findings
+from .verdict import LEVEL, MARKS, RULES, exit_status, level_pct, parse_findings
 from .vocab import CROSSED_SPLIT, OLD_CROSSED_SPLIT
 
 EXIT_USAGE = 2
@@ -315,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="audit several checkpoints of one model on the same composites; rank them "
                        "by reliance", description="Build the counterfactuals of an image folder once (the crossed "
                        "split: every test object on the same backgrounds), run every checkpoint on them in one pass, "
-                       "and rank the checkpoints by reliance on the background with 95%% intervals (objects and "
+                       f"and rank the checkpoints by reliance on the background with {level_pct()}%% intervals (objects and "
                        "backgrounds resampled), each against a reference checkpoint with a paired interval, over "
                        "training steps when the file names carry them (epoch=3, step_1000). Writes "
                        "OUT/compare.json and OUT/compare.html.")
@@ -1159,6 +1159,18 @@ def _check_out_dir(path: str) -> None:
                         f"{short_path(existing)!r}; choose a folder you may write to (--out-dir DIR).")
 
 
+def _print_ranking(doc: dict[str, Any]) -> None:
+    """The checkpoints of a comparison (``compare.json``), lowest reliance first, the flagged ones marked."""
+    rows = doc["checkpoints"]
+    print(f"reliance on the background, lowest first ({level_pct(doc.get('ci_level', LEVEL))}% CI; FLAGGED: "
+          f"{RULES['shortcut'].title}):")
+    for k, m in enumerate(doc["ranking"], 1):
+        r = rows[m]["reliance"]
+        ci = r["ci"] or [float("nan")] * 2
+        val = "–" if r["value"] is None else f"{100 * r['value']:.1f} % [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+        print(f"  {k}. {m:<24} {val}{'  FLAGGED' if rows[m]['shortcut'] else ''}")
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from .compare import compare_checkpoints
     from .models import parse_model_args
@@ -1172,13 +1184,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         mean=args.mean, std=args.std, out=args.out, reference=args.reference, n_backgrounds=args.backgrounds,
         test_fraction=args.test_fraction, seed=args.seed, n_boot=args.n_boot,
         batch_size=args.batch_size, device=args.device, progress=not args.no_progress)
-    rows = result.data["checkpoints"]
-    print("reliance on the background, lowest first (95% CI):")
-    for k, m in enumerate(result.ranking, 1):
-        r = rows[m]["reliance"]
-        ci = r["ci"] or [float("nan")] * 2
-        val = "–" if r["value"] is None else f"{100 * r['value']:.1f} % [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
-        print(f"  {k}. {m:<24} {val}{'  FLAGGED' if rows[m]['shortcut'] else ''}")
+    _print_ranking(result.data)
     print(f"\ncompare: {os.path.join(args.out, 'compare.json')}\nreport:  {os.path.join(args.out, 'compare.html')}")
     return 0
 

@@ -9,8 +9,10 @@ per checkpoint how its predictions follow the background:
 predictions that take the background's class beyond what the same predictions shuffled across each
 object's other backgrounds would give, as a share of a complete shortcut's excess (1 = a complete
 shortcut, 0 = a prediction that ignores the background; a partial shortcut of size r reads r), with its
-interval (objects and backgrounds both resampled), its test against the materiality margin (the
-``shortcut`` finding) and the smallest reliance the audit detects. Every checkpoint is resampled with the
+interval (objects and backgrounds both resampled, at the verdict's level), its test against the
+materiality margin and the smallest reliance the audit detects. The ``shortcut`` and
+``background_sensitive`` findings are :func:`probekit.verdict.judge`'s on these figures, so a checkpoint
+gets the verdict ``probekit audit`` gives the same predictions. Every checkpoint is resampled with the
 same seed, so its bootstrap replicates are paired with every other's: the **difference** between two
 checkpoints gets the standard deviation of the replicates' differences, in which what every checkpoint
 finds hard (objects, backgrounds) cancels.
@@ -39,6 +41,7 @@ from scipy.stats import norm
 
 from .analyses import background_reliance
 from .errors import DataError
+from .verdict import LEVEL, judge, level_pct
 from .vocab import CROSSED_SPLIT
 
 __all__ = ["CompareResult", "compare_checkpoints", "compare_rows", "expand_checkpoints", "step_of"]
@@ -148,22 +151,27 @@ def _predict_all(nets: Sequence[Any], data: Any, batch_size: int, device: str, p
 def compare_rows(preds: Mapping[str, np.ndarray], label: np.ndarray, background_label: np.ndarray, *,
                  group: np.ndarray | None = None, background: np.ndarray | None = None,
                  steps: Mapping[str, int | None] | None = None, reference: str | None = None, n_boot: int = 1000,
-                 ci_level: float = 0.95, seed: int = 0) -> dict[str, Any]:
+                 ci_level: float = LEVEL, seed: int = 0) -> dict[str, Any]:
     """The comparison document from predictions on a crossed split, shape (G, B) each (object g, background b).
 
     ``preds`` maps a checkpoint's name to its predictions, in training order; ``label`` and
     ``background_label`` (G, B) the object's and the background's class. ``reference``: the checkpoint every
-    other is compared with (default: the last one).
+    other is compared with (default: the last one). Each checkpoint's figures are the audit's
+    (:func:`probekit.analyses.background_reliance` at the verdict's level, :data:`probekit.verdict.LEVEL`)
+    and its findings are :func:`probekit.verdict.judge`'s on them; ``ci_level`` is the level of the paired
+    differences' intervals (default: the same).
 
     Returns
     -------
     dict
         ``compare.json``: ``checkpoints`` (per name: ``step``, ``reliance`` {value, ci, p_value, margin,
         detectable, reason}, ``shortcut`` (the finding: true / false / null), ``accuracy_own_background``,
-        ``accuracy_other_background``, ``bg_gap_crossed``, ``background_effect`` {value, ci, margin},
-        ``background_sensitive``, ``flip_rate``), ``ranking`` (names, lowest reliance first), ``reference``,
-        ``differences`` ([{checkpoint, reference, reliance_difference {value, ci}, excludes_zero}]),
-        ``has_steps``, ``n_objects``, ``n_backgrounds``, ``n_boot``, ``seed`` and the definitions.
+        ``accuracy_other_background``, ``bg_gap_crossed``, ``background_effect`` {value, ci, p_value,
+        margin}, ``background_sensitive`` (the finding: true / false / null), ``flip_rate``), ``ranking``
+        (names, lowest reliance first), ``reference``, ``differences`` ([{checkpoint, reference,
+        reliance_difference {value, ci}, excludes_zero}]), ``has_steps``, ``n_objects``, ``n_backgrounds``,
+        ``n_boot``, ``seed``, ``ci_level`` (the checkpoints' intervals), ``difference_ci_level`` and the
+        definitions.
     """
     names = list(preds)
     if len(names) < 2:
@@ -182,21 +190,28 @@ def compare_rows(preds: Mapping[str, np.ndarray], label: np.ndarray, background_
     for m in names:
         # the same seed for every checkpoint: the same resamples, so the replicates are paired
         r = background_reliance(np.asarray(preds[m]).reshape(-1), group, background, label=label.reshape(-1),
-                                background_label=bl.reshape(-1), n_boot=n_boot, ci_level=ci_level,
+                                background_label=bl.reshape(-1), n_boot=n_boot, ci_level=LEVEL,
                                 random_state=seed)
         boots[m] = np.asarray(r.reliance_boot, dtype=np.float64)
-        rows[m] = {
+        row = {
             "step": (steps or {}).get(m),
             "reliance": {**_estimate(r.reliance, r.reliance_ci), "p_value": r.p_value, "margin": r.margin,
                          "detectable": r.detectable, "reason": r.reason},
-            "shortcut": r.shortcut,
+            "shortcut": None,
             "accuracy_own_background": _estimate(r.accuracy_own, r.accuracy_own_ci),
             "accuracy_other_background": _estimate(r.accuracy_other, r.accuracy_other_ci),
             "bg_gap_crossed": _estimate(r.bg_gap, r.bg_gap_ci),
-            "background_effect": {**_estimate(r.effect, r.effect_ci), "margin": r.effect_margin},
-            "background_sensitive": r.sensitive,
+            "background_effect": {**_estimate(r.effect, r.effect_ci), "p_value": r.effect_p_value,
+                                  "margin": r.effect_margin},
+            "background_sensitive": None,
             "flip_rate": _estimate(r.flip_rate, r.flip_rate_ci),
         }
+        # the findings as the audit decides them, on the audit document's figures (probekit.verdict)
+        v = judge(m, {"behaviour": {**row, "n_groups": int(G), "n_backgrounds": int(B)}})
+        row["shortcut"] = v.flagged
+        row["background_sensitive"] = ("background_sensitive" in v.findings
+                                       if v.judged["background_sensitive"] else None)
+        rows[m] = row
     z = float(norm.ppf(0.5 + ci_level / 2))
     differences = []
     for m in names:
@@ -221,8 +236,10 @@ def compare_rows(preds: Mapping[str, np.ndarray], label: np.ndarray, background_
         "reliance_definition": ("the audit's reliance (probekit.analyses.background_reliance): the share of "
                                 "predictions that take the background's class beyond a within-object shuffle of the "
                                 "backgrounds, as a share of a complete shortcut's (1 = complete, 0 = none)"),
-        "interval": (f"{100 * ci_level:.0f} %, objects and backgrounds resampled; a difference is paired (the same "
-                     "resamples for both checkpoints, normal interval on the replicates' differences)"),
+        "ci_level": LEVEL, "difference_ci_level": float(ci_level),
+        "interval": (f"{level_pct()} %, objects and backgrounds resampled; a difference is paired (the same "
+                     f"resamples for both checkpoints, normal {level_pct(ci_level)} % interval on the replicates' "
+                     "differences)"),
         "checkpoints": rows, "ranking": ranking, "reference": reference, "differences": differences,
         "has_steps": all(rows[m]["step"] is not None for m in names)
         and len({rows[m]["step"] for m in names}) == len(names),

@@ -17,7 +17,8 @@ stands in for reliance, and the headline table's mark (a layer's figure above it
 The CLI's ``--fail-on-flag`` / ``--fail-on`` and printed verdict, the report's captions and glossary,
 the JUnit and Markdown outputs, the headline's definition and the audit's sentences all read
 :data:`RULES`, :data:`MARKS` and the functions here (:func:`judge`, :func:`headline_mark`,
-:func:`interval_level`), so prose cannot drift from the code. No other module compares a figure with
+:func:`interval_level`, :func:`shortcut_estimate`), as does ``probekit compare``, so prose cannot drift
+from the code. No other module compares a figure with
 a margin (tests/audit/test_verdict_prose.py checks both).
 """
 
@@ -58,6 +59,8 @@ __all__ = [
     "level_pct",
     "parse_findings",
     "reliance_holds",
+    "shortcut_estimate",
+    "shortcut_figure",
 ]
 
 #: exit status of ``--fail-on-flag`` / ``--fail-on`` when a gated finding holds, and when it could not be judged
@@ -255,17 +258,66 @@ def interval_decides(ci: Sequence[float] | None, margin: float) -> bool:
     return bool(ci is not None and (ci[0] > margin or ci[1] < margin))
 
 
+def _reliance_measured(beh: Mapping[str, Any]) -> bool:
+    rel = beh.get("reliance") or {}
+    return rel.get("value") is not None and rel.get("p_value") is not None
+
+
+def _pull_offered(beh: Mapping[str, Any]) -> bool:
+    """The audit offers the pull in reliance's place (backgrounds without classes) and measured it."""
+    return ((beh.get("reliance") or {}).get("stand_in") == "pull" and (beh.get("pull") or {}).get("value") is not None
+            and beh.get("pull_low") is not None)
+
+
+def _too_imbalanced(beh: Mapping[str, Any]) -> bool:
+    """The objects' classes are too imbalanced for the pull to stand in (:data:`MARKS` ``["pull"]``)."""
+    return (beh.get("class_imbalance") or 1.0) > PULL_MAX_IMBALANCE
+
+
+def shortcut_figure(beh: Mapping[str, Any]) -> str | None:
+    """The figure of a model's ``behaviour`` that its shortcut finding reads (:data:`RULES` ``["shortcut"]``).
+
+    ``"reliance"`` where reliance was measured; ``"pull"`` where the background pull stands in for it
+    (backgrounds that carry no class, the objects' classes balanced enough: :data:`MARKS` ``["pull"]``);
+    None where the finding could not be judged. :func:`judge` decides on the same figure.
+    """
+    if _reliance_measured(beh):
+        return "reliance"
+    if _pull_offered(beh) and not _too_imbalanced(beh):
+        return "pull"
+    return None
+
+
+def shortcut_estimate(beh: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The estimate the shortcut finding reads, as its rule reads it (:func:`shortcut_figure` says which).
+
+    Reliance as the document records it (``value``, ``ci``, ``margin``, ``detectable``, ...), or the
+    background pull where it stands in: its ``value``, the interval whose low end the pull's rule reads
+    (``pull_low``, up to the pull's upper end), the pull's margin and ``stand_in: "pull"``. None where the
+    finding could not be judged.
+    """
+    which = shortcut_figure(beh)
+    if which == "reliance":
+        return dict(beh["reliance"])
+    if which == "pull":
+        pull = beh["pull"]
+        high = (pull.get("ci") or [None, pull["value"]])[1]
+        return {"value": pull["value"], "ci": [beh["pull_low"], high], "margin": MARKS["pull"].margin,
+                "detectable": None, "stand_in": "pull"}
+    return None
+
+
 def _shortcut(m: str, beh: Mapping[str, Any]) -> tuple[bool | None, str, str | None]:
     """(finding or None, sentence, reason when not judged)."""
     rel = beh.get("reliance") or {}
     where = (f"{beh.get('n_groups')} objects each on the same {beh.get('n_backgrounds')} backgrounds"
              if beh.get("n_groups") else "")
     how = "" if beh.get("from_output", True) else f" (predictions read through {beh.get('predictions')})"
-    if rel.get("value") is None or rel.get("p_value") is None:
+    if not _reliance_measured(beh):
         reason = rel.get("reason") or "the crossed split has no background classes to follow"
         pull = beh.get("pull") or {}
-        if rel.get("stand_in") == "pull" and pull.get("value") is not None and beh.get("pull_low") is not None:
-            if (beh.get("class_imbalance") or 1.0) > PULL_MAX_IMBALANCE:
+        if _pull_offered(beh):
+            if _too_imbalanced(beh):
                 reason += (f"; the background pull cannot stand in with classes this imbalanced (one class holds "
                            f"{beh['class_imbalance']:.1f}x its balanced share of the objects)")
                 return None, f"{m}: shortcut not judged: {reason}.", reason

@@ -11,6 +11,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
+from ..verdict import LEVEL, RULES, level_pct
 from . import _plots as P
 from ._findings import pct, points
 from ._html import _env
@@ -67,6 +68,10 @@ def render_compare_html(doc: Mapping[str, Any], gallery: Mapping[str, Any] | Non
     rows = doc["checkpoints"]
     order = list(rows)
     ranking = list(doc["ranking"])
+    level = level_pct(doc.get("ci_level", LEVEL))  # the checkpoints' intervals, those the findings read
+    diff_level = level_pct(doc.get("difference_ci_level", doc.get("ci_level", LEVEL)))
+    margins = {r["reliance"].get("margin") for r in rows.values()} - {None}
+    shortcut_rule = RULES["shortcut"].describe(margins.pop() if len(margins) == 1 else None)
     table = []
     for k, m in enumerate(ranking, 1):
         r = rows[m]
@@ -82,30 +87,31 @@ def render_compare_html(doc: Mapping[str, Any], gallery: Mapping[str, Any] | Non
     figures = [{"src": _bars(order, [rows[m]["reliance"] for m in order], title="reliance per checkpoint",
                              ylabel="share of predictions (1 = complete)", ylim=(0, 1)),
                 "alt": "reliance per checkpoint",
-                "caption": "Reliance of each checkpoint (training order) with its 95 % interval over objects and "
-                           "backgrounds."}]
+                "caption": f"Reliance of each checkpoint (training order) with its {level} % interval over objects "
+                           "and backgrounds."}]
     if doc["differences"]:
         figures.append({"src": _bars([d["checkpoint"] for d in doc["differences"]],
                                      [d["reliance_difference"] for d in doc["differences"]],
                                      title=f"reliance minus {doc['reference']}'s (paired)",
                                      ylabel="difference in reliance", ylim=(-0.1, 0.1), zero=True),
                         "alt": "paired differences in reliance",
-                        "caption": f"Each checkpoint's reliance minus {doc['reference']}'s, with the paired 95 % "
-                                   "interval (the same resampled objects and backgrounds for both): a whisker clear "
-                                   "of the line at 0 is a difference beyond sampling noise."})
+                        "caption": f"Each checkpoint's reliance minus {doc['reference']}'s, with the paired "
+                                   f"{diff_level} % interval (the same resampled objects and backgrounds for both): a "
+                                   "whisker clear of the line at 0 is a difference beyond sampling noise."})
     if doc.get("has_steps"):
         figures.append({"src": _over_steps(doc), "alt": "reliance and accuracy over training steps", "wide": True,
                         "caption": "Over the training steps the checkpoints' names carry: reliance (left) and "
-                                   "accuracy on own-class and other-class backgrounds (right); bands: 95 % "
-                                   "intervals."})
+                                   "accuracy on own-class and other-class backgrounds (right); bands: "
+                                   f"{level} % intervals."})
     return _env().get_template("compare.html.j2").render(
         model=str(doc.get("model", "")), data=str(doc.get("data", "")), n_objects=doc["n_objects"],
         n_backgrounds=doc["n_backgrounds"], seed=doc["seed"], n=len(order), best=ranking[0],
         definition=doc["reliance_definition"], interval=doc["interval"], figures=figures,
+        shortcut_rule=shortcut_rule,
         ranking={"header": ["rank", "checkpoint", "step", "reliance", "shortcut", "smallest detectable",
                             "accuracy, own-class backgrounds", "accuracy, other-class backgrounds", "own − other",
                             "background effect", "prediction changes"], "rows": table, "left": 2},
-        diffs={"header": ["checkpoint", "minus", "difference in reliance (paired 95 % CI)",
+        diffs={"header": ["checkpoint", "minus", f"difference in reliance (paired {diff_level} % CI)",
                           "interval excludes 0"], "rows": diffs, "left": 2},
         files=[[m, str((doc.get("files") or {}).get(m, ""))] for m in order],
         galleries=[gallery] if gallery and gallery.get("objects") else [])

@@ -15,7 +15,7 @@ from typing import Any
 import jinja2
 
 from .._io import write_text
-from ..verdict import FINDINGS, MARKS, RULES, level_pct
+from ..verdict import FINDINGS, MARKS, RULES, level_pct, shortcut_estimate
 from . import _plots as P
 from ._blocks import _cell, _fmt, _section
 from ._findings import model_verdicts, pct, points
@@ -295,14 +295,7 @@ def _inputs(audit: Mapping[str, Any]) -> dict[str, Any] | None:
 def _shortcut_figure(b: Mapping[str, Any]) -> dict[str, Any]:
     """The figure the shortcut finding reads: reliance, or the background pull where it stands in
     (backgrounds that carry no class), drawn with the low end its flag reads and the pull's margin."""
-    rel = dict(b.get("reliance") or {})
-    pull = b.get("pull") or {}
-    if rel.get("value") is None and rel.get("stand_in") == "pull" and pull.get("value") is not None:
-        hi = (pull.get("ci") or [None, pull["value"]])[1]
-        low = b.get("pull_low", (pull.get("ci") or [pull["value"]])[0])
-        return {"value": pull["value"], "ci": [low, hi], "margin": MARKS["pull"].margin, "detectable": None,
-                "stand_in": "pull"}
-    return rel
+    return shortcut_estimate(b) or dict(b.get("reliance") or {})
 
 
 def _findings_table(audit: Mapping[str, Any]) -> dict[str, Any] | None:

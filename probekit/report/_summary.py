@@ -1,10 +1,15 @@
 """A Markdown summary of an audit: for a CI step summary (``$GITHUB_STEP_SUMMARY``) or a model card.
 
-The verdict table (one row per model: the verdict, reliance with its 95 % interval and the threshold it
-is judged against, the smallest reliance the audit could detect, accuracy on own-class and other-class
-backgrounds and their difference in points, the background effect, the representation), the verdict
-sentences, and the findings per model (holds / does not hold / not judged). Columns that no model has
-are left out, so a schema-2 document (no reliance yet) gets its background pull instead.
+The verdict table (one row per model: the verdict, the figure its shortcut finding read with its interval
+and the margin it was judged against, the smallest reliance the audit could detect, accuracy on own-class
+and other-class backgrounds and their difference in points, the background effect, the representation),
+the verdict sentences, and the findings per model (holds / does not hold / not judged).
+
+The shortcut finding reads reliance, or the background pull where the backgrounds carry no class and the
+pull stands in (:func:`probekit.verdict.shortcut_estimate`): each model's figure sits under the heading
+that names it, "–" under the other, with the interval whose low end its rule reads, and "flagged above"
+is that rule's margin. Columns in
+which no model has a figure are left out; a schema-2 document (no reliance yet) shows its background pull.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from ..verdict import level_pct
+from ..verdict import MARKS, level_pct, shortcut_estimate
 from ._findings import FINDINGS, model_verdicts, pct, points
 
 __all__ = ["summary_markdown", "write_summary"]
@@ -34,8 +39,31 @@ def _layers(info: Mapping[str, Any]) -> str:
     return f"above its reference at {len(above)} of {len(compared)} layers"
 
 
-def _reliance_threshold(b: Mapping[str, Any]) -> str:
-    margin = (b.get("reliance") or {}).get("margin")
+def _read(b: Mapping[str, Any]) -> tuple[str | None, Mapping[str, Any] | None]:
+    """Which figure the model's shortcut finding read (``"reliance"``, ``"pull"``, or None: not judged) and
+    that figure as its rule reads it (:func:`probekit.verdict.shortcut_estimate`); a schema-2 document (no
+    reliance) has only its pull, with no margin recorded."""
+    est = shortcut_estimate(b)
+    if est is not None:
+        return ("pull" if est.get("stand_in") == "pull" else "reliance"), est
+    if "reliance" not in b and (b.get("pull") or {}).get("value") is not None:
+        return "pull", {**b["pull"], "margin": None}
+    return None, b.get("reliance")
+
+
+def _reliance(b: Mapping[str, Any]) -> str:
+    which, est = _read(b)
+    return "–" if which == "pull" else pct(est, 1)
+
+
+def _pull(b: Mapping[str, Any]) -> str:
+    which, est = _read(b)
+    return pct(est, 1) if which == "pull" else "–"
+
+
+def _threshold(b: Mapping[str, Any]) -> str:
+    """The margin of the rule that judged the shortcut: the pull's where it stood in, else reliance's."""
+    margin = (_read(b)[1] or {}).get("margin")
     return "–" if margin is None else f"{100 * float(margin):.0f} %"
 
 
@@ -54,16 +82,16 @@ def _own_other(b: Mapping[str, Any]) -> str:
     return f"{pct(own)} / {pct(other)}"
 
 
-_COLUMNS: list[tuple[str, Callable[[Mapping[str, Any]], str], str]] = [
-    # (header, cell from behaviour, the behaviour key whose presence shows the column)
-    (f"reliance [{level_pct()} % CI]", lambda b: pct(b.get("reliance"), 1), "reliance"),
-    ("flagged above", _reliance_threshold, "reliance"),
-    ("smallest detectable reliance (where none was found)", _detectable, "reliance"),
-    ("accuracy, own-class / other-class backgrounds", _own_other, "accuracy_own_background"),
-    ("own − other", lambda b: points(b.get("bg_gap_crossed")), "bg_gap_crossed"),
-    ("background effect", lambda b: pct(b.get("background_effect"), 1), "background_effect"),
-    (f"background pull [{level_pct()} % CI]", lambda b: pct(b.get("pull"), 1), "pull"),
-    ("prediction changes", lambda b: pct(b.get("flip_rate")), "flip_rate"),
+_COLUMNS: list[tuple[str, Callable[[Mapping[str, Any]], str]]] = [
+    # (header, cell from behaviour); a column whose every cell is "–" is left out
+    (f"reliance [{level_pct()} % CI]", _reliance),
+    (f"{MARKS['pull'].heading} [{level_pct()} % CI]", _pull),
+    ("flagged above", _threshold),
+    ("smallest detectable reliance (where none was found)", _detectable),
+    ("accuracy, own-class / other-class backgrounds", _own_other),
+    ("own − other", lambda b: points(b.get("bg_gap_crossed"))),
+    ("background effect", lambda b: pct(b.get("background_effect"), 1)),
+    ("prediction changes", lambda b: pct(b.get("flip_rate"))),
 ]
 
 
@@ -81,17 +109,23 @@ def summary_markdown(doc: Mapping[str, Any], *, title: str | None = None) -> str
                  f"{n_none} not judged.")
     lines.append("")
     beh = {v.model: {**(models[v.model].get("behaviour") or {}), "_status": v.status} for v in verdicts}
-    cols = [(h, fn) for h, fn, key in _COLUMNS if any(b.get(key) for b in beh.values())]
-    if any(b.get("reliance") for b in beh.values()):  # the graded figure replaces the pull
-        cols = [(h, fn) for h, fn in cols if not h.startswith("background pull")]
-    header = ["model", "verdict", *[h for h, _ in cols], "representation"]
+    cells = {h: {m: fn(b) for m, b in beh.items()} for h, fn in _COLUMNS}
+    cols = [h for h, _ in _COLUMNS if any(c != "–" for c in cells[h].values())]
+    header = ["model", "verdict", *cols, "representation"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for v in verdicts:
         badge = {"flagged": "**FLAGGED**", "not_flagged": "not flagged", "not_judged": "*not judged*"}[v.status]
-        row = [_md(v.model), badge, *[fn(beh[v.model]) for _, fn in cols], _layers(models[v.model])]
+        row = [_md(v.model), badge, *[cells[h][v.model] for h in cols], _layers(models[v.model])]
         lines.append("| " + " | ".join(row) + " |")
-    lines += ["", f"Intervals: {level_pct()} %, resampling objects and backgrounds. Reliance: the share of predictions that "
-              "take the background's class beyond a within-object shuffle (1 = a complete shortcut).", ""]
+    notes = [f"Intervals: {level_pct()} %, resampling objects and backgrounds."]
+    if cols and cols[0].startswith("reliance"):
+        notes.append("Reliance: the share of predictions that take the background's class beyond a within-object "
+                     "shuffle (1 = a complete shortcut).")
+    if any(h.startswith(MARKS["pull"].heading) for h in cols):
+        notes.append("Where the backgrounds carry no class, the background pull (the share of predictions "
+                     "backgrounds move towards the same classes, beyond a within-object shuffle) stands in for "
+                     f"reliance: the shortcut finding then holds when {MARKS['pull'].rule}.")
+    lines += ["", " ".join(notes), ""]
     for v in verdicts:
         lines.append(f"- **{_md(v.model)}** ({v.badge}): {_md(v.verdict)}")
         if v.status == "not_judged" and v.reason and v.reason != v.verdict:
