@@ -185,7 +185,8 @@ def _child(args: argparse.Namespace) -> dict:
         for sp in ("train", "test", "variants", "crossed"):
             if not per_split.get(sp):
                 continue
-            ds = cf.split(sp)
+            # a checkout from before the rename (no `crossed_indices`) knows the crossed split as 'stress' only
+            ds = cf.split("stress" if sp == "crossed" and not hasattr(cf, "crossed_indices") else sp)
             xs = torch.stack([ds[k]["x"] for k in range(len(ds))]).to(dev)
             reps = per_split[sp] / len(ds)  # nets (and mask-check passes) that saw this split
             net(xs[:args.batch_size])  # warm-up

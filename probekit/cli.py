@@ -22,6 +22,7 @@ import os
 import re
 import shlex
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -548,6 +549,9 @@ def _main(argv: list[str]) -> int:
     if args.verb is None:
         parser.print_help()
         return EXIT_USAGE
+    formatwarning = warnings.formatwarning
+    if not args.debug:  # a warning is one line on stderr, as an error is (--debug: Python's own, with its source line)
+        warnings.formatwarning = _warning_line
     try:
         return int(args.func(args) or 0)
     except BrokenPipeError:
@@ -578,6 +582,16 @@ def _main(argv: list[str]) -> int:
         _error_line(f"probekit: error: unexpected {type(e).__name__}{': ' + cli_message(text, args.verb) if text else ''} "
                     "(run with --debug for the traceback)")
         return EXIT_USAGE
+    finally:
+        warnings.formatwarning = formatwarning
+
+
+def _warning_line(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  line: str | None = None) -> str:
+    """``warnings.formatwarning`` of the CLI: ``probekit: FutureWarning: <message>`` on one line (Python's own
+    form adds the file, the line number and the source line of the library's ``warnings.warn`` call)."""
+    text = " ".join(str(message).split())
+    return f"probekit: {category.__name__}: {text}\n"
 
 
 def _error_line(text: str) -> None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -138,6 +140,24 @@ def test_the_cli_reads_an_old_store_and_warns_once(fresh, tmp_path, capsys):
         assert main([*args, "--stress", "stress"]) == 0
     err = capsys.readouterr().err
     assert _future(rec) == [] and err.count("FutureWarning") == 1 and "`--crossed SPLIT`" in err
+
+
+def test_the_cli_prints_the_library_warning_on_one_line(fresh, tmp_path):
+    """In a terminal (a child process, Python's default warning filters): ``probekit: FutureWarning: ...``,
+    one line, without the file, line number and source line Python's own form adds."""
+    old = tmp_path / "old.h5"
+    shutil.copy(fresh["out"] / "acts.h5", old)
+    _rename_split(old, "crossed", "stress")
+    args = ["analyze", str(old), "--train", "train", "--test-id", "test", "--test-ood", "", "--n-boot", "40",
+            "--n-perm", "20", "--no-progress"]
+    run = subprocess.run([sys.executable, "-m", "probekit.cli", *args], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    lines = [ln for ln in run.stderr.splitlines() if "Warning" in ln]
+    assert len(lines) == 1 and lines[0].startswith("probekit: FutureWarning: ") and "--crossed" in lines[0]
+    assert "warnings.warn" not in run.stderr and ".py:" not in run.stderr
+    debug = subprocess.run([sys.executable, "-m", "probekit.cli", "--debug", *args], capture_output=True, text=True,
+                           timeout=300)
+    assert debug.returncode == 0 and ".py:" in debug.stderr  # --debug keeps Python's own form
 
 
 def test_an_old_audit_folder_is_continued_under_its_own_name(fresh, tmp_path):
