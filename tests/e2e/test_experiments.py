@@ -163,7 +163,10 @@ def test_filter_subspaces_separate_colour_from_digit() -> None:
 
 @pytest.mark.slow
 def test_distillation_student_loses_more_out_of_distribution_than_teacher(tmp_path) -> None:
-    r = get_experiment("distillation")(seeds=[0], out_dir=tmp_path, quick=True, controls=False)
+    # 8 / 20 epochs (quick's 15 / 40 halved: 36 s instead of about 55 s); at seed 0 the claims below hold with
+    # room: ID accuracy 0.76 / 0.73, drop 4 vs 30 points, relative MSE 0.05 ID vs 0.17 OOD
+    r = get_experiment("distillation")(seeds=[0], out_dir=tmp_path, quick=True, controls=False, teacher_epochs=8,
+                                       student_epochs=20)
     t, s = r["per_seed"][0]["models"]["teacher"], r["per_seed"][0]["models"]["student"]
     assert abs(t["id_acc"] - s["id_acc"]) < 0.1  # similar ID accuracy: the student fits the teacher
     assert s["drop"] > t["drop"] + 0.1  # but loses far more OOD
