@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from importlib import resources
+from pathlib import Path
 
 import jsonschema
 import matplotlib.image as mpimg
@@ -76,3 +77,16 @@ def test_demo_report_renders_in_chromium(demo_dir, browser):
     assert len(re.findall(r'<img [^>]*src="data:image/png;base64,', dom)) >= 8
     img = mpimg.imread(png)
     assert float(np.std(img[..., :3])) > 0.05
+
+
+def test_readme_part_one_is_what_the_demo_prints(demo_dir):
+    """The README's part-1 lines are `probekit demo`'s own-images verdicts (seed 0 and the default shape
+    epochs, which this fixture keeps; only part 2's epochs are shortened), so the README cannot go stale."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = readme.split("Part 1, the shape CNNs", 1)[1].split("```", 2)[1]
+    shown = [" ".join(p.split()) for p in re.split(r"\n(?=\[)", block.strip())]
+    printed = []
+    for name in ("shortcut", "robust"):
+        info = json.loads((demo_dir / "own-images" / name / "audit.json").read_text())["models"][name]
+        printed.append(" ".join(f"[{'FLAGGED' if info['flagged'] else 'not flagged'}] {info['verdict']}".split()))
+    assert shown == printed
