@@ -32,17 +32,21 @@ from probekit.datasets import write_image_folder
 from probekit.model_audit import audit_model
 
 
-class _CornerColour(torch.nn.Module):
-    """``s`` = mean over the 4x4 corners of G - R (> 0 on green backgrounds): one logit ``s``, or the four
-    outputs ``(-s, -s - 1, s - 1, s)`` whose argmax is 3 where s > 0 and 0 where s < 0."""
+class _IdentityBody(torch.nn.Module):
+    """A 1 x 1 convolution set to the identity, a hidden layer the audit can hook, and the head's width."""
 
     def __init__(self, width: int) -> None:
         super().__init__()
         self.width = width
-        self.body = torch.nn.Conv2d(3, 3, 1)  # the identity: a hidden layer the audit can hook
+        self.body = torch.nn.Conv2d(3, 3, 1)
         with torch.no_grad():
             self.body.weight.copy_(torch.eye(3)[:, :, None, None])
             self.body.bias.zero_()
+
+
+class _CornerColour(_IdentityBody):
+    """``s`` = mean over the 4x4 corners of G - R (> 0 on green backgrounds): one logit ``s``, or the four
+    outputs ``(-s, -s - 1, s - 1, s)`` whose argmax is 3 where s > 0 and 0 where s < 0."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.body(x)
@@ -53,21 +57,13 @@ class _CornerColour(torch.nn.Module):
         return torch.stack([-s, -s - 1, s - 1, s], dim=1)
 
 
-class _ObjectCorners(torch.nn.Module):
+class _ObjectCorners(_IdentityBody):
     """Reads the object alone: ``c`` = the share of the 4 corners of the object's bounding box that are
     the object's pixels (every channel above 0.8), after a 3 x 3 opening that drops the thin rims of grey
     a background image's own object may leave: 1 for a square, 0 for a circle, with the box 1 px smaller
     or larger too. ``s = 10 (c - 0.5)``: one logit ``s``; or four outputs ``(-S - t, -S + t, S - t, S + t)``,
     ``S = 5 tanh(s)``, ``t = tanh`` of the corners' G - R, whose argmax is a circle's (0, 1) or a square's
     (2, 3) output, the background choosing which of the two (|S| > 1 > |t|)."""
-
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.width = width
-        self.body = torch.nn.Conv2d(3, 3, 1)  # the identity: a hidden layer the audit can hook
-        with torch.no_grad():
-            self.body.weight.copy_(torch.eye(3)[:, :, None, None])
-            self.body.bias.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.body(x)
