@@ -127,6 +127,14 @@ def _child(args: argparse.Namespace) -> dict:
     timed(M, "load_model", "load model")
     timed(A, "audit", "analyses")
     timed(I.Counterfactuals, "__init__", "build splits")
+    R = importlib.import_module("probekit.report")  # the report: the gallery's composites, the HTML and its plots
+    for name in ("build_gallery", "deploy_examples"):
+        if hasattr(R, name):
+            timed(R, name, "report")
+    for cls in {type(o) for o in vars(A).values() if isinstance(o, type) and hasattr(o, "to_html")}:
+        timed(cls, "to_html", "report")
+    if hasattr(MA, "_auto_masks"):  # GrabCut once per image (in workers) before the splits
+        timed(MA, "_auto_masks", "grabcut")
     for name in ("_seeded_init", "_mask_sensitivity", "_init_net"):
         if hasattr(MA, name):
             timed(MA, name, name.strip("_").replace("_", " "))
@@ -180,24 +188,31 @@ def _child(args: argparse.Namespace) -> dict:
     else:  # the code before the change: the wrapper's count of rows handed to the pipeline
         for key, n in passes.items():
             per_split[_split_of(key)] += n
-    bare = 0.0
+    # timed with the weights as they come (contiguous) and channels-last (what --memory-format auto runs for
+    # a conv net that passes its check): the audit's share of bare passes is read against the format it used
+    bare = dict.fromkeys(f for f in args.bare.split(",") if f)
     with torch.no_grad():
-        for sp in ("train", "test", "variants", "crossed"):
-            if not per_split.get(sp):
-                continue
-            # a checkout from before the rename (no `crossed_indices`) knows the crossed split as 'stress' only
-            ds = cf.split("stress" if sp == "crossed" and not hasattr(cf, "crossed_indices") else sp)
-            xs = torch.stack([ds[k]["x"] for k in range(len(ds))]).to(dev)
-            reps = per_split[sp] / len(ds)  # nets (and mask-check passes) that saw this split
-            net(xs[:args.batch_size])  # warm-up
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            t1 = time.perf_counter()
-            for start in range(0, len(xs), args.batch_size):
-                net(xs[start:start + args.batch_size])
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            bare += (time.perf_counter() - t1) * reps
+        for fmt in bare:
+            bare[fmt] = 0.0
+            net = net.to(memory_format=torch.channels_last if fmt == "channels_last" else torch.contiguous_format)
+            for sp in ("train", "test", "variants", "crossed"):
+                if not per_split.get(sp):
+                    continue
+                # a checkout from before the rename (no `crossed_indices`) knows the crossed split as 'stress' only
+                ds = cf.split("stress" if sp == "crossed" and not hasattr(cf, "crossed_indices") else sp)
+                xs = torch.stack([ds[k]["x"] for k in range(len(ds))]).to(dev)
+                reps = per_split[sp] / len(ds)  # nets (and mask-check passes) that saw this split
+                net(xs[:args.batch_size])  # warm-up
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                t1 = time.perf_counter()
+                for start in range(0, len(xs), args.batch_size):
+                    net(xs[start:start + args.batch_size])
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                bare[fmt] += (time.perf_counter() - t1) * reps
+    used = ((doc.get("cost") or {}).get("memory_format") or {}).get("nets", {}).get("model", "contiguous")
+    own = bare.get(used, bare.get("contiguous"))
     known = sum(phases.values())
     return {"n_images": args.n, "model": args.model, "image_size": args.image_size,
             "foreground": args.foreground, "wall_s": wall, "phases_s": dict(phases),
@@ -206,8 +221,9 @@ def _child(args: argparse.Namespace) -> dict:
             "h5_opens_other": {k: v for k, v in counted.items() if k not in ("acts.h5", "(open file)")},
             "h5py_file_objects": sum(counted.values()), "wall_warm_s": wall_warm, "cpu_s": cpu,
             "cpu_warm_s": cpu_warm,
-            "peak_rss_mb": rss_mb, "peak_rss_children_mb": rss_children_mb, "bare_forward_s": bare,
-            "bare_over_audit": bare / wall, "verdict": verdict, "cost": doc.get("cost"),
+            "peak_rss_mb": rss_mb, "peak_rss_children_mb": rss_children_mb, "bare_forward_s": own,
+            "bare_over_audit": None if own is None else own / wall, "bare_forward_by_format_s": bare,
+            "memory_format": used, "verdict": verdict, "cost": doc.get("cost"),
             "threads": args.threads, "device": str(dev), "load": os.getloadavg(), "src": args.src or "this tree",
             "probekit_file": A.__file__}
 
@@ -276,9 +292,13 @@ def _table(paths: list[str]) -> str:
             ext = sum(v for k, v in ph.items() if k.startswith("extract"))
             lines.append(f"| {d['label']} | {r.get('device', 'cpu')} | {r['n_images']} | {r['model']} | "
                          f"{r['wall_s']:.1f} | {ext:.1f} | {ph.get('analyses', 0):.1f} | "
-                         f"{r['forward_passes_total']} | {r['peak_rss_mb']:.0f} | {r['bare_over_audit']:.2f} | "
+                         f"{r['forward_passes_total']} | {r['peak_rss_mb']:.0f} | {_ratio(r.get('bare_over_audit'))} | "
                          f"{r['verdict']['flagged']} |")
     return "\n".join(lines)
+
+
+def _ratio(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.2f}"
 
 
 def _run_child(args: argparse.Namespace, n: int, src: str) -> dict:
@@ -288,7 +308,7 @@ def _run_child(args: argparse.Namespace, n: int, src: str) -> dict:
            str(args.image_size), "--size", str(args.size), "--foreground", args.foreground, "--inits",
            str(args.inits), "--batch-size", str(args.batch_size), "--n-boot", str(args.n_boot),
            "--n-perm", str(args.n_perm), "--threads", str(args.threads), "--extra", args.extra, "--src", src,
-           "--device", args.device, *(["--warm"] if args.warm else [])]
+           "--device", args.device, "--bare", args.bare, *(["--warm"] if args.warm else [])]
     t0 = time.perf_counter()
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if out.returncode:
@@ -349,6 +369,9 @@ def main() -> None:
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"), help="folder of the JSON")
     p.add_argument("--src", default="", help="import probekit from this checkout (before/after runs)")
     p.add_argument("--warm", action="store_true", help="also time a second audit in the same process")
+    p.add_argument("--bare", default="contiguous,channels_last",
+                   help="memory formats of the timed bare forward passes (comma-separated; empty: none); bare / audit "
+                   "reads the one the audit's model ran in")
     p.add_argument("--pairs", type=int, default=0, help="interleaved before/after pairs (with --before)")
     p.add_argument("--before", default="", help="the checkout of the code before, for --pairs")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -377,7 +400,7 @@ def main() -> None:
         rows.append(row)
         print(f"n={n}: wall {row['wall_s']:.1f} s, forward passes {row['forward_passes_total']}, store opens "
               f"{row['store_opens']}, peak RSS {row['peak_rss_mb']:.0f} MB, bare/audit "
-              f"{row['bare_over_audit']:.2f}; phases " +
+              f"{_ratio(row.get('bare_over_audit'))} ({row.get('memory_format', 'contiguous')}); phases " +
               ", ".join(f"{k} {v:.1f}" for k, v in sorted(row["phases_s"].items(), key=lambda kv: -kv[1])),
               flush=True)
         path = Path(args.results) / f"bench_audit_scale_{args.label}.json"

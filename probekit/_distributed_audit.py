@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._layout import LayoutChoice, check_memory_format
 from ._precision import PrecisionChoice, check_precision, choose_precision, guard
 from .errors import ProbekitError
 
@@ -54,22 +55,27 @@ class ForwardRunner:
     """The audit's extraction function, in the chosen precision, split across ranks under torchrun.
 
     Call it as the wrapped ``extract_models`` (same arguments). Attributes: ``precision`` (a
-    :class:`probekit._precision.PrecisionChoice`, final once every net has been seen).
+    :class:`probekit._precision.PrecisionChoice`, final once every net has been seen) and ``layout`` (a
+    :class:`probekit._layout.LayoutChoice`: the nets converted to channels-last, which :meth:`restore` gives
+    back their own format).
     """
 
     def __init__(self, extract: Callable[..., Any], *, precision: str, device: str,
-                 say: Callable[[str], None] | None = None) -> None:
+                 say: Callable[[str], None] | None = None, memory_format: str = "auto") -> None:
         self._extract = extract
         self._device = device
         self._say = say
         self._seen: set[str] = set()
         self.precision: PrecisionChoice = choose_precision(check_precision(precision), device)
+        self.layout = LayoutChoice(check_memory_format(memory_format))
         self._announced = False
 
     def __call__(self, models: Mapping[str, Any], data: Any, **kwargs: Any) -> Any:
         from .extractors import forward_precision
 
         new = {k: v for k, v in models.items() if k not in self._seen}
+        if new:  # the memory format first: the precision guard then compares the nets as they will run
+            self.layout.apply(self._device, new, data)
         if new and self.precision.used != "fp32":
             before = self.precision.used
             guard(self.precision, self._device, new, data, int(kwargs.get("batch_size", 64)))
@@ -79,20 +85,25 @@ class ForwardRunner:
         if self._say is not None and not self._announced:
             self._announced = True
             self._say(self.precision.describe())
+            self._say(self.layout.describe())
         with forward_precision(self.precision.dtype):
             if _LEADER is None:
                 return self._extract(models, data, **kwargs)
             return _LEADER.extract(self._extract, models, data, self.precision.used, **kwargs)
 
     def record(self) -> dict[str, Any]:
-        """``cost`` fields of ``audit.json``: ``precision`` and ``processes``."""
-        return {"precision": self.precision.record(), "processes": world()}
+        """``cost`` fields of ``audit.json``: ``precision``, ``memory_format`` and ``processes``."""
+        return {"precision": self.precision.record(), "memory_format": self.layout.record(), "processes": world()}
+
+    def restore(self) -> None:
+        """The nets' weights in their own memory format again (call when the audit's forward passes are done)."""
+        self.layout.restore()
 
 
 def forward_runner(extract: Callable[..., Any], *, precision: str = "auto", device: str = "cpu",
-                   say: Callable[[str], None] | None = None) -> ForwardRunner:
+                   say: Callable[[str], None] | None = None, memory_format: str = "auto") -> ForwardRunner:
     """Wrap ``extract`` (``extract_models``) for the audit: see :class:`ForwardRunner`."""
-    return ForwardRunner(extract, precision=precision, device=device, say=say)
+    return ForwardRunner(extract, precision=precision, device=device, say=say, memory_format=memory_format)
 
 
 # -- torchrun ------------------------------------------------------------------------------------------

@@ -295,6 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the forward passes' precision: auto (default: fp32 on the CPU; on CUDA bf16, or fp16 without "
                    "bf16, kept only if the first batch's top-1 predictions and activations match fp32, else fp32, "
                    "said on stderr), fp32, or bf16 / fp16 behind the same check; recorded in audit.json cost")
+    p.add_argument("--memory-format", default="auto", choices=["auto", "contiguous"],
+                   help="auto (default): a convolutional net's weights channels-last on the CPU and CUDA (faster "
+                   "convolutions, the same values up to float rounding), kept only if the first images give the "
+                   "same top-1 predictions and activations, said on stderr; contiguous: the nets as they are; "
+                   "recorded in audit.json cost")
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="processes decoding, running GrabCut and compositing beside the forward passes "
                    "(default: min(4, cores - 1), 0 on one core); the figures do not depend on it")
@@ -1134,7 +1139,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
         objects=args.objects, overwrite=args.overwrite, pool=args.pool, teacher_layers=_csv(args.teacher_layers),
         **({} if args.init_objects is None else {"init_objects": args.init_objects}),
         class_map=args.class_map, deploy_backgrounds=args.deploy_backgrounds, n_deploy=args.deploy_scenes,
-        expected_accuracy=args.expected_accuracy, precision=args.precision)
+        expected_accuracy=args.expected_accuracy, precision=args.precision,
+        memory_format=args.memory_format)
     if result is None:  # a rank other than 0 of a torchrun job: rank 0 reports
         return 0
     _write_ci(args, result.data)

@@ -368,6 +368,7 @@ def audit_model(
     n_deploy: int = 16,
     expected_accuracy: float | None = None,
     precision: str = "auto",
+    memory_format: str = "auto",
 ) -> Any:
     """Audit a model on a folder of images with foregrounds; write the store, the JSON and the report.
 
@@ -427,6 +428,10 @@ def audit_model(
         ``"bf16"`` or ``"fp16"``: the forward passes' precision (:mod:`probekit._precision`), recorded in
         ``cost.precision``. Under ``torchrun`` the forward passes are split across the ranks
         (:func:`probekit._distributed_audit.run_distributed`)
+    memory_format : ``"auto"`` (a convolutional net's weights channels-last on the CPU and CUDA, where a check on
+        the first images shows its outputs unmoved) or ``"contiguous"`` (the nets as they are)
+        (:mod:`probekit._layout`), recorded in ``cost.memory_format``; the weights get their own format back
+        when the audit ends
     """
     from ._distributed_audit import forward_runner
     from .audit import audit, read_class_map
@@ -461,7 +466,7 @@ def audit_model(
         _say(progress, f"device: {dev}")
     # the one hook on the forward passes: their precision, and under torchrun their split across the ranks
     runner = extract_models = forward_runner(extract_models, precision=precision, device=dev,
-                                             say=lambda text: _say(progress, text))
+                                             say=lambda text: _say(progress, text), memory_format=memory_format)
     t_start = time.perf_counter()
     loaded = load_model(model, weights=weights, model_args=model_args, pretrained=pretrained,
                         allow_pickle=allow_pickle)
@@ -614,6 +619,7 @@ def audit_model(
     except BaseException as e:
         if bar is not None:
             bar.close()
+        runner.restore()
         # a run that fails on its inputs before any row leaves nothing behind
         remove = isinstance(e, ProbekitError) and not continuing and _empty(writer)
         writer.close()
@@ -674,6 +680,7 @@ def audit_model(
                            extras=extras)
         finally:
             bar.close()
+            runner.restore()  # the mask check (in audit()) was the last forward pass
         doc = result.data
         result.to_json(out / "audit.json")
 

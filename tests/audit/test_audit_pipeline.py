@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from probekit._layout import CHECK_SAMPLES
 from probekit.datasets import Counterfactuals
 from probekit.datasets._shapes import write_image_folder
 from probekit.model_audit import (
@@ -72,8 +73,9 @@ def test_each_net_sees_each_image_once(folder, tmp_path, monkeypatch):
     n_var = len(cf.variants)  # original, only_fg, no_fg, only_bg, mixed_same/rand/next, composite_self
     model_rows = n_train + n_test + n_var * n_test + n_obj * 8
     # three nets: the model on every split (and one dry pass each on one image to order its layers by depth
-    # and choose their pools), two inits on the crossed split only; no duplicate pass
-    assert sorted(seen.values()) == sorted([model_rows + 2, n_obj * 8, n_obj * 8])
+    # and choose their pools, and the memory-format check's first images as it is and channels-last; the inits,
+    # copies of its architecture, share that check), two inits on the crossed split only; no duplicate pass
+    assert sorted(seen.values()) == sorted([model_rows + 2 + 2 * CHECK_SAMPLES, n_obj * 8, n_obj * 8])
     cost = doc["cost"]
     assert cost["forward_passes_total"] == model_rows + 2 * n_obj * 8 == cost["forward_passes_done"]
     assert cost["forward_passes"]["crossed"] == {"model": n_obj * 8, "model@init0": n_obj * 8,
