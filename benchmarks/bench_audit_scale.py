@@ -131,7 +131,7 @@ def _child(args: argparse.Namespace) -> dict:
     for name in ("build_gallery", "deploy_examples"):
         if hasattr(R, name):
             timed(R, name, "report")
-    for cls in {type(o) for o in vars(A).values() if isinstance(o, type) and hasattr(o, "to_html")}:
+    for cls in {o for o in vars(A).values() if isinstance(o, type) and hasattr(o, "to_html")}:
         timed(cls, "to_html", "report")
     if hasattr(MA, "_auto_masks"):  # GrabCut once per image (in workers) before the splits
         timed(MA, "_auto_masks", "grabcut")

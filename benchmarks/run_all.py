@@ -48,6 +48,7 @@ BENCHMARKS: dict[str, list[list[str]]] = {
     ],
     "recorder": [["bench_recorder.py", "--repeats", "5", "--every", "50", "20", "10",
                   "--out", str(RESULTS / "bench_recorder.json")]],
+    "channels_last": [["bench_channels_last.py"]],
     "distributed": [["bench_distributed.py", "--procs", "1", "2", "--n", "2048", "--repeat", "3",
                      "--out", str(RESULTS / "bench_distributed.json")]],
 }

@@ -875,8 +875,28 @@ def _label_count(v: _View, m: str, splits: Sequence[str]) -> int:
     return max((int(y.max()) + 1 for y in labels if y.size), default=0)
 
 
-def _output_rows(v: _View, m: str, split: str) -> np.ndarray:
-    return np.asarray(v.x(m, split, OUTPUT_LAYER)[:], dtype=np.float64).reshape(v.store.n_rows(split, m), -1)
+#: bytes of a model's output (as float64) read at a time to predict from it: a 1000-unit head on the 20,000
+#: crossed rows of a 5,000-image audit is 160 MB in float64, which the audit's memory should not grow by
+OUTPUT_BLOCK_BYTES = 16 << 20
+
+
+def _argmax(o: np.ndarray) -> np.ndarray:
+    return o.argmax(axis=1)
+
+
+def read_output(acts: Any, read: Callable[[np.ndarray], np.ndarray] = _argmax) -> np.ndarray:
+    """``read`` of a stored output (``Activations``), row by row, in blocks of :data:`OUTPUT_BLOCK_BYTES`: each
+    block flattened per row and in float64, the results concatenated (row-wise functions give what they give
+    on the whole output, without holding it)."""
+    width = max(1, int(np.prod(acts.shape[1:])))
+    step = max(1, OUTPUT_BLOCK_BYTES // (8 * width))
+    parts = [read(np.asarray(a, dtype=np.float64).reshape(len(a), width)) for _, a in acts.iter_chunks(step)]
+    return np.concatenate(parts) if parts else read(np.zeros((0, width)))
+
+
+def _output_rows(v: _View, m: str, split: str, read: Callable[[np.ndarray], np.ndarray] = _argmax) -> np.ndarray:
+    """``read`` (default: the argmax) of the model's output on ``split``, block by block (:func:`read_output`)."""
+    return read_output(v.x(m, split, OUTPUT_LAYER), read)
 
 
 def _predictions(v: _View, m: str, splits: Sequence[str]) -> _Predictions:
@@ -896,19 +916,19 @@ def _predictions(v: _View, m: str, splits: Sequence[str]) -> _Predictions:
                 if not 0 <= int(out_idx) < width:
                     raise DataError(f"The class map names output {out_idx}, but the model's output has {width} "
                                     "units; fix the map (output indices count from 0).")
-            preds = {x: output_predictions(_output_rows(v, m, x), sp.class_map) for x in splits}
+            preds = {x: _output_rows(v, m, x, lambda o: output_predictions(o, sp.class_map)) for x in splits}
             return _Predictions(preds, f"the model's own output through the class map ({len(sp.class_map)} "
                                 "outputs named; any other output predicts no class of the folder)", True, "labels")
         if reading != "label_free" and width == k and width > 1:
-            return _Predictions({x: _output_rows(v, m, x).argmax(axis=1) for x in splits},
+            return _Predictions({x: _output_rows(v, m, x) for x in splits},
                                 "the model's own output (argmax of @output)", True, "labels")
         if reading != "label_free" and width == 1 and k == 2:
-            return _Predictions({x: output_predictions(_output_rows(v, m, x)) for x in splits},
+            return _Predictions({x: _output_rows(v, m, x, output_predictions) for x in splits},
                                 "the model's own output (one logit: class 1 where it is above 0)", True, "labels")
         if reading != "label_free" and s.role(m) == "student" and reading == "auto":
             pass  # a student's output is the representation it was fitted to: read through a probe below
         else:
-            return _Predictions({x: _output_rows(v, m, x).argmax(axis=1) for x in splits},
+            return _Predictions({x: _output_rows(v, m, x) for x in splits},
                                 f"the model's own output ({width} units, not the folder's {k} classes: read "
                                 "label-free, against its own prediction on the image each background came from)",
                                 True, "output")
@@ -951,7 +971,7 @@ def _original_predictions(v: _View, m: str, reading: _Predictions) -> dict[int, 
         if not v.store.has_field(split, "group") or v.crossed(split):
             continue
         n = v.store.n_rows(split, m)
-        pred = _output_rows(v, m, split).argmax(axis=1)
+        pred = _output_rows(v, m, split)
         for g, p in zip(v.field(split, "group", n).tolist(), pred.tolist(), strict=True):
             out.setdefault(int(g), int(p))
     return out or None

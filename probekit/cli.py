@@ -302,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "recorded in audit.json cost")
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="processes decoding, running GrabCut and compositing beside the forward passes "
-                   "(default: min(4, cores - 1), 0 on one core); the figures do not depend on it")
+                   "(default: min(4, cores - 1), 0 on one core; GrabCut, which runs before any forward pass, "
+                   "takes N + 1); the figures do not depend on it")
     p.add_argument("--objects", type=_objects_arg, default=None, metavar="N|auto",
                    help="objects of the crossed split: N (a seeded subset), or auto (grown in up to 3 looks "
                    "until background reliance's interval decides; default: all)")

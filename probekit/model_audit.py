@@ -176,7 +176,7 @@ def _mask_path(dest: Path, rel: str) -> Path:
 
 
 def _auto_masks(folder: Any, dest: Path, workers: int) -> Path:
-    """GrabCut once per image, in ``workers`` processes, saved as ``dest/<image path>`` with the
+    """GrabCut once per image, in ``workers + 1`` processes (:func:`_grabcut`), saved as ``dest/<image path>`` with the
     extension ``.png`` (255 = foreground); masks already there (an interrupted run's) are kept. Every split and the mask check
     then read these files instead of running GrabCut again."""
     from . import _distributed_audit as da
@@ -190,10 +190,14 @@ def _auto_masks(folder: Any, dest: Path, workers: int) -> Path:
 
 
 def _grabcut(folder: Any, dest: Path, workers: int, todo: Sequence[int]) -> None:
-    """The masks of the images ``todo`` of ``folder`` (GrabCut, in ``workers`` processes) into ``dest``."""
+    """The masks of the images ``todo`` of ``folder`` (GrabCut) into ``dest``, in ``workers + 1`` processes
+    (``workers`` 0: in this one): no forward pass runs beside GrabCut, so the core the main process would
+    give them is free (it only writes the PNGs). The masks do not depend on the processes (GrabCut is seeded
+    per image)."""
     from PIL import Image
 
-    loader = torch.utils.data.DataLoader(_MaskJob(folder, todo), batch_size=None, num_workers=workers)
+    procs = workers + 1 if workers else 0
+    loader = torch.utils.data.DataLoader(_MaskJob(folder, todo), batch_size=None, num_workers=procs)
     for i, m in loader:
         path = _mask_path(dest, folder.paths[int(i)])
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -549,7 +553,7 @@ def audit_model(
         if not continuing:
             writer.set_attrs({FINGERPRINT_ATTR: json.dumps(dict(fp), sort_keys=True)})
         if folder.mode == "auto":  # GrabCut once per image; every split and the mask check read the files
-            _say(progress, f"foreground: GrabCut on {len(folder):,} images ({workers} workers)")
+            _say(progress, f"foreground: GrabCut on {len(folder):,} images ({workers + 1 if workers else 1} processes)")
             folder_kwargs = {"masks": _auto_masks(folder, auto_dir, workers),
                              **({"factors": factors} if factors is not None else {})}
             cf = Counterfactuals(data, **cf_kwargs, verify="header", **folder_kwargs)
@@ -804,15 +808,16 @@ def _stored_outputs(s: Any, models: Sequence[str], split: str = CROSSED_SPLIT,
     read it) and ``margin`` (:func:`_softmax_margin`), row by row. ``s``: the audit's read-only view of the
     store."""
     from .analyses import output_predictions
+    from .audit import read_output
 
     out: dict[str, dict[str, np.ndarray]] = {}
     for m in models:
         n = s.n_rows(split, m)
-        o = np.asarray(s.acts(m, split, "@output")[:n])
-        o = o.reshape(len(o), -1)
+        acts = s.acts(m, split, "@output")  # read in blocks: a wide head on many rows is never held whole
         out[m] = {"group": np.asarray(s.sample_field(split, "group"))[:n],
                   "background": np.asarray(s.sample_field(split, "background"))[:n],
-                  "pred": output_predictions(o, class_map), "margin": _softmax_margin(o)}
+                  "pred": read_output(acts, lambda o: output_predictions(o, class_map)),
+                  "margin": read_output(acts, _softmax_margin)}
     return out
 
 
