@@ -66,7 +66,8 @@ class _Table:
                 np.add.at(out.T, bucket, (a * sign).T)
                 a = out
             Y[gi[idx], bi[idx]] = a
-        self.Y = Y - Y.mean(axis=(0, 1))
+        Y -= Y.mean(axis=(0, 1))  # in place: the table is this layer's crossed rows in float64, held once
+        self.Y = Y
         self.n_units = d
 
 

@@ -1,9 +1,9 @@
 """Channels-last weights for the audit's convolutional nets, only where the first batch shows nothing moves.
 
 oneDNN (CPU) and cuDNN run 2-D convolutions faster on NHWC tensors. Measured here, a timm net on 2 CPU
-cores in float32 runs 1.3-1.6x faster with its weights in ``torch.channels_last`` (ResNet-18/50,
-EfficientNet-B0, MobileNetV3; ConvNeXt-T 1.05x, ViT-Tiny 1.00x; docs/BENCHMARKS.md). The values are the
-same up to float32 rounding: only the order of the additions changes.
+cores in float32 runs 1.1-1.6x faster with its weights in ``torch.channels_last`` (ResNet-18/50,
+EfficientNet-B0, MobileNetV3; ConvNeXt-T 0.98x, ViT-Tiny 0.98x; benchmarks/bench_channels_last.py). The
+values are the same up to float32 rounding: only the order of the additions changes.
 
 A user's own net may not take it: ``x.view(n, -1)`` on a channels-last map raises, and a module that reads
 raw strides (``as_strided``) gets other values without raising. So ``memory_format="auto"`` (the default)
