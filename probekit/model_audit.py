@@ -468,7 +468,8 @@ def audit_model(
     dev = resolve_device(device)
     if device == "auto":
         _say(progress, f"device: {dev}")
-    # the one hook on the forward passes: their precision, and under torchrun their split across the ranks
+    # the one hook on the forward passes: their precision, their weights' memory format, and under torchrun their
+    # split across the ranks
     runner = extract_models = forward_runner(extract_models, precision=precision, device=dev,
                                              say=lambda text: _say(progress, text), memory_format=memory_format)
     t_start = time.perf_counter()
