@@ -460,10 +460,10 @@ def background_sensitivity(X: Any, group: Any, *, n_boot: int = 200, ci_level: f
     for start, a in src.chunks():
         if shift is None:
             shift = a.mean(axis=0)
-        a = a - shift
+        a = a - shift  # a new array: the chunk may be the caller's memory
         gc = gi[start:start + a.shape[0]]
         np.add.at(S, gc, a)
-        np.add.at(Q, gc, a * a)
+        np.add.at(Q, gc, np.multiply(a, a, out=a))  # squared in place: one chunk-sized temporary fewer
     n = float(ng.sum())
     # the sums below hold no (G, d) array beyond S and Q: with a 1,000-wide output on 2,500 objects each such
     # array is 20 MB, and the within-group table, its temporaries and a copy of S's live columns made five
