@@ -253,6 +253,23 @@ def test_grabcut_runs_once_per_image_and_its_masks_are_read_back(folder, weights
     assert calls == [] and again["models"] == doc["models"]
 
 
+def test_grabcut_in_several_processes_saves_the_in_process_masks(folder, tmp_path):
+    """GrabCut runs in workers + 1 processes (nothing runs beside it): each saved mask is the one GrabCut
+    gives in this process (it is seeded per image), whatever process computed it."""
+    from PIL import Image
+
+    from probekit.datasets import ForegroundFolder
+    from probekit.model_audit import _grabcut, _mask_path
+
+    images, _ = folder
+    fresh = ForegroundFolder(images, foreground="auto")
+    todo = list(range(len(fresh)))
+    _grabcut(fresh, tmp_path / "m", 1, todo)  # two processes
+    for i in todo:
+        saved = np.asarray(Image.open(_mask_path(tmp_path / "m", fresh.paths[i]))) > 0
+        assert np.array_equal(saved, fresh.mask(i))
+
+
 def test_cli_objects_argument():
     import argparse
 
