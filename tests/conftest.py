@@ -1,12 +1,15 @@
-"""Shared fixtures: a seeded RNG, headless Chromium for rendering HTML reports, and trained shapes CNNs
-shared across tests."""
+"""Shared fixtures: a seeded RNG, headless Chromium for rendering HTML reports, trained shapes CNNs shared
+across tests, and a child Python whose probekit.vocab says other numbers."""
 
 from __future__ import annotations
 
 import copy
 import functools
+import json
 import shutil
 import subprocess
+import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -77,3 +80,33 @@ def browser(tmp_path):
         return png, dom.stdout, errors
 
     return render
+
+
+# probekit.vocab loaded first and edited, then the rest of the package: as if vocab.py said these numbers.
+# The constants are the child's first argument, taken off sys.argv before the script's body runs.
+_EDITED_VOCAB = r'''
+import importlib.util as _util, json as _json, sys as _sys
+
+_spec = _util.find_spec("probekit")
+_pkg = _util.module_from_spec(_spec)
+_sys.modules["probekit"] = _pkg
+import probekit.vocab as _vocab
+for _k, _v in _json.loads(_sys.argv.pop(1)).items():
+    setattr(_vocab, _k, _v)
+_spec.loader.exec_module(_pkg)
+'''
+
+
+@pytest.fixture
+def with_constants(tmp_path):
+    """``run(body, constants, *args)``: the script ``body`` in a child Python in which probekit.vocab's
+    ``constants`` (name -> value) replace its own, before anything of probekit reads them; ``args`` are the
+    body's ``sys.argv[1:]``. Returns the ``subprocess.CompletedProcess`` (stdout and stderr captured)."""
+
+    def run(body: str, constants: Mapping[str, float], *args: str, timeout: float = 120):
+        script = tmp_path / "with_constants.py"
+        script.write_text(_EDITED_VOCAB + body)
+        return subprocess.run([sys.executable, str(script), json.dumps(dict(constants)), *args], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=timeout)
+
+    return run

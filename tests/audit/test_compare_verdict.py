@@ -16,8 +16,6 @@ import html
 import io
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -99,32 +97,20 @@ def test_compare_and_audit_agree_on_every_model(tmp_path):
 
 
 SCRIPT = r'''
-import importlib.util, json, sys
+import json, sys
 from pathlib import Path
 
-# probekit.vocab first, edited, then the rest of the package: as if vocab.py said these numbers
-spec = importlib.util.find_spec("probekit")
-pkg = importlib.util.module_from_spec(spec)
-sys.modules["probekit"] = pkg
-import probekit.vocab as vocab
-for k, v in json.loads(sys.argv[2]).items():
-    setattr(vocab, k, v)
-spec.loader.exec_module(pkg)
-
-sys.path.insert(0, sys.argv[3])
+sys.path.insert(0, sys.argv[2])
 from test_compare_verdict import both_ways
 
 print(json.dumps(both_ways(Path(sys.argv[1]))))
 '''
 
 
-def test_compare_follows_the_verdicts_constants(tmp_path):
+def test_compare_follows_the_verdicts_constants(tmp_path, with_constants):
     """With ALPHA = 0.1 the verdict reads 90 % intervals: the near model holds in the audit and in compare,
     and the comparison's figures, HTML and printed lines say 90 % and the verdict's rule."""
-    script = tmp_path / "run.py"
-    script.write_text(SCRIPT)
-    r = subprocess.run([sys.executable, str(script), str(tmp_path), json.dumps({"ALPHA": 0.1}), str(HERE)],
-                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    r = with_constants(SCRIPT, {"ALPHA": 0.1}, str(tmp_path), str(HERE))
     assert r.returncode == 0, r.stderr[-3000:]
     got = json.loads(r.stdout.splitlines()[-1])
     _agree(got)

@@ -18,8 +18,6 @@ import ast
 import html
 import json
 import re
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -115,19 +113,10 @@ def test_the_scan_finds_planted_rules():
 NEW = {"RATIO_MARGIN": 1.7, "RELIANCE_MARGIN": 0.07, "PULL_MARGIN": 0.09, "ALPHA": 0.1}
 
 SCRIPT = r'''
-import contextlib, importlib.util, io, json, sys
+import contextlib, io, json, sys
 from pathlib import Path
 
 import numpy as np
-
-# probekit.vocab first, edited, then the rest of the package: as if vocab.py said these numbers
-spec = importlib.util.find_spec("probekit")
-pkg = importlib.util.module_from_spec(spec)
-sys.modules["probekit"] = pkg
-import probekit.vocab as vocab
-for k, v in json.loads(sys.argv[2]).items():
-    setattr(vocab, k, v)
-spec.loader.exec_module(pkg)
 
 from probekit.cli import _print_summary, main
 from probekit.store import StoreWriter
@@ -182,11 +171,8 @@ main(["report", str(out / "full.h5"), "--audit", str(out / "full.json"), "-o", s
 '''
 
 
-def _render(tmp_path: Path, constants: dict[str, float]) -> dict[str, str]:
-    script = tmp_path / "render.py"
-    script.write_text(SCRIPT)
-    r = subprocess.run([sys.executable, str(script), str(tmp_path), json.dumps(constants)], cwd=tmp_path,
-                       capture_output=True, text=True, timeout=120)
+def _render(tmp_path: Path, constants: dict[str, float], with_constants) -> dict[str, str]:
+    r = with_constants(SCRIPT, constants, str(tmp_path))
     assert r.returncode == 0, r.stderr[-3000:]
     texts = {f.name: f.read_text() for f in tmp_path.iterdir() if f.suffix in (".txt", ".xml", ".md", ".html")}
     texts["headline"] = json.loads((tmp_path / "full.json").read_text())["headline"]["definition"]
@@ -194,8 +180,8 @@ def _render(tmp_path: Path, constants: dict[str, float]) -> dict[str, str]:
     return {k: re.sub(r"\s+", " ", html.unescape(v)) for k, v in texts.items()}
 
 
-def test_the_prose_says_the_constants_vocab_holds(tmp_path):
-    t = _render(tmp_path, NEW)
+def test_the_prose_says_the_constants_vocab_holds(tmp_path, with_constants):
+    t = _render(tmp_path, NEW, with_constants)
     doc = json.loads((tmp_path / "full.json").read_text())
     assert doc["config"]["ratio_margin"] == 1.7 and doc["models"]["student"]["behaviour"]["reliance"]["margin"] == 0.07
     everything = " ".join(t.values())
