@@ -84,14 +84,6 @@ def _to_format(module: nn.Module, fmt: torch.memory_format,
     return changed
 
 
-def _rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    a64, b64 = a.double(), b.double()
-    denom = float(torch.linalg.vector_norm(a64))
-    err = float(torch.linalg.vector_norm(b64 - a64))
-    e = err / denom if denom > 0 else (0.0 if err == 0 else float("inf"))
-    return e if e == e else float("inf")
-
-
 @dataclass
 class LayoutChoice:
     """Which of the audit's nets run channels-last, and why the others do not.
@@ -149,7 +141,7 @@ class LayoutChoice:
         self.nets[name] = "channels_last"
 
     def _check(self, name: str, spec: Any, device: str, data: Any) -> bool:
-        from ._precision import _first_batch
+        from ._precision import _first_batch, compare_runs
         from .extractors import capture
 
         x = _first_batch(data, CHECK_SAMPLES)
@@ -172,24 +164,23 @@ class LayoutChoice:
             try:
                 cl = cap.run(x.clone())
             except Exception as e:
-                self._undo_last()
-                self.nets[name] = "contiguous"
-                self.reasons[name] = f"channels-last raised {type(e).__name__} in {name} on the first batch"
-                return False
-        worst = max((_rel_error(a, cl[layer]) for layer, a in ref.items()), default=0.0)
-        moved = 0
-        out = ref.get("@output")
-        if out is not None and out.ndim == 2 and out.shape[1] > 1:
-            moved = int((out.argmax(1) != cl["@output"].argmax(1)).sum())
+                return self._reject(name, f"channels-last raised {type(e).__name__} in {name} on the first batch")
+        worst, moved = compare_runs(ref, cl)
+        moved = moved or 0
         self.checked[name] = {"samples": len(x), "max_rel_error": worst, "top1_differ": moved}
-        if moved or not worst <= TOLERANCE:
-            self._undo_last()
-            self.nets[name] = "contiguous"
-            self.reasons[name] = (f"channels-last moved {moved} of {len(x)} top-1 predictions of {name}" if moved else
-                                  f"channels-last moved the activations of {name} by {worst:.2g} (> {TOLERANCE:g}) "
-                                  "on the first batch")
-            return False
+        if moved:
+            return self._reject(name, f"channels-last moved {moved} of {len(x)} top-1 predictions of {name}")
+        if not worst <= TOLERANCE:
+            return self._reject(name, f"channels-last moved the activations of {name} by {worst:.2g} "
+                                      f"(> {TOLERANCE:g}) on the first batch")
         return True
+
+    def _reject(self, name: str, reason: str) -> bool:
+        """Undo the conversion just made for ``name``, which stays as it came, for ``reason``."""
+        self._undo_last()
+        self.nets[name] = "contiguous"
+        self.reasons[name] = reason
+        return False
 
     def _undo_last(self) -> None:
         module, changed = self._converted.pop()

@@ -24,7 +24,8 @@ import torch
 
 from .errors import DataError
 
-__all__ = ["PRECISIONS", "TOLERANCE", "PrecisionChoice", "check_precision", "choose_precision", "guard"]
+__all__ = ["PRECISIONS", "TOLERANCE", "PrecisionChoice", "check_precision", "choose_precision", "compare_runs",
+           "guard"]
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 """The values of ``precision`` (``--precision``)."""
@@ -77,6 +78,24 @@ class PrecisionChoice:
             return (f"precision {self.used} (checked on a first batch of each net: no top-1 prediction moved, "
                     f"activations within {100 * c.get('max', 0.0):.2g} % <= {100 * c.get('tolerance', TOLERANCE):.0f} %)")
         return "precision fp32" + (f" ({self.reason})" if self.reason else "")
+
+
+def compare_runs(ref: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor]) -> tuple[float, int | None]:
+    """Two captures of one batch (layer -> pooled activations), the net as it is and changed (reduced
+    precision, another memory format): the largest relative error ``||b - a|| / ||a||`` over the layers (NaN,
+    an overflow, counts as too far: inf), and how many top-1 predictions of ``@output`` differ (None when the
+    net has no class output)."""
+    worst = 0.0
+    for layer, a in ref.items():
+        a64, b64 = a.double(), other[layer].double()
+        denom = float(torch.linalg.vector_norm(a64))
+        err = float(torch.linalg.vector_norm(b64 - a64))
+        e = err / denom if denom > 0 else (0.0 if err == 0 else float("inf"))
+        worst = max(worst, e if e == e else float("inf"))
+    out = ref.get("@output")
+    if out is None or out.ndim != 2 or out.shape[1] < 2:
+        return worst, None
+    return worst, int((out.argmax(1) != other["@output"].argmax(1)).sum())
 
 
 def check_precision(precision: str) -> str:
@@ -170,17 +189,10 @@ def guard(choice: PrecisionChoice, device: str, models: Mapping[str, Any], data:
             choice.used = "fp32"
             choice.reason = f"the guard's first batch raised {type(e).__name__} in {name}"
             return choice
-        worst = 0.0
-        for layer, a in ref.items():
-            a64, b64 = a.double(), low[layer].double()
-            denom = float(torch.linalg.vector_norm(a64))
-            err = float(torch.linalg.vector_norm(b64 - a64))
-            e = err / denom if denom > 0 else (0.0 if err == 0 else float("inf"))
-            worst = max(worst, e if e == e else float("inf"))  # NaN (an overflow) counts as too far
-        rel[name], n[name] = worst, len(x)
-        out = ref.get("@output")
-        if out is not None and out.ndim == 2 and out.shape[1] > 1:
-            top1[name] = int((out.argmax(1) != low["@output"].argmax(1)).sum())
+        rel[name], moved = compare_runs(ref, low)
+        n[name] = len(x)
+        if moved is not None:
+            top1[name] = moved
     c["max"] = max(rel.values(), default=0.0)
     moved = {k: v for k, v in top1.items() if v}
     if moved:
