@@ -884,14 +884,19 @@ def _argmax(o: np.ndarray) -> np.ndarray:
     return o.argmax(axis=1)
 
 
-def read_output(acts: Any, read: Callable[[np.ndarray], np.ndarray] = _argmax) -> np.ndarray:
+def read_output(acts: Any, read: Callable[[np.ndarray], Any] = _argmax) -> Any:
     """``read`` of a stored output (``Activations``), row by row, in blocks of :data:`OUTPUT_BLOCK_BYTES`: each
     block flattened per row and in float64, the results concatenated (row-wise functions give what they give
-    on the whole output, without holding it)."""
+    on the whole output, without holding it). A ``read`` that returns a tuple of arrays gives the tuple of
+    their concatenations (several readings in one pass over the output)."""
     width = max(1, int(np.prod(acts.shape[1:])))
     step = max(1, OUTPUT_BLOCK_BYTES // (8 * width))
     parts = [read(np.asarray(a, dtype=np.float64).reshape(len(a), width)) for _, a in acts.iter_chunks(step)]
-    return np.concatenate(parts) if parts else read(np.zeros((0, width)))
+    if not parts:
+        return read(np.zeros((0, width)))
+    if isinstance(parts[0], tuple):
+        return tuple(np.concatenate(column) for column in zip(*parts, strict=True))
+    return np.concatenate(parts)
 
 
 def _output_rows(v: _View, m: str, split: str, read: Callable[[np.ndarray], np.ndarray] = _argmax) -> np.ndarray:

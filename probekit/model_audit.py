@@ -189,6 +189,11 @@ def _auto_masks(folder: Any, dest: Path, workers: int) -> Path:
     return dest
 
 
+def _grabcut_workers(workers: int) -> int:
+    """DataLoader workers for GrabCut: ``workers + 1`` (0 stays 0: in this process), see :func:`_grabcut`."""
+    return workers + 1 if workers else 0
+
+
 def _grabcut(folder: Any, dest: Path, workers: int, todo: Sequence[int]) -> None:
     """The masks of the images ``todo`` of ``folder`` (GrabCut) into ``dest``, in ``workers + 1`` processes
     (``workers`` 0: in this one): no forward pass runs beside GrabCut, so the core the main process would
@@ -196,8 +201,8 @@ def _grabcut(folder: Any, dest: Path, workers: int, todo: Sequence[int]) -> None
     per image)."""
     from PIL import Image
 
-    procs = workers + 1 if workers else 0
-    loader = torch.utils.data.DataLoader(_MaskJob(folder, todo), batch_size=None, num_workers=procs)
+    loader = torch.utils.data.DataLoader(_MaskJob(folder, todo), batch_size=None,
+                                         num_workers=_grabcut_workers(workers))
     for i, m in loader:
         path = _mask_path(dest, folder.paths[int(i)])
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -554,7 +559,7 @@ def audit_model(
         if not continuing:
             writer.set_attrs({FINGERPRINT_ATTR: json.dumps(dict(fp), sort_keys=True)})
         if folder.mode == "auto":  # GrabCut once per image; every split and the mask check read the files
-            _say(progress, f"foreground: GrabCut on {len(folder):,} images ({workers + 1 if workers else 1} processes)")
+            _say(progress, f"foreground: GrabCut on {len(folder):,} images ({max(1, _grabcut_workers(workers))} processes)")
             folder_kwargs = {"masks": _auto_masks(folder, auto_dir, workers),
                              **({"factors": factors} if factors is not None else {})}
             cf = Counterfactuals(data, **cf_kwargs, verify="header", **folder_kwargs)
@@ -814,11 +819,11 @@ def _stored_outputs(s: Any, models: Sequence[str], split: str = CROSSED_SPLIT,
     out: dict[str, dict[str, np.ndarray]] = {}
     for m in models:
         n = s.n_rows(split, m)
-        acts = s.acts(m, split, "@output")  # read in blocks: a wide head on many rows is never held whole
+        # one pass over the output, in blocks: a wide head on many rows is never held whole
+        pred, margin = read_output(s.acts(m, split, "@output"),
+                                   lambda o: (output_predictions(o, class_map), _softmax_margin(o)))
         out[m] = {"group": np.asarray(s.sample_field(split, "group"))[:n],
-                  "background": np.asarray(s.sample_field(split, "background"))[:n],
-                  "pred": read_output(acts, lambda o: output_predictions(o, class_map)),
-                  "margin": read_output(acts, _softmax_margin)}
+                  "background": np.asarray(s.sample_field(split, "background"))[:n], "pred": pred, "margin": margin}
     return out
 
 

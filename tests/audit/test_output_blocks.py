@@ -55,6 +55,8 @@ def test_blocks_give_the_whole_outputs_predictions(tmp_path, monkeypatch, width)
         assert np.array_equal(read_output(acts), whole.argmax(axis=1))
         assert max(blocks) == 3 and sum(blocks) == G * B  # it read three rows at a time, every row once
         assert np.array_equal(read_output(acts, lambda o: output_predictions(o, cmap)), output_predictions(whole, cmap))
+        pred, top = read_output(acts, lambda o: (o.argmax(axis=1), o.max(axis=1)))  # two readings, one pass
+        assert np.array_equal(pred, whole.argmax(axis=1)) and np.array_equal(top, whole.max(axis=1))
 
 
 def test_the_audit_is_the_same_read_in_blocks(tmp_path, monkeypatch):
